@@ -1,0 +1,120 @@
+"""Shared benchmark tools: timing, device ceilings (copy bandwidth, bf16 matmul), result records."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Variant:
+    """One implementation of an op: `make()` returns a zero-argument callable that runs it once.
+    `backward=True` variants are timed forward+backward (the callable does both)."""
+
+    name: str
+    make: Callable[[], Callable[[], object]]
+    available: str | None = None  # None if it can run, else the reason it is skipped
+
+
+@dataclass
+class BenchCase:
+    """One op at one shape. `bytes_moved` (per call, forward and forward+backward) gives GB/s;
+    `flops` gives TFLOP/s. The first variant is the reference that ratios are taken against."""
+
+    op: str
+    shape: str
+    forward: list[Variant]
+    forward_backward: list[Variant] = field(default_factory=list)
+    bytes_forward: float = 0.0
+    bytes_forward_backward: float = 0.0
+    flops_forward: float = 0.0
+    flops_forward_backward: float = 0.0
+    notes: str = ""
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], warmup: int = 3, min_time: float = 0.2, max_iters: int = 1000) -> float:
+    """Median seconds per call: CUDA events on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    samples = []
+    deadline = time.perf_counter() + min_time
+    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < max_iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def peak_memory(fn: Callable[[], object]) -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure_copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), the memory-bound ceiling."""
+    n = nbytes // 4 if device.type == "cuda" else (64 << 20) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = time_call(lambda: dst.copy_(src))
+    return 2 * n * 4 / seconds
+
+
+def measure_matmul_flops(device, dtype=torch.bfloat16, n: int = 8192) -> float:
+    """Dense matmul rate in FLOP/s at n x n x n, the compute-bound ceiling."""
+    if device.type != "cuda":
+        n, dtype = 512, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = time_call(lambda: a @ b)
+    return 2 * n ** 3 / seconds
+
+
+def environment() -> dict:
+    import triton
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.date.today().isoformat(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+
+
+def write_results(kind: str, payload: dict, directory: str = "bench/results") -> str:
+    os.makedirs(directory, exist_ok=True)
+    env = payload["environment"]
+    slug = env["device"].split(" (")[0].replace(" ", "-").replace("/", "-")
+    path = os.path.join(directory, f"{kind}-{slug}-{env['date']}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path

@@ -1,0 +1,119 @@
+"""Ahead-of-time compile check: every Triton kernel in `kernels/` for sm_80 and sm_90, no GPU needed.
+
+    python -m kernels.aot [--arch 80 90] [--only NAME] [--json PATH]
+
+Each kernel module lists the instances to build in `aot_specs()`. For each instance and target this
+prints registers per thread, spilled bytes (local memory), stack and shared memory, read from the cubin
+with the `cuobjdump` shipped in Triton's wheel. Exit status 1 on a compile error, on any spill, or when
+an instance's `require_ptx` text (e.g. "wgmma" on sm_90) is missing from its PTX.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import kernels
+
+
+@dataclass
+class AotResult:
+    name: str
+    arch: int
+    registers: int | None = None
+    spill_bytes: int | None = None
+    stack_bytes: int | None = None
+    shared_bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.spill_bytes == 0
+
+
+def all_specs():
+    """(module name, spec) for every `aot_specs()` entry in the kernel modules."""
+    for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name == "aot":
+            continue
+        module = importlib.import_module(f"kernels.{info.name}")
+        for spec in getattr(module, "aot_specs", lambda: [])():
+            yield info.name, spec
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {key: int(value) for key, value in fields.items()}
+
+
+def compile_spec(spec, arch: int) -> AotResult:
+    result = AotResult(spec.name, arch)
+    signature = dict(spec.signature)
+    signature.update({name: "constexpr" for name in spec.constexprs})
+    try:
+        compiled = triton.compile(ASTSource(spec.fn, signature, spec.constexprs),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+        usage = resource_usage(compiled.asm["cubin"])
+    except Exception as error:  # report every kernel, then fail
+        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
+        return result
+    result.registers = usage.get("REG")
+    result.spill_bytes = usage.get("LOCAL", 0)
+    result.stack_bytes = usage.get("STACK", 0)
+    result.shared_bytes = compiled.metadata.shared
+    for text in getattr(spec, "require_ptx", {}).get(arch, ()):
+        if text not in compiled.asm["ptx"]:
+            result.error = f"PTX for sm_{arch} lacks {text!r}"
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--only", help="compile only specs whose name contains this text")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    results = []
+    print(f"{'kernel':<52} {'arch':>5} {'regs':>5} {'spill':>6} {'stack':>6} {'smem':>7}  status")
+    for module, spec in all_specs():
+        if args.only and args.only not in spec.name:
+            continue
+        for arch in args.arch:
+            r = compile_spec(spec, arch)
+            results.append(r)
+            status = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} bytes")
+            print(f"{spec.name:<52} sm_{arch:<2} {r.registers or '-':>5} {r.spill_bytes if r.spill_bytes is not None else '-':>6} "
+                  f"{r.stack_bytes if r.stack_bytes is not None else '-':>6} "
+                  f"{r.shared_bytes if r.shared_bytes is not None else '-':>7}  {status}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "results": [asdict(r) for r in results]}, f, indent=1)
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results) - len(failed)} compiled clean, {len(failed)} failed")
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+"""Flow-matching interpolant with CAR-Flow shifts, and the fused velocity loss.
+
+Time direction of REPA/REG: t=0 is data, t=1 is noise.
+    z1 = x + mu1            (CAR-Flow target shift, optional)
+    z0 = noise + mu0        (CAR-Flow source shift, optional)
+    x_t = alpha(t) z1 + sigma(t) z0
+    v   = alpha'(t) z1 + sigma'(t) z0
+linear: alpha = 1 - t, sigma = t            (so v = noise - x without shifts)
+cosine: alpha = cos(pi t / 2), sigma = sin(pi t / 2)
+
+Tensors are viewed as rows (B, C, S): C is the channel dimension (dim 1, for inputs of rank >= 3),
+S everything after it. A shift that is constant over S, such as a per-sample per-channel (B, C, 1, 1)
+shift, gets its gradient as a per-row sum inside the backward kernel (deterministic partial sums, no
+atomics); any other broadcast shift gets the full gradient, summed to its shape afterwards.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import resolve
+from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
+
+PATHS = {"linear": 0, "cosine": 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (the specification)
+# ----------------------------------------------------------------------------------------------
+
+def path_coefficients(t: torch.Tensor, path: str = "linear"):
+    """alpha, sigma and their time derivatives for `path` at times t."""
+    if path == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if path == "cosine":
+        half_pi = math.pi / 2
+        return (torch.cos(half_pi * t), torch.sin(half_pi * t),
+                -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
+    raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
+
+
+def _reference_z(x, noise, t, path, source_shift, target_shift):
+    dtype = compute_dtype(x, noise, t, source_shift, target_shift)
+    coefficients = path_coefficients(t.to(dtype), path)
+    alpha, sigma, d_alpha, d_sigma = (c.view(-1, *([1] * (x.dim() - 1))) for c in coefficients)
+    z1 = x.to(dtype) if target_shift is None else x.to(dtype) + target_shift.to(dtype)
+    z0 = noise.to(dtype) if source_shift is None else noise.to(dtype) + source_shift.to(dtype)
+    return alpha, sigma, d_alpha, d_sigma, z1, z0
+
+
+def reference_interpolant(x, noise, t, path="linear", source_shift=None, target_shift=None):
+    """(x_t, v_target) in x's dtype, computed in fp32 (fp64 for fp64 inputs)."""
+    alpha, sigma, d_alpha, d_sigma, z1, z0 = _reference_z(x, noise, t, path, source_shift, target_shift)
+    return (alpha * z1 + sigma * z0).to(x.dtype), (d_alpha * z1 + d_sigma * z0).to(x.dtype)
+
+
+def reference_velocity_loss(v_pred, x, noise, t, path="linear", source_shift=None, target_shift=None,
+                            reduction="mean"):
+    """Per-sample mean squared error between v_pred and v_target, then reduced over the batch."""
+    _, _, d_alpha, d_sigma, z1, z0 = _reference_z(x, noise, t, path, source_shift, target_shift)
+    error = v_pred.to(z1.dtype) - (d_alpha * z1 + d_sigma * z0)
+    return _reduce(error.square().flatten(1).mean(1), reduction)
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _path_coefficients(t, PATH: tl.constexpr):
+    if PATH == 0:
+        alpha = 1.0 - t
+        sigma = t
+        d_alpha = t * 0.0 - 1.0
+        d_sigma = t * 0.0 + 1.0
+    else:
+        angle = t * 1.5707963267948966
+        alpha = tl.cos(angle)
+        sigma = tl.sin(angle)
+        d_alpha = -1.5707963267948966 * sigma
+        d_sigma = 1.5707963267948966 * alpha
+    return alpha, sigma, d_alpha, d_sigma
+
+
+@triton.jit
+def _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
+            sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+            HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr, COMPUTE: tl.constexpr):
+    z1 = tl.load(x_ptr + b * sxb + c * sxc + s * sxs, mask=mask, other=0.0).to(COMPUTE)
+    z0 = tl.load(noise_ptr + b * snb + c * snc + s * sns, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_MU1:
+        z1 += tl.load(mu1_ptr + b * s1b + c * s1c + s * s1s, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_MU0:
+        z0 += tl.load(mu0_ptr + b * s0b + c * s0c + s * s0s, mask=mask, other=0.0).to(COMPUTE)
+    return z1, z0
+
+
+@triton.jit
+def _store_z_grads(dz1, dz0, row, blk, s, mask, S, num_blocks,
+                   dz1_ptr, dz0_ptr, dz1_rows_ptr, dz0_rows_ptr,
+                   DZ1_FULL: tl.constexpr, DZ0_FULL: tl.constexpr,
+                   DZ1_ROWS: tl.constexpr, DZ0_ROWS: tl.constexpr):
+    # Full gradients are (B, C, S), row partial sums (B * C, num_blocks), both in the compute dtype.
+    if DZ1_FULL:
+        tl.store(dz1_ptr + row * S + s, dz1, mask=mask)
+    if DZ0_FULL:
+        tl.store(dz0_ptr + row * S + s, dz0, mask=mask)
+    if DZ1_ROWS:
+        tl.store(dz1_rows_ptr + row * num_blocks + blk, tl.sum(tl.where(mask, dz1, 0.0), axis=0))
+    if DZ0_ROWS:
+        tl.store(dz0_rows_ptr + row * num_blocks + blk, tl.sum(tl.where(mask, dz0, 0.0), axis=0))
+
+
+@triton.jit
+def _interpolant_fwd_kernel(
+    x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, xt_ptr, v_ptr,
+    C, S,
+    sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+    PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    b = row // C
+    c = row % C
+    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = s < S
+    t = tl.load(t_ptr + b).to(COMPUTE)
+    alpha, sigma, d_alpha, d_sigma = _path_coefficients(t, PATH)
+    z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
+                     sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+                     HAS_MU0, HAS_MU1, COMPUTE)
+    out = row * S + s
+    tl.store(xt_ptr + out, (alpha * z1 + sigma * z0).to(xt_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + out, (d_alpha * z1 + d_sigma * z0).to(v_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _interpolant_bwd_kernel(
+    g_xt_ptr, g_v_ptr, t_ptr, dz1_ptr, dz0_ptr, dz1_rows_ptr, dz0_rows_ptr,
+    C, S, num_blocks,
+    PATH: tl.constexpr, HAS_G_XT: tl.constexpr, HAS_G_V: tl.constexpr,
+    DZ1_FULL: tl.constexpr, DZ0_FULL: tl.constexpr, DZ1_ROWS: tl.constexpr, DZ0_ROWS: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    b = row // C
+    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = s < S
+    t = tl.load(t_ptr + b).to(COMPUTE)
+    alpha, sigma, d_alpha, d_sigma = _path_coefficients(t, PATH)
+    dz1 = tl.zeros([BLOCK_S], dtype=COMPUTE)
+    dz0 = tl.zeros([BLOCK_S], dtype=COMPUTE)
+    if HAS_G_XT:  # gradients arrive contiguous (B, C, S)
+        g_xt = tl.load(g_xt_ptr + row * S + s, mask=mask, other=0.0).to(COMPUTE)
+        dz1 += alpha * g_xt
+        dz0 += sigma * g_xt
+    if HAS_G_V:
+        g_v = tl.load(g_v_ptr + row * S + s, mask=mask, other=0.0).to(COMPUTE)
+        dz1 += d_alpha * g_v
+        dz0 += d_sigma * g_v
+    _store_z_grads(dz1, dz0, row, blk, s, mask, S, num_blocks, dz1_ptr, dz0_ptr, dz1_rows_ptr,
+                   dz0_rows_ptr, DZ1_FULL, DZ0_FULL, DZ1_ROWS, DZ0_ROWS)
+
+
+@triton.jit
+def _velocity_loss_fwd_kernel(
+    v_pred_ptr, x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, partial_ptr,
+    C, S, num_blocks,
+    svb, svc, svs, sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+    PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    b = row // C
+    c = row % C
+    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = s < S
+    t = tl.load(t_ptr + b).to(COMPUTE)
+    alpha, sigma, d_alpha, d_sigma = _path_coefficients(t, PATH)
+    z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
+                     sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+                     HAS_MU0, HAS_MU1, COMPUTE)
+    v_pred = tl.load(v_pred_ptr + b * svb + c * svc + s * svs, mask=mask, other=0.0).to(COMPUTE)
+    error = tl.where(mask, v_pred - (d_alpha * z1 + d_sigma * z0), 0.0)
+    tl.store(partial_ptr + row * num_blocks + blk, tl.sum(error * error, axis=0))
+
+
+@triton.jit
+def _velocity_loss_bwd_kernel(
+    v_pred_ptr, x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, scale_ptr,
+    d_v_pred_ptr, dz1_ptr, dz0_ptr, dz1_rows_ptr, dz0_rows_ptr,
+    C, S, num_blocks,
+    svb, svc, svs, sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+    PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr, D_V_PRED: tl.constexpr,
+    DZ1_FULL: tl.constexpr, DZ0_FULL: tl.constexpr, DZ1_ROWS: tl.constexpr, DZ0_ROWS: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    b = row // C
+    c = row % C
+    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = s < S
+    t = tl.load(t_ptr + b).to(COMPUTE)
+    alpha, sigma, d_alpha, d_sigma = _path_coefficients(t, PATH)
+    z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
+                     sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+                     HAS_MU0, HAS_MU1, COMPUTE)
+    v_pred = tl.load(v_pred_ptr + b * svb + c * svc + s * svs, mask=mask, other=0.0).to(COMPUTE)
+    scale = tl.load(scale_ptr + b).to(COMPUTE)  # d loss / d per-sample loss * 2 / (C * S)
+    d_v_pred = scale * (v_pred - (d_alpha * z1 + d_sigma * z0))
+    if D_V_PRED:
+        tl.store(d_v_pred_ptr + row * S + s, d_v_pred.to(d_v_pred_ptr.dtype.element_ty), mask=mask)
+    _store_z_grads(-d_alpha * d_v_pred, -d_sigma * d_v_pred, row, blk, s, mask, S, num_blocks,
+                   dz1_ptr, dz0_ptr, dz1_rows_ptr, dz0_rows_ptr, DZ1_FULL, DZ0_FULL, DZ1_ROWS, DZ0_ROWS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------
+
+def _rows_view_of_shape(shape):
+    """(B, C, S) sizes of a tensor of `shape`: C is dim 1 for rank >= 3, else 1."""
+    batch = shape[0]
+    channels = shape[1] if len(shape) >= 3 else 1
+    return batch, channels, math.prod(shape) // max(batch * channels, 1)
+
+
+def _rows_view(x: torch.Tensor):
+    return _rows_view_of_shape(x.shape)
+
+
+def _as_rows(tensor: torch.Tensor | None, shape, rows):
+    """`tensor` broadcast to `shape` and viewed as (B, C, S) (a view whenever strides allow)."""
+    if tensor is None:
+        return None
+    return tensor.expand(shape).reshape(rows)
+
+
+def _strides(tensor):
+    return tuple(tensor.stride()) if tensor is not None else (0, 0, 0)
+
+
+def _block_s(rows: int, S: int) -> int:
+    # At least ~1024 programs so that small latents still fill an H100's 132 SMs; at most 1024 lanes.
+    block = min(1024, next_power_of_2(S))
+    while block > 128 and rows * triton.cdiv(S, block) < 1024:
+        block //= 2
+    return block
+
+
+class _ShiftGrads:
+    """Where a backward kernel puts the gradient of z1 (or z0), and how that becomes the gradients of
+    x (or noise) and of its shift. Holds shapes and dtypes only, never the tensors."""
+
+    def __init__(self, base: torch.Tensor, shift: torch.Tensor | None):
+        self.base_shape, self.base_dtype = base.shape, base.dtype
+        self.shift_shape = shift.shape if shift is not None else None
+        self.shift_dtype = shift.dtype if shift is not None else None
+        B, C, S = _rows_view(base)
+        # a shift constant over S (per-channel, per-sample...) is reduced per row inside the kernel
+        self.shift_constant_over_s = (shift is not None and S > 1
+                                      and _as_rows(shift, base.shape, (B, C, S)).stride(2) == 0)
+
+    def allocate(self, need_base: bool, need_shift: bool, num_blocks: int, device, dtype):
+        B, C, S = self.rows_view = _rows_view_of_shape(self.base_shape)
+        self.need_base, self.need_shift = need_base, need_shift
+        self.rows_mode = need_shift and self.shift_constant_over_s
+        self.full_mode = need_base or (need_shift and not self.rows_mode)
+        self.full = torch.empty((B, C, S), dtype=dtype, device=device) if self.full_mode else None
+        self.rows = (torch.empty((B * C, num_blocks), dtype=dtype, device=device)
+                     if self.rows_mode else None)
+        return self
+
+    def grads(self):
+        d_base = d_shift = None
+        if self.full_mode:
+            full = self.full.view(self.base_shape)
+            if self.need_base:
+                d_base = full.to(self.base_dtype)
+            if self.need_shift and not self.rows_mode:
+                d_shift = full.sum_to_size(self.shift_shape).to(self.shift_dtype)
+        if self.rows_mode:
+            B, C, _ = self.rows_view
+            per_row = self.rows.sum(1).view((B, C) + (1,) * (len(self.base_shape) - 2))
+            if len(self.base_shape) < 3:
+                per_row = per_row.view(B, 1)
+            d_shift = per_row.sum_to_size(self.shift_shape).to(self.shift_dtype)
+        return d_base, d_shift
+
+
+class _Interpolant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, noise, t, source_shift, target_shift, path):
+        B, C, S = rows_view = _rows_view(x)
+        x3, n3 = x.reshape(rows_view), noise.reshape(rows_view)
+        mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
+        x_t = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        v = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        block = _block_s(B * C, S)
+        grid = (B * C, triton.cdiv(S, block))
+        compute_torch = compute_dtype(x, noise, source_shift, target_shift)
+        _interpolant_fwd_kernel[grid](
+            x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, x_t, v, C, S,
+            *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
+            PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
+            COMPUTE=tl_dtype(compute_torch), BLOCK_S=block)
+        ctx.save_for_backward(t)
+        ctx.meta = (_ShiftGrads(x, target_shift), _ShiftGrads(noise, source_shift), path, rows_view, block,
+                    compute_torch)
+        return x_t, v
+
+    @staticmethod
+    def backward(ctx, g_xt, g_v):
+        (t,) = ctx.saved_tensors
+        z1, z0, path, rows_view, block, compute_torch = ctx.meta
+        B, C, S = rows_view
+        num_blocks = triton.cdiv(S, block)
+        needs = ctx.needs_input_grad
+        z1.allocate(needs[0], needs[4], num_blocks, t.device, compute_torch)
+        z0.allocate(needs[1], needs[3], num_blocks, t.device, compute_torch)
+        if not (z1.full_mode or z1.rows_mode or z0.full_mode or z0.rows_mode):
+            return None, None, None, None, None, None
+        g_xt = g_xt.contiguous() if g_xt is not None else None
+        g_v = g_v.contiguous() if g_v is not None else None
+        any_g = g_xt if g_xt is not None else g_v
+        scratch = t
+        _interpolant_bwd_kernel[(B * C, num_blocks)](
+            g_xt if g_xt is not None else any_g, g_v if g_v is not None else any_g, t,
+            z1.full if z1.full is not None else scratch, z0.full if z0.full is not None else scratch,
+            z1.rows if z1.rows is not None else scratch, z0.rows if z0.rows is not None else scratch,
+            C, S, num_blocks,
+            PATH=PATHS[path], HAS_G_XT=g_xt is not None, HAS_G_V=g_v is not None,
+            DZ1_FULL=z1.full_mode, DZ0_FULL=z0.full_mode, DZ1_ROWS=z1.rows_mode, DZ0_ROWS=z0.rows_mode,
+            COMPUTE=tl_dtype(compute_torch), BLOCK_S=block)
+        d_x, d_mu1 = z1.grads()
+        d_noise, d_mu0 = z0.grads()
+        return d_x, d_noise, None, d_mu0, d_mu1, None
+
+
+class _VelocityLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v_pred, x, noise, t, source_shift, target_shift, path):
+        B, C, S = rows_view = _rows_view(x)
+        v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
+        mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
+        block = _block_s(B * C, S)
+        num_blocks = triton.cdiv(S, block)
+        compute_torch = compute_dtype(v_pred, x, noise, source_shift, target_shift)
+        partial = torch.empty((B * C, num_blocks), dtype=compute_torch, device=x.device)
+        _velocity_loss_fwd_kernel[(B * C, num_blocks)](
+            v3, x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, partial,
+            C, S, num_blocks,
+            *v3.stride(), *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
+            PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
+            COMPUTE=tl_dtype(compute_torch), BLOCK_S=block)
+        ctx.save_for_backward(v_pred, x, noise, t, source_shift, target_shift)
+        ctx.meta = (path, rows_view, block, compute_torch)
+        return partial.view(B, C * num_blocks).sum(1) / (C * S)
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        v_pred, x, noise, t, source_shift, target_shift = ctx.saved_tensors
+        path, rows_view, block, compute_torch = ctx.meta
+        B, C, S = rows_view
+        num_blocks = triton.cdiv(S, block)
+        needs = ctx.needs_input_grad
+        v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
+        mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
+        z1 = _ShiftGrads(x, target_shift).allocate(needs[1], needs[5], num_blocks, x.device, compute_torch)
+        z0 = _ShiftGrads(noise, source_shift).allocate(needs[2], needs[4], num_blocks, x.device, compute_torch)
+        d_v_pred = torch.empty(x.shape, dtype=v_pred.dtype, device=x.device) if needs[0] else None
+        scale = (g_loss.to(compute_torch) * (2.0 / (C * S))).contiguous()
+        scratch = scale
+        _velocity_loss_bwd_kernel[(B * C, num_blocks)](
+            v3, x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, scale,
+            d_v_pred if d_v_pred is not None else scratch,
+            z1.full if z1.full is not None else scratch, z0.full if z0.full is not None else scratch,
+            z1.rows if z1.rows is not None else scratch, z0.rows if z0.rows is not None else scratch,
+            C, S, num_blocks,
+            *v3.stride(), *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
+            PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
+            D_V_PRED=d_v_pred is not None,
+            DZ1_FULL=z1.full_mode, DZ0_FULL=z0.full_mode, DZ1_ROWS=z1.rows_mode, DZ0_ROWS=z0.rows_mode,
+            COMPUTE=tl_dtype(compute_torch), BLOCK_S=block)
+        d_x, d_mu1 = z1.grads()
+        d_noise, d_mu0 = z0.grads()
+        return d_v_pred, d_x, d_noise, None, d_mu0, d_mu1, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def _check(x, noise, t, path, source_shift, target_shift, v_pred=None):
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
+    if noise.shape != x.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} must equal x shape {tuple(x.shape)}")
+    if v_pred is not None and v_pred.shape != x.shape:
+        raise ValueError(f"v_pred shape {tuple(v_pred.shape)} must equal x shape {tuple(x.shape)}")
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+    for name, shift in (("source_shift", source_shift), ("target_shift", target_shift)):
+        if shift is not None:
+            try:
+                torch.broadcast_shapes(shift.shape, x.shape)
+            except RuntimeError:
+                raise ValueError(f"{name} shape {tuple(shift.shape)} does not broadcast to x shape "
+                                 f"{tuple(x.shape)}") from None
+            if torch.broadcast_shapes(shift.shape, x.shape) != x.shape:
+                raise ValueError(f"{name} shape {tuple(shift.shape)} would enlarge x shape {tuple(x.shape)}")
+
+
+def _backend(op, x, noise, t, source_shift, target_shift, v_pred=None):
+    from ._backend import fallback
+
+    if t.requires_grad:
+        return fallback(op, "t requires grad; the kernel gives no gradient to t")
+    if x.numel() == 0:
+        return fallback(op, "empty input")
+    return resolve(op, (x, noise, t, source_shift, target_shift, v_pred),
+                   dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+
+
+def interpolant(x, noise, t, path="linear", source_shift=None, target_shift=None):
+    """x_t and v_target of the flow path at times t (B,), with optional CAR-Flow shifts."""
+    _check(x, noise, t, path, source_shift, target_shift)
+    if _backend("interpolant", x, noise, t, source_shift, target_shift) == "torch":
+        return reference_interpolant(x, noise, t, path, source_shift, target_shift)
+    return _Interpolant.apply(x, noise, t.contiguous(), source_shift, target_shift, path)
+
+
+def velocity_loss(v_pred, x, noise, t, path="linear", source_shift=None, target_shift=None, reduction="mean"):
+    """Mean squared error of v_pred against v_target per sample, fused so v_target is never stored."""
+    _check(x, noise, t, path, source_shift, target_shift, v_pred)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if _backend("velocity_loss", x, noise, t, source_shift, target_shift, v_pred) == "torch":
+        return reference_velocity_loss(v_pred, x, noise, t, path, source_shift, target_shift, reduction)
+    per_sample = _VelocityLoss.apply(v_pred, x, noise, t.contiguous(), source_shift, target_shift, path)
+    return _reduce(per_sample, reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (python -m kernels.aot)
+# ----------------------------------------------------------------------------------------------
+
+def aot_specs():
+    specs = []
+    strides = {name: "i64" for name in ("sxb", "sxc", "sxs", "snb", "snc", "sns",
+                                        "s0b", "s0c", "s0s", "s1b", "s1c", "s1s")}
+    for dtype in ("bf16", "fp32"):
+        for path in (0, 1):
+            flags = dict(PATH=path, HAS_MU0=True, HAS_MU1=True, COMPUTE=tl.float32, BLOCK_S=1024)
+            specs.append(AotSpec(
+                f"interpolant_fwd[{dtype},path={path}]", _interpolant_fwd_kernel,
+                {"x_ptr": f"*{dtype}", "noise_ptr": f"*{dtype}", "t_ptr": "*fp32", "mu0_ptr": f"*{dtype}",
+                 "mu1_ptr": f"*{dtype}", "xt_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "C": "i32", "S": "i32",
+                 **strides}, flags))
+            specs.append(AotSpec(
+                f"velocity_loss_fwd[{dtype},path={path}]", _velocity_loss_fwd_kernel,
+                {"v_pred_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "noise_ptr": f"*{dtype}", "t_ptr": "*fp32",
+                 "mu0_ptr": f"*{dtype}", "mu1_ptr": f"*{dtype}", "partial_ptr": "*fp32",
+                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i64", "svc": "i64", "svs": "i64",
+                 **strides}, flags))
+            grads = dict(DZ1_FULL=True, DZ0_FULL=False, DZ1_ROWS=False, DZ0_ROWS=True)
+            specs.append(AotSpec(
+                f"velocity_loss_bwd[{dtype},path={path}]", _velocity_loss_bwd_kernel,
+                {"v_pred_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "noise_ptr": f"*{dtype}", "t_ptr": "*fp32",
+                 "mu0_ptr": f"*{dtype}", "mu1_ptr": f"*{dtype}", "scale_ptr": "*fp32",
+                 "d_v_pred_ptr": f"*{dtype}", "dz1_ptr": "*fp32", "dz0_ptr": "*fp32",
+                 "dz1_rows_ptr": "*fp32", "dz0_rows_ptr": "*fp32",
+                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i64", "svc": "i64", "svs": "i64",
+                 **strides}, dict(flags, D_V_PRED=True, **grads)))
+            specs.append(AotSpec(
+                f"interpolant_bwd[{dtype},path={path}]", _interpolant_bwd_kernel,
+                {"g_xt_ptr": f"*{dtype}", "g_v_ptr": f"*{dtype}", "t_ptr": "*fp32", "dz1_ptr": "*fp32",
+                 "dz0_ptr": "*fp32", "dz1_rows_ptr": "*fp32", "dz0_rows_ptr": "*fp32",
+                 "C": "i32", "S": "i32", "num_blocks": "i32"},
+                dict(PATH=path, HAS_G_XT=True, HAS_G_V=True, COMPUTE=tl.float32, BLOCK_S=1024, **grads)))
+    return specs

@@ -118,3 +118,32 @@ def write_results(kind: str, payload: dict, directory: str = "bench/results") ->
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path
+
+
+def compiled(fn: Callable, smoke: bool):
+    """`torch.compile(fn)`, or the reason it is skipped (smoke runs skip compilation: minutes on CPU)."""
+    if smoke:
+        return None, "smoke run: torch.compile skipped"
+    try:
+        return torch.compile(fn), None
+    except Exception as error:  # an unsupported platform is a reported skip, not a failure
+        return None, f"torch.compile unavailable: {error}"
+
+
+def variants_for(ops: dict[str, Callable[[], object]], reasons: dict[str, str] | None = None) -> list[Variant]:
+    """Variants from name -> callable-maker; names in `reasons` are reported as skipped."""
+    reasons = reasons or {}
+    return [Variant(name, make, reasons.get(name)) for name, make in ops.items()]
+
+
+def backward_of(forward: Callable[[], object], leaves: list[torch.Tensor]) -> Callable[[], object]:
+    """forward + backward of a scalar (or summed) output, clearing the leaves' grads each call."""
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        out = forward()
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        torch.autograd.backward([o for o in outs], [torch.ones_like(o) for o in outs])
+
+    return run

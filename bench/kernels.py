@@ -1,0 +1,114 @@
+"""Kernel microbenchmarks: every fused op against its reference, side by side in one run.
+
+    python -m bench.kernels [--op NAME] [--smoke] [--out DIR]
+
+For each case (op x shape) and variant (reference eager, reference under torch.compile, peers where
+installed, ours): median time forward and forward+backward, achieved GB/s (memory-bound ops) or
+TFLOP/s (attention), the fraction of the device's copy bandwidth or bf16 matmul rate measured in the
+same run, the speed-up over the reference (the first variant), and peak memory. Results are written as
+JSON keyed by device, torch/Triton versions and date. `--smoke` runs tiny shapes on the CPU (through
+the Triton interpreter) so CI keeps the harness working; its timings mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+import torch
+
+from bench.common import BenchCase, environment, measure_copy_bandwidth, measure_matmul_flops, peak_memory, time_call, write_results
+
+
+def load_cases(device, smoke: bool, only: str | None = None) -> list[BenchCase]:
+    import bench.cases
+
+    cases = []
+    for info in sorted(pkgutil.iter_modules(bench.cases.__path__), key=lambda m: m.name):
+        if only and info.name != only:
+            continue
+        module = importlib.import_module(f"bench.cases.{info.name}")
+        cases.extend(module.cases(device, smoke))
+    if only and not cases:
+        raise SystemExit(f"no benchmark cases for op {only!r}")
+    return cases
+
+
+def run_variant(variant, smoke: bool) -> dict:
+    if variant.available is not None:
+        return {"variant": variant.name, "skipped": variant.available}
+    try:
+        fn = variant.make()
+        seconds = time_call(fn, warmup=1 if smoke else 5, min_time=0.0 if smoke else 0.5,
+                            max_iters=3 if smoke else 1000)
+        memory = peak_memory(fn)
+    except Exception as error:  # a peer or compile path that fails is reported, not fatal
+        return {"variant": variant.name, "skipped": f"failed: {type(error).__name__}: {str(error)[:200]}"}
+    return {"variant": variant.name, "seconds": seconds, "peak_memory_bytes": memory}
+
+
+def _annotate(rows, nbytes, flops, ceilings):
+    reference = next((r for r in rows if "seconds" in r), None)
+    for r in rows:
+        if "seconds" not in r:
+            continue
+        if nbytes:
+            r["gb_per_s"] = nbytes / r["seconds"] / 1e9
+            r["fraction_of_copy_bandwidth"] = nbytes / r["seconds"] / ceilings["copy_bytes_per_s"]
+        if flops:
+            r["tflop_per_s"] = flops / r["seconds"] / 1e12
+            r["fraction_of_matmul_peak"] = flops / r["seconds"] / ceilings["matmul_flop_per_s"]
+        if reference is not None:
+            r["speedup_vs_reference"] = reference["seconds"] / r["seconds"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", help="benchmark only this op (a module name in bench/cases)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; checks the harness only")
+    parser.add_argument("--out", default="bench/results", help="directory for the JSON results")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        print("no GPU: kernel timings on the CPU interpreter mean nothing; use --smoke", file=sys.stderr)
+        return 2
+    ceilings = {"copy_bytes_per_s": measure_copy_bandwidth(device),
+                "matmul_flop_per_s": measure_matmul_flops(device)}
+    env = environment()
+    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  "
+          f"copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s  matmul {ceilings['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s")
+    results = []
+    for case in load_cases(device, args.smoke, args.op):
+        for mode, variants, nbytes, flops in (
+                ("forward", case.forward, case.bytes_forward, case.flops_forward),
+                ("forward_backward", case.forward_backward, case.bytes_forward_backward, case.flops_forward_backward)):
+            if not variants:
+                continue
+            rows = [run_variant(v, args.smoke) for v in variants]
+            _annotate(rows, nbytes, flops, ceilings)
+            results.append({"op": case.op, "shape": case.shape, "mode": mode, "notes": case.notes, "variants": rows})
+            for r in rows:
+                if "seconds" in r:
+                    extra = (f"{r['gb_per_s']:8.1f} GB/s {100 * r['fraction_of_copy_bandwidth']:5.1f}% copy" if nbytes else
+                             f"{r['tflop_per_s']:8.1f} TFLOP/s {100 * r['fraction_of_matmul_peak']:5.1f}% mm" if flops else "")
+                    print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} "
+                          f"{r['seconds'] * 1e6:10.1f} us  x{r['speedup_vs_reference']:5.2f}  {extra}", flush=True)
+                else:
+                    print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} skipped: {r['skipped']}")
+    if args.smoke:  # smoke timings are not results; a variant that crashed is a harness failure
+        failed = [f"{r['op']} {r['mode']} {v['variant']}: {v['skipped']}" for r in results for v in r["variants"]
+                  if v.get("skipped", "").startswith("failed")]
+        print("\n".join(failed) or "smoke run: every available variant ran")
+        return 1 if failed else 0
+    path = write_results("kernels", {"environment": env, "ceilings": ceilings, "results": results}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.exit(main())

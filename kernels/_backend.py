@@ -70,6 +70,9 @@ def resolve(op: str, tensors: Iterable[torch.Tensor | None], dtypes=TRITON_DTYPE
     """Pick "triton" or "torch" for `op` given its tensor inputs (None entries are ignored)."""
     if get_backend() == "torch":
         return "torch"
+    if get_backend() == "cuda" and ("cuda", op) not in _logged:
+        _logged.add(("cuda", op))
+        log.warning("kernels.%s: no CUDA C++ kernel yet; the \"cuda\" backend runs the Triton kernel", op)
     tensors = [x for x in tensors if x is not None]
     for x in tensors:
         if x.dtype not in dtypes:

@@ -1,0 +1,105 @@
+"""Regenerate the README's performance tables (and PNG charts) from the newest results.
+
+    python -m bench.report [--results bench/results] [--readme README.md]
+
+Each table names its device, versions and date; where no result exists the README says
+"not measured yet". Nothing here measures anything.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+
+
+def newest(results_dir: str, kind: str) -> dict | None:
+    paths = sorted(glob.glob(os.path.join(results_dir, f"{kind}-*.json")), key=os.path.getmtime)
+    if not paths:
+        return None
+    with open(paths[-1]) as f:
+        payload = json.load(f)
+    payload["_path"] = paths[-1]
+    return payload
+
+
+def kernel_table(payload: dict | None) -> str:
+    if payload is None:
+        return "Not measured yet: no GPU run has been recorded (`bash bench/gpu_all.sh` on a GPU machine).\n"
+    env, ceilings = payload["environment"], payload["ceilings"]
+    lines = [f"{env['device']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}; measured ceilings: "
+             f"copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s, bf16 matmul "
+             f"{ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s ({os.path.basename(payload['_path'])}).", "",
+             "| op | shape | pass | variant | time (us) | vs reference | GB/s or TFLOP/s | of peak |",
+             "|---|---|---|---|---|---|---|---|"]
+    for result in payload["results"]:
+        for v in result["variants"]:
+            if "seconds" not in v:
+                lines.append(f"| {result['op']} | {result['shape']} | {result['mode']} | {v['variant']} | "
+                             f"skipped: {v['skipped']} | | | |")
+                continue
+            rate, peak = ((f"{v['gb_per_s']:.0f} GB/s", f"{100 * v['fraction_of_copy_bandwidth']:.0f}%")
+                          if "gb_per_s" in v else
+                          (f"{v['tflop_per_s']:.0f} TFLOP/s", f"{100 * v['fraction_of_matmul_peak']:.0f}%")
+                          if "tflop_per_s" in v else ("", ""))
+            lines.append(f"| {result['op']} | {result['shape']} | {result['mode']} | {v['variant']} | "
+                         f"{v['seconds'] * 1e6:.1f} | {v['speedup_vs_reference']:.2f}x | {rate} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def train_step_table(payload: dict | None) -> str:
+    if payload is None:
+        return "Not measured yet: no GPU run has been recorded (`bash bench/gpu_all.sh` on a GPU machine).\n"
+    from bench.train_step import markdown
+
+    return markdown(payload) + f"\n({os.path.basename(payload['_path'])})\n"
+
+
+def charts(payload: dict | None, results_dir: str) -> None:
+    if payload is None:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in payload["variants"] if "img_per_s" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh([r["variant"] for r in rows], [r["img_per_s"] for r in rows])
+    ax.set_xlabel("img/s")
+    ax.set_title(f"{payload['model']} training step, {payload['environment']['device']}")
+    fig.tight_layout()
+    fig.savefig(payload["_path"].replace(".json", ".png"), dpi=120)
+    plt.close(fig)
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README has no <!-- BEGIN {name} --> ... <!-- END {name} --> section")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--readme", default="README.md")
+    args = parser.parse_args(argv)
+    kernels_payload, step_payload = newest(args.results, "kernels"), newest(args.results, "train_step")
+    charts(step_payload, args.results)
+    with open(args.readme) as f:
+        text = f.read()
+    text = replace_section(text, "kernel-results", kernel_table(kernels_payload))
+    text = replace_section(text, "train-step-results", train_step_table(step_payload))
+    with open(args.readme, "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""End-to-end training-step benchmark: AlignFlow against the reference PyTorch path, side by side.
+
+    python -m bench.train_step [--model SiT-XL/2] [--batch 32] [--resolution 256] [--smoke] [--out DIR]
+
+One process, one device, the same model, data, optimiser and precision policy (bf16 autocast, fp32
+master weights, fused AdamW) for every variant:
+  1. reference eager     kernels backend "torch" (PyTorch ops, SDPA attention), as the REPA code runs
+  2. reference compiled  the same under torch.compile
+  3. alignflow           the fused Triton kernels
+  4. alignflow compiled  the fused kernels under torch.compile
+Reported per variant: steady-state img/s, the step split into encoder / forward+loss / backward /
+optimizer (CUDA events), peak memory, model TFLOP/s from the analytic count in bench/flops.py
+(encoder included) and MFU against the bf16 matmul rate measured in the same run. A data section times
+the loaders on the same JPEG files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
+Writes bench/results/train_step-<device>-<date>.json and a markdown table beside it. `--smoke` runs a
+tiny model for two steps on the CPU so CI keeps the harness working; its numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench.common import environment, measure_matmul_flops, synchronize, write_results
+from bench.flops import training_step_flops, vit_forward_flops
+
+
+def build(args, device):
+    from engine.models import ModelConfig, build_model
+    from engine.models.encoders import EncoderConfig, build_encoder
+    from engine.transport import Transport, TransportConfig
+
+    if args.smoke:
+        encoder_cfg = EncoderConfig(name="vit_tiny_patch16_224", pretrained=False, resolution=args.resolution,
+                                    image_size=32)
+    else:
+        encoder_cfg = EncoderConfig(name=args.encoder, pretrained=False, resolution=args.resolution)
+    encoder = build_encoder(encoder_cfg, device=device)
+    images = torch.randint(0, 256, (args.batch, 3, args.resolution, args.resolution), dtype=torch.uint8,
+                           device=device)
+    with torch.no_grad():
+        tokens, _ = encoder(images)
+    overrides = dict(hidden_size=64, depth=2, num_heads=2) if args.smoke else {}
+    model_cfg = ModelConfig(name=args.model, input_size=args.resolution // 8, num_classes=1000,
+                            encoder_depth=min(args.encoder_depth, overrides.get("depth", 99)),
+                            z_dims=[encoder.embed_dim], reg=args.reg, car_flow=args.car_flow, **overrides)
+    if tokens.shape[1] != model_cfg.num_patches:
+        raise SystemExit(f"encoder gives {tokens.shape[1]} tokens, the model has {model_cfg.num_patches} patches")
+    vit = encoder.model if hasattr(encoder, "model") else encoder
+    encoder_flops = vit_forward_flops(encoder.embed_dim, len(vit.blocks), tokens.shape[1] + 1,
+                                      vit.patch_embed.patch_size[0])
+    return encoder, model_cfg, Transport(TransportConfig(time_sampling="lognormal")), images, encoder_flops
+
+
+def run_variant(name, backend, use_compile, args, device, parts):
+    import kernels
+    from engine.models import build_model
+
+    encoder, model_cfg, transport, images, _ = parts
+    torch.manual_seed(0)
+    model = build_model(model_cfg).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                                  fused=device.type == "cuda")
+    forward = torch.compile(model) if use_compile else model
+    latents = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device)
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    timings = {"encoder": [], "forward": [], "backward": [], "optimizer": [], "step": []}
+
+    def timer():
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed(a, b):
+        if device.type == "cuda":
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
+
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    steps = args.warmup + args.steps
+    with kernels.use_backend(backend):
+        for step in range(steps):
+            marks = [timer()]
+            with torch.no_grad(), autocast:
+                tokens, cls = encoder(images)
+            marks.append(timer())
+            with autocast:
+                losses = transport.training_losses(forward, latents, labels, [tokens],
+                                                   cls_target=cls if model_cfg.reg else None)
+            marks.append(timer())
+            losses["loss"].backward()
+            marks.append(timer())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            marks.append(timer())
+            if step >= args.warmup:
+                for key, a, b in zip(("encoder", "forward", "backward", "optimizer"), marks, marks[1:]):
+                    timings[key].append(elapsed(a, b))
+                timings["step"].append(elapsed(marks[0], marks[-1]))
+    if not torch.isfinite(losses["loss"]):
+        raise RuntimeError(f"{name}: non-finite loss {losses['loss'].item()}")
+    median = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return {"variant": name, "seconds_per_step": median["step"], "breakdown_seconds": median,
+            "img_per_s": args.batch / median["step"], "peak_memory_bytes": peak,
+            "final_loss": float(losses["loss"].detach())}
+
+
+def data_benchmark(args, device) -> list[dict]:
+    """Loader throughput on the same JPEG files: images/s and CPU cores busy (process CPU time / wall)."""
+    try:
+        from engine.data import DataConfig, build_loader
+        from engine.data.builtin import make_builtin_dataset
+    except ImportError as error:
+        return [{"loader": "all", "skipped": f"engine.data unavailable: {error}"}]
+    root = os.path.join(tempfile.gettempdir(), f"alignflow-bench-{args.resolution}")
+    make_builtin_dataset(root, num_classes=10, images_per_class=8 if args.smoke else 200,
+                         resolution=args.resolution, seed=0)
+    rows = []
+    variants = [("pil", "auto"), ("dali", "cpu")] + ([("dali", "mixed")] if device.type == "cuda" else [])
+    for decoder, dali_device in variants:
+        label = decoder if decoder == "pil" else f"dali-{dali_device}"
+        try:
+            cfg = DataConfig(source="folder", root=root, resolution=args.resolution, num_classes=10,
+                             batch_size=min(args.batch, 16) if args.smoke else args.batch, decoder=decoder,
+                             dali_device=dali_device, num_threads=os.cpu_count() or 1)
+            loader = build_loader(cfg, rank=0, world_size=1, device=device)
+            iterator = iter(loader)
+            next(iterator)  # warm-up (pipeline build, worker start)
+            cpu0, wall0, count = _cpu_seconds(), time.perf_counter(), 0
+            for _ in range(min(len(loader) - 1, 2 if args.smoke else 50)):
+                count += next(iterator)["image"].shape[0]
+            synchronize()
+            wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+            rows.append({"loader": label, "img_per_s": count / wall if wall else 0.0,
+                         "cpu_cores_busy": cpu / wall if wall else 0.0})
+        except Exception as error:  # DALI missing or no GPU decoder: reported, not fatal
+            rows.append({"loader": label, "skipped": f"{type(error).__name__}: {str(error)[:200]}"})
+    return rows
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def markdown(payload) -> str:
+    env, rows = payload["environment"], payload["variants"]
+    lines = [f"{payload['model']} batch {payload['batch']} at {payload['resolution']} px on {env['device']} "
+             f"(torch {env['torch']}, Triton {env['triton']}, {env['date']}); bf16 matmul ceiling "
+             f"{payload['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s measured in the same run.", "",
+             "| variant | img/s | vs reference eager | step ms | encoder | fwd+loss | backward | optimizer | peak GiB | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['variant']} | skipped: {r['skipped']} |" + " |" * 9)
+            continue
+        b = r["breakdown_seconds"]
+        peak = f"{r['peak_memory_bytes'] / 2 ** 30:.1f}" if r["peak_memory_bytes"] else "-"
+        lines.append(f"| {r['variant']} | {r['img_per_s']:.1f} | {r['speedup_vs_reference']:.2f}x | "
+                     f"{1e3 * r['seconds_per_step']:.1f} | {1e3 * b['encoder']:.1f} | {1e3 * b['forward']:.1f} | "
+                     f"{1e3 * b['backward']:.1f} | {1e3 * b['optimizer']:.1f} | {peak} | {r['tflop_per_s']:.1f} | "
+                     f"{100 * r['mfu']:.1f}% |")
+    lines += ["", "| loader | img/s | CPU cores busy |", "|---|---|---|"]
+    for r in payload["data"]:
+        lines.append(f"| {r['loader']} | skipped: {r['skipped']} | |" if "skipped" in r else
+                     f"| {r['loader']} | {r['img_per_s']:.0f} | {r['cpu_cores_busy']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="SiT-XL/2")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--encoder", default="dinov2-vit-b")
+    parser.add_argument("--encoder-depth", type=int, default=8)
+    parser.add_argument("--reg", action="store_true", help="add REG's class token")
+    parser.add_argument("--car-flow", default="none", choices=["none", "source", "target", "joint"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--variants", default="reference-eager,reference-compiled,alignflow,alignflow-compiled")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        args.model, args.batch, args.resolution, args.steps, args.warmup = "SiT-S/2", 2, 32, 2, 1
+        args.encoder_depth = 1
+        args.variants = "reference-eager"
+    elif device.type == "cpu":
+        print("no GPU: a full training-step benchmark on the CPU means nothing; use --smoke", file=sys.stderr)
+        return 2
+
+    matmul = measure_matmul_flops(device)
+    parts = build(args, device)
+    step_flops = training_step_flops(parts[1], args.batch, parts[4])
+    plan = {"reference-eager": ("torch", False), "reference-compiled": ("torch", True),
+            "alignflow": ("triton", False), "alignflow-compiled": ("triton", True)}
+    rows = []
+    for name in args.variants.split(","):
+        backend, use_compile = plan[name]
+        try:
+            row = run_variant(name, backend, use_compile, args, device, parts)
+        except Exception as error:  # a variant that cannot run is reported with its reason
+            row = {"variant": name, "skipped": f"{type(error).__name__}: {str(error)[:300]}"}
+        if "seconds_per_step" in row:
+            row["tflop_per_s"] = step_flops / row["seconds_per_step"] / 1e12
+            row["mfu"] = step_flops / row["seconds_per_step"] / matmul
+        rows.append(row)
+        print(row, flush=True)
+    reference = next((r for r in rows if r["variant"] == "reference-eager" and "img_per_s" in r), None)
+    for r in rows:
+        if reference and "img_per_s" in r:
+            r["speedup_vs_reference"] = r["img_per_s"] / reference["img_per_s"]
+    payload = {"environment": environment(), "model": args.model, "batch": args.batch,
+               "resolution": args.resolution, "reg": args.reg, "car_flow": args.car_flow,
+               "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows,
+               "data": data_benchmark(args, device)}
+    table = markdown(payload)
+    print(table)
+    if args.smoke:
+        failed = [r for r in rows if "skipped" in r]
+        return 1 if failed else 0
+    path = write_results("train_step", payload, args.out)
+    with open(path.replace(".json", ".md"), "w") as f:
+        f.write(table)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

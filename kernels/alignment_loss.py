@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._backend import fallback, resolve
 from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
@@ -130,36 +131,83 @@ def _blocks(D: int):
     return block_r, block_d
 
 
+def _alignment_forward(p, q):
+    """Per-token cosine (B, N) and the fp32 stats (3, B * N) = (cos, |p|, |q|) the backward reads."""
+    B, N, D = p.shape
+    p2, q2 = p.reshape(B * N, D), q.reshape(B * N, D)
+    compute = compute_dtype(p, q)
+    stats = torch.empty((3, B * N), dtype=compute, device=p.device)
+    block_r, block_d = _blocks(D)
+    _alignment_fwd_kernel[(triton.cdiv(B * N, block_r),)](
+        p2, q2, stats, B * N, D, *p2.stride(), *q2.stride(),
+        EPS_=EPS, COMPUTE=tl_dtype(compute), BLOCK_R=block_r, BLOCK_D=block_d)
+    return stats[0].view(B, N).clone(), stats
+
+
+def _alignment_backward(g_cos, p, q, stats, need_dq: bool):
+    B, N, D = p.shape
+    p2, q2 = p.reshape(B * N, D), q.reshape(B * N, D)
+    g_rows = g_cos.reshape(B * N).contiguous()  # d loss / d cos per token
+    dp = torch.empty((B, N, D), dtype=p.dtype, device=p.device)
+    dq = torch.empty((B, N, D), dtype=q.dtype, device=q.device) if need_dq else None
+    block_r, block_d = _blocks(D)
+    _alignment_bwd_kernel[(triton.cdiv(B * N, block_r),)](
+        p2, q2, stats, g_rows, dp, dq if need_dq else dp, B * N, D, *p2.stride(), *q2.stride(),
+        EPS_=EPS, D_Q=need_dq, COMPUTE=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_D=block_d)
+    return dp, dq
+
+
 class _AlignmentCos(torch.autograd.Function):
-    """Per-token cosine similarity (B, N) of one encoder's prediction and target."""
+    """Per-token cosine similarity (B, N) of one encoder's prediction and target (eager path)."""
 
     @staticmethod
     def forward(ctx, p, q):
-        B, N, D = p.shape
-        p2, q2 = p.reshape(B * N, D), q.reshape(B * N, D)
-        compute = compute_dtype(p, q)
-        stats = torch.empty((3, B * N), dtype=compute, device=p.device)
-        block_r, block_d = _blocks(D)
-        _alignment_fwd_kernel[(triton.cdiv(B * N, block_r),)](
-            p2, q2, stats, B * N, D, *p2.stride(), *q2.stride(),
-            EPS_=EPS, COMPUTE=tl_dtype(compute), BLOCK_R=block_r, BLOCK_D=block_d)
+        cos, stats = _alignment_forward(p, q)
         ctx.save_for_backward(p, q, stats)
-        return stats[0].view(B, N)
+        return cos
 
     @staticmethod
     def backward(ctx, g_cos):
         p, q, stats = ctx.saved_tensors
-        B, N, D = p.shape
-        p2, q2 = p.reshape(B * N, D), q.reshape(B * N, D)
-        g_rows = g_cos.reshape(B * N).contiguous()  # d loss / d cos per token, fp32 (B * N)
-        dp = torch.empty((B, N, D), dtype=p.dtype, device=p.device)
-        need_dq = ctx.needs_input_grad[1]
-        dq = torch.empty((B, N, D), dtype=q.dtype, device=q.device) if need_dq else dp
-        block_r, block_d = _blocks(D)
-        _alignment_bwd_kernel[(triton.cdiv(B * N, block_r),)](
-            p2, q2, stats, g_rows, dp, dq, B * N, D, *p2.stride(), *q2.stride(),
-            EPS_=EPS, D_Q=need_dq, COMPUTE=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_D=block_d)
-        return dp, dq if need_dq else None
+        return _alignment_backward(g_cos, p, q, stats, ctx.needs_input_grad[1])
+
+
+# Under torch.compile: the same launches as opaque custom ops (no graph break, no fallback).
+
+@torch.library.custom_op("alignflow::alignment_cos", mutates_args=())
+def _alignment_op(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    return _alignment_forward(p, q)
+
+
+@_alignment_op.register_fake
+def _(p, q):
+    B, N, _ = p.shape
+    return p.new_empty((B, N), dtype=compute_dtype(p, q)), p.new_empty((3, B * N), dtype=compute_dtype(p, q))
+
+
+@torch.library.custom_op("alignflow::alignment_cos_backward", mutates_args=())
+def _alignment_backward_op(g_cos: Tensor, p: Tensor, q: Tensor, stats: Tensor, need_dq: bool) -> list[Tensor]:
+    dp, dq = _alignment_backward(g_cos, p, q, stats, need_dq)
+    return [dp, dq if dq is not None else q.new_empty(0)]
+
+
+@_alignment_backward_op.register_fake
+def _(g_cos, p, q, stats, need_dq):
+    return [p.new_empty(p.shape), q.new_empty(q.shape) if need_dq else q.new_empty(0)]
+
+
+def _alignment_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _alignment_op_backward(ctx, g_cos, g_stats):
+    p, q, stats = ctx.saved_tensors
+    need_dq = ctx.needs_input_grad[1]
+    dp, dq = _alignment_backward_op(g_cos, p, q, stats, need_dq)
+    return dp, dq if need_dq else None
+
+
+_alignment_op.register_autograd(_alignment_op_backward, setup_context=_alignment_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +229,8 @@ def alignment_loss(z_pred, z_target, reduction="mean"):
         return reference_alignment_loss(z_pred, z_target, reduction)
     per_sample = 0
     for p, q in pairs:
-        per_sample = per_sample - _AlignmentCos.apply(p, q).mean(1)
+        cos = _alignment_op(p, q)[0] if torch.compiler.is_compiling() else _AlignmentCos.apply(p, q)
+        per_sample = per_sample - cos.mean(1)
     return _reduce(per_sample / len(pairs), reduction)
 
 

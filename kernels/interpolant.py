@@ -16,13 +16,16 @@ atomics); any other broadcast shift gets the full gradient, summed to its shape 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._backend import resolve
-from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
+from ._util import AotSpec, compute_dtype, fake_grads as _fake_grads, materialize as _materialize
+from ._util import next_power_of_2, tl_dtype, unmaterialize as _unmaterialize
 
 PATHS = {"linear": 0, "cosine": 1}
 
@@ -235,15 +238,11 @@ def _velocity_loss_bwd_kernel(
 # Launch helpers
 # ----------------------------------------------------------------------------------------------
 
-def _rows_view_of_shape(shape):
-    """(B, C, S) sizes of a tensor of `shape`: C is dim 1 for rank >= 3, else 1."""
-    batch = shape[0]
-    channels = shape[1] if len(shape) >= 3 else 1
-    return batch, channels, math.prod(shape) // max(batch * channels, 1)
-
-
 def _rows_view(x: torch.Tensor):
-    return _rows_view_of_shape(x.shape)
+    """(B, C, S) sizes of x: C is dim 1 for rank >= 3, else 1."""
+    batch = x.shape[0]
+    channels = x.shape[1] if x.dim() >= 3 else 1
+    return batch, channels, x.numel() // max(batch * channels, 1)
 
 
 def _as_rows(tensor: torch.Tensor | None, shape, rows):
@@ -267,26 +266,21 @@ def _block_s(rows: int, S: int) -> int:
 
 class _ShiftGrads:
     """Where a backward kernel puts the gradient of z1 (or z0), and how that becomes the gradients of
-    x (or noise) and of its shift. Holds shapes and dtypes only, never the tensors."""
+    x (or noise) and of its shift."""
 
-    def __init__(self, base: torch.Tensor, shift: torch.Tensor | None):
+    def __init__(self, base, shift, need_base: bool, need_shift: bool, num_blocks: int, dtype):
+        B, C, S = self.rows_view = _rows_view(base)
         self.base_shape, self.base_dtype = base.shape, base.dtype
         self.shift_shape = shift.shape if shift is not None else None
         self.shift_dtype = shift.dtype if shift is not None else None
-        B, C, S = _rows_view(base)
-        # a shift constant over S (per-channel, per-sample...) is reduced per row inside the kernel
-        self.shift_constant_over_s = (shift is not None and S > 1
-                                      and _as_rows(shift, base.shape, (B, C, S)).stride(2) == 0)
-
-    def allocate(self, need_base: bool, need_shift: bool, num_blocks: int, device, dtype):
-        B, C, S = self.rows_view = _rows_view_of_shape(self.base_shape)
-        self.need_base, self.need_shift = need_base, need_shift
-        self.rows_mode = need_shift and self.shift_constant_over_s
-        self.full_mode = need_base or (need_shift and not self.rows_mode)
-        self.full = torch.empty((B, C, S), dtype=dtype, device=device) if self.full_mode else None
-        self.rows = (torch.empty((B * C, num_blocks), dtype=dtype, device=device)
+        self.need_base, self.need_shift = need_base, need_shift and shift is not None
+        # a shift constant over S (per channel, per sample, ...) is summed per row inside the kernel
+        self.rows_mode = (self.need_shift and S > 1
+                          and _as_rows(shift, base.shape, (B, C, S)).stride(2) == 0)
+        self.full_mode = need_base or (self.need_shift and not self.rows_mode)
+        self.full = torch.empty((B, C, S), dtype=dtype, device=base.device) if self.full_mode else None
+        self.rows = (torch.empty((B * C, num_blocks), dtype=dtype, device=base.device)
                      if self.rows_mode else None)
-        return self
 
     def grads(self):
         d_base = d_shift = None
@@ -305,103 +299,210 @@ class _ShiftGrads:
         return d_base, d_shift
 
 
+def _interpolant_forward(x, noise, t, source_shift, target_shift, path):
+    B, C, S = rows_view = _rows_view(x)
+    x3, n3 = x.reshape(rows_view), noise.reshape(rows_view)
+    mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
+    x_t = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    v = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = _block_s(B * C, S)
+    _interpolant_fwd_kernel[(B * C, triton.cdiv(S, block))](
+        x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, x_t, v, C, S,
+        *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
+        PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
+        COMPUTE=tl_dtype(compute_dtype(x, noise, source_shift, target_shift)), BLOCK_S=block)
+    return x_t, v
+
+
+def _interpolant_backward(g_xt, g_v, t, x, noise, source_shift, target_shift, path, needs):
+    """Gradients (d_x, d_noise, d_source_shift, d_target_shift), None where `needs` is False."""
+    B, C, S = _rows_view(x)
+    block = _block_s(B * C, S)
+    num_blocks = triton.cdiv(S, block)
+    compute = compute_dtype(x, noise, source_shift, target_shift)
+    z1 = _ShiftGrads(x, target_shift, needs[0], needs[3], num_blocks, compute)
+    z0 = _ShiftGrads(noise, source_shift, needs[1], needs[2], num_blocks, compute)
+    if not (z1.full_mode or z1.rows_mode or z0.full_mode or z0.rows_mode) or (g_xt is None and g_v is None):
+        return None, None, None, None
+    g_xt = g_xt.contiguous() if g_xt is not None else None
+    g_v = g_v.contiguous() if g_v is not None else None
+    any_g = g_xt if g_xt is not None else g_v
+    _interpolant_bwd_kernel[(B * C, num_blocks)](
+        g_xt if g_xt is not None else any_g, g_v if g_v is not None else any_g, t,
+        z1.full if z1.full is not None else t, z0.full if z0.full is not None else t,
+        z1.rows if z1.rows is not None else t, z0.rows if z0.rows is not None else t,
+        C, S, num_blocks,
+        PATH=PATHS[path], HAS_G_XT=g_xt is not None, HAS_G_V=g_v is not None,
+        DZ1_FULL=z1.full_mode, DZ0_FULL=z0.full_mode, DZ1_ROWS=z1.rows_mode, DZ0_ROWS=z0.rows_mode,
+        COMPUTE=tl_dtype(compute), BLOCK_S=block)
+    d_x, d_mu1 = z1.grads()
+    d_noise, d_mu0 = z0.grads()
+    return d_x, d_noise, d_mu0, d_mu1
+
+
+def _velocity_loss_forward(v_pred, x, noise, t, source_shift, target_shift, path):
+    B, C, S = rows_view = _rows_view(x)
+    v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
+    mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
+    block = _block_s(B * C, S)
+    num_blocks = triton.cdiv(S, block)
+    compute = compute_dtype(v_pred, x, noise, source_shift, target_shift)
+    partial = torch.empty((B * C, num_blocks), dtype=compute, device=x.device)
+    _velocity_loss_fwd_kernel[(B * C, num_blocks)](
+        v3, x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, partial,
+        C, S, num_blocks,
+        *v3.stride(), *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
+        PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
+        COMPUTE=tl_dtype(compute), BLOCK_S=block)
+    return partial.view(B, C * num_blocks).sum(1) / (C * S)
+
+
+def _velocity_loss_backward(g_loss, v_pred, x, noise, t, source_shift, target_shift, path, needs):
+    """Gradients (d_v_pred, d_x, d_noise, d_source_shift, d_target_shift), None where not needed."""
+    B, C, S = rows_view = _rows_view(x)
+    block = _block_s(B * C, S)
+    num_blocks = triton.cdiv(S, block)
+    compute = compute_dtype(v_pred, x, noise, source_shift, target_shift)
+    v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
+    mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
+    z1 = _ShiftGrads(x, target_shift, needs[1], needs[4], num_blocks, compute)
+    z0 = _ShiftGrads(noise, source_shift, needs[2], needs[3], num_blocks, compute)
+    d_v_pred = torch.empty(x.shape, dtype=v_pred.dtype, device=x.device) if needs[0] else None
+    scale = (g_loss.to(compute) * (2.0 / (C * S))).contiguous()  # d loss / d per-sample mean, times 2/M
+    _velocity_loss_bwd_kernel[(B * C, num_blocks)](
+        v3, x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, scale,
+        d_v_pred if d_v_pred is not None else scale,
+        z1.full if z1.full is not None else scale, z0.full if z0.full is not None else scale,
+        z1.rows if z1.rows is not None else scale, z0.rows if z0.rows is not None else scale,
+        C, S, num_blocks,
+        *v3.stride(), *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
+        PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
+        D_V_PRED=d_v_pred is not None,
+        DZ1_FULL=z1.full_mode, DZ0_FULL=z0.full_mode, DZ1_ROWS=z1.rows_mode, DZ0_ROWS=z0.rows_mode,
+        COMPUTE=tl_dtype(compute), BLOCK_S=block)
+    d_x, d_mu1 = z1.grads()
+    d_noise, d_mu0 = z0.grads()
+    return d_v_pred, d_x, d_noise, d_mu0, d_mu1
+
+
+# Eager path: autograd Functions (lowest launch overhead).
+
 class _Interpolant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, noise, t, source_shift, target_shift, path):
-        B, C, S = rows_view = _rows_view(x)
-        x3, n3 = x.reshape(rows_view), noise.reshape(rows_view)
-        mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
-        x_t = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        v = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        block = _block_s(B * C, S)
-        grid = (B * C, triton.cdiv(S, block))
-        compute_torch = compute_dtype(x, noise, source_shift, target_shift)
-        _interpolant_fwd_kernel[grid](
-            x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, x_t, v, C, S,
-            *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
-            PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
-            COMPUTE=tl_dtype(compute_torch), BLOCK_S=block)
-        ctx.save_for_backward(t)
-        ctx.meta = (_ShiftGrads(x, target_shift), _ShiftGrads(noise, source_shift), path, rows_view, block,
-                    compute_torch)
-        return x_t, v
+        ctx.save_for_backward(x, noise, t, source_shift, target_shift)
+        ctx.path = path
+        return _interpolant_forward(x, noise, t, source_shift, target_shift, path)
 
     @staticmethod
     def backward(ctx, g_xt, g_v):
-        (t,) = ctx.saved_tensors
-        z1, z0, path, rows_view, block, compute_torch = ctx.meta
-        B, C, S = rows_view
-        num_blocks = triton.cdiv(S, block)
-        needs = ctx.needs_input_grad
-        z1.allocate(needs[0], needs[4], num_blocks, t.device, compute_torch)
-        z0.allocate(needs[1], needs[3], num_blocks, t.device, compute_torch)
-        if not (z1.full_mode or z1.rows_mode or z0.full_mode or z0.rows_mode):
-            return None, None, None, None, None, None
-        g_xt = g_xt.contiguous() if g_xt is not None else None
-        g_v = g_v.contiguous() if g_v is not None else None
-        any_g = g_xt if g_xt is not None else g_v
-        scratch = t
-        _interpolant_bwd_kernel[(B * C, num_blocks)](
-            g_xt if g_xt is not None else any_g, g_v if g_v is not None else any_g, t,
-            z1.full if z1.full is not None else scratch, z0.full if z0.full is not None else scratch,
-            z1.rows if z1.rows is not None else scratch, z0.rows if z0.rows is not None else scratch,
-            C, S, num_blocks,
-            PATH=PATHS[path], HAS_G_XT=g_xt is not None, HAS_G_V=g_v is not None,
-            DZ1_FULL=z1.full_mode, DZ0_FULL=z0.full_mode, DZ1_ROWS=z1.rows_mode, DZ0_ROWS=z0.rows_mode,
-            COMPUTE=tl_dtype(compute_torch), BLOCK_S=block)
-        d_x, d_mu1 = z1.grads()
-        d_noise, d_mu0 = z0.grads()
+        x, noise, t, mu0, mu1 = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        grads = _interpolant_backward(g_xt, g_v, t, x, noise, mu0, mu1, ctx.path, (n[0], n[1], n[3], n[4]))
+        d_x, d_noise, d_mu0, d_mu1 = grads
         return d_x, d_noise, None, d_mu0, d_mu1, None
 
 
 class _VelocityLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v_pred, x, noise, t, source_shift, target_shift, path):
-        B, C, S = rows_view = _rows_view(x)
-        v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
-        mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
-        block = _block_s(B * C, S)
-        num_blocks = triton.cdiv(S, block)
-        compute_torch = compute_dtype(v_pred, x, noise, source_shift, target_shift)
-        partial = torch.empty((B * C, num_blocks), dtype=compute_torch, device=x.device)
-        _velocity_loss_fwd_kernel[(B * C, num_blocks)](
-            v3, x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, partial,
-            C, S, num_blocks,
-            *v3.stride(), *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
-            PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
-            COMPUTE=tl_dtype(compute_torch), BLOCK_S=block)
         ctx.save_for_backward(v_pred, x, noise, t, source_shift, target_shift)
-        ctx.meta = (path, rows_view, block, compute_torch)
-        return partial.view(B, C * num_blocks).sum(1) / (C * S)
+        ctx.path = path
+        return _velocity_loss_forward(v_pred, x, noise, t, source_shift, target_shift, path)
 
     @staticmethod
     def backward(ctx, g_loss):
-        v_pred, x, noise, t, source_shift, target_shift = ctx.saved_tensors
-        path, rows_view, block, compute_torch = ctx.meta
-        B, C, S = rows_view
-        num_blocks = triton.cdiv(S, block)
-        needs = ctx.needs_input_grad
-        v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
-        mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
-        z1 = _ShiftGrads(x, target_shift).allocate(needs[1], needs[5], num_blocks, x.device, compute_torch)
-        z0 = _ShiftGrads(noise, source_shift).allocate(needs[2], needs[4], num_blocks, x.device, compute_torch)
-        d_v_pred = torch.empty(x.shape, dtype=v_pred.dtype, device=x.device) if needs[0] else None
-        scale = (g_loss.to(compute_torch) * (2.0 / (C * S))).contiguous()
-        scratch = scale
-        _velocity_loss_bwd_kernel[(B * C, num_blocks)](
-            v3, x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, scale,
-            d_v_pred if d_v_pred is not None else scratch,
-            z1.full if z1.full is not None else scratch, z0.full if z0.full is not None else scratch,
-            z1.rows if z1.rows is not None else scratch, z0.rows if z0.rows is not None else scratch,
-            C, S, num_blocks,
-            *v3.stride(), *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
-            PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
-            D_V_PRED=d_v_pred is not None,
-            DZ1_FULL=z1.full_mode, DZ0_FULL=z0.full_mode, DZ1_ROWS=z1.rows_mode, DZ0_ROWS=z0.rows_mode,
-            COMPUTE=tl_dtype(compute_torch), BLOCK_S=block)
-        d_x, d_mu1 = z1.grads()
-        d_noise, d_mu0 = z0.grads()
-        return d_v_pred, d_x, d_noise, None, d_mu0, d_mu1, None
+        v_pred, x, noise, t, mu0, mu1 = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        d_v, d_x, d_noise, d_mu0, d_mu1 = _velocity_loss_backward(
+            g_loss, v_pred, x, noise, t, mu0, mu1, ctx.path, (n[0], n[1], n[2], n[4], n[5]))
+        return d_v, d_x, d_noise, None, d_mu0, d_mu1, None
+
+
+# Under torch.compile: the same launches as opaque custom ops, so graphs neither break nor fall back.
+
+@torch.library.custom_op("alignflow::interpolant", mutates_args=())
+def _interpolant_op(x: Tensor, noise: Tensor, t: Tensor, source_shift: Optional[Tensor],
+                    target_shift: Optional[Tensor], path: str) -> tuple[Tensor, Tensor]:
+    return _interpolant_forward(x, noise, t, source_shift, target_shift, path)
+
+
+@_interpolant_op.register_fake
+def _(x, noise, t, source_shift, target_shift, path):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("alignflow::interpolant_backward", mutates_args=())
+def _interpolant_backward_op(g_xt: Tensor, g_v: Tensor, t: Tensor, x: Tensor, noise: Tensor,
+                             source_shift: Optional[Tensor], target_shift: Optional[Tensor], path: str,
+                             needs: list[bool]) -> list[Tensor]:
+    grads = _interpolant_backward(g_xt, g_v, t, x, noise, source_shift, target_shift, path, needs)
+    return _materialize(grads, (x, noise, source_shift, target_shift))
+
+
+@_interpolant_backward_op.register_fake
+def _(g_xt, g_v, t, x, noise, source_shift, target_shift, path, needs):
+    return _fake_grads(needs, (x, noise, source_shift, target_shift))
+
+
+def _interpolant_setup(ctx, inputs, output):
+    x, noise, t, source_shift, target_shift, path = inputs
+    ctx.save_for_backward(x, noise, t, source_shift, target_shift)
+    ctx.path = path
+
+
+def _interpolant_op_backward(ctx, g_xt, g_v):
+    x, noise, t, mu0, mu1 = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[3], n[4]]
+    grads = _unmaterialize(_interpolant_backward_op(g_xt, g_v, t, x, noise, mu0, mu1, ctx.path, needs), needs)
+    d_x, d_noise, d_mu0, d_mu1 = grads
+    return d_x, d_noise, None, d_mu0, d_mu1, None
+
+
+_interpolant_op.register_autograd(_interpolant_op_backward, setup_context=_interpolant_setup)
+
+
+@torch.library.custom_op("alignflow::velocity_loss", mutates_args=())
+def _velocity_loss_op(v_pred: Tensor, x: Tensor, noise: Tensor, t: Tensor, source_shift: Optional[Tensor],
+                      target_shift: Optional[Tensor], path: str) -> Tensor:
+    return _velocity_loss_forward(v_pred, x, noise, t, source_shift, target_shift, path)
+
+
+@_velocity_loss_op.register_fake
+def _(v_pred, x, noise, t, source_shift, target_shift, path):
+    return x.new_empty((x.shape[0],), dtype=compute_dtype(v_pred, x, noise, source_shift, target_shift))
+
+
+@torch.library.custom_op("alignflow::velocity_loss_backward", mutates_args=())
+def _velocity_loss_backward_op(g_loss: Tensor, v_pred: Tensor, x: Tensor, noise: Tensor, t: Tensor,
+                               source_shift: Optional[Tensor], target_shift: Optional[Tensor], path: str,
+                               needs: list[bool]) -> list[Tensor]:
+    grads = _velocity_loss_backward(g_loss, v_pred, x, noise, t, source_shift, target_shift, path, needs)
+    return _materialize(grads, (v_pred, x, noise, source_shift, target_shift))
+
+
+@_velocity_loss_backward_op.register_fake
+def _(g_loss, v_pred, x, noise, t, source_shift, target_shift, path, needs):
+    return _fake_grads(needs, (v_pred, x, noise, source_shift, target_shift))
+
+
+def _velocity_loss_setup(ctx, inputs, output):
+    v_pred, x, noise, t, source_shift, target_shift, path = inputs
+    ctx.save_for_backward(v_pred, x, noise, t, source_shift, target_shift)
+    ctx.path = path
+
+
+def _velocity_loss_op_backward(ctx, g_loss):
+    v_pred, x, noise, t, mu0, mu1 = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[4], n[5]]
+    d_v, d_x, d_noise, d_mu0, d_mu1 = _unmaterialize(
+        _velocity_loss_backward_op(g_loss, v_pred, x, noise, t, mu0, mu1, ctx.path, needs), needs)
+    return d_v, d_x, d_noise, None, d_mu0, d_mu1, None
+
+
+_velocity_loss_op.register_autograd(_velocity_loss_op_backward, setup_context=_velocity_loss_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +545,8 @@ def interpolant(x, noise, t, path="linear", source_shift=None, target_shift=None
     _check(x, noise, t, path, source_shift, target_shift)
     if _backend("interpolant", x, noise, t, source_shift, target_shift) == "torch":
         return reference_interpolant(x, noise, t, path, source_shift, target_shift)
-    return _Interpolant.apply(x, noise, t.contiguous(), source_shift, target_shift, path)
+    apply = _interpolant_op if torch.compiler.is_compiling() else _Interpolant.apply
+    return apply(x, noise, t.contiguous(), source_shift, target_shift, path)
 
 
 def velocity_loss(v_pred, x, noise, t, path="linear", source_shift=None, target_shift=None, reduction="mean"):
@@ -454,7 +556,8 @@ def velocity_loss(v_pred, x, noise, t, path="linear", source_shift=None, target_
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if _backend("velocity_loss", x, noise, t, source_shift, target_shift, v_pred) == "torch":
         return reference_velocity_loss(v_pred, x, noise, t, path, source_shift, target_shift, reduction)
-    per_sample = _VelocityLoss.apply(v_pred, x, noise, t.contiguous(), source_shift, target_shift, path)
+    apply = _velocity_loss_op if torch.compiler.is_compiling() else _VelocityLoss.apply
+    per_sample = apply(v_pred, x, noise, t.contiguous(), source_shift, target_shift, path)
     return _reduce(per_sample, reduction)
 
 

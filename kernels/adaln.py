@@ -325,6 +325,8 @@ def _backend(op, x, tensors):
         return fallback(op, "empty input")
     if x.shape[-1] > MAX_D:
         return fallback(op, f"D = {x.shape[-1]} exceeds the kernel's row width {MAX_D}")
+    if triton.cdiv(x.shape[1], _tile(x.shape[1], x.shape[-1])[0]) > 65535:
+        return fallback(op, f"N = {x.shape[1]} needs more than 65535 row blocks per sample (grid limit)")
     return resolve(op, tensors, dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
 
 
@@ -369,13 +371,14 @@ def aot_specs():
             for residual in (False, True):
                 if not residual and x_dtype != other:
                     continue
-                name = f"adaln_{'residual_' if residual else ''}modulate[x {x_dtype}, {other}, D={D}]"
+                op = f"adaln_{'residual_' if residual else ''}modulate"
+                params = f"[x {x_dtype}, {other}, D={D}]"
                 fwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{other}", "gate_ptr": f"*{other}",
                        "shift_ptr": f"*{other}", "scale_ptr": f"*{other}", "x_new_ptr": f"*{x_dtype}",
                        "y_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                        "N": "i32", "D": "i32", "eps": "fp32",
                        **strides("x", "h", rank=3), **strides("g", "s", "c", rank=2)}
-                specs.append(AotSpec(f"{name}_fwd", _adaln_fwd_kernel, fwd,
+                specs.append(AotSpec(f"{op}_fwd{params}", _adaln_fwd_kernel, fwd,
                                      dict(meta, RESIDUAL=residual, **unit_d("x", "h", "g", "s", "c")),
                                      num_warps=num_warps))
                 bwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{other}", "gate_ptr": f"*{other}",
@@ -387,7 +390,7 @@ def aot_specs():
                        **strides("dy", "gx", rank=3)}
                 flags = dict(RESIDUAL=residual, HAS_G_X_NEW=residual, WRITE_DX=True, WRITE_DH=residual,
                              MODULATION_GRADS=True, GATE_GRAD=residual)
-                specs.append(AotSpec(f"{name}_bwd", _adaln_bwd_kernel, bwd,
+                specs.append(AotSpec(f"{op}_bwd{params}", _adaln_bwd_kernel, bwd,
                                      dict(meta, **flags, **unit_d("x", "h", "g", "c", "dy", "gx")),
                                      num_warps=num_warps))
     return specs

@@ -10,7 +10,8 @@ LN is nn.LayerNorm(D, elementwise_affine=False, eps) with statistics in fp32 (fp
 Dtypes: x_new has x's dtype (so the residual stream may be kept in fp32 while h, gate and the
 modulation are bf16); y has the modulation's dtype (promotion of shift's and scale's), which is x's
 dtype when all inputs share one. The LayerNorm of the residual op normalises x_new as stored, i.e.
-after rounding to x's dtype, so forward and backward see the same x_new.
+after rounding to x's dtype, so forward and backward see the same x_new. Its backward uses the saved
+x_new output: modifying x_new in place before backward is an autograd error (SiT writes x = x + ...).
 
 Kernels. Forward: one program normalises BLOCK_R whole rows (BLOCK_D = next power of two >= D lanes,
 the row lives in registers, so x is read once) of ONE sample: the grid is (B, ceil(N / BLOCK_R)) and

@@ -53,7 +53,7 @@ def _compare(actual, expected, names, dtype):
         assert_close(a, e, dtype, name=name)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_residual_modulate_matches_reference(dtype, shape, device):
     B, N, D = shape

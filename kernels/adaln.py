@@ -4,39 +4,394 @@
     adaln_residual_modulate(x, h, gate, shift, scale)
                                                   x_new = x + gate * h;  y = LN(x_new) * (1 + scale) + shift
 
-x, h: (B, N, D); shift, scale, gate: (B, D) or (B, 1, D). LN as nn.LayerNorm(D, elementwise_affine=False).
-The Triton kernels are being written (issue 3); until then every backend runs the reference.
+x, h: (B, N, D); shift, scale, gate: (B, D) or (B, 1, D), one modulation vector per sample.
+LN is nn.LayerNorm(D, elementwise_affine=False, eps) with statistics in fp32 (fp64 for fp64 inputs).
+
+Dtypes: x_new has x's dtype (so the residual stream may be kept in fp32 while h, gate and the
+modulation are bf16); y has the modulation's dtype (promotion of shift's and scale's), which is x's
+dtype when all inputs share one. The LayerNorm of the residual op normalises x_new as stored, i.e.
+after rounding to x's dtype, so forward and backward see the same x_new. Its backward uses the saved
+x_new output: modifying x_new in place before backward is an autograd error (SiT writes x = x + ...).
+
+Kernels. Forward: one program normalises BLOCK_R whole rows (BLOCK_D = next power of two >= D lanes,
+the row lives in registers, so x is read once) of ONE sample: the grid is (B, ceil(N / BLOCK_R)) and
+a row block never straddles two samples, so every row uses its own sample's shift/scale/gate, loaded
+once per program. Mean and rstd are stored in fp32 (B, N); normalised values are recomputed in the
+backward. Backward: grid (B, tiles); a program walks `blocks_per_tile` row blocks of its sample and
+accumulates d_shift, d_scale and d_gate over its rows in registers, then writes one partial sum per
+(sample, tile) to a buffer that torch sums over the tiles: no atomics, so the result is bitwise
+deterministic for a given shape.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from ._backend import fallback, get_backend
+from ._backend import fallback, resolve
+from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
 
+# Widest row kept in registers (BLOCK_D = 4096: 16 warps, 8 elements per thread per tensor). At 8192
+# the residual backward hits the 128-register cap of 512 threads and uses stack (AOT check), so wider
+# rows fall back to the reference rather than run a spilling kernel.
+MAX_D = 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (the specification)
+# ----------------------------------------------------------------------------------------------
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
-    return v.unsqueeze(1) if v.dim() == 2 else v
+    return v.unsqueeze(1) if v.dim() == 2 else v  # (B, D) -> (B, 1, D)
+
+
+def _modulation_dtype(shift: torch.Tensor, scale: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(shift.dtype, scale.dtype)
 
 
 def reference_adaln_modulate(x, shift, scale, eps=1e-6):
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = F.layer_norm(x.to(dtype), (x.shape[-1],), eps=eps)
-    return (y * (1 + _per_sample(scale).to(dtype)) + _per_sample(shift).to(dtype)).to(x.dtype)
+    """y = LayerNorm(x) * (1 + scale) + shift, computed in fp32 (fp64 for fp64 inputs)."""
+    dtype = compute_dtype(x, shift, scale)
+    x_hat = F.layer_norm(x.to(dtype), (x.shape[-1],), eps=eps)
+    y = x_hat * (1 + _per_sample(scale).to(dtype)) + _per_sample(shift).to(dtype)
+    return y.to(_modulation_dtype(shift, scale))
 
 
 def reference_adaln_residual_modulate(x, h, gate, shift, scale, eps=1e-6):
-    x_new = x + _per_sample(gate) * h
+    """x_new = x + gate * h in x's dtype, then y = adaln_modulate(x_new, shift, scale)."""
+    dtype = compute_dtype(x, h, gate)
+    x_new = (x.to(dtype) + _per_sample(gate).to(dtype) * h.to(dtype)).to(x.dtype)
     return x_new, reference_adaln_modulate(x_new, shift, scale, eps)
 
 
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _adaln_fwd_kernel(
+    x_ptr, h_ptr, gate_ptr, shift_ptr, scale_ptr, x_new_ptr, y_ptr, mean_ptr, rstd_ptr,
+    N, D, eps,
+    sxb, sxn, sxd, shb, shn, shd, sgb, sgd, ssb, ssd, scb, scd,
+    RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    row_mask = n < N
+    col_mask = d < D
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + b * sxb + n[:, None] * sxn + d[None, :] * sxd, mask=mask, other=0.0).to(COMPUTE)
+    out = (b * N + n[:, None]) * D + d[None, :]  # outputs are contiguous (B, N, D)
+    if RESIDUAL:
+        h = tl.load(h_ptr + b * shb + n[:, None] * shn + d[None, :] * shd, mask=mask, other=0.0).to(COMPUTE)
+        gate = tl.load(gate_ptr + b * sgb + d * sgd, mask=col_mask, other=0.0).to(COMPUTE)
+        x_new = (x + gate[None, :] * h).to(x_new_ptr.dtype.element_ty)
+        tl.store(x_new_ptr + out, x_new, mask=mask)
+        x = x_new.to(COMPUTE)  # normalise x_new as stored, as the backward will read it
+    mean = tl.sum(x, axis=1) / D
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(centered * centered, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    shift = tl.load(shift_ptr + b * ssb + d * ssd, mask=col_mask, other=0.0).to(COMPUTE)
+    scale = tl.load(scale_ptr + b * scb + d * scd, mask=col_mask, other=0.0).to(COMPUTE)
+    y = centered * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + b * N + n, mean, mask=row_mask)
+    tl.store(rstd_ptr + b * N + n, rstd, mask=row_mask)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    x_ptr, h_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr, dy_ptr, g_x_new_ptr,
+    dx_ptr, dh_ptr, partial_ptr,
+    N, D, blocks_per_tile,
+    sxb, sxn, sxd, shb, shn, shd, sgb, sgd, scb, scd, sdyb, sdyn, sdyd, sgxb, sgxn, sgxd,
+    RESIDUAL: tl.constexpr, HAS_G_X_NEW: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DH: tl.constexpr,
+    MODULATION_GRADS: tl.constexpr, GATE_GRAD: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # x_ptr is the normalised input: x for adaln_modulate, the saved x_new for the residual op.
+    b = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    col_mask = d < D
+    scale = tl.load(scale_ptr + b * scb + d * scd, mask=col_mask, other=0.0).to(COMPUTE)
+    if RESIDUAL:
+        gate = tl.load(gate_ptr + b * sgb + d * sgd, mask=col_mask, other=0.0).to(COMPUTE)
+    d_shift = tl.zeros([BLOCK_D], dtype=COMPUTE)
+    d_scale = tl.zeros([BLOCK_D], dtype=COMPUTE)
+    d_gate = tl.zeros([BLOCK_D], dtype=COMPUTE)
+    for i in range(0, blocks_per_tile):
+        n = (tile * blocks_per_tile + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = n < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + b * sxb + n[:, None] * sxn + d[None, :] * sxd, mask=mask, other=0.0).to(COMPUTE)
+        mean = tl.load(mean_ptr + b * N + n, mask=row_mask, other=0.0).to(COMPUTE)
+        rstd = tl.load(rstd_ptr + b * N + n, mask=row_mask, other=0.0).to(COMPUTE)
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(dy_ptr + b * sdyb + n[:, None] * sdyn + d[None, :] * sdyd, mask=mask, other=0.0).to(COMPUTE)
+        if MODULATION_GRADS:
+            d_shift += tl.sum(dy, axis=0)
+            d_scale += tl.sum(dy * x_hat, axis=0)
+        g = dy * (1.0 + scale[None, :])  # d loss / d x_hat
+        mean_g = tl.sum(g, axis=1) / D
+        mean_g_x_hat = tl.sum(g * x_hat, axis=1) / D
+        dx = (g - mean_g[:, None] - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]
+        out = (b * N + n[:, None]) * D + d[None, :]
+        if RESIDUAL:
+            if HAS_G_X_NEW:
+                dx += tl.load(g_x_new_ptr + b * sgxb + n[:, None] * sgxn + d[None, :] * sgxd,
+                              mask=mask, other=0.0).to(COMPUTE)
+            if GATE_GRAD:
+                h = tl.load(h_ptr + b * shb + n[:, None] * shn + d[None, :] * shd, mask=mask,
+                            other=0.0).to(COMPUTE)
+                d_gate += tl.sum(dx * h, axis=0)
+            if WRITE_DH:
+                tl.store(dh_ptr + out, (gate[None, :] * dx).to(dh_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    # partial: (B, tiles, 3, D) = d_shift, d_scale, d_gate of this tile's rows
+    partial = partial_ptr + ((b * tl.num_programs(1) + tile) * 3) * D + d
+    if MODULATION_GRADS:
+        tl.store(partial, d_shift, mask=col_mask)
+        tl.store(partial + D, d_scale, mask=col_mask)
+    if GATE_GRAD:
+        tl.store(partial + 2 * D, d_gate, mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------
+
+def _tile(N: int, D: int):
+    """(BLOCK_R, BLOCK_D, num_warps): whole rows (BLOCK_D >= D) and about 2048 elements per tile, i.e.
+    8 elements per thread per tensor with 8 warps, to keep registers (and so occupancy) moderate for
+    a memory-bound kernel; SiT widths 768/1152 get 2/1 rows per tile. Never more rows than a sample
+    has. Chosen from register counts of the AOT check (python -m kernels.aot --only adaln), not yet
+    from a GPU sweep."""
+    block_d = next_power_of_2(D)
+    block_r = max(1, min(2048 // block_d, next_power_of_2(N)))
+    num_warps = min(16, max(4, block_r * block_d // 256))
+    return block_r, block_d, num_warps
+
+
+# Backward programs to aim for: about two resident programs per SM of an H100 (132 SMs).
+_BACKWARD_PROGRAMS = 264
+
+
+def _backward_tiles(B: int, N: int, block_r: int):
+    """(tiles per sample, row blocks per tile). About _BACKWARD_PROGRAMS programs in all, but at least
+    4 row blocks per tile: the fp32 partial sums (write + read: 24 B * tiles * D bytes per sample)
+    cost 2 * tiles / N of the bf16 backward's 12 * N * D bytes per sample, 7% at SiT-XL/2 (9 tiles,
+    N = 256) and 2% at 512 px. A starting point to sweep on a GPU, not a measured optimum."""
+    blocks = triton.cdiv(N, block_r)
+    tiles = max(1, min(triton.cdiv(_BACKWARD_PROGRAMS, B), blocks // 4))
+    blocks_per_tile = triton.cdiv(blocks, tiles)
+    return triton.cdiv(blocks, blocks_per_tile), blocks_per_tile
+
+
+def _as_rows(v: torch.Tensor, B: int, D: int) -> torch.Tensor:
+    return v.reshape(B, D)  # (B, D) or (B, 1, D) -> (B, D), a view
+
+
+def _forward(x, h, gate, shift, scale, eps):
+    """Launch the forward; returns (x_new or None, y, mean, rstd)."""
+    B, N, D = x.shape
+    residual = h is not None
+    compute = compute_dtype(x, h, gate, shift, scale)
+    block_r, block_d, num_warps = _tile(N, D)
+    y = torch.empty((B, N, D), dtype=_modulation_dtype(shift, scale), device=x.device)
+    x_new = torch.empty((B, N, D), dtype=x.dtype, device=x.device) if residual else None
+    mean = torch.empty((B, N), dtype=compute, device=x.device)
+    rstd = torch.empty((B, N), dtype=compute, device=x.device)
+    shift2, scale2 = _as_rows(shift, B, D), _as_rows(scale, B, D)
+    gate2 = _as_rows(gate, B, D) if residual else scale2
+    _adaln_fwd_kernel[(B, triton.cdiv(N, block_r))](
+        x, h if residual else x, gate2, shift2, scale2, x_new if residual else y, y, mean, rstd,
+        N, D, eps,
+        *x.stride(), *(h if residual else x).stride(), *gate2.stride(), *shift2.stride(), *scale2.stride(),
+        RESIDUAL=residual, COMPUTE=tl_dtype(compute), BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=num_warps)
+    return x_new, y, mean, rstd
+
+
+def _backward(x, h, gate, scale, mean, rstd, dy, g_x_new, need_dx, need_dh, need_modulation, need_gate,
+              x_grad_dtype):
+    """Launch the backward; returns (dx, dh, d_shift, d_scale, d_gate), (B, D) for the last three.
+    `x` is the normalised input (x_new for the residual op); dx has `x_grad_dtype`."""
+    B, N, D = x.shape
+    residual = h is not None
+    compute = mean.dtype
+    block_r, block_d, num_warps = _tile(N, D)
+    tiles, blocks_per_tile = _backward_tiles(B, N, block_r)
+    dx = torch.empty((B, N, D), dtype=x_grad_dtype, device=x.device) if need_dx else None
+    dh = torch.empty((B, N, D), dtype=h.dtype, device=x.device) if need_dh else None
+    partial = (torch.empty((B, tiles, 3, D), dtype=compute, device=x.device)
+               if need_modulation or need_gate else None)
+    scratch = mean
+    scale2 = _as_rows(scale, B, D)
+    gate2 = _as_rows(gate, B, D) if residual else scale2
+    g_strides = g_x_new.stride() if g_x_new is not None else (0, 0, 0)
+    _adaln_bwd_kernel[(B, tiles)](
+        x, h if residual else x, gate2, scale2, mean, rstd, dy, g_x_new if g_x_new is not None else dy,
+        dx if dx is not None else scratch, dh if dh is not None else scratch,
+        partial if partial is not None else scratch,
+        N, D, blocks_per_tile,
+        *x.stride(), *(h if residual else x).stride(), *gate2.stride(), *scale2.stride(), *dy.stride(),
+        *g_strides,
+        RESIDUAL=residual, HAS_G_X_NEW=g_x_new is not None, WRITE_DX=need_dx, WRITE_DH=need_dh,
+        MODULATION_GRADS=need_modulation, GATE_GRAD=need_gate,
+        COMPUTE=tl_dtype(compute), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
+    sums = partial.sum(1) if partial is not None else None  # (B, 3, D), a fixed-order reduction
+    d_shift = sums[:, 0] if need_modulation else None
+    d_scale = sums[:, 1] if need_modulation else None
+    d_gate = sums[:, 2] if need_gate else None
+    return dx, dh, d_shift, d_scale, d_gate
+
+
+class _Meta:
+    """Shapes and dtypes of the inputs that the backward needs to shape its gradients."""
+
+    def __init__(self, *tensors):
+        self.shapes = [None if t is None else t.shape for t in tensors]
+        self.dtypes = [None if t is None else t.dtype for t in tensors]
+
+    def cast(self, i, grad):
+        return None if grad is None else grad.reshape(self.shapes[i]).to(self.dtypes[i])
+
+
+class _AdaLNModulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        _, y, mean, rstd = _forward(x, None, None, shift, scale, eps)
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.meta = _Meta(x, shift, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, mean, rstd = ctx.saved_tensors
+        need_x, need_shift, need_scale = ctx.needs_input_grad[:3]
+        dx, _, d_shift, d_scale, _ = _backward(
+            x, None, None, scale, mean, rstd, dy, None, need_dx=need_x, need_dh=False,
+            need_modulation=need_shift or need_scale, need_gate=False, x_grad_dtype=x.dtype)
+        meta = ctx.meta
+        return (dx, meta.cast(1, d_shift) if need_shift else None,
+                meta.cast(2, d_scale) if need_scale else None, None)
+
+
+class _AdaLNResidualModulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, gate, shift, scale, eps):
+        x_new, y, mean, rstd = _forward(x, h, gate, shift, scale, eps)
+        ctx.save_for_backward(x_new, h, gate, scale, mean, rstd)
+        ctx.meta = _Meta(x, h, gate, shift, scale)
+        return x_new, y
+
+    @staticmethod
+    def backward(ctx, g_x_new, dy):
+        x_new, h, gate, scale, mean, rstd = ctx.saved_tensors
+        need_x, need_h, need_gate, need_shift, need_scale = ctx.needs_input_grad[:5]
+        dx, dh, d_shift, d_scale, d_gate = _backward(
+            x_new, h, gate, scale, mean, rstd, dy, g_x_new, need_dx=need_x, need_dh=need_h,
+            need_modulation=need_shift or need_scale, need_gate=need_gate, x_grad_dtype=x_new.dtype)
+        meta = ctx.meta
+        return (dx, dh, meta.cast(2, d_gate), meta.cast(3, d_shift) if need_shift else None,
+                meta.cast(4, d_scale) if need_scale else None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def _check(op, x, modulation: dict, h=None):
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (B, N, D), got shape {tuple(x.shape)}")
+    B, _, D = x.shape
+    if h is not None and h.shape != x.shape:
+        raise ValueError(f"{op}: h shape {tuple(h.shape)} must equal x shape {tuple(x.shape)}")
+    for name, v in modulation.items():
+        if tuple(v.shape) not in ((B, D), (B, 1, D)):
+            raise ValueError(f"{op}: {name} must be (B, D) = ({B}, {D}) or (B, 1, D), got {tuple(v.shape)}")
+    tensors = [x, h, *modulation.values()]
+    if any(t is not None and not t.is_floating_point() for t in tensors):
+        raise TypeError(f"{op}: inputs must be floating point, got "
+                        f"{[str(t.dtype) for t in tensors if t is not None]}")
+
+
+def _backend(op, x, tensors):
+    if x.numel() == 0:
+        return fallback(op, "empty input")
+    if x.shape[-1] > MAX_D:
+        return fallback(op, f"D = {x.shape[-1]} exceeds the kernel's row width {MAX_D}")
+    if triton.cdiv(x.shape[1], _tile(x.shape[1], x.shape[-1])[0]) > 65535:
+        return fallback(op, f"N = {x.shape[1]} needs more than 65535 row blocks per sample (grid limit)")
+    return resolve(op, tensors, dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+
+
 def adaln_modulate(x, shift, scale, eps=1e-6):
-    if get_backend() != "torch":
-        fallback("adaln_modulate", "Triton kernel not written yet")
-    return reference_adaln_modulate(x, shift, scale, eps)
+    """y = LayerNorm(x) * (1 + scale) + shift for x (B, N, D) and per-sample shift, scale."""
+    _check("adaln_modulate", x, {"shift": shift, "scale": scale})
+    if _backend("adaln_modulate", x, (x, shift, scale)) == "torch":
+        return reference_adaln_modulate(x, shift, scale, eps)
+    return _AdaLNModulate.apply(x, shift, scale, float(eps))
 
 
 def adaln_residual_modulate(x, h, gate, shift, scale, eps=1e-6):
-    if get_backend() != "torch":
-        fallback("adaln_residual_modulate", "Triton kernel not written yet")
-    return reference_adaln_residual_modulate(x, h, gate, shift, scale, eps)
+    """(x_new, y): x_new = x + gate * h, y = LayerNorm(x_new) * (1 + scale) + shift."""
+    _check("adaln_residual_modulate", x, {"gate": gate, "shift": shift, "scale": scale}, h)
+    if _backend("adaln_residual_modulate", x, (x, h, gate, shift, scale)) == "torch":
+        return reference_adaln_residual_modulate(x, h, gate, shift, scale, eps)
+    return _AdaLNResidualModulate.apply(x, h, gate, shift, scale, float(eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (python -m kernels.aot)
+# ----------------------------------------------------------------------------------------------
+
+def aot_specs():
+    """The instances a training run launches: contiguous rows (the JIT specialises a last-dimension
+    stride of 1, given here as a constexpr) and i32 strides, as Triton types them below 2**31."""
+    specs = []
+
+    def strides(*tensors, rank):
+        out = {}
+        for t in tensors:
+            out.update({f"s{t}{k}": "i32" for k in ("b", "n")[:rank - 1]})
+        return out
+
+    unit_d = lambda *tensors: {f"s{t}d": 1 for t in tensors}  # noqa: E731
+    widths = {("bf16", "bf16"): (72, 768, 1152, MAX_D), ("fp32", "fp32"): (72, 1152, MAX_D),
+              ("fp32", "bf16"): (1152, MAX_D)}  # the last: residual stream kept in fp32
+    for (x_dtype, other), Ds in widths.items():
+        for D in Ds:
+            block_r, block_d, num_warps = _tile(256, D)
+            meta = dict(COMPUTE=tl.float32, BLOCK_R=block_r, BLOCK_D=block_d)
+            for residual in (False, True):
+                if not residual and x_dtype != other:
+                    continue
+                op = f"adaln_{'residual_' if residual else ''}modulate"
+                params = f"[x {x_dtype}, {other}, D={D}]"
+                fwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{other}", "gate_ptr": f"*{other}",
+                       "shift_ptr": f"*{other}", "scale_ptr": f"*{other}", "x_new_ptr": f"*{x_dtype}",
+                       "y_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                       "N": "i32", "D": "i32", "eps": "fp32",
+                       **strides("x", "h", rank=3), **strides("g", "s", "c", rank=2)}
+                specs.append(AotSpec(f"{op}_fwd{params}", _adaln_fwd_kernel, fwd,
+                                     dict(meta, RESIDUAL=residual, **unit_d("x", "h", "g", "s", "c")),
+                                     num_warps=num_warps))
+                bwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{other}", "gate_ptr": f"*{other}",
+                       "scale_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                       "dy_ptr": f"*{other}", "g_x_new_ptr": f"*{x_dtype}", "dx_ptr": f"*{x_dtype}",
+                       "dh_ptr": f"*{other}", "partial_ptr": "*fp32",
+                       "N": "i32", "D": "i32", "blocks_per_tile": "i32",
+                       **strides("x", "h", rank=3), **strides("g", "c", rank=2),
+                       **strides("dy", "gx", rank=3)}
+                flags = dict(RESIDUAL=residual, HAS_G_X_NEW=residual, WRITE_DX=True, WRITE_DH=residual,
+                             MODULATION_GRADS=True, GATE_GRAD=residual)
+                specs.append(AotSpec(f"{op}_bwd{params}", _adaln_bwd_kernel, bwd,
+                                     dict(meta, **flags, **unit_d("x", "h", "g", "c", "dy", "gx")),
+                                     num_warps=num_warps))
+    return specs

@@ -10,12 +10,17 @@ import kernels
 # the package's `interpolant` and `alignment_loss` attributes are the functions, not the modules
 interpolant_module = importlib.import_module("kernels.interpolant")
 alignment_module = importlib.import_module("kernels.alignment_loss")
+adaln_module = importlib.import_module("kernels.adaln")
 
 
-def _step(v_pred, x, noise, t, mu0, mu1, z_pred, z_target):
+def _step(v_pred, x, noise, t, mu0, mu1, z_pred, z_target, h, modulation):
     x_t, _ = kernels.interpolant(x, noise, t, "linear", mu0, mu1)
     loss = kernels.velocity_loss(v_pred, x, noise, t, "linear", mu0, mu1)
-    return loss + 0.5 * kernels.alignment_loss(z_pred, z_target) + x_t.square().mean()
+    gate, shift, scale = modulation.chunk(3, dim=1)
+    x_new, y = kernels.adaln_residual_modulate(z_pred, h, gate, shift, scale)
+    y2 = kernels.adaln_modulate(y, shift, scale)
+    return (loss + 0.5 * kernels.alignment_loss(z_pred, z_target) + x_t.square().mean()
+            + (x_new * y2).mean())
 
 
 def test_compiled_fullgraph_matches_eager(device):
@@ -26,7 +31,9 @@ def test_compiled_fullgraph_matches_eager(device):
                   mu0=torch.randn(2, 4, 1, 1, device=device, requires_grad=True),
                   mu1=torch.randn(shape, device=device, requires_grad=True),
                   z_pred=torch.randn(2, 5, 72, device=device, requires_grad=True),
-                  z_target=torch.randn(2, 5, 72, device=device))
+                  z_target=torch.randn(2, 5, 72, device=device),
+                  h=torch.randn(2, 5, 72, device=device, requires_grad=True),
+                  modulation=torch.randn(2, 3 * 72, device=device, requires_grad=True))
     leaves = [v for v in inputs.values() if v.requires_grad]
     results = []
     with kernels.use_backend("triton"):
@@ -39,7 +46,7 @@ def test_compiled_fullgraph_matches_eager(device):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("case", ["interpolant", "velocity_loss", "alignment"])
+@pytest.mark.parametrize("case", ["interpolant", "velocity_loss", "alignment", "adaln", "adaln_residual"])
 def test_opcheck(case, device):
     shape = (2, 3, 4, 4)
     x, noise = torch.randn(shape, device=device), torch.randn(shape, device=device)
@@ -51,6 +58,14 @@ def test_opcheck(case, device):
     elif case == "velocity_loss":
         v_pred = torch.randn(shape, device=device, requires_grad=True)
         torch.library.opcheck(interpolant_module._velocity_loss_op, (v_pred, x, noise, t, mu0, mu1, "linear"))
-    else:
+    elif case == "alignment":
         p = torch.randn(2, 5, 40, device=device, requires_grad=True)
         torch.library.opcheck(alignment_module._alignment_op, (p, torch.randn(2, 5, 40, device=device)))
+    else:
+        tokens = torch.randn(2, 5, 40, device=device, requires_grad=True)
+        gate, shift, scale = (torch.randn(2, 40, device=device, requires_grad=True) for _ in range(3))
+        if case == "adaln":
+            torch.library.opcheck(adaln_module._adaln_modulate_op, (tokens, shift, scale, 1e-6))
+        else:
+            h = torch.randn(2, 5, 40, device=device, requires_grad=True)
+            torch.library.opcheck(adaln_module._adaln_residual_modulate_op, (tokens, h, gate, shift, scale, 1e-6))

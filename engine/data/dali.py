@@ -28,7 +28,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .index import SampleIndex
+from .index import CorruptImageError, SampleIndex, check_image
+from .pil import MAX_SUBSTITUTES
 from .transforms import adm_geometry
 
 log = logging.getLogger("engine.data")
@@ -69,17 +70,36 @@ class DaliBackend:
         self.sizes, self.crop_pos = sizes, crop_pos
         self._io = ThreadPoolExecutor(max(1, num_threads))
         self._feed: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._used: dict[int, tuple[np.ndarray, list]] = {}  # relative step -> (samples used, failures)
+
+    def _read(self, i: int) -> tuple[int, np.ndarray, list]:
+        """(sample used, its bytes, failures): a file that cannot be read or no longer passes the header
+        check is replaced by the next readable sample in index order, as on the PIL path."""
+        failures = []
+        for attempt in range(MAX_SUBSTITUTES):
+            j = (i + attempt) % len(self.index)
+            try:
+                data = self.index.read(j)
+                check_image(data, full=False)
+                return j, np.frombuffer(data, np.uint8), failures
+            except Exception as error:  # any read or check failure of one file
+                name = self.index.paths[j] if not self.index.offsets[j] else f"{self.index.paths[j]}/{self.index.keys[j]}"
+                if self.on_corrupt == "error":
+                    raise CorruptImageError(f"corrupt or missing image {name}: {error} (data.on_corrupt='error')") from None
+                failures.append((name, f"{type(error).__name__}: {error}"))
+        raise RuntimeError(f"{MAX_SUBSTITUTES} consecutive unreadable images from {self.index.paths[i]}")
 
     def _source(self, batch_info):
         plan_indices, plan_flips = self._feed
         step = batch_info.iteration
         if step >= len(plan_indices):
             raise StopIteration
-        indices, flips = plan_indices[step], plan_flips[step]
-        encoded = list(self._io.map(lambda i: np.frombuffer(self.index.read(i), np.uint8), indices.tolist()))
-        return (encoded, [self.index.labels[i:i + 1] for i in indices], [np.array(f, np.int32) for f in flips],
-                [self.sizes[i] for i in indices], [self.crop_pos[i, 0] for i in indices],
-                [self.crop_pos[i, 1] for i in indices])
+        results = list(self._io.map(self._read, plan_indices[step].tolist()))
+        used = np.array([r[0] for r in results], np.int64)
+        self._used[step] = (used, [f for r in results for f in r[2]])
+        return ([r[1] for r in results], [self.index.labels[j:j + 1] for j in used],
+                [np.array(f, np.int32) for f in plan_flips[step]], [self.sizes[j] for j in used],
+                [self.crop_pos[j, 0] for j in used], [self.crop_pos[j, 1] for j in used])
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -115,15 +135,14 @@ class DaliBackend:
         return torch.from_numpy(np.array(images.as_tensor()))
 
     def iterate(self, plan_indices: np.ndarray, plan_flips: np.ndarray) -> Iterator[dict]:
-        """Yield {"image" uint8 (B,3,R,R) (on the GPU with mixed decoding), "label", "indices", "failed"}
-        for each step of the plan. A batch that DALI fails to decode (a file that changed after it was
-        checked) is decoded again with PIL, which finds and replaces the bad file; the pipeline restarts
-        after it."""
+        """Yield {"image" uint8 (B,3,R,R) (on the GPU with mixed decoding), "label", "indices" (samples
+        used), "failed"} for each step of the plan. A batch that DALI fails to decode (a file damaged past
+        its header) is decoded again with PIL, which replaces the bad file; the pipeline restarts after it."""
         from .pil import decode_batch
 
-        start = 0
+        start, unexplained = 0, 0
         while start < len(plan_indices):
-            self._feed = (plan_indices[start:], plan_flips[start:])
+            self._feed, self._used = (plan_indices[start:], plan_flips[start:]), {}
             pipe = self._build()
             step = start
             try:
@@ -132,17 +151,25 @@ class DaliBackend:
                         images, labels = pipe.run()
                     except StopIteration:
                         break
-                    except RuntimeError as error:
-                        log.warning("DALI failed on batch %d (%s); decoding it with PIL", step,
-                                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+                    except CorruptImageError:
+                        raise
+                    except Exception as error:  # DALI raises RuntimeError; a callback error may pass through
+                        if isinstance(error.__cause__, CorruptImageError) or "CorruptImageError" in str(error):
+                            raise
+                        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                        log.warning("DALI failed on batch %d (%s); decoding it with PIL", step, message)
                         batch = decode_batch(self.index, plan_indices[step], plan_flips[step], self.res, self.on_corrupt)
                         if not batch["failed"]:
-                            raise
+                            unexplained += 1
+                            if unexplained > 3:
+                                raise
                         yield batch
                         step += 1
                         break  # rebuild the pipeline from the next step
-                    yield dict(image=self._to_torch(images), label=torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)),
-                               indices=torch.from_numpy(np.asarray(plan_indices[step], np.int64)), failed=[])
+                    used, failed = self._used.pop(step - start)
+                    yield dict(image=self._to_torch(images),
+                               label=torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)),
+                               indices=torch.from_numpy(used), failed=failed)
                     step += 1
             finally:
                 del pipe

@@ -151,11 +151,9 @@ class DaliBackend:
                         images, labels = pipe.run()
                     except StopIteration:
                         break
-                    except CorruptImageError:
+                    except CorruptImageError:  # raised by the source callback (on_corrupt="error"), passed through
                         raise
-                    except Exception as error:  # DALI raises RuntimeError; a callback error may pass through
-                        if isinstance(error.__cause__, CorruptImageError) or "CorruptImageError" in str(error):
-                            raise
+                    except Exception as error:  # DALI operator errors arrive as RuntimeError
                         message = str(error).splitlines()[0] if str(error) else type(error).__name__
                         log.warning("DALI failed on batch %d (%s); decoding it with PIL", step, message)
                         batch = decode_batch(self.index, plan_indices[step], plan_flips[step], self.res, self.on_corrupt)

@@ -349,3 +349,43 @@ def test_config_unknown_key_and_impossible_combinations(builtin_root):
     if HAVE_DALI:
         with pytest.raises(ValueError, match="dali_device='mixed'"):
             build_loader(cfg_for(builtin_root, decoder="dali", dali_device="mixed"), 0, 1, "cpu")
+
+
+@needs_dali
+def test_dali_decode_error_falls_back_to_pil_for_that_batch(builtin_root, monkeypatch, caplog):
+    from engine.data.dali import DaliBackend
+
+    cfg = cfg_for(builtin_root, decoder="dali", dali_device="cpu", resolution=64)  # 64: DALI == PIL exactly
+    reference = collect(build_loader(cfg, 0, 1, "cpu"), 6)
+    real_build, calls = DaliBackend._build, {"n": 0}
+
+    def flaky_build(self):
+        pipe = real_build(self)
+        real_run = pipe.run
+
+        def run():
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third batch fails inside DALI
+                raise RuntimeError("nvimgcodec: simulated decode failure")
+            return real_run()
+        pipe.run = run
+        return pipe
+
+    monkeypatch.setattr(DaliBackend, "_build", flaky_build)
+    caplog.set_level(logging.WARNING, logger="engine.data")
+    got = collect(build_loader(cfg, 0, 1, "cpu"), 6)
+    assert "simulated decode failure" in caplog.text
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+        torch.testing.assert_close(a["label"], b["label"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_error_mode_names_a_file_broken_after_indexing(builtin_root, tmp_path, decoder):
+    root = str(tmp_path / "tree")
+    shutil.copytree(builtin_root, root, ignore=shutil.ignore_patterns(".*", "manifest.json"))
+    loader = build_loader(cfg_for(root, decoder=decoder, dali_device="cpu", on_corrupt="error"), 0, 1, "cpu")
+    victim = loader.index.paths[loader.plan(0)[0][1][2]]
+    open(victim, "w").write("not an image any more")
+    with pytest.raises(CorruptImageError, match=os.path.basename(victim)):
+        collect(loader)

@@ -107,7 +107,7 @@ class DaliBackend:
         res, decode_device = self.res, self.decode_device
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      prefetch_queue_depth=self.prefetch, seed=self.seed, exec_dynamic=True)
+                      prefetch_queue_depth=self.prefetch, seed=self.seed)
         def pipeline():
             encoded, labels, flips, sizes, pos_x, pos_y = fn.external_source(
                 source=self._source, num_outputs=6, batch=True, batch_info=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import tarfile
@@ -72,8 +73,13 @@ class SampleIndex:
             widths=self.widths[keep], heights=self.heights[keep], skipped=list(self.skipped))
 
 
-def check_image(data: bytes, full: bool) -> tuple[int, int]:
-    """(width, height) of an encoded image; raises ValueError saying what is wrong."""
+HEAD_BYTES = 1 << 18  # header check: enough for the image header behind large EXIF/ICC segments
+TAIL_BYTES = 64
+
+
+def check_image(data: bytes, full: bool, tail: Optional[bytes] = None) -> tuple[int, int]:
+    """(width, height) of an encoded image; raises ValueError saying what is wrong. `data` is the whole
+    file, or (with full=False) its first bytes with `tail` its last TAIL_BYTES bytes."""
     if len(data) == 0:
         raise ValueError("empty file")
     try:
@@ -85,7 +91,7 @@ def check_image(data: bytes, full: bool) -> tuple[int, int]:
         raise ValueError(f"not a readable image ({type(error).__name__}: {error})") from None
     # A truncated JPEG or PNG has a valid header but lacks its end marker; decoders may then fill the
     # rest with grey silently, so the header check looks for the marker near the end.
-    tail = data[-64:]
+    tail = data[-TAIL_BYTES:] if tail is None else tail
     if fmt == "JPEG" and b"\xff\xd9" not in tail:
         raise ValueError("truncated JPEG (no end-of-image marker)")
     if fmt == "PNG" and b"IEND" not in tail:
@@ -95,13 +101,27 @@ def check_image(data: bytes, full: bool) -> tuple[int, int]:
     return width, height
 
 
-def _check_file(path: str, full: bool) -> tuple[int, int, str]:
-    """(width, height, "") or (0, 0, reason)."""
+def check_file_range(path: str, offset: int, size: int, full: bool) -> tuple[int, int, str]:
+    """Check the image stored in bytes [offset, offset+size) of `path`: (width, height, "") or
+    (0, 0, reason). The header check reads only the head and the tail of the image."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
-        width, height = check_image(data, full)
-        return width, height, ""
+            f.seek(offset)
+            if full or size <= HEAD_BYTES + TAIL_BYTES:
+                data = f.read(size)
+                if len(data) != size:
+                    raise ValueError(f"short read: {len(data)} of {size} bytes")
+                return (*check_image(data, full), "")
+            head = f.read(HEAD_BYTES)
+            f.seek(offset + size - TAIL_BYTES)
+            tail = f.read(TAIL_BYTES)
+            if len(tail) != TAIL_BYTES:
+                raise ValueError("short read at the end of the image")
+            try:
+                return (*check_image(head, False, tail), "")
+            except ValueError:  # a header beyond the first bytes: check the whole image
+                f.seek(offset)
+                return (*check_image(f.read(size), False), "")
     except FileNotFoundError:
         return 0, 0, "missing file"
     except (OSError, ValueError) as error:
@@ -179,7 +199,8 @@ def index_folder(root: str, validate: str, on_corrupt: str, cache_dir: Optional[
             todo.append(rel)
     full = validate == "full"
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        results = dict(zip(todo, pool.map(lambda r: _check_file(os.path.join(root, r), full), todo)))
+        results = dict(zip(todo, pool.map(lambda r: check_file_range(os.path.join(root, r), 0, stats[r][0], full)
+                                          if stats[r][0] >= 0 else (0, 0, "missing file"), todo)))
     entries = {}
     for rel, _ in items:
         entries[rel] = (*stats[rel], *results[rel]) if rel in results else cache[rel]
@@ -225,51 +246,69 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), (dot + ext).lower()
 
 
-def index_webdataset(root: str, validate: str, on_corrupt: str, num_threads: int = 8) -> SampleIndex:
-    """Index tar shards by reading them once (the image bytes are checked on the way)."""
-    full = validate == "full"
-    keys, paths, offsets, sizes, labels, widths, heights, skipped = [], [], [], [], [], [], [], []
-    for shard in _tar_shards(root):
-        samples: dict[str, dict] = {}
-        order = []
-        with tarfile.open(shard, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_key(member.name)
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                if ext in IMAGE_EXTS:
-                    data = tar.extractfile(member).read()
-                    samples[key]["image"] = (member.name, member.offset_data, member.size, data)
-                elif ext in LABEL_EXTS:
-                    samples[key]["label"] = tar.extractfile(member).read().decode().strip()
-        shard_name = os.path.basename(shard)
-
-        def check(key):
-            sample = samples[key]
-            if "image" not in sample:
-                return None
-            name, off, size, data = sample["image"]
-            try:
-                width, height = check_image(data, full)
-                reason = ""
-            except ValueError as error:
-                width, height, reason = 0, 0, str(error)
-            if not reason:
-                try:
-                    label = int(sample["label"])
-                except (KeyError, ValueError):
-                    reason = f"no integer label (.cls) for sample {key!r}"
-            return name, off, size, width, height, reason, (label if not reason else -1)
-
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            checked = list(pool.map(check, order))
-        for result in checked:
-            if result is None:
+def _index_shard(shard: str, full: bool, num_threads: int) -> list[list]:
+    """[[member name, data offset, size, label, width, height, reason], ...] of one tar shard, in member
+    order; the tar headers are walked without reading the image bytes, then each image is checked."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(shard, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
                 continue
-            name, off, size, width, height, reason, label = result
+            key, ext = _split_key(member.name)
+            sample = samples.setdefault(key, {})
+            if ext in IMAGE_EXTS:
+                sample["image"] = (member.name, member.offset_data, member.size)
+            elif ext in LABEL_EXTS:
+                sample["label"] = tar.extractfile(member).read().decode(errors="replace").strip()
+
+    def check(item):
+        key, sample = item
+        name, offset, size = sample["image"]
+        width, height, reason = check_file_range(shard, offset, size, full)
+        label = -1
+        if not reason:
+            try:
+                label = int(sample["label"])
+            except (KeyError, ValueError):
+                reason = f"no integer label (.cls) for sample {key!r}"
+        return [name, offset, size, label, width, height, reason]
+
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        return list(pool.map(check, [(k, v) for k, v in samples.items() if "image" in v]))
+
+
+def index_webdataset(root: str, validate: str, on_corrupt: str, cache_dir: Optional[str] = None,
+                     num_threads: int = 8) -> SampleIndex:
+    """Index tar shards (a sample: <key>.jpg|png|... plus <key>.cls), cached per shard (size, mtime)."""
+    full = validate == "full"
+    shards = _tar_shards(root)
+    cache_dir = cache_dir or default_cache_dir(root if os.path.isdir(root) else os.path.dirname(root) or ".")
+    keys, paths, offsets, sizes, labels, widths, heights, skipped = [], [], [], [], [], [], [], []
+    for shard in shards:
+        st = os.stat(shard)
+        stamp = [st.st_size, st.st_mtime_ns, validate, _INDEX_VERSION]
+        digest = hashlib.sha1(os.path.abspath(shard).encode()).hexdigest()[:16]
+        cache_file = os.path.join(cache_dir, f"shard_{os.path.basename(shard)}_{digest}.json")
+        entries = None
+        try:
+            with open(cache_file) as f:
+                cached = json.load(f)
+            if cached["stamp"] == stamp:
+                entries = cached["entries"]
+        except (OSError, ValueError, KeyError):
+            pass
+        if entries is None:
+            entries = _index_shard(shard, full, num_threads)
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                tmp = f"{cache_file}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump(dict(stamp=stamp, entries=entries), f)
+                os.replace(tmp, cache_file)
+            except OSError as error:
+                log.warning("could not write the data index cache %s: %s", cache_file, error)
+        shard_name = os.path.basename(shard)
+        for name, offset, size, label, width, height, reason in entries:
             where = f"{shard}/{name}"
             if reason:
                 if on_corrupt == "error":
@@ -278,7 +317,7 @@ def index_webdataset(root: str, validate: str, on_corrupt: str, num_threads: int
                 continue
             keys.append(f"{shard_name}/{name}")
             paths.append(shard)
-            offsets.append(off)
+            offsets.append(offset)
             sizes.append(size)
             labels.append(label)
             widths.append(width)

@@ -126,7 +126,7 @@ def _choose_decoder(cfg: DataConfig) -> str:
         raise RuntimeError(f"data.decoder='dali' but {reason}; install nvidia-dali-cuda130 (pip install "
                            f"alignflow[data]) or set data.decoder to 'pil' or 'auto'")
     if not ok:
-        log.info("data.decoder='auto': using the PIL decoder because %s", reason)
+        log.warning("data.decoder='auto': using the PIL decoder because %s", reason)
         return "pil"
     return "dali"
 
@@ -140,7 +140,7 @@ def build_index(cfg: DataConfig) -> SampleIndex:
                              images_per_class=cfg.builtin_images_per_class, resolution=cfg.builtin_image_size,
                              seed=0)
     if cfg.source == "webdataset":
-        index = index_webdataset(cfg.root, cfg.validate, cfg.on_corrupt, num_threads=cfg.num_threads)
+        index = index_webdataset(cfg.root, cfg.validate, cfg.on_corrupt, cfg.cache_dir, num_threads=cfg.num_threads)
     else:
         index = index_folder(cfg.root, cfg.validate, cfg.on_corrupt, cfg.cache_dir, num_threads=cfg.num_threads,
                              source=cfg.source)
@@ -175,6 +175,9 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, device) -> Loader:
         from .latents import LatentShards
 
         latents = LatentShards(cfg.latents_root)
+        if latents.meta.get("resolution", cfg.resolution) != cfg.resolution:
+            raise ValueError(f"data.resolution={cfg.resolution} but the latents at {cfg.latents_root!r} were encoded "
+                             f"at {latents.meta['resolution']}; allowed: {latents.meta['resolution']}")
         rows = latents.rows_for(index.keys)
         missing = np.flatnonzero(rows < 0)
         if len(missing):

@@ -389,3 +389,43 @@ def test_error_mode_names_a_file_broken_after_indexing(builtin_root, tmp_path, d
     open(victim, "w").write("not an image any more")
     with pytest.raises(CorruptImageError, match=os.path.basename(victim)):
         collect(loader)
+
+
+def test_header_check_of_large_files_reads_head_and_tail(tmp_path):
+    from engine.data.index import HEAD_BYTES, check_file_range
+
+    noise = np.random.default_rng().integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    good = tmp_path / "big.jpg"
+    Image.fromarray(noise).save(good, quality=95)
+    data = good.read_bytes()
+    assert len(data) > 2 * HEAD_BYTES  # the head/tail path, not the whole-file path
+    assert check_file_range(str(good), 0, len(data), full=False) == (900, 700, "")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) - 1000])
+    w, h, reason = check_file_range(str(cut), 0, len(data) - 1000, full=False)
+    assert "truncated JPEG" in reason
+    # the same image inside a bigger file (as in a tar shard)
+    packed = tmp_path / "packed.bin"
+    packed.write_bytes(b"x" * 1234 + data + b"y" * 999)
+    assert check_file_range(str(packed), 1234, len(data), full=True) == (900, 700, "")
+    assert check_file_range(str(tmp_path / "absent.jpg"), 0, 10, full=False)[2] == "missing file"
+
+
+def test_webdataset_index_is_cached_per_shard(builtin_root, tmp_path, monkeypatch):
+    import engine.data.index as index_module
+
+    shard = tmp_path / "one.tar"
+    with tarfile.open(shard, "w") as tar:
+        for k, name in enumerate(class_names(CLASSES)[:3]):
+            tar.add(os.path.join(builtin_root, name, sorted(os.listdir(os.path.join(builtin_root, name)))[0]),
+                    arcname=f"s{k}.jpg")
+            info = tarfile.TarInfo(f"s{k}.cls")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(str(k).encode()))
+    cfg = cfg_for(str(tmp_path), source="webdataset", batch_size=1, decoder="pil")
+    first = build_index(cfg)
+    monkeypatch.setattr(index_module, "_index_shard", lambda *a: pytest.fail("shard indexed again"))
+    second = build_index(cfg)
+    assert first.keys == second.keys == ["one.tar/s0.jpg", "one.tar/s1.jpg", "one.tar/s2.jpg"]
+    np.testing.assert_array_equal(second.labels, [0, 1, 2])
+    np.testing.assert_array_equal(first.offsets, second.offsets)

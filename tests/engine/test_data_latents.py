@@ -191,3 +191,10 @@ def test_preprocess_cli_with_a_registered_latent_space(builtin_root, tmp_path, m
     shards = LatentShards(out)
     assert len(shards) == CLASSES * PER_CLASS and shards.meta["latent_space"] == "pool4"
     assert shards.mean.dtype == np.float16 and shards.stats is not None
+
+
+def test_latents_of_another_resolution_are_refused(builtin_root, tmp_path):
+    out = str(tmp_path / "lat")
+    preprocess(data_cfg(builtin_root), out, PoolEncoder(), batch_size=40, chunk_size=40)
+    with pytest.raises(ValueError, match="data.resolution=16 .* encoded at 32"):
+        build_loader(data_cfg(builtin_root, resolution=16, latents_root=out), 0, 1, "cpu")

@@ -30,7 +30,7 @@ import torch
 
 from .index import CorruptImageError, SampleIndex, check_image
 from .pil import MAX_SUBSTITUTES
-from .transforms import adm_geometry
+from .transforms import adm_geometry_batch
 
 log = logging.getLogger("engine.data")
 
@@ -60,13 +60,14 @@ class DaliBackend:
         else:
             self.device_id = None  # CPU-only pipeline: no CUDA context is created
         # Per-sample resize target and crop position, from the header sizes (exact ADM geometry).
-        sizes, crop_pos = np.empty((len(index), 2), np.float32), np.empty((len(index), 2), np.float32)
-        for i, (w, h) in enumerate(zip(index.widths.tolist(), index.heights.tolist())):
-            _, new_w, new_h, left, top = adm_geometry(w, h, res)
-            sizes[i] = (new_h, new_w)
-            # crop_mirror_normalize places the window at round(pos * (extent - crop)); pos = offset/(extent-crop)
-            # reproduces the integer ADM offset exactly.
-            crop_pos[i] = (left / (new_w - res) if new_w > res else 0.5, top / (new_h - res) if new_h > res else 0.5)
+        # crop_mirror_normalize places the window at round(pos * (extent - crop)); pos = offset/(extent-crop)
+        # reproduces the integer ADM offset exactly.
+        geometry = adm_geometry_batch(index.widths, index.heights, res)
+        new_w, new_h, left, top = (geometry[:, k].astype(np.float64) for k in range(1, 5))
+        sizes = np.stack([new_h, new_w], 1).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            crop_pos = np.stack([np.where(new_w > res, left / (new_w - res), 0.5),
+                                 np.where(new_h > res, top / (new_h - res), 0.5)], 1).astype(np.float32)
         self.sizes, self.crop_pos = sizes, crop_pos
         self._io = ThreadPoolExecutor(max(1, num_threads))
         self._feed: Optional[tuple[np.ndarray, np.ndarray]] = None

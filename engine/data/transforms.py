@@ -27,6 +27,20 @@ def adm_geometry(width: int, height: int, res: int) -> tuple[int, int, int, int,
     return halvings, new_w, new_h, (new_w - res) // 2, (new_h - res) // 2
 
 
+def adm_geometry_batch(widths: np.ndarray, heights: np.ndarray, res: int) -> np.ndarray:
+    """adm_geometry of many images at once: (N, 5) int64 rows as adm_geometry returns."""
+    w, h = np.asarray(widths, np.int64).copy(), np.asarray(heights, np.int64).copy()
+    halvings = np.zeros_like(w)
+    while True:
+        more = np.minimum(w, h) >= 2 * res
+        if not more.any():
+            break
+        w, h, halvings = np.where(more, w // 2, w), np.where(more, h // 2, h), halvings + more
+    scale = res / np.minimum(w, h)
+    new_w, new_h = np.round(w * scale).astype(np.int64), np.round(h * scale).astype(np.int64)  # half to even, as round()
+    return np.stack([halvings, new_w, new_h, (new_w - res) // 2, (new_h - res) // 2], 1)
+
+
 def center_crop_arr(image: Image.Image, res: int) -> np.ndarray:
     """ADM centre crop of a PIL image to a (res, res, C) uint8 array."""
     while min(*image.size) >= 2 * res:

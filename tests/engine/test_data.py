@@ -429,3 +429,14 @@ def test_webdataset_index_is_cached_per_shard(builtin_root, tmp_path, monkeypatc
     assert first.keys == second.keys == ["one.tar/s0.jpg", "one.tar/s1.jpg", "one.tar/s2.jpg"]
     np.testing.assert_array_equal(second.labels, [0, 1, 2])
     np.testing.assert_array_equal(first.offsets, second.offsets)
+
+
+def test_adm_geometry_batch_matches_scalar():
+    from engine.data.transforms import adm_geometry_batch
+
+    rng = np.random.default_rng()
+    widths, heights = rng.integers(8, 3000, 500), rng.integers(8, 3000, 500)
+    for res in (32, 256, 512):
+        batch = adm_geometry_batch(widths, heights, res)
+        for w, h, row in zip(widths.tolist(), heights.tolist(), batch.tolist()):
+            assert tuple(row) == adm_geometry(w, h, res), (w, h, res)

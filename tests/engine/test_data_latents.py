@@ -198,3 +198,34 @@ def test_latents_of_another_resolution_are_refused(builtin_root, tmp_path):
     preprocess(data_cfg(builtin_root), out, PoolEncoder(), batch_size=40, chunk_size=40)
     with pytest.raises(ValueError, match="data.resolution=16 .* encoded at 32"):
         build_loader(data_cfg(builtin_root, resolution=16, latents_root=out), 0, 1, "cpu")
+
+
+def _two_rank_worker(rank, init_file, root, out, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        result = preprocess(data_cfg(root), out, PoolEncoder(), batch_size=5, chunk_size=6, dtype="float32",
+                            rank=rank, world_size=2)
+        loader = build_loader(data_cfg(root, source="latent_shards", latents_root=out), rank, 2, "cpu")
+        batches = [dict(label=b["label"], mean=b["latent_mean"]) for b in loader]
+        torch.save(dict(written=result["written"], stats=result["stats"], batches=batches),
+                   os.path.join(results, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_preprocess_and_loader_under_two_gloo_ranks(builtin_root, tmp_path):
+    out, results = str(tmp_path / "lat"), str(tmp_path / "results")
+    os.makedirs(results)
+    torch.multiprocessing.spawn(_two_rank_worker, args=(str(tmp_path / "init"), builtin_root, out, results), nprocs=2)
+    r0, r1 = (torch.load(os.path.join(results, f"rank{r}.pt")) for r in range(2))
+    assert r0["written"] == [0, 2, 4, 6] and r1["written"] == [1, 3, 5] and r1["stats"] is None
+    single = str(tmp_path / "single")
+    preprocess(data_cfg(builtin_root), single, PoolEncoder(), batch_size=40, chunk_size=40, dtype="float32")
+    a, b = LatentShards(single), LatentShards(out)
+    np.testing.assert_array_equal(np.asarray(a.mean), np.asarray(b.mean))
+    assert r0["stats"] == a.stats
+    # each rank's batches: disjoint halves of the same global batches a single process would see at batch 16
+    one = build_loader(data_cfg(builtin_root, source="latent_shards", latents_root=single, batch_size=16), 0, 1, "cpu")
+    for step, batch in enumerate(one):
+        both = torch.cat([r0["batches"][step]["mean"], r1["batches"][step]["mean"]])
+        torch.testing.assert_close(both, batch["latent_mean"], rtol=0, atol=0)

@@ -9,7 +9,6 @@ The position (epoch, step) is therefore all that a resumed run needs to see the 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Iterator, Optional
 
 import numpy as np

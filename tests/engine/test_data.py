@@ -440,3 +440,11 @@ def test_adm_geometry_batch_matches_scalar():
         batch = adm_geometry_batch(widths, heights, res)
         for w, h, row in zip(widths.tolist(), heights.tolist(), batch.tolist()):
             assert tuple(row) == adm_geometry(w, h, res), (w, h, res)
+
+
+def test_pil_workers_give_the_same_batches_as_the_main_process(builtin_root):
+    batches = [collect(build_loader(cfg_for(builtin_root, decoder="pil", num_workers=w), 0, 1, "cpu"), 5)
+               for w in (0, 2)]
+    for a, b in zip(*batches):
+        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+        torch.testing.assert_close(a["label"], b["label"], rtol=0, atol=0)

@@ -53,33 +53,35 @@ def collect(loader, steps=None):
 def test_builtin_dataset_files_classes_and_idempotence(builtin_root, tmp_path):
     names = class_names(CLASSES)
     assert sorted(os.listdir(builtin_root)) == sorted(names + ["manifest.json", ".lock"])
-    per_class_means = []
+    hue_features, images = [], {}
     for name in names:
         files = sorted(os.listdir(os.path.join(builtin_root, name)))
         assert len(files) == PER_CLASS and all(f.endswith(".jpg") for f in files)
-        arrays = []
+        features = []
         for f in files:
             with Image.open(os.path.join(builtin_root, name, f)) as image:
                 assert image.format == "JPEG" and image.size == (SIZE, SIZE)
-                arrays.append(np.asarray(image.convert("RGB"), np.float32))
-        per_class_means.append(arrays)
+                image.load()  # decodes completely
+                images.setdefault(name, []).append(np.asarray(image.convert("RGB"), np.float32))
+                hsv = np.asarray(image.convert("HSV"), np.float32) / 255
+            foreground = (hsv[..., 1] > 0.55) & (hsv[..., 2] > 0.6)
+            hist = np.histogram(hsv[..., 0][foreground], bins=24, range=(0, 1))[0].astype(np.float64)
+            features.append(hist / max(hist.sum(), 1))
+        hue_features.append(features)
 
-    # Distinct classes: a nearest-centroid classifier on 8x8 thumbnails (fit on half, tested on the
-    # other half) must beat chance (10%) by far.
-    def feature(a):
-        return a.reshape(8, SIZE // 8, 8, SIZE // 8, 3).mean((1, 3)).ravel()
-    centroids = np.stack([np.mean([feature(a) for a in arrays[: PER_CLASS // 2]], 0) for arrays in per_class_means])
-    feats = np.stack([feature(a) for arrays in per_class_means for a in arrays[PER_CLASS // 2:]])
-    truth = np.repeat(np.arange(CLASSES), PER_CLASS - PER_CLASS // 2)
-    # colour histograms separate these families better than raw thumbnails; use both
-    pred = np.argmin(((feats[:, None] - centroids[None]) ** 2).sum(-1), 1)
-    hue_feats = [[np.histogramdd(a.reshape(-1, 3), bins=4, range=[(0, 256)] * 3)[0].ravel() for a in arrays]
-                 for arrays in per_class_means]
-    hue_centroids = np.stack([np.mean(h[: PER_CLASS // 2], 0) for h in hue_feats])
-    hue_test = np.stack([x for h in hue_feats for x in h[PER_CLASS // 2:]])
-    hue_pred = np.argmin(((hue_test[:, None] - hue_centroids[None]) ** 2).sum(-1), 1)
-    accuracy = max((pred == truth).mean(), (hue_pred == truth).mean())
-    assert accuracy >= 0.7, f"classes not distinct enough: nearest-centroid accuracy {accuracy:.2f}"
+    # Distinct classes: a nearest-centroid classifier on the foreground hue histogram, fit on half of
+    # each class and tested on the other half, is far above chance (10%); measured 0.90 at seed 0.
+    half = PER_CLASS // 2
+    centroids = np.stack([np.mean(f[:half], 0) for f in hue_features])
+    test = np.stack([x for f in hue_features for x in f[half:]])
+    truth = np.repeat(np.arange(CLASSES), PER_CLASS - half)
+    accuracy = (np.argmin(((test[:, None] - centroids[None]) ** 2).sum(-1), 1) == truth).mean()
+    assert accuracy >= 0.8, f"classes not distinct enough: nearest-centroid accuracy {accuracy:.2f}"
+    # and the pattern families differ in structure: stripe orientation shows in the gradients
+    def gradient_ratio(name):
+        a = np.stack(images[name]).mean(-1)
+        return np.abs(np.diff(a, axis=1)).mean() / np.abs(np.diff(a, axis=2)).mean()  # d/dy over d/dx
+    assert gradient_ratio(names[3]) > 3 and gradient_ratio(names[4]) < 1 / 3  # hstripes, vstripes
 
     # Idempotent: a second call rewrites nothing; other parameters regenerate.
     some = os.path.join(builtin_root, names[0], sorted(os.listdir(os.path.join(builtin_root, names[0])))[0])

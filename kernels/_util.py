@@ -18,6 +18,17 @@ def tl_dtype(dtype: torch.dtype):
             torch.bfloat16: tl.bfloat16}[dtype]
 
 
+def reduce_per_sample(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A (B,) per-sample loss reduced as `reduction` ("mean", "sum" or "none") says."""
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 

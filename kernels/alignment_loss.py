@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._backend import fallback, resolve
-from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
+from ._util import AotSpec, compute_dtype, next_power_of_2, reduce_per_sample, tl_dtype
 
 EPS = 1e-12
 
@@ -50,17 +50,9 @@ def reference_alignment_loss(z_pred, z_target, reduction="mean"):
         dtype = compute_dtype(p, q)
         cos = (F.normalize(p.to(dtype), dim=-1, eps=EPS) * F.normalize(q.to(dtype), dim=-1, eps=EPS)).sum(-1)
         per_sample = per_sample - cos.mean(1)
-    return _reduce(per_sample / len(pairs), reduction)
+    return reduce_per_sample(per_sample / len(pairs), reduction)
 
 
-def _reduce(per_sample, reduction):
-    if reduction == "none":
-        return per_sample
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +223,7 @@ def alignment_loss(z_pred, z_target, reduction="mean"):
     for p, q in pairs:
         cos = _alignment_op(p, q)[0] if torch.compiler.is_compiling() else _AlignmentCos.apply(p, q)
         per_sample = per_sample - cos.mean(1)
-    return _reduce(per_sample / len(pairs), reduction)
+    return reduce_per_sample(per_sample / len(pairs), reduction)
 
 
 def aot_specs():

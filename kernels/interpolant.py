@@ -24,8 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._backend import resolve
-from ._util import AotSpec, compute_dtype, fake_grads as _fake_grads, materialize as _materialize
-from ._util import next_power_of_2, tl_dtype, unmaterialize as _unmaterialize
+from ._util import AotSpec, compute_dtype, fake_grads, materialize, next_power_of_2, reduce_per_sample, tl_dtype
+from ._util import unmaterialize
 
 PATHS = {"linear": 0, "cosine": 1}
 
@@ -65,17 +65,9 @@ def reference_velocity_loss(v_pred, x, noise, t, path="linear", source_shift=Non
     """Per-sample mean squared error between v_pred and v_target, then reduced over the batch."""
     _, _, d_alpha, d_sigma, z1, z0 = _reference_z(x, noise, t, path, source_shift, target_shift)
     error = v_pred.to(z1.dtype) - (d_alpha * z1 + d_sigma * z0)
-    return _reduce(error.square().flatten(1).mean(1), reduction)
+    return reduce_per_sample(error.square().flatten(1).mean(1), reduction)
 
 
-def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_sample
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +88,18 @@ def _path_coefficients(t, PATH: tl.constexpr):
         d_alpha = -1.5707963267948966 * sigma
         d_sigma = 1.5707963267948966 * alpha
     return alpha, sigma, d_alpha, d_sigma
+
+
+@triton.jit
+def _program_rows(t_ptr, C, S, PATH: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's row (b, c) of the (B, C, S) view, its block of S, and the path coefficients."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    b = row // C
+    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    t = tl.load(t_ptr + b).to(COMPUTE)
+    alpha, sigma, d_alpha, d_sigma = _path_coefficients(t, PATH)
+    return row, blk, b, row % C, s, s < S, alpha, sigma, d_alpha, d_sigma
 
 
 @triton.jit
@@ -135,14 +139,7 @@ def _interpolant_fwd_kernel(
     PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    b = row // C
-    c = row % C
-    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = s < S
-    t = tl.load(t_ptr + b).to(COMPUTE)
-    alpha, sigma, d_alpha, d_sigma = _path_coefficients(t, PATH)
+    row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
     z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
                      sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
                      HAS_MU0, HAS_MU1, COMPUTE)
@@ -159,13 +156,7 @@ def _interpolant_bwd_kernel(
     DZ1_FULL: tl.constexpr, DZ0_FULL: tl.constexpr, DZ1_ROWS: tl.constexpr, DZ0_ROWS: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    b = row // C
-    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = s < S
-    t = tl.load(t_ptr + b).to(COMPUTE)
-    alpha, sigma, d_alpha, d_sigma = _path_coefficients(t, PATH)
+    row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
     dz1 = tl.zeros([BLOCK_S], dtype=COMPUTE)
     dz0 = tl.zeros([BLOCK_S], dtype=COMPUTE)
     if HAS_G_XT:  # gradients arrive contiguous (B, C, S)
@@ -188,14 +179,7 @@ def _velocity_loss_fwd_kernel(
     PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    b = row // C
-    c = row % C
-    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = s < S
-    t = tl.load(t_ptr + b).to(COMPUTE)
-    alpha, sigma, d_alpha, d_sigma = _path_coefficients(t, PATH)
+    row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
     z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
                      sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
                      HAS_MU0, HAS_MU1, COMPUTE)
@@ -214,14 +198,7 @@ def _velocity_loss_bwd_kernel(
     DZ1_FULL: tl.constexpr, DZ0_FULL: tl.constexpr, DZ1_ROWS: tl.constexpr, DZ0_ROWS: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    b = row // C
-    c = row % C
-    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = s < S
-    t = tl.load(t_ptr + b).to(COMPUTE)
-    alpha, sigma, d_alpha, d_sigma = _path_coefficients(t, PATH)
+    row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
     z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
                      sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
                      HAS_MU0, HAS_MU1, COMPUTE)
@@ -437,12 +414,12 @@ def _interpolant_backward_op(g_xt: Tensor, g_v: Tensor, t: Tensor, x: Tensor, no
                              source_shift: Optional[Tensor], target_shift: Optional[Tensor], path: str,
                              needs: list[bool]) -> list[Tensor]:
     grads = _interpolant_backward(g_xt, g_v, t, x, noise, source_shift, target_shift, path, needs)
-    return _materialize(grads, (x, noise, source_shift, target_shift))
+    return materialize(grads, (x, noise, source_shift, target_shift))
 
 
 @_interpolant_backward_op.register_fake
 def _(g_xt, g_v, t, x, noise, source_shift, target_shift, path, needs):
-    return _fake_grads(needs, (x, noise, source_shift, target_shift))
+    return fake_grads(needs, (x, noise, source_shift, target_shift))
 
 
 def _interpolant_setup(ctx, inputs, output):
@@ -455,7 +432,7 @@ def _interpolant_op_backward(ctx, g_xt, g_v):
     x, noise, t, mu0, mu1 = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[3], n[4]]
-    grads = _unmaterialize(_interpolant_backward_op(g_xt, g_v, t, x, noise, mu0, mu1, ctx.path, needs), needs)
+    grads = unmaterialize(_interpolant_backward_op(g_xt, g_v, t, x, noise, mu0, mu1, ctx.path, needs), needs)
     d_x, d_noise, d_mu0, d_mu1 = grads
     return d_x, d_noise, None, d_mu0, d_mu1, None
 
@@ -479,12 +456,12 @@ def _velocity_loss_backward_op(g_loss: Tensor, v_pred: Tensor, x: Tensor, noise:
                                source_shift: Optional[Tensor], target_shift: Optional[Tensor], path: str,
                                needs: list[bool]) -> list[Tensor]:
     grads = _velocity_loss_backward(g_loss, v_pred, x, noise, t, source_shift, target_shift, path, needs)
-    return _materialize(grads, (v_pred, x, noise, source_shift, target_shift))
+    return materialize(grads, (v_pred, x, noise, source_shift, target_shift))
 
 
 @_velocity_loss_backward_op.register_fake
 def _(g_loss, v_pred, x, noise, t, source_shift, target_shift, path, needs):
-    return _fake_grads(needs, (v_pred, x, noise, source_shift, target_shift))
+    return fake_grads(needs, (v_pred, x, noise, source_shift, target_shift))
 
 
 def _velocity_loss_setup(ctx, inputs, output):
@@ -497,7 +474,7 @@ def _velocity_loss_op_backward(ctx, g_loss):
     v_pred, x, noise, t, mu0, mu1 = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[4], n[5]]
-    d_v, d_x, d_noise, d_mu0, d_mu1 = _unmaterialize(
+    d_v, d_x, d_noise, d_mu0, d_mu1 = unmaterialize(
         _velocity_loss_backward_op(g_loss, v_pred, x, noise, t, mu0, mu1, ctx.path, needs), needs)
     return d_v, d_x, d_noise, None, d_mu0, d_mu1, None
 
@@ -558,7 +535,7 @@ def velocity_loss(v_pred, x, noise, t, path="linear", source_shift=None, target_
         return reference_velocity_loss(v_pred, x, noise, t, path, source_shift, target_shift, reduction)
     apply = _velocity_loss_op if torch.compiler.is_compiling() else _VelocityLoss.apply
     per_sample = apply(v_pred, x, noise, t.contiguous(), source_shift, target_shift, path)
-    return _reduce(per_sample, reduction)
+    return reduce_per_sample(per_sample, reduction)
 
 
 # ----------------------------------------------------------------------------------------------

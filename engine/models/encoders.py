@@ -11,7 +11,7 @@ loads. On CUDA the encoder runs in bf16 autocast.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ class EncoderConfig:
     resolution: int = 256               # image resolution the diffusion model is trained at
     image_size: int | None = None       # encoder input size; default 224 * resolution // 256
     autocast_dtype: str = "bfloat16"    # on CUDA
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (e.g. depth for tests)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -42,6 +43,8 @@ class EncoderConfig:
             raise ValueError(f"EncoderConfig.resolution={self.resolution!r} is invalid; allowed: a positive integer")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
             raise ValueError(f"EncoderConfig.image_size={self.image_size!r} is invalid; allowed: None or a positive integer")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"EncoderConfig.model_kwargs={self.model_kwargs!r} is invalid; allowed: a mapping")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"EncoderConfig.autocast_dtype={self.autocast_dtype!r} is invalid; allowed: "
                              f"{list(AUTOCAST_DTYPES)}")
@@ -136,7 +139,7 @@ def build_encoder(cfg: EncoderConfig, device=None) -> Encoder:
     name = cfg.timm_name
     if not timm.is_model(name.split(".")[0]):
         raise ValueError(f"EncoderConfig.name={cfg.name!r} is neither an alias {sorted(ALIASES)} nor a timm model")
-    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=cfg.input_size)
+    path = None
     if cfg.pretrained:
         path = cfg.weights_path
         if path is None:
@@ -152,6 +155,8 @@ def build_encoder(cfg: EncoderConfig, device=None) -> Encoder:
                 f"encoder weights_path {path!r} does not exist. Get the weights for {name} with "
                 f"`huggingface-cli download timm/{name} model.safetensors` (or the original DINOv2 .pth "
                 f"release) on a machine with network access, or set pretrained: false for random weights.")
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=cfg.input_size, **cfg.model_kwargs)
+    if path is not None:
         state = load_state_dict_file(path)
         state = checkpoint_filter_fn(state, model, interpolation="bicubic", antialias=False)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

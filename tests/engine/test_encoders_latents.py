@@ -65,6 +65,9 @@ def test_weights_from_a_local_file_with_pos_embed_resampling(tmp_path, suffix):
     expected = timm.layers.resample_abs_pos_embed(state["pos_embed"], new_size=[4, 4], num_prefix_tokens=1,
                                                   interpolation="bicubic", antialias=False)
     torch.testing.assert_close(loaded["pos_embed"], expected)
+    with pytest.raises(ValueError, match="do not fit"):
+        build_encoder(EncoderConfig(name="dinov2-vit-s", weights_path=str(path), resolution=64,
+                                    model_kwargs=dict(depth=2)))
 
 
 def test_missing_weights_are_a_clear_error(tmp_path):

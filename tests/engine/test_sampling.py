@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from engine.sampling import sample
+from engine.transport import TransportConfig
 from tests.engine.common import randomize, tiny_model
 
 NULL = 3  # mock models have classes 0..2 and the null class 3
@@ -80,7 +81,9 @@ def test_ode_reaches_a_point_target_exactly_with_car_flow_shifts(method, reverse
     model = GaussianFlow(mean, 0.0, mu0, mu1, reversed_time=reversed_time)
     y = torch.tensor([0, 2, 1])
     noise = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    out = sample(model, y, num_steps=7, method=method, noise=noise, reversed_time=reversed_time)
+    # The SiT direction comes from the transport config (or the reversed_time argument).
+    out = sample(model, y, num_steps=7, method=method, noise=noise,
+                 transport_cfg=TransportConfig(reversed_time=reversed_time))
     torch.testing.assert_close(out, mean[y].float(), atol=1e-5, rtol=1e-5)
     expected_t = torch.linspace(1, 0, 8, dtype=torch.float64)[:-1]
     first_times = torch.stack([t[0] for t in model.times[:: (2 if method == "heun" else 1)]])[:7]

@@ -210,3 +210,20 @@ def test_flops_estimate_is_dominated_by_blocks():
     approx = 2 * block_params * 256 + 28 * 4 * 256 * 256 * 1152
     assert model.flops_per_sample() == pytest.approx(approx, rel=0.01)
     assert math.isfinite(model.flops_per_sample())
+
+
+def test_load_weights_from_repa_style_checkpoint(tmp_path):
+    from engine.models import load_weights
+    source = randomize(tiny_model())
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": {"module." + k: v for k, v in source.state_dict().items()},
+                "ema": source.state_dict(), "opt": {}, "steps": 4}, path)
+    target = tiny_model()
+    load_weights(target, str(path))
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+    other = tiny_model()
+    load_weights(other, str(path), key="model")
+    assert torch.equal(other.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_weights(tiny_model(reg=True), str(path))

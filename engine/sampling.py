@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .transport import expand_like, score_from_velocity, unwrap
+from .transport import score_from_velocity, unwrap
 
 METHODS = ("euler", "heun", "euler_maruyama")
 
@@ -172,4 +172,4 @@ def sample(model, y, num_steps: int = 50, method: str = "euler", cfg_scale: floa
     return x
 
 
-__all__ = ["sample", "METHODS", "expand_like"]
+__all__ = ["sample", "METHODS"]

@@ -149,7 +149,8 @@ class Transport:
         if not reg and cls_target is not None:
             raise ValueError("cls_target given for a model built without reg=True")
 
-        # One set of (possibly dropped) labels for both the CAR-Flow shifts and the model.
+        # One set of (possibly dropped) labels for both the CAR-Flow shifts and the model. The shifts have
+        # no loss of their own: they learn from the loss through the target and through x_t.
         labels = net.drop_labels(y) if net.training else y
         mu0, mu1 = net.car_flow_shifts(labels) if hasattr(net, "car_flow_shifts") else (None, None)
         x_t, _ = kernels.interpolant(x, noise, t, cfg.path, mu0, mu1)

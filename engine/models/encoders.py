@@ -38,7 +38,8 @@ class EncoderConfig:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"EncoderConfig.name={self.name!r} is invalid; allowed: {sorted(ALIASES)} or a timm name")
+            raise ValueError(f"EncoderConfig.name={self.name!r} is invalid; allowed: {sorted(ALIASES)} or a "
+                             "timm name")
         if not isinstance(self.resolution, int) or self.resolution < 1:
             raise ValueError(f"EncoderConfig.resolution={self.resolution!r} is invalid; allowed: a positive integer")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):

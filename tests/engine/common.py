@@ -89,7 +89,8 @@ def repa_forward(sd: dict, cfg: ModelConfig, x, t, y, cls_token=None):
     freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
     args = t[:, None].float() * freqs[None]
     t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    c = linear(F.silu(linear(t_freq, "t_embedder.mlp.0")), "t_embedder.mlp.2") + sd["y_embedder.embedding_table.weight"][y]
+    t_embed = linear(F.silu(linear(t_freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = t_embed + sd["y_embedder.embedding_table.weight"][y]
     zs = []
     for i in range(cfg.depth):
         b = f"blocks.{i}."

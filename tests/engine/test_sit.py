@@ -147,10 +147,11 @@ def _counting(apply, calls, name):
     return wrapped
 
 
-def test_reference_and_kernel_backends_agree(monkeypatch):
+@pytest.mark.parametrize("shift_shape", ["full", "channel"])
+def test_reference_and_kernel_backends_agree(monkeypatch, shift_shape):
     # Tiny on purpose: on the CPU the Triton kernels run in the interpreter.
     model = randomize(tiny_model(hidden_size=16, num_heads=2, input_size=4, z_dims=[8], projector_dim=16,
-                                 car_flow="joint", car_flow_rank=4), scale=0.3).eval()
+                                 car_flow="joint", car_flow_rank=4, car_flow_shape=shift_shape), scale=0.3).eval()
     batch = (torch.randn(2, 4, 4, 4), torch.tensor([1, 7]), torch.randn(2, 4, 8), torch.randn(2, 4, 4, 4),
              torch.rand(2))
     reference, ref_grads = _loss_and_grads(model, batch, "torch")

@@ -183,7 +183,8 @@ def test_transport_uses_the_kernel_ops(monkeypatch):
     calls = []
     for name in ("interpolant", "velocity_loss", "alignment_loss"):
         real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
     model = tiny_model(reg=True)
     Transport().training_losses(model, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]), [torch.randn(2, 16, 24)],
                                 cls_target=torch.randn(2, 24))

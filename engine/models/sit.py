@@ -53,7 +53,7 @@ class ModelConfig:
     in_channels: int = 4
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
-    encoder_depth: int = 8
+    encoder_depth: int | None = None  # block whose output REPA aligns; None: 8 for L/XL, 4 for S/B (REPA)
     z_dims: list[int] = field(default_factory=lambda: [768])
     projector_dim: int = 2048
     qk_norm: bool = False
@@ -78,6 +78,8 @@ class ModelConfig:
         self.hidden_size = hidden if self.hidden_size is None else self.hidden_size
         self.num_heads = heads if self.num_heads is None else self.num_heads
         self.patch_size = patch if self.patch_size is None else self.patch_size
+        if self.encoder_depth is None:
+            self.encoder_depth = 8 if self.name.startswith(("SiT-L", "SiT-XL")) else 4
         self.z_dims = list(self.z_dims)
         for key in ("input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads",
                     "patch_size", "projector_dim", "car_flow_rank"):
@@ -94,7 +96,7 @@ class ModelConfig:
             bad("class_dropout_prob", self.class_dropout_prob, "a number in [0, 1)")
         if any(not isinstance(z, int) or isinstance(z, bool) or z < 1 for z in self.z_dims):
             bad("z_dims", self.z_dims, "a list of positive integers (empty: no REPA projector)")
-        if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
+        if not isinstance(self.encoder_depth, int) or self.z_dims and not 1 <= self.encoder_depth <= self.depth:
             bad("encoder_depth", self.encoder_depth, f"an integer in [1, depth={self.depth}]")
         if self.reg and not self.z_dims:
             bad("reg", self.reg, "False unless z_dims is non-empty (the class token width is z_dims[0])")

@@ -36,6 +36,7 @@ def test_preset_table_and_factories():
     assert (model.cfg.depth, model.cfg.hidden_size, model.cfg.num_heads, model.cfg.patch_size) == (24, 1024, 16, 4)
     assert model.pos_embed.shape == (1, 64, 1024) and len(model.projectors) == 0
     assert PRESETS["SiT-B/8"] == (12, 768, 12, 8)
+    assert model.cfg.encoder_depth == 8 and ModelConfig(name="SiT-B/2").encoder_depth == 4
 
 
 @pytest.mark.parametrize("options", [dict(), dict(qk_norm=True), dict(reg=True, z_dims=[768, 1024]),

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -62,6 +63,7 @@ class ModelConfig:
     car_flow_shape: str = "full"      # "full": a (C, H, W) shift per class; "channel": (C, 1, 1)
     car_flow_rank: int = 64           # width of each shift network's hidden layer
     mlp_ratio: float = 4.0
+    grad_checkpointing: bool = False  # recompute each block in the backward (activation memory ~ depth x less)
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -230,6 +232,14 @@ class SiTBlock(nn.Module):
         """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D)."""
         return self.adaLN_modulation(c).chunk(6, dim=-1)
 
+    def step(self, residual, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale):
+        """The block inside the model's fused chain. h = modulate(LN(residual)) for this block's attention
+        comes in; (residual after the block, modulate(LN(residual)) for the next block or the final layer
+        with next_shift / next_scale) goes out. Each residual add is fused with the LayerNorm after it."""
+        residual, h = kernels.adaln_residual_modulate(residual, self.attn(h), gate_msa, shift_mlp, scale_mlp,
+                                                      LN_EPS)
+        return kernels.adaln_residual_modulate(residual, self.mlp(h), gate_mlp, next_shift, next_scale, LN_EPS)
+
     def forward(self, x, c):
         """One block on its own: x + gate * attn(modulate(LN x)), then the same with the MLP."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
@@ -396,25 +406,19 @@ class SiT(nn.Module):
         B, T, D = h.shape
         c = self.t_embedder(t) + self.y_embedder(y)                               # (B, D)
 
+        # Per block: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D).
+        modulations = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
         zs = []
         residual = h
-        shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.blocks[0].modulation(c)
-        h = kernels.adaln_modulate(residual, shift, scale, LN_EPS)
+        h = kernels.adaln_modulate(residual, *modulations[0][:2], LN_EPS)
         for i, block in enumerate(self.blocks):
-            residual, h = kernels.adaln_residual_modulate(residual, block.attn(h), gate_msa, shift_mlp,
-                                                          scale_mlp, LN_EPS)
-            if i + 1 < len(self.blocks):
-                next_modulation = self.blocks[i + 1].modulation(c)
-                shift, scale = next_modulation[:2]
+            args = (residual, h, *modulations[i][2:], *modulations[i + 1][:2])
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                residual, h = checkpoint(block.step, *args, use_reentrant=False)
             else:
-                shift, scale = self.final_layer.modulation(c)
-            # The residual add of this block's MLP and the next LayerNorm + modulate in one pass.
-            residual, h = kernels.adaln_residual_modulate(residual, block.mlp(h), gate_mlp, shift, scale,
-                                                          LN_EPS)
+                residual, h = block.step(*args)
             if i + 1 == self.encoder_depth:
                 zs = [projector(residual) for projector in self.projectors]     # (B, T, z_dim)
-            if i + 1 < len(self.blocks):
-                _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = next_modulation
 
         # h = modulate(LN(residual)) with the final layer's shift and scale.
         velocity = self.unpatchify(self.final_layer.linear(h[:, int(self.reg):]))  # (B, C, H, W)

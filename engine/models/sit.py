@@ -395,7 +395,7 @@ class SiT(nn.Module):
                              f"{self.cls_dim})")
         if not self.reg and cls_token is not None:
             raise ValueError("cls_token given to a model built without reg=True")
-        if label_dropout if label_dropout is not None else self.training:
+        if self.training if label_dropout is None else label_dropout:
             y = self.drop_labels(y)
 
         h = self.x_embedder(x)                                                   # (B, T, D)
@@ -403,7 +403,6 @@ class SiT(nn.Module):
             cls = self.wg_norm(self.cls_projectors2(cls_token.to(h.dtype)))      # (B, D)
             h = torch.cat([cls.unsqueeze(1).to(h.dtype), h], dim=1)              # (B, 1 + T, D)
         h = h + self.pos_embed.to(h.dtype)
-        B, T, D = h.shape
         c = self.t_embedder(t) + self.y_embedder(y)                               # (B, D)
 
         # Per block: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D).

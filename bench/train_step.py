@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.model, args.batch, args.resolution, args.steps, args.warmup = "SiT-S/2", 2, 32, 2, 1
         args.encoder_depth = 1
-        args.variants = "reference-eager"
+        args.variants = "reference-eager,alignflow"
     elif device.type == "cpu":
         print("no GPU: a full training-step benchmark on the CPU means nothing; use --smoke", file=sys.stderr)
         return 2
@@ -240,4 +240,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.exit(main())

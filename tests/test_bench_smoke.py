@@ -2,6 +2,7 @@
 import importlib
 
 bench_kernels = importlib.import_module("bench.kernels")
+bench_train_step = importlib.import_module("bench.train_step")
 
 
 def test_kernel_benchmarks_smoke(capsys):
@@ -10,3 +11,11 @@ def test_kernel_benchmarks_smoke(capsys):
     for op in ("interpolant", "velocity_loss", "alignment_loss"):
         assert f"{op} " in out
     assert "smoke run: every available variant ran" in out
+
+
+def test_train_step_benchmark_smoke(capsys):
+    """Reference and fused variants both train a tiny SiT + REPA step; the loaders run too."""
+    assert bench_train_step.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "| reference-eager |" in out and "| alignflow |" in out
+    assert "| pil |" in out

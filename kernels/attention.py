@@ -89,7 +89,10 @@ def reference_attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_no
 def _head_base(ptr, bh, H, stride_b, stride_h, ALIGN: tl.constexpr):
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    return ptr + tl.multiple_of(b * stride_b + h * stride_h, ALIGN)
+    base = ptr + tl.multiple_of(b * stride_b + h * stride_h, ALIGN)
+    if ALIGN > 1:  # the launcher checked: 16-byte aligned tensors, strides multiples of 8 elements
+        base = tl.multiple_of(base, 16)
+    return base
 
 
 @triton.jit
@@ -322,19 +325,23 @@ def head_tiles(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
-# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages). The GPU values are chosen so the
-# sm_80/sm_90 AOT builds do not spill (python -m kernels.aot --only attention); they are not tuned
-# by measurement yet. The interpreter gets small tiles (every tile op is a numpy call).
+# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages). The GPU values come from a sweep
+# of the sm_80/sm_90 AOT builds for d = 64, 72, 128 (python -m kernels.aot --only attention): the
+# largest tiles tried whose builds use no stack (local memory) on either arch. The backward at
+# 64 x 64 tiles puts stack frames of 72-200 bytes on sm_80 at d = 72 and 128. Not yet tuned by timing.
+# The interpreter gets small tiles (every tile op is a numpy call).
 _GPU_FWD = (128, 64, 8, 3)
-_GPU_BWD = {"dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)}  # dkdv: (query block, key block)
+_GPU_BWD = {"dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}  # dkdv: (query block, key block)
 _INTERPRET_BLOCK = 32
 _DELTA_BLOCK = 64
 
 
 def _alignment(*tensors) -> int:
-    """8 when every batch/head/row stride is a multiple of 8 elements (so rows of bf16 start on 16
-    bytes and loads vectorise; with d = 72 the compiler cannot see that alone), else 1."""
-    return 8 if all(s % 8 == 0 for t in tensors for s in t.stride()[:3]) else 1
+    """8 when every tensor starts on 16 bytes and every batch/head/row stride is a multiple of 8
+    elements, so every row starts on 16 bytes and loads vectorise (with d = 72, or q, k, v inside a
+    packed qkv, the compiler cannot see that from its own argument checks), else 1."""
+    aligned = all(t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3]) for t in tensors)
+    return 8 if aligned else 1
 
 
 def _kernel_meta(q):
@@ -511,3 +518,50 @@ def attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=No
     if _backend_for("attention_qkv", (qkv,), head_dim, norms) == "torch":
         return reference_attention_qkv(qkv, num_heads, scale, **norms, qk_norm_eps=qk_norm_eps)
     return _AttentionQKV.apply(qkv, num_heads, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (python -m kernels.aot --only attention)
+# ----------------------------------------------------------------------------------------------
+
+def _stride_args(*names):
+    return {f"s{name}{axis}": "i32" for name in names for axis in "bhn"}
+
+
+def aot_specs(head_dims=(64, 72, 128), dtype="bf16"):
+    specs = []
+    for head_dim in head_dims:
+        d0, d1 = head_tiles(head_dim)
+        meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, ALIGN=8, COMPUTE=tl.float32)
+        dot = dict(DOT=tl_dtype({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]), PRECISION="tf32")
+        block_m, block_n, num_warps, num_stages = _GPU_FWD
+        specs.append(AotSpec(
+            f"attention_fwd[{dtype},d={head_dim}]", _attn_fwd_kernel,
+            {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "o_ptr": f"*{dtype}",
+             "lse_ptr": "*fp32", "N": "i32", "H": "i32", "qk_scale": "fp32", **_stride_args("q", "k", "v", "o")},
+            dict(meta, **dot, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=False),
+            num_warps=num_warps, num_stages=num_stages, require_ptx={90: ("wgmma",)}))
+        specs.append(AotSpec(
+            f"attention_bwd_delta[{dtype},d={head_dim}]", _attn_bwd_delta_kernel,
+            {"o_ptr": f"*{dtype}", "do_ptr": f"*{dtype}", "delta_ptr": "*fp32", "N": "i32", "H": "i32",
+             **_stride_args("o", "do")},
+            dict(meta, BLOCK_M=_DELTA_BLOCK)))
+        block_m, block_n, num_warps, num_stages = _GPU_BWD["dkdv"]
+        specs.append(AotSpec(
+            f"attention_bwd_dkdv[{dtype},d={head_dim}]", _attn_bwd_dkdv_kernel,
+            {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "do_ptr": f"*{dtype}",
+             "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": f"*{dtype}", "dv_ptr": f"*{dtype}",
+             "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32",
+             **_stride_args("q", "k", "v", "do", "dk", "dv")},
+            dict(meta, **dot, BLOCK_M=block_m, BLOCK_N=block_n),
+            num_warps=num_warps, num_stages=num_stages, require_ptx={90: ("wgmma",)}))
+        block_m, block_n, num_warps, num_stages = _GPU_BWD["dq"]
+        specs.append(AotSpec(
+            f"attention_bwd_dq[{dtype},d={head_dim}]", _attn_bwd_dq_kernel,
+            {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "do_ptr": f"*{dtype}",
+             "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": f"*{dtype}",
+             "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32",
+             **_stride_args("q", "k", "v", "do", "dq")},
+            dict(meta, **dot, BLOCK_M=block_m, BLOCK_N=block_n),
+            num_warps=num_warps, num_stages=num_stages, require_ptx={90: ("wgmma",)}))
+    return specs

@@ -619,7 +619,7 @@ def _check_norms(head_dim, norms):
             raise ValueError(f"{name} must have shape ({head_dim},) (the head dim), got {tuple(x.shape)}")
 
 
-def _backend_for(op, tensors, head_dim, norms):
+def _backend_for(op, tensors, head_dim, batch_heads, norms):
     if get_backend() == "torch":
         return "torch"
     given = [x is not None for x in norms.values()]
@@ -627,6 +627,8 @@ def _backend_for(op, tensors, head_dim, norms):
         return fallback(op, "the fused qk-norm needs all of q/k norm weight and bias (an affine LayerNorm)")
     if any(x.numel() == 0 for x in tensors):
         return fallback(op, "empty input")
+    if batch_heads > 65535:  # the kernels' grid axis 1
+        return fallback(op, f"batch * heads = {batch_heads} above the kernel grid's 65535")
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         return fallback(op, f"head dim {head_dim} outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
     if tensors[0].dtype == torch.float64 and not interpreting():
@@ -648,7 +650,7 @@ def attention(q, k, v, scale=None, q_norm_weight=None, q_norm_bias=None, k_norm_
                  k_norm_bias=k_norm_bias)
     _check_norms(q.shape[-1], norms)
     scale = _scale(scale, q.shape[-1])
-    if _backend_for("attention", (q, k, v), q.shape[-1], norms) == "torch":
+    if _backend_for("attention", (q, k, v), q.shape[-1], q.shape[0] * q.shape[1], norms) == "torch":
         return reference_attention(q, k, v, scale, **norms, qk_norm_eps=qk_norm_eps)
     return _Attention.apply(q, k, v, scale, *norms.values(), float(qk_norm_eps))
 
@@ -666,7 +668,7 @@ def attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=No
                  k_norm_bias=k_norm_bias)
     _check_norms(head_dim, norms)
     scale = _scale(scale, head_dim)
-    if _backend_for("attention_qkv", (qkv,), head_dim, norms) == "torch":
+    if _backend_for("attention_qkv", (qkv,), head_dim, qkv.shape[0] * num_heads, norms) == "torch":
         return reference_attention_qkv(qkv, num_heads, scale, **norms, qk_norm_eps=qk_norm_eps)
     return _AttentionQKV.apply(qkv, num_heads, scale, *norms.values(), float(qk_norm_eps))
 

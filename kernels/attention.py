@@ -440,15 +440,27 @@ def head_tiles(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
-# Launch configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages). The GPU values come from a sweep
-# of the sm_80/sm_90 AOT builds for d = 64, 72, 128 (python -m kernels.aot --only attention): the
-# largest tiles tried whose builds use no stack (local memory) on either arch. The backward at
-# 64 x 64 tiles puts stack frames of 72-200 bytes on sm_80 at d = 72 and 128. Not yet tuned by timing.
-# The interpreter gets small tiles (every tile op is a numpy call).
-_GPU_FWD = (128, 64, 8, 3)
-_GPU_BWD = {"dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}  # dkdv: (query block, key block)
+# Launch configurations per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); for dkdv BLOCK_M is
+# the query block it loops over and BLOCK_N its key block. The GPU values come from a sweep of the
+# sm_80/sm_90 AOT builds at d = 64, 72, 128 (python -m kernels.aot --only attention): the largest
+# tiles tried whose builds use no stack (local memory) on either arch; the backward at 64 x 64 tiles
+# puts 72-200 byte stack frames on sm_80 at d = 72 and 128. Not yet tuned by timing (no GPU so far).
+# fp32 on the GPU is a correctness path (exact "ieee" matmuls on CUDA cores, which need far more
+# registers), so it gets small tiles. The interpreter gets 32 x 32 (every tile op is a numpy call).
+_GPU_CONFIGS = {
+    "half": {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
+    "fp32": {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)},
+}
 _INTERPRET_BLOCK = 32
 _DELTA_BLOCK = 64
+
+
+def _launch_config(kernel: str, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, launch options) of `kernel` ("fwd", "dkdv", "dq") for inputs of `dtype`."""
+    if interpreting():
+        return _INTERPRET_BLOCK, _INTERPRET_BLOCK, {}
+    block_m, block_n, num_warps, num_stages = _GPU_CONFIGS["fp32" if dtype == torch.float32 else "half"][kernel]
+    return block_m, block_n, dict(num_warps=num_warps, num_stages=num_stages)
 
 
 def _alignment(*tensors) -> int:
@@ -485,12 +497,7 @@ def _forward(q, k, v, o, scale, norm=None):
     B, H, N, d = q.shape
     meta, compute = _kernel_meta(q)
     lse = torch.empty((B * H, N), dtype=compute, device=q.device)
-    if interpreting():
-        block_m = block_n = _INTERPRET_BLOCK
-        launch = {}
-    else:
-        block_m, block_n, num_warps, num_stages = _GPU_FWD
-        launch = dict(num_warps=num_warps, num_stages=num_stages)
+    block_m, block_n, launch = _launch_config("fwd", q.dtype)
     weights, eps, qk_norm = _norm_args(q, norm)
     _attn_fwd_kernel[(triton.cdiv(N, block_m), B * H)](
         q, k, v, o, lse, *weights, N, H, scale * LOG2E, eps,
@@ -511,26 +518,19 @@ def _backward(q, k, v, o, lse, do, dq, dk, dv, scale, norm=None):
         HEAD_DIM=meta["HEAD_DIM"], D0=meta["D0"], D1=meta["D1"], COMPUTE=meta["COMPUTE"])
     align = _alignment(q, k, v, do, dq, dk, dv)
     weights, eps, qk_norm = _norm_args(q, norm)
-    configs = {}
-    for name in ("dkdv", "dq"):
-        if interpreting():
-            configs[name] = (_INTERPRET_BLOCK, _INTERPRET_BLOCK, {})
-        else:
-            block_m, block_n, num_warps, num_stages = _GPU_BWD[name]
-            configs[name] = (block_m, block_n, dict(num_warps=num_warps, num_stages=num_stages))
 
     def partials(blocks):  # (B * H * blocks, d) per-block sums of the weight and bias gradients
         if not qk_norm:
             return delta, delta
         return tuple(torch.empty((B * H * blocks, d), dtype=compute, device=q.device) for _ in range(2))
 
-    block_m, block_n, launch = configs["dkdv"]
+    block_m, block_n, launch = _launch_config("dkdv", q.dtype)
     dkw, dkb = partials(triton.cdiv(N, block_n))
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, *weights, dkw, dkb, N, H, scale * LOG2E, scale, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, QK_NORM=qk_norm, **meta, **launch)
-    block_m, block_n, launch = configs["dq"]
+    block_m, block_n, launch = _launch_config("dq", q.dtype)
     dqw, dqb = partials(triton.cdiv(N, block_m))
     _attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
         q, k, v, do, lse, delta, dq, *weights, dqw, dqb, N, H, scale * LOG2E, scale, eps,
@@ -682,43 +682,49 @@ def _stride_args(*names):
 
 
 def aot_specs():
-    """bf16 forward and backward at d = 64, 72, 128, and with fused qk-norm at d = 72 (SiT-XL)."""
+    """bf16 forward and backward at d = 64, 72, 128; with fused qk-norm at d = 72 (SiT-XL); and the
+    fp32 correctness path at d = 72 (CUDA-core matmuls, so no wgmma)."""
     specs = []
     norm = {"qw_ptr": "*fp32", "qb_ptr": "*fp32", "kw_ptr": "*fp32", "kb_ptr": "*fp32"}
-    for head_dim, qk_norm in ((64, False), (72, False), (128, False), (72, True)):
+    for dtype, head_dim, qk_norm in (("bf16", 64, False), ("bf16", 72, False), ("bf16", 128, False),
+                                     ("bf16", 72, True), ("fp32", 72, False)):
         d0, d1 = head_tiles(head_dim)
-        tag = f"bf16,d={head_dim}" + (",qk_norm" if qk_norm else "")
+        tag = f"{dtype},d={head_dim}" + (",qk_norm" if qk_norm else "")
+        half = dtype == "bf16"
+        configs = _GPU_CONFIGS["half" if half else "fp32"]
+        wgmma = {90: ("wgmma",)} if half else {}
         meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, ALIGN=8, COMPUTE=tl.float32)
-        matmul = dict(meta, DOT=tl.bfloat16, PRECISION="tf32", QK_NORM=qk_norm)
-        block_m, block_n, num_warps, num_stages = _GPU_FWD
+        matmul = dict(meta, DOT=tl.bfloat16 if half else tl.float32, PRECISION="tf32" if half else "ieee",
+                      QK_NORM=qk_norm)
+        t = f"*{dtype}"
+        block_m, block_n, num_warps, num_stages = configs["fwd"]
         specs.append(AotSpec(
             f"attention_fwd[{tag}]", _attn_fwd_kernel,
-            {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", **norm,
+            {"q_ptr": t, "k_ptr": t, "v_ptr": t, "o_ptr": t, "lse_ptr": "*fp32", **norm,
              "N": "i32", "H": "i32", "qk_scale": "fp32", "eps": "fp32", **_stride_args("q", "k", "v", "o")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=False),
-            num_warps=num_warps, num_stages=num_stages, require_ptx={90: ("wgmma",)}))
+            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma))
         if not qk_norm:
             specs.append(AotSpec(
                 f"attention_bwd_delta[{tag}]", _attn_bwd_delta_kernel,
-                {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "N": "i32", "H": "i32",
-                 **_stride_args("o", "do")},
+                {"o_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "N": "i32", "H": "i32", **_stride_args("o", "do")},
                 dict(meta, BLOCK_M=_DELTA_BLOCK)))
-        block_m, block_n, num_warps, num_stages = _GPU_BWD["dkdv"]
+        block_m, block_n, num_warps, num_stages = configs["dkdv"]
         specs.append(AotSpec(
             f"attention_bwd_dkdv[{tag}]", _attn_bwd_dkdv_kernel,
-            {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32",
-             "delta_ptr": "*fp32", "dk_ptr": "*bf16", "dv_ptr": "*bf16", **norm, "dkw_ptr": "*fp32",
-             "dkb_ptr": "*fp32", "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
+            {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+             "dk_ptr": t, "dv_ptr": t, **norm, "dkw_ptr": "*fp32", "dkb_ptr": "*fp32",
+             "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
              **_stride_args("q", "k", "v", "do", "dk", "dv")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx={90: ("wgmma",)}))
-        block_m, block_n, num_warps, num_stages = _GPU_BWD["dq"]
+            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma))
+        block_m, block_n, num_warps, num_stages = configs["dq"]
         specs.append(AotSpec(
             f"attention_bwd_dq[{tag}]", _attn_bwd_dq_kernel,
-            {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32",
-             "delta_ptr": "*fp32", "dq_ptr": "*bf16", **norm, "dqw_ptr": "*fp32", "dqb_ptr": "*fp32",
+            {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+             "dq_ptr": t, **norm, "dqw_ptr": "*fp32", "dqb_ptr": "*fp32",
              "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
              **_stride_args("q", "k", "v", "do", "dq")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx={90: ("wgmma",)}))
+            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma))
     return specs

@@ -2,43 +2,729 @@
 
     attention(q, k, v, scale=None) -> o                 q, k, v, o: (B, H, N, d)
     attention_qkv(qkv, num_heads, scale=None) -> o      qkv: (B, N, 3 * H * d) -> o: (B, N, H * d)
+    o = softmax(q k^T * scale) v,  scale = d ** -0.5 by default
 
-The Triton kernels are being written (issue 4); until then every backend runs the reference.
+Both entry points run the same Triton kernels, which take every tensor as a (B, H, N, d) view given
+by strides with unit stride along d. `attention_qkv` hands them strided views into the packed QKV
+projection output (the layout of `nn.Linear(D, 3 * D)`), writes o straight into the (B, N, H * d)
+layout the output projection reads, and its backward writes d_qkv in the packed layout: the
+permute/copy that SDPA's callers do before and after attention never happens.
+
+Kernels (FlashAttention-2 style, fp32 accumulation, bf16/fp16 tensor-core matmuls on the GPU):
+- forward: one program per (query block, batch*head), online softmax over key blocks; saves the
+  log-sum-exp per row in base 2 (lse2 = log2 sum_j exp2(s_ij * scale * log2 e)), fp32.
+- backward: delta = rowsum(dO * O); one kernel per key block accumulates dk, dv over query blocks;
+  another per query block accumulates dq over key blocks. No atomics, so gradients are bitwise
+  deterministic.
+- head dim: split into a power-of-two main tile D0 and a masked power-of-two tail tile D1 (>= 16,
+  the smallest tl.dot K), each with its own tl.dot. d = 72 computes 64 + 16 = 80 columns instead of
+  the 128 of a kernel that pads d to a power of two; 96 = 64 + 32 and 64, 128 need no tail.
+
+qk-norm (REPA's --qk-norm: an affine LayerNorm over the head dim of q and k, as timm's
+`Attention(qk_norm=True)` with nn.LayerNorm, eps 1e-5) is fused into the kernels' q/k loads: each
+q or k tile is normalised in fp32 after loading (k tiles once per query block that reads them). The
+backward recomputes the normalised tiles, runs the LayerNorm backward on dq and dk in the dq and
+dk/dv kernels, and writes per-block partial sums of the norm parameters' gradients, summed on the
+host (no atomics). The fused path needs all four parameters (q/k weight and bias); any other
+combination runs the reference (logged once).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from ._backend import fallback, get_backend
+from ._backend import fallback, get_backend, interpreting, resolve
+from ._util import AotSpec, compute_dtype, tl_dtype
+
+LOG2E = math.log2(math.e)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
-def reference_attention(q, k, v, scale=None):
-    """softmax(q k^T * scale) v, computed in fp32 (fp64 for fp64 inputs)."""
+# ----------------------------------------------------------------------------------------------
+# Reference (the specification)
+# ----------------------------------------------------------------------------------------------
+
+def _layer_norm(x, weight, bias, eps):
+    if weight is None and bias is None:
+        return x
+    return F.layer_norm(x, (x.shape[-1],), None if weight is None else weight.to(x.dtype),
+                        None if bias is None else bias.to(x.dtype), eps)
+
+
+def reference_attention(q, k, v, scale=None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
+                        k_norm_bias=None, qk_norm_eps=1e-5):
+    """softmax(q k^T * scale) v, computed in fp32 (fp64 for fp64 inputs), output in q's dtype.
+
+    With qk-norm weights or biases, q (and/or k) first gets a LayerNorm over the head dim (in the
+    compute dtype), as timm's `Attention(qk_norm=True)` does."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
-    return (scores.softmax(-1) @ v.to(dtype)).to(q.dtype)
+    q = _layer_norm(q.to(dtype), q_norm_weight, q_norm_bias, qk_norm_eps)
+    k = _layer_norm(k.to(dtype), k_norm_weight, k_norm_bias, qk_norm_eps)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, N, N)
+    return (scores.softmax(-1) @ v.to(dtype)).to(v.dtype)
 
 
 def split_qkv(qkv, num_heads):
-    """(B, N, 3 * H * d) -> q, k, v each (B, H, N, d), as the public SiT code permutes them."""
+    """(B, N, 3 * H * d) -> q, k, v each (B, H, N, d), as the public SiT code permutes them.
+    For a qkv with unit stride along its last dim these are views (no copy)."""
     B, N, width = qkv.shape
     return qkv.reshape(B, N, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def reference_attention_qkv(qkv, num_heads, scale=None):
+def reference_attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=None,
+                            k_norm_weight=None, k_norm_bias=None, qk_norm_eps=1e-5):
+    """The public SiT/REPA path: split and permute the packed projection, attend, merge the heads."""
     q, k, v = split_qkv(qkv, num_heads)
-    o = reference_attention(q, k, v, scale)
-    return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
+    o = reference_attention(q, k, v, scale, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+                            qk_norm_eps)
+    return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)  # (B, N, H * d)
 
 
-def attention(q, k, v, scale=None):
-    if get_backend() != "torch":
-        fallback("attention", "Triton kernel not written yet")
-    return reference_attention(q, k, v, scale)
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _head_base(ptr, bh, H, stride_b, stride_h, ALIGN: tl.constexpr):
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    base = ptr + tl.multiple_of(b * stride_b + h * stride_h, ALIGN)
+    if ALIGN > 1:  # the launcher checked: 16-byte aligned tensors, strides multiples of 8 elements
+        base = tl.multiple_of(base, 16)
+    return base
 
 
-def attention_qkv(qkv, num_heads, scale=None):
-    if get_backend() != "torch":
-        fallback("attention_qkv", "Triton kernel not written yet")
-    return reference_attention_qkv(qkv, num_heads, scale)
+@triton.jit
+def _load_tile(base, rows, row_mask, stride_n, D_START: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, DTYPE: tl.constexpr):
+    """(rows, columns D_START .. D_START + BLOCK_D) of one head's (N, HEAD_DIM) slice, zero outside."""
+    d = D_START + tl.arange(0, BLOCK_D)
+    offsets = tl.multiple_of(rows * stride_n, ALIGN)[:, None] + d[None, :]
+    mask = row_mask[:, None]
+    if D_START + BLOCK_D > HEAD_DIM:
+        mask = mask & (d < HEAD_DIM)[None, :]
+    return tl.load(base + offsets, mask=mask, other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _load_tile_t(base, rows, row_mask, stride_n, D_START: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, DTYPE: tl.constexpr):
+    """The transpose of `_load_tile`: (columns, rows)."""
+    d = D_START + tl.arange(0, BLOCK_D)
+    offsets = tl.multiple_of(rows * stride_n, ALIGN)[None, :] + d[:, None]
+    mask = row_mask[None, :]
+    if D_START + BLOCK_D > HEAD_DIM:
+        mask = mask & (d < HEAD_DIM)[:, None]
+    return tl.load(base + offsets, mask=mask, other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _store_tile(base, rows, row_mask, stride_n, value, D_START: tl.constexpr, BLOCK_D: tl.constexpr,
+                HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr):
+    d = D_START + tl.arange(0, BLOCK_D)
+    offsets = tl.multiple_of(rows * stride_n, ALIGN)[:, None] + d[None, :]
+    mask = row_mask[:, None]
+    if D_START + BLOCK_D > HEAD_DIM:
+        mask = mask & (d < HEAD_DIM)[None, :]
+    tl.store(base + offsets, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_pair(base, rows, row_mask, stride_n, D_AXIS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr, DTYPE: tl.constexpr):
+    """The main and tail head-dim tiles (x0, x1) of some rows, with the head dim along axis D_AXIS
+    (1: (rows, d) tiles, 0: transposed). Without a tail (D1 == 0), x1 is x0 and must not be used."""
+    if D_AXIS == 1:
+        x0 = _load_tile(base, rows, row_mask, stride_n, 0, D0, HEAD_DIM, ALIGN, DTYPE)
+        x1 = x0
+        if D1 > 0:
+            x1 = _load_tile(base, rows, row_mask, stride_n, D0, D1, HEAD_DIM, ALIGN, DTYPE)
+    else:
+        x0 = _load_tile_t(base, rows, row_mask, stride_n, 0, D0, HEAD_DIM, ALIGN, DTYPE)
+        x1 = x0
+        if D1 > 0:
+            x1 = _load_tile_t(base, rows, row_mask, stride_n, D0, D1, HEAD_DIM, ALIGN, DTYPE)
+    return x0, x1
+
+
+@triton.jit
+def _normalize(x0, x1, eps, D_AXIS: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """x_hat = (x - mean) / sqrt(var + eps) over the head dim of a tile pair (the tail's padding
+    columns stay zero); returns x_hat0, x_hat1, rstd."""
+    mean = tl.sum(x0, D_AXIS)
+    if D1 > 0:
+        mean += tl.sum(x1, D_AXIS)
+    mean = tl.expand_dims(mean / HEAD_DIM, D_AXIS)
+    c0 = x0 - mean
+    var = tl.sum(c0 * c0, D_AXIS)
+    c1 = c0
+    if D1 > 0:
+        d1 = D0 + tl.arange(0, D1)
+        c1 = tl.where(tl.expand_dims(d1 < HEAD_DIM, 1 - D_AXIS), x1 - mean, 0.0)
+        var += tl.sum(c1 * c1, D_AXIS)
+    rstd = 1.0 / tl.sqrt(var / HEAD_DIM + eps)
+    r = tl.expand_dims(rstd, D_AXIS)
+    return c0 * r, c1 * r, rstd
+
+
+@triton.jit
+def _load_qk(base, rows, row_mask, stride_n, w_ptr, b_ptr, eps, D_AXIS: tl.constexpr,
+             HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+             QK_NORM: tl.constexpr, COMPUTE: tl.constexpr, DOT: tl.constexpr):
+    """q or k tiles for the matmuls; with QK_NORM, LayerNorm-ed over the head dim (weight w, bias b)
+    in COMPUTE precision. Rows past N are zero either way."""
+    if QK_NORM:
+        x0, x1 = _load_pair(base, rows, row_mask, stride_n, D_AXIS, HEAD_DIM, D0, D1, ALIGN, COMPUTE)
+        xhat0, xhat1, rstd = _normalize(x0, x1, eps, D_AXIS, HEAD_DIM, D0, D1)
+        keep = tl.expand_dims(row_mask, D_AXIS)
+        d0 = tl.arange(0, D0)
+        w0 = tl.expand_dims(tl.load(w_ptr + d0).to(COMPUTE), 1 - D_AXIS)
+        b0 = tl.expand_dims(tl.load(b_ptr + d0).to(COMPUTE), 1 - D_AXIS)
+        x0 = tl.where(keep, xhat0 * w0 + b0, 0.0)
+        if D1 > 0:
+            d1 = D0 + tl.arange(0, D1)
+            w1 = tl.expand_dims(tl.load(w_ptr + d1, mask=d1 < HEAD_DIM, other=0.0).to(COMPUTE), 1 - D_AXIS)
+            b1 = tl.expand_dims(tl.load(b_ptr + d1, mask=d1 < HEAD_DIM, other=0.0).to(COMPUTE), 1 - D_AXIS)
+            x1 = tl.where(keep, xhat1 * w1 + b1, 0.0)
+        else:
+            x1 = x0
+    else:
+        x0, x1 = _load_pair(base, rows, row_mask, stride_n, D_AXIS, HEAD_DIM, D0, D1, ALIGN, DOT)
+    return x0.to(DOT), x1.to(DOT)
+
+
+@triton.jit
+def _layer_norm_backward(base, rows, row_mask, stride_n, dy0, dy1, w_ptr, eps, dw_ptr, db_ptr, partial,
+                         HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+                         COMPUTE: tl.constexpr):
+    """Gradient (dx0, dx1) of LayerNorm-ed rows x (reloaded from base) given dy, the gradient of the
+    normalised rows; stores this block's partial sums of dy * x_hat and dy over its rows at row
+    `partial` of the (blocks, HEAD_DIM) weight and bias gradient buffers."""
+    x0, x1 = _load_pair(base, rows, row_mask, stride_n, 1, HEAD_DIM, D0, D1, ALIGN, COMPUTE)
+    xhat0, xhat1, rstd = _normalize(x0, x1, eps, 1, HEAD_DIM, D0, D1)
+    keep = row_mask[:, None]
+    d0 = tl.arange(0, D0)
+    dy0 = tl.where(keep, dy0, 0.0)
+    g0 = dy0 * tl.load(w_ptr + d0).to(COMPUTE)[None, :]
+    mean_g = tl.sum(g0, 1)
+    mean_gx = tl.sum(g0 * xhat0, 1)
+    tl.store(dw_ptr + partial * HEAD_DIM + d0, tl.sum(dy0 * xhat0, 0))
+    tl.store(db_ptr + partial * HEAD_DIM + d0, tl.sum(dy0, 0))
+    g1 = g0
+    if D1 > 0:
+        d1 = D0 + tl.arange(0, D1)
+        dy1 = tl.where(keep, dy1, 0.0)
+        g1 = dy1 * tl.load(w_ptr + d1, mask=d1 < HEAD_DIM, other=0.0).to(COMPUTE)[None, :]
+        mean_g += tl.sum(g1, 1)
+        mean_gx += tl.sum(g1 * xhat1, 1)
+        tl.store(dw_ptr + partial * HEAD_DIM + d1, tl.sum(dy1 * xhat1, 0), mask=d1 < HEAD_DIM)
+        tl.store(db_ptr + partial * HEAD_DIM + d1, tl.sum(dy1, 0), mask=d1 < HEAD_DIM)
+    mean_g = (mean_g / HEAD_DIM)[:, None]
+    mean_gx = (mean_gx / HEAD_DIM)[:, None]
+    dx0 = (g0 - mean_g - xhat0 * mean_gx) * rstd[:, None]
+    dx1 = dx0
+    if D1 > 0:
+        dx1 = (g1 - mean_g - xhat1 * mean_gx) * rstd[:, None]
+    return dx0, dx1
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qw_ptr, qb_ptr, kw_ptr, kb_ptr, N, H, qk_scale, eps,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, QK_NORM: tl.constexpr,
+    DOT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    q_base = _head_base(q_ptr, bh, H, sqb, sqh, ALIGN)
+    k_base = _head_base(k_ptr, bh, H, skb, skh, ALIGN)
+    v_base = _head_base(v_ptr, bh, H, svb, svh, ALIGN)
+    o_base = _head_base(o_ptr, bh, H, sob, soh, ALIGN)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    q0, q1 = _load_qk(q_base, rows, row_mask, sqn, qw_ptr, qb_ptr, eps, 1, HEAD_DIM, D0, D1, ALIGN, QK_NORM,
+                      COMPUTE, DOT)  # (BLOCK_M, D0), (BLOCK_M, D1)
+    m_i = tl.full([BLOCK_M], float("-inf"), COMPUTE)  # running max of s * scale * log2 e
+    l_i = tl.zeros([BLOCK_M], COMPUTE)  # running sum of exp2(. - m_i)
+    acc0 = tl.zeros([BLOCK_M, D0], COMPUTE)
+    if D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, D1], COMPUTE)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        kT0, kT1 = _load_qk(k_base, cols, col_mask, skn, kw_ptr, kb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
+                            QK_NORM, COMPUTE, DOT)  # (D0, BLOCK_N), (D1, BLOCK_N)
+        s = tl.dot(q0, kT0, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if D1 > 0:
+            s = tl.dot(q1, kT1, acc=s, input_precision=PRECISION)
+        s = s * qk_scale
+        if not EVEN_N:
+            s = tl.where(col_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_dot = p.to(DOT)
+        v0, v1 = _load_pair(v_base, cols, col_mask, svn, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
+        acc0 = tl.dot(p_dot, v0, acc=acc0 * alpha[:, None], input_precision=PRECISION)
+        if D1 > 0:
+            acc1 = tl.dot(p_dot, v1, acc=acc1 * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    inv_l = 1.0 / l_i
+    _store_tile(o_base, rows, row_mask, son, acc0 * inv_l[:, None], 0, D0, HEAD_DIM, ALIGN)
+    if D1 > 0:
+        _store_tile(o_base, rows, row_mask, son, acc1 * inv_l[:, None], D0, D1, HEAD_DIM, ALIGN)
+    tl.store(lse_ptr + bh.to(tl.int64) * N + rows, m_i + tl.log2(l_i), mask=row_mask)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, N, H, sob, soh, son, sdob, sdoh, sdon,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """delta = rowsum(dO * O), the softmax backward's per-row correction."""
+    bh = tl.program_id(1)
+    o_base = _head_base(o_ptr, bh, H, sob, soh, ALIGN)
+    do_base = _head_base(do_ptr, bh, H, sdob, sdoh, ALIGN)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    o0, o1 = _load_pair(o_base, rows, row_mask, son, 1, HEAD_DIM, D0, D1, ALIGN, COMPUTE)
+    do0, do1 = _load_pair(do_base, rows, row_mask, sdon, 1, HEAD_DIM, D0, D1, ALIGN, COMPUTE)
+    delta = tl.sum(o0 * do0, 1)
+    if D1 > 0:
+        delta += tl.sum(o1 * do1, 1)
+    tl.store(delta_ptr + bh.to(tl.int64) * N + rows, delta, mask=row_mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    qw_ptr, qb_ptr, kw_ptr, kb_ptr, dkw_ptr, dkb_ptr, N, H, qk_scale, scale, eps,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_NORM: tl.constexpr,
+    DOT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key block: dv = sum_i P^T dO, dk = scale * sum_i dS^T Q over all query blocks i (then
+    through the k LayerNorm with QK_NORM). Works on transposed scores (BLOCK_N, BLOCK_M) so no
+    register tile needs a transpose."""
+    bh = tl.program_id(1)
+    q_base = _head_base(q_ptr, bh, H, sqb, sqh, ALIGN)
+    k_base = _head_base(k_ptr, bh, H, skb, skh, ALIGN)
+    v_base = _head_base(v_ptr, bh, H, svb, svh, ALIGN)
+    do_base = _head_base(do_ptr, bh, H, sdob, sdoh, ALIGN)
+    stats = bh.to(tl.int64) * N
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    # Keys past N load as zero; their dk, dv are never stored.
+    k0, k1 = _load_qk(k_base, cols, col_mask, skn, kw_ptr, kb_ptr, eps, 1, HEAD_DIM, D0, D1, ALIGN, QK_NORM,
+                      COMPUTE, DOT)  # (BLOCK_N, D0), (BLOCK_N, D1)
+    v0, v1 = _load_pair(v_base, cols, col_mask, svn, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
+    dk0 = tl.zeros([BLOCK_N, D0], COMPUTE)
+    dv0 = tl.zeros([BLOCK_N, D0], COMPUTE)
+    dk1 = dk0
+    if D1 > 0:
+        dk1 = tl.zeros([BLOCK_N, D1], COMPUTE)
+        dv1 = tl.zeros([BLOCK_N, D1], COMPUTE)
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        qT0, qT1 = _load_qk(q_base, rows, row_mask, sqn, qw_ptr, qb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
+                            QK_NORM, COMPUTE, DOT)  # (D0, BLOCK_M), (D1, BLOCK_M)
+        sT = tl.dot(k0, qT0, input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        if D1 > 0:
+            sT = tl.dot(k1, qT1, acc=sT, input_precision=PRECISION)
+        # Queries past N get lse = +inf, so P = 0 and they add nothing.
+        lse = tl.load(lse_ptr + stats + rows, mask=row_mask, other=float("inf"))
+        pT = tl.exp2(sT * qk_scale - lse[None, :])
+        pT_dot = pT.to(DOT)
+        do0, do1 = _load_pair(do_base, rows, row_mask, sdon, 1, HEAD_DIM, D0, D1, ALIGN, DOT)  # (BLOCK_M, D*)
+        dv0 = tl.dot(pT_dot, do0, acc=dv0, input_precision=PRECISION)
+        dpT = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        if D1 > 0:
+            dv1 = tl.dot(pT_dot, do1, acc=dv1, input_precision=PRECISION)
+            dpT = tl.dot(v1, tl.trans(do1), acc=dpT, input_precision=PRECISION)
+        delta = tl.load(delta_ptr + stats + rows, mask=row_mask, other=0.0)
+        dsT = (pT * (dpT - delta[None, :])).to(DOT)
+        dk0 = tl.dot(dsT, tl.trans(qT0), acc=dk0, input_precision=PRECISION)
+        if D1 > 0:
+            dk1 = tl.dot(dsT, tl.trans(qT1), acc=dk1, input_precision=PRECISION)
+    dk0 = dk0 * scale
+    dk1 = dk1 * scale
+    if QK_NORM:
+        dk0, dk1 = _layer_norm_backward(k_base, cols, col_mask, skn, dk0, dk1, kw_ptr, eps, dkw_ptr, dkb_ptr,
+                                        bh * tl.num_programs(0) + tl.program_id(0), HEAD_DIM, D0, D1, ALIGN,
+                                        COMPUTE)
+    dk_base = _head_base(dk_ptr, bh, H, sdkb, sdkh, ALIGN)
+    dv_base = _head_base(dv_ptr, bh, H, sdvb, sdvh, ALIGN)
+    _store_tile(dk_base, cols, col_mask, sdkn, dk0, 0, D0, HEAD_DIM, ALIGN)
+    _store_tile(dv_base, cols, col_mask, sdvn, dv0, 0, D0, HEAD_DIM, ALIGN)
+    if D1 > 0:
+        _store_tile(dk_base, cols, col_mask, sdkn, dk1, D0, D1, HEAD_DIM, ALIGN)
+        _store_tile(dv_base, cols, col_mask, sdvn, dv1, D0, D1, HEAD_DIM, ALIGN)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    qw_ptr, qb_ptr, kw_ptr, kb_ptr, dqw_ptr, dqb_ptr, N, H, qk_scale, scale, eps,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_NORM: tl.constexpr,
+    DOT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query block: dq = scale * sum_j dS K over all key blocks j (then through the q LayerNorm
+    with QK_NORM)."""
+    bh = tl.program_id(1)
+    q_base = _head_base(q_ptr, bh, H, sqb, sqh, ALIGN)
+    k_base = _head_base(k_ptr, bh, H, skb, skh, ALIGN)
+    v_base = _head_base(v_ptr, bh, H, svb, svh, ALIGN)
+    do_base = _head_base(do_ptr, bh, H, sdob, sdoh, ALIGN)
+    stats = bh.to(tl.int64) * N
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    q0, q1 = _load_qk(q_base, rows, row_mask, sqn, qw_ptr, qb_ptr, eps, 1, HEAD_DIM, D0, D1, ALIGN, QK_NORM,
+                      COMPUTE, DOT)  # (BLOCK_M, D0), (BLOCK_M, D1)
+    do0, do1 = _load_pair(do_base, rows, row_mask, sdon, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
+    dq0 = tl.zeros([BLOCK_M, D0], COMPUTE)
+    dq1 = dq0
+    if D1 > 0:
+        dq1 = tl.zeros([BLOCK_M, D1], COMPUTE)
+    lse = tl.load(lse_ptr + stats + rows, mask=row_mask, other=0.0)
+    delta = tl.load(delta_ptr + stats + rows, mask=row_mask, other=0.0)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        # Keys past N load as zero (also after qk-norm), so whatever dS they get adds 0 to dq.
+        kT0, kT1 = _load_qk(k_base, cols, col_mask, skn, kw_ptr, kb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
+                            QK_NORM, COMPUTE, DOT)  # (D0, BLOCK_N), (D1, BLOCK_N)
+        vT0, vT1 = _load_pair(v_base, cols, col_mask, svn, 0, HEAD_DIM, D0, D1, ALIGN, DOT)
+        s = tl.dot(q0, kT0, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do0, vT0, input_precision=PRECISION)
+        if D1 > 0:
+            s = tl.dot(q1, kT1, acc=s, input_precision=PRECISION)
+            dp = tl.dot(do1, vT1, acc=dp, input_precision=PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        ds = (p * (dp - delta[:, None])).to(DOT)
+        dq0 = tl.dot(ds, tl.trans(kT0), acc=dq0, input_precision=PRECISION)
+        if D1 > 0:
+            dq1 = tl.dot(ds, tl.trans(kT1), acc=dq1, input_precision=PRECISION)
+    dq0 = dq0 * scale
+    dq1 = dq1 * scale
+    if QK_NORM:
+        dq0, dq1 = _layer_norm_backward(q_base, rows, row_mask, sqn, dq0, dq1, qw_ptr, eps, dqw_ptr, dqb_ptr,
+                                        bh * tl.num_programs(0) + tl.program_id(0), HEAD_DIM, D0, D1, ALIGN,
+                                        COMPUTE)
+    dq_base = _head_base(dq_ptr, bh, H, sdqb, sdqh, ALIGN)
+    _store_tile(dq_base, rows, row_mask, sdqn, dq0, 0, D0, HEAD_DIM, ALIGN)
+    if D1 > 0:
+        _store_tile(dq_base, rows, row_mask, sdqn, dq1, D0, D1, HEAD_DIM, ALIGN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def head_tiles(head_dim: int) -> tuple[int, int]:
+    """(D0, D1): the largest power of two <= head_dim, and a power-of-two tail (>= 16, or 0 if none)
+    covering the rest. 64 -> (64, 0), 72 -> (64, 16), 96 -> (64, 32), 128 -> (128, 0)."""
+    d0 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - d0
+    return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+
+
+# Launch configurations per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); for dkdv BLOCK_M is
+# the query block it loops over and BLOCK_N its key block. The GPU values come from a sweep of the
+# sm_80/sm_90 AOT builds at d = 64, 72, 128 (python -m kernels.aot --only attention): the largest
+# tiles tried whose builds use no stack (local memory) on either arch; the backward at 64 x 64 tiles
+# puts 72-200 byte stack frames on sm_80 at d = 72 and 128. Not yet tuned by timing (no GPU so far).
+# fp32 on the GPU is a correctness path (exact "ieee" matmuls on CUDA cores, which need far more
+# registers), so it gets small tiles. The interpreter gets 32 x 32 (every tile op is a numpy call).
+_GPU_CONFIGS = {
+    "half": {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
+    "fp32": {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)},
+}
+_INTERPRET_BLOCK = 32
+_DELTA_BLOCK = 64
+
+
+def _launch_config(kernel: str, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, launch options) of `kernel` ("fwd", "dkdv", "dq") for inputs of `dtype`."""
+    if interpreting():
+        return _INTERPRET_BLOCK, _INTERPRET_BLOCK, {}
+    block_m, block_n, num_warps, num_stages = _GPU_CONFIGS["fp32" if dtype == torch.float32 else "half"][kernel]
+    return block_m, block_n, dict(num_warps=num_warps, num_stages=num_stages)
+
+
+def _alignment(*tensors) -> int:
+    """8 when every tensor starts on 16 bytes and every batch/head/row stride is a multiple of 8
+    elements, so every row starts on 16 bytes and loads vectorise (with d = 72, or q, k, v inside a
+    packed qkv, the compiler cannot see that from its own argument checks), else 1."""
+    aligned = all(t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3]) for t in tensors)
+    return 8 if aligned else 1
+
+
+def _kernel_meta(q):
+    B, H, N, d = q.shape
+    d0, d1 = head_tiles(d)
+    compute = compute_dtype(q)
+    # The interpreter computes bf16/fp16 wrongly, so it runs the matmuls on fp32 copies of the tiles.
+    dot = compute if (interpreting() or q.dtype in (torch.float32, torch.float64)) else q.dtype
+    return dict(HEAD_DIM=d, D0=d0, D1=d1, DOT=tl_dtype(dot), COMPUTE=tl_dtype(compute),
+                PRECISION="ieee" if dot in (torch.float32, torch.float64) else "tf32"), compute
+
+
+def _strides3(x):
+    return x.stride()[:3]
+
+
+def _norm_args(q, norm):
+    """Kernel arguments for the optional qk-norm (q weight, q bias, k weight, k bias, eps)."""
+    if norm is None:
+        return (q, q, q, q), 0.0, False
+    return norm[:4], norm[4], True
+
+
+def _forward(q, k, v, o, scale, norm=None):
+    """Fill o (B, H, N, d) and return the base-2 log-sum-exp (B * H, N)."""
+    B, H, N, d = q.shape
+    meta, compute = _kernel_meta(q)
+    lse = torch.empty((B * H, N), dtype=compute, device=q.device)
+    block_m, block_n, launch = _launch_config("fwd", q.dtype)
+    weights, eps, qk_norm = _norm_args(q, norm)
+    _attn_fwd_kernel[(triton.cdiv(N, block_m), B * H)](
+        q, k, v, o, lse, *weights, N, H, scale * LOG2E, eps,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+        ALIGN=_alignment(q, k, v, o), BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=N % block_n == 0,
+        QK_NORM=qk_norm, **meta, **launch)
+    return lse
+
+
+def _backward(q, k, v, o, lse, do, dq, dk, dv, scale, norm=None):
+    """Fill dq, dk, dv (B, H, N, d) from dO; with qk-norm, return the gradients of its q weight, q bias,
+    k weight and k bias (each summed from per-block partials: deterministic)."""
+    B, H, N, d = q.shape
+    meta, compute = _kernel_meta(q)
+    delta = torch.empty((B * H, N), dtype=compute, device=q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK), B * H)](
+        o, do, delta, N, H, *_strides3(o), *_strides3(do), ALIGN=_alignment(o, do), BLOCK_M=_DELTA_BLOCK,
+        HEAD_DIM=meta["HEAD_DIM"], D0=meta["D0"], D1=meta["D1"], COMPUTE=meta["COMPUTE"])
+    align = _alignment(q, k, v, do, dq, dk, dv)
+    weights, eps, qk_norm = _norm_args(q, norm)
+
+    def partials(blocks):  # (B * H * blocks, d) per-block sums of the weight and bias gradients
+        if not qk_norm:
+            return delta, delta
+        return tuple(torch.empty((B * H * blocks, d), dtype=compute, device=q.device) for _ in range(2))
+
+    block_m, block_n, launch = _launch_config("dkdv", q.dtype)
+    dkw, dkb = partials(triton.cdiv(N, block_n))
+    _attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
+        q, k, v, do, lse, delta, dk, dv, *weights, dkw, dkb, N, H, scale * LOG2E, scale, eps,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
+        ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, QK_NORM=qk_norm, **meta, **launch)
+    block_m, block_n, launch = _launch_config("dq", q.dtype)
+    dqw, dqb = partials(triton.cdiv(N, block_m))
+    _attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
+        q, k, v, do, lse, delta, dq, *weights, dqw, dqb, N, H, scale * LOG2E, scale, eps,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
+        ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, QK_NORM=qk_norm, **meta, **launch)
+    if not qk_norm:
+        return None, None, None, None
+    return tuple(partial.sum(0).to(weight.dtype) for partial, weight in zip((dqw, dqb, dkw, dkb), weights))
+
+
+def _unit_last_stride(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _heads(x, num_heads):
+    """(B, N, H * d) -> (B, H, N, d) view."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def _pack_norm(weights, eps):
+    if weights[0] is None:
+        return None
+    return tuple(w.contiguous() for w in weights) + (eps,)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, q_weight, q_bias, k_weight, k_bias, eps):
+        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+        norm = _pack_norm((q_weight, q_bias, k_weight, k_bias), eps)
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, H, N, d)
+        lse = _forward(q, k, v, o, scale, norm)
+        ctx.save_for_backward(q, k, v, o, lse, *(norm[:4] if norm else ()))
+        ctx.meta = (scale, eps)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, *weights = ctx.saved_tensors
+        scale, eps = ctx.meta
+        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        d_norm = _backward(q, k, v, o, lse, _unit_last_stride(do), dq, dk, dv, scale,
+                           tuple(weights) + (eps,) if weights else None)
+        return dq, dk, dv, None, *d_norm, None
+
+
+class _AttentionQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, num_heads, scale, q_weight, q_bias, k_weight, k_bias, eps):
+        qkv = _unit_last_stride(qkv)
+        B, N, width = qkv.shape
+        norm = _pack_norm((q_weight, q_bias, k_weight, k_bias), eps)
+        q, k, v = split_qkv(qkv, num_heads)  # strided (B, H, N, d) views into qkv
+        o = torch.empty((B, N, width // 3), dtype=qkv.dtype, device=qkv.device)  # (B, N, H * d)
+        lse = _forward(q, k, v, _heads(o, num_heads), scale, norm)
+        ctx.save_for_backward(qkv, o, lse, *(norm[:4] if norm else ()))
+        ctx.meta = (num_heads, scale, eps)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse, *weights = ctx.saved_tensors
+        num_heads, scale, eps = ctx.meta
+        d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, N, 3 * H * d)
+        d_norm = _backward(*split_qkv(qkv, num_heads), _heads(o, num_heads), lse,
+                           _heads(_unit_last_stride(do), num_heads), *split_qkv(d_qkv, num_heads), scale,
+                           tuple(weights) + (eps,) if weights else None)
+        return d_qkv, None, None, *d_norm, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def _scale(scale, head_dim):
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, torch.Tensor):
+        raise TypeError("scale must be a Python number, not a tensor")
+    return float(scale)
+
+
+def _check_norms(head_dim, norms):
+    for name, x in norms.items():
+        if x is not None and x.shape != (head_dim,):
+            raise ValueError(f"{name} must have shape ({head_dim},) (the head dim), got {tuple(x.shape)}")
+
+
+def _backend_for(op, tensors, head_dim, batch_heads, norms):
+    if get_backend() == "torch":
+        return "torch"
+    given = [x is not None for x in norms.values()]
+    if any(given) and not all(given):
+        return fallback(op, "the fused qk-norm needs all of q/k norm weight and bias (an affine LayerNorm)")
+    if any(x.numel() == 0 for x in tensors):
+        return fallback(op, "empty input")
+    if batch_heads > 65535:  # the kernels' grid axis 1
+        return fallback(op, f"batch * heads = {batch_heads} above the kernel grid's 65535")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return fallback(op, f"head dim {head_dim} outside the kernel's {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+    if tensors[0].dtype == torch.float64 and not interpreting():
+        return fallback(op, "fp64 runs the reference on the GPU (the kernel's fp64 path is for CPU tests)")
+    return resolve(op, list(tensors) + list(norms.values()),
+                   dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+
+
+def attention(q, k, v, scale=None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
+              k_norm_bias=None, qk_norm_eps=1e-5):
+    """Non-causal softmax(q k^T * scale) v for q, k, v of shape (B, H, N, d); o is (B, H, N, d).
+    With qk-norm weights and biases ((d,) each), q and k first get an affine LayerNorm over d."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have one (B, H, N, d) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    norms = dict(q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias, k_norm_weight=k_norm_weight,
+                 k_norm_bias=k_norm_bias)
+    _check_norms(q.shape[-1], norms)
+    scale = _scale(scale, q.shape[-1])
+    if _backend_for("attention", (q, k, v), q.shape[-1], q.shape[0] * q.shape[1], norms) == "torch":
+        return reference_attention(q, k, v, scale, **norms, qk_norm_eps=qk_norm_eps)
+    return _Attention.apply(q, k, v, scale, *norms.values(), float(qk_norm_eps))
+
+
+def attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
+                  k_norm_bias=None, qk_norm_eps=1e-5):
+    """Attention straight from the packed QKV projection (B, N, 3 * H * d) to (B, N, H * d).
+    With qk-norm weights and biases ((d,) each), q and k first get an affine LayerNorm over d."""
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be (B, N, 3 * H * d), got shape {tuple(qkv.shape)}")
+    if num_heads <= 0 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv width {qkv.shape[-1]} is not 3 * num_heads * head_dim for num_heads={num_heads}")
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    norms = dict(q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias, k_norm_weight=k_norm_weight,
+                 k_norm_bias=k_norm_bias)
+    _check_norms(head_dim, norms)
+    scale = _scale(scale, head_dim)
+    if _backend_for("attention_qkv", (qkv,), head_dim, qkv.shape[0] * num_heads, norms) == "torch":
+        return reference_attention_qkv(qkv, num_heads, scale, **norms, qk_norm_eps=qk_norm_eps)
+    return _AttentionQKV.apply(qkv, num_heads, scale, *norms.values(), float(qk_norm_eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (python -m kernels.aot --only attention)
+# ----------------------------------------------------------------------------------------------
+
+def _stride_args(*names):
+    return {f"s{name}{axis}": "i32" for name in names for axis in "bhn"}
+
+
+def aot_specs():
+    """bf16 forward and backward at d = 64, 72, 128; with fused qk-norm at d = 72 (SiT-XL); and the
+    fp32 correctness path at d = 72 (CUDA-core matmuls, so no wgmma)."""
+    specs = []
+    norm = {"qw_ptr": "*fp32", "qb_ptr": "*fp32", "kw_ptr": "*fp32", "kb_ptr": "*fp32"}
+    for dtype, head_dim, qk_norm in (("bf16", 64, False), ("bf16", 72, False), ("bf16", 128, False),
+                                     ("bf16", 72, True), ("fp32", 72, False)):
+        d0, d1 = head_tiles(head_dim)
+        tag = f"{dtype},d={head_dim}" + (",qk_norm" if qk_norm else "")
+        half = dtype == "bf16"
+        configs = _GPU_CONFIGS["half" if half else "fp32"]
+        wgmma = {90: ("wgmma",)} if half else {}
+        meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, ALIGN=8, COMPUTE=tl.float32)
+        matmul = dict(meta, DOT=tl.bfloat16 if half else tl.float32, PRECISION="tf32" if half else "ieee",
+                      QK_NORM=qk_norm)
+        t = f"*{dtype}"
+        block_m, block_n, num_warps, num_stages = configs["fwd"]
+        specs.append(AotSpec(
+            f"attention_fwd[{tag}]", _attn_fwd_kernel,
+            {"q_ptr": t, "k_ptr": t, "v_ptr": t, "o_ptr": t, "lse_ptr": "*fp32", **norm,
+             "N": "i32", "H": "i32", "qk_scale": "fp32", "eps": "fp32", **_stride_args("q", "k", "v", "o")},
+            dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=False),
+            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma))
+        if not qk_norm:
+            specs.append(AotSpec(
+                f"attention_bwd_delta[{tag}]", _attn_bwd_delta_kernel,
+                {"o_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "N": "i32", "H": "i32", **_stride_args("o", "do")},
+                dict(meta, BLOCK_M=_DELTA_BLOCK)))
+        block_m, block_n, num_warps, num_stages = configs["dkdv"]
+        specs.append(AotSpec(
+            f"attention_bwd_dkdv[{tag}]", _attn_bwd_dkdv_kernel,
+            {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+             "dk_ptr": t, "dv_ptr": t, **norm, "dkw_ptr": "*fp32", "dkb_ptr": "*fp32",
+             "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
+             **_stride_args("q", "k", "v", "do", "dk", "dv")},
+            dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
+            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma))
+        block_m, block_n, num_warps, num_stages = configs["dq"]
+        specs.append(AotSpec(
+            f"attention_bwd_dq[{tag}]", _attn_bwd_dq_kernel,
+            {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+             "dq_ptr": t, **norm, "dqw_ptr": "*fp32", "dqb_ptr": "*fp32",
+             "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
+             **_stride_args("q", "k", "v", "do", "dq")},
+            dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
+            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma))
+    return specs

@@ -31,11 +31,13 @@ combination runs the reference (logged once).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._backend import fallback, get_backend, interpreting, resolve
 from ._util import AotSpec, compute_dtype, tl_dtype
@@ -601,6 +603,115 @@ class _AttentionQKV(torch.autograd.Function):
         return d_qkv, None, None, *d_norm, None
 
 
+# Under torch.compile: the same launches as opaque custom ops (no graph break, no fallback).
+
+def _norm_grads_or_empty(d_norm, like):
+    return [g if g is not None else like.new_empty(0) for g in d_norm]
+
+
+@torch.library.custom_op("alignflow::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, q_weight: Optional[Tensor],
+                  q_bias: Optional[Tensor], k_weight: Optional[Tensor], k_bias: Optional[Tensor],
+                  eps: float) -> tuple[Tensor, Tensor]:
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = _forward(q, k, v, o, scale, _pack_norm((q_weight, q_bias, k_weight, k_bias), eps))
+    return o, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale, q_weight, q_bias, k_weight, k_bias, eps):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0] * q.shape[1], q.shape[2]), dtype=compute_dtype(q))
+
+
+@torch.library.custom_op("alignflow::attention_backward", mutates_args=())
+def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float,
+                           q_weight: Optional[Tensor], q_bias: Optional[Tensor], k_weight: Optional[Tensor],
+                           k_bias: Optional[Tensor], eps: float) -> list[Tensor]:
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    norm = _pack_norm((q_weight, q_bias, k_weight, k_bias), eps)
+    d_norm = _backward(q, k, v, o, lse, _unit_last_stride(do), dq, dk, dv, scale, norm)
+    return [dq, dk, dv, *_norm_grads_or_empty(d_norm, q)]
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, o, lse, do, scale, q_weight, q_bias, k_weight, k_bias, eps):
+    weights = (q_weight, q_bias, k_weight, k_bias)
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            *(w.new_empty(w.shape) if w is not None else q.new_empty(0) for w in weights)]
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, *weights, eps = inputs
+    ctx.save_for_backward(q, k, v, *output, *weights)
+    ctx.meta = (scale, eps)
+
+
+def _attention_op_backward(ctx, do, _):
+    q, k, v, o, lse, *weights = ctx.saved_tensors
+    scale, eps = ctx.meta
+    dq, dk, dv, *d_norm = _attention_backward_op(q, k, v, o, lse, do, scale, *weights, eps)
+    d_norm = [g if w is not None else None for g, w in zip(d_norm, weights)]
+    return dq, dk, dv, None, *d_norm, None
+
+
+_attention_op.register_autograd(_attention_op_backward, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("alignflow::attention_qkv", mutates_args=())
+def _attention_qkv_op(qkv: Tensor, num_heads: int, scale: float, q_weight: Optional[Tensor],
+                      q_bias: Optional[Tensor], k_weight: Optional[Tensor], k_bias: Optional[Tensor],
+                      eps: float) -> tuple[Tensor, Tensor]:
+    qkv = _unit_last_stride(qkv)
+    B, N, width = qkv.shape
+    o = torch.empty((B, N, width // 3), dtype=qkv.dtype, device=qkv.device)
+    lse = _forward(*split_qkv(qkv, num_heads), _heads(o, num_heads), scale,
+                   _pack_norm((q_weight, q_bias, k_weight, k_bias), eps))
+    return o, lse
+
+
+@_attention_qkv_op.register_fake
+def _(qkv, num_heads, scale, q_weight, q_bias, k_weight, k_bias, eps):
+    B, N, width = qkv.shape
+    return qkv.new_empty((B, N, width // 3)), qkv.new_empty((B * num_heads, N), dtype=compute_dtype(qkv))
+
+
+@torch.library.custom_op("alignflow::attention_qkv_backward", mutates_args=())
+def _attention_qkv_backward_op(qkv: Tensor, o: Tensor, lse: Tensor, do: Tensor, num_heads: int, scale: float,
+                               q_weight: Optional[Tensor], q_bias: Optional[Tensor], k_weight: Optional[Tensor],
+                               k_bias: Optional[Tensor], eps: float) -> list[Tensor]:
+    qkv = _unit_last_stride(qkv)
+    d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    norm = _pack_norm((q_weight, q_bias, k_weight, k_bias), eps)
+    d_norm = _backward(*split_qkv(qkv, num_heads), _heads(o, num_heads), lse,
+                       _heads(_unit_last_stride(do), num_heads), *split_qkv(d_qkv, num_heads), scale, norm)
+    return [d_qkv, *_norm_grads_or_empty(d_norm, qkv)]
+
+
+@_attention_qkv_backward_op.register_fake
+def _(qkv, o, lse, do, num_heads, scale, q_weight, q_bias, k_weight, k_bias, eps):
+    weights = (q_weight, q_bias, k_weight, k_bias)
+    return [qkv.new_empty(qkv.shape), *(w.new_empty(w.shape) if w is not None else qkv.new_empty(0) for w in weights)]
+
+
+def _attention_qkv_setup(ctx, inputs, output):
+    qkv, num_heads, scale, *weights, eps = inputs
+    ctx.save_for_backward(qkv, *output, *weights)
+    ctx.meta = (num_heads, scale, eps)
+
+
+def _attention_qkv_op_backward(ctx, do, _):
+    qkv, o, lse, *weights = ctx.saved_tensors
+    num_heads, scale, eps = ctx.meta
+    d_qkv, *d_norm = _attention_qkv_backward_op(qkv, o, lse, do, num_heads, scale, *weights, eps)
+    d_norm = [g if w is not None else None for g, w in zip(d_norm, weights)]
+    return d_qkv, None, None, *d_norm, None
+
+
+_attention_qkv_op.register_autograd(_attention_qkv_op_backward, setup_context=_attention_qkv_setup)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -637,6 +748,16 @@ def _backend_for(op, tensors, head_dim, batch_heads, norms):
                    dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
 
 
+def _pytorch_attention(q, k, v, scale, norms, eps):
+    """The "torch" backend: PyTorch's fused SDPA (as the public SiT/REPA code calls it), with qk-norm
+    applied first. Same math as `reference_attention`, which stays the specification."""
+    if norms["q_norm_weight"] is not None or norms["k_norm_weight"] is not None:
+        d = q.shape[-1]
+        q = F.layer_norm(q, (d,), norms["q_norm_weight"], norms["q_norm_bias"], eps).to(v.dtype)
+        k = F.layer_norm(k, (d,), norms["k_norm_weight"], norms["k_norm_bias"], eps).to(v.dtype)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def attention(q, k, v, scale=None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
               k_norm_bias=None, qk_norm_eps=1e-5):
     """Non-causal softmax(q k^T * scale) v for q, k, v of shape (B, H, N, d); o is (B, H, N, d).
@@ -650,8 +771,12 @@ def attention(q, k, v, scale=None, q_norm_weight=None, q_norm_bias=None, k_norm_
                  k_norm_bias=k_norm_bias)
     _check_norms(q.shape[-1], norms)
     scale = _scale(scale, q.shape[-1])
+    if get_backend() == "torch":
+        return _pytorch_attention(q, k, v, scale, norms, qk_norm_eps)
     if _backend_for("attention", (q, k, v), q.shape[-1], q.shape[0] * q.shape[1], norms) == "torch":
         return reference_attention(q, k, v, scale, **norms, qk_norm_eps=qk_norm_eps)
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, scale, *norms.values(), float(qk_norm_eps))[0]
     return _Attention.apply(q, k, v, scale, *norms.values(), float(qk_norm_eps))
 
 
@@ -668,8 +793,13 @@ def attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=No
                  k_norm_bias=k_norm_bias)
     _check_norms(head_dim, norms)
     scale = _scale(scale, head_dim)
+    if get_backend() == "torch":
+        o = _pytorch_attention(*split_qkv(qkv, num_heads), scale, norms, qk_norm_eps)  # (B, H, N, d)
+        return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
     if _backend_for("attention_qkv", (qkv,), head_dim, qkv.shape[0] * num_heads, norms) == "torch":
         return reference_attention_qkv(qkv, num_heads, scale, **norms, qk_norm_eps=qk_norm_eps)
+    if torch.compiler.is_compiling():
+        return _attention_qkv_op(qkv, num_heads, scale, *norms.values(), float(qk_norm_eps))[0]
     return _AttentionQKV.apply(qkv, num_heads, scale, *norms.values(), float(qk_norm_eps))
 
 

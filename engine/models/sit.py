@@ -198,14 +198,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, N, D = x.shape
         qkv = self.qkv(x)                                   # (B, N, 3D)
-        if not self.qk_norm:
-            o = kernels.attention_qkv(qkv, self.num_heads)  # (B, N, D)
-        else:
-            q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # (B, H, N, d)
-            o = kernels.attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        norms = {}
+        if self.qk_norm:  # fused into the attention kernel's q/k loads
+            norms = dict(q_norm_weight=self.q_norm.weight, q_norm_bias=self.q_norm.bias,
+                         k_norm_weight=self.k_norm.weight, k_norm_bias=self.k_norm.bias,
+                         qk_norm_eps=self.q_norm.eps)
+        o = kernels.attention_qkv(qkv, self.num_heads, **norms)  # (B, N, D)
         return self.proj(o)
 
 

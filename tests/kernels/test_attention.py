@@ -303,11 +303,23 @@ def test_unsupported_head_dim_falls_back(device, caplog):
     torch.testing.assert_close(o, kernels.reference_attention(q, k, v))
 
 
-def test_torch_backend_is_the_reference(device):
-    qkv = torch.randn(2, 7, 3 * 2 * 16, device=device)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_torch_backend_matches_the_reference(qk_norm, device):
+    """The "torch" backend runs PyTorch's SDPA (the path the public code takes): same numbers as the
+    reference within fp32 rounding, gradients included."""
+    qkv = torch.randn(2, 7, 3 * 2 * 16, device=device, requires_grad=True)
+    norms = {}
+    if qk_norm:
+        norms = dict(q_norm_weight=torch.randn(16, device=device), q_norm_bias=torch.randn(16, device=device),
+                     k_norm_weight=torch.randn(16, device=device), k_norm_bias=torch.randn(16, device=device))
     with kernels.use_backend("torch"):
-        torch.testing.assert_close(kernels.attention_qkv(qkv, 2), kernels.reference_attention_qkv(qkv, 2),
-                                   atol=0, rtol=0)
+        out = kernels.attention_qkv(qkv, 2, **norms)
+    expected = kernels.reference_attention_qkv(qkv, 2, **norms)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(out)
+    grad, = torch.autograd.grad((out * weights).sum(), qkv)
+    expected_grad, = torch.autograd.grad((expected * weights).sum(), qkv)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_are_named():

@@ -11,6 +11,7 @@ import kernels
 interpolant_module = importlib.import_module("kernels.interpolant")
 alignment_module = importlib.import_module("kernels.alignment_loss")
 adaln_module = importlib.import_module("kernels.adaln")
+attention_module = importlib.import_module("kernels.attention")
 
 
 def _step(v_pred, x, noise, t, mu0, mu1, z_pred, z_target, h, modulation):
@@ -19,6 +20,7 @@ def _step(v_pred, x, noise, t, mu0, mu1, z_pred, z_target, h, modulation):
     gate, shift, scale = modulation.chunk(3, dim=1)
     x_new, y = kernels.adaln_residual_modulate(z_pred, h, gate, shift, scale)
     y2 = kernels.adaln_modulate(y, shift, scale)
+    y2 = y2 + kernels.attention_qkv(torch.cat([y2, y, x_new], dim=-1), num_heads=2)
     return (loss + 0.5 * kernels.alignment_loss(z_pred, z_target) + x_t.square().mean()
             + (x_new * y2).mean())
 
@@ -46,7 +48,8 @@ def test_compiled_fullgraph_matches_eager(device):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("case", ["interpolant", "velocity_loss", "alignment", "adaln", "adaln_residual"])
+@pytest.mark.parametrize("case", ["interpolant", "velocity_loss", "alignment", "adaln", "adaln_residual",
+                                  "attention", "attention_qkv_norm"])
 def test_opcheck(case, device):
     shape = (2, 3, 4, 4)
     x, noise = torch.randn(shape, device=device), torch.randn(shape, device=device)
@@ -61,6 +64,13 @@ def test_opcheck(case, device):
     elif case == "alignment":
         p = torch.randn(2, 5, 40, device=device, requires_grad=True)
         torch.library.opcheck(alignment_module._alignment_op, (p, torch.randn(2, 5, 40, device=device)))
+    elif case == "attention":
+        q, k, v = (torch.randn(2, 2, 9, 16, device=device, requires_grad=True) for _ in range(3))
+        torch.library.opcheck(attention_module._attention_op, (q, k, v, 0.25, None, None, None, None, 1e-5))
+    elif case == "attention_qkv_norm":
+        qkv = torch.randn(2, 9, 3 * 2 * 16, device=device, requires_grad=True)
+        norms = [torch.randn(16, device=device, requires_grad=True) for _ in range(4)]
+        torch.library.opcheck(attention_module._attention_qkv_op, (qkv, 2, 0.25, *norms, 1e-5))
     else:
         tokens = torch.randn(2, 5, 40, device=device, requires_grad=True)
         gate, shift, scale = (torch.randn(2, 40, device=device, requires_grad=True) for _ in range(3))

@@ -345,7 +345,8 @@ def _attn_bwd_dkdv_kernel(
             sT = tl.dot(k1, qT1, acc=sT, input_precision=PRECISION)
         # Queries past N get lse = +inf, so P = 0 and they add nothing.
         lse = tl.load(lse_ptr + stats + rows, mask=row_mask, other=float("inf"))
-        pT = tl.exp2(sT * qk_scale - lse[None, :])
+        # Keys past N score 0; with a very negative lse exp2(0 - lse) overflows, so mask P itself.
+        pT = tl.where(col_mask[:, None], tl.exp2(sT * qk_scale - lse[None, :]), 0.0)
         pT_dot = pT.to(DOT)
         do0, do1 = _load_pair(do_base, rows, row_mask, sdon, 1, HEAD_DIM, D0, D1, ALIGN, DOT)  # (BLOCK_M, D*)
         dv0 = tl.dot(pT_dot, do0, acc=dv0, input_precision=PRECISION)
@@ -413,7 +414,8 @@ def _attn_bwd_dq_kernel(
         if D1 > 0:
             s = tl.dot(q1, kT1, acc=s, input_precision=PRECISION)
             dp = tl.dot(do1, vT1, acc=dp, input_precision=PRECISION)
-        p = tl.exp2(s * qk_scale - lse[:, None])
+        # Keys past N score 0; with a very negative lse exp2(0 - lse) overflows (inf * 0 = NaN in dq).
+        p = tl.where(col_mask[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(DOT)
         dq0 = tl.dot(ds, tl.trans(kT0), acc=dq0, input_precision=PRECISION)
         if D1 > 0:

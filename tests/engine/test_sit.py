@@ -148,21 +148,25 @@ def _counting(apply, calls, name):
     return wrapped
 
 
-@pytest.mark.parametrize("shift_shape", ["full", "channel"])
-def test_reference_and_kernel_backends_agree(monkeypatch, shift_shape):
-    # Tiny on purpose: on the CPU the Triton kernels run in the interpreter.
-    model = randomize(tiny_model(hidden_size=16, num_heads=2, input_size=4, z_dims=[8], projector_dim=16,
-                                 car_flow="joint", car_flow_rank=4, car_flow_shape=shift_shape), scale=0.3).eval()
+@pytest.mark.parametrize("shift_shape, qk_norm", [("full", False), ("channel", True)])
+def test_reference_and_kernel_backends_agree(monkeypatch, shift_shape, qk_norm):
+    # Tiny on purpose: on the CPU the Triton kernels run in the interpreter. Head dim 16 is the
+    # attention kernel's smallest.
+    model = randomize(tiny_model(hidden_size=32, num_heads=2, input_size=4, z_dims=[8], projector_dim=16,
+                                 car_flow="joint", car_flow_rank=4, car_flow_shape=shift_shape,
+                                 qk_norm=qk_norm), scale=0.1).eval()
     batch = (torch.randn(2, 4, 4, 4), torch.tensor([1, 7]), torch.randn(2, 4, 8), torch.randn(2, 4, 4, 4),
              torch.rand(2))
     reference, ref_grads = _loss_and_grads(model, batch, "torch")
     calls = []
-    for module_name, op in (("kernels.interpolant", "_Interpolant"), ("kernels.interpolant", "_VelocityLoss"),
-                            ("kernels.alignment_loss", "_AlignmentCos")):
+    fused_ops = (("kernels.interpolant", "_Interpolant"), ("kernels.interpolant", "_VelocityLoss"),
+                 ("kernels.alignment_loss", "_AlignmentCos"), ("kernels.adaln", "_AdaLNModulate"),
+                 ("kernels.adaln", "_AdaLNResidualModulate"), ("kernels.attention", "_AttentionQKV"))
+    for module_name, op in fused_ops:
         function = getattr(sys.modules[module_name], op)
         monkeypatch.setattr(function, "apply", _counting(function.apply, calls, op))
     fused, fused_grads = _loss_and_grads(model, batch, "triton")
-    assert sorted(set(calls)) == ["_AlignmentCos", "_Interpolant", "_VelocityLoss"]  # the kernels really ran
+    assert sorted(set(calls)) == sorted(op for _, op in fused_ops)  # every kernel really ran
     for key in reference:
         assert_close(fused[key], reference[key], name=key)
     assert ref_grads.keys() == fused_grads.keys() and "car_source_shift.net.3.weight" in ref_grads

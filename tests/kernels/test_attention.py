@@ -333,3 +333,29 @@ def test_bad_inputs_are_named():
         kernels.attention_qkv(torch.randn(1, 8, 96), 2, q_norm_weight=torch.ones(32))
     with pytest.raises(TypeError, match="scale"):
         kernels.attention(*(torch.randn(1, 2, 8, 16) for _ in range(3)), scale=torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_very_negative_logsumexp_with_masked_tail(qk_norm, device):
+    """Every score far below zero (lse around -1000 in base 2) and N below the tile: keys past N score
+    0 in the backward, and exp2(0 - lse) overflows unless P itself is masked (it gave NaN in dq)."""
+    N, H, d = 5, 2, 16
+    q = -torch.ones(2, N, H, d, device=device) * 12
+    k = torch.ones(2, N, H, d, device=device) * 12 + torch.randn(2, N, H, d, device=device)
+    v = torch.randn(2, N, H, d, device=device)
+    qkv = torch.stack([q, k, v], dim=2).reshape(2, N, 3 * H * d).requires_grad_()
+    norms = {}
+    if qk_norm:  # a large bias keeps the normalised scores extreme
+        norms = dict(q_norm_weight=torch.ones(d, device=device), q_norm_bias=-8 * torch.ones(d, device=device),
+                     k_norm_weight=torch.ones(d, device=device), k_norm_bias=8 * torch.ones(d, device=device))
+    weights = torch.randn(2, N, H * d, device=device)
+    with kernels.use_backend("triton"):
+        out = kernels.attention_qkv(qkv, H, **norms)
+    actual = (out,) + torch.autograd.grad((out * weights).sum(), qkv)
+    # against fp64: the gradients reach ~1e3 here, so fp32 rounding is judged relative to that scale
+    qkv64 = qkv.detach().double().requires_grad_()
+    out64 = kernels.reference_attention_qkv(qkv64, H, **{k: w.double() for k, w in norms.items()})
+    expected = (out64,) + torch.autograd.grad((out64 * weights.double()).sum(), qkv64)
+    for a, e in zip(actual, expected):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), e, atol=1e-4 * max(1.0, float(e.abs().max())), rtol=1e-4)

@@ -1,0 +1,1 @@
+"""AlignFlow engine: models, transport, samplers (and, from other issues, data and trainer)."""

@@ -1,0 +1,474 @@
+"""SiT (Scalable Interpolant Transformer) with REPA projectors, the REG class token and CAR-Flow shifts.
+
+The module tree and parameter names follow the public REPA `models/sit.py` (and REG's additions), so
+released checkpoints load with `strict=True`:
+
+    x_embedder.proj            Conv2d patch embedding                  pos_embed (1, T[+1], D), frozen
+    t_embedder.mlp.{0,2}       timestep MLP                            y_embedder.embedding_table
+    blocks.i.attn.{qkv,proj}   [q_norm, k_norm]                        blocks.i.mlp.{fc1,fc2}
+    blocks.i.adaLN_modulation.1                                        projectors.j.{0,2,4}
+    final_layer.{linear, adaLN_modulation.1}   REG: final_layer.linear_cls, cls_projectors2, wg_norm
+
+Time t is continuous in [0, 1] (t = 1 is noise in REPA's direction); the embedding sees t unscaled.
+
+The blocks run on `kernels`: each residual add is fused with the LayerNorm + modulate that follows it
+(including the next block's, and the final layer's), so one block costs two fused adaLN passes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+LN_EPS = 1e-6
+QK_NORM_EPS = 1e-5  # nn.LayerNorm's default, which timm's Attention (used by REPA) builds for qk-norm
+CAR_FLOW_MODES = ("none", "source", "target", "joint")
+CAR_FLOW_SHAPES = ("full", "channel")
+
+# name -> (depth, hidden_size, num_heads, patch_size)
+PRESETS = {
+    f"SiT-{size}/{patch}": (depth, hidden, heads, patch)
+    for size, (depth, hidden, heads) in {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+                                         "XL": (28, 1152, 16)}.items()
+    for patch in (1, 2, 4, 8)
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """A SiT preset by `name`, optionally with `hidden_size`/`depth`/`num_heads`/`patch_size` overridden
+    (tiny test models), plus the REPA / REG / CAR-Flow options."""
+
+    name: str = "SiT-XL/2"
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    encoder_depth: int = 8
+    z_dims: list[int] = field(default_factory=lambda: [768])
+    projector_dim: int = 2048
+    qk_norm: bool = False
+    reg: bool = False
+    car_flow: str = "none"
+    car_flow_shape: str = "full"      # "full": a (C, H, W) shift per class; "channel": (C, 1, 1)
+    car_flow_rank: int = 64           # width of each shift network's hidden layer
+    mlp_ratio: float = 4.0
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+
+    def __post_init__(self):
+        def bad(key, value, allowed):
+            raise ValueError(f"ModelConfig.{key}={value!r} is invalid; allowed: {allowed}")
+
+        if self.name not in PRESETS:
+            bad("name", self.name, sorted(PRESETS))
+        depth, hidden, heads, patch = PRESETS[self.name]
+        self.depth = depth if self.depth is None else self.depth
+        self.hidden_size = hidden if self.hidden_size is None else self.hidden_size
+        self.num_heads = heads if self.num_heads is None else self.num_heads
+        self.patch_size = patch if self.patch_size is None else self.patch_size
+        self.z_dims = list(self.z_dims)
+        for key in ("input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads",
+                    "patch_size", "projector_dim", "car_flow_rank"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(key, value, "a positive integer")
+        if self.hidden_size % self.num_heads:
+            bad("hidden_size", self.hidden_size, f"a multiple of num_heads={self.num_heads}")
+        if self.hidden_size % 4:
+            bad("hidden_size", self.hidden_size, "a multiple of 4 (2D sin-cos positional embedding)")
+        if self.input_size % self.patch_size:
+            bad("input_size", self.input_size, f"a multiple of patch_size={self.patch_size}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            bad("class_dropout_prob", self.class_dropout_prob, "a number in [0, 1)")
+        if any(not isinstance(z, int) or isinstance(z, bool) or z < 1 for z in self.z_dims):
+            bad("z_dims", self.z_dims, "a list of positive integers (empty: no REPA projector)")
+        if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
+            bad("encoder_depth", self.encoder_depth, f"an integer in [1, depth={self.depth}]")
+        if self.reg and not self.z_dims:
+            bad("reg", self.reg, "False unless z_dims is non-empty (the class token width is z_dims[0])")
+        if self.car_flow not in CAR_FLOW_MODES:
+            bad("car_flow", self.car_flow, list(CAR_FLOW_MODES))
+        if self.car_flow_shape not in CAR_FLOW_SHAPES:
+            bad("car_flow_shape", self.car_flow_shape, list(CAR_FLOW_SHAPES))
+        if not self.mlp_ratio > 0:
+            bad("mlp_ratio", self.mlp_ratio, "a positive number")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedders
+# ----------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, T, D) with a stride-p convolution."""
+
+    def __init__(self, input_size, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos(t f_i), sin(t f_i)] with f_i = max_period^(-i / half), i < half; zero-padded to odd dim."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        return self.mlp(timestep_frequencies(t, self.frequency_embedding_size).to(t.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding; with dropout > 0 the table has one more row, the null class `num_classes`."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def drop(self, labels):
+        """Replace each label by the null class with probability dropout_prob."""
+        if self.dropout_prob <= 0:
+            return labels
+        dropped = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        return torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels):
+        return self.embedding_table(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block and final layer
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qk_norm=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qk_norm = qk_norm
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        if qk_norm:
+            self.q_norm = nn.LayerNorm(self.head_dim, eps=QK_NORM_EPS)
+            self.k_norm = nn.LayerNorm(self.head_dim, eps=QK_NORM_EPS)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        qkv = self.qkv(x)                                   # (B, N, 3D)
+        if not self.qk_norm:
+            o = kernels.attention_qkv(qkv, self.num_heads)  # (B, N, D)
+        else:
+            q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # (B, H, N, d)
+            o = kernels.attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+        return self.proj(o)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero block. Its LayerNorms have no parameters; they run inside kernels.adaln_*."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def modulation(self, c):
+        """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D)."""
+        return self.adaLN_modulation(c).chunk(6, dim=-1)
+
+    def forward(self, x, c):
+        """One block on its own: x + gate * attn(modulate(LN x)), then the same with the MLP."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
+        h = kernels.adaln_modulate(x, shift_msa, scale_msa, LN_EPS)
+        x, h = kernels.adaln_residual_modulate(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, LN_EPS)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels, cls_dim=None):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        if cls_dim is not None:
+            self.linear_cls = nn.Linear(hidden_size, cls_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def modulation(self, c):
+        return self.adaLN_modulation(c).chunk(2, dim=-1)  # shift, scale
+
+
+def build_mlp(hidden_size, projector_dim, z_dim):
+    return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+                         nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                         nn.Linear(projector_dim, z_dim))
+
+
+class ShiftNet(nn.Module):
+    """CAR-Flow shift mu(y) from the class embedding: SiLU -> Linear(D, r) -> SiLU -> Linear(r, size).
+    The last layer starts at zero, so training starts from the unshifted flow."""
+
+    def __init__(self, hidden_size, rank, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.net = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, rank), nn.SiLU(),
+                                 nn.Linear(rank, math.prod(shape)))
+
+    def forward(self, class_embedding):
+        return self.net(class_embedding).view(-1, *self.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+class SiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.in_channels = self.out_channels = cfg.in_channels
+        self.patch_size = cfg.patch_size
+        self.num_heads = cfg.num_heads
+        self.num_classes = cfg.num_classes
+        self.z_dims = list(cfg.z_dims)
+        self.encoder_depth = cfg.encoder_depth
+        self.reg = cfg.reg
+        self.cls_dim = cfg.z_dims[0] if cfg.reg else None
+
+        self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        num_tokens = self.x_embedder.num_patches + int(cfg.reg)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, D), requires_grad=False)
+        self.blocks = nn.ModuleList([SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm)
+                                     for _ in range(cfg.depth)])
+        self.projectors = nn.ModuleList([build_mlp(D, cfg.projector_dim, z) for z in cfg.z_dims])
+        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels, self.cls_dim)
+        if cfg.reg:
+            self.cls_projectors2 = nn.Linear(self.cls_dim, D)
+            self.wg_norm = nn.LayerNorm(D, eps=LN_EPS)
+        shift_shape = ((cfg.in_channels, cfg.input_size, cfg.input_size) if cfg.car_flow_shape == "full"
+                       else (cfg.in_channels, 1, 1))
+        if cfg.car_flow in ("source", "joint"):
+            self.car_source_shift = ShiftNet(D, cfg.car_flow_rank, shift_shape)
+        if cfg.car_flow in ("target", "joint"):
+            self.car_target_shift = ShiftNet(D, cfg.car_flow_rank, shift_shape)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+
+        grid = self.cfg.input_size // self.cfg.patch_size
+        pos = sincos_pos_embed_2d(self.pos_embed.shape[-1], grid, extra_tokens=int(self.reg))
+        self.pos_embed.data.copy_(pos.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)[None])
+
+        # The patch embedding is initialised like the Linear it is.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity and the output as zero.
+        zero = [block.adaLN_modulation[-1] for block in self.blocks]
+        zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.reg:
+            zero.append(self.final_layer.linear_cls)
+        zero += [net.net[-1] for net in self.shift_nets()]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def shift_nets(self):
+        return [getattr(self, name) for name in ("car_source_shift", "car_target_shift") if hasattr(self, name)]
+
+    # -- labels and CAR-Flow ------------------------------------------------------------------
+
+    @property
+    def null_class(self) -> int | None:
+        """Label of the unconditional class (None when trained without label dropout)."""
+        return self.num_classes if self.y_embedder.dropout_prob > 0 else None
+
+    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """y with labels replaced by the null class at the class dropout rate (for training)."""
+        return self.y_embedder.drop(y)
+
+    def car_flow_shifts(self, y: torch.Tensor):
+        """(mu0, mu1): CAR-Flow source and target shifts for labels y (as given, no dropout), each
+        (B, C, H, W) or (B, C, 1, 1), or None where the model has no such shift."""
+        nets = (getattr(self, "car_source_shift", None), getattr(self, "car_target_shift", None))
+        if nets == (None, None):
+            return None, None
+        embedding = self.y_embedder(y)
+        return tuple(None if net is None else net(embedding) for net in nets)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def unpatchify(self, x):
+        """(B, T, p * p * C) -> (B, C, H, W)."""
+        B, T, _ = x.shape
+        p, c = self.patch_size, self.out_channels
+        h = w = int(round(T ** 0.5))
+        if h * w != T:
+            raise ValueError(f"unpatchify needs a square token grid, got {T} tokens")
+        x = x.reshape(B, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return x.reshape(B, c, h * p, w * p)
+
+    def forward(self, x, t, y, cls_token=None, label_dropout: bool | None = None):
+        """x: (B, C, H, W) at time t: (B,) in [0, 1]; y: (B,) labels (num_classes = null class).
+
+        Returns (velocity (B, C, H, W), zs), plus the class-token velocity (B, z_dims[0]) for a REG
+        model, which also needs `cls_token` (the noised encoder class token, (B, z_dims[0])).
+        zs: one (B, T[+1], z_dim) projection per encoder of the tokens after block `encoder_depth`.
+        Labels are dropped for CFG when `label_dropout` (default: self.training) is true.
+        """
+        if self.reg and cls_token is None:
+            raise ValueError("a REG model needs cls_token, the noised class token of shape (B, "
+                             f"{self.cls_dim})")
+        if not self.reg and cls_token is not None:
+            raise ValueError("cls_token given to a model built without reg=True")
+        if label_dropout if label_dropout is not None else self.training:
+            y = self.drop_labels(y)
+
+        h = self.x_embedder(x)                                                   # (B, T, D)
+        if self.reg:
+            cls = self.wg_norm(self.cls_projectors2(cls_token.to(h.dtype)))      # (B, D)
+            h = torch.cat([cls.unsqueeze(1).to(h.dtype), h], dim=1)              # (B, 1 + T, D)
+        h = h + self.pos_embed.to(h.dtype)
+        B, T, D = h.shape
+        c = self.t_embedder(t) + self.y_embedder(y)                               # (B, D)
+
+        zs = []
+        residual = h
+        shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.blocks[0].modulation(c)
+        h = kernels.adaln_modulate(residual, shift, scale, LN_EPS)
+        for i, block in enumerate(self.blocks):
+            residual, h = kernels.adaln_residual_modulate(residual, block.attn(h), gate_msa, shift_mlp,
+                                                          scale_mlp, LN_EPS)
+            if i + 1 < len(self.blocks):
+                next_modulation = self.blocks[i + 1].modulation(c)
+                shift, scale = next_modulation[:2]
+            else:
+                shift, scale = self.final_layer.modulation(c)
+            # The residual add of this block's MLP and the next LayerNorm + modulate in one pass.
+            residual, h = kernels.adaln_residual_modulate(residual, block.mlp(h), gate_mlp, shift, scale,
+                                                          LN_EPS)
+            if i + 1 == self.encoder_depth:
+                zs = [projector(residual) for projector in self.projectors]     # (B, T, z_dim)
+            if i + 1 < len(self.blocks):
+                _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = next_modulation
+
+        # h = modulate(LN(residual)) with the final layer's shift and scale.
+        velocity = self.unpatchify(self.final_layer.linear(h[:, int(self.reg):]))  # (B, C, H, W)
+        if self.reg:
+            return velocity, zs, self.final_layer.linear_cls(h[:, 0])
+        return velocity, zs
+
+    def num_parameters(self, exclude_projectors=False) -> int:
+        skip = {id(p) for p in self.projectors.parameters()} if exclude_projectors else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    def flops_per_sample(self) -> float:
+        """Forward FLOPs of one sample (matmuls only; backward is about twice this)."""
+        cfg = self.cfg
+        T, D = self.pos_embed.shape[1], cfg.hidden_size
+        hidden = int(D * cfg.mlp_ratio)
+        block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * hidden
+        projector = sum(2 * T * (D * cfg.projector_dim + cfg.projector_dim ** 2 + cfg.projector_dim * z)
+                        for z in cfg.z_dims)
+        patch = 2 * T * D * cfg.in_channels * cfg.patch_size ** 2 * 2
+        return float(cfg.depth * block + projector + patch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Positional embedding
+# ----------------------------------------------------------------------------------------------
+
+def sincos_embed_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, dim): [sin(p w_i), cos(p w_i)], w_i = 10000^(-i / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.to(torch.float64)[:, None] * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, extra_tokens: int = 0) -> torch.Tensor:
+    """(extra + grid^2, dim) fixed embedding of a row-major grid: the first half of the channels encodes
+    the column, the second half the row (the MAE/DiT layout); extra tokens get zero rows in front."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    emb = torch.cat([sincos_embed_1d(dim // 2, cols.reshape(-1)), sincos_embed_1d(dim // 2, rows.reshape(-1))],
+                    dim=1)
+    return torch.cat([torch.zeros(extra_tokens, dim, dtype=emb.dtype), emb], dim=0).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+
+def build_model(cfg: ModelConfig) -> SiT:
+    return SiT(cfg)
+
+
+def _factory(name):
+    def make(**overrides) -> SiT:
+        return SiT(ModelConfig(name=name, **overrides))
+    make.__name__ = name.replace("-", "_").replace("/", "_")
+    return make
+
+
+SiT_models = {name: _factory(name) for name in PRESETS}

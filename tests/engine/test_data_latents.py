@@ -1,0 +1,231 @@
+"""engine.data.latents and engine.preprocess: shard write/read round trip, statistics, loading latents
+in step with images, resumable multi-rank preprocessing, the CLI. A 4x4 average pool stands in for the
+VAE encoder so the latents of an image are known exactly."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from engine.data import CorruptImageError, DataConfig, LatentShards, LatentShardWriter, build_loader, make_builtin_dataset, sample_latents
+from engine.preprocess import main as preprocess_main
+from engine.preprocess import preprocess
+
+CLASSES, PER_CLASS = 4, 10
+
+
+class PoolEncoder:
+    """Stand-in latent space: mean = 4x4 average pool of the image in [-1, 1], std = a constant map."""
+
+    def __init__(self):
+        self.calls = 0
+        self.images = 0
+
+    def __call__(self, images: torch.Tensor):
+        assert images.dtype == torch.uint8 and images.dim() == 4
+        self.calls += 1
+        self.images += images.shape[0]
+        x = images.float() / 127.5 - 1
+        mean = torch.nn.functional.avg_pool2d(x, 4)
+        return mean, 0.1 + 0.05 * mean.abs()
+
+
+@pytest.fixture(scope="module")
+def builtin_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("builtin"))
+    make_builtin_dataset(root, num_classes=CLASSES, images_per_class=PER_CLASS, resolution=32)
+    return root
+
+
+def data_cfg(root, **kw):
+    base = dict(source="folder", root=root, resolution=32, batch_size=8, num_workers=0, decoder="pil", seed=1)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-3)])
+def test_shard_round_trip_and_stats(tmp_path, dtype, tol):
+    n, shape = 23, (4, 3, 5)
+    keys, labels = [f"k{i}" for i in range(n)], np.arange(n) % 3
+    mean = np.random.randn(n, *shape).astype(np.float32)
+    std = np.random.rand(n, *shape).astype(np.float32)
+    writer = LatentShardWriter(str(tmp_path), keys, labels, shape, dtype=dtype, chunk_size=7)
+    assert writer.num_chunks == 4 and writer.chunk_rows(3) == (21, 23)
+    for c in (0, 2, 3, 1):
+        a, b = writer.chunk_rows(c)
+        writer.write_chunk(c, mean[a:b], std[a:b])
+    stats = writer.write_stats()
+
+    shards = LatentShards(str(tmp_path))
+    assert shards.keys == keys and (shards.labels == labels).all() and shards.shape == shape
+    rows = np.array([5, 0, 22, 5, 13])
+    flips = np.array([True, False, False, False, True])
+    got_mean, got_std = shards.read(rows, flips)
+    want_mean, want_std = mean[rows].copy(), std[rows].copy()
+    want_mean[flips] = want_mean[flips][..., ::-1]
+    want_std[flips] = want_std[flips][..., ::-1]
+    assert got_mean.dtype == torch.float32
+    torch.testing.assert_close(got_mean, torch.from_numpy(want_mean), atol=tol * 4, rtol=tol)
+    torch.testing.assert_close(got_std, torch.from_numpy(want_std), atol=tol, rtol=tol)
+    assert list(shards.rows_for(["k3", "nope", "k22"])) == [3, -1, 22]
+
+    # statistics against a direct computation on what was stored
+    m = np.load(tmp_path / "mean.npy").astype(np.float64)
+    s = np.load(tmp_path / "std.npy").astype(np.float64)
+    np.testing.assert_allclose(stats["channel_mean"], m.mean((0, 2, 3)), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(stats["posterior_mean_std"], m.std((0, 2, 3)), rtol=1e-7)
+    np.testing.assert_allclose(stats["channel_std"], np.sqrt(m.var((0, 2, 3)) + (s ** 2).mean((0, 2, 3))), rtol=1e-7)
+    assert json.load(open(tmp_path / "stats.json")) == stats
+
+
+def test_shard_writer_refuses_bad_input_and_incomplete_reads(tmp_path):
+    writer = LatentShardWriter(str(tmp_path), ["a", "b", "c"], [0, 1, 0], (2, 2, 2), chunk_size=2)
+    with pytest.raises(ValueError, match="expected"):
+        writer.write_chunk(0, np.zeros((3, 2, 2, 2)), np.zeros((3, 2, 2, 2)))
+    with pytest.raises(ValueError, match="non-finite"):
+        writer.write_chunk(0, np.full((2, 2, 2, 2), np.nan), np.zeros((2, 2, 2, 2)))
+    writer.write_chunk(0, np.zeros((2, 2, 2, 2)), np.ones((2, 2, 2, 2)))
+    with pytest.raises(RuntimeError, match="1 of 2 chunks missing"):
+        LatentShards(str(tmp_path))
+    with pytest.raises(ValueError, match="other settings"):
+        LatentShardWriter(str(tmp_path), ["a", "b", "c"], [0, 1, 0], (2, 2, 2), chunk_size=3)
+    with pytest.raises(FileNotFoundError, match="preprocess"):
+        LatentShards(str(tmp_path / "nothing"))
+
+
+def test_sample_latents_is_mean_plus_std_eps():
+    mean, std = torch.randn(3, 4, 2, 2), torch.rand(3, 4, 2, 2)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    eps = torch.randn(mean.shape, generator=g2)
+    torch.testing.assert_close(sample_latents(mean, std, g1), mean + std * eps)
+    draws = torch.stack([sample_latents(mean, std) for _ in range(4000)])
+    torch.testing.assert_close(draws.mean(0), mean, atol=0.1, rtol=0)
+    torch.testing.assert_close(draws.std(0), std, atol=0.1, rtol=0.1)
+
+
+def test_preprocess_resumes_and_splits_across_ranks(builtin_root, tmp_path):
+    cfg = data_cfg(builtin_root)
+    n = CLASSES * PER_CLASS
+
+    one_shot = PoolEncoder()
+    full = preprocess(cfg, str(tmp_path / "once"), one_shot, batch_size=6, chunk_size=8, dtype="float32")
+    assert full["written"] == [0, 1, 2, 3, 4] and full["stats"] is not None
+    assert one_shot.images == n + 1  # every image once, plus the probe of the latent shape
+
+    # Two ranks, run one after the other (no process group): rank 0 stops after one chunk, as if killed.
+    out = str(tmp_path / "ranks")
+    enc = PoolEncoder()
+    r0 = preprocess(cfg, out, enc, batch_size=6, chunk_size=8, dtype="float32", rank=0, world_size=2, max_chunks=1)
+    assert r0["written"] == [0] and r0["stats"] is None
+    r1 = preprocess(cfg, out, enc, batch_size=6, chunk_size=8, dtype="float32", rank=1, world_size=2)
+    assert r1["written"] == [1, 3] and r1["stats"] is None  # only rank 0 writes the statistics
+    enc.images = 0
+    r0 = preprocess(cfg, out, enc, batch_size=6, chunk_size=8, dtype="float32", rank=0, world_size=2)
+    assert r0["written"] == [2, 4] and r0["already_done"] == 1
+    assert enc.images == 8 + 8 + 1  # chunks 2 and 4 (the last has 8 rows), plus the probe
+    again = preprocess(cfg, out, enc, batch_size=6, chunk_size=8, dtype="float32", rank=0, world_size=2)
+    assert again["written"] == [] and again["already_done"] == 3
+
+    a, b = LatentShards(str(tmp_path / "once")), LatentShards(out)
+    assert a.keys == b.keys and len(a) == n
+    np.testing.assert_array_equal(np.asarray(a.mean), np.asarray(b.mean))
+    np.testing.assert_array_equal(np.asarray(a.std), np.asarray(b.std))
+    assert a.stats == b.stats and len(a.stats["channel_mean"]) == 3
+
+
+def test_loader_yields_latents_in_step_with_images(builtin_root, tmp_path):
+    out = str(tmp_path / "lat")
+    preprocess(data_cfg(builtin_root), out, PoolEncoder(), batch_size=16, chunk_size=16, dtype="float32")
+    cfg = data_cfg(builtin_root, source="latent_shards", latents_root=out, random_flip=True)
+    loader = build_loader(cfg, 1, 2, "cpu")
+    encoder, flipped_any = PoolEncoder(), False
+    for batch in loader:
+        assert set(batch) == {"image", "label", "latent_mean", "latent_std"}
+        assert batch["latent_mean"].dtype == torch.float32 and batch["latent_mean"].shape == (8, 3, 8, 8)
+        # the stored latents of the images in this batch (flipped with them; pooling commutes with flips)
+        mean, std = encoder(batch["image"])
+        torch.testing.assert_close(batch["latent_mean"], mean, atol=1e-6, rtol=0)
+        torch.testing.assert_close(batch["latent_std"], std, atol=1e-6, rtol=0)
+        flipped_any = flipped_any or bool(loader.plan(loader.epoch)[1][loader.step - 1].any())
+    assert flipped_any
+
+    # an image without a latent is skipped (named) or, in error mode, an error
+    first_class = os.path.join(builtin_root, loader.classes[0])
+    extra = os.path.join(first_class, "zz_extra.jpg")
+    shutil.copy(os.path.join(first_class, sorted(os.listdir(first_class))[0]), extra)
+    try:
+        loader = build_loader(cfg, 0, 1, "cpu")
+        assert loader.skipped == 1 and len(loader.index) == CLASSES * PER_CLASS
+        with pytest.raises(CorruptImageError, match="zz_extra.jpg"):
+            build_loader(data_cfg(builtin_root, latents_root=out, on_corrupt="error"), 0, 1, "cpu")
+    finally:
+        os.remove(extra)
+
+
+def test_preprocess_cli_with_a_registered_latent_space(builtin_root, tmp_path, monkeypatch):
+    # engine.models.latents is written elsewhere; a stand-in module provides build_latent_space here.
+    fake = types.ModuleType("engine.models.latents")
+
+    class Space:
+        def __init__(self, name):
+            self.name = name
+            self.encode = PoolEncoder()
+
+        def to(self, device):
+            return self
+
+    fake.build_latent_space = Space
+    monkeypatch.setitem(sys.modules, "engine.models", types.ModuleType("engine.models"))
+    monkeypatch.setitem(sys.modules, "engine.models.latents", fake)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    out = str(tmp_path / "cli")
+    preprocess_main(["--data-root", builtin_root, "--out", out, "--latent-space", "pool4", "--resolution", "32",
+                     "--batch-size", "7", "--chunk-size", "16", "--local_rank=0"])
+    shards = LatentShards(out)
+    assert len(shards) == CLASSES * PER_CLASS and shards.meta["latent_space"] == "pool4"
+    assert shards.mean.dtype == np.float16 and shards.stats is not None
+
+
+def test_latents_of_another_resolution_are_refused(builtin_root, tmp_path):
+    out = str(tmp_path / "lat")
+    preprocess(data_cfg(builtin_root), out, PoolEncoder(), batch_size=40, chunk_size=40)
+    with pytest.raises(ValueError, match="data.resolution=16 .* encoded at 32"):
+        build_loader(data_cfg(builtin_root, resolution=16, latents_root=out), 0, 1, "cpu")
+
+
+def _two_rank_worker(rank, init_file, root, out, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        result = preprocess(data_cfg(root), out, PoolEncoder(), batch_size=5, chunk_size=6, dtype="float32",
+                            rank=rank, world_size=2)
+        loader = build_loader(data_cfg(root, source="latent_shards", latents_root=out), rank, 2, "cpu")
+        batches = [dict(label=b["label"], mean=b["latent_mean"]) for b in loader]
+        torch.save(dict(written=result["written"], stats=result["stats"], batches=batches),
+                   os.path.join(results, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_preprocess_and_loader_under_two_gloo_ranks(builtin_root, tmp_path):
+    out, results = str(tmp_path / "lat"), str(tmp_path / "results")
+    os.makedirs(results)
+    torch.multiprocessing.spawn(_two_rank_worker, args=(str(tmp_path / "init"), builtin_root, out, results), nprocs=2)
+    r0, r1 = (torch.load(os.path.join(results, f"rank{r}.pt")) for r in range(2))
+    assert r0["written"] == [0, 2, 4, 6] and r1["written"] == [1, 3, 5] and r1["stats"] is None
+    single = str(tmp_path / "single")
+    preprocess(data_cfg(builtin_root), single, PoolEncoder(), batch_size=40, chunk_size=40, dtype="float32")
+    a, b = LatentShards(single), LatentShards(out)
+    np.testing.assert_array_equal(np.asarray(a.mean), np.asarray(b.mean))
+    assert r0["stats"] == a.stats
+    # each rank's batches: disjoint halves of the same global batches a single process would see at batch 16
+    one = build_loader(data_cfg(builtin_root, source="latent_shards", latents_root=single, batch_size=16), 0, 1, "cpu")
+    for step, batch in enumerate(one):
+        both = torch.cat([r0["batches"][step]["mean"], r1["batches"][step]["mean"]])
+        torch.testing.assert_close(both, batch["latent_mean"], rtol=0, atol=0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .transport import expand_like, score_from_velocity, unwrap
+from .transport import score_from_velocity, unwrap
 
 METHODS = ("euler", "heun", "euler_maruyama")
 
@@ -89,14 +89,17 @@ def sample(model, y, num_steps: int = 50, method: str = "euler", cfg_scale: floa
            guidance_interval=(0.0, 1.0), cls_cfg_scale: float | None = None, seed: int | None = None,
            latent_shape=None, path: str = "linear", reversed_time: bool = False, legacy_cfg: bool = False,
            sde_last_t: float = 0.04, noise: torch.Tensor | None = None, cls_noise: torch.Tensor | None = None,
-           dtype: torch.dtype | None = None, return_cls: bool = False):
+           dtype: torch.dtype | None = None, return_cls: bool = False, transport_cfg=None):
     """Latents (B, C, H, W) float32 for labels y (B,), integrated from t = 1 to 0.
 
     euler / heun: num_steps steps on linspace(1, 0) (Heun corrects every step but the last);
     euler_maruyama: REPA's grid linspace(1, sde_last_t, num_steps) then 0, noise sqrt(2t dt) per step,
     and a final noise-free mean step. `noise` (and REG's `cls_noise`) fix the start; otherwise `seed`
     makes the whole run reproducible (on the same device). `latent_shape` = (C, H, W), default the model's.
+    `transport_cfg` (a TransportConfig), when given, supplies `path` and `reversed_time`.
     """
+    if transport_cfg is not None:
+        path, reversed_time = transport_cfg.path, transport_cfg.reversed_time
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if num_steps < 1:
@@ -169,4 +172,4 @@ def sample(model, y, num_steps: int = 50, method: str = "euler", cfg_scale: floa
     return x
 
 
-__all__ = ["sample", "METHODS", "expand_like"]
+__all__ = ["sample", "METHODS"]

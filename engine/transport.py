@@ -121,12 +121,14 @@ class Transport:
         """REPA-direction velocity from the model's output."""
         return -output if self.cfg.reversed_time else output
 
-    def training_losses(self, model, x, y, z_targets=(), cls_target=None, noise=None, t=None) -> dict:
+    def training_losses(self, model, x, y, z_targets=(), cls_target=None, noise=None, t=None,
+                        cls_noise=None) -> dict:
         """Loss terms for a batch of latents x (B, C, H, W) with labels y (B,).
 
         z_targets: one (B, N, z_dim) encoder patch-token tensor per projector (no grad needed).
         cls_target: (B, z_dims[0]) encoder class token, required for a REG model: it is noised with the
-        same t and its own noise, predicted by the model, and prepended to z_targets[0] for alignment.
+        same t and its own noise (`cls_noise`, default fresh), predicted by the model, and prepended to
+        z_targets[0] for alignment. t (B,) and noise default to fresh samples.
         Returns scalar tensors: "loss" = velocity + proj_coeff * alignment + cls_coeff * cls, and each term.
         """
         cfg, net = self.cfg, unwrap(model)
@@ -147,7 +149,8 @@ class Transport:
         if not reg and cls_target is not None:
             raise ValueError("cls_target given for a model built without reg=True")
 
-        # One set of (possibly dropped) labels for both the CAR-Flow shifts and the model.
+        # One set of (possibly dropped) labels for both the CAR-Flow shifts and the model. The shifts have
+        # no loss of their own: they learn from the loss through the target and through x_t.
         labels = net.drop_labels(y) if net.training else y
         mu0, mu1 = net.car_flow_shifts(labels) if hasattr(net, "car_flow_shifts") else (None, None)
         x_t, _ = kernels.interpolant(x, noise, t, cfg.path, mu0, mu1)
@@ -156,7 +159,7 @@ class Transport:
 
         if reg:
             cls_target = cls_target.to(x.dtype)
-            cls_noise = torch.randn_like(cls_target)
+            cls_noise = torch.randn_like(cls_target) if cls_noise is None else cls_noise.to(cls_target.dtype)
             cls_t, _ = kernels.interpolant(cls_target, cls_noise, t, cfg.path)
             out, zs, cls_out = model(x_t, time_input, labels, cls_token=cls_t, label_dropout=False)
             cls_loss = kernels.velocity_loss(self.model_velocity(cls_out), cls_target, cls_noise, t, cfg.path)

@@ -464,6 +464,27 @@ def build_model(cfg: ModelConfig) -> SiT:
     return SiT(cfg)
 
 
+def load_weights(model: SiT, path: str, key: str | None = None, strict: bool = True):
+    """Load SiT weights from a REPA/REG checkpoint (.pt/.pth: a state dict or a dict holding one under
+    `key`, by default "ema" then "model"; a "module." prefix is removed) or a .safetensors file."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    if key is not None:
+        if key not in state:
+            raise KeyError(f"checkpoint {path!r} has no {key!r} entry; it has {sorted(state)[:10]}")
+        state = state[key]
+    else:
+        for candidate in ("ema", "model", "state_dict", "module"):
+            if isinstance(state.get(candidate), dict):
+                state = state[candidate]
+                break
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return model.load_state_dict(state, strict=strict)
+
+
 def _factory(name):
     def make(**overrides) -> SiT:
         return SiT(ModelConfig(name=name, **overrides))

@@ -1,0 +1,137 @@
+"""Latent spaces: where the flow runs. "vae" (diffusers AutoencoderKL) or "identity" (pixel space).
+
+Latents are normalised as REPA does: latent = z * scale + shift, with z the VAE's latent and scale /
+shift scalars or one value per channel (sd-vae-ft-ema/mse: scale 0.18215, shift 0; ReaLS: per channel).
+
+    space = build_latent_space(LatentConfig(kind="vae", path="/models/sd-vae-ft-ema"))
+    mean, std = space.encode(images_uint8)       # normalised posterior; sample x = mean + std * eps
+    images = space.decode(x)                     # (B, 3, H, W) in [-1, 1]
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+
+KINDS = ("identity", "vae")
+
+
+@dataclass
+class LatentConfig:
+    kind: str = "vae"
+    path: str | None = None                 # local diffusers folder, or a hub repo id already in the cache
+    subfolder: str | None = None
+    scale: float | list[float] = 0.18215
+    shift: float | list[float] = 0.0
+    dtype: str = "float32"                  # VAE compute dtype
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"LatentConfig.kind={self.kind!r} is invalid; allowed: {list(KINDS)}")
+        if self.kind == "vae" and not self.path:
+            raise ValueError("LatentConfig.path is required for kind 'vae': a local diffusers AutoencoderKL "
+                             "folder (e.g. one saved from stabilityai/sd-vae-ft-ema) or a cached hub repo id")
+        for key in ("scale", "shift"):
+            value = getattr(self, key)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
+                raise ValueError(f"LatentConfig.{key}={value!r} is invalid; allowed: a number or a list of numbers "
+                                 "(one per latent channel)")
+        if any(v == 0 for v in (self.scale if isinstance(self.scale, (list, tuple)) else [self.scale])):
+            raise ValueError(f"LatentConfig.scale={self.scale!r} is invalid; allowed: non-zero values")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"LatentConfig.dtype={self.dtype!r} is invalid; allowed: float32, float16, bfloat16")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LatentConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LatentConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+
+def _per_channel(value, channels: int, key: str) -> torch.Tensor:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * channels
+    if len(values) != channels:
+        raise ValueError(f"LatentConfig.{key} has {len(values)} values for {channels} latent channels")
+    return torch.tensor(values, dtype=torch.float32).view(1, channels, 1, 1)
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1]."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (B, 3, H, W), got shape {tuple(images.shape)}")
+    return images.float() / 127.5 - 1.0
+
+
+class IdentityLatentSpace(nn.Module):
+    """Pixel space: latents are the images in [-1, 1] (times scale, plus shift); std is zero."""
+
+    downsample = 1
+    channels = 3
+
+    def __init__(self, cfg: LatentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("scale", _per_channel(cfg.scale, 3, "scale"), persistent=False)
+        self.register_buffer("shift", _per_channel(cfg.shift, 3, "shift"), persistent=False)
+
+    @torch.no_grad()
+    def encode(self, images):
+        mean = to_unit_range(images) * self.scale + self.shift
+        return mean, torch.zeros_like(mean)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        return ((latents.float() - self.shift) / self.scale).clamp(-1, 1)
+
+
+class VAELatentSpace(nn.Module):
+    def __init__(self, cfg: LatentConfig, vae: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.vae = vae.eval().requires_grad_(False)
+        self.dtype = getattr(torch, cfg.dtype)
+        self.channels = vae.config.latent_channels
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.register_buffer("scale", _per_channel(cfg.scale, self.channels, "scale"), persistent=False)
+        self.register_buffer("shift", _per_channel(cfg.shift, self.channels, "shift"), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Normalised posterior (mean, std), each (B, C, H/f, W/f) float32."""
+        x = to_unit_range(images).to(self.dtype)
+        posterior = self.vae.encode(x).latent_dist
+        mean = posterior.mean.float() * self.scale + self.shift
+        std = posterior.std.float() * self.scale.abs()
+        return mean, std
+
+    @torch.no_grad()
+    def decode(self, latents):
+        z = (latents.float() - self.shift) / self.scale
+        return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
+
+
+def build_latent_space(cfg: LatentConfig, device=None) -> nn.Module:
+    if cfg.kind == "identity":
+        space = IdentityLatentSpace(cfg)
+    else:
+        from diffusers import AutoencoderKL
+        local = os.path.isdir(cfg.path)
+        try:
+            vae = AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder, local_files_only=True,
+                                                torch_dtype=getattr(torch, cfg.dtype))
+        except (OSError, ValueError) as error:
+            where = "folder" if local else "hub cache entry"
+            raise FileNotFoundError(
+                f"cannot load AutoencoderKL from {where} {cfg.path!r}: {error}. Save one with "
+                f"`AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained(PATH)` on a machine "
+                f"with network access and point LatentConfig.path at PATH.") from error
+        space = VAELatentSpace(cfg, vae)
+    return space.to(device) if device is not None else space

@@ -1,0 +1,133 @@
+"""Frozen encoders (timm, local weights) and latent spaces (identity, diffusers AutoencoderKL)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.models.encoders import ALIASES, EncoderConfig, build_encoder
+from engine.models.latents import LatentConfig, build_latent_space
+
+timm = pytest.importorskip("timm")
+
+
+SHALLOW = dict(model_kwargs=dict(depth=1))  # one transformer block keeps the CPU tests fast
+
+
+def images(batch=2, size=64):
+    return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+
+
+def test_aliases_name_timm_dinov2_models():
+    assert ALIASES["dinov2-vit-b"] == "vit_base_patch14_dinov2.lvd142m"
+    assert ALIASES["dinov2-vit-g-reg"] == "vit_giant_patch14_reg4_dinov2.lvd142m"
+    for name in ALIASES.values():
+        assert timm.is_model(name.split(".")[0]), name
+    assert EncoderConfig(resolution=256).input_size == 224 and EncoderConfig(resolution=512).input_size == 448
+
+
+def test_random_encoder_shapes_and_repa_preprocessing():
+    encoder = build_encoder(EncoderConfig(name="dinov2-vit-s", pretrained=False, resolution=64, **SHALLOW))  # input 56
+    batch = images()
+    patches, cls = encoder(batch)
+    assert encoder.embed_dim == 384 and patches.shape == (2, 16, 384) and cls.shape == (2, 384)
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.train().training
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = F.interpolate((batch / 255.0 - mean) / std, size=(56, 56), mode="bicubic", align_corners=False)
+    tokens = encoder.model.forward_features(x)
+    torch.testing.assert_close(patches, tokens[:, 1:])
+    torch.testing.assert_close(cls, tokens[:, 0])
+
+
+def test_registers_are_not_patch_tokens():
+    encoder = build_encoder(EncoderConfig(name="dinov2-vit-s-reg", pretrained=False, resolution=64, **SHALLOW))
+    patches, cls = encoder(images(1))
+    assert encoder.num_prefix_tokens == 5 and patches.shape == (1, 16, 384)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_from_a_local_file_with_pos_embed_resampling(tmp_path, suffix):
+    # A checkpoint at DINOv2's native 518 px (37 x 37 grid) loads into a 56 px (4 x 4) encoder.
+    source = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=518,
+                               depth=1)
+    with torch.no_grad():
+        source.pos_embed.normal_()
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    else:
+        torch.save({"model": state}, path)
+    encoder = build_encoder(EncoderConfig(name="dinov2-vit-s", weights_path=str(path), resolution=64, **SHALLOW))
+    loaded = encoder.model.state_dict()
+    torch.testing.assert_close(loaded["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(loaded["cls_token"], state["cls_token"])
+    expected = timm.layers.resample_abs_pos_embed(state["pos_embed"], new_size=[4, 4], num_prefix_tokens=1,
+                                                  interpolation="bicubic", antialias=False)
+    torch.testing.assert_close(loaded["pos_embed"], expected)
+    with pytest.raises(ValueError, match="do not fit"):
+        build_encoder(EncoderConfig(name="dinov2-vit-s", weights_path=str(path), resolution=64,
+                                    model_kwargs=dict(depth=2)))
+
+
+def test_missing_weights_are_a_clear_error(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors") as info:
+        build_encoder(EncoderConfig(name="dinov2-vit-s", weights_path=str(missing), resolution=64))
+    assert "pretrained: false" in str(info.value) and "huggingface-cli download" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="hub cache"):
+        build_encoder(EncoderConfig(name="dinov2-vit-s", resolution=64))
+    with pytest.raises(ValueError, match="timm"):
+        build_encoder(EncoderConfig(name="not-a-model", pretrained=False))
+
+
+def test_identity_latent_space_round_trip():
+    space = build_latent_space(LatentConfig(kind="identity", scale=2.0, shift=[0.1, 0.0, -0.1]))
+    batch = images()
+    mean, std = space.encode(batch)
+    torch.testing.assert_close(mean, (batch / 127.5 - 1) * 2.0 + torch.tensor([0.1, 0.0, -0.1]).view(1, 3, 1, 1))
+    assert torch.count_nonzero(std) == 0 and space.channels == 3 and space.downsample == 1
+    torch.testing.assert_close(space.decode(mean), batch / 127.5 - 1)
+    assert space.decode(mean * 10).abs().max() <= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(str(path))
+    return str(path), vae.eval()
+
+
+def test_vae_latent_space_scales_per_channel(tiny_vae_dir):
+    path, vae = tiny_vae_dir
+    scale, shift = [0.5, 1.0, 2.0, 0.18215], [0.1, -0.2, 0.0, 0.3]
+    space = build_latent_space(LatentConfig(kind="vae", path=path, scale=scale, shift=shift))
+    assert space.channels == 4 and space.downsample == 2
+    batch = images(2, 16)
+    mean, std = space.encode(batch)
+    with torch.no_grad():
+        posterior = vae.encode(batch / 127.5 - 1).latent_dist
+        s, b = torch.tensor(scale).view(1, 4, 1, 1), torch.tensor(shift).view(1, 4, 1, 1)
+        torch.testing.assert_close(mean, posterior.mean * s + b)
+        torch.testing.assert_close(std, posterior.std * s)
+        latents = mean + std * torch.randn_like(std)
+        torch.testing.assert_close(space.decode(latents), vae.decode((latents - b) / s).sample.clamp(-1, 1))
+    assert mean.shape == (2, 4, 8, 8)
+
+
+def test_latent_config_errors(tiny_vae_dir, tmp_path):
+    with pytest.raises(ValueError, match="kind"):
+        LatentConfig(kind="vqgan")
+    with pytest.raises(ValueError, match="path"):
+        LatentConfig(kind="vae")
+    with pytest.raises(ValueError, match="scale"):
+        LatentConfig(kind="identity", scale=0.0)
+    with pytest.raises(ValueError, match="3 values for 4"):
+        build_latent_space(LatentConfig(kind="vae", path=tiny_vae_dir[0], scale=[1.0, 1.0, 1.0]))
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        build_latent_space(LatentConfig(kind="vae", path=str(tmp_path / "missing")))

@@ -33,7 +33,7 @@ def generate(model, latent_space, labels: torch.Tensor, cfg, device, seed: int |
     for i, start in enumerate(range(0, len(labels), s.batch_size)):
         y = labels[start:start + s.batch_size].to(device)
         latents = sample(model, y, num_steps=s.num_steps, method=s.method, cfg_scale=s.cfg_scale, seed=seed + i,
-                         path=cfg.transport.path, reversed_time=cfg.transport.reversed_time)
+                         transport_cfg=cfg.transport)
         out.append(to_uint8(latent_space.decode(latents)))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 

@@ -53,7 +53,8 @@ class Monitor:
     def warn(self, message: str) -> None:
         if self.bar is not None:
             self.bar.write("WARNING " + message)
-        log.warning(message) if self.bar is None else None
+        else:
+            log.warning(message)
 
     # -- progress -------------------------------------------------------------------------------
 

@@ -38,10 +38,14 @@ def generate(model, latent_space, labels: torch.Tensor, cfg, device, seed: int |
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, pad: int = 2) -> str:
-    """uint8 (N, H, W, 3) -> one PNG grid."""
+def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, pad: int = 2, min_size: int = 64) -> str:
+    """uint8 (N, H, W, 3) -> one PNG grid; images smaller than `min_size` are enlarged (nearest) for
+    viewing."""
     from PIL import Image
 
+    factor = max(1, min_size // max(1, images.shape[1]))
+    if factor > 1:
+        images = images.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
     n, h, w, _ = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
@@ -99,7 +103,8 @@ def main(argv=None) -> dict:
     cfg, model, latent_space = load_for_sampling(args.ckpt, device, overrides)
     labels = torch.arange(cfg.sample.num_images) % cfg.model.num_classes
     images = generate(model, latent_space, labels, cfg, device)
-    grid = save_grid(images[: cfg.sample.grid_images], os.path.join(args.out, "samples.png"))
+    grid = save_grid(images[: cfg.sample.grid_images], os.path.join(args.out, "samples.png"),
+                     nrow=min(len(images), cfg.model.num_classes))
     npz = save_npz(images, labels, os.path.join(args.out, "samples.npz"))
     print(f"wrote {grid} and {npz} ({len(images)} images, {cfg.sample.method} {cfg.sample.num_steps} steps, "
           f"cfg {cfg.sample.cfg_scale})")

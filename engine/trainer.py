@@ -79,6 +79,9 @@ def init_distributed(device_type: str) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the ranks on this machine
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
     return DistInfo(rank, local_rank, world, device)
 
 
@@ -328,6 +331,7 @@ class Trainer:
         """Accumulate `accum` finite micro-batches and take one optimizer step. Returns the step's
         mean loss terms over micro-batches and ranks."""
         self.engine.train()
+        lr = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.cfg.optim.lr  # this step's
         totals = torch.zeros(len(self.TERMS), dtype=torch.float64)
         done = 0
         while done < self.accum:
@@ -365,7 +369,7 @@ class Trainer:
         out = {k: float(v) / self.accum for k, v in zip(self.TERMS, totals)}
         grad_norm = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        out["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.cfg.optim.lr
+        out["lr"] = lr
         out["nonfinite_total"] = self.nonfinite_total
         return out
 
@@ -442,7 +446,7 @@ class Trainer:
         labels = torch.arange(n) % self.cfg.model.num_classes
         images = generate(model, self.latent_space, labels, self.cfg, self.device)
         path = os.path.join(self.output_dir, name)
-        save_grid(images, path)
+        save_grid(images, path, nrow=min(n, self.cfg.model.num_classes))  # one column per class
         self.monitor.image(name, path, self.step)
         return path
 
@@ -457,7 +461,7 @@ class Trainer:
         images = generate(model, self.latent_space, labels, self.cfg, self.device)
         grid = os.path.join(self.output_dir, "samples.png")
         npz = os.path.join(self.output_dir, "samples.npz")
-        save_grid(images[: self.cfg.sample.grid_images], grid)
+        save_grid(images[: self.cfg.sample.grid_images], grid, nrow=min(n, self.cfg.model.num_classes))
         save_npz(images, labels, npz)
         self.monitor.info(f"samples: {grid}, {npz} ({n} images)")
         return {"samples_png": grid, "samples_npz": npz}

@@ -133,6 +133,11 @@ def test_keep_last_and_ema_export_sample(tmp_path, data_root):
     model = build_model(from_dict(config).model)
     model.load_state_dict(state, strict=True)
     assert all(v.dtype == torch.float32 for v in state.values())
+    from engine.models.sit import load_weights  # the loader for public REPA / REG checkpoints
+    other = build_model(from_dict(config).model)
+    load_weights(other, os.path.join(checkpoint_dir, "step_00000004", ckpt.EMA_FILE))
+    for key, value in other.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
 
     out = sample_main(["--ckpt", checkpoint_dir, "--out", str(tmp_path / "eval"), "--num-images", "5",
                        "--num-steps", "2", "--batch-size", "3", "--device", "cpu"])

@@ -11,6 +11,10 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+if not os.path.exists(DEEPSPEED):
+    import shutil
+
+    DEEPSPEED = shutil.which("deepspeed") or DEEPSPEED
 
 
 def tiny_config(run_dir, data_root, **sections) -> dict:

@@ -69,9 +69,8 @@ def init_distributed(device_type: str) -> DistInfo:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
-                                   verbose=False)
+    # Also adopts a process group the caller created (DeepSpeed then only wraps it).
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":

@@ -25,6 +25,19 @@ def _keep_kernel_backend():
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_rank_process_group():
+    """The trainer joins a one-rank gloo group in this process; leave no group or env behind."""
+    saved = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def make_trainer(tmp_path, data_root, **sections):
     from engine.trainer import Trainer
 
@@ -124,6 +137,7 @@ def test_keep_last_and_ema_export_sample(tmp_path, data_root):
     records = [json.loads(line) for line in open(os.path.join(trainer.output_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in records)
+    assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])  # 2 warm-up steps to 1e-3
     assert os.path.exists(results["loss_curve"]) and os.path.exists(results["samples_png"])
     samples = np.load(results["samples_npz"])
     assert samples["arr_0"].shape == (6, 16, 16, 3) and samples["arr_0"].dtype == np.uint8

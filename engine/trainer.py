@@ -104,7 +104,7 @@ def rank_seed(seed: int, rank: int) -> int:
 OWNED_BY_EXPERIMENT = ("optimizer", "scheduler")
 
 
-def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str) -> dict:
+def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str, device_type: str = "cuda") -> dict:
     """The DeepSpeed JSON with the experiment's batch sizes, precision, clipping and ZeRO stage."""
     path = deepspeed_config_path(cfg)
     with open(path) as f:
@@ -128,6 +128,8 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str) -> 
     if cfg.train.zero_stage is not None:
         zero["stage"] = cfg.train.zero_stage
     zero.setdefault("stage", 0)
+    if device_type == "cpu":  # no streams to overlap with on the CPU; gloo then runs one collective at a time
+        zero["overlap_comm"] = False
     ds["zero_optimization"] = zero
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, wrapped by the ZeRO optimizer
     ds.setdefault("steps_per_print", 10 ** 9)
@@ -205,7 +207,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                       weight_decay=cfg.optim.weight_decay, fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
-        self.ds_config = deepspeed_config(cfg, self.world_size, self.precision)
+        self.ds_config = deepspeed_config(cfg, self.world_size, self.precision, self.device.type)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)

@@ -77,6 +77,14 @@ class EMA:
         for param, kind in zip(self.params, self.kinds):
             self.sources.append(self._source(param, kind))
 
+    @torch.no_grad()
+    def write_masters(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a complete fp32 state into the local fp32 master weights. DeepSpeed's bf16 mode builds
+        its masters from the bf16 copy of the model; this restores the exact fp32 initial weights."""
+        for i, name in enumerate(self.names):
+            if self.kinds[i] != "full" and self.sources[i] is not None:
+                self.sources[i].copy_(self._local_slice(i, state[name]))
+
     # -- update ---------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -215,7 +215,12 @@ class Trainer:
         self.accum = self.engine.gradient_accumulation_steps()
 
         from engine.ema import EMA
-        self.ema = EMA(self.engine.module, cfg.ema.decay, self.initial_state) if cfg.ema.enabled else None
+        # With ema.enabled false the tracker follows the weights (decay 0), so exports and samples
+        # still work and hold the raw fp32 weights.
+        self.ema = EMA(self.engine.module, cfg.ema.decay if cfg.ema.enabled else 0.0, self.initial_state)
+        if self.precision != "fp32":
+            self.ema.write_masters(self.initial_state)
+            self.ema = EMA(self.engine.module, self.ema.decay, self.initial_state)
 
         self.step = 0
         self.micro_attempts = 0         # micro-batches drawn, including skipped ones
@@ -267,10 +272,9 @@ class Trainer:
         self.micro_attempts = rank_state["micro_attempts"]
         self.nonfinite_total = rank_state["nonfinite_total"]
         self.nonfinite_in_row = rank_state["nonfinite_in_row"]
-        if self.ema is not None:
-            if ema_state is None:
-                raise FileNotFoundError(f"{directory}/{tag} has no EMA state but ema.enabled is true")
-            self.ema.load_full_state_dict(ema_state)
+        if ema_state is None:
+            raise FileNotFoundError(f"{directory}/{tag} has no {ckpt.EMA_FILE}")
+        self.ema.load_full_state_dict(ema_state)
         self.monitor.info(f"resumed from {os.path.join(directory, tag)} at step {step}")
 
     def save(self) -> str:
@@ -278,7 +282,7 @@ class Trainer:
                       "latent_generator": self.latent_generator.get_state(),
                       "micro_attempts": self.micro_attempts, "nonfinite_total": self.nonfinite_total,
                       "nonfinite_in_row": self.nonfinite_in_row}
-        ema_state = self.ema.full_state_dict() if self.ema is not None else None
+        ema_state = self.ema.full_state_dict()
         path = ckpt.save_checkpoint(self.engine, self.checkpoint_dir, self.step, self.cfg.to_dict(), rank_state,
                                     ema_state, self.cfg.checkpoint.keep_last)
         self.monitor.info(f"checkpoint {path}")
@@ -365,8 +369,7 @@ class Trainer:
             totals += packed[:-1].double() / self.world_size
             done += 1
         self.step += 1
-        if self.ema is not None:
-            self.ema.update()
+        self.ema.update()
         out = {k: float(v) / self.accum for k, v in zip(self.TERMS, totals)}
         grad_norm = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -428,9 +431,7 @@ class Trainer:
         """A plain fp32 model with the EMA weights on rank 0 (None elsewhere); collective."""
         from engine.models import build_model
 
-        state = self.ema.full_state_dict() if self.ema is not None else None
-        if state is None:
-            raise RuntimeError("sampling needs the EMA (ema.enabled: true)")
+        state = self.ema.full_state_dict()
         if not self.is_main:
             return None
         model = build_model(self.cfg.model)

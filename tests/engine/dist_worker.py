@@ -60,6 +60,7 @@ def run_resume(cfg) -> dict:
     half = cfg.train.max_steps // 2
     first = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every=half, resume="none"))
     a = Trainer(first)
+    init_error = max(float((v - a.initial_state[k].float()).abs().max()) for k, v in full_master_weights(a).items())
     losses_a = [a.train_step()["loss"] for _ in range(half)]
     a.save()
     losses_a += [a.train_step()["loss"] for _ in range(cfg.train.max_steps - half)]
@@ -74,7 +75,8 @@ def run_resume(cfg) -> dict:
     losses_b = [b.train_step()["loss"] for _ in range(cfg.train.max_steps - start)]
     ema_b = b.ema.full_state_dict()
     ema_diff = max(float((ema_a[k] - ema_b[k]).abs().max()) for k in ema_a)
-    return dict(losses_a=losses_a, losses_b=losses_b, resumed_at=start, ema_diff=ema_diff)
+    return dict(losses_a=losses_a, losses_b=losses_b, resumed_at=start, ema_diff=ema_diff,
+                init_master_error=init_error, zero_stage=a.engine.zero_optimization_stage(), precision=a.precision)
 
 
 def main():

@@ -157,3 +157,40 @@ def test_keep_last_and_ema_export_sample(tmp_path, data_root):
                        "--num-steps", "2", "--batch-size", "3", "--device", "cpu"])
     arr = np.load(out["npz"])["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8 and os.path.exists(out["grid"])
+
+
+def test_bf16_keeps_fp32_master_weights_and_ema(tmp_path, data_root):
+    """bf16 model, fp32 master weights inside the ZeRO-2 optimizer; the EMA tracks the fp32 masters."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from engine.ema import reference_ema
+
+    trainer = make_trainer(tmp_path, data_root, train={"precision": "bf16", "max_steps": 3}, ema={"decay": 0.5})
+    assert all(p.dtype == torch.bfloat16 for p in trainer.engine.module.parameters())
+    assert {trainer.ema.kinds[i] for i in range(len(trainer.ema.names))} == {"fragment"}
+    masters = {n: safe_get_full_fp32_param(p) for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
+    for name, master in masters.items():  # the exact fp32 initial weights, not their bf16 rounding
+        torch.testing.assert_close(master, trainer.initial_state[name], rtol=0, atol=0)
+    reference = {k: v.float().clone() for k, v in trainer.initial_state.items()}
+    for _ in range(3):
+        metrics = trainer.train_step()
+        assert np.isfinite(metrics["loss"])
+        masters = {n: safe_get_full_fp32_param(p) for n, p in trainer.engine.module.named_parameters()
+                   if p.requires_grad}
+        reference = reference_ema(reference, masters.items(), 0.5)
+    ema = trainer.ema.full_state_dict()
+    for name, master in masters.items():
+        assert master.dtype == torch.float32
+        # the bf16 copy is the rounded master (so the master really holds more precision)
+        torch.testing.assert_close(dict(trainer.engine.module.named_parameters())[name].float(),
+                                   master.to(torch.bfloat16).float(), rtol=0, atol=0)
+        torch.testing.assert_close(ema[name], reference[name], rtol=0, atol=1e-6)
+
+
+def test_ema_disabled_exports_the_weights(tmp_path, data_root):
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 2}, ema={"enabled": False})
+    trainer.train_step()
+    weights = master_weights(trainer)
+    for name, value in trainer.ema.full_state_dict().items():
+        if name in weights:
+            torch.testing.assert_close(value, weights[name], rtol=0, atol=0)

@@ -56,12 +56,16 @@ def test_zero2_and_zero3_agree(zero_runs):
     np.testing.assert_allclose(zero_runs[2]["losses"], zero_runs[3]["losses"], rtol=1e-4, atol=1e-5)
 
 
-def test_exact_resume_two_ranks(tmp_path, data_root):
-    raw = tiny_config(tmp_path / "run", data_root, train=dict(max_steps=6))
+@pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "bf16")])
+def test_exact_resume_two_ranks(tmp_path, data_root, stage, precision):
+    ds = "configs/deepspeed/zero2.json" if stage == 2 else write_zero3_json(tmp_path / "zero3.json")
+    raw = tiny_config(tmp_path / "run", data_root, train=dict(max_steps=6, precision=precision, deepspeed_config=ds))
     out = tmp_path / "result.json"
     launch(["--config", write_config(raw, tmp_path / "config.yaml"), "--mode", "resume", "--out", str(out)],
            module="tests.engine.dist_worker")
     result = json.loads(out.read_text())
+    assert result["zero_stage"] == stage and result["precision"] == precision
+    assert result["init_master_error"] == 0.0  # fp32 masters start at the fp32 init, not its bf16 rounding
     assert result["resumed_at"] == 3
     # bit-identical: same weights, optimizer state, data position and RNG streams on every rank
     assert result["losses_b"] == result["losses_a"][3:], result

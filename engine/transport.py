@@ -61,10 +61,15 @@ class TransportConfig:
 
 
 def unwrap(model):
-    """The nn.Module inside a DDP / DeepSpeed wrapper (their forward is still called via the wrapper)."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
-        model = model.module
-    return model
+    """The nn.Module inside DDP / DeepSpeed / torch.compile wrappers (the forward is still called through
+    the wrapper; methods such as car_flow_shifts are called on the inner module)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def time_from_log_snr_ratio(log_ratio: torch.Tensor, path: str) -> torch.Tensor:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -53,7 +54,7 @@ class ModelConfig:
     in_channels: int = 4
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
-    encoder_depth: int = 8
+    encoder_depth: int | None = None  # block whose output REPA aligns; None: 8 for L/XL, 4 for S/B (REPA)
     z_dims: list[int] = field(default_factory=lambda: [768])
     projector_dim: int = 2048
     qk_norm: bool = False
@@ -62,6 +63,7 @@ class ModelConfig:
     car_flow_shape: str = "full"      # "full": a (C, H, W) shift per class; "channel": (C, 1, 1)
     car_flow_rank: int = 64           # width of each shift network's hidden layer
     mlp_ratio: float = 4.0
+    grad_checkpointing: bool = False  # recompute each block in the backward (activation memory ~ depth x less)
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -78,6 +80,8 @@ class ModelConfig:
         self.hidden_size = hidden if self.hidden_size is None else self.hidden_size
         self.num_heads = heads if self.num_heads is None else self.num_heads
         self.patch_size = patch if self.patch_size is None else self.patch_size
+        if self.encoder_depth is None:
+            self.encoder_depth = 8 if self.name.startswith(("SiT-L", "SiT-XL")) else 4
         self.z_dims = list(self.z_dims)
         for key in ("input_size", "in_channels", "num_classes", "depth", "hidden_size", "num_heads",
                     "patch_size", "projector_dim", "car_flow_rank"):
@@ -94,7 +98,7 @@ class ModelConfig:
             bad("class_dropout_prob", self.class_dropout_prob, "a number in [0, 1)")
         if any(not isinstance(z, int) or isinstance(z, bool) or z < 1 for z in self.z_dims):
             bad("z_dims", self.z_dims, "a list of positive integers (empty: no REPA projector)")
-        if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
+        if not isinstance(self.encoder_depth, int) or self.z_dims and not 1 <= self.encoder_depth <= self.depth:
             bad("encoder_depth", self.encoder_depth, f"an integer in [1, depth={self.depth}]")
         if self.reg and not self.z_dims:
             bad("reg", self.reg, "False unless z_dims is non-empty (the class token width is z_dims[0])")
@@ -227,6 +231,14 @@ class SiTBlock(nn.Module):
     def modulation(self, c):
         """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, D)."""
         return self.adaLN_modulation(c).chunk(6, dim=-1)
+
+    def step(self, residual, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale):
+        """The block inside the model's fused chain. h = modulate(LN(residual)) for this block's attention
+        comes in; (residual after the block, modulate(LN(residual)) for the next block or the final layer
+        with next_shift / next_scale) goes out. Each residual add is fused with the LayerNorm after it."""
+        residual, h = kernels.adaln_residual_modulate(residual, self.attn(h), gate_msa, shift_mlp, scale_mlp,
+                                                      LN_EPS)
+        return kernels.adaln_residual_modulate(residual, self.mlp(h), gate_mlp, next_shift, next_scale, LN_EPS)
 
     def forward(self, x, c):
         """One block on its own: x + gate * attn(modulate(LN x)), then the same with the MLP."""
@@ -383,7 +395,7 @@ class SiT(nn.Module):
                              f"{self.cls_dim})")
         if not self.reg and cls_token is not None:
             raise ValueError("cls_token given to a model built without reg=True")
-        if label_dropout if label_dropout is not None else self.training:
+        if self.training if label_dropout is None else label_dropout:
             y = self.drop_labels(y)
 
         h = self.x_embedder(x)                                                   # (B, T, D)
@@ -391,28 +403,21 @@ class SiT(nn.Module):
             cls = self.wg_norm(self.cls_projectors2(cls_token.to(h.dtype)))      # (B, D)
             h = torch.cat([cls.unsqueeze(1).to(h.dtype), h], dim=1)              # (B, 1 + T, D)
         h = h + self.pos_embed.to(h.dtype)
-        B, T, D = h.shape
         c = self.t_embedder(t) + self.y_embedder(y)                               # (B, D)
 
+        # Per block: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D).
+        modulations = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
         zs = []
         residual = h
-        shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.blocks[0].modulation(c)
-        h = kernels.adaln_modulate(residual, shift, scale, LN_EPS)
+        h = kernels.adaln_modulate(residual, *modulations[0][:2], LN_EPS)
         for i, block in enumerate(self.blocks):
-            residual, h = kernels.adaln_residual_modulate(residual, block.attn(h), gate_msa, shift_mlp,
-                                                          scale_mlp, LN_EPS)
-            if i + 1 < len(self.blocks):
-                next_modulation = self.blocks[i + 1].modulation(c)
-                shift, scale = next_modulation[:2]
+            args = (residual, h, *modulations[i][2:], *modulations[i + 1][:2])
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                residual, h = checkpoint(block.step, *args, use_reentrant=False)
             else:
-                shift, scale = self.final_layer.modulation(c)
-            # The residual add of this block's MLP and the next LayerNorm + modulate in one pass.
-            residual, h = kernels.adaln_residual_modulate(residual, block.mlp(h), gate_mlp, shift, scale,
-                                                          LN_EPS)
+                residual, h = block.step(*args)
             if i + 1 == self.encoder_depth:
                 zs = [projector(residual) for projector in self.projectors]     # (B, T, z_dim)
-            if i + 1 < len(self.blocks):
-                _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = next_modulation
 
         # h = modulate(LN(residual)) with the final layer's shift and scale.
         velocity = self.unpatchify(self.final_layer.linear(h[:, int(self.reg):]))  # (B, C, H, W)

@@ -36,6 +36,7 @@ def test_preset_table_and_factories():
     assert (model.cfg.depth, model.cfg.hidden_size, model.cfg.num_heads, model.cfg.patch_size) == (24, 1024, 16, 4)
     assert model.pos_embed.shape == (1, 64, 1024) and len(model.projectors) == 0
     assert PRESETS["SiT-B/8"] == (12, 768, 12, 8)
+    assert model.cfg.encoder_depth == 8 and ModelConfig(name="SiT-B/2").encoder_depth == 4
 
 
 @pytest.mark.parametrize("options", [dict(), dict(qk_norm=True), dict(reg=True, z_dims=[768, 1024]),
@@ -228,3 +229,18 @@ def test_load_weights_from_repa_style_checkpoint(tmp_path):
     assert torch.equal(other.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     with pytest.raises(RuntimeError, match="Missing key"):
         load_weights(tiny_model(reg=True), str(path))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    plain = randomize(tiny_model(depth=3, encoder_depth=2)).train()
+    checkpointed = tiny_model(depth=3, encoder_depth=2, grad_checkpointing=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x, t, y, z = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]), torch.randn(2, 16, 24)
+    grads = []
+    for model in (plain, checkpointed):
+        v, zs = model(x, t, y, label_dropout=False)
+        (v.square().mean() + kernels.alignment_loss(zs, [z])).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

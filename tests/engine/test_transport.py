@@ -189,3 +189,22 @@ def test_transport_uses_the_kernel_ops(monkeypatch):
     Transport().training_losses(model, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]), [torch.randn(2, 16, 24)],
                                 cls_target=torch.randn(2, 24))
     assert sorted(calls) == ["alignment_loss", "interpolant", "interpolant", "velocity_loss", "velocity_loss"]
+
+
+def test_wrapped_models_are_unwrapped_for_their_methods():
+    from engine.transport import unwrap
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    model = tiny_model(car_flow="source")
+    wrapped = Wrapper(Wrapper(model))
+    assert unwrap(wrapped) is model and unwrap(model) is model
+    losses = Transport().training_losses(wrapped, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]),
+                                         [torch.randn(2, 16, 24)])
+    assert torch.isfinite(losses["loss"])

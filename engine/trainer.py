@@ -393,7 +393,7 @@ class Trainer:
                 step_time = time.time() - t0
                 images_per_s = cfg.train.global_batch_size / step_time
                 metrics.update(step_time=step_time, images_per_s=images_per_s,
-                               tflops=3 * self.flops_per_sample * images_per_s / self.world_size / 1e12,
+                               tflops_per_rank=3 * self.flops_per_sample * images_per_s / self.world_size / 1e12,
                                data_skipped=self.loader.skipped)
                 if self.device.type == "cuda":
                     metrics["memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30

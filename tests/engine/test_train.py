@@ -194,3 +194,12 @@ def test_ema_disabled_exports_the_weights(tmp_path, data_root):
     for name, value in trainer.ema.full_state_dict().items():
         if name in weights:
             torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+
+
+def test_time_limit_stops_cleanly_with_outputs(tmp_path, data_root):
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 50, "max_minutes": 1e-6},
+                           sample={"num_images": 2, "num_steps": 1, "batch_size": 2, "grid_images": 2})
+    results = trainer.fit()
+    assert results["stopped_early"] and results["step"] == 1
+    assert ckpt.latest_tag(trainer.checkpoint_dir) == "step_00000001"
+    assert os.path.exists(results["samples_npz"]) and os.path.exists(results["loss_curve"])

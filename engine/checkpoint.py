@@ -15,20 +15,16 @@ The directory is expected to be shared by all ranks (as DeepSpeed's own checkpoi
 """
 from __future__ import annotations
 
-import logging
 import os
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-
-log = logging.getLogger("engine.checkpoint")
 
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -146,14 +142,6 @@ def resolve_resume(resume: str, checkpoint_dir: str) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------------------------
 # Save / load
 # ----------------------------------------------------------------------------------------------
-
-@dataclass
-class TrainerState:
-    """What the trainer needs besides DeepSpeed's state to continue exactly."""
-
-    step: int = 0
-    rank_state: dict = field(default_factory=dict)   # this rank's RNGs, data position, counters
-
 
 def save_checkpoint(engine, checkpoint_dir: str, step: int, config: dict, rank_state: dict,
                     ema_state: dict | None, keep_last: int) -> str:

@@ -12,10 +12,8 @@ Without a GPU, DeepSpeed's CPU accelerator and gloo are selected before deepspee
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import socket

@@ -2,7 +2,6 @@
 checked against a reference built from the gathered fp32 master weights, exact resume, and the
 README's main-job command in a shortened form."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -203,3 +203,15 @@ def test_time_limit_stops_cleanly_with_outputs(tmp_path, data_root):
     assert results["stopped_early"] and results["step"] == 1
     assert ckpt.latest_tag(trainer.checkpoint_dir) == "step_00000001"
     assert os.path.exists(results["samples_npz"]) and os.path.exists(results["loss_curve"])
+
+
+@pytest.mark.parametrize("stage,kind", [(0, "full"), (1, "fragment")])
+def test_zero_stages_0_and_1_train(tmp_path, data_root, stage, kind):
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 2, "deepspeed_config": "configs/deepspeed/zero1.json",
+                                                       "zero_stage": stage})
+    assert trainer.engine.zero_optimization_stage() == stage and set(trainer.ema.kinds) == {kind}
+    before = master_weights(trainer)
+    losses = [trainer.train_step()["loss"] for _ in range(2)]
+    assert np.isfinite(losses).all()
+    after = master_weights(trainer)
+    assert any((after[k] - before[k]).abs().max() > 0 for k in after)

@@ -1,0 +1,223 @@
+"""Checkpoints: DeepSpeed's model/optimizer/scheduler state plus the trainer's own state, written so
+that a crash at any moment leaves the previous checkpoint loadable.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    latest                     the tag of the newest complete checkpoint (replaced atomically)
+    step_00001000/             DeepSpeed files (client state: step, config)
+        trainer_rank{r}.pt     per rank: RNG states (python, numpy, torch, cuda), data position,
+                               latent-noise generator, counters
+        ema_fp32.pt            {"ema": fp32 EMA state_dict in the REPA layout, "steps", "config"}
+        config.yaml
+    .tmp-step_00002000/        a checkpoint being written; renamed to step_... once every rank is done
+
+The directory is expected to be shared by all ranks (as DeepSpeed's own checkpoints are).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+LATEST = "latest"
+TAG_RE = re.compile(r"^step_(\d+)$")
+EMA_FILE = "ema_fp32.pt"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    partial = path + ".partial"
+    with open(partial, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    try:  # make the rename itself durable
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states
+# ----------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing
+# ----------------------------------------------------------------------------------------------
+
+def list_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
+    """(step, tag) of the complete checkpoints, oldest first."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    found = []
+    for name in os.listdir(checkpoint_dir):
+        match = TAG_RE.match(name)
+        if match and os.path.isdir(os.path.join(checkpoint_dir, name)):
+            found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+def latest_tag(checkpoint_dir: str) -> str | None:
+    path = os.path.join(checkpoint_dir, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        tag = f.read().strip()
+    if not os.path.isdir(os.path.join(checkpoint_dir, tag)):
+        raise FileNotFoundError(f"{path} names {tag!r}, which is not a directory in {checkpoint_dir}")
+    return tag
+
+
+def resolve_resume(resume: str, checkpoint_dir: str) -> tuple[str, str] | None:
+    """(checkpoint_dir, tag) to resume from, or None to start fresh.
+
+    resume: "auto" (the latest checkpoint in checkpoint_dir if any), "none", a checkpoint directory
+    holding `latest`, or one tag directory (.../step_00001000)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        tag = latest_tag(checkpoint_dir)
+        return None if tag is None else (checkpoint_dir, tag)
+    path = os.path.abspath(resume)
+    if os.path.exists(os.path.join(path, LATEST)):
+        return path, latest_tag(path)
+    if os.path.isdir(path) and TAG_RE.match(os.path.basename(path)):
+        return os.path.dirname(path), os.path.basename(path)
+    raise FileNotFoundError(f"checkpoint.resume={resume!r}: neither a checkpoint directory with a "
+                            f"'{LATEST}' file nor a step_* directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(engine, checkpoint_dir: str, step: int, config: dict, rank_state: dict,
+                    ema_state: dict | None, keep_last: int) -> str:
+    """Write a checkpoint for `step` (collective: every rank calls it). Returns the tag directory."""
+    tag = tag_for(step)
+    tmp_tag = f".tmp-{tag}"
+    tmp_dir = os.path.join(checkpoint_dir, tmp_tag)
+    final_dir = os.path.join(checkpoint_dir, tag)
+    rank = _rank()
+    if rank == 0:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        if os.path.exists(tmp_dir):
+            shutil.rmtree(tmp_dir)  # left by an earlier crash
+    _barrier()
+
+    engine.save_checkpoint(checkpoint_dir, tag=tmp_tag, client_state={"step": step, "config": config},
+                           save_latest=False)
+    rank_state = dict(rank_state, world_size=_world(), rank=rank)
+    _atomic_torch_save(rank_state, os.path.join(tmp_dir, f"trainer_rank{rank}.pt"))
+    if rank == 0:
+        if ema_state is not None:
+            _atomic_torch_save({"ema": ema_state, "steps": step, "config": config}, os.path.join(tmp_dir, EMA_FILE))
+        _atomic_write_text(os.path.join(tmp_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+    _barrier()
+
+    if rank == 0:
+        if os.path.exists(final_dir):  # the same step saved again: move the old one out of the way first
+            stale = os.path.join(checkpoint_dir, f".old-{tag}")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final_dir, stale)
+            os.rename(tmp_dir, final_dir)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.rename(tmp_dir, final_dir)
+        _atomic_write_text(os.path.join(checkpoint_dir, LATEST), tag)
+        prune(checkpoint_dir, keep_last)
+    _barrier()
+    return final_dir
+
+
+def prune(checkpoint_dir: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (never the one `latest` names)."""
+    keep = latest_tag(checkpoint_dir)
+    for _, tag in list_checkpoints(checkpoint_dir)[:-keep_last]:
+        if tag != keep:
+            shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
+
+
+def load_checkpoint(engine, checkpoint_dir: str, tag: str) -> tuple[int, dict, dict | None]:
+    """Load DeepSpeed's state into `engine`; return (step, this rank's trainer state, full EMA state)."""
+    path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {checkpoint_dir}")
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    rank_file = os.path.join(tag_dir, f"trainer_rank{_rank()}.pt")
+    if not os.path.exists(rank_file):
+        raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written by fewer ranks than "
+                                f"the {_world()} running now; resume with the same world size")
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    if rank_state.get("world_size") != _world():
+        raise ValueError(f"checkpoint {tag_dir} was written with world size {rank_state.get('world_size')}, "
+                         f"this run has {_world()}: exact resume needs the same world size")
+    ema_path = os.path.join(tag_dir, EMA_FILE)
+    ema = torch.load(ema_path, map_location="cpu", weights_only=False)["ema"] if os.path.exists(ema_path) else None
+    return int(client_state["step"]), rank_state, ema
+
+
+def load_ema_export(path: str) -> tuple[dict, dict]:
+    """(fp32 EMA state_dict, config dict) from an `ema_fp32.pt`, a step_* directory or a checkpoint
+    directory (its latest)."""
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, LATEST)):
+            path = os.path.join(path, latest_tag(path))
+        path = os.path.join(path, EMA_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no EMA export at {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return payload["ema"], payload.get("config") or {}

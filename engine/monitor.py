@@ -1,0 +1,162 @@
+"""What the user sees: a rank-0 progress bar (loss terms, img/s, step time, ETA), TensorBoard scalars,
+wandb where installed and enabled, `metrics.jsonl` (every step) and a loss-curve PNG at the end.
+Other ranks only report warnings."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("engine")
+
+CURVE_TERMS = ("loss", "velocity", "alignment", "cls")
+
+
+class Monitor:
+    def __init__(self, cfg, is_main: bool, output_dir: str):
+        self.cfg, self.is_main, self.output_dir = cfg, is_main, output_dir
+        self.bar = None
+        self.writer = None
+        self.wandb = None
+        self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if not is_main:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except ImportError as error:
+                log.warning("TensorBoard disabled: %s", error)
+        if cfg.logging.wandb:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.logging.wandb_project, config=cfg.to_dict(),
+                                        dir=output_dir, resume="allow")
+            except ImportError:
+                log.warning("logging.wandb is true but wandb is not installed; skipping it")
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            if self.bar is not None:
+                self.bar.write(message)
+            else:
+                log.info(message)
+
+    def warn(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write("WARNING " + message)
+        else:
+            log.warning(message)
+
+    # -- progress -------------------------------------------------------------------------------
+
+    def start(self, step: int, total: int) -> None:
+        self.started = time.time()
+        if self.is_main and self.cfg.logging.progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr,
+                            smoothing=0.1)
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(
+                f"loss {metrics['loss']:.4f} v {metrics['velocity']:.4f} align {metrics['alignment']:.4f} "
+                f"cls {metrics['cls']:.4f} | {metrics['images_per_s']:.1f} img/s "
+                f"{metrics['step_time'] * 1000:.0f} ms/step", refresh=False)
+        if step % self.cfg.logging.log_every == 0:
+            scalars = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            if self.writer is not None:
+                for key, value in scalars.items():
+                    self.writer.add_scalar(key, value, step)
+            if self.wandb is not None:
+                self.wandb.log(scalars, step=step)
+            if self.bar is None:
+                log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                       if isinstance(v, float)))
+
+    def image(self, name: str, path: str, step: int) -> None:
+        if not self.is_main:
+            return
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+            self.writer.add_image(f"samples/{os.path.splitext(name)[0].split('_step')[0]}",
+                                  np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({"samples": wandb.Image(path)}, step=step)
+        self.info(f"sample grid {path}")
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+    # -- curves ---------------------------------------------------------------------------------
+
+    def loss_curve(self) -> str | None:
+        """Plot metrics.jsonl (loss terms against step) to loss_curve.png."""
+        records = read_metrics(self.metrics_path)
+        if not records:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r["step"] for r in records]
+        fig, axes = plt.subplots(1, len(CURVE_TERMS), figsize=(4 * len(CURVE_TERMS), 3.2))
+        for ax, term in zip(axes, CURVE_TERMS):
+            values = [r.get(term, float("nan")) for r in records]
+            ax.plot(steps, values, lw=0.8, alpha=0.4, label="per step")
+            window = max(1, len(values) // 20)
+            if window > 1:
+                smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                          for i in range(len(values))]
+                ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+            ax.set_title(term)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(self.output_dir, "loss_curve.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        self.info(f"loss curve {path}")
+        return path
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The per-step records of metrics.jsonl; a resumed run's later records replace earlier ones."""
+    if not os.path.exists(path):
+        return []
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,52 @@
+"""Train a SiT with REPA / REG / CAR-Flow: parse the config, build, train.
+
+    deepspeed --num_gpus 2 --module engine.train --config configs/builtin_cpu.yaml
+    torchrun --nproc_per_node 8 -m engine.train --config configs/sit_xl2_repa_256.yaml
+    python -m engine.train --config configs/builtin_cpu.yaml train.max_steps=20 optim.lr=3e-4
+
+Trailing `section.key=value` arguments override the YAML. Without a GPU the trainer uses DeepSpeed's
+CPU accelerator and gloo (the deepspeed launcher then starts `--num_gpus` CPU ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; the rank comes from the environment")
+    parser.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from engine.config import ConfigError, load_config, validate
+    from engine.trainer import world_size_from_env
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, world_size=world_size_from_env())
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    if args.validate_only:
+        print(f"{args.config}: ok")
+        return {}
+
+    from engine.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    results = trainer.fit()
+    if trainer.is_main:
+        print("done: " + json.dumps(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

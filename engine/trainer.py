@@ -1,0 +1,467 @@
+"""The DeepSpeed trainer: distributed setup, the training step, EMA, checkpoints and monitoring.
+
+Precision and distribution live here, not in the model: DeepSpeed converts the fp32 SiT to bf16 (with
+fp32 master weights in the ZeRO optimizer) or keeps it fp32, shards optimizer state / gradients /
+parameters for ZeRO 1/2/3, accumulates gradients and clips the global norm. One optimizer step:
+
+    for each micro-batch: encoders(image) -> z targets (+ REG class token); latents ~ posterior;
+        transport.training_losses(engine, ...) -> loss; all ranks agree it is finite; backward
+    engine.step() (clip, AdamW, lr schedule) -> EMA update -> log -> checkpoint / sample grid
+
+Without a GPU, DeepSpeed's CPU accelerator and gloo are selected before deepspeed is imported.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine import checkpoint as ckpt
+from engine.config import (ExperimentConfig, deepspeed_config_path, grad_accum_steps, resolve_device,
+                           resolve_precision, validate)
+
+log = logging.getLogger("engine.trainer")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join (or, for a plain `python -m engine.train`, create) the process group. Works under the
+    deepspeed launcher, torchrun and single-process runs."""
+    if device_type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"  # must precede the first import of deepspeed
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # Also adopts a process group the caller created (DeepSpeed then only wraps it).
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the ranks on this machine
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+    return DistInfo(rank, local_rank, world, device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Distinct, reproducible per-rank seeds (noise, time and label dropout differ across ranks)."""
+    return (seed * 1_000_003 + 7919 * (rank + 1)) % 2 ** 63
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed configuration
+# ----------------------------------------------------------------------------------------------
+
+OWNED_BY_EXPERIMENT = ("optimizer", "scheduler")
+
+
+def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str, device_type: str = "cuda") -> dict:
+    """The DeepSpeed JSON with the experiment's batch sizes, precision, clipping and ZeRO stage."""
+    path = deepspeed_config_path(cfg)
+    with open(path) as f:
+        ds = json.load(f)
+    for key in OWNED_BY_EXPERIMENT:
+        if key in ds:
+            raise ValueError(f"{path}: remove the '{key}' section; the experiment config owns it (optim.*)")
+    accum = grad_accum_steps(cfg, world_size)
+    batch = {"train_batch_size": cfg.train.global_batch_size,
+             "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+             "gradient_accumulation_steps": accum}
+    for key, value in batch.items():
+        if key in ds and ds[key] not in ("auto", value):
+            raise ValueError(f"{path}: {key}={ds[key]!r} disagrees with the experiment ({value}); "
+                             "allowed: 'auto' or leave it out")
+        ds[key] = value
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["bf16"] = dict(ds.get("bf16", {}), enabled=precision == "bf16")
+    ds["fp16"] = dict(ds.get("fp16", {}), enabled=precision == "fp16")
+    zero = dict(ds.get("zero_optimization", {}))
+    if cfg.train.zero_stage is not None:
+        zero["stage"] = cfg.train.zero_stage
+    zero.setdefault("stage", 0)
+    if device_type == "cpu":  # no streams to overlap with on the CPU; gloo then runs one collective at a time
+        zero["overlap_comm"] = False
+    ds["zero_optimization"] = zero
+    ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, wrapped by the ZeRO optimizer
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def warmup_lambda(warmup_steps: int):
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig):
+        world = world_size_from_env()
+        validate(cfg, world_size=world)
+        self.cfg = cfg
+        device_type = resolve_device(cfg)
+        self.precision = resolve_precision(cfg, device_type)
+        self.dist = init_distributed(device_type)
+        if self.dist.world_size != world:
+            raise RuntimeError(f"WORLD_SIZE={world} but the process group has {self.dist.world_size} ranks")
+        self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
+        self.is_main = self.rank == 0
+        self.output_dir = cfg.train.output_dir
+        self.checkpoint_dir = os.path.join(self.output_dir, "checkpoints")
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+
+        import kernels
+        backend = cfg.train.kernels_backend
+        kernels.set_backend(("triton" if device_type == "cuda" else "torch") if backend == "auto" else backend)
+
+        from engine import monitor
+        self.monitor = monitor.Monitor(cfg, self.is_main, self.output_dir)
+        self.monitor.info(f"rank {self.rank}/{self.world_size} on {self.device}, precision {self.precision}, "
+                          f"kernels backend {kernels.get_backend()}")
+        self._build()
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        import deepspeed
+
+        from engine.data import build_loader
+        from engine.models import build_model
+        from engine.models.latents import build_latent_space
+        from engine.transport import Transport
+
+        cfg = self.cfg
+        # The model is initialised identically on every rank (ZeRO-3 partitions each rank's own copy).
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model)
+        self.initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.flops_per_sample = model.flops_per_sample() if hasattr(model, "flops_per_sample") else 0.0
+
+        self.loader = build_loader(cfg.data, self.rank, self.world_size, self.device)
+        if self.loader.num_classes > cfg.model.num_classes:
+            raise ValueError(f"the data has {self.loader.num_classes} classes but model.num_classes="
+                             f"{cfg.model.num_classes}; allowed: model.num_classes >= {self.loader.num_classes}")
+        self.encoders = self._build_encoders()
+        self.latent_space = build_latent_space(cfg.latent, device=self.device)
+        self.transport = Transport(cfg.transport)
+
+        fused = cfg.optim.fused == "true" or (cfg.optim.fused == "auto" and self.device.type == "cuda")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.device.type == "cuda":
+            model = model.to(self.device)
+            params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      weight_decay=cfg.optim.weight_decay, fused=fused or None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
+        self.ds_config = deepspeed_config(cfg, self.world_size, self.precision, self.device.type)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+        self.model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        self.accum = self.engine.gradient_accumulation_steps()
+
+        from engine.ema import EMA
+        # With ema.enabled false the tracker follows the weights (decay 0), so exports and samples
+        # still work and hold the raw fp32 weights.
+        self.ema = EMA(self.engine.module, cfg.ema.decay if cfg.ema.enabled else 0.0, self.initial_state)
+        if self.precision != "fp32":
+            self.ema.write_masters(self.initial_state)
+            self.ema = EMA(self.engine.module, self.ema.decay, self.initial_state)
+
+        self.step = 0
+        self.micro_attempts = 0         # micro-batches drawn, including skipped ones
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.fixed_batch = None
+        self.latent_generator = torch.Generator(device=self.device)
+        seed_everything(rank_seed(cfg.train.seed, self.rank))
+        self.latent_generator.manual_seed(rank_seed(cfg.train.seed + 1, self.rank))
+        self._resume()
+        self._data_iter = None
+
+    def _build_encoders(self):
+        from engine.models.encoders import build_encoder
+
+        encoders = []
+        for i, enc_cfg in enumerate(self.cfg.encoders):
+            if self.cfg.train.bootstrap_encoder:
+                from engine.bootstrap_encoder import ensure_encoder_weights
+
+                enc_cfg = ensure_encoder_weights(self.cfg, i, self.rank, self.device, self.loader, self.monitor)
+                self.cfg.encoders[i] = enc_cfg
+            encoder = build_encoder(enc_cfg, device=self.device).eval()
+            if encoder.embed_dim != self.cfg.model.z_dims[i]:
+                raise ValueError(f"encoders[{i}] ({enc_cfg.name}) has embed_dim {encoder.embed_dim} but "
+                                 f"model.z_dims[{i}]={self.cfg.model.z_dims[i]}; allowed: {encoder.embed_dim}")
+            tokens = (self.cfg.model.input_size // self.cfg.model.patch_size) ** 2
+            if encoder.num_patches != tokens:
+                raise ValueError(f"encoders[{i}] ({enc_cfg.name}) gives {encoder.num_patches} patch tokens at "
+                                 f"image_size {enc_cfg.input_size} but the model has {tokens}; set "
+                                 f"encoders[{i}].image_size so the token grids match")
+            where = enc_cfg.weights_path or ("local hub cache" if enc_cfg.pretrained else "random weights")
+            self.monitor.info(f"aligning projector {i} to encoder {enc_cfg.name} ({where})")
+            encoders.append(encoder)
+        return encoders
+
+    # -- resume -------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        found = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.checkpoint_dir)
+        if found is None:
+            return
+        directory, tag = found
+        step, rank_state, ema_state = ckpt.load_checkpoint(self.engine, directory, tag)
+        self.step = step
+        self.loader.load_state_dict(rank_state["data"])
+        ckpt.set_rng_state(rank_state["rng"])
+        self.latent_generator.set_state(rank_state["latent_generator"])
+        self.micro_attempts = rank_state["micro_attempts"]
+        self.nonfinite_total = rank_state["nonfinite_total"]
+        self.nonfinite_in_row = rank_state["nonfinite_in_row"]
+        if ema_state is None:
+            raise FileNotFoundError(f"{directory}/{tag} has no {ckpt.EMA_FILE}")
+        self.ema.load_full_state_dict(ema_state)
+        self.monitor.info(f"resumed from {os.path.join(directory, tag)} at step {step}")
+
+    def save(self) -> str:
+        rank_state = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(),
+                      "latent_generator": self.latent_generator.get_state(),
+                      "micro_attempts": self.micro_attempts, "nonfinite_total": self.nonfinite_total,
+                      "nonfinite_in_row": self.nonfinite_in_row}
+        ema_state = self.ema.full_state_dict()
+        path = ckpt.save_checkpoint(self.engine, self.checkpoint_dir, self.step, self.cfg.to_dict(), rank_state,
+                                    ema_state, self.cfg.checkpoint.keep_last)
+        self.monitor.info(f"checkpoint {path}")
+        return path
+
+    # -- one micro-batch ----------------------------------------------------------------------
+
+    def next_batch(self) -> dict:
+        if self.cfg.train.debug_fixed_batch and self.fixed_batch is not None:
+            return self.fixed_batch
+        # Loading must not draw from the training RNG (torch's DataLoader seeds its workers from it when
+        # an iterator starts), or a resumed run would see different noise than an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            if self._data_iter is None:
+                self._data_iter = iter(self.loader)
+            try:
+                batch = next(self._data_iter)
+            except StopIteration:
+                self._data_iter = iter(self.loader)
+                batch = next(self._data_iter)
+        if self.cfg.train.debug_fixed_batch:
+            self.fixed_batch = batch
+        return batch
+
+    def prepare(self, batch: dict):
+        """(latents x, labels, encoder targets, REG class target) for one micro-batch."""
+        from engine.data.latents import sample_latents
+
+        images = batch["image"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        with torch.no_grad():
+            features = [encoder(images) for encoder in self.encoders]
+            if "latent_mean" in batch:
+                mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
+            else:
+                mean, std = self.latent_space.encode(images)
+            x = sample_latents(mean.float(), std.float(), self.latent_generator)
+        z_targets = [tokens.to(self.model_dtype) for tokens, _ in features]
+        cls_target = features[0][1] if self.cfg.model.reg else None
+        return x.to(self.model_dtype), labels, z_targets, cls_target
+
+    def forward_losses(self, batch: dict) -> dict:
+        x, labels, z_targets, cls_target = self.prepare(batch)
+        return self.transport.training_losses(self.engine, x, labels, z_targets, cls_target)
+
+    # -- one optimizer step -------------------------------------------------------------------
+
+    TERMS = ("loss", "velocity", "alignment", "cls")
+
+    def train_step(self) -> dict:
+        """Accumulate `accum` finite micro-batches and take one optimizer step. Returns the step's
+        mean loss terms over micro-batches and ranks."""
+        self.engine.train()
+        lr = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.cfg.optim.lr  # this step's
+        totals = torch.zeros(len(self.TERMS), dtype=torch.float64)
+        done = 0
+        while done < self.accum:
+            batch = self.next_batch()
+            attempt = self.micro_attempts
+            self.micro_attempts += 1
+            losses = self.forward_losses(batch)
+            if attempt in self.cfg.train.debug_nonfinite_steps:
+                losses["loss"] = losses["loss"] * float("nan")
+            values = torch.stack([losses[k].detach().float().reshape(()) for k in self.TERMS])
+            finite = bool(torch.isfinite(values).all())
+            # one all-reduce: the sum of each term over ranks, and how many ranks saw a non-finite loss
+            packed = torch.cat([torch.where(torch.isfinite(values), values, torch.zeros_like(values)),
+                                torch.tensor([0.0 if finite else 1.0], device=values.device)]).to(self.device)
+            dist.all_reduce(packed)
+            packed = packed.cpu()
+            if packed[-1] > 0:
+                self.nonfinite_total += 1
+                self.nonfinite_in_row += 1
+                self.monitor.warn(f"step {self.step + 1}: non-finite loss on {int(packed[-1])} rank(s) "
+                                  f"({dict(zip(self.TERMS, values.tolist()))}); micro-batch skipped "
+                                  f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
+                if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+                    raise NonFiniteLossError(f"{self.nonfinite_in_row} non-finite losses in a row "
+                                             f"(train.max_nonfinite_in_row={self.cfg.train.max_nonfinite_in_row})")
+                continue
+            self.nonfinite_in_row = 0
+            self.engine.backward(losses["loss"])
+            self.engine.step()
+            totals += packed[:-1].double() / self.world_size
+            done += 1
+        self.step += 1
+        self.ema.update()
+        out = {k: float(v) / self.accum for k, v in zip(self.TERMS, totals)}
+        grad_norm = self.engine.get_global_grad_norm()
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["lr"] = lr
+        out["nonfinite_total"] = self.nonfinite_total
+        return out
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        start_step, start_time = self.step, time.time()
+        self.monitor.start(self.step, cfg.train.max_steps)
+        stopped_early = False
+        try:
+            while self.step < cfg.train.max_steps:
+                t0 = time.time()
+                metrics = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                step_time = time.time() - t0
+                images_per_s = cfg.train.global_batch_size / step_time
+                metrics.update(step_time=step_time, images_per_s=images_per_s,
+                               tflops_per_rank=3 * self.flops_per_sample * images_per_s / self.world_size / 1e12,
+                               data_skipped=self.loader.skipped)
+                if self.device.type == "cuda":
+                    metrics["memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                self.monitor.log_step(self.step, metrics)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+                    self.save()
+                if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
+                    self.sample_grid(f"samples_step{self.step:08d}.png")
+                if cfg.train.max_minutes is not None and self._should_stop(start_time):
+                    stopped_early = True
+                    self.monitor.info(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}")
+                    break
+        finally:
+            self.monitor.close_bar()
+        if self.step > start_step or not ckpt.list_checkpoints(self.checkpoint_dir):
+            self.save()
+        results = {"step": self.step, "stopped_early": stopped_early, "nonfinite_total": self.nonfinite_total}
+        if cfg.sample.num_images > 0:
+            results.update(self.final_samples())
+        if self.is_main:
+            results["loss_curve"] = self.monitor.loss_curve()
+        self.monitor.close()
+        return results
+
+    def _should_stop(self, start_time: float) -> bool:
+        # Every rank must take the same decision: rank 0's clock decides.
+        flag = torch.tensor([1.0 if time.time() - start_time > 60 * self.cfg.train.max_minutes else 0.0],
+                            device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def _sampling_model(self):
+        """A plain fp32 model with the EMA weights on rank 0 (None elsewhere); collective."""
+        from engine.models import build_model
+
+        state = self.ema.full_state_dict()
+        if not self.is_main:
+            return None
+        model = build_model(self.cfg.model)
+        model.load_state_dict(state, strict=True)
+        return model.to(self.device).eval()
+
+    def sample_grid(self, name: str) -> str | None:
+        from engine.sample import generate, save_grid
+
+        model = self._sampling_model()
+        if model is None:
+            return None
+        n = self.cfg.sample.grid_images
+        labels = torch.arange(n) % self.cfg.model.num_classes
+        images = generate(model, self.latent_space, labels, self.cfg, self.device)
+        path = os.path.join(self.output_dir, name)
+        save_grid(images, path, nrow=min(n, self.cfg.model.num_classes))  # one column per class
+        self.monitor.image(name, path, self.step)
+        return path
+
+    def final_samples(self) -> dict:
+        from engine.sample import generate, save_grid, save_npz
+
+        model = self._sampling_model()
+        if model is None:
+            return {}
+        n = self.cfg.sample.num_images
+        labels = torch.arange(n) % self.cfg.model.num_classes
+        images = generate(model, self.latent_space, labels, self.cfg, self.device)
+        grid = os.path.join(self.output_dir, "samples.png")
+        npz = os.path.join(self.output_dir, "samples.npz")
+        save_grid(images[: self.cfg.sample.grid_images], grid, nrow=min(n, self.cfg.model.num_classes))
+        save_npz(images, labels, npz)
+        self.monitor.info(f"samples: {grid}, {npz} ({n} images)")
+        return {"samples_png": grid, "samples_npz": npz}

@@ -1,0 +1,140 @@
+"""Experiment configuration: every shipped config loads and validates; bad input is an error naming
+the key, the value and what is allowed, before any work starts."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from engine.config import (ConfigError, apply_overrides, from_dict, grad_accum_steps, load_config, resolve_precision,
+                           validate)
+from tests.engine.trainer_fixtures import REPO, env, tiny_config
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+
+
+def tiny(tmp_path, **sections):
+    return tiny_config(tmp_path / "run", tmp_path / "data", **sections)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    world = 2 if "builtin" in path else 8
+    validate(cfg, world_size=world, cuda_available="builtin" not in path)
+    assert world * cfg.data.batch_size * grad_accum_steps(cfg, world) == cfg.train.global_batch_size
+    if "builtin" not in path:  # the public recipe
+        assert (cfg.optim.lr, cfg.optim.betas, cfg.train.global_batch_size, cfg.optim.grad_clip, cfg.ema.decay) \
+            == (1e-4, [0.9, 0.999], 256, 1.0, 0.9999)
+        assert cfg.model.class_dropout_prob == 0.1 and cfg.transport.proj_coeff == 0.5
+
+
+def test_builtin_config_is_the_main_job():
+    cfg = load_config(os.path.join(REPO, "configs", "builtin_cpu.yaml"))
+    assert cfg.model.reg and cfg.model.car_flow == "joint" and cfg.model.z_dims
+    assert cfg.data.source == "builtin" and cfg.train.bootstrap_encoder
+    validate(cfg, world_size=2, cuda_available=False)
+    validate(cfg, world_size=1, cuda_available=True)
+    assert resolve_precision(cfg, "cpu") == "fp32" and resolve_precision(cfg, "cuda") == "bf16"
+
+
+def expect_error(raw, *fragments, world_size=1, cuda_available=False):
+    with pytest.raises(ConfigError) as info:
+        validate(from_dict(raw), world_size=world_size, cuda_available=cuda_available)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def test_unknown_keys_are_named(tmp_path):
+    expect_error(tiny(tmp_path, optimizer={"lr": 1}), "config.optimizer", "allowed")
+    expect_error(tiny(tmp_path, train={"max_step": 3}), "train.max_step", "max_steps")
+    raw = tiny(tmp_path)
+    raw["encoders"][0]["weight_path"] = "x"
+    expect_error(raw, "weight_path")
+
+
+def test_wrong_types_are_named(tmp_path):
+    expect_error(tiny(tmp_path, train={"max_steps": "ten"}), "train.max_steps='ten'", "an integer")
+    expect_error(tiny(tmp_path, train={"max_steps": True}), "train.max_steps=True", "an integer")
+    expect_error(tiny(tmp_path, optim={"betas": 0.9}), "optim.betas=0.9", "a list of a number")
+    expect_error(tiny(tmp_path, train={"precision": "bf32"}), "train.precision='bf32'", "'bf16'")
+    expect_error(tiny(tmp_path, ema={"decay": "high"}), "ema.decay='high'", "a number")
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    raw = yaml.safe_load("optim: {lr: 1e-4}")  # YAML 1.1 reads this as a string
+    assert raw["optim"]["lr"] == "1e-4"
+    cfg = from_dict({**tiny(tmp_path), "optim": raw["optim"]})
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+
+
+def test_impossible_combinations(tmp_path):
+    expect_error(tiny(tmp_path, train={"precision": "fp16"}), "train.precision='fp16'", "fp16 needs CUDA")
+    validate(from_dict(tiny(tmp_path, train={"precision": "fp16"})), cuda_available=True)
+    expect_error(tiny(tmp_path, train={"device": "cuda"}), "train.device='cuda'")
+    expect_error(tiny(tmp_path, train={"kernels_backend": "triton"}), "train.kernels_backend='triton'")
+    # global batch 8 = world x micro 4 x accumulation: not with 3 ranks, nor with a fixed accumulation of 3
+    expect_error(tiny(tmp_path), "train.global_batch_size=8", "world size 3", "12", world_size=3)
+    expect_error(tiny(tmp_path, train={"grad_accum_steps": 3}), "train.global_batch_size=8", "= 24",
+                 world_size=2)
+    validate(from_dict(tiny(tmp_path, train={"grad_accum_steps": 1})), world_size=2)
+    expect_error(tiny(tmp_path, model={"encoder_depth": 5}), "encoder_depth=5", "depth=2")
+    expect_error(tiny(tmp_path, encoders=[]), "encoders=[]", "one encoder per model.z_dims")
+    expect_error(tiny(tmp_path, data={"num_classes": 7}), "data.num_classes=7", "model.num_classes=4")
+    expect_error(tiny(tmp_path, train={"deepspeed_config": "configs/deepspeed/zero9.json"}),
+                 "train.deepspeed_config", "existing DeepSpeed JSON")
+    expect_error(tiny(tmp_path, ema={"decay": 1.0}), "ema.decay=1.0", "[0, 1)")
+    expect_error(tiny(tmp_path, train={"zero_stage": 4}), "train.zero_stage=4")
+    expect_error(tiny(tmp_path, checkpoint={"keep_last": 0}), "checkpoint.keep_last=0")
+
+
+def test_component_errors_carry_their_section(tmp_path):
+    expect_error(tiny(tmp_path, model={"car_flow": "both"}), "model", "car_flow='both'")
+    expect_error(tiny(tmp_path, data={"decoder": "nvjpeg"}), "data", "nvjpeg")
+    expect_error(tiny(tmp_path, transport={"path": "cubic"}), "transport", "cubic")
+
+
+def test_overrides(tmp_path):
+    raw = apply_overrides(tiny(tmp_path), ["optim.lr=3e-4", "train.max_steps=9", "encoders.0.image_size=32",
+                                           "model.z_dims=[64]", "checkpoint.resume=none"])
+    cfg = from_dict(raw)
+    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 9 and cfg.encoders[0].image_size == 32
+    assert cfg.checkpoint.resume == "none"
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides(tiny(tmp_path), ["optim.lr"])
+    with pytest.raises(ConfigError, match="encoders.5"):
+        apply_overrides(tiny(tmp_path), ["encoders.5.name=x"])
+
+
+def test_deepspeed_config_merge(tmp_path):
+    from engine.trainer import deepspeed_config
+
+    cfg = from_dict(tiny(tmp_path, train={"zero_stage": 3}, optim={"grad_clip": 0.5}))
+    ds = deepspeed_config(cfg, world_size=2, precision="bf16")
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
+    assert deepspeed_config(cfg, 1, "fp32")["gradient_accumulation_steps"] == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    cfg = from_dict(tiny(tmp_path, train={"deepspeed_config": str(bad)}))
+    with pytest.raises(ValueError, match="remove the 'optimizer' section"):
+        deepspeed_config(cfg, 1, "fp32")
+    bad.write_text(json.dumps({"train_batch_size": 32}))
+    with pytest.raises(ValueError, match="train_batch_size=32 disagrees"):
+        deepspeed_config(cfg, 1, "fp32")
+
+
+def test_cli_reports_config_errors_before_any_work(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tiny(tmp_path, train={"global_batch_size": 7})))
+    proc = subprocess.run([sys.executable, "-m", "engine.train", "--config", str(path), "--validate-only"],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "train.global_batch_size=7" in proc.stderr and "a multiple of" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,217 @@
+"""Trainer behaviour on one CPU rank in this process: non-finite losses, checkpoint crash safety,
+keeping the last K checkpoints, the EMA export and `engine.sample`. (Two-rank ZeRO-2 / ZeRO-3 runs,
+exact resume and the main-job command are in test_train_distributed.py.)"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from engine import checkpoint as ckpt
+from engine.config import from_dict
+from tests.engine.trainer_fixtures import tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("builtin_data")
+
+
+@pytest.fixture(autouse=True)
+def _keep_kernel_backend():
+    with kernels.use_backend(kernels.get_backend()):
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_rank_process_group():
+    """The trainer joins a one-rank gloo group in this process; leave no group or env behind."""
+    saved = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def make_trainer(tmp_path, data_root, **sections):
+    from engine.trainer import Trainer
+
+    return Trainer(from_dict(tiny_config(tmp_path / "run", data_root, **sections)))
+
+
+def master_weights(trainer):
+    return {n: p.detach().float().clone() for n, p in trainer.engine.module.named_parameters()}
+
+
+def test_nonfinite_loss_is_skipped_counted_and_logged(tmp_path, data_root, caplog):
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 3, "debug_nonfinite_steps": [1, 2]})
+    before = master_weights(trainer)
+    with caplog.at_level("WARNING"):
+        metrics = trainer.train_step()  # micro-batch 0 is fine; 1 and 2 are skipped; 3 completes the step
+    assert trainer.nonfinite_total == 2 and trainer.nonfinite_in_row == 0 and trainer.micro_attempts == 4
+    assert trainer.step == 1 and np.isfinite(metrics["loss"]) and metrics["nonfinite_total"] == 2
+    assert sum("non-finite loss" in r.getMessage() for r in caplog.records) == 2
+    after = master_weights(trainer)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any((after[k] - before[k]).abs().max() > 0 for k in after)
+    assert all(torch.isfinite(v).all() for v in trainer.ema.full_state_dict().values())
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path, data_root):
+    from engine.trainer import NonFiniteLossError
+
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 3, "debug_nonfinite_steps": [0, 1, 2],
+                                                       "max_nonfinite_in_row": 3})
+    before = master_weights(trainer)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        trainer.train_step()
+    after = master_weights(trainer)
+    assert all(torch.equal(after[k], before[k]) for k in after)  # nothing was applied
+
+
+def test_checkpoint_crash_leaves_previous_loadable(tmp_path, data_root, monkeypatch):
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 6})
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save()
+    saved_weights, saved_ema = master_weights(trainer), trainer.ema.full_state_dict()
+    trainer.train_step()
+
+    real_save = ckpt._atomic_torch_save
+
+    def crash_on_rank_state(obj, path):
+        if os.path.basename(path).startswith("trainer_rank"):
+            with open(path + ".partial", "wb") as f:
+                f.write(b"half a file")
+            raise OSError("disk full (simulated)")
+        real_save(obj, path)
+
+    monkeypatch.setattr(ckpt, "_atomic_torch_save", crash_on_rank_state)
+    with pytest.raises(OSError, match="simulated"):
+        trainer.save()
+    checkpoint_dir = trainer.checkpoint_dir
+    assert ckpt.latest_tag(checkpoint_dir) == "step_00000002"
+    assert os.path.isdir(os.path.join(checkpoint_dir, ".tmp-step_00000003"))
+    assert [s for s, _ in ckpt.list_checkpoints(checkpoint_dir)] == [2]
+
+    # a crash inside DeepSpeed's own writer: the same
+    def crash_in_deepspeed(*args, **kwargs):
+        raise RuntimeError("killed while writing (simulated)")
+
+    monkeypatch.setattr(ckpt, "_atomic_torch_save", real_save)
+    monkeypatch.setattr(trainer.engine, "save_checkpoint", crash_in_deepspeed)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.save()
+    assert ckpt.latest_tag(checkpoint_dir) == "step_00000002"
+    monkeypatch.undo()
+
+    resumed = make_trainer(tmp_path, data_root, train={"max_steps": 6})  # checkpoint.resume: auto
+    assert resumed.step == 2
+    weights = master_weights(resumed)
+    for key in saved_weights:
+        torch.testing.assert_close(weights[key], saved_weights[key], rtol=0, atol=0)
+    for key, value in resumed.ema.full_state_dict().items():
+        torch.testing.assert_close(value, saved_ema[key], rtol=0, atol=0)
+    # the next successful save replaces the debris of the crashed one
+    resumed.train_step()
+    resumed.save()
+    assert ckpt.latest_tag(checkpoint_dir) == "step_00000003"
+    assert not os.path.exists(os.path.join(checkpoint_dir, ".tmp-step_00000003"))
+
+
+def test_keep_last_and_ema_export_sample(tmp_path, data_root):
+    from engine.models import build_model
+    from engine.sample import main as sample_main
+
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 4}, checkpoint={"every": 1, "keep_last": 2},
+                           sample={"num_images": 6, "num_steps": 2, "batch_size": 4, "grid_images": 4})
+    results = trainer.fit()
+    checkpoint_dir = trainer.checkpoint_dir
+    assert [s for s, _ in ckpt.list_checkpoints(checkpoint_dir)] == [3, 4]
+    assert ckpt.latest_tag(checkpoint_dir) == "step_00000004"
+    records = [json.loads(line) for line in open(os.path.join(trainer.output_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in records)
+    assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])  # 2 warm-up steps to 1e-3
+    assert os.path.exists(results["loss_curve"]) and os.path.exists(results["samples_png"])
+    samples = np.load(results["samples_npz"])
+    assert samples["arr_0"].shape == (6, 16, 16, 3) and samples["arr_0"].dtype == np.uint8
+
+    # the export is a plain fp32 state_dict in the model's (REPA) layout that loads strictly
+    state, config = ckpt.load_ema_export(checkpoint_dir)
+    model = build_model(from_dict(config).model)
+    model.load_state_dict(state, strict=True)
+    assert all(v.dtype == torch.float32 for v in state.values())
+    from engine.models.sit import load_weights  # the loader for public REPA / REG checkpoints
+    other = build_model(from_dict(config).model)
+    load_weights(other, os.path.join(checkpoint_dir, "step_00000004", ckpt.EMA_FILE))
+    for key, value in other.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+    out = sample_main(["--ckpt", checkpoint_dir, "--out", str(tmp_path / "eval"), "--num-images", "5",
+                       "--num-steps", "2", "--batch-size", "3", "--device", "cpu"])
+    arr = np.load(out["npz"])["arr_0"]
+    assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8 and os.path.exists(out["grid"])
+
+
+def test_bf16_keeps_fp32_master_weights_and_ema(tmp_path, data_root):
+    """bf16 model, fp32 master weights inside the ZeRO-2 optimizer; the EMA tracks the fp32 masters."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from engine.ema import reference_ema
+
+    trainer = make_trainer(tmp_path, data_root, train={"precision": "bf16", "max_steps": 3}, ema={"decay": 0.5})
+    assert all(p.dtype == torch.bfloat16 for p in trainer.engine.module.parameters())
+    assert {trainer.ema.kinds[i] for i in range(len(trainer.ema.names))} == {"fragment"}
+    masters = {n: safe_get_full_fp32_param(p) for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
+    for name, master in masters.items():  # the exact fp32 initial weights, not their bf16 rounding
+        torch.testing.assert_close(master, trainer.initial_state[name], rtol=0, atol=0)
+    reference = {k: v.float().clone() for k, v in trainer.initial_state.items()}
+    for _ in range(3):
+        metrics = trainer.train_step()
+        assert np.isfinite(metrics["loss"])
+        masters = {n: safe_get_full_fp32_param(p) for n, p in trainer.engine.module.named_parameters()
+                   if p.requires_grad}
+        reference = reference_ema(reference, masters.items(), 0.5)
+    ema = trainer.ema.full_state_dict()
+    for name, master in masters.items():
+        assert master.dtype == torch.float32
+        # the bf16 copy is the rounded master (so the master really holds more precision)
+        torch.testing.assert_close(dict(trainer.engine.module.named_parameters())[name].float(),
+                                   master.to(torch.bfloat16).float(), rtol=0, atol=0)
+        torch.testing.assert_close(ema[name], reference[name], rtol=0, atol=1e-6)
+
+
+def test_ema_disabled_exports_the_weights(tmp_path, data_root):
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 2}, ema={"enabled": False})
+    trainer.train_step()
+    weights = master_weights(trainer)
+    for name, value in trainer.ema.full_state_dict().items():
+        if name in weights:
+            torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+
+
+def test_time_limit_stops_cleanly_with_outputs(tmp_path, data_root):
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 50, "max_minutes": 1e-6},
+                           sample={"num_images": 2, "num_steps": 1, "batch_size": 2, "grid_images": 2})
+    results = trainer.fit()
+    assert results["stopped_early"] and results["step"] == 1
+    assert ckpt.latest_tag(trainer.checkpoint_dir) == "step_00000001"
+    assert os.path.exists(results["samples_npz"]) and os.path.exists(results["loss_curve"])
+
+
+@pytest.mark.parametrize("stage,kind", [(0, "full"), (1, "fragment")])
+def test_zero_stages_0_and_1_train(tmp_path, data_root, stage, kind):
+    trainer = make_trainer(tmp_path, data_root, train={"max_steps": 2, "deepspeed_config": "configs/deepspeed/zero1.json",
+                                                       "zero_stage": stage})
+    assert trainer.engine.zero_optimization_stage() == stage and set(trainer.ema.kinds) == {kind}
+    before = master_weights(trainer)
+    losses = [trainer.train_step()["loss"] for _ in range(2)]
+    assert np.isfinite(losses).all()
+    after = master_weights(trainer)
+    assert any((after[k] - before[k]).abs().max() > 0 for k in after)

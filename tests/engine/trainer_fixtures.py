@@ -1,0 +1,89 @@
+"""Tiny experiment configs and launch helpers shared by the trainer tests."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON = sys.executable
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+if not os.path.exists(DEEPSPEED):
+    import shutil
+
+    DEEPSPEED = shutil.which("deepspeed") or DEEPSPEED
+
+
+def tiny_config(run_dir, data_root, **sections) -> dict:
+    """A SiT with REPA + REG + CAR-Flow small enough for a step in well under a second on one core:
+    16 x 16 pixels, patch 4 (16 tokens), width 32, depth 2; a random-weight test_vit encoder at 64 px
+    (4 x 4 tokens); built-in data with 8 images per class."""
+    raw = {
+        "model": dict(name="SiT-S/4", input_size=16, in_channels=3, num_classes=4, class_dropout_prob=0.1,
+                      hidden_size=32, depth=2, num_heads=2, encoder_depth=1, z_dims=[64], projector_dim=32,
+                      reg=True, car_flow="joint", car_flow_shape="channel", car_flow_rank=8),
+        "transport": dict(path="linear", proj_coeff=0.5, cls_coeff=0.03),
+        "data": dict(source="builtin", root=str(data_root), resolution=16,
+                     num_classes=4, batch_size=4, decoder="pil", num_workers=0, builtin_images_per_class=8,
+                     builtin_image_size=16),
+        "encoders": [dict(name="test_vit", pretrained=False, resolution=16, image_size=64)],
+        "latent": dict(kind="identity", scale=1.0),
+        "train": dict(output_dir=str(run_dir), max_steps=6, global_batch_size=8,
+                      deepspeed_config="configs/deepspeed/zero2.json", precision="fp32", seed=3),
+        "optim": dict(lr=1.0e-3, warmup_steps=2, grad_clip=1.0),
+        "ema": dict(decay=0.9),
+        "checkpoint": dict(every=0, keep_last=2),
+        "logging": dict(log_every=1, progress_bar=False, tensorboard=False, sample_every=0),
+        "sample": dict(num_steps=2, method="euler", num_images=0, batch_size=4, grid_images=4),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return raw
+
+
+def write_config(raw: dict, path) -> str:
+    path = str(path)
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f, sort_keys=False)
+    return path
+
+
+def write_zero3_json(path) -> str:
+    """ZeRO-3 that really partitions a tiny model (the default threshold would keep it whole)."""
+    with open(os.path.join(REPO, "configs/deepspeed/zero3.json")) as f:
+        ds = json.load(f)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    with open(path, "w") as f:
+        json.dump(ds, f)
+    return str(path)
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    return e
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], nproc: int = 2, module: str = "engine.train", timeout: int = 300):
+    """Run `module args` on `nproc` CPU ranks with the deepspeed launcher; returns the CompletedProcess."""
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", module, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc

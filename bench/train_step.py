@@ -31,7 +31,7 @@ from bench.flops import training_step_flops, vit_forward_flops
 
 
 def build(args, device):
-    from engine.models import ModelConfig, build_model
+    from engine.models import ModelConfig
     from engine.models.encoders import EncoderConfig, build_encoder
     from engine.transport import Transport, TransportConfig
 

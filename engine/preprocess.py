@@ -31,11 +31,28 @@ log = logging.getLogger("engine.preprocess")
 Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def encoder_from_latent_space(name: str, device: torch.device) -> Encoder:
-    """encode(images uint8 (B,3,H,W)) -> (mean, std) of the latent space `name` from engine.models."""
+def latent_config(spec: str, scale: str | None = None, shift: str | None = None):
+    """A LatentConfig from the command line: "identity" (pixel space), or a local diffusers
+    AutoencoderKL folder / cached hub id; scale and shift as one number or comma-separated per channel."""
+    from engine.models.latents import LatentConfig
+
+    def number_or_list(text):
+        values = [float(v) for v in text.split(",")]
+        return values[0] if len(values) == 1 else values
+
+    values = {"kind": "identity"} if spec == "identity" else {"kind": "vae", "path": spec}
+    if scale is not None:
+        values["scale"] = number_or_list(scale)
+    if shift is not None:
+        values["shift"] = number_or_list(shift)
+    return LatentConfig(**values)
+
+
+def encoder_from_latent_space(cfg, device: torch.device) -> Encoder:
+    """encode(images uint8 (B,3,H,W)) -> (mean, std) of the latent space `cfg` (a LatentConfig)."""
     from engine.models.latents import build_latent_space  # lazy: heavy, and only needed here
 
-    space = build_latent_space(name)
+    space = build_latent_space(cfg)
     if hasattr(space, "to"):
         space = space.to(device)
     if hasattr(space, "eval"):
@@ -120,7 +137,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--latent-space", required=True, help="name understood by engine.models.latents")
+    parser.add_argument("--latent-space", required=True,
+                        help='"identity" (pixel space) or a local diffusers AutoencoderKL folder / cached hub id')
+    parser.add_argument("--latent-scale", default=None, help="latent scale: a number or comma-separated per channel")
+    parser.add_argument("--latent-shift", default=None, help="latent shift: a number or comma-separated per channel")
     parser.add_argument("--source", default="folder", choices=["folder", "builtin", "webdataset"])
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--num-classes", type=int, default=None)
@@ -145,7 +165,7 @@ def main(argv=None) -> None:
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     cfg = DataConfig(source=args.source, root=args.data_root, resolution=args.resolution,
                      num_classes=args.num_classes, on_corrupt=args.on_corrupt, num_threads=args.decode_threads)
-    encode = encoder_from_latent_space(args.latent_space, device)
+    encode = encoder_from_latent_space(latent_config(args.latent_space, args.latent_scale, args.latent_shift), device)
     result = preprocess(cfg, args.out, encode, latent_space=args.latent_space, batch_size=args.batch_size,
                         chunk_size=args.chunk_size, dtype=args.dtype, rank=rank, world_size=world_size, device=device,
                         decode_threads=args.decode_threads)

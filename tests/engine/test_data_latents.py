@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -168,29 +166,39 @@ def test_loader_yields_latents_in_step_with_images(builtin_root, tmp_path):
         os.remove(extra)
 
 
-def test_preprocess_cli_with_a_registered_latent_space(builtin_root, tmp_path, monkeypatch):
-    # engine.models.latents is written elsewhere; a stand-in module provides build_latent_space here.
-    fake = types.ModuleType("engine.models.latents")
-
-    class Space:
-        def __init__(self, name):
-            self.name = name
-            self.encode = PoolEncoder()
-
-        def to(self, device):
-            return self
-
-    fake.build_latent_space = Space
-    monkeypatch.setitem(sys.modules, "engine.models", types.ModuleType("engine.models"))
-    monkeypatch.setitem(sys.modules, "engine.models.latents", fake)
+@pytest.mark.parametrize("space", ["identity", "vae"])
+def test_preprocess_cli_with_a_real_latent_space(space, builtin_root, tmp_path, monkeypatch):
+    """The CLI builds engine.models.latents' latent space: pixel space, or a (tiny, random) diffusers VAE
+    from a local folder with per-channel scale and shift."""
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
+    args = ["--latent-space", "identity"]
+    channels, size = 3, 32
+    if space == "vae":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                            layers_per_block=1)
+        vae.save_pretrained(str(tmp_path / "vae"))
+        args = ["--latent-space", str(tmp_path / "vae"), "--latent-scale", "0.5,0.5,0.5,0.5", "--latent-shift", "0.1"]
+        channels, size = 4, 16
     out = str(tmp_path / "cli")
-    preprocess_main(["--data-root", builtin_root, "--out", out, "--latent-space", "pool4", "--resolution", "32",
-                     "--batch-size", "7", "--chunk-size", "16", "--local_rank=0"])
+    preprocess_main(["--data-root", builtin_root, "--out", out, "--resolution", "32", "--batch-size", "7",
+                     "--chunk-size", "16", "--dtype", "float32", "--local_rank=0", *args])
     shards = LatentShards(out)
-    assert len(shards) == CLASSES * PER_CLASS and shards.meta["latent_space"] == "pool4"
-    assert shards.mean.dtype == np.float16 and shards.stats is not None
+    assert len(shards) == CLASSES * PER_CLASS and shards.meta["latent_space"] == args[1]
+    assert shards.mean.shape[1:] == (channels, size, size) and shards.stats is not None
+    if space == "identity":  # pixel space: images in [-1, 1], std 0
+        assert np.abs(np.asarray(shards.mean)).max() <= 1.0 and np.asarray(shards.std).max() == 0
+
+
+def test_preprocess_cli_names_a_missing_vae_folder(builtin_root, tmp_path, monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(FileNotFoundError, match="no-such-vae"):
+        preprocess_main(["--data-root", builtin_root, "--out", str(tmp_path / "x"), "--resolution", "32",
+                         "--latent-space", str(tmp_path / "no-such-vae")])
 
 
 def test_latents_of_another_resolution_are_refused(builtin_root, tmp_path):

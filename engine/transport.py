@@ -9,13 +9,15 @@ linear: alpha = 1 - t, sigma = t;  cosine: alpha = cos(pi t / 2), sigma = sin(pi
 """
 from __future__ import annotations
 
+
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 import kernels
 from kernels import path_coefficients
+from engine.configurable import FromDict
 
 PATHS = ("linear", "cosine")
 PREDICTIONS = ("v",)
@@ -24,7 +26,7 @@ TIME_SAMPLINGS = ("uniform", "lognormal", "shifted_lognormal")
 
 
 @dataclass
-class TransportConfig:
+class TransportConfig(FromDict):
     path: str = "linear"
     prediction: str = "v"
     weighting: str = "uniform"
@@ -50,14 +52,6 @@ class TransportConfig:
         for key in ("proj_coeff", "cls_coeff"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"TransportConfig.{key}={getattr(self, key)!r} is invalid; allowed: a number >= 0")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TransportConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TransportConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
 
 
 def unwrap(model):

@@ -1,9 +1,12 @@
 """Typed configuration of the data pipeline, validated when it is constructed."""
 from __future__ import annotations
 
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from engine.configurable import FromDict
 
 SOURCES = ("builtin", "folder", "webdataset", "latent_shards")
 DECODERS = ("dali", "pil", "auto")
@@ -18,7 +21,7 @@ def _bad(key: str, value: Any, allowed: str) -> ValueError:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(FromDict):
     """Where the images come from and how they are decoded, cropped, shuffled and sharded.
 
     `source`:
@@ -86,16 +89,6 @@ class DataConfig:
         if self.source == "latent_shards" and self.latents_root is None:
             raise _bad("latents_root", None, "a path when source='latent_shards'")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "DataConfig":
-        """Build from a plain mapping (a YAML section); an unknown key is an error naming it."""
-        if not isinstance(values, dict):
-            raise ValueError(f"data config must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ValueError(f"data.{key} is not a known key; allowed: {sorted(known)}")
-        return cls(**values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,12 +10,15 @@ loads. On CUDA the encoder runs in bf16 autocast.
 """
 from __future__ import annotations
 
+
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from engine.configurable import FromDict
 
 # REPA's short names -> timm names (DINOv2 with and without registers).
 ALIASES = {
@@ -27,7 +30,7 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float3
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(FromDict):
     name: str = "dinov2-vit-b"          # a key of ALIASES or any timm model name
     weights_path: str | None = None     # .safetensors / .pth / .pt; None: the local Hugging Face hub cache
     pretrained: bool = True             # False: random weights (tests, smoke runs)
@@ -50,13 +53,6 @@ class EncoderConfig:
             raise ValueError(f"EncoderConfig.autocast_dtype={self.autocast_dtype!r} is invalid; allowed: "
                              f"{list(AUTOCAST_DTYPES)}")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "EncoderConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
 
     @property
     def timm_name(self) -> str:

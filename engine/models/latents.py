@@ -9,17 +9,20 @@ shift scalars or one value per channel (sd-vae-ft-ema/mse: scale 0.18215, shift 
 """
 from __future__ import annotations
 
+
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from engine.configurable import FromDict
 
 KINDS = ("identity", "vae")
 
 
 @dataclass
-class LatentConfig:
+class LatentConfig(FromDict):
     kind: str = "vae"
     path: str | None = None                 # local diffusers folder, or a hub repo id already in the cache
     subfolder: str | None = None
@@ -43,14 +46,6 @@ class LatentConfig:
             raise ValueError(f"LatentConfig.scale={self.scale!r} is invalid; allowed: non-zero values")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"LatentConfig.dtype={self.dtype!r} is invalid; allowed: float32, float16, bfloat16")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "LatentConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown LatentConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
 
 
 def _per_channel(value, channels: int, key: str) -> torch.Tensor:

@@ -16,8 +16,9 @@ The blocks run on `kernels`: each residual add is fused with the LayerNorm + mod
 """
 from __future__ import annotations
 
+
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from engine.configurable import FromDict
 
 LN_EPS = 1e-6
 QK_NORM_EPS = 1e-5  # nn.LayerNorm's default, which timm's Attention (used by REPA) builds for qk-norm
@@ -45,7 +47,7 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class ModelConfig:
+class ModelConfig(FromDict):
     """A SiT preset by `name`, optionally with `hidden_size`/`depth`/`num_heads`/`patch_size` overridden
     (tiny test models), plus the REPA / REG / CAR-Flow options."""
 
@@ -109,13 +111,6 @@ class ModelConfig:
         if not self.mlp_ratio > 0:
             bad("mlp_ratio", self.mlp_ratio, "a positive number")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
 
     @property
     def num_patches(self) -> int:

@@ -339,7 +339,7 @@ def test_config_errors_name_key_value_and_allowed(key, value, allowed):
 
 
 def test_config_unknown_key_and_impossible_combinations(builtin_root):
-    with pytest.raises(ValueError, match="data.resolutoin is not a known key"):
+    with pytest.raises(ValueError, match="unknown DataConfig keys \\['resolutoin'\\]"):
         DataConfig.from_dict(dict(resolutoin=256))
     assert DataConfig.from_dict(dict(resolution=128)).resolution == 128
     with pytest.raises(ValueError, match="latents_root"):

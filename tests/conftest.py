@@ -21,3 +21,12 @@ def _fresh_seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed
+
+
+# Fast tests first: the files below start processes (DeepSpeed ranks, the AOT compiler), compile with
+# torch.compile, or train; they run after everything else, in this order.
+SLOW_LAST = ["test_aot.py", "test_compile.py", "test_bench_smoke.py", "test_train.py", "test_train_distributed.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: SLOW_LAST.index(item.path.name) + 1 if item.path.name in SLOW_LAST else 0)

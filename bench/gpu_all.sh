@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# All GPU work of a session in one call (see the README's "Benchmarks"): GPU tests at real sizes,
-# the AOT check, kernel benchmarks and the training-step benchmark, with the copy-bandwidth and
-# bf16-matmul ceilings measured in the same run. Results go to $OUT (default bench/results/).
+# All GPU work of a session in one call: GPU tests (real SiT-XL/2 sizes in bf16 included), the AOT
+# check, kernel benchmarks and the training-step benchmark, each benchmark measuring the copy-bandwidth
+# and bf16-matmul ceilings in the same run. Results go to $OUT (default bench/results/); commit them and
+# run `python -m bench.report` to regenerate the README tables.
+#
+# The GPU image has torch, Triton, timm, pyyaml and pytest but no network: carry what else is wanted
+# (deepspeed, nvidia-dali-cuda130 with its nvimgcodec/nvcomp wheels, diffusers) as wheels in .whl/
+# (see the device tool's README); they are installed to /tmp/site when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
-python -m pip install -q pytest pyyaml >/dev/null 2>&1
-python -m pytest -q -x tests/kernels 2>&1 | tail -30 | tee "$OUT/gpu-tests.txt"
-python -m kernels.aot --json "$OUT/aot.json" > "$OUT/aot.txt" 2>&1; tail -1 "$OUT/aot.txt"
-python -m bench.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.txt"
-if [ -f bench/train_step.py ]; then
-  python -m bench.train_step --out "$OUT" 2>&1 | tee "$OUT/train_step.txt"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+python3 -m pytest -q -x tests/kernels tests/engine/test_sit.py tests/engine/test_transport.py \
+  tests/engine/test_sampling.py 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
+python3 -m kernels.aot --json "$OUT/aot.json" > "$OUT/aot.txt" 2>&1; tail -1 "$OUT/aot.txt"
+python3 -m bench.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.txt"
+python3 -m bench.train_step --out "$OUT" 2>&1 | tee "$OUT/train_step.txt"

@@ -17,10 +17,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
-python3 -m pytest -q -x tests/kernels tests/engine/test_sit.py tests/engine/test_transport.py \
-  tests/engine/test_sampling.py 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt"
-python3 -m kernels.aot --json "$OUT/aot.json" > "$OUT/aot.txt" 2>&1; tail -1 "$OUT/aot.txt"
-python3 -m bench.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.txt"
-python3 -m bench.train_step --out "$OUT" 2>&1 | tee "$OUT/train_step.txt"
+# One log plus the result files: the device tool brings back at most 8 files.
+{
+  nvidia-smi
+  python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+  python3 -m pytest -q -x tests/kernels tests/engine/test_sit.py tests/engine/test_transport.py \
+    tests/engine/test_sampling.py 2>&1 | tail -40
+  python3 -m kernels.aot --json "$OUT/aot.json" | tail -3
+  python3 -m bench.kernels --out "$OUT"
+  python3 -m bench.train_step --out "$OUT"
+} 2>&1 | tee "$OUT/gpu_all.log"

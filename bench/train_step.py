@@ -149,6 +149,16 @@ def data_benchmark(args, device) -> list[dict]:
     return rows
 
 
+def _release(device) -> None:
+    """Free one variant's model, optimizer state and compiled graphs before the next is measured."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -219,6 +229,7 @@ def main(argv=None) -> int:
             row["mfu"] = step_flops / row["seconds_per_step"] / matmul
         rows.append(row)
         print(row, flush=True)
+        _release(device)
     reference = next((r for r in rows if r["variant"] == "reference-eager" and "img_per_s" in r), None)
     for r in rows:
         if reference and "img_per_s" in r:

@@ -3,8 +3,9 @@
     python -m kernels.aot [--arch 80 90] [--only NAME] [--json PATH]
 
 Each kernel module lists the instances to build in `aot_specs()`. For each instance and target this
-prints registers per thread, spilled bytes (local memory), stack and shared memory, read from the cubin
-with the `cuobjdump` shipped in Triton's wheel. Exit status 1 on a compile error, on any spill, or when
+prints registers per thread and shared memory (read from the cubin with the `cuobjdump` shipped in
+Triton's wheel), and the spill stores + loads and stack frame that the bundled `ptxas -v` reports for
+the same PTX (a stack frame alone is not a spill: libdevice's sin/cos slow path keeps one). Exit status 1 on a compile error, on any spill, or when
 an instance's `require_ptx` text (e.g. "wgmma" on sm_90) is missing from its PTX.
 """
 from __future__ import annotations
@@ -52,15 +53,30 @@ def all_specs():
             yield info.name, spec
 
 
-def _cuobjdump() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def spill_report(ptx: str, arch: int) -> dict:
+    """Spill stores/loads and stack frame in bytes, from `ptxas -v` on the kernel's PTX."""
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(ptx)
+        f.flush()
+        run = subprocess.run([_tool("ptxas"), f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", f.name,
+                              "-o", os.devnull], capture_output=True, text=True, check=True)
+    text = run.stdout + run.stderr
+    match = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if match is None:
+        raise RuntimeError(f"no spill report in ptxas output: {text[-500:]}")
+    stack, stores, loads = map(int, match.groups())
+    return {"stack": stack, "spill": stores + loads}
 
 
 def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True,
+        out = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
     return {key: int(value) for key, value in fields.items()}
@@ -75,12 +91,13 @@ def compile_spec(spec, arch: int) -> AotResult:
                                   target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
         usage = resource_usage(compiled.asm["cubin"])
+        spills = spill_report(compiled.asm["ptx"], arch)
     except Exception as error:  # report every kernel, then fail
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
         return result
     result.registers = usage.get("REG")
-    result.spill_bytes = usage.get("LOCAL", 0)
-    result.stack_bytes = usage.get("STACK", 0)
+    result.spill_bytes = spills["spill"] + usage.get("LOCAL", 0)
+    result.stack_bytes = spills["stack"]
     result.shared_bytes = compiled.metadata.shared
     for text in getattr(spec, "require_ptx", {}).get(arch, ()):
         if text not in compiled.asm["ptx"]:

@@ -451,9 +451,10 @@ def head_tiles(head_dim: int) -> tuple[int, int]:
 # puts 72-200 byte stack frames on sm_80 at d = 72 and 128. Not yet tuned by timing (no GPU so far).
 # fp32 on the GPU is a correctness path (exact "ieee" matmuls on CUDA cores, which need far more
 # registers), so it gets small tiles. The interpreter gets 32 x 32 (every tile op is a numpy call).
+# fp32 dq at (32, 32) spilled 24 bytes on sm_90 (ptxas -v spill stores + loads), hence BLOCK_N 16.
 _GPU_CONFIGS = {
     "half": {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
-    "fp32": {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)},
+    "fp32": {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 16, 4, 1)},
 }
 _INTERPRET_BLOCK = 32
 _DELTA_BLOCK = 64

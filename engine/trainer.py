@@ -345,10 +345,11 @@ class Trainer:
             if attempt in self.cfg.train.debug_nonfinite_steps:
                 losses["loss"] = losses["loss"] * float("nan")
             values = torch.stack([losses[k].detach().float().reshape(()) for k in self.TERMS])
-            finite = bool(torch.isfinite(values).all())
-            # one all-reduce: the sum of each term over ranks, and how many ranks saw a non-finite loss
-            packed = torch.cat([torch.where(torch.isfinite(values), values, torch.zeros_like(values)),
-                                torch.tensor([0.0 if finite else 1.0], device=values.device)]).to(self.device)
+            finite = torch.isfinite(values)
+            # one all-reduce and one host sync: the sum of each term over ranks, and how many ranks saw
+            # a non-finite loss
+            packed = torch.cat([torch.where(finite, values, torch.zeros_like(values)),
+                                (~finite).any().float().reshape(1)]).to(self.device)
             dist.all_reduce(packed)
             packed = packed.cpu()
             if packed[-1] > 0:

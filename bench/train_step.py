@@ -9,8 +9,8 @@ master weights, fused AdamW) for every variant:
   3. alignflow           the fused Triton kernels
   4. alignflow compiled  the fused kernels under torch.compile
 Reported per variant: steady-state img/s, the step split into encoder / forward+loss / backward /
-optimizer (CUDA events), peak memory, model TFLOP/s from the analytic count in bench/flops.py
-(encoder included) and MFU against the bf16 matmul rate measured in the same run. A data section times
+optimizer (CUDA events), peak memory, model TFLOP/s from the analytic counts (`SiT.flops_per_sample`,
+and bench/flops.py for the encoder) and MFU against the bf16 matmul rate measured in the same run. A data section times
 the loaders on the same JPEG files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
 Writes bench/results/train_step-<device>-<date>.json and a markdown table beside it. `--smoke` runs a
 tiny model for two steps on the CPU so CI keeps the harness working; its numbers mean nothing.
@@ -214,7 +214,11 @@ def main(argv=None) -> int:
 
     matmul = measure_matmul_flops(device)
     parts = build(args, device)
-    step_flops = training_step_flops(parts[1], args.batch, parts[4])
+    from engine.models import build_model
+
+    with torch.device("meta"):  # the count needs the shapes only
+        model_flops = build_model(parts[1]).flops_per_sample()
+    step_flops = training_step_flops(model_flops, args.batch, parts[4])
     plan = {"reference-eager": ("torch", False), "reference-compiled": ("torch", True),
             "alignflow": ("triton", False), "alignflow-compiled": ("triton", True)}
     rows = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -105,25 +106,36 @@ def compile_spec(spec, arch: int) -> AotResult:
     return result
 
 
+_JOBS: list = []
+
+
+def _compile_job(index: int) -> AotResult:
+    return compile_spec(*_JOBS[index])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--only", help="compile only specs whose name contains this text")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles run in parallel")
     args = parser.parse_args(argv)
 
-    results = []
+    global _JOBS
+    _JOBS = [(spec, arch) for _, spec in all_specs() if not args.only or args.only in spec.name
+             for arch in args.arch]
+    print(f"triton {triton.__version__}")
     print(f"{'kernel':<52} {'arch':>5} {'regs':>5} {'spill':>6} {'stack':>6} {'smem':>7}  status")
-    for module, spec in all_specs():
-        if args.only and args.only not in spec.name:
-            continue
-        for arch in args.arch:
-            r = compile_spec(spec, arch)
-            results.append(r)
-            status = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} bytes")
-            print(f"{spec.name:<52} sm_{arch:<2} {r.registers or '-':>5} {r.spill_bytes if r.spill_bytes is not None else '-':>6} "
-                  f"{r.stack_bytes if r.stack_bytes is not None else '-':>6} "
-                  f"{r.shared_bytes if r.shared_bytes is not None else '-':>7}  {status}", flush=True)
+    if args.jobs > 1:  # forked workers inherit _JOBS: the JIT functions need no pickling
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            results = pool.map(_compile_job, range(len(_JOBS)), chunksize=1)
+    else:
+        results = [_compile_job(i) for i in range(len(_JOBS))]
+    for r in results:
+        status = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} bytes")
+        print(f"{r.name:<52} sm_{r.arch:<2} {r.registers or '-':>5} {r.spill_bytes if r.spill_bytes is not None else '-':>6} "
+              f"{r.stack_bytes if r.stack_bytes is not None else '-':>6} "
+              f"{r.shared_bytes if r.shared_bytes is not None else '-':>7}  {status}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "results": [asdict(r) for r in results]}, f, indent=1)

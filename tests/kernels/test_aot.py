@@ -1,7 +1,9 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 with no register spills.
 
 The compile runs in a subprocess without TRITON_INTERPRET: under the interpreter `@triton.jit`
-functions cannot be compiled."""
+functions cannot be compiled. It runs with the installed Triton and, where ALIGNFLOW_EXTRA_TRITON
+names a `pip install --target` folder holding another release (CI puts Triton 3.6 there, the GPU
+image's), with that one too: kernels must build under both."""
 import importlib
 import json
 import os
@@ -10,19 +12,30 @@ import subprocess
 import sys
 
 import pytest
+import triton
 
 import kernels
 
 
-@pytest.fixture(scope="module")
-def aot_results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("aot") / "aot.json"
+@pytest.fixture(scope="module", params=["installed", "extra"])
+def aot_results(request, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if request.param == "extra":
+        extra = os.environ.get("ALIGNFLOW_EXTRA_TRITON")
+        if not extra:
+            pytest.skip("ALIGNFLOW_EXTRA_TRITON is not set (CI sets it to a Triton 3.6 folder)")
+        if not os.path.isdir(os.path.join(extra, "triton")):
+            pytest.fail(f"ALIGNFLOW_EXTRA_TRITON={extra} holds no triton package")
+        env["PYTHONPATH"] = os.pathsep.join([extra, os.getcwd(), env.get("PYTHONPATH", "")])
+    path = tmp_path_factory.mktemp("aot") / "aot.json"
     run = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", str(path)], env=env,
                          capture_output=True, text=True, timeout=1200)
     print(run.stdout[-5000:], run.stderr[-5000:])
     assert path.exists(), f"kernels.aot wrote no results: {run.stderr[-2000:]}"
-    return json.loads(path.read_text())["results"]
+    results = json.loads(path.read_text())
+    if request.param == "extra":
+        assert results["triton"] != triton.__version__, "the extra Triton was not the one used"
+    return results["results"]
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(aot_results):

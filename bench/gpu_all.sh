@@ -1,29 +1,76 @@
 #!/usr/bin/env bash
-# All GPU work of a session in one call: GPU tests (real SiT-XL/2 sizes in bf16 included), the AOT
-# check, kernel benchmarks and the training-step benchmark, each benchmark measuring the copy-bandwidth
-# and bf16-matmul ceilings in the same run. Results go to $OUT (default bench/results/); commit them and
-# run `python -m bench.report` to regenerate the README tables.
+# All GPU work of a session: GPU tests (real SiT-XL/2 sizes in bf16 first), the AOT check, the kernel
+# benchmarks and the training-step benchmark, each benchmark measuring the copy-bandwidth and
+# bf16-matmul ceilings in the same run. Results go to $OUT (default bench/results/); commit them and run
+# `python -m bench.report` to regenerate the README tables.
 #
-# The GPU image has torch, Triton, timm, pyyaml and pytest but no network: carry what else is wanted
-# (deepspeed, nvidia-dali-cuda130 with its nvimgcodec/nvcomp wheels, diffusers) as wheels in .whl/
-# (see the device tool's README); they are installed to /tmp/site when present.
+#   bash bench/gpu_all.sh [STAGE ...]     stages: env tests aot kernels train (default: all, in order)
+#
+# The device tool runs one command for at most 10 minutes and keeps the machine warm for 30 s after it,
+# so a session runs the stages as back-to-back calls, each inside that limit, most important first
+# (K parts from `bash bench/carry_wheels.sh prepare`, run here beforehand):
+#   1.        bash bench/gpu_all.sh env tests aot
+#   2..K+1.   bash bench/carry_wheels.sh receive .carry/i                     carry: [".carry/i"]
+#   K+2.      bash bench/carry_wheels.sh install && bash bench/gpu_all.sh kernels
+#   K+3.      bash bench/gpu_all.sh train
+# Each stage runs under `timeout` (ALIGNFLOW_STAGE_TIMEOUT seconds, default 540) so that a stage that
+# overruns is cut with its log intact instead of losing the call.
+#
+# The GPU image has torch, Triton, timm, pyyaml, pytest and pytest-xdist but no network. Wheels carried
+# in .whl/ are installed to /tmp/site; bench/carry_wheels.sh brings DALI (over one call's 64 MiB) in
+# parts and installs it to /tmp/site as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+STAGE_TIMEOUT=${ALIGNFLOW_STAGE_TIMEOUT:-540}
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(env tests aot kernels train)
+
+stage() {
+  case "$1" in
+    env)
+      nvidia-smi
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+      python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+      python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1 ;;
+    tests)
+      # Real sizes first: the bf16 tensor-core paths at SiT-XL/2 shapes. Then every kernel test, spread
+      # over processes where pytest-xdist is there (each compiles its own Triton variants).
+      python3 -m pytest -q -x tests/kernels/test_gpu_real_sizes.py
+      parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+      python3 -m pytest -q $parallel tests/kernels tests/engine/test_sit.py tests/engine/test_transport.py \
+        tests/engine/test_sampling.py 2>&1 | tail -60 ;;
+    aot)
+      python3 -m kernels.aot --json "$OUT/aot.json" | tail -3 ;;
+    kernels)
+      python3 -m bench.kernels --out "$OUT" ;;
+    train)
+      python3 -m bench.train_step --out "$OUT" ;;
+    *)
+      echo "unknown stage '$1' (stages: env tests aot kernels train)"; return 2 ;;
+  esac
+}
+
 # One log plus the result files: the device tool brings back at most 8 files.
-{
-  nvidia-smi
-  python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-  python3 -m pytest -q -x tests/kernels tests/engine/test_sit.py tests/engine/test_transport.py \
-    tests/engine/test_sampling.py 2>&1 | tail -40
-  python3 -m kernels.aot --json "$OUT/aot.json" | tail -3
-  python3 -m bench.kernels --out "$OUT"
-  python3 -m bench.train_step --out "$OUT"
-} 2>&1 | tee "$OUT/gpu_all.log"
+status=0
+for s in "${stages[@]}"; do
+  {
+    echo "=== stage $s ($(date -u +%FT%TZ), limit ${STAGE_TIMEOUT}s)"
+    export -f stage; export OUT
+    timeout --signal=INT --kill-after=20 "$STAGE_TIMEOUT" bash -c "stage $s"
+    rc=$?
+    [ $rc -eq 124 ] && echo "=== stage $s cut at ${STAGE_TIMEOUT}s"
+    echo "=== stage $s rc=$rc"
+    exit $rc
+  } 2>&1 | tee -a "$OUT/gpu_all.log"
+  rc=${PIPESTATUS[0]}
+  [ $rc -ne 0 ] && status=$rc
+done
+exit $status

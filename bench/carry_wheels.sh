@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Bring DeepSpeed and DALI (with what they need that the GPU image lacks) to the GPU machine.
+#
+# DALI's CUDA 13 wheel alone is ~190 MiB and one device call carries at most 64 MiB, so the wheels
+# travel as one tar cut into parts of PART_MIB (default 56) MiB, one part per call, into the warm
+# machine's /tmp/carry; the last call joins them, checks the sha256 and installs to /tmp/site, where
+# bench/gpu_all.sh finds them. The machine stays warm for only 30 s after a call: make the calls back
+# to back, and start again from part 1 if one finds a fresh machine (`receive` says so).
+#
+#   here:    bash bench/carry_wheels.sh prepare          # wheels for CPython 3.12 -> .carry/1 .. .carry/K
+#   device:  bash bench/carry_wheels.sh receive .carry/1  (carry: [".carry/1"]), then 2 .. K,
+#            and in the call with part K: bash bench/carry_wheels.sh install && bash bench/gpu_all.sh ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PART_MIB=${PART_MIB:-56}
+# DeepSpeed's sdist is built into a wheel here; the rest come from the registry as cp312 manylinux wheels.
+WHEELS=(nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvcomp-cu13==5.3.0.16
+        "nvidia-nvjpeg>=13,<14" astunparse==1.6.3 gast==0.7.0 libcst==1.9.0 makefun nvtx optree
+        hjson pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection "typing-extensions>=4.16")
+PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
+           manylinux2014_x86_64 manylinux1_x86_64)
+
+case "${1:-}" in
+  prepare)
+    rm -rf .carry && mkdir -p .carry/wheels
+    exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")"
+    grep -qx "/.carry/" "$exclude" 2>/dev/null || echo "/.carry/" >> "$exclude"
+    python3 -m pip wheel -q --no-deps -w .carry/wheels deepspeed==0.19.8
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      $(printf -- "--platform %s " "${PLATFORMS[@]}") -d .carry/wheels "${WHEELS[@]}"
+    tar -cf .carry/wheels.tar -C .carry wheels
+    sha256sum .carry/wheels.tar | cut -d' ' -f1 > .carry/wheels.sha256
+    split -b "${PART_MIB}M" -d -a 2 .carry/wheels.tar .carry/part.
+    i=0
+    for part in .carry/part.*; do
+      i=$((i + 1)); mkdir -p ".carry/$i"; mv "$part" ".carry/$i/"; cp .carry/wheels.sha256 ".carry/$i/"
+    done
+    rm -rf .carry/wheels .carry/wheels.tar
+    echo "$i parts in .carry/1 .. .carry/$i ($(du -sh .carry | cut -f1)); carry one per call"
+    ;;
+  receive)
+    src=${2:?"receive needs the part folder, e.g. .carry/1"}
+    mkdir -p /tmp/carry
+    cp "$src"/part.* "$src"/wheels.sha256 /tmp/carry/
+    echo "parts on this machine: $(ls /tmp/carry | grep -c '^part\.') ($(du -sh /tmp/carry | cut -f1))"
+    ;;
+  install)
+    [ -f /tmp/carry/wheels.sha256 ] || { echo "no parts in /tmp/carry: this machine is fresh; start from part 1"; exit 1; }
+    cat /tmp/carry/part.* > /tmp/carry/wheels.tar
+    if [ "$(sha256sum /tmp/carry/wheels.tar | cut -d' ' -f1)" != "$(cat /tmp/carry/wheels.sha256)" ]; then
+      echo "joined parts do not match the sha256: a part is missing or stale; start again from part 1"; exit 1
+    fi
+    tar -xf /tmp/carry/wheels.tar -C /tmp/carry
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      /tmp/carry/wheels/*.whl
+    PYTHONPATH=/tmp/site python3 -c "import deepspeed, nvidia.dali as dali; print('deepspeed', deepspeed.__version__, 'dali', dali.__version__)"
+    ;;
+  *)
+    sed -n '2,12p' "$0"; exit 2 ;;
+esac

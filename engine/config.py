@@ -48,6 +48,8 @@ class TrainConfig:
     zero_stage: Optional[int] = None           # overrides the JSON's zero_optimization.stage
     device: Literal["auto", "cuda", "cpu"] = "auto"
     kernels_backend: Literal["auto", "torch", "triton", "cuda"] = "auto"  # auto: triton on CUDA, torch on CPU
+    compile: bool = False                      # torch.compile the model (the fused kernels run as custom ops)
+    allow_tf32: bool = True                    # TF32 for matmuls/convolutions left in fp32 (Ampere and newer)
     seed: int = 0
     max_nonfinite_in_row: int = 10             # stop after this many skipped steps in a row
     bootstrap_encoder: bool = False            # no local encoder weights: train a small one first

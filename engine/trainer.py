@@ -162,6 +162,10 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.output_dir, exist_ok=True)
 
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+            torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+
         import kernels
         backend = cfg.train.kernels_backend
         kernels.set_backend(("triton" if device_type == "cuda" else "torch") if backend == "auto" else backend)
@@ -211,6 +215,11 @@ class Trainer:
             dist_init_required=False)
         self.model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self.accum = self.engine.gradient_accumulation_steps()
+        if cfg.train.compile:
+            # DeepSpeed compiles the module it wraps: the state_dict keys, checkpoints, the EMA and the
+            # samplers (which use self.engine.module) are unchanged.
+            self.engine.compile(backend="inductor")
+            self.monitor.info("model compiled with torch.compile (inductor); the first steps include compile time")
 
         from engine.ema import EMA
         # With ema.enabled false the tracker follows the weights (decay 0), so exports and samples

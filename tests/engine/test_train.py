@@ -215,3 +215,31 @@ def test_zero_stages_0_and_1_train(tmp_path, data_root, stage, kind):
     assert np.isfinite(losses).all()
     after = master_weights(trainer)
     assert any((after[k] - before[k]).abs().max() > 0 for k in after)
+
+
+def test_compiled_model_trains_like_eager(tmp_path, data_root):
+    """train.compile runs the model through torch.compile (DeepSpeed's engine.compile) and takes the
+    same steps as eager within fp32 reordering error; checkpoints keep the plain state_dict keys."""
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        trainer = make_trainer(tmp_path / str(compiled), data_root,
+                               train={"max_steps": 3, "compile": compiled, "debug_fixed_batch": True})
+        losses = [trainer.train_step()["loss"] for _ in range(3)]
+        runs[compiled] = losses, master_weights(trainer)
+        if compiled:
+            from torch._dynamo.utils import counters
+
+            assert trainer.engine.is_compiled and counters["stats"]["unique_graphs"] > 0
+            checkpoint = trainer.save()
+    torch._dynamo.reset()
+    # the compiled run's checkpoint resumes without compile: same keys, same weights
+    resumed = make_trainer(tmp_path / "resumed", data_root, train={"max_steps": 3},
+                           checkpoint={"resume": checkpoint})
+    assert resumed.step == 3
+    for name, value in master_weights(resumed).items():
+        torch.testing.assert_close(value, runs[True][1][name], rtol=0, atol=0, msg=name)
+    torch._dynamo.reset()
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
+    for name, eager in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], eager, rtol=1e-4, atol=1e-5, msg=name)

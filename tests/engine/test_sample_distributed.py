@@ -83,8 +83,15 @@ def test_two_ranks_give_the_images_of_one_process(checkpoint_dir, tmp_path):
     one = sample_main(args(checkpoint_dir, tmp_path / "one"))
     assert one["num_batches"] == 4 and one["generated"] == 4 and one["skipped"] == one["corrupt"] == 0
     assert not os.path.exists(tmp_path / "one" / "parts")  # deleted once samples.npz is written
-    logs = run_ranks(args(checkpoint_dir, tmp_path / "two"))
+    logs = run_ranks(args(checkpoint_dir, tmp_path / "two", "--keep-parts"))
     assert "batch 2 (2/2 on this rank)" in logs[0] and "over 2 rank(s)" in logs[0]  # rank 0: batches 0, 2
+    # resumed on two ranks: rank 0's two lost parts are dealt out, one to each rank
+    for batch in (0, 2):
+        os.remove(tmp_path / "two" / "parts" / f"batch_00000{batch}.npz")
+    logs = run_ranks(args(checkpoint_dir, tmp_path / "two"))
+    assert "2 batches (4 images) already done, skipped; 2 to generate" in logs[0]
+    assert "batch 0 (1/1 on this rank)" in logs[0] and "Traceback" not in logs[1]
+    assert not os.path.exists(tmp_path / "two" / "parts")
 
     single, double = load(one["npz"]), load(tmp_path / "two" / "samples.npz")
     np.testing.assert_array_equal(double["arr_0"], single["arr_0"])

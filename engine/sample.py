@@ -397,10 +397,12 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
         if info.is_main:
             rate = generated / max(time.time() - start_time, 1e-9)
             done = min(s.num_images, already + generated * info.world_size)  # other ranks keep pace
-            log.info("batch %d (%d/%d on this rank): ~%d/%d images, %.2f img/s per rank (~%.1f img/s in all)",
-                     batch, i + 1, len(todo), done, s.num_images, rate, rate * info.world_size)
+            eta = (s.num_images - done) / max(rate * info.world_size, 1e-9)
+            log.info("batch %d (%d/%d on this rank): ~%d/%d images, %.2f img/s per rank (~%.1f img/s in all), "
+                     "ETA %dh%02dm", batch, i + 1, len(todo), done, s.num_images, rate, rate * info.world_size,
+                     eta // 3600, eta % 3600 // 60)
     if info.world_size > 1:
-        dist.barrier()
+        dist.barrier(device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if not info.is_main:
         return {}
 

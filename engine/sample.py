@@ -121,8 +121,6 @@ def load_for_sampling(path: str, device, overrides: list[str] = ()):
     return cfg, model.to(device).eval(), build_latent_space(cfg.latent, device=device)
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Processes
 # ----------------------------------------------------------------------------------------------

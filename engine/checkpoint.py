@@ -210,14 +210,21 @@ def load_checkpoint(engine, checkpoint_dir: str, tag: str) -> tuple[int, dict, d
     return int(client_state["step"]), rank_state, ema
 
 
-def load_ema_export(path: str) -> tuple[dict, dict]:
-    """(fp32 EMA state_dict, config dict) from an `ema_fp32.pt`, a step_* directory or a checkpoint
-    directory (its latest)."""
+def ema_export_path(path: str) -> str:
+    """The `ema_fp32.pt` file that `path` names: the file itself, a step_* directory's, or a checkpoint
+    directory's latest."""
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, LATEST)):
             path = os.path.join(path, latest_tag(path))
         path = os.path.join(path, EMA_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no EMA export at {path}")
+    return path
+
+
+def load_ema_export(path: str) -> tuple[dict, dict]:
+    """(fp32 EMA state_dict, config dict) from an `ema_fp32.pt`, a step_* directory or a checkpoint
+    directory (its latest)."""
+    path = ema_export_path(path)
     payload = torch.load(path, map_location="cpu", weights_only=False)
     return payload["ema"], payload.get("config") or {}

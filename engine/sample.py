@@ -1,20 +1,45 @@
-"""Images from a trained model: a PNG grid and an `.npz` of uint8 samples for FID evaluation.
+"""Images from a trained model: a PNG grid and an `.npz` of uint8 samples for FID evaluation, spread
+over any number of processes and resumable.
 
     python -m engine.sample --ckpt runs/builtin_cpu/checkpoints --out runs/builtin_cpu/eval \\
         [--num-images 1000] [--num-steps 50] [--method euler|heun|euler_maruyama] [--cfg-scale 1.0]
+    deepspeed --num_gpus 8 --module engine.sample --ckpt CKPT --out OUT --num-images 50000   # FID-50K
+    torchrun --nproc_per_node 8 -m engine.sample --ckpt CKPT --out OUT --num-images 50000
 
 `--ckpt` is an `ema_fp32.pt` export, a `step_*` checkpoint directory or a checkpoint directory (its
-latest). The npz holds `arr_0` (N, H, W, 3) uint8, the layout of the ADM / REPA evaluation suite, and
-`labels`.
+latest, resolved once at the start). Image i has label i % num_classes; global batch b (of
+sample.batch_size images) is sampled with seed sample.seed + b, so the images do not depend on the
+number of processes. Each finished batch is written atomically to `OUT/parts/batch_<b>.npz`; a rerun
+of the same command skips the parts that load and regenerates missing or corrupt ones (the settings
+in `OUT/parts/meta.json` must match; `--overwrite` starts afresh). At the end rank 0 writes
+`OUT/samples.npz` (`arr_0` (N, H, W, 3) uint8, the layout of the ADM / REPA evaluation suite, and
+`labels`) and `OUT/samples.png`, then deletes the parts unless `--keep-parts`. OUT must be shared
+by all processes.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
 import os
+import shutil
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+log = logging.getLogger("engine.sample")
+
+PARTS_DIR = "parts"
+META_FILE = "meta.json"
+# Settings that change the images; a restart must match them all to reuse the parts.
+META_KEYS = ("ckpt", "num_images", "batch_size", "seed", "num_steps", "method", "cfg_scale", "resolution")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -58,10 +83,26 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, pad: int
     return path
 
 
-def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str) -> str:
+def _write_atomic(path: str, write) -> str:
+    """write(file) into a temporary file beside `path`, then rename it to `path`: readers see the old
+    file or the whole new one, never a partial one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    np.savez(path, arr_0=images.numpy(), labels=labels.cpu().numpy())
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
+
+
+def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str) -> str:
+    return _write_atomic(path, lambda f: np.savez(f, arr_0=images.numpy(), labels=labels.cpu().numpy()))
 
 
 def load_for_sampling(path: str, device, overrides: list[str] = ()):
@@ -80,35 +121,299 @@ def load_for_sampling(path: str, device, overrides: list[str] = ()):
     return cfg, model.to(device).eval(), build_latent_space(cfg.latent, device=device)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--num-images", type=int, default=None)
-    parser.add_argument("--num-steps", type=int, default=None)
-    parser.add_argument("--method", default=None)
-    parser.add_argument("--cfg-scale", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--kernels-backend", default=None, help="torch / triton (default: triton on CUDA)")
-    args = parser.parse_args(argv)
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
 
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool = False        # this module created the process group (and destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str, local_rank: int | None = None) -> DistInfo:
+    """One process, or one rank of WORLD_SIZE > 1 started by the deepspeed launcher, torchrun or by hand
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): nccl on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank}, WORLD_SIZE={world} in the environment; need 0 <= RANK < WORLD_SIZE")
+    target = torch.device(device)
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if target.index is None:
+            target = torch.device("cuda", local_rank)
+        torch.cuda.set_device(target)
+    elif world > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores between the ranks on this machine
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+    owns_group = False
+    if world > 1 and not dist.is_initialized():
+        missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; start the ranks with "
+                             "deepspeed or torchrun, or set them by hand")
+        # Ranks wait at the final barrier for the slowest one's last batch: allow long batches.
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(hours=2))
+        owns_group = True
+    return DistInfo(rank, local_rank, world, target, owns_group)
+
+
+def _on_main(info: DistInfo, fn):
+    """fn() on rank 0; every rank gets its result, or raises its error (so no rank waits forever)."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - passed on to every rank, then raised
+            error = exc
+    if info.world_size > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def _all_ranks_concat(info: DistInfo, values: list) -> list:
+    if info.world_size == 1:
+        return sorted(values)
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, values)
+    return sorted(v for part in gathered for v in part)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parts: one npz per global batch
+# ----------------------------------------------------------------------------------------------
+
+def batch_labels(batch: int, batch_size: int, num_images: int, num_classes: int) -> torch.Tensor:
+    """Labels of global batch `batch`: image i has label i % num_classes (class-balanced)."""
+    start = batch * batch_size
+    return torch.arange(start, min(start + batch_size, num_images)) % num_classes
+
+
+def part_path(parts_dir: str, batch: int) -> str:
+    return os.path.join(parts_dir, f"batch_{batch:06d}.npz")
+
+
+def check_part(path: str, labels: torch.Tensor, resolution: int) -> str | None:
+    """None when `path` holds the batch for `labels`; otherwise what is wrong ("missing" or worse)."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        with np.load(path) as part:
+            images, part_labels = part["images"], part["labels"]
+    except Exception as error:  # noqa: BLE001 - truncated zip, bad CRC, missing key ...
+        return f"unreadable ({type(error).__name__}: {error})"
+    expected = (len(labels), resolution, resolution, 3)
+    if images.dtype != np.uint8 or images.shape != expected:
+        return f"holds {images.dtype} images of shape {images.shape}, expected uint8 {expected}"
+    if not np.array_equal(part_labels, labels.numpy()):
+        return "holds other labels"
+    return None
+
+
+def prepare_parts(parts_dir: str, meta: dict, overwrite: bool) -> None:
+    """Create `parts_dir` with `meta.json`, or check that the parts already there were made with `meta`."""
+    if overwrite and os.path.isdir(parts_dir):
+        shutil.rmtree(parts_dir)
+    if os.path.exists(parts_dir) and not os.path.isdir(parts_dir):
+        raise ValueError(f"{parts_dir} is a file; it must be the directory of sample parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    meta_path = os.path.join(parts_dir, META_FILE)
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{meta_path} is unreadable ({error}); pass --overwrite to delete the parts") from error
+        differing = [key for key in META_KEYS if old.get(key) != meta[key]]
+        if differing:
+            details = "; ".join(f"{key}: {old.get(key)!r} there, {meta[key]!r} now" for key in differing)
+            raise ValueError(f"{parts_dir} holds samples made with other settings ({details}). Rerun with the "
+                             f"same settings to resume, or pass --overwrite to delete them")
+    else:
+        if any(name.startswith("batch_") for name in os.listdir(parts_dir)):
+            raise ValueError(f"{parts_dir} holds sample parts but no {META_FILE} (their settings are unknown); "
+                             "pass --overwrite to delete them")
+        _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    for name in os.listdir(parts_dir):  # left by a process killed while writing
+        if ".tmp-" in name:
+            os.remove(os.path.join(parts_dir, name))
+
+
+def write_samples_npz(parts_dir: str, num_batches: int, meta: dict, path: str, keep: int) -> np.ndarray:
+    """Stream the parts, in order, into `path` (`arr_0` (N, H, W, 3) uint8 and `labels`, what np.savez
+    writes) holding one part in memory at a time; returns the first `keep` images (for the grid)."""
+    n, res = meta["num_images"], meta["resolution"]
+    labels = np.empty(n, dtype=np.int64)
+    first = []
+
+    def write(f):
+        # np.savez's layout: an uncompressed zip of .npy files (zip64: FID-50K at 512 px is 39 GB).
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array_header_1_0(
+                    entry, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                            "shape": (n, res, res, 3)})
+                start = 0
+                for batch in range(num_batches):
+                    with np.load(part_path(parts_dir, batch)) as part:
+                        images, part_labels = part["images"], part["labels"]
+                    stop = start + len(images)
+                    if images.dtype != np.uint8 or images.shape[1:] != (res, res, 3) or stop > n:
+                        raise ValueError(f"{part_path(parts_dir, batch)}: unexpected {images.dtype} {images.shape}")
+                    entry.write(np.ascontiguousarray(images).data)
+                    labels[start:stop] = part_labels
+                    if sum(len(x) for x in first) < keep:
+                        first.append(images[: keep - sum(len(x) for x in first)].copy())
+                    start = stop
+                if start != n:
+                    raise ValueError(f"the parts in {parts_dir} hold {start} images, expected {n}")
+            with zf.open("labels.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, labels)
+
+    _write_atomic(path, write)
+    return np.concatenate(first) if first else np.zeros((0, res, res, 3), np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from engine.sampling import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="ema_fp32.pt, a step_* directory or a checkpoint directory")
+    parser.add_argument("--out", required=True, help="output directory (shared by all processes)")
+    parser.add_argument("--num-images", type=int, default=None, help="default: the checkpoint's sample.num_images")
+    parser.add_argument("--num-steps", type=int, default=None)
+    parser.add_argument("--method", default=None, choices=METHODS)
+    parser.add_argument("--cfg-scale", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per global batch (one seed each)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda (each rank takes cuda:LOCAL_RANK), cuda:N or cpu")
+    parser.add_argument("--kernels-backend", default=None, help="torch / triton (default: triton on CUDA)")
+    parser.add_argument("--overwrite", action="store_true", help="delete parts left by an earlier run first")
+    parser.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after samples.npz is written")
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK wins
+    args = parser.parse_args(argv)
+    for key in ("num_images", "num_steps", "batch_size"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    if not os.path.exists(args.ckpt):
+        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; it must be a directory (created if missing)")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Sample, resumably, on every rank; rank 0 returns {"grid", "npz", "num_batches", "skipped",
+    "generated", "corrupt"} (batch counts over all ranks), other ranks {}."""
+    args = parse_args(argv)
+    info = init_distributed(args.device, args.local_rank)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, stream=sys.stderr,
+                            format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s")
+    try:
+        return _sample(args, info)
+    finally:
+        if info.owns_group:
+            dist.destroy_process_group()
+
+
+def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
     import kernels
-    kernels.set_backend(args.kernels_backend or ("triton" if args.device.startswith("cuda") else "torch"))
+    from engine.checkpoint import ema_export_path
+
+    kernels.set_backend(args.kernels_backend or ("triton" if info.device.type == "cuda" else "torch"))
     overrides = [f"sample.{key}={value}" for key, value in (
         ("num_images", args.num_images), ("num_steps", args.num_steps), ("method", args.method),
         ("cfg_scale", args.cfg_scale), ("batch_size", args.batch_size), ("seed", args.seed)) if value is not None]
-    device = torch.device(args.device)
-    cfg, model, latent_space = load_for_sampling(args.ckpt, device, overrides)
-    labels = torch.arange(cfg.sample.num_images) % cfg.model.num_classes
-    images = generate(model, latent_space, labels, cfg, device)
-    grid = save_grid(images[: cfg.sample.grid_images], os.path.join(args.out, "samples.png"),
-                     nrow=min(len(images), cfg.model.num_classes))
-    npz = save_npz(images, labels, os.path.join(args.out, "samples.npz"))
-    print(f"wrote {grid} and {npz} ({len(images)} images, {cfg.sample.method} {cfg.sample.num_steps} steps, "
-          f"cfg {cfg.sample.cfg_scale})")
-    return {"grid": grid, "npz": npz}
+    # Rank 0 resolves "latest" once, so that every rank (and a restart) samples the same weights.
+    ckpt = _on_main(info, lambda: os.path.abspath(ema_export_path(args.ckpt)))
+    cfg, model, latent_space = load_for_sampling(ckpt, info.device, overrides)
+    s = cfg.sample
+    if s.num_images < 1:
+        raise ValueError(f"sample.num_images={s.num_images} in {ckpt}: nothing to sample; pass --num-images N")
+    if s.batch_size < 1 or s.num_steps < 1:
+        raise ValueError(f"sample.batch_size={s.batch_size}, sample.num_steps={s.num_steps} in {ckpt}; need >= 1")
+    resolution = cfg.model.input_size * latent_space.downsample
+    meta = dict(ckpt=ckpt, num_images=s.num_images, batch_size=s.batch_size, seed=s.seed, num_steps=s.num_steps,
+                method=s.method, cfg_scale=s.cfg_scale, resolution=resolution)
+    parts_dir = os.path.join(args.out, PARTS_DIR)
+    _on_main(info, lambda: prepare_parts(parts_dir, meta, args.overwrite))
+
+    num_batches = math.ceil(s.num_images / s.batch_size)
+    labels_of = lambda b: batch_labels(b, s.batch_size, s.num_images, cfg.model.num_classes)  # noqa: E731
+    missing, corrupt = [], []
+    for batch in range(info.rank, num_batches, info.world_size):  # each rank checks a share of the parts
+        problem = check_part(part_path(parts_dir, batch), labels_of(batch), resolution)
+        if problem is not None:
+            missing.append(batch)
+            if problem != "missing":
+                corrupt.append(batch)
+                log.warning("%s %s; regenerating it", part_path(parts_dir, batch), problem)
+    missing, corrupt = _all_ranks_concat(info, missing), _all_ranks_concat(info, corrupt)
+    # Fresh run: rank r takes batches b % world == r. Resumed run: the missing ones, dealt out evenly.
+    todo = missing[info.rank::info.world_size]
+    remaining = sum(len(labels_of(b)) for b in missing)
+    already = s.num_images - remaining
+    if info.is_main:
+        log.info("%d images in %d batches of %d over %d rank(s): %d batches (%d images) already done, skipped; "
+                 "%d to generate (%d of them corrupt); %s %d steps, cfg %g, seed %d", s.num_images, num_batches,
+                 s.batch_size, info.world_size, num_batches - len(missing), already, len(missing), len(corrupt),
+                 s.method, s.num_steps, s.cfg_scale, s.seed)
+
+    start_time, generated = time.time(), 0
+    for i, batch in enumerate(todo):
+        labels = labels_of(batch)
+        images = generate(model, latent_space, labels, cfg, info.device, seed=s.seed + batch)
+        if tuple(images.shape[1:]) != (resolution, resolution, 3):
+            raise RuntimeError(f"the model made images of shape {tuple(images.shape[1:])}, expected "
+                               f"{(resolution, resolution, 3)}")
+        _write_atomic(part_path(parts_dir, batch),
+                      lambda f: np.savez(f, images=images.numpy(), labels=labels.numpy()))
+        generated += len(labels)
+        if info.is_main:
+            rate = generated / max(time.time() - start_time, 1e-9)
+            done = min(s.num_images, already + generated * info.world_size)  # other ranks keep pace
+            eta = (s.num_images - done) / max(rate * info.world_size, 1e-9)
+            log.info("batch %d (%d/%d on this rank): ~%d/%d images, %.2f img/s per rank (~%.1f img/s in all), "
+                     "ETA %dh%02dm", batch, i + 1, len(todo), done, s.num_images, rate, rate * info.world_size,
+                     eta // 3600, eta % 3600 // 60)
+    if info.world_size > 1:
+        dist.barrier(device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if not info.is_main:
+        return {}
+
+    npz = os.path.join(args.out, "samples.npz")
+    first = write_samples_npz(parts_dir, num_batches, meta, npz, keep=min(s.grid_images, s.num_images))
+    grid = save_grid(torch.from_numpy(first), os.path.join(args.out, "samples.png"),
+                     nrow=min(s.num_images, cfg.model.num_classes))
+    if not args.keep_parts:
+        shutil.rmtree(parts_dir)
+    log.info("wrote %s and %s (%d images, %s %d steps, cfg %g)", grid, npz, s.num_images, s.method, s.num_steps,
+             s.cfg_scale)
+    return {"grid": grid, "npz": npz, "num_batches": num_batches, "skipped": num_batches - len(missing),
+            "generated": len(missing), "corrupt": len(corrupt)}
 
 
 if __name__ == "__main__":

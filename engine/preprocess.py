@@ -32,15 +32,21 @@ Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def latent_config(spec: str, scale: str | None = None, shift: str | None = None):
-    """A LatentConfig from the command line: "identity" (pixel space), or a local diffusers
-    AutoencoderKL folder / cached hub id; scale and shift as one number or comma-separated per channel."""
+    """A LatentConfig from the command line: "identity" (pixel space), a local diffusers AutoencoderKL
+    folder / cached hub id, or "module:package.module:factory"; scale and shift as one number or
+    comma-separated per channel."""
     from engine.models.latents import LatentConfig
 
     def number_or_list(text):
         values = [float(v) for v in text.split(",")]
         return values[0] if len(values) == 1 else values
 
-    values = {"kind": "identity"} if spec == "identity" else {"kind": "vae", "path": spec}
+    if spec == "identity":
+        values = {"kind": "identity"}
+    elif spec.startswith("module:"):
+        values = {"kind": "module", "path": spec[len("module:"):]}
+    else:
+        values = {"kind": "vae", "path": spec}
     if scale is not None:
         values["scale"] = number_or_list(scale)
     if shift is not None:
@@ -138,7 +144,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--latent-space", required=True,
-                        help='"identity" (pixel space) or a local diffusers AutoencoderKL folder / cached hub id')
+                        help='"identity" (pixel space), a local diffusers AutoencoderKL folder / cached hub id, '
+                             'or "module:package.module:factory" (your own autoencoder)')
     parser.add_argument("--latent-scale", default=None, help="latent scale: a number or comma-separated per channel")
     parser.add_argument("--latent-shift", default=None, help="latent shift: a number or comma-separated per channel")
     parser.add_argument("--source", default="folder", choices=["folder", "builtin", "webdataset"])

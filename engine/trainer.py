@@ -199,6 +199,7 @@ class Trainer:
                              f"{cfg.model.num_classes}; allowed: model.num_classes >= {self.loader.num_classes}")
         self.encoders = self._build_encoders()
         self.latent_space = build_latent_space(cfg.latent, device=self.device)
+        self._check_latent_grid()
         self.transport = Transport(cfg.transport)
 
         fused = cfg.optim.fused == "true" or (cfg.optim.fused == "auto" and self.device.type == "cuda")
@@ -239,6 +240,27 @@ class Trainer:
         self.latent_generator.manual_seed(rank_seed(cfg.train.seed + 1, self.rank))
         self._resume()
         self._data_iter = None
+
+    def _check_latent_grid(self) -> None:
+        """The model's input must be the latent grid the data gives, or the first step fails deep in the
+        patch embedding (or, for a square grid of the wrong side, trains on the wrong positions)."""
+        cfg = self.cfg
+        if cfg.data.latents_root is not None:
+            from engine.data.latents import META
+
+            with open(os.path.join(cfg.data.latents_root, META)) as f:
+                channels, side = json.load(f)["shape"][:2]
+            source = f"the latent shards at data.latents_root={cfg.data.latents_root!r}"
+        else:
+            channels, side = self.latent_space.channels, cfg.data.resolution // self.latent_space.downsample
+            source = (f"latent.kind={cfg.latent.kind!r} at data.resolution={cfg.data.resolution} "
+                      f"(downsampling {self.latent_space.downsample}x)")
+        if cfg.model.in_channels != channels:
+            raise ValueError(f"model.in_channels={cfg.model.in_channels} but {source} gives {channels} channels; "
+                             f"allowed: {channels}")
+        if cfg.model.input_size != side:
+            raise ValueError(f"model.input_size={cfg.model.input_size} but {source} gives a {side}x{side} grid; "
+                             f"allowed: {side}")
 
     def _build_encoders(self):
         from engine.models.encoders import build_encoder

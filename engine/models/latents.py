@@ -1,4 +1,5 @@
-"""Latent spaces: where the flow runs. "vae" (diffusers AutoencoderKL) or "identity" (pixel space).
+"""Latent spaces: where the flow runs. "vae" (diffusers AutoencoderKL), "identity" (pixel space) or
+"module" (any autoencoder of the user's, named as "package.module:factory").
 
 Latents are normalised as REPA does: latent = z * scale + shift, with z the VAE's latent and scale /
 shift scalars or one value per channel (sd-vae-ft-ema/mse: scale 0.18215, shift 0; ReaLS: per channel).
@@ -6,6 +7,11 @@ shift scalars or one value per channel (sd-vae-ft-ema/mse: scale 0.18215, shift 
     space = build_latent_space(LatentConfig(kind="vae", path="/models/sd-vae-ft-ema"))
     mean, std = space.encode(images_uint8)       # normalised posterior; sample x = mean + std * eps
     images = space.decode(x)                     # (B, 3, H, W) in [-1, 1]
+
+A "module" latent space plugs in an autoencoder that is not a diffusers AutoencoderKL: `path` names a
+factory, `factory(cfg)` returns an nn.Module with `encode(x)` (x float (B, 3, H, W) in [-1, 1]) giving
+the posterior `(mean, std)` or a deterministic latent tensor, `decode(z)` giving images in [-1, 1], and
+the attributes `channels` and `downsample`. Scale and shift are applied around it as for a VAE.
 """
 from __future__ import annotations
 
@@ -18,13 +24,13 @@ import torch.nn as nn
 
 from engine.configurable import FromDict
 
-KINDS = ("identity", "vae")
+KINDS = ("identity", "vae", "module")
 
 
 @dataclass
 class LatentConfig(FromDict):
     kind: str = "vae"
-    path: str | None = None                 # local diffusers folder, or a hub repo id already in the cache
+    path: str | None = None                 # vae: local diffusers folder or cached hub id; module: "pkg.mod:factory"
     subfolder: str | None = None
     scale: float | list[float] = 0.18215
     shift: float | list[float] = 0.0
@@ -33,6 +39,10 @@ class LatentConfig(FromDict):
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"LatentConfig.kind={self.kind!r} is invalid; allowed: {list(KINDS)}")
+        if self.kind == "module" and (not self.path or self.path.count(":") != 1 or not all(self.path.split(":"))):
+            raise ValueError(f"LatentConfig.path={self.path!r} is invalid for kind 'module'; allowed: "
+                             "'package.module:factory', a function that takes the LatentConfig and returns the "
+                             "autoencoder")
         if self.kind == "vae" and not self.path:
             raise ValueError("LatentConfig.path is required for kind 'vae': a local diffusers AutoencoderKL "
                              "folder (e.g. one saved from stabilityai/sd-vae-ft-ema) or a cached hub repo id")
@@ -113,9 +123,62 @@ class VAELatentSpace(nn.Module):
         return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
 
 
+class ModuleLatentSpace(nn.Module):
+    """A user's autoencoder (see the module docstring for what the factory returns)."""
+
+    def __init__(self, cfg: LatentConfig, autoencoder: nn.Module):
+        super().__init__()
+        missing = [name for name in ("encode", "decode", "channels", "downsample") if not hasattr(autoencoder, name)]
+        if missing:
+            raise TypeError(f"LatentConfig.path={cfg.path!r} returned {type(autoencoder).__name__}, which lacks "
+                            f"{missing}; a latent space needs encode, decode, channels and downsample")
+        self.cfg = cfg
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.channels, self.downsample = int(autoencoder.channels), int(autoencoder.downsample)
+        self.register_buffer("scale", _per_channel(cfg.scale, self.channels, "scale"), persistent=False)
+        self.register_buffer("shift", _per_channel(cfg.shift, self.channels, "shift"), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Normalised posterior (mean, std), each (B, C, H/f, W/f) float32 (std 0 for a deterministic
+        encoder)."""
+        out = self.autoencoder.encode(to_unit_range(images))
+        mean, std = out if isinstance(out, (tuple, list)) else (out, torch.zeros_like(out))
+        expected = (images.shape[0], self.channels, images.shape[2] // self.downsample,
+                    images.shape[3] // self.downsample)
+        if tuple(mean.shape) != expected or tuple(std.shape) != expected:
+            raise ValueError(f"{self.cfg.path}: encode gave {tuple(mean.shape)} / {tuple(std.shape)}, expected "
+                             f"{expected} from channels={self.channels} and downsample={self.downsample}")
+        return mean.float() * self.scale + self.shift, std.float() * self.scale.abs()
+
+    @torch.no_grad()
+    def decode(self, latents):
+        z = (latents.float() - self.shift) / self.scale
+        return self.autoencoder.decode(z).float().clamp(-1, 1)
+
+
+def _load_factory(path: str):
+    import importlib
+
+    module_name, name = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"LatentConfig.path={path!r}: cannot import {module_name!r} ({error})") from error
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise AttributeError(f"LatentConfig.path={path!r}: {module_name} has no callable {name!r}")
+    return factory
+
+
 def build_latent_space(cfg: LatentConfig, device=None) -> nn.Module:
     if cfg.kind == "identity":
         space = IdentityLatentSpace(cfg)
+    elif cfg.kind == "module":
+        space = ModuleLatentSpace(cfg, _load_factory(cfg.path)(cfg))
     else:
         from diffusers import AutoencoderKL
         local = os.path.isdir(cfg.path)

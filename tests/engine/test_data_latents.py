@@ -166,10 +166,10 @@ def test_loader_yields_latents_in_step_with_images(builtin_root, tmp_path):
         os.remove(extra)
 
 
-@pytest.mark.parametrize("space", ["identity", "vae"])
+@pytest.mark.parametrize("space", ["identity", "vae", "module"])
 def test_preprocess_cli_with_a_real_latent_space(space, builtin_root, tmp_path, monkeypatch):
-    """The CLI builds engine.models.latents' latent space: pixel space, or a (tiny, random) diffusers VAE
-    from a local folder with per-channel scale and shift."""
+    """The CLI builds engine.models.latents' latent space: pixel space, a (tiny, random) diffusers VAE
+    from a local folder with per-channel scale and shift, or a user's autoencoder module."""
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     args = ["--latent-space", "identity"]
@@ -182,6 +182,9 @@ def test_preprocess_cli_with_a_real_latent_space(space, builtin_root, tmp_path, 
                             layers_per_block=1)
         vae.save_pretrained(str(tmp_path / "vae"))
         args = ["--latent-space", str(tmp_path / "vae"), "--latent-scale", "0.5,0.5,0.5,0.5", "--latent-shift", "0.1"]
+        channels, size = 4, 16
+    if space == "module":
+        args = ["--latent-space", "module:tests.engine.toy_autoencoder:build", "--latent-scale", "2.0"]
         channels, size = 4, 16
     out = str(tmp_path / "cli")
     preprocess_main(["--data-root", builtin_root, "--out", out, "--resolution", "32", "--batch-size", "7",

@@ -131,3 +131,41 @@ def test_latent_config_errors(tiny_vae_dir, tmp_path):
         build_latent_space(LatentConfig(kind="vae", path=tiny_vae_dir[0], scale=[1.0, 1.0, 1.0]))
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         build_latent_space(LatentConfig(kind="vae", path=str(tmp_path / "missing")))
+
+
+def test_module_latent_space_applies_scale_and_shift_around_the_users_autoencoder():
+    import torch.nn.functional as F
+
+    scale, shift = [0.5, 1.0, 2.0, 4.0], [0.1, -0.2, 0.0, 0.3]
+    space = build_latent_space(LatentConfig(kind="module", path="tests.engine.toy_autoencoder:build",
+                                            scale=scale, shift=shift))
+    assert space.channels == 4 and space.downsample == 2
+    batch = images(2, 8)
+    mean, std = space.encode(batch)
+    pooled = F.avg_pool2d(batch / 127.5 - 1, 2)
+    raw = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
+    s, b = torch.tensor(scale).view(1, 4, 1, 1), torch.tensor(shift).view(1, 4, 1, 1)
+    torch.testing.assert_close(mean, raw * s + b)
+    torch.testing.assert_close(std, 0.1 * raw.abs() * s)
+    torch.testing.assert_close(space.decode(mean), F.interpolate(raw[:, :3], scale_factor=2).clamp(-1, 1))
+    _, std = build_latent_space(LatentConfig(kind="module", path="tests.engine.toy_autoencoder:build_deterministic",
+                                             scale=1.0)).encode(batch)
+    assert torch.count_nonzero(std) == 0
+
+
+@pytest.mark.parametrize("path, error, fragment", [
+    ("tests.engine.toy_autoencoder", ValueError, "package.module:factory"),
+    ("tests.engine.no_such_module:build", ImportError, "cannot import"),
+    ("tests.engine.toy_autoencoder:nothing", AttributeError, "no callable 'nothing'"),
+    ("tests.engine.toy_autoencoder:build_not_an_autoencoder", TypeError, "lacks"),
+])
+def test_module_latent_space_errors_name_the_problem(path, error, fragment):
+    with pytest.raises(error, match=fragment):
+        build_latent_space(LatentConfig(kind="module", path=path, scale=1.0))
+
+
+def test_module_latent_space_checks_the_encoders_shape():
+    space = build_latent_space(LatentConfig(kind="module", path="tests.engine.toy_autoencoder:build_wrong_shape",
+                                            scale=1.0))
+    with pytest.raises(ValueError, match=r"expected \(2, 3, 4, 4\)"):
+        space.encode(images(2, 8))

@@ -243,3 +243,22 @@ def test_compiled_model_trains_like_eager(tmp_path, data_root):
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
     for name, eager in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][name], eager, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_module_latent_space_trains_and_samples(tmp_path, data_root):
+    """A user's autoencoder plugged in as latent.kind 'module' (4 channels, 2x downsampling)."""
+    trainer = make_trainer(tmp_path, data_root,
+                           model={"in_channels": 4, "input_size": 8, "patch_size": 2},
+                           latent={"kind": "module", "path": "tests.engine.toy_autoencoder:build", "scale": 0.5},
+                           train={"max_steps": 2},
+                           sample={"num_images": 2, "num_steps": 1, "batch_size": 2, "grid_images": 2})
+    results = trainer.fit()
+    assert results["step"] == 2 and results["nonfinite_total"] == 0
+    assert np.load(results["samples_npz"])["arr_0"].shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("model, fragment", [({"in_channels": 4}, "model.in_channels=4"),
+                                             ({"input_size": 8, "patch_size": 2}, "model.input_size=8")])
+def test_model_and_latent_grid_mismatch_is_named(tmp_path, data_root, model, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        make_trainer(tmp_path, data_root, model=model)

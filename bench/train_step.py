@@ -9,7 +9,7 @@ master weights, fused AdamW) for every variant:
   3. alignflow           the fused Triton kernels
   4. alignflow compiled  the fused kernels under torch.compile
 Reported per variant: steady-state img/s, the step split into encoder / forward+loss / backward /
-optimizer (CUDA events), peak memory, model TFLOP/s from the analytic counts (`SiT.flops_per_sample`,
+optimizer (CUDA events), peak memory, the host syncs of one step (torch's sync debug mode), model TFLOP/s from the analytic counts (`SiT.flops_per_sample`,
 and bench/flops.py for the encoder) and MFU against the bf16 matmul rate measured in the same run. A data section times
 the loaders on the same JPEG files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
 Writes bench/results/train_step-<device>-<date>.json and a markdown table beside it. `--smoke` runs a
@@ -58,7 +58,6 @@ def build(args, device):
 
 
 def run_variant(name, backend, use_compile, args, device, parts):
-    import kernels
     from engine.models import build_model
 
     encoder, model_cfg, transport, images, _ = parts
@@ -86,34 +85,61 @@ def run_variant(name, backend, use_compile, args, device, parts):
         return b - a
 
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-    steps = args.warmup + args.steps
-    with kernels.use_backend(backend):
-        for step in range(steps):
-            marks = [timer()]
-            with torch.no_grad(), autocast:
-                tokens, cls = encoder(images)
-            marks.append(timer())
-            with autocast:
-                losses = transport.training_losses(forward, latents, labels, [tokens],
-                                                   cls_target=cls if model_cfg.reg else None)
-            marks.append(timer())
-            losses["loss"].backward()
-            marks.append(timer())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            marks.append(timer())
-            if step >= args.warmup:
-                for key, a, b in zip(("encoder", "forward", "backward", "optimizer"), marks, marks[1:]):
-                    timings[key].append(elapsed(a, b))
-                timings["step"].append(elapsed(marks[0], marks[-1]))
+    step_inputs = (model, forward, optimizer, encoder, transport, latents, labels, images, model_cfg, autocast, backend)
+    for step in range(args.warmup + args.steps):
+        marks = [timer()]
+        losses = one_step(*step_inputs, mark=lambda: marks.append(timer()))
+        if step >= args.warmup:
+            for key, a, b in zip(("encoder", "forward", "backward", "optimizer"), marks, marks[1:]):
+                timings[key].append(elapsed(a, b))
+            timings["step"].append(elapsed(marks[0], marks[-1]))
     if not torch.isfinite(losses["loss"]):
         raise RuntimeError(f"{name}: non-finite loss {losses['loss'].item()}")
+    host_syncs = _count_host_syncs(lambda: one_step(*step_inputs)) if device.type == "cuda" else None
     median = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return {"variant": name, "seconds_per_step": median["step"], "breakdown_seconds": median,
-            "img_per_s": args.batch / median["step"], "peak_memory_bytes": peak,
+            "img_per_s": args.batch / median["step"], "peak_memory_bytes": peak, "host_syncs_per_step": host_syncs,
             "final_loss": float(losses["loss"].detach())}
+
+
+def one_step(model, forward, optimizer, encoder, transport, latents, labels, images, model_cfg, autocast, backend,
+             mark=lambda: None) -> dict:
+    """One training step; `mark()` is called after the encoder, the forward + loss, the backward and the
+    optimizer. Returns the losses."""
+    import kernels
+
+    with kernels.use_backend(backend):
+        with torch.no_grad(), autocast:
+            tokens, cls = encoder(images)
+        mark()
+        with autocast:
+            losses = transport.training_losses(forward, latents, labels, [tokens],
+                                               cls_target=cls if model_cfg.reg else None)
+        mark()
+        losses["loss"].backward()
+        mark()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mark()
+    return losses
+
+
+def _count_host_syncs(step) -> int:
+    """Synchronising CUDA calls (a .item(), a data-dependent shape, ...) in one step: each stalls the
+    launch queue. torch's sync debug mode warns once per call."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def data_benchmark(args, device) -> list[dict]:
@@ -169,18 +195,18 @@ def markdown(payload) -> str:
     lines = [f"{payload['model']} batch {payload['batch']} at {payload['resolution']} px on {env['device']} "
              f"(torch {env['torch']}, Triton {env['triton']}, {env['date']}); bf16 matmul ceiling "
              f"{payload['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s measured in the same run.", "",
-             "| variant | img/s | vs reference eager | step ms | encoder | fwd+loss | backward | optimizer | peak GiB | TFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | img/s | vs reference eager | step ms | encoder | fwd+loss | backward | optimizer | peak GiB | TFLOP/s | MFU | host syncs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['variant']} | skipped: {r['skipped']} |" + " |" * 9)
+            lines.append(f"| {r['variant']} | skipped: {r['skipped']} |" + " |" * 10)
             continue
         b = r["breakdown_seconds"]
         peak = f"{r['peak_memory_bytes'] / 2 ** 30:.1f}" if r["peak_memory_bytes"] else "-"
         lines.append(f"| {r['variant']} | {r['img_per_s']:.1f} | {r['speedup_vs_reference']:.2f}x | "
                      f"{1e3 * r['seconds_per_step']:.1f} | {1e3 * b['encoder']:.1f} | {1e3 * b['forward']:.1f} | "
                      f"{1e3 * b['backward']:.1f} | {1e3 * b['optimizer']:.1f} | {peak} | {r['tflop_per_s']:.1f} | "
-                     f"{100 * r['mfu']:.1f}% |")
+                     f"{100 * r['mfu']:.1f}% | {'-' if r.get('host_syncs_per_step') is None else r['host_syncs_per_step']} |")
     lines += ["", "| loader | img/s | CPU cores busy |", "|---|---|---|"]
     for r in payload["data"]:
         lines.append(f"| {r['loader']} | skipped: {r['skipped']} | |" if "skipped" in r else

@@ -224,7 +224,7 @@ class Trainer:
             if self.engine.zero_optimization_stage() == 3:
                 # Seen with DeepSpeed 0.19.8 / torch 2.14: 29 graphs for a 2-block SiT, recompiles at the limit.
                 self.monitor.warn("train.compile with ZeRO-3: DeepSpeed's parameter-gather hooks break the graph at "
-                                  "every module, so compile gains little or loses; ZeRO-1/2 compile whole graphs")
+                                  "every module, so compile runs many small graphs; ZeRO-1/2 compile whole graphs")
 
         from engine.ema import EMA
         # With ema.enabled false the tracker follows the weights (decay 0), so exports and samples

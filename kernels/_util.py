@@ -60,6 +60,11 @@ class AotSpec:
     `signature` maps every non-constexpr argument to its Triton type ("*bf16", "*fp32", "i32", ...);
     `constexprs` gives the compile-time values; `num_warps`/`num_stages` the launch configuration;
     `require_ptx` maps an arch to texts its PTX must contain (e.g. {90: ("wgmma",)}).
+
+    The build is specialised as Triton's JIT specialises a launch at the real SiT shapes: every pointer
+    16-byte aligned and every integer argument a multiple of 16 (widths 768/1152, strides, N = 256),
+    except those named in `not_divisible`. `min_load_bits` asks for global loads at least that wide
+    (128: 16-byte vector loads, what a memory-bound kernel needs to approach the copy bandwidth).
     """
 
     name: str
@@ -69,3 +74,5 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     require_ptx: dict = field(default_factory=dict)
+    not_divisible: tuple = ()
+    min_load_bits: int = 0

@@ -478,7 +478,7 @@ def aot_specs():
                        **strides("x", "h", rank=3), **strides("g", "s", "c", rank=2)}
                 specs.append(AotSpec(f"{op}_fwd{params}", _adaln_fwd_kernel, fwd,
                                      dict(meta, RESIDUAL=residual, **unit_d("x", "h", "g", "s", "c")),
-                                     num_warps=num_warps))
+                                     num_warps=num_warps, min_load_bits=128))
                 bwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{other}", "gate_ptr": f"*{other}",
                        "scale_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                        "dy_ptr": f"*{other}", "g_x_new_ptr": f"*{x_dtype}", "dx_ptr": f"*{x_dtype}",
@@ -490,5 +490,5 @@ def aot_specs():
                              MODULATION_GRADS=True, GATE_GRAD=residual)
                 specs.append(AotSpec(f"{op}_bwd{params}", _adaln_bwd_kernel, bwd,
                                      dict(meta, **flags, **unit_d("x", "h", "g", "c", "dy", "gx")),
-                                     num_warps=num_warps))
+                                     num_warps=num_warps, min_load_bits=128))
     return specs

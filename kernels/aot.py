@@ -37,6 +37,8 @@ class AotResult:
     spill_bytes: int | None = None
     stack_bytes: int | None = None
     shared_bytes: int | None = None
+    load_bits: int | None = None      # widest global load (vector width x element bits)
+    store_bits: int | None = None
     error: str | None = None
 
     @property
@@ -83,12 +85,26 @@ def resource_usage(cubin: bytes) -> dict:
     return {key: int(value) for key, value in fields.items()}
 
 
+def widest_access(ptx: str, op: str) -> int:
+    """Bits moved by the widest `ld.global` / `st.global` instruction in the PTX (0 if none)."""
+    widest = 0
+    for vector, bits in re.findall(rf"{op}\.global(?:\.[A-Za-z_0-9:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+        widest = max(widest, int(vector or 1) * int(bits))
+    return widest
+
+
+def specialization(spec) -> dict:
+    """Triton's divisibility attributes for `spec`, as the JIT derives them at the real shapes."""
+    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(spec.signature.items())
+            if (kind.startswith("*") or kind in ("i32", "i64")) and name not in spec.not_divisible}
+
+
 def compile_spec(spec, arch: int) -> AotResult:
     result = AotResult(spec.name, arch)
     signature = dict(spec.signature)
     signature.update({name: "constexpr" for name in spec.constexprs})
     try:
-        compiled = triton.compile(ASTSource(spec.fn, signature, spec.constexprs),
+        compiled = triton.compile(ASTSource(spec.fn, signature, spec.constexprs, specialization(spec)),
                                   target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
         usage = resource_usage(compiled.asm["cubin"])
@@ -100,6 +116,10 @@ def compile_spec(spec, arch: int) -> AotResult:
     result.spill_bytes = spills["spill"] + usage.get("LOCAL", 0)
     result.stack_bytes = spills["stack"]
     result.shared_bytes = compiled.metadata.shared
+    result.load_bits = widest_access(compiled.asm["ptx"], "ld")
+    result.store_bits = widest_access(compiled.asm["ptx"], "st")
+    if result.load_bits < spec.min_load_bits:
+        result.error = f"widest global load is {result.load_bits} bits, below the {spec.min_load_bits} asked for"
     for text in getattr(spec, "require_ptx", {}).get(arch, ()):
         if text not in compiled.asm["ptx"]:
             result.error = f"PTX for sm_{arch} lacks {text!r}"
@@ -125,7 +145,7 @@ def main(argv=None) -> int:
     _JOBS = [(spec, arch) for _, spec in all_specs() if not args.only or args.only in spec.name
              for arch in args.arch]
     print(f"triton {triton.__version__}")
-    print(f"{'kernel':<52} {'arch':>5} {'regs':>5} {'spill':>6} {'stack':>6} {'smem':>7}  status")
+    print(f"{'kernel':<52} {'arch':>5} {'regs':>5} {'spill':>6} {'stack':>6} {'smem':>7} {'ld/st bits':>10}  status")
     if args.jobs > 1:  # forked workers inherit _JOBS: the JIT functions need no pickling
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
             results = pool.map(_compile_job, range(len(_JOBS)), chunksize=1)
@@ -135,7 +155,8 @@ def main(argv=None) -> int:
         status = "ok" if r.ok else (r.error or f"SPILLS {r.spill_bytes} bytes")
         print(f"{r.name:<52} sm_{r.arch:<2} {r.registers or '-':>5} {r.spill_bytes if r.spill_bytes is not None else '-':>6} "
               f"{r.stack_bytes if r.stack_bytes is not None else '-':>6} "
-              f"{r.shared_bytes if r.shared_bytes is not None else '-':>7}  {status}", flush=True)
+              f"{r.shared_bytes if r.shared_bytes is not None else '-':>7} "
+              f"{f'{r.load_bits}/{r.store_bits}' if r.load_bits is not None else '-':>10}  {status}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "results": [asdict(r) for r in results]}, f, indent=1)

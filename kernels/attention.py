@@ -451,22 +451,34 @@ def head_tiles(head_dim: int) -> tuple[int, int]:
 # puts 72-200 byte stack frames on sm_80 at d = 72 and 128. Not yet tuned by timing (no GPU so far).
 # fp32 on the GPU is a correctness path (exact "ieee" matmuls on CUDA cores, which need far more
 # registers), so it gets small tiles. The interpreter gets 32 x 32 (every tile op is a numpy call).
-# fp32 dq at (32, 32) spilled 24 bytes on sm_90 (ptxas -v spill stores + loads), hence BLOCK_N 16.
-# fp32 dkdv at (32, 32) with 4 warps spilled 1.5 KB under Triton 3.6 (the GPU image's) and none under
-# 3.8; with 8 warps and 2 stages it builds clean under both.
+# fp32 dq at (32, 32) with 4 warps spilled 24 bytes on sm_90 (ptxas -v spill stores + loads), and at
+# (32, 16) 16 bytes on sm_80 under Triton 3.6 (the GPU image's); fp32 dkdv at (32, 32) with 4 warps
+# spilled 1.5 KB under 3.6 and none under 3.8. Both build clean under 3.6 and 3.8 at (32, 32) with 8
+# warps and 2 stages.
+# With the JIT's specialisation at the real shapes (16-byte-aligned pointers, strides that are multiples of
+# 16; kernels.aot builds that way) the forward at (128, 64, 8, 3) spilled 8 bytes on sm_80 at d = 64
+# under Triton 3.8, hence 2 stages; the qk-norm dkdv at (32, 64, 8, 2) spilled 8 bytes on sm_80, and
+# (16, 64, 4, 2) is the largest tile tried that builds clean on sm_80/sm_90 under Triton 3.6 and 3.8.
 _GPU_CONFIGS = {
-    "half": {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
-    "fp32": {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 8, 2), "dq": (32, 16, 4, 1)},
+    "half": {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dkdv_qk_norm": (16, 64, 4, 2), "dq": (64, 32, 8, 2)},
+    "fp32": {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)},
 }
 _INTERPRET_BLOCK = 32
 _DELTA_BLOCK = 64
 
 
-def _launch_config(kernel: str, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, launch options) of `kernel` ("fwd", "dkdv", "dq") for inputs of `dtype`."""
+def _gpu_config(kernel: str, half: bool, qk_norm: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` ("fwd", "dkdv", "dq"); a "<kernel>_qk_norm"
+    entry, where there is one, serves the fused qk-norm variant."""
+    table = _GPU_CONFIGS["half" if half else "fp32"]
+    return table.get(f"{kernel}_qk_norm", table[kernel]) if qk_norm else table[kernel]
+
+
+def _launch_config(kernel: str, dtype: torch.dtype, qk_norm: bool = False):
+    """(BLOCK_M, BLOCK_N, launch options) of `kernel` for inputs of `dtype`."""
     if interpreting():
         return _INTERPRET_BLOCK, _INTERPRET_BLOCK, {}
-    block_m, block_n, num_warps, num_stages = _GPU_CONFIGS["fp32" if dtype == torch.float32 else "half"][kernel]
+    block_m, block_n, num_warps, num_stages = _gpu_config(kernel, dtype != torch.float32, qk_norm)
     return block_m, block_n, dict(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -504,8 +516,8 @@ def _forward(q, k, v, o, scale, norm=None):
     B, H, N, d = q.shape
     meta, compute = _kernel_meta(q)
     lse = torch.empty((B * H, N), dtype=compute, device=q.device)
-    block_m, block_n, launch = _launch_config("fwd", q.dtype)
     weights, eps, qk_norm = _norm_args(q, norm)
+    block_m, block_n, launch = _launch_config("fwd", q.dtype, qk_norm)
     _attn_fwd_kernel[(triton.cdiv(N, block_m), B * H)](
         q, k, v, o, lse, *weights, N, H, scale * LOG2E, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
@@ -531,13 +543,13 @@ def _backward(q, k, v, o, lse, do, dq, dk, dv, scale, norm=None):
             return delta, delta
         return tuple(torch.empty((B * H * blocks, d), dtype=compute, device=q.device) for _ in range(2))
 
-    block_m, block_n, launch = _launch_config("dkdv", q.dtype)
+    block_m, block_n, launch = _launch_config("dkdv", q.dtype, qk_norm)
     dkw, dkb = partials(triton.cdiv(N, block_n))
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, *weights, dkw, dkb, N, H, scale * LOG2E, scale, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, QK_NORM=qk_norm, **meta, **launch)
-    block_m, block_n, launch = _launch_config("dq", q.dtype)
+    block_m, block_n, launch = _launch_config("dq", q.dtype, qk_norm)
     dqw, dqb = partials(triton.cdiv(N, block_m))
     _attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
         q, k, v, do, lse, delta, dq, *weights, dqw, dqb, N, H, scale * LOG2E, scale, eps,
@@ -821,30 +833,32 @@ def aot_specs():
     fp32 correctness path at d = 72 (CUDA-core matmuls, so no wgmma)."""
     specs = []
     norm = {"qw_ptr": "*fp32", "qb_ptr": "*fp32", "kw_ptr": "*fp32", "kb_ptr": "*fp32"}
-    for dtype, head_dim, qk_norm in (("bf16", 64, False), ("bf16", 72, False), ("bf16", 128, False),
-                                     ("bf16", 72, True), ("fp32", 72, False)):
+    # N = 257 (REG's class token) loses the JIT's divisibility-by-16 specialisation of N
+    for dtype, head_dim, qk_norm, odd_n in (("bf16", 64, False, False), ("bf16", 72, False, False),
+                                            ("bf16", 72, False, True), ("bf16", 128, False, False),
+                                            ("bf16", 72, True, False), ("fp32", 72, False, False)):
         d0, d1 = head_tiles(head_dim)
-        tag = f"{dtype},d={head_dim}" + (",qk_norm" if qk_norm else "")
+        tag = f"{dtype},d={head_dim}" + (",qk_norm" if qk_norm else "") + (",N=257" if odd_n else "")
         half = dtype == "bf16"
-        configs = _GPU_CONFIGS["half" if half else "fp32"]
         wgmma = {90: ("wgmma",)} if half else {}
+        odd = ("N",) if odd_n else ()
         meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, ALIGN=8, COMPUTE=tl.float32)
         matmul = dict(meta, DOT=tl.bfloat16 if half else tl.float32, PRECISION="tf32" if half else "ieee",
                       QK_NORM=qk_norm)
         t = f"*{dtype}"
-        block_m, block_n, num_warps, num_stages = configs["fwd"]
+        block_m, block_n, num_warps, num_stages = _gpu_config("fwd", half, qk_norm)
         specs.append(AotSpec(
             f"attention_fwd[{tag}]", _attn_fwd_kernel,
             {"q_ptr": t, "k_ptr": t, "v_ptr": t, "o_ptr": t, "lse_ptr": "*fp32", **norm,
              "N": "i32", "H": "i32", "qk_scale": "fp32", "eps": "fp32", **_stride_args("q", "k", "v", "o")},
-            dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=False),
-            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma))
+            dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=not odd_n),
+            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma, not_divisible=odd))
         if not qk_norm:
             specs.append(AotSpec(
                 f"attention_bwd_delta[{tag}]", _attn_bwd_delta_kernel,
                 {"o_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "N": "i32", "H": "i32", **_stride_args("o", "do")},
-                dict(meta, BLOCK_M=_DELTA_BLOCK)))
-        block_m, block_n, num_warps, num_stages = configs["dkdv"]
+                dict(meta, BLOCK_M=_DELTA_BLOCK), not_divisible=odd))
+        block_m, block_n, num_warps, num_stages = _gpu_config("dkdv", half, qk_norm)
         specs.append(AotSpec(
             f"attention_bwd_dkdv[{tag}]", _attn_bwd_dkdv_kernel,
             {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
@@ -852,8 +866,8 @@ def aot_specs():
              "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
              **_stride_args("q", "k", "v", "do", "dk", "dv")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma))
-        block_m, block_n, num_warps, num_stages = configs["dq"]
+            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma, not_divisible=odd))
+        block_m, block_n, num_warps, num_stages = _gpu_config("dq", half, qk_norm)
         specs.append(AotSpec(
             f"attention_bwd_dq[{tag}]", _attn_bwd_dq_kernel,
             {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
@@ -861,5 +875,5 @@ def aot_specs():
              "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
              **_stride_args("q", "k", "v", "do", "dq")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma))
+            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma, not_divisible=odd))
     return specs

@@ -544,11 +544,16 @@ def velocity_loss(v_pred, x, noise, t, path="linear", source_shift=None, target_
 
 def aot_specs():
     specs = []
-    strides = {name: "i64" for name in ("sxb", "sxc", "sxs", "snb", "snc", "sns",
-                                        "s0b", "s0c", "s0s", "s1b", "s1c", "s1s")}
+    # Contiguous x, noise, v_pred and a full target shift have unit innermost strides, which Triton's
+    # JIT makes constants (as here); the per-channel source shift (B, C, 1, 1) broadcasts with stride 0.
+    strides = {name: "i64" for name in ("sxb", "sxc", "snb", "snc", "s0b", "s0c", "s0s", "s1b", "s1c")}
+    unit = dict(sxs=1, sns=1, s1s=1)
+    # SiT-XL/2 latents at micro-batch 32, (32, 4, 32 x 32): 128 rows of 1024 get blocks of 128 (a 256 KB
+    # tensor: launch-bound, not bandwidth-bound, so no vector width is asked for).
+    block = _block_s(32 * 4, 32 * 32)
     for dtype in ("bf16", "fp32"):
         for path in (0, 1):
-            flags = dict(PATH=path, HAS_MU0=True, HAS_MU1=True, COMPUTE=tl.float32, BLOCK_S=1024)
+            flags = dict(PATH=path, HAS_MU0=True, HAS_MU1=True, COMPUTE=tl.float32, BLOCK_S=block, **unit)
             specs.append(AotSpec(
                 f"interpolant_fwd[{dtype},path={path}]", _interpolant_fwd_kernel,
                 {"x_ptr": f"*{dtype}", "noise_ptr": f"*{dtype}", "t_ptr": "*fp32", "mu0_ptr": f"*{dtype}",
@@ -558,8 +563,8 @@ def aot_specs():
                 f"velocity_loss_fwd[{dtype},path={path}]", _velocity_loss_fwd_kernel,
                 {"v_pred_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "noise_ptr": f"*{dtype}", "t_ptr": "*fp32",
                  "mu0_ptr": f"*{dtype}", "mu1_ptr": f"*{dtype}", "partial_ptr": "*fp32",
-                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i64", "svc": "i64", "svs": "i64",
-                 **strides}, flags))
+                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i64", "svc": "i64",
+                 **strides}, dict(flags, svs=1)))
             grads = dict(DZ1_FULL=True, DZ0_FULL=False, DZ1_ROWS=False, DZ0_ROWS=True)
             specs.append(AotSpec(
                 f"velocity_loss_bwd[{dtype},path={path}]", _velocity_loss_bwd_kernel,
@@ -567,12 +572,12 @@ def aot_specs():
                  "mu0_ptr": f"*{dtype}", "mu1_ptr": f"*{dtype}", "scale_ptr": "*fp32",
                  "d_v_pred_ptr": f"*{dtype}", "dz1_ptr": "*fp32", "dz0_ptr": "*fp32",
                  "dz1_rows_ptr": "*fp32", "dz0_rows_ptr": "*fp32",
-                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i64", "svc": "i64", "svs": "i64",
-                 **strides}, dict(flags, D_V_PRED=True, **grads)))
+                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i64", "svc": "i64",
+                 **strides}, dict(flags, svs=1, D_V_PRED=True, **grads)))
             specs.append(AotSpec(
                 f"interpolant_bwd[{dtype},path={path}]", _interpolant_bwd_kernel,
                 {"g_xt_ptr": f"*{dtype}", "g_v_ptr": f"*{dtype}", "t_ptr": "*fp32", "dz1_ptr": "*fp32",
                  "dz0_ptr": "*fp32", "dz1_rows_ptr": "*fp32", "dz0_rows_ptr": "*fp32",
                  "C": "i32", "S": "i32", "num_blocks": "i32"},
-                dict(PATH=path, HAS_G_XT=True, HAS_G_V=True, COMPUTE=tl.float32, BLOCK_S=1024, **grads)))
+                dict(PATH=path, HAS_G_XT=True, HAS_G_V=True, COMPUTE=tl.float32, BLOCK_S=block, **grads)))
     return specs

@@ -55,3 +55,22 @@ def test_every_kernel_module_has_specs(aot_results):
             specs = getattr(module, "aot_specs", lambda: [])()
             assert specs, f"kernels/{info.name}.py has Triton kernels but no aot_specs()"
             assert {s.name.split("[")[0] for s in specs} <= compiled_kernels
+
+
+@pytest.mark.parametrize("ptx, op, bits", [
+    ("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n ld.global.b16 %rs1, [%rd2];", "ld", 128),
+    ("@%p1 ld.global.nc.L1::evict_last.v2.b32 {%r1, %r2}, [%rd1];", "ld", 64),
+    ("ld.global.b16 %rs1, [%rd2];\n st.global.v4.b32 [%rd3], {%r1, %r2, %r3, %r4};", "ld", 16),
+    ("ld.global.b16 %rs1, [%rd2];\n st.global.v4.b32 [%rd3], {%r1, %r2, %r3, %r4};", "st", 128),
+    ("ld.shared.v4.b32 {%r1, %r2, %r3, %r4}, [%r5];", "ld", 0),
+])
+def test_widest_global_access_is_read_from_ptx(ptx, op, bits):
+    from kernels.aot import widest_access
+
+    assert widest_access(ptx, op) == bits
+
+
+def test_memory_bound_kernels_load_in_16_byte_vectors(aot_results):
+    for r in aot_results:
+        if r["name"].startswith(("adaln", "alignment")) and not r["error"]:
+            assert r["load_bits"] >= 128, f"{r['name']} sm_{r['arch']}: widest load {r['load_bits']} bits"

@@ -840,7 +840,7 @@ def aot_specs():
         d0, d1 = head_tiles(head_dim)
         tag = f"{dtype},d={head_dim}" + (",qk_norm" if qk_norm else "") + (",N=257" if odd_n else "")
         half = dtype == "bf16"
-        wgmma = {90: ("wgmma",)} if half else {}
+        tensor_cores = {80: ("mma.sync.aligned",), 90: ("wgmma",)} if half else {}
         odd = ("N",) if odd_n else ()
         meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, ALIGN=8, COMPUTE=tl.float32)
         matmul = dict(meta, DOT=tl.bfloat16 if half else tl.float32, PRECISION="tf32" if half else "ieee",
@@ -852,7 +852,7 @@ def aot_specs():
             {"q_ptr": t, "k_ptr": t, "v_ptr": t, "o_ptr": t, "lse_ptr": "*fp32", **norm,
              "N": "i32", "H": "i32", "qk_scale": "fp32", "eps": "fp32", **_stride_args("q", "k", "v", "o")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=not odd_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma, not_divisible=odd))
+            num_warps=num_warps, num_stages=num_stages, require_ptx=tensor_cores, not_divisible=odd))
         if not qk_norm:
             specs.append(AotSpec(
                 f"attention_bwd_delta[{tag}]", _attn_bwd_delta_kernel,
@@ -866,7 +866,7 @@ def aot_specs():
              "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
              **_stride_args("q", "k", "v", "do", "dk", "dv")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma, not_divisible=odd))
+            num_warps=num_warps, num_stages=num_stages, require_ptx=tensor_cores, not_divisible=odd))
         block_m, block_n, num_warps, num_stages = _gpu_config("dq", half, qk_norm)
         specs.append(AotSpec(
             f"attention_bwd_dq[{tag}]", _attn_bwd_dq_kernel,
@@ -875,5 +875,5 @@ def aot_specs():
              "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
              **_stride_args("q", "k", "v", "do", "dq")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx=wgmma, not_divisible=odd))
+            num_warps=num_warps, num_stages=num_stages, require_ptx=tensor_cores, not_divisible=odd))
     return specs

@@ -110,3 +110,20 @@ def test_attention_qkv_with_qk_norm():
     _check(lambda qkv, wq, bq, wk, bk: kernels.attention_qkv(qkv, num_heads, q_norm_weight=wq, q_norm_bias=bq,
                                                              k_norm_weight=wk, k_norm_bias=bk),
            [qkv, wq, bq, wk, bk], [True] * 5)
+
+
+@pytest.mark.skipif(not GPU, reason="JIT builds exist on a GPU only (the interpreter compiles nothing)")
+def test_the_jit_builds_of_these_runs_do_not_spill():
+    """Runs last in this file: every kernel variant that the real-size runs above compiled, read back
+    from Triton's cache. The AOT check predicts this; here the GPU's own builds confirm it."""
+    builds = []
+    for name in ("interpolant", "alignment_loss", "adaln", "attention"):
+        module = importlib.import_module(f"kernels.{name}")
+        for attribute, fn in vars(module).items():
+            for caches in getattr(fn, "device_caches", {}).values():
+                for compiled in caches[0].values():
+                    builds.append((attribute, compiled))
+    assert len({attribute for attribute, _ in builds}) >= 8, f"too few kernels compiled: {builds}"
+    spilled = [f"{attribute}: {compiled.n_spills} spills, {compiled.n_regs} registers" for attribute, compiled in builds
+               if getattr(compiled, "n_spills", 0)]
+    assert not spilled, spilled

@@ -106,6 +106,7 @@ def environment() -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "date": datetime.date.today().isoformat(),
+        "cpu_cores": os.cpu_count(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }
 

@@ -14,14 +14,30 @@ import os
 import re
 
 
+def _load_all(results_dir: str, kind: str) -> list[dict]:
+    """Every `kind-*.json` result, oldest first by its recorded date (file times do not survive a clone)."""
+    payloads = []
+    for path in glob.glob(os.path.join(results_dir, f"{kind}-*.json")):
+        with open(path) as f:
+            payload = json.load(f)
+        payload["_path"] = path
+        payloads.append(payload)
+    return sorted(payloads, key=lambda p: (p["environment"]["date"], os.path.getmtime(p["_path"])))
+
+
 def newest(results_dir: str, kind: str) -> dict | None:
-    paths = sorted(glob.glob(os.path.join(results_dir, f"{kind}-*.json")), key=os.path.getmtime)
-    if not paths:
-        return None
-    with open(paths[-1]) as f:
-        payload = json.load(f)
-    payload["_path"] = paths[-1]
-    return payload
+    payloads = _load_all(results_dir, kind)
+    return payloads[-1] if payloads else None
+
+
+def data_tables(results_dir: str) -> str:
+    """The newest data-loading result of each device."""
+    from bench.data import markdown
+
+    per_device = {p["environment"]["device"]: p for p in _load_all(results_dir, "data")}
+    if not per_device:
+        return "Not measured yet (`python -m bench.data`).\n"
+    return "\n".join(markdown(p) + f"\n({os.path.basename(p['_path'])})\n" for _, p in sorted(per_device.items()))
 
 
 def kernel_table(payload: dict | None) -> str:
@@ -96,6 +112,7 @@ def main(argv=None) -> int:
         text = f.read()
     text = replace_section(text, "kernel-results", kernel_table(kernels_payload))
     text = replace_section(text, "train-step-results", train_step_table(step_payload))
+    text = replace_section(text, "data-results", data_tables(args.results))
     with open(args.readme, "w") as f:
         f.write(text)
     return 0

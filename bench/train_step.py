@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
-import tempfile
 import time
 
 import torch
 
-from bench.common import environment, measure_matmul_flops, synchronize, write_results
+from bench.common import environment, measure_matmul_flops, write_results
+from bench.data import loader_rows, loader_table
 from bench.flops import training_step_flops, vit_forward_flops
 
 
@@ -142,39 +141,6 @@ def _count_host_syncs(step) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def data_benchmark(args, device) -> list[dict]:
-    """Loader throughput on the same JPEG files: images/s and CPU cores busy (process CPU time / wall)."""
-    try:
-        from engine.data import DataConfig, build_loader
-        from engine.data.builtin import make_builtin_dataset
-    except ImportError as error:
-        return [{"loader": "all", "skipped": f"engine.data unavailable: {error}"}]
-    root = os.path.join(tempfile.gettempdir(), f"alignflow-bench-{args.resolution}")
-    make_builtin_dataset(root, num_classes=10, images_per_class=8 if args.smoke else 200,
-                         resolution=args.resolution, seed=0)
-    rows = []
-    variants = [("pil", "auto"), ("dali", "cpu")] + ([("dali", "mixed")] if device.type == "cuda" else [])
-    for decoder, dali_device in variants:
-        label = decoder if decoder == "pil" else f"dali-{dali_device}"
-        try:
-            cfg = DataConfig(source="folder", root=root, resolution=args.resolution, num_classes=10,
-                             batch_size=min(args.batch, 16) if args.smoke else args.batch, decoder=decoder,
-                             dali_device=dali_device, num_threads=os.cpu_count() or 1)
-            loader = build_loader(cfg, rank=0, world_size=1, device=device)
-            iterator = iter(loader)
-            next(iterator)  # warm-up (pipeline build, worker start)
-            cpu0, wall0, count = _cpu_seconds(), time.perf_counter(), 0
-            for _ in range(min(len(loader) - 1, 2 if args.smoke else 50)):
-                count += next(iterator)["image"].shape[0]
-            synchronize()
-            wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
-            rows.append({"loader": label, "img_per_s": count / wall if wall else 0.0,
-                         "cpu_cores_busy": cpu / wall if wall else 0.0})
-        except Exception as error:  # DALI missing or no GPU decoder: reported, not fatal
-            rows.append({"loader": label, "skipped": f"{type(error).__name__}: {str(error)[:200]}"})
-    return rows
-
-
 def _release(device) -> None:
     """Free one variant's model, optimizer state and compiled graphs before the next is measured."""
     import gc
@@ -183,11 +149,6 @@ def _release(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _cpu_seconds() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def markdown(payload) -> str:
@@ -207,10 +168,7 @@ def markdown(payload) -> str:
                      f"{1e3 * r['seconds_per_step']:.1f} | {1e3 * b['encoder']:.1f} | {1e3 * b['forward']:.1f} | "
                      f"{1e3 * b['backward']:.1f} | {1e3 * b['optimizer']:.1f} | {peak} | {r['tflop_per_s']:.1f} | "
                      f"{100 * r['mfu']:.1f}% | {'-' if r.get('host_syncs_per_step') is None else r['host_syncs_per_step']} |")
-    lines += ["", "| loader | img/s | CPU cores busy |", "|---|---|---|"]
-    for r in payload["data"]:
-        lines.append(f"| {r['loader']} | skipped: {r['skipped']} | |" if "skipped" in r else
-                     f"| {r['loader']} | {r['img_per_s']:.0f} | {r['cpu_cores_busy']:.1f} |")
+    lines += [""] + loader_table(payload["data"])
     return "\n".join(lines) + "\n"
 
 
@@ -267,7 +225,8 @@ def main(argv=None) -> int:
     payload = {"environment": environment(), "model": args.model, "batch": args.batch,
                "resolution": args.resolution, "reg": args.reg, "car_flow": args.car_flow,
                "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows,
-               "data": data_benchmark(args, device)}
+               "data": loader_rows(args.resolution, min(args.batch, 16) if args.smoke else args.batch,
+                                   2 if args.smoke else 50, 8 if args.smoke else 200, device)}
     table = markdown(payload)
     print(table)
     if args.smoke:

@@ -19,3 +19,11 @@ def test_train_step_benchmark_smoke(capsys):
     out = capsys.readouterr().out
     assert "| reference-eager |" in out and "| alignflow |" in out
     assert "| pil |" in out
+
+
+def test_data_benchmark_smoke(capsys):
+    """The PIL and DALI CPU loaders both decode the same JPEG files (a skipped one fails the smoke run)."""
+    bench_data = importlib.import_module("bench.data")
+    assert bench_data.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "| pil | " in out and "| dali-cpu | " in out and "skipped" not in out

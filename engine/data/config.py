@@ -44,7 +44,7 @@ class DataConfig(FromDict):
     center_crop: str = "adm"
     random_flip: bool = True
     shuffle: bool = True
-    decoder: str = "auto"  # dali when importable, else pil (the reason is logged)
+    decoder: str = "auto"  # dali (nvJPEG) on a GPU where importable, else pil (the reason is logged)
     dali_device: str = "auto"  # mixed (nvJPEG on the GPU) when the loader's device is CUDA, else cpu
     num_threads: int = 4  # DALI CPU threads
     prefetch: int = 2  # DALI prefetch queue depth

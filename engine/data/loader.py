@@ -117,13 +117,20 @@ class Loader:
             self.epoch, self.step = self.epoch + 1, 0
 
 
-def _choose_decoder(cfg: DataConfig) -> str:
+def _choose_decoder(cfg: DataConfig, device: torch.device) -> str:
+    """"auto" is DALI's nvJPEG decoder where there is a GPU, and PIL on the CPU: on a 2-core machine
+    the PIL DataLoader decoded 742 img/s against DALI's CPU pipeline's 486 (bench.data, 512 px JPEGs to
+    256 px crops, bench/results/data-cpu-2026-11-24.json)."""
     if cfg.decoder == "pil":
         return "pil"
     ok, reason = dali_available()
     if cfg.decoder == "dali" and not ok:
         raise RuntimeError(f"data.decoder='dali' but {reason}; install nvidia-dali-cuda130 (pip install "
                            f"alignflow[data]) or set data.decoder to 'pil' or 'auto'")
+    if cfg.decoder == "auto" and (device.type != "cuda" or cfg.dali_device == "cpu"):
+        log.info("data.decoder='auto': PIL DataLoader (DALI is chosen for its GPU decoder, and this loader "
+                 "decodes on the CPU)")
+        return "pil"
     if not ok:
         log.warning("data.decoder='auto': using the PIL decoder because %s", reason)
         return "pil"
@@ -190,7 +197,7 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, device) -> Loader:
             rows = rows[keep]
         latent_rows = rows
 
-    decoder = _choose_decoder(cfg)
+    decoder = _choose_decoder(cfg, torch.device(device))
     if decoder == "dali":
         dali_device = cfg.dali_device
         if dali_device == "auto":

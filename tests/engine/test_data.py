@@ -450,3 +450,14 @@ def test_pil_workers_give_the_same_batches_as_the_main_process(builtin_root):
     for a, b in zip(*batches):
         torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
         torch.testing.assert_close(a["label"], b["label"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device, dali_device, expected", [
+    ("cpu", "auto", "pil"), ("cuda", "cpu", "pil"), pytest.param("cuda", "auto", "dali", marks=needs_dali),
+    pytest.param("cuda", "mixed", "dali", marks=needs_dali)])
+def test_auto_decoder_takes_dali_for_gpu_decoding_only(builtin_root, device, dali_device, expected):
+    from engine.data.loader import _choose_decoder
+
+    cfg = DataConfig(source="builtin", root=builtin_root, decoder="auto", dali_device=dali_device)
+    assert _choose_decoder(cfg, torch.device(device)) == expected
+    assert _choose_decoder(DataConfig(source="builtin", root=builtin_root, decoder="pil"), torch.device(device)) == "pil"

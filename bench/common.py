@@ -43,8 +43,22 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], object], warmup: int = 3, min_time: float = 0.2, max_iters: int = 1000) -> float:
-    """Median seconds per call: CUDA events on a GPU, perf_counter on the CPU."""
+_L2_FLUSH: dict = {}
+
+
+def _flush_l2() -> None:
+    """Overwrite a buffer larger than any L2 (H100: 50 MB, H200: 60 MB) so that the next call reads its
+    inputs from device memory, as it would in a training step, not from the cache of the last call."""
+    if "buffer" not in _L2_FLUSH:
+        _L2_FLUSH["buffer"] = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    _L2_FLUSH["buffer"].zero_()
+
+
+def time_call(fn: Callable[[], object], warmup: int = 3, min_time: float = 0.2, max_iters: int = 1000,
+              flush_l2: bool = True, spread: bool = False):
+    """Median seconds per call: CUDA events around the call alone on a GPU (the L2 flushed before each
+    call unless `flush_l2` is off), perf_counter on the CPU. With `spread`, (median, 20th, 80th
+    percentile)."""
     for _ in range(warmup):
         fn()
     synchronize()
@@ -52,6 +66,8 @@ def time_call(fn: Callable[[], object], warmup: int = 3, min_time: float = 0.2, 
     deadline = time.perf_counter() + min_time
     while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < max_iters):
         if torch.cuda.is_available():
+            if flush_l2:
+                _flush_l2()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -63,7 +79,10 @@ def time_call(fn: Callable[[], object], warmup: int = 3, min_time: float = 0.2, 
             fn()
             samples.append(time.perf_counter() - t0)
     samples.sort()
-    return samples[len(samples) // 2]
+    median = samples[len(samples) // 2]
+    if spread:
+        return median, samples[len(samples) // 5], samples[(4 * len(samples)) // 5]
+    return median
 
 
 def peak_memory(fn: Callable[[], object]) -> int | None:
@@ -82,7 +101,7 @@ def measure_copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     n = nbytes // 4 if device.type == "cuda" else (64 << 20) // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    seconds = time_call(lambda: dst.copy_(src))
+    seconds = time_call(lambda: dst.copy_(src), flush_l2=False)
     return 2 * n * 4 / seconds
 
 
@@ -92,7 +111,7 @@ def measure_matmul_flops(device, dtype=torch.bfloat16, n: int = 8192) -> float:
         n, dtype = 512, torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = time_call(lambda: a @ b)
+    seconds = time_call(lambda: a @ b, flush_l2=False)
     return 2 * n ** 3 / seconds
 
 

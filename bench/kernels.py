@@ -3,7 +3,8 @@
     python -m bench.kernels [--op NAME] [--smoke] [--out DIR]
 
 For each case (op x shape) and variant (reference eager, reference under torch.compile, peers where
-installed, ours): median time forward and forward+backward, achieved GB/s (memory-bound ops) or
+installed, ours): median time forward and forward+backward (CUDA events around each call, the L2
+flushed before it, 20th/80th percentiles kept to tell noise from a difference), achieved GB/s (memory-bound ops) or
 TFLOP/s (attention), the fraction of the device's copy bandwidth or bf16 matmul rate measured in the
 same run, the speed-up over the reference (the first variant), and peak memory. Results are written as
 JSON keyed by device, torch/Triton versions and date. `--smoke` runs tiny shapes on the CPU (through
@@ -41,12 +42,14 @@ def run_variant(variant, smoke: bool) -> dict:
         return {"variant": variant.name, "skipped": variant.available}
     try:
         fn = variant.make()
-        seconds = time_call(fn, warmup=1 if smoke else 5, min_time=0.0 if smoke else 0.5,
-                            max_iters=3 if smoke else 1000)
+        seconds, p20, p80 = time_call(fn, warmup=1 if smoke else 5, min_time=0.0 if smoke else 0.5,
+                                      max_iters=3 if smoke else 1000, spread=True)
         memory = peak_memory(fn)
     except Exception as error:  # a peer or compile path that fails is reported, not fatal
         return {"variant": variant.name, "skipped": f"failed: {type(error).__name__}: {str(error)[:200]}"}
-    return {"variant": variant.name, "seconds": seconds, "peak_memory_bytes": memory}
+    # p20/p80 tell noise from a difference between variants
+    return {"variant": variant.name, "seconds": seconds, "seconds_p20": p20, "seconds_p80": p80,
+            "peak_memory_bytes": memory}
 
 
 def _annotate(rows, nbytes, flops, ceilings):

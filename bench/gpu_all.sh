@@ -34,6 +34,8 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(env tests aot kernels train)
 
 stage() {
+  set -o pipefail
+  local rc=0
   case "$1" in
     env)
       nvidia-smi
@@ -43,10 +45,11 @@ stage() {
     tests)
       # Real sizes first: the bf16 tensor-core paths at SiT-XL/2 shapes. Then every kernel test, spread
       # over processes where pytest-xdist is there (each compiles its own Triton variants).
-      python3 -m pytest -q tests/kernels/test_gpu_real_sizes.py
+      python3 -m pytest -q tests/kernels/test_gpu_real_sizes.py || rc=1
       parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
       python3 -m pytest -q $parallel --ignore=tests/kernels/test_gpu_real_sizes.py tests/kernels \
-        tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_sampling.py 2>&1 | tail -60 ;;
+        tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_sampling.py 2>&1 | tail -60 || rc=1
+      return $rc ;;
     aot)
       python3 -m kernels.aot --json "$OUT/aot.json" | tail -3 ;;
     kernels)

@@ -39,7 +39,9 @@ log = logging.getLogger("engine.sample")
 PARTS_DIR = "parts"
 META_FILE = "meta.json"
 # Settings that change the images; a restart must match them all to reuse the parts.
-META_KEYS = ("ckpt", "num_images", "batch_size", "seed", "num_steps", "method", "cfg_scale", "resolution")
+META_KEYS = ("ckpt", "num_images", "batch_size", "seed", "num_steps", "method", "cfg_scale", "resolution",
+             "precision")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -48,8 +50,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, latent_space, labels: torch.Tensor, cfg, device, seed: int | None = None) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) for `labels`, sampled in batches of cfg.sample.batch_size."""
+def generate(model, latent_space, labels: torch.Tensor, cfg, device, seed: int | None = None,
+             bf16: bool = False) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) for `labels`, sampled in batches of cfg.sample.batch_size; with `bf16`
+    the model runs under bf16 autocast (the sampler's state and the decoder stay fp32)."""
     from engine.sampling import sample
 
     s = cfg.sample
@@ -57,9 +61,10 @@ def generate(model, latent_space, labels: torch.Tensor, cfg, device, seed: int |
     out = []
     for i, start in enumerate(range(0, len(labels), s.batch_size)):
         y = labels[start:start + s.batch_size].to(device)
-        latents = sample(model, y, num_steps=s.num_steps, method=s.method, cfg_scale=s.cfg_scale, seed=seed + i,
-                         transport_cfg=cfg.transport)
-        out.append(to_uint8(latent_space.decode(latents)))
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            latents = sample(model, y, num_steps=s.num_steps, method=s.method, cfg_scale=s.cfg_scale,
+                             seed=seed + i, transport_cfg=cfg.transport)
+        out.append(to_uint8(latent_space.decode(latents.float())))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
@@ -308,6 +313,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda (each rank takes cuda:LOCAL_RANK), cuda:N or cpu")
     parser.add_argument("--kernels-backend", default=None, help="torch / triton (default: triton on CUDA)")
+    parser.add_argument("--precision", default="tf32", choices=PRECISIONS,
+                        help="the model's matmuls: fp32, TF32 (the default, as DiT's and REPA's samplers) or "
+                             "bf16 autocast; the ODE/SDE state stays fp32")
     parser.add_argument("--overwrite", action="store_true", help="delete parts left by an earlier run first")
     parser.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after samples.npz is written")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
@@ -357,7 +365,10 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
         raise ValueError(f"sample.batch_size={s.batch_size}, sample.num_steps={s.num_steps} in {ckpt}; need >= 1")
     resolution = cfg.model.input_size * latent_space.downsample
     meta = dict(ckpt=ckpt, num_images=s.num_images, batch_size=s.batch_size, seed=s.seed, num_steps=s.num_steps,
-                method=s.method, cfg_scale=s.cfg_scale, resolution=resolution)
+                method=s.method, cfg_scale=s.cfg_scale, resolution=resolution, precision=args.precision)
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+
     parts_dir = os.path.join(args.out, PARTS_DIR)
     _on_main(info, lambda: prepare_parts(parts_dir, meta, args.overwrite))
 
@@ -385,7 +396,8 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
     start_time, generated = time.time(), 0
     for i, batch in enumerate(todo):
         labels = labels_of(batch)
-        images = generate(model, latent_space, labels, cfg, info.device, seed=s.seed + batch)
+        images = generate(model, latent_space, labels, cfg, info.device, seed=s.seed + batch,
+                          bf16=args.precision == "bf16")
         if tuple(images.shape[1:]) != (resolution, resolution, 3):
             raise RuntimeError(f"the model made images of shape {tuple(images.shape[1:])}, expected "
                                f"{(resolution, resolution, 3)}")

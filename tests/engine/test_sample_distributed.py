@@ -148,6 +148,8 @@ def test_restart_with_other_settings_is_refused(checkpoint_dir, tmp_path):
     with pytest.raises(ValueError, match=r"seed: 0 there, 1 now.*cfg_scale: 1.0 there, 2.0 now|"
                                          r"cfg_scale: 1.0 there, 2.0 now.*seed: 0 there, 1 now"):
         sample_main(args(checkpoint_dir, out, "--seed", "1", "--cfg-scale", "2.0"))
+    with pytest.raises(ValueError, match=r"precision: 'tf32' there, 'bf16' now"):
+        sample_main(args(checkpoint_dir, out, "--precision", "bf16"))
     # --overwrite starts afresh with the new settings
     fresh = sample_main(args(checkpoint_dir, out, "--num-steps", "3", "--overwrite"))
     assert (fresh["skipped"], fresh["generated"]) == (0, 4)
@@ -183,3 +185,11 @@ def test_bad_input_is_named(checkpoint_dir, tmp_path):
     np.savez(tmp_path / "c" / "parts" / "batch_000000.npz", images=np.zeros(1))
     with pytest.raises(ValueError, match="no meta.json"):
         sample_main(args(checkpoint_dir, tmp_path / "c"))
+
+
+def test_bf16_sampling_stays_close_to_fp32(checkpoint_dir, tmp_path):
+    """--precision bf16 runs the model under bf16 autocast: the images move by a few grey levels, not more."""
+    fp32 = load(sample_main(args(checkpoint_dir, tmp_path / "fp32", "--precision", "fp32"))["npz"])["arr_0"]
+    bf16 = load(sample_main(args(checkpoint_dir, tmp_path / "bf16", "--precision", "bf16"))["npz"])["arr_0"]
+    difference = np.abs(fp32.astype(np.int16) - bf16.astype(np.int16))
+    assert 0 < difference.mean() < 8, difference.mean()

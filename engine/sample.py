@@ -27,12 +27,13 @@ import shutil
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from engine.distributed import DistInfo, share_cpu_cores
 
 log = logging.getLogger("engine.sample")
 
@@ -130,19 +131,6 @@ def load_for_sampling(path: str, device, overrides: list[str] = ()):
 # Processes
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool = False        # this module created the process group (and destroys it)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 def init_distributed(device: str, local_rank: int | None = None) -> DistInfo:
     """One process, or one rank of WORLD_SIZE > 1 started by the deepspeed launcher, torchrun or by hand
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): nccl on CUDA, gloo on the CPU."""
@@ -158,9 +146,8 @@ def init_distributed(device: str, local_rank: int | None = None) -> DistInfo:
         if target.index is None:
             target = torch.device("cuda", local_rank)
         torch.cuda.set_device(target)
-    elif world > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores between the ranks on this machine
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+    elif world > 1:
+        share_cpu_cores(world)
     owns_group = False
     if world > 1 and not dist.is_initialized():
         missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in os.environ]

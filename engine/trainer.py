@@ -18,13 +18,13 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt
+from engine.distributed import DistInfo, share_cpu_cores
 from engine.config import (ExperimentConfig, deepspeed_config_path, grad_accum_steps, resolve_device,
                            resolve_precision, validate)
 
@@ -38,14 +38,6 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # Distributed setup
 # ----------------------------------------------------------------------------------------------
-
-@dataclass
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -76,9 +68,7 @@ def init_distributed(device_type: str) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the ranks on this machine
-            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+        share_cpu_cores(world)
     return DistInfo(rank, local_rank, world, device)
 
 

@@ -72,58 +72,65 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-class IdentityLatentSpace(nn.Module):
+class _FrozenAutoencoder(nn.Module):
+    """A frozen autoencoder's latents as the flow sees them: z * scale + shift, per channel."""
+
+    def _normalise_channels(self, channels: int) -> None:
+        self.channels = int(channels)
+        self.register_buffer("scale", _per_channel(self.cfg.scale, self.channels, "scale"), persistent=False)
+        self.register_buffer("shift", _per_channel(self.cfg.shift, self.channels, "shift"), persistent=False)
+
+    def normalise(self, mean: torch.Tensor, std: torch.Tensor):
+        return mean.float() * self.scale + self.shift, std.float() * self.scale.abs()
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents.float() - self.shift) / self.scale
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class IdentityLatentSpace(_FrozenAutoencoder):
     """Pixel space: latents are the images in [-1, 1] (times scale, plus shift); std is zero."""
 
     downsample = 1
-    channels = 3
 
     def __init__(self, cfg: LatentConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("scale", _per_channel(cfg.scale, 3, "scale"), persistent=False)
-        self.register_buffer("shift", _per_channel(cfg.shift, 3, "shift"), persistent=False)
+        self._normalise_channels(3)
 
     @torch.no_grad()
     def encode(self, images):
-        mean = to_unit_range(images) * self.scale + self.shift
-        return mean, torch.zeros_like(mean)
+        pixels = to_unit_range(images)
+        return self.normalise(pixels, torch.zeros_like(pixels))
 
     @torch.no_grad()
     def decode(self, latents):
-        return ((latents.float() - self.shift) / self.scale).clamp(-1, 1)
+        return self.denormalise(latents).clamp(-1, 1)
 
 
-class VAELatentSpace(nn.Module):
+class VAELatentSpace(_FrozenAutoencoder):
     def __init__(self, cfg: LatentConfig, vae: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vae = vae.eval().requires_grad_(False)
         self.dtype = getattr(torch, cfg.dtype)
-        self.channels = vae.config.latent_channels
+        self._normalise_channels(vae.config.latent_channels)
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.register_buffer("scale", _per_channel(cfg.scale, self.channels, "scale"), persistent=False)
-        self.register_buffer("shift", _per_channel(cfg.shift, self.channels, "shift"), persistent=False)
-
-    def train(self, mode: bool = True):
-        return super().train(False)
 
     @torch.no_grad()
     def encode(self, images):
         """Normalised posterior (mean, std), each (B, C, H/f, W/f) float32."""
-        x = to_unit_range(images).to(self.dtype)
-        posterior = self.vae.encode(x).latent_dist
-        mean = posterior.mean.float() * self.scale + self.shift
-        std = posterior.std.float() * self.scale.abs()
-        return mean, std
+        posterior = self.vae.encode(to_unit_range(images).to(self.dtype)).latent_dist
+        return self.normalise(posterior.mean, posterior.std)
 
     @torch.no_grad()
     def decode(self, latents):
-        z = (latents.float() - self.shift) / self.scale
-        return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
+        return self.vae.decode(self.denormalise(latents).to(self.dtype)).sample.float().clamp(-1, 1)
 
 
-class ModuleLatentSpace(nn.Module):
+class ModuleLatentSpace(_FrozenAutoencoder):
     """A user's autoencoder (see the module docstring for what the factory returns)."""
 
     def __init__(self, cfg: LatentConfig, autoencoder: nn.Module):
@@ -134,12 +141,8 @@ class ModuleLatentSpace(nn.Module):
                             f"{missing}; a latent space needs encode, decode, channels and downsample")
         self.cfg = cfg
         self.autoencoder = autoencoder.eval().requires_grad_(False)
-        self.channels, self.downsample = int(autoencoder.channels), int(autoencoder.downsample)
-        self.register_buffer("scale", _per_channel(cfg.scale, self.channels, "scale"), persistent=False)
-        self.register_buffer("shift", _per_channel(cfg.shift, self.channels, "shift"), persistent=False)
-
-    def train(self, mode: bool = True):
-        return super().train(False)
+        self._normalise_channels(autoencoder.channels)
+        self.downsample = int(autoencoder.downsample)
 
     @torch.no_grad()
     def encode(self, images):
@@ -152,12 +155,11 @@ class ModuleLatentSpace(nn.Module):
         if tuple(mean.shape) != expected or tuple(std.shape) != expected:
             raise ValueError(f"{self.cfg.path}: encode gave {tuple(mean.shape)} / {tuple(std.shape)}, expected "
                              f"{expected} from channels={self.channels} and downsample={self.downsample}")
-        return mean.float() * self.scale + self.shift, std.float() * self.scale.abs()
+        return self.normalise(mean, std)
 
     @torch.no_grad()
     def decode(self, latents):
-        z = (latents.float() - self.shift) / self.scale
-        return self.autoencoder.decode(z).float().clamp(-1, 1)
+        return self.autoencoder.decode(self.denormalise(latents)).float().clamp(-1, 1)
 
 
 def _load_factory(path: str):

@@ -130,13 +130,18 @@ def environment() -> dict:
     }
 
 
-def write_results(kind: str, payload: dict, directory: str = "bench/results") -> str:
+def write_results(kind: str, payload: dict, directory: str = "bench/results", table: str | None = None) -> str:
+    """bench/results/<kind>-<device>-<date>.json, and the markdown `table` beside it as .md."""
     os.makedirs(directory, exist_ok=True)
     env = payload["environment"]
     slug = env["device"].split(" (")[0].replace(" ", "-").replace("/", "-")
     path = os.path.join(directory, f"{kind}-{slug}-{env['date']}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+    if table is not None:
+        with open(path.replace(".json", ".md"), "w") as f:
+            f.write(table)
+    print(f"wrote {path}")
     return path
 
 

@@ -107,10 +107,7 @@ def main(argv=None) -> int:
     print(table)
     if args.smoke:
         return 1 if any("skipped" in r and r["loader"] != "dali-mixed" for r in rows) else 0
-    path = write_results("data", payload, args.out)
-    with open(path.replace(".json", ".md"), "w") as f:
-        f.write(table)
-    print(f"wrote {path}")
+    write_results("data", payload, args.out, table)
     return 0
 
 

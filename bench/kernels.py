@@ -101,13 +101,17 @@ def main(argv=None) -> int:
                           f"{r['seconds'] * 1e6:10.1f} us  x{r['speedup_vs_reference']:5.2f}  {extra}", flush=True)
                 else:
                     print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} skipped: {r['skipped']}")
+    from bench.report import kernel_table
+
+    payload = {"environment": env, "ceilings": ceilings, "results": results}
+    table = kernel_table(payload)
     if args.smoke:  # smoke timings are not results; a variant that crashed is a harness failure
+        print(table)
         failed = [f"{r['op']} {r['mode']} {v['variant']}: {v['skipped']}" for r in results for v in r["variants"]
                   if v.get("skipped", "").startswith("failed")]
         print("\n".join(failed) or "smoke run: every available variant ran")
         return 1 if failed else 0
-    path = write_results("kernels", {"environment": env, "ceilings": ceilings, "results": results}, args.out)
-    print(f"wrote {path}")
+    write_results("kernels", payload, args.out, table)
     return 0
 
 

@@ -232,10 +232,7 @@ def main(argv=None) -> int:
     if args.smoke:
         failed = [r for r in rows if "skipped" in r]
         return 1 if failed else 0
-    path = write_results("train_step", payload, args.out)
-    with open(path.replace(".json", ".md"), "w") as f:
-        f.write(table)
-    print(f"wrote {path}")
+    write_results("train_step", payload, args.out, table)
     return 0
 
 

@@ -27,3 +27,21 @@ def test_data_benchmark_smoke(capsys):
     assert bench_data.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "| pil | " in out and "| dali-cpu | " in out and "skipped" not in out
+
+
+def test_report_regenerates_the_readme_sections(tmp_path):
+    """bench.report fills each README section from the newest result of its kind (here the data-loading
+    result measured and committed in bench/results) and says "not measured yet" where none exists."""
+    import shutil
+
+    bench_report = importlib.import_module("bench.report")
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy("bench/results/data-cpu-2026-11-24.json", results)
+    readme = tmp_path / "README.md"
+    sections = ("kernel-results", "train-step-results", "data-results")
+    readme.write_text("".join(f"<!-- BEGIN {s} -->\nstale\n<!-- END {s} -->\n" for s in sections))
+    assert bench_report.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.count("Not measured yet") == 2
+    assert "| pil | 742 |" in text and "data-cpu-2026-11-24.json" in text

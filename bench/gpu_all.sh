@@ -4,7 +4,7 @@
 # bf16-matmul ceilings in the same run. Results go to $OUT (default bench/results/); commit them and run
 # `python -m bench.report` to regenerate the README tables.
 #
-#   bash bench/gpu_all.sh [STAGE ...]     stages: env tests aot kernels train (default: all, in order)
+#   bash bench/gpu_all.sh [STAGE ...]     stages: env tests aot kernels train engine (default: all, in order)
 #
 # The device tool runs one command for at most 10 minutes and keeps the machine warm for 30 s after it,
 # so a session runs the stages as back-to-back calls, each inside that limit, most important first
@@ -13,6 +13,7 @@
 #   2..K+1.   bash bench/carry_wheels.sh receive .carry/i                     carry: [".carry/i"]
 #   K+2.      bash bench/carry_wheels.sh install && bash bench/gpu_all.sh kernels
 #   K+3.      bash bench/gpu_all.sh train
+#   K+4.      bash bench/gpu_all.sh engine
 # Each stage runs under `timeout` (ALIGNFLOW_STAGE_TIMEOUT seconds, default 540) so that a stage that
 # overruns is cut with its log intact instead of losing the call.
 #
@@ -31,7 +32,7 @@ fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env tests aot kernels train)
+[ ${#stages[@]} -eq 0 ] && stages=(env tests aot kernels train engine)
 
 stage() {
   set -o pipefail
@@ -56,8 +57,17 @@ stage() {
       python3 -m bench.kernels --out "$OUT" ;;
     train)
       python3 -m bench.train_step --out "$OUT" ;;
+    engine)
+      # The trainer on a GPU (needs the carried DeepSpeed): its tests on one rank, then the main job's
+      # config for two minutes on this one GPU (bf16, Triton kernels, DALI nvJPEG where carried).
+      python3 -m pytest -q tests/engine/test_train.py 2>&1 | tail -30 || rc=1
+      python3 -m deepspeed.launcher.runner --num_gpus 1 --module engine.train --config configs/builtin_cpu.yaml \
+        train.output_dir=/tmp/alignflow-main train.max_minutes=2 logging.progress_bar=false 2>&1 | tail -40 || rc=1
+      cp /tmp/alignflow-main/loss_curve.png "$OUT/main_job_loss_curve.png" 2>/dev/null
+      cp /tmp/alignflow-main/samples.png "$OUT/main_job_samples.png" 2>/dev/null
+      return $rc ;;
     *)
-      echo "unknown stage '$1' (stages: env tests aot kernels train)"; return 2 ;;
+      echo "unknown stage '$1' (stages: env tests aot kernels train engine)"; return 2 ;;
   esac
 }
 

@@ -45,6 +45,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def nonfinite_inputs(batch: dict) -> str | None:
+    """Which pre-extracted latents of a micro-batch hold NaN/inf, by sample key (a corrupt latent shard
+    poisons every step that draws it; the images themselves are uint8 and always finite)."""
+    for name in ("latent_mean", "latent_std"):
+        if name in batch:
+            bad = (~torch.isfinite(batch[name])).flatten(1).any(1).nonzero().flatten().tolist()
+            if bad:
+                keys = [batch["keys"][i] for i in bad] if "keys" in batch else bad
+                return f"non-finite {name} in the latent shards (data.latents_root) for {keys[:5]}"
+    return None
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -380,12 +392,17 @@ class Trainer:
             if packed[-1] > 0:
                 self.nonfinite_total += 1
                 self.nonfinite_in_row += 1
+                here = not bool(finite.all())
+                cause = nonfinite_inputs(batch) if here else None
+                where = cause or ("this rank's inputs are finite (the model or the loss diverged)" if here
+                                  else "this rank's loss is finite")
                 self.monitor.warn(f"step {self.step + 1}: non-finite loss on {int(packed[-1])} rank(s) "
-                                  f"({dict(zip(self.TERMS, values.tolist()))}); micro-batch skipped "
+                                  f"({dict(zip(self.TERMS, values.tolist()))}); {where}; micro-batch skipped "
                                   f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
                 if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
                     raise NonFiniteLossError(f"{self.nonfinite_in_row} non-finite losses in a row "
-                                             f"(train.max_nonfinite_in_row={self.cfg.train.max_nonfinite_in_row})")
+                                             f"(train.max_nonfinite_in_row={self.cfg.train.max_nonfinite_in_row})"
+                                             + (f"; last: {cause}" if cause else ""))
                 continue
             self.nonfinite_in_row = 0
             self.engine.backward(losses["loss"])

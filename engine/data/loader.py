@@ -26,7 +26,7 @@ class Loader:
     """Iterable over the remaining batches of the current epoch; at its end the epoch advances.
 
     Each batch: {"image": uint8 (B,3,R,R) on `device`, "label": int64 (B,) on `device`, and with latent
-    shards "latent_mean", "latent_std": fp32 (B,C,h,w) on `device`}. `len()` is the steps per epoch.
+    shards "latent_mean", "latent_std": fp32 (B,C,h,w) on `device`; "keys": the samples' keys}. `len()` is the steps per epoch.
     `skipped` counts the distinct corrupt or missing files left out or replaced so far; each is
     warned once, by name.
     """
@@ -105,7 +105,8 @@ class Loader:
             for path, reason in batch["failed"]:
                 self._skip(path, reason)
             out = dict(image=batch["image"].to(self.device, non_blocking=True),
-                       label=batch["label"].to(self.device, non_blocking=True))
+                       label=batch["label"].to(self.device, non_blocking=True),
+                       keys=[self.index.keys[int(i)] for i in batch["indices"]])
             if self.latents is not None:
                 rows = self.latent_rows[batch["indices"].numpy()]
                 mean, std = self.latents.read(rows, flips[self.step])

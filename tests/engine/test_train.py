@@ -262,3 +262,32 @@ def test_module_latent_space_trains_and_samples(tmp_path, data_root):
 def test_model_and_latent_grid_mismatch_is_named(tmp_path, data_root, model, fragment):
     with pytest.raises(ValueError, match=fragment):
         make_trainer(tmp_path, data_root, model=model)
+
+
+def test_nonfinite_latents_are_named_by_sample(tmp_path, data_root, caplog):
+    """A latent shard with a NaN row: every micro-batch that draws that sample is skipped, and the
+    warning (and the final error) names the sample's key, so a corrupt shard is not mistaken for a
+    diverging model."""
+    from engine.data import DataConfig, LatentShards
+    from engine.models.latents import LatentConfig, build_latent_space
+    from engine.preprocess import preprocess
+
+    raw = tiny_config(tmp_path / "run", data_root)
+    make_trainer(tmp_path / "first", data_root)  # writes the built-in data
+    shards = str(tmp_path / "latents")
+    preprocess(DataConfig(**raw["data"]), shards, build_latent_space(LatentConfig(kind="identity", scale=1.0)).encode,
+               latent_space="identity", batch_size=8, chunk_size=8, dtype="float32")
+    poisoned = LatentShards(shards).keys[5]
+    mean = np.load(os.path.join(shards, "mean.npy"), mmap_mode="r+")
+    mean[5, 0, 0, 0] = np.nan
+    mean.flush()
+    del mean
+    trainer = make_trainer(tmp_path, data_root, data={"latents_root": shards, "batch_size": 4},
+                           train={"max_steps": 8, "max_nonfinite_in_row": 100})
+    with caplog.at_level("WARNING"):
+        for _ in range(8):
+            trainer.train_step()
+    warnings = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]
+    assert warnings and all(f"non-finite latent_mean in the latent shards (data.latents_root) for ['{poisoned}']"
+                            in w for w in warnings), warnings[:2]
+    assert trainer.nonfinite_total == len(warnings)

@@ -42,7 +42,7 @@ def cfg_for(root, **kw):
 def collect(loader, steps=None):
     out = []
     for batch in loader:
-        out.append({k: v.clone() for k, v in batch.items()})
+        out.append({k: v.clone() if torch.is_tensor(v) else list(v) for k, v in batch.items()})
         if steps is not None and len(out) == steps:
             break
     return out

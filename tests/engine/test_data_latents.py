@@ -144,7 +144,9 @@ def test_loader_yields_latents_in_step_with_images(builtin_root, tmp_path):
     loader = build_loader(cfg, 1, 2, "cpu")
     encoder, flipped_any = PoolEncoder(), False
     for batch in loader:
-        assert set(batch) == {"image", "label", "latent_mean", "latent_std"}
+        assert set(batch) == {"image", "label", "latent_mean", "latent_std", "keys"}
+        rows = LatentShards(out).rows_for(batch["keys"])  # the keys name the samples of this batch
+        assert (rows >= 0).all() and (LatentShards(out).labels[rows] == batch["label"].numpy()).all()
         assert batch["latent_mean"].dtype == torch.float32 and batch["latent_mean"].shape == (8, 3, 8, 8)
         # the stored latents of the images in this batch (flipped with them; pooling commutes with flips)
         mean, std = encoder(batch["image"])

@@ -26,3 +26,14 @@ def share_cpu_cores(world_size: int) -> None:
         return
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+
+
+def local_cuda_device(local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK, made current; a clear error where the launcher started more ranks on this
+    machine than it has GPUs (NCCL cannot put two ranks on one GPU)."""
+    count = torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {count} GPU(s): start at most {count} "
+                           f"rank(s) per machine (deepspeed --num_gpus {count}, torchrun --nproc_per_node {count})")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)

@@ -164,8 +164,9 @@ def main(argv=None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        from engine.distributed import local_cuda_device
+
+        device = local_cuda_device(local_rank)
     else:
         device = torch.device("cpu")
     if world_size > 1 and not torch.distributed.is_initialized():

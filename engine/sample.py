@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.distributed import DistInfo, share_cpu_cores
+from engine.distributed import DistInfo, local_cuda_device, share_cpu_cores
 
 log = logging.getLogger("engine.sample")
 
@@ -143,9 +143,7 @@ def init_distributed(device: str, local_rank: int | None = None) -> DistInfo:
     if target.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if target.index is None:
-            target = torch.device("cuda", local_rank)
-        torch.cuda.set_device(target)
+        target = local_cuda_device(local_rank if target.index is None else target.index)
     elif world > 1:
         share_cpu_cores(world)
     owns_group = False

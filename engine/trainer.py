@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt
-from engine.distributed import DistInfo, share_cpu_cores
+from engine.distributed import DistInfo, local_cuda_device, share_cpu_cores
 from engine.config import (ExperimentConfig, deepspeed_config_path, grad_accum_steps, resolve_device,
                            resolve_precision, validate)
 
@@ -71,15 +71,13 @@ def init_distributed(device_type: str) -> DistInfo:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # the device before the process group: more ranks than GPUs is then a clear error, not a hang
+    device = local_cuda_device(local_rank) if device_type == "cuda" else torch.device("cpu")
     # Also adopts a process group the caller created (DeepSpeed then only wraps it).
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    if device_type == "cpu":
         share_cpu_cores(world)
     return DistInfo(rank, local_rank, world, device)
 

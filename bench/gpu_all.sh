@@ -4,16 +4,16 @@
 # bf16-matmul ceilings in the same run. Results go to $OUT (default bench/results/); commit them and run
 # `python -m bench.report` to regenerate the README tables.
 #
-#   bash bench/gpu_all.sh [STAGE ...]     stages: env tests aot kernels train engine (default: all, in order)
+#   bash bench/gpu_all.sh [STAGE ...]   stages: env tests aot kernels train data engine (default: all, in order)
 #
-# The device tool runs one command for at most 10 minutes and keeps the machine warm for 30 s after it,
-# so a session runs the stages as back-to-back calls, each inside that limit, most important first
-# (K parts from `bash bench/carry_wheels.sh prepare`, run here beforehand):
-#   1.        bash bench/gpu_all.sh env tests aot
-#   2..K+1.   bash bench/carry_wheels.sh receive .carry/i                     carry: [".carry/i"]
-#   K+2.      bash bench/carry_wheels.sh install && bash bench/gpu_all.sh kernels
-#   K+3.      bash bench/gpu_all.sh train
-#   K+4.      bash bench/gpu_all.sh engine
+# The device tool runs one command for at most 10 minutes, keeps the machine warm for 30 s after it, and
+# gives a session 30 minutes of device time, so a session runs the stages as back-to-back calls, the
+# measurements first (K parts from `bash bench/carry_wheels.sh prepare`, run here beforehand):
+#   1.        bash bench/gpu_all.sh env tests     (the aot stage repeats what CI checks under Triton 3.6/3.8)
+#   2.        bash bench/gpu_all.sh kernels
+#   3.        bash bench/gpu_all.sh train            (its data rows without DALI until it is carried)
+#   4..K+3.   bash bench/carry_wheels.sh receive .carry/i                     carry: [".carry/i"]
+#   K+4.      bash bench/carry_wheels.sh install && bash bench/gpu_all.sh data engine
 # Each stage runs under `timeout` (ALIGNFLOW_STAGE_TIMEOUT seconds, default 540) so that a stage that
 # overruns is cut with its log intact instead of losing the call.
 #
@@ -32,7 +32,7 @@ fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env tests aot kernels train engine)
+[ ${#stages[@]} -eq 0 ] && stages=(env tests aot kernels train data engine)
 
 stage() {
   set -o pipefail
@@ -57,6 +57,8 @@ stage() {
       python3 -m bench.kernels --out "$OUT" ;;
     train)
       python3 -m bench.train_step --out "$OUT" ;;
+    data)
+      python3 -m bench.data --out "$OUT" ;;
     engine)
       # The trainer on a GPU (needs the carried DeepSpeed): its tests on one rank, then the main job's
       # config for two minutes on this one GPU (bf16, Triton kernels, DALI nvJPEG where carried).
@@ -67,7 +69,7 @@ stage() {
       cp /tmp/alignflow-main/samples.png "$OUT/main_job_samples.png" 2>/dev/null
       return $rc ;;
     *)
-      echo "unknown stage '$1' (stages: env tests aot kernels train engine)"; return 2 ;;
+      echo "unknown stage '$1' (stages: env tests aot kernels train data engine)"; return 2 ;;
   esac
 }
 

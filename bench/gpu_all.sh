@@ -29,7 +29,13 @@ STAGE_TIMEOUT=${ALIGNFLOW_STAGE_TIMEOUT:-540}
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+if [ -d /tmp/site ]; then
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  # carried CUDA libraries (nvjpeg, nvcomp, nvimgcodec) for the ones that are found by the loader path
+  for lib in /tmp/site/nvidia/*/lib /tmp/site/nvidia/*/*/lib; do
+    [ -d "$lib" ] && export LD_LIBRARY_PATH=$lib:${LD_LIBRARY_PATH:-}
+  done
+fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(env tests aot kernels train data engine)

@@ -233,14 +233,15 @@ def aot_specs():
             block_r, block_d = _blocks(D)
             common = {"p_ptr": f"*{dtype}", "q_ptr": f"*{dtype}", "stats_ptr": "*fp32"}
             meta = dict(EPS_=EPS, COMPUTE=tl.float32, BLOCK_R=block_r, BLOCK_D=block_d)
-            # unit feature strides, as Triton's JIT specialises contiguous (B, T, D) inputs
+            # unit feature strides, as Triton's JIT specialises contiguous (B, T, D) inputs; row strides
+            # fit in int32, so the JIT passes them as i32
             specs.append(AotSpec(
                 f"alignment_fwd[{dtype},D={D}]", _alignment_fwd_kernel,
-                {**common, "R": "i32", "D": "i32", "spr": "i64", "sqr": "i64"}, dict(meta, spd=1, sqd=1),
+                {**common, "R": "i32", "D": "i32", "spr": "i32", "sqr": "i32"}, dict(meta, spd=1, sqd=1),
                 min_load_bits=128))
             specs.append(AotSpec(
                 f"alignment_bwd[{dtype},D={D}]", _alignment_bwd_kernel,
                 {**common, "g_ptr": "*fp32", "dp_ptr": f"*{dtype}", "dq_ptr": f"*{dtype}", "R": "i32",
-                 "D": "i32", "spr": "i64", "sqr": "i64"},
+                 "D": "i32", "spr": "i32", "sqr": "i32"},
                 dict(meta, D_Q=True, spd=1, sqd=1), min_load_bits=128))
     return specs

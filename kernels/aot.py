@@ -94,8 +94,10 @@ def widest_access(ptx: str, op: str) -> int:
 
 
 def specialization(spec) -> dict:
-    """Triton's divisibility attributes for `spec`, as the JIT derives them at the real shapes."""
-    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(spec.signature.items())
+    """Triton's divisibility attributes for `spec`, as the JIT derives them at the real shapes; keyed by
+    the argument's position among all of the kernel's arguments (constexprs included)."""
+    names = list(spec.fn.arg_names)
+    return {(names.index(name),): [["tt.divisibility", 16]] for name, kind in spec.signature.items()
             if (kind.startswith("*") or kind in ("i32", "i64")) and name not in spec.not_divisible}
 
 
@@ -118,11 +120,12 @@ def compile_spec(spec, arch: int) -> AotResult:
     result.shared_bytes = compiled.metadata.shared
     result.load_bits = widest_access(compiled.asm["ptx"], "ld")
     result.store_bits = widest_access(compiled.asm["ptx"], "st")
+    problems = []
     if result.load_bits < spec.min_load_bits:
-        result.error = f"widest global load is {result.load_bits} bits, below the {spec.min_load_bits} asked for"
-    for text in getattr(spec, "require_ptx", {}).get(arch, ()):
-        if text not in compiled.asm["ptx"]:
-            result.error = f"PTX for sm_{arch} lacks {text!r}"
+        problems.append(f"widest global load is {result.load_bits} bits, below the {spec.min_load_bits} asked for")
+    problems += [f"PTX for sm_{arch} lacks {text!r}" for text in spec.require_ptx.get(arch, ())
+                 if text not in compiled.asm["ptx"]]
+    result.error = "; ".join(problems) or None
     return result
 
 

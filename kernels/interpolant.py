@@ -546,7 +546,8 @@ def aot_specs():
     specs = []
     # Contiguous x, noise, v_pred and a full target shift have unit innermost strides, which Triton's
     # JIT makes constants (as here); the per-channel source shift (B, C, 1, 1) broadcasts with stride 0.
-    strides = {name: "i64" for name in ("sxb", "sxc", "snb", "snc", "s0b", "s0c", "s0s", "s1b", "s1c")}
+    # Strides that fit in int32 are i32 arguments to the JIT, as here.
+    strides = {name: "i32" for name in ("sxb", "sxc", "snb", "snc", "s0b", "s0c", "s0s", "s1b", "s1c")}
     unit = dict(sxs=1, sns=1, s1s=1)
     # SiT-XL/2 latents at micro-batch 32, (32, 4, 32 x 32): 128 rows of 1024 get blocks of 128 (a 256 KB
     # tensor: launch-bound, not bandwidth-bound, so no vector width is asked for).
@@ -563,7 +564,7 @@ def aot_specs():
                 f"velocity_loss_fwd[{dtype},path={path}]", _velocity_loss_fwd_kernel,
                 {"v_pred_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "noise_ptr": f"*{dtype}", "t_ptr": "*fp32",
                  "mu0_ptr": f"*{dtype}", "mu1_ptr": f"*{dtype}", "partial_ptr": "*fp32",
-                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i64", "svc": "i64",
+                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i32", "svc": "i32",
                  **strides}, dict(flags, svs=1)))
             grads = dict(DZ1_FULL=True, DZ0_FULL=False, DZ1_ROWS=False, DZ0_ROWS=True)
             specs.append(AotSpec(
@@ -572,7 +573,7 @@ def aot_specs():
                  "mu0_ptr": f"*{dtype}", "mu1_ptr": f"*{dtype}", "scale_ptr": "*fp32",
                  "d_v_pred_ptr": f"*{dtype}", "dz1_ptr": "*fp32", "dz0_ptr": "*fp32",
                  "dz1_rows_ptr": "*fp32", "dz0_rows_ptr": "*fp32",
-                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i64", "svc": "i64",
+                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i32", "svc": "i32",
                  **strides}, dict(flags, svs=1, D_V_PRED=True, **grads)))
             specs.append(AotSpec(
                 f"interpolant_bwd[{dtype},path={path}]", _interpolant_bwd_kernel,

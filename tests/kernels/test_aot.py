@@ -74,3 +74,16 @@ def test_memory_bound_kernels_load_in_16_byte_vectors(aot_results):
     for r in aot_results:
         if r["name"].startswith(("adaln", "alignment")) and not r["error"]:
             assert r["load_bits"] >= 128, f"{r['name']} sm_{r['arch']}: widest load {r['load_bits']} bits"
+
+
+def test_every_spec_names_each_kernel_argument_once():
+    """A spec lists every argument of its kernel as typed or constexpr, and the divisibility hints land
+    on the pointers and integers they name (hints are keyed by position among all the arguments)."""
+    from kernels.aot import all_specs, specialization
+
+    for _, spec in all_specs():
+        names = list(spec.fn.arg_names)
+        assert sorted(names) == sorted([*spec.signature, *spec.constexprs]), spec.name
+        for (position,), _ in specialization(spec).items():
+            kind = spec.signature.get(names[position])
+            assert kind is not None and (kind.startswith("*") or kind.startswith("i")), (spec.name, names[position])

@@ -82,7 +82,8 @@ def _decode(index, rows: np.ndarray, res: int, pool: ThreadPoolExecutor) -> torc
 
 def preprocess(cfg: DataConfig, out: str, encode: Encoder, *, latent_space: str = "custom", batch_size: int = 64,
                chunk_size: int = 1024, dtype: str = "float16", rank: int = 0, world_size: int = 1,
-               device="cpu", decode_threads: int = 4, max_chunks: Optional[int] = None) -> dict:
+               device="cpu", decode_threads: int = 4, max_chunks: Optional[int] = None,
+               latent_scale=None, latent_shift=None) -> dict:
     """Encode every image of `cfg` into shards at `out`; returns {"written": chunks encoded now,
     "already_done": chunks of this rank found finished, "stats": the statistics (rank 0, when complete)}.
     Chunk c is encoded by rank c % world_size. `max_chunks` stops after that many chunks on this rank
@@ -103,6 +104,8 @@ def preprocess(cfg: DataConfig, out: str, encode: Encoder, *, latent_space: str 
     shape = tuple(probe_mean.shape[1:])
     meta = dict(latent_space=latent_space, resolution=cfg.resolution, source=cfg.source,
                 data_root=os.path.abspath(cfg.root))
+    if latent_scale is not None:  # the normalisation baked into the shards (the trainer checks it)
+        meta.update(latent_scale=latent_scale, latent_shift=latent_shift if latent_shift is not None else 0.0)
     if rank == 0:
         writer = LatentShardWriter(out, index.keys, index.labels, shape, dtype, chunk_size, meta, create=True)
         _barrier(world_size)
@@ -173,10 +176,11 @@ def main(argv=None) -> None:
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     cfg = DataConfig(source=args.source, root=args.data_root, resolution=args.resolution,
                      num_classes=args.num_classes, on_corrupt=args.on_corrupt, num_threads=args.decode_threads)
-    encode = encoder_from_latent_space(latent_config(args.latent_space, args.latent_scale, args.latent_shift), device)
+    latent = latent_config(args.latent_space, args.latent_scale, args.latent_shift)
+    encode = encoder_from_latent_space(latent, device)
     result = preprocess(cfg, args.out, encode, latent_space=args.latent_space, batch_size=args.batch_size,
                         chunk_size=args.chunk_size, dtype=args.dtype, rank=rank, world_size=world_size, device=device,
-                        decode_threads=args.decode_threads)
+                        decode_threads=args.decode_threads, latent_scale=latent.scale, latent_shift=latent.shift)
     if rank == 0 and result["stats"] is not None:
         log.info("latent statistics: %s", result["stats"])
     if world_size > 1:

@@ -45,6 +45,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _per_channel_list(value, channels: int) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * channels
+
+
 def nonfinite_inputs(batch: dict) -> str | None:
     """Which pre-extracted latents of a micro-batch hold NaN/inf, by sample key (a corrupt latent shard
     poisons every step that draws it; the images themselves are uint8 and always finite)."""
@@ -249,16 +253,30 @@ class Trainer:
         """The model's input must be the latent grid the data gives, or the first step fails deep in the
         patch embedding (or, for a square grid of the wrong side, trains on the wrong positions)."""
         cfg = self.cfg
+        space = self.latent_space
         if cfg.data.latents_root is not None:
             from engine.data.latents import META
 
             with open(os.path.join(cfg.data.latents_root, META)) as f:
-                channels, side = json.load(f)["shape"][:2]
+                meta = json.load(f)
+            channels, side = meta["shape"][:2]
             source = f"the latent shards at data.latents_root={cfg.data.latents_root!r}"
+            # The shards train the model; latent.* decodes its samples: they must be one latent space.
+            if space.channels != channels or side * space.downsample != cfg.data.resolution:
+                raise ValueError(f"latent.kind={cfg.latent.kind!r} gives {space.channels} channels at {space.downsample}x "
+                                 f"downsampling but {source} hold {channels} x {side} x {side} latents of "
+                                 f"{cfg.data.resolution} px images; set latent.* to the space the shards were made with")
+            for key in ("scale", "shift"):
+                if f"latent_{key}" in meta:
+                    made, now = _per_channel_list(meta[f"latent_{key}"], channels), _per_channel_list(
+                        getattr(cfg.latent, key), channels)
+                    if not np.allclose(made, now, rtol=1e-6, atol=0):
+                        raise ValueError(f"latent.{key}={getattr(cfg.latent, key)!r} but {source} were normalised "
+                                         f"with {meta[f'latent_{key}']!r}; allowed: {meta[f'latent_{key}']!r}")
         else:
-            channels, side = self.latent_space.channels, cfg.data.resolution // self.latent_space.downsample
+            channels, side = space.channels, cfg.data.resolution // space.downsample
             source = (f"latent.kind={cfg.latent.kind!r} at data.resolution={cfg.data.resolution} "
-                      f"(downsampling {self.latent_space.downsample}x)")
+                      f"(downsampling {space.downsample}x)")
         if cfg.model.in_channels != channels:
             raise ValueError(f"model.in_channels={cfg.model.in_channels} but {source} gives {channels} channels; "
                              f"allowed: {channels}")

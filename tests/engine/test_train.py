@@ -264,19 +264,42 @@ def test_model_and_latent_grid_mismatch_is_named(tmp_path, data_root, model, fra
         make_trainer(tmp_path, data_root, model=model)
 
 
-def test_nonfinite_latents_are_named_by_sample(tmp_path, data_root, caplog):
-    """A latent shard with a NaN row: every micro-batch that draws that sample is skipped, and the
-    warning (and the final error) names the sample's key, so a corrupt shard is not mistaken for a
-    diverging model."""
-    from engine.data import DataConfig, LatentShards
+def identity_shards(tmp_path, data_root, scale=1.0) -> str:
+    """Pixel-space latent shards of the tiny config's built-in data, normalised with `scale`."""
+    from engine.data import DataConfig
     from engine.models.latents import LatentConfig, build_latent_space
     from engine.preprocess import preprocess
 
     raw = tiny_config(tmp_path / "run", data_root)
     make_trainer(tmp_path / "first", data_root)  # writes the built-in data
     shards = str(tmp_path / "latents")
-    preprocess(DataConfig(**raw["data"]), shards, build_latent_space(LatentConfig(kind="identity", scale=1.0)).encode,
-               latent_space="identity", batch_size=8, chunk_size=8, dtype="float32")
+    encode = build_latent_space(LatentConfig(kind="identity", scale=scale)).encode
+    preprocess(DataConfig(**raw["data"]), shards, encode, latent_space="identity", batch_size=8, chunk_size=8,
+               dtype="float32", latent_scale=scale, latent_shift=0.0)
+    return shards
+
+
+@pytest.mark.parametrize("latent, fragment", [
+    ({"kind": "identity", "scale": 0.5}, r"latent.scale=0.5 but the latent shards .* were normalised with 1.0"),
+    ({"kind": "module", "path": "tests.engine.toy_autoencoder:build", "scale": 1.0},
+     r"latent.kind='module' gives 4 channels at 2x downsampling but the latent shards .* hold 3 x 16 x 16"),
+])
+def test_shards_and_latent_space_must_agree(tmp_path, data_root, latent, fragment):
+    """The shards train the model and latent.* decodes its samples: a mismatch stops the run at the
+    start, not at the first sample grid hours later."""
+    shards = identity_shards(tmp_path, data_root)
+    with pytest.raises(ValueError, match=fragment):
+        make_trainer(tmp_path, data_root, data={"latents_root": shards}, latent=latent)
+    make_trainer(tmp_path / "ok", data_root, data={"latents_root": shards})  # the same space trains
+
+
+def test_nonfinite_latents_are_named_by_sample(tmp_path, data_root, caplog):
+    """A latent shard with a NaN row: every micro-batch that draws that sample is skipped, and the
+    warning (and the final error) names the sample's key, so a corrupt shard is not mistaken for a
+    diverging model."""
+    from engine.data import LatentShards
+
+    shards = identity_shards(tmp_path, data_root)
     poisoned = LatentShards(shards).keys[5]
     mean = np.load(os.path.join(shards, "mean.npy"), mmap_mode="r+")
     mean[5, 0, 0, 0] = np.nan

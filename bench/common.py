@@ -130,18 +130,21 @@ def environment() -> dict:
     }
 
 
-def write_results(kind: str, payload: dict, directory: str = "bench/results", table: str | None = None) -> str:
-    """bench/results/<kind>-<device>-<date>.json, and the markdown `table` beside it as .md."""
+def write_results(kind: str, payload: dict, directory: str = "bench/results", table=None) -> str:
+    """bench/results/<kind>-<device>-<date>.json, then the markdown `table` (a string, or a function
+    making one, called once the JSON is safe) beside it as .md, and printed."""
     os.makedirs(directory, exist_ok=True)
     env = payload["environment"]
     slug = env["device"].split(" (")[0].replace(" ", "-").replace("/", "-")
     path = os.path.join(directory, f"{kind}-{slug}-{env['date']}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+    print(f"wrote {path}")
     if table is not None:
+        table = table() if callable(table) else table
+        print(table)
         with open(path.replace(".json", ".md"), "w") as f:
             f.write(table)
-    print(f"wrote {path}")
     return path
 
 

@@ -103,11 +103,10 @@ def main(argv=None) -> int:
     rows = loader_rows(args.resolution, args.batch, args.batches, args.images_per_class, device, args.source_size)
     payload = {"environment": environment(), "resolution": args.resolution, "source_size": args.source_size,
                "batch": args.batch, "data": rows}
-    table = markdown(payload)
-    print(table)
     if args.smoke:
+        print(markdown(payload))
         return 1 if any("skipped" in r and r["loader"] != "dali-mixed" for r in rows) else 0
-    write_results("data", payload, args.out, table)
+    write_results("data", payload, args.out, lambda: markdown(payload))
     return 0
 
 

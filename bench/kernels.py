@@ -104,14 +104,13 @@ def main(argv=None) -> int:
     from bench.report import kernel_table
 
     payload = {"environment": env, "ceilings": ceilings, "results": results}
-    table = kernel_table(payload)
     if args.smoke:  # smoke timings are not results; a variant that crashed is a harness failure
-        print(table)
+        print(kernel_table(payload))
         failed = [f"{r['op']} {r['mode']} {v['variant']}: {v['skipped']}" for r in results for v in r["variants"]
                   if v.get("skipped", "").startswith("failed")]
         print("\n".join(failed) or "smoke run: every available variant ran")
         return 1 if failed else 0
-    write_results("kernels", payload, args.out, table)
+    write_results("kernels", payload, args.out, lambda: kernel_table(payload))
     return 0
 
 

@@ -45,3 +45,16 @@ def test_report_regenerates_the_readme_sections(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and text.count("Not measured yet") == 2
     assert "| pil | 742 |" in text and "data-cpu-2026-11-24.json" in text
+
+
+def test_train_step_table_without_a_reference_row():
+    """A skipped reference (out of memory, or left out of --variants) leaves "-" ratios, not a crash
+    that would lose the run's results."""
+    row = {"variant": "alignflow", "seconds_per_step": 0.04, "img_per_s": 800.0, "peak_memory_bytes": 2 ** 34,
+           "breakdown_seconds": dict.fromkeys(("encoder", "forward", "backward", "optimizer"), 0.01),
+           "tflop_per_s": 300.0, "mfu": 0.4}
+    payload = {"environment": {"device": "gpu", "torch": "t", "triton": "t", "date": "d"}, "model": "SiT-XL/2",
+               "batch": 32, "resolution": 256, "matmul_flop_per_s": 7e14, "data": [],
+               "variants": [{"variant": "reference-eager", "skipped": "out of memory"}, row]}
+    table = bench_train_step.markdown(payload)
+    assert "| reference-eager | skipped: out of memory |" in table and "| alignflow | 800.0 | - | 40.0 |" in table

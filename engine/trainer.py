@@ -49,15 +49,15 @@ def _per_channel_list(value, channels: int) -> list[float]:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * channels
 
 
-def nonfinite_inputs(batch: dict) -> str | None:
-    """Which pre-extracted latents of a micro-batch hold NaN/inf, by sample key (a corrupt latent shard
-    poisons every step that draws it; the images themselves are uint8 and always finite)."""
-    for name in ("latent_mean", "latent_std"):
-        if name in batch:
-            bad = (~torch.isfinite(batch[name])).flatten(1).any(1).nonzero().flatten().tolist()
-            if bad:
-                keys = [batch["keys"][i] for i in bad] if "keys" in batch else bad
-                return f"non-finite {name} in the latent shards (data.latents_root) for {keys[:5]}"
+def nonfinite_inputs(batch: dict, inputs: dict[str, torch.Tensor]) -> str | None:
+    """The first of `inputs` (described by name -> (B, ...) tensor, in the order they were made) that
+    holds NaN/inf, with the keys of the samples concerned. The images are uint8 and always finite, so a
+    bad input comes from a latent shard, the latent space's encoder or an alignment encoder."""
+    for name, tensor in inputs.items():
+        bad = (~torch.isfinite(tensor)).flatten(1).any(1).nonzero().flatten().tolist()
+        if bad:
+            keys = [batch["keys"][i] for i in bad] if "keys" in batch else bad
+            return f"non-finite {name} for samples {keys[:5]}"
     return None
 
 
@@ -377,7 +377,17 @@ class Trainer:
 
     def forward_losses(self, batch: dict) -> dict:
         x, labels, z_targets, cls_target = self.prepare(batch)
+        self._inputs = (x, z_targets)  # kept (not copied) to name the cause of a non-finite loss
         return self.transport.training_losses(self.engine, x, labels, z_targets, cls_target)
+
+    def _nonfinite_cause(self, batch: dict) -> str | None:
+        x, z_targets = self._inputs
+        inputs = {f"{name} in the latent shards (data.latents_root)": batch[name]
+                  for name in ("latent_mean", "latent_std") if name in batch}
+        if not inputs:
+            inputs[f"latents from latent.kind={self.cfg.latent.kind!r}"] = x
+        inputs.update({f"features of encoders[{i}] ({self.cfg.encoders[i].name})": z for i, z in enumerate(z_targets)})
+        return nonfinite_inputs(batch, inputs)
 
     # -- one optimizer step -------------------------------------------------------------------
 
@@ -409,7 +419,7 @@ class Trainer:
                 self.nonfinite_total += 1
                 self.nonfinite_in_row += 1
                 here = not bool(finite.all())
-                cause = nonfinite_inputs(batch) if here else None
+                cause = self._nonfinite_cause(batch) if here else None
                 where = cause or ("this rank's inputs are finite (the model or the loss diverged)" if here
                                   else "this rank's loss is finite")
                 self.monitor.warn(f"step {self.step + 1}: non-finite loss on {int(packed[-1])} rank(s) "

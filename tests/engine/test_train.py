@@ -311,6 +311,19 @@ def test_nonfinite_latents_are_named_by_sample(tmp_path, data_root, caplog):
         for _ in range(8):
             trainer.train_step()
     warnings = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]
-    assert warnings and all(f"non-finite latent_mean in the latent shards (data.latents_root) for ['{poisoned}']"
+    assert warnings and all(f"non-finite latent_mean in the latent shards (data.latents_root) for samples ['{poisoned}']"
                             in w for w in warnings), warnings[:2]
     assert trainer.nonfinite_total == len(warnings)
+
+
+def test_nonfinite_latents_from_the_latent_space_are_named(tmp_path, data_root, caplog):
+    """Online encoding (no shards): NaN latents from the latent space's encoder are named as such, with
+    the samples, not blamed on the model."""
+    trainer = make_trainer(tmp_path, data_root, model={"in_channels": 4, "input_size": 8, "patch_size": 2},
+                           latent={"kind": "module", "path": "tests.engine.toy_autoencoder:build_nan_first",
+                                   "scale": 1.0},
+                           train={"max_steps": 1, "max_nonfinite_in_row": 2})
+    with caplog.at_level("WARNING"), pytest.raises(Exception, match="non-finite losses in a row") as error:
+        trainer.train_step()
+    assert "non-finite latents from latent.kind='module' for samples [" in str(error.value)
+    assert any("non-finite latents from latent.kind='module'" in r.getMessage() for r in caplog.records)

@@ -38,3 +38,17 @@ def build_wrong_shape(cfg):
 
 def build_not_an_autoencoder(cfg):
     return nn.Linear(2, 2)
+
+
+class NaNFirstAutoencoder(PoolAutoencoder):
+    """Encodes the first image of every batch to NaN (a broken encoder)."""
+
+    def encode(self, x):
+        mean, std = super().encode(x)
+        mean = mean.clone()
+        mean[0] = float("nan")
+        return mean, std
+
+
+def build_nan_first(cfg):
+    return NaNFirstAutoencoder()

@@ -33,7 +33,10 @@ def local_cuda_device(local_rank: int) -> torch.device:
     machine than it has GPUs (NCCL cannot put two ranks on one GPU)."""
     count = torch.cuda.device_count()
     if not 0 <= local_rank < count:
-        raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {count} GPU(s): start at most {count} "
-                           f"rank(s) per machine (deepspeed --num_gpus {count}, torchrun --nproc_per_node {count})")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees {count} GPU(s)"
+                           + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                           + f": start at most {count} rank(s) per machine (deepspeed --num_gpus {count}, "
+                           f"torchrun --nproc_per_node {count}), or give each rank its GPUs")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)

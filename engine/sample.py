@@ -143,6 +143,9 @@ def init_distributed(device: str, local_rank: int | None = None) -> DistInfo:
     if target.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if target.index is not None and world > 1:
+            raise ValueError(f"--device {device} with WORLD_SIZE={world} would put every rank on one GPU; "
+                             "use --device cuda (each rank takes cuda:LOCAL_RANK)")
         target = local_cuda_device(local_rank if target.index is None else target.index)
     elif world > 1:
         share_cpu_cores(world)
@@ -404,7 +407,7 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
     npz = os.path.join(args.out, "samples.npz")
     first = write_samples_npz(parts_dir, num_batches, meta, npz, keep=min(s.grid_images, s.num_images))
     grid = save_grid(torch.from_numpy(first), os.path.join(args.out, "samples.png"),
-                     nrow=min(s.num_images, cfg.model.num_classes))
+                     nrow=min(len(first), cfg.model.num_classes))
     if not args.keep_parts:
         shutil.rmtree(parts_dir)
     log.info("wrote %s and %s (%d images, %s %d steps, cfg %g)", grid, npz, s.num_images, s.method, s.num_steps,

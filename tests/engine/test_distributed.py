@@ -9,7 +9,8 @@ def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     assert local_cuda_device(0) == torch.device("cuda", 0)
-    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 but this machine has 1 GPU\(s\).*--num_gpus 1"):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 but this process sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=3\).*--num_gpus 1"):
         local_cuda_device(1)
 
 

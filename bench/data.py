@@ -4,7 +4,7 @@ a GPU, DALI's nvJPEG decoder (`mixed`), as the trainer builds them.
     python -m bench.data [--resolution 256] [--source-size 512] [--batch 32] [--batches 50] [--smoke]
 
 Each loader gets every core of the machine (DataLoader workers, DALI threads). Reported: images/s over
-`--batches` batches after one warm-up batch, and CPU cores busy = CPU seconds of this process and its
+`--batches` batches after the warm-up and the batches decoded ahead during it, and CPU cores busy = CPU seconds of this process and its
 live worker processes / wall seconds. The files are the built-in procedural set (10 classes) written
 as square JPEGs of `--source-size` pixels, larger than the crop, so that every loader resizes and
 crops as it must on ImageNet. Writes bench/results/data-<device>-<date>.json and a markdown
@@ -56,8 +56,15 @@ def loader_rows(resolution: int, batch: int, batches: int, images_per_class: int
                              decoder=decoder, dali_device=dali_device, num_threads=cores, num_workers=cores)
             loader = build_loader(cfg, rank=0, world_size=1, device=device)
             iterator = iter(loader)
-            next(iterator)  # warm-up: pipeline build, worker start
-            steps = min(len(loader) - 1, batches)
+            # Warm-up (pipeline build, worker start), then drain what the loader decoded ahead meanwhile
+            # (DataLoader: 2 batches per worker; DALI: its prefetch queue), so the timed batches are
+            # decoded while they are timed.
+            drain = 1 + (cfg.prefetch if decoder == "dali" else 2 * cfg.num_workers)
+            if len(loader) < drain + 2:
+                raise ValueError(f"{len(loader)} batches cannot cover {drain} warm-up batches; use more images")
+            for _ in range(drain):
+                next(iterator)
+            steps = min(len(loader) - drain, batches)
             cpu0, wall0, count = _cpu_seconds(), time.perf_counter(), 0
             for _ in range(steps):
                 count += next(iterator)["image"].shape[0]
@@ -93,12 +100,12 @@ def main(argv=None) -> int:
     parser.add_argument("--source-size", type=int, default=512, help="side of the JPEG files")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=50)
-    parser.add_argument("--images-per-class", type=int, default=200)
+    parser.add_argument("--images-per-class", type=int, default=400)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for CI; the numbers mean nothing")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.resolution, args.source_size, args.batch, args.batches, args.images_per_class = 32, 64, 8, 2, 4
+        args.resolution, args.source_size, args.batch, args.batches, args.images_per_class = 32, 64, 4, 2, 4
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = loader_rows(args.resolution, args.batch, args.batches, args.images_per_class, device, args.source_size)
     payload = {"environment": environment(), "resolution": args.resolution, "source_size": args.source_size,

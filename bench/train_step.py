@@ -227,7 +227,7 @@ def main(argv=None) -> int:
                "resolution": args.resolution, "reg": args.reg, "car_flow": args.car_flow,
                "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows,
                "data": loader_rows(args.resolution, min(args.batch, 16) if args.smoke else args.batch,
-                                   2 if args.smoke else 50, 8 if args.smoke else 200, device)}
+                                   2 if args.smoke else 50, 8 if args.smoke else 400, device)}
     if args.smoke:
         print(markdown(payload))
         return 1 if any("skipped" in r for r in rows) else 0

@@ -44,7 +44,7 @@ def test_report_regenerates_the_readme_sections(tmp_path):
     assert bench_report.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "stale" not in text and text.count("Not measured yet") == 2
-    assert "| pil | 742 |" in text and "data-cpu-2026-11-24.json" in text
+    assert "| pil | 755 |" in text and "data-cpu-2026-11-24.json" in text
 
 
 def test_train_step_table_without_a_reference_row():

@@ -120,7 +120,7 @@ class Loader:
 
 def _choose_decoder(cfg: DataConfig, device: torch.device) -> str:
     """"auto" is DALI's nvJPEG decoder where there is a GPU, and PIL on the CPU: on a 2-core machine
-    the PIL DataLoader decoded 742 img/s against DALI's CPU pipeline's 486 (bench.data, 512 px JPEGs to
+    the PIL DataLoader decoded 755 img/s against DALI's CPU pipeline's 457 (bench.data, 512 px JPEGs to
     256 px crops, bench/results/data-cpu-2026-11-24.json)."""
     if cfg.decoder == "pil":
         return "pil"

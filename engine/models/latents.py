@@ -32,13 +32,15 @@ class LatentConfig(FromDict):
     kind: str = "vae"
     path: str | None = None                 # vae: local diffusers folder or cached hub id; module: "pkg.mod:factory"
     subfolder: str | None = None
-    scale: float | list[float] = 0.18215
+    scale: float | list[float] | None = None  # None: 0.18215 for a VAE (SD-VAE's), 1.0 otherwise
     shift: float | list[float] = 0.0
     dtype: str = "float32"                  # VAE compute dtype
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"LatentConfig.kind={self.kind!r} is invalid; allowed: {list(KINDS)}")
+        if self.scale is None:
+            self.scale = 0.18215 if self.kind == "vae" else 1.0
         if self.kind == "module" and (not self.path or self.path.count(":") != 1 or not all(self.path.split(":"))):
             raise ValueError(f"LatentConfig.path={self.path!r} is invalid for kind 'module'; allowed: "
                              "'package.module:factory', a function that takes the LatentConfig and returns the "

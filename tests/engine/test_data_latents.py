@@ -194,7 +194,7 @@ def test_preprocess_cli_with_a_real_latent_space(space, builtin_root, tmp_path, 
     shards = LatentShards(out)
     assert len(shards) == CLASSES * PER_CLASS and shards.meta["latent_space"] == args[1]
     assert shards.mean.shape[1:] == (channels, size, size) and shards.stats is not None
-    assert shards.meta["latent_scale"] == {"identity": 0.18215, "vae": [0.5] * 4, "module": 2.0}[space]
+    assert shards.meta["latent_scale"] == {"identity": 1.0, "vae": [0.5] * 4, "module": 2.0}[space]
     if space == "identity":  # pixel space: images in [-1, 1], std 0
         assert np.abs(np.asarray(shards.mean)).max() <= 1.0 and np.asarray(shards.std).max() == 0
 

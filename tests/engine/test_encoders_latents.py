@@ -169,3 +169,11 @@ def test_module_latent_space_checks_the_encoders_shape():
                                             scale=1.0))
     with pytest.raises(ValueError, match=r"expected \(2, 3, 4, 4\)"):
         space.encode(images(2, 8))
+
+
+def test_default_scale_follows_the_kind():
+    """SD-VAE's 0.18215 is the default for a VAE only: pixel space and user autoencoders default to 1."""
+    assert LatentConfig(kind="vae", path="x").scale == 0.18215
+    assert LatentConfig(kind="identity").scale == 1.0
+    assert LatentConfig(kind="module", path="a.b:c").scale == 1.0
+    assert LatentConfig(kind="identity", scale=0.5).scale == 0.5

@@ -45,10 +45,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _per_channel_list(value, channels: int) -> list[float]:
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * channels
-
-
 def nonfinite_inputs(batch: dict, inputs: dict[str, torch.Tensor]) -> str | None:
     """The first of `inputs` (described by name -> (B, ...) tensor, in the order they were made) that
     holds NaN/inf, with the keys of the samples concerned. The images are uint8 and always finite, so a
@@ -266,11 +262,10 @@ class Trainer:
                 raise ValueError(f"latent.kind={cfg.latent.kind!r} gives {space.channels} channels at {space.downsample}x "
                                  f"downsampling but {source} hold {channels} x {side} x {side} latents of "
                                  f"{cfg.data.resolution} px images; set latent.* to the space the shards were made with")
-            for key in ("scale", "shift"):
+            for key in ("scale", "shift"):  # the latent space holds its own as per-channel buffers
                 if f"latent_{key}" in meta:
-                    made, now = _per_channel_list(meta[f"latent_{key}"], channels), _per_channel_list(
-                        getattr(cfg.latent, key), channels)
-                    if not np.allclose(made, now, rtol=1e-6, atol=0):
+                    made = torch.as_tensor(meta[f"latent_{key}"], dtype=torch.float32).expand(channels)
+                    if not torch.allclose(made, getattr(space, key).flatten().cpu(), rtol=1e-6, atol=0):
                         raise ValueError(f"latent.{key}={getattr(cfg.latent, key)!r} but {source} were normalised "
                                          f"with {meta[f'latent_{key}']!r}; allowed: {meta[f'latent_{key}']!r}")
         else:

@@ -36,6 +36,7 @@ class BenchCase:
     flops_forward: float = 0.0
     flops_forward_backward: float = 0.0
     notes: str = ""
+    headline: bool = False  # the SiT-XL/2 256 px training shape: measured first when time is short
 
 
 def synchronize():
@@ -130,15 +131,23 @@ def environment() -> dict:
     }
 
 
-def write_results(kind: str, payload: dict, directory: str = "bench/results", table=None) -> str:
-    """bench/results/<kind>-<device>-<date>.json, then the markdown `table` (a string, or a function
-    making one, called once the JSON is safe) beside it as .md, and printed."""
+def write_json(kind: str, payload: dict, directory: str = "bench/results") -> str:
+    """bench/results/<kind>-<device>-<date>.json, replaced whole (written aside, then renamed), so a
+    benchmark can save what it has measured so far and a run cut short keeps it."""
     os.makedirs(directory, exist_ok=True)
     env = payload["environment"]
     slug = env["device"].split(" (")[0].replace(" ", "-").replace("/", "-")
     path = os.path.join(directory, f"{kind}-{slug}-{env['date']}.json")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_results(kind: str, payload: dict, directory: str = "bench/results", table=None) -> str:
+    """The JSON (`write_json`), then the markdown `table` (a string, or a function making one, called
+    once the JSON is safe) beside it as .md, and printed."""
+    path = write_json(kind, payload, directory)
     print(f"wrote {path}")
     if table is not None:
         table = table() if callable(table) else table
@@ -149,19 +158,42 @@ def write_results(kind: str, payload: dict, directory: str = "bench/results", ta
 
 
 def compiled(fn: Callable, smoke: bool):
-    """`torch.compile(fn)`, or the reason it is skipped (smoke runs skip compilation: minutes on CPU)."""
+    """`torch.compile(fn, dynamic=False)`, or the reason it is skipped (smoke runs skip compilation:
+    minutes on CPU). Static shapes, as a training run at a fixed size gets them: without `dynamic=False`
+    the second shape of a function would be recompiled with symbolic sizes (dynamo's automatic dynamic
+    shapes) and the compiled reference timed at a disadvantage."""
     if smoke:
         return None, "smoke run: torch.compile skipped"
     try:
-        return torch.compile(fn), None
+        return torch.compile(fn, dynamic=False), None
     except Exception as error:  # an unsupported platform is a reported skip, not a failure
         return None, f"torch.compile unavailable: {error}"
 
 
-def variants_for(ops: dict[str, Callable[[], object]], reasons: dict[str, str] | None = None) -> list[Variant]:
-    """Variants from name -> callable-maker; names in `reasons` are reported as skipped."""
-    reasons = reasons or {}
-    return [Variant(name, make, reasons.get(name)) for name, make in ops.items()]
+class Deadline:
+    """The wall-clock end of a benchmark run. A device lease is short (bench/gpu_all.sh gives each call
+    a budget), so a benchmark asks `out_of_time()` before each measurement and records the ones it did
+    not start as skipped, instead of being cut mid-way and losing them.
+
+    The end is the earlier of now + `budget_s` and ALIGNFLOW_DEADLINE (Unix seconds, set by
+    bench/gpu_all.sh for each stage of a device call); neither given: no end."""
+
+    def __init__(self, budget_s: float | None = None):
+        ends = [float("inf")]
+        if budget_s is not None:
+            ends.append(time.time() + budget_s)
+        if os.environ.get("ALIGNFLOW_DEADLINE"):
+            ends.append(float(os.environ["ALIGNFLOW_DEADLINE"]))
+        self.end = min(ends)
+
+    def left(self) -> float:
+        return self.end - time.time()
+
+    def out_of_time(self, needed_s: float = 0.0) -> str | None:
+        """None while more than `needed_s` seconds are left, else the reason to skip."""
+        if self.left() > needed_s:
+            return None
+        return f"not run: the time budget ran out ({max(self.left(), 0.0):.0f} s left, {needed_s:.0f} s needed)"
 
 
 def backward_of(forward: Callable[[], object], leaves: list[torch.Tensor]) -> Callable[[], object]:

@@ -1,31 +1,35 @@
 #!/usr/bin/env bash
-# All GPU work of a session: GPU tests (real SiT-XL/2 sizes in bf16 first), the AOT check, the kernel
-# benchmarks and the training-step benchmark, each benchmark measuring the copy-bandwidth and
-# bf16-matmul ceilings in the same run. Results go to $OUT (default bench/results/); commit them and run
-# `python -m bench.report` to regenerate the README tables.
+# All GPU work of a session in one device call: the real-size bf16 GPU tests, the training-step and
+# kernel benchmarks (each measuring the copy-bandwidth and bf16-matmul ceilings in the same run), the
+# rest of the GPU tests, the trainer on the GPU, and the data loaders. Results go to $OUT (default
+# bench/results/); commit them and run `python -m bench.report` to regenerate the README tables.
 #
-#   bash bench/gpu_all.sh [STAGE ...]   stages: env tests aot kernels train data engine (default: all, in order)
+#   bash bench/carry_wheels.sh small        # here, once: DeepSpeed and what it needs into .whl/ (~5 MB)
+#   bash bench/gpu_all.sh [STAGE ...]       # device tool: carry [".whl"], timeout_s 600
 #
-# The device tool runs one command for at most 10 minutes, keeps the machine warm for 30 s after it, and
-# gives a session 30 minutes of device time, so a session runs the stages as back-to-back calls, the
-# measurements first (K parts from `bash bench/carry_wheels.sh prepare`, run here beforehand):
-#   1.        bash bench/gpu_all.sh env tests     (the aot stage repeats what CI checks under Triton 3.6/3.8)
-#   2.        bash bench/gpu_all.sh kernels
-#   3.        bash bench/gpu_all.sh train            (its data rows without DALI until it is carried)
-#   4..K+3.   bash bench/carry_wheels.sh receive .carry/i                     carry: [".carry/i"]
-#   K+4.      bash bench/carry_wheels.sh install && bash bench/gpu_all.sh data engine
-# Each stage runs under `timeout` (ALIGNFLOW_STAGE_TIMEOUT seconds, default 540) so that a stage that
-# overruns is cut with its log intact instead of losing the call.
+# Stages, in order of value (default: all): env real train kernels tests engine data
+#   env      nvidia-smi, versions                        real     every fused op at SiT-XL/2 sizes in bf16
+#   train    bench.train_step, eager pair then compiled  kernels  bench.kernels, SiT-XL/2 256 px cases first
+#   tests    the other kernel and model tests on the GPU engine   the trainer's tests and the main job (2 min)
+#   data     bench.data (DALI nvJPEG only where carried: bench/carry_wheels.sh prepare, in 5 calls)
 #
-# The GPU image has torch, Triton, timm, pyyaml, pytest and pytest-xdist but no network. Wheels carried
-# in .whl/ are installed to /tmp/site; bench/carry_wheels.sh brings DALI (over one call's 64 MiB) in
-# parts and installs it to /tmp/site as well.
+# A task is lent 15 minutes of device time in all (the machine's start included) and a call runs at
+# most 10 minutes, so the whole plan shares one deadline, ALIGNFLOW_CALL_BUDGET seconds (default 540)
+# from the start of the call. Each stage runs under `timeout` for what is left (at most its own cap),
+# the benchmarks read the stage's end (ALIGNFLOW_DEADLINE) and record what they could not start as
+# skipped, and every result file is rewritten as it grows, so a stage that is cut keeps what it
+# measured. A stage with under 20 s left is not started. The stages that did not run can be run in a
+# second call by name.
+#
+# The GPU image has torch, Triton, timm, pyyaml, pytest and pytest-xdist but no network; wheels carried
+# in .whl/ are installed to /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STAGE_TIMEOUT=${ALIGNFLOW_STAGE_TIMEOUT:-540}
+CALL_BUDGET=${ALIGNFLOW_CALL_BUDGET:-540}
+CALL_END=$(( $(date +%s) + CALL_BUDGET ))
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -38,7 +42,10 @@ if [ -d /tmp/site ]; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env tests aot kernels train data engine)
+[ ${#stages[@]} -eq 0 ] && stages=(env real train kernels tests engine data)
+
+# the longest each stage may take, in seconds (less when the call's deadline is nearer)
+declare -A CAP=([env]=30 [real]=180 [train]=300 [kernels]=400 [tests]=300 [engine]=240 [data]=120)
 
 stage() {
   set -o pipefail
@@ -49,45 +56,54 @@ stage() {
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
       python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
       python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1 ;;
-    tests)
-      # Real sizes first: the bf16 tensor-core paths at SiT-XL/2 shapes. Then every kernel test, spread
-      # over processes where pytest-xdist is there (each compiles its own Triton variants).
-      python3 -m pytest -q tests/kernels/test_gpu_real_sizes.py || rc=1
-      parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-      python3 -m pytest -q $parallel --ignore=tests/kernels/test_gpu_real_sizes.py tests/kernels \
-        tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_sampling.py 2>&1 | tail -60 || rc=1
-      return $rc ;;
-    aot)
-      python3 -m kernels.aot --json "$OUT/aot.json" | tail -3 ;;
+    real)
+      # One process: its last test reads the spills of the JIT builds the real-size runs made.
+      python3 -m pytest -q tests/kernels/test_gpu_real_sizes.py ;;
+    train)
+      python3 -m bench.train_step --skip-data --out "$OUT" ;;
     kernels)
       python3 -m bench.kernels --out "$OUT" ;;
-    train)
-      python3 -m bench.train_step --out "$OUT" ;;
-    data)
-      python3 -m bench.data --out "$OUT" ;;
+    tests)
+      # Every other kernel test, spread over processes where pytest-xdist is there (each compiles its own
+      # Triton variants).
+      parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+      python3 -m pytest -q $parallel --ignore=tests/kernels/test_gpu_real_sizes.py tests/kernels \
+        tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_sampling.py 2>&1 | tail -60 ;;
     engine)
       # The trainer on a GPU (needs the carried DeepSpeed): its tests on one rank, then the main job's
       # config for two minutes on this one GPU (bf16, Triton kernels, DALI nvJPEG where carried).
+      python3 -c "import deepspeed" 2>/dev/null || { echo "DeepSpeed is not here: carry .whl (bash bench/carry_wheels.sh small)"; return 3; }
       python3 -m pytest -q tests/engine/test_train.py 2>&1 | tail -30 || rc=1
       python3 -m deepspeed.launcher.runner --num_gpus 1 --module engine.train --config configs/builtin_cpu.yaml \
         train.output_dir=/tmp/alignflow-main train.max_minutes=2 logging.progress_bar=false 2>&1 | tail -40 || rc=1
       cp /tmp/alignflow-main/loss_curve.png "$OUT/main_job_loss_curve.png" 2>/dev/null
       cp /tmp/alignflow-main/samples.png "$OUT/main_job_samples.png" 2>/dev/null
       return $rc ;;
+    data)
+      python3 -m bench.data --out "$OUT" ;;
     *)
-      echo "unknown stage '$1' (stages: env tests aot kernels train data engine)"; return 2 ;;
+      echo "unknown stage '$1' (stages: env real train kernels tests engine data)"; return 2 ;;
   esac
 }
 
-# One log plus the result files: the device tool brings back at most 8 files.
+# One log plus the result files: the device tool brings back what is under $OUT.
 status=0
 for s in "${stages[@]}"; do
+  left=$(( CALL_END - $(date +%s) ))
+  limit=${CAP[$s]:-60}
+  [ "$left" -lt "$limit" ] && limit=$left
   {
-    echo "=== stage $s ($(date -u +%FT%TZ), limit ${STAGE_TIMEOUT}s)"
+    if [ "$limit" -lt 20 ]; then
+      echo "=== stage $s not started: ${left}s left of the call's ${CALL_BUDGET}s (run it in another call)"
+      exit 124
+    fi
+    echo "=== stage $s ($(date -u +%FT%TZ), limit ${limit}s, ${left}s left in the call)"
     export -f stage; export OUT
-    timeout --signal=INT --kill-after=20 "$STAGE_TIMEOUT" bash -c "stage $s"
+    # the benchmarks stop starting measurements a little before the stage is cut
+    export ALIGNFLOW_DEADLINE=$(( $(date +%s) + limit - 5 ))
+    timeout --signal=INT --kill-after=15 "$limit" bash -c "stage $s"
     rc=$?
-    [ $rc -eq 124 ] && echo "=== stage $s cut at ${STAGE_TIMEOUT}s"
+    [ $rc -eq 124 ] && echo "=== stage $s cut at ${limit}s"
     echo "=== stage $s rc=$rc"
     exit $rc
   } 2>&1 | tee -a "$OUT/gpu_all.log"

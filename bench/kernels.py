@@ -1,13 +1,17 @@
 """Kernel microbenchmarks: every fused op against its reference, side by side in one run.
 
-    python -m bench.kernels [--op NAME] [--smoke] [--out DIR]
+    python -m bench.kernels [--op NAME] [--budget-s S] [--smoke] [--out DIR]
 
 For each case (op x shape) and variant (reference eager, reference under torch.compile, peers where
 installed, ours): median time forward and forward+backward (CUDA events around each call, the L2
 flushed before it, 20th/80th percentiles kept to tell noise from a difference), achieved GB/s (memory-bound ops) or
 TFLOP/s (attention), the fraction of the device's copy bandwidth or bf16 matmul rate measured in the
 same run, the speed-up over the reference (the first variant), and peak memory. Results are written as
-JSON keyed by device, torch/Triton versions and date. `--smoke` runs tiny shapes on the CPU (through
+JSON keyed by device, torch/Triton versions and date, rewritten after every case so that a run cut
+short keeps what it measured. The SiT-XL/2 256 px cases run first; with a time budget (`--budget-s`,
+or ALIGNFLOW_DEADLINE from bench/gpu_all.sh) the cases that would start after it are recorded as
+skipped. Each case starts from a fresh dynamo cache, so every compiled reference is a static-shape
+compile of its own. `--smoke` runs tiny shapes on the CPU (through
 the Triton interpreter) so CI keeps the harness working; its timings mean nothing.
 """
 from __future__ import annotations
@@ -20,7 +24,8 @@ import sys
 
 import torch
 
-from bench.common import BenchCase, environment, measure_copy_bandwidth, measure_matmul_flops, peak_memory, time_call, write_results
+from bench.common import (BenchCase, Deadline, environment, measure_copy_bandwidth, measure_matmul_flops, peak_memory,
+                          time_call, write_json, write_results)
 
 
 def load_cases(device, smoke: bool, only: str | None = None) -> list[BenchCase]:
@@ -34,12 +39,15 @@ def load_cases(device, smoke: bool, only: str | None = None) -> list[BenchCase]:
         cases.extend(module.cases(device, smoke))
     if only and not cases:
         raise SystemExit(f"no benchmark cases for op {only!r}")
-    return cases
+    return sorted(cases, key=lambda case: not case.headline)  # stable: the headline shapes first, by op
 
 
-def run_variant(variant, smoke: bool) -> dict:
+def run_variant(variant, smoke: bool, deadline: Deadline) -> dict:
     if variant.available is not None:
         return {"variant": variant.name, "skipped": variant.available}
+    late = deadline.out_of_time(needed_s=0.0 if smoke else 5.0)  # a compile, a warm-up and 0.5 s of calls
+    if late:
+        return {"variant": variant.name, "skipped": late}
     try:
         fn = variant.make()
         seconds, p20, p80 = time_call(fn, warmup=1 if smoke else 5, min_time=0.0 if smoke else 0.5,
@@ -53,7 +61,7 @@ def run_variant(variant, smoke: bool) -> dict:
 
 
 def _annotate(rows, nbytes, flops, ceilings):
-    reference = next((r for r in rows if "seconds" in r), None)
+    reference = rows[0] if "seconds" in rows[0] else None  # the first variant is the reference
     for r in rows:
         if "seconds" not in r:
             continue
@@ -72,7 +80,9 @@ def main(argv=None) -> int:
     parser.add_argument("--op", help="benchmark only this op (a module name in bench/cases)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; checks the harness only")
     parser.add_argument("--out", default="bench/results", help="directory for the JSON results")
+    parser.add_argument("--budget-s", type=float, help="stop starting measurements after this many seconds")
     args = parser.parse_args(argv)
+    deadline = Deadline(args.budget_s)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
@@ -84,13 +94,18 @@ def main(argv=None) -> int:
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  "
           f"copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s  matmul {ceilings['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s")
     results = []
+    payload = {"environment": env, "ceilings": ceilings, "results": results}
     for case in load_cases(device, args.smoke, args.op):
+        torch._dynamo.reset()  # a static compile of this case's own (see the module docstring)
         for mode, variants, nbytes, flops in (
                 ("forward", case.forward, case.bytes_forward, case.flops_forward),
                 ("forward_backward", case.forward_backward, case.bytes_forward_backward, case.flops_forward_backward)):
             if not variants:
                 continue
-            rows = [run_variant(v, args.smoke) for v in variants]
+            # a case is measured whole or not at all (a ratio needs its reference beside it)
+            late = deadline.out_of_time(needed_s=0.0 if args.smoke else 30.0)
+            rows = ([{"variant": v.name, "skipped": late} for v in variants] if late else
+                    [run_variant(v, args.smoke, deadline) for v in variants])
             _annotate(rows, nbytes, flops, ceilings)
             results.append({"op": case.op, "shape": case.shape, "mode": mode, "notes": case.notes, "variants": rows})
             for r in rows:
@@ -98,12 +113,13 @@ def main(argv=None) -> int:
                     extra = (f"{r['gb_per_s']:8.1f} GB/s {100 * r['fraction_of_copy_bandwidth']:5.1f}% copy" if nbytes else
                              f"{r['tflop_per_s']:8.1f} TFLOP/s {100 * r['fraction_of_matmul_peak']:5.1f}% mm" if flops else "")
                     print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} "
-                          f"{r['seconds'] * 1e6:10.1f} us  x{r['speedup_vs_reference']:5.2f}  {extra}", flush=True)
+                          f"{r['seconds'] * 1e6:10.1f} us  x{r.get('speedup_vs_reference', float('nan')):5.2f}  {extra}", flush=True)
                 else:
                     print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} skipped: {r['skipped']}")
+        if not args.smoke:
+            write_json("kernels", payload, args.out)  # what is measured so far survives a cut
     from bench.report import kernel_table
 
-    payload = {"environment": env, "ceilings": ceilings, "results": results}
     if args.smoke:  # smoke timings are not results; a variant that crashed is a harness failure
         print(kernel_table(payload))
         failed = [f"{r['op']} {r['mode']} {v['variant']}: {v['skipped']}" for r in results for v in r["variants"]

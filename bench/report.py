@@ -50,7 +50,11 @@ def kernel_table(payload: dict | None) -> str:
              + (f" ({os.path.basename(payload['_path'])})." if "_path" in payload else "."), "",
              "| op | shape | pass | variant | time (us) | vs reference | GB/s or TFLOP/s | of peak |",
              "|---|---|---|---|---|---|---|---|"]
-    for result in payload["results"]:
+    def was_run(result):
+        return not all(v.get("skipped", "").startswith("not run") for v in result["variants"])
+
+    not_run = [r for r in payload["results"] if not was_run(r)]
+    for result in filter(was_run, payload["results"]):
         for v in result["variants"]:
             if "seconds" not in v:
                 lines.append(f"| {result['op']} | {result['shape']} | {result['mode']} | {v['variant']} | "
@@ -60,8 +64,12 @@ def kernel_table(payload: dict | None) -> str:
                           if "gb_per_s" in v else
                           (f"{v['tflop_per_s']:.0f} TFLOP/s", f"{100 * v['fraction_of_matmul_peak']:.0f}%")
                           if "tflop_per_s" in v else ("", ""))
+            ratio = f"{v['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in v else "-"  # no reference ran
             lines.append(f"| {result['op']} | {result['shape']} | {result['mode']} | {v['variant']} | "
-                         f"{v['seconds'] * 1e6:.1f} | {v['speedup_vs_reference']:.2f}x | {rate} | {peak} |")
+                         f"{v['seconds'] * 1e6:.1f} | {ratio} | {rate} | {peak} |")
+    if not_run:
+        lines += ["", f"Not run in this call (its time budget ran out): "
+                      + "; ".join(f"{r['op']} {r['shape']} {r['mode']}" for r in not_run) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """End-to-end training-step benchmark: AlignFlow against the reference PyTorch path, side by side.
 
-    python -m bench.train_step [--model SiT-XL/2] [--batch 32] [--resolution 256] [--smoke] [--out DIR]
+    python -m bench.train_step [--model SiT-XL/2] [--batch 32] [--resolution 256] [--budget-s S] [--smoke] [--out DIR]
 
 One process, one device, the same model, data, optimiser and precision policy (bf16 autocast, fp32
 master weights, fused AdamW) for every variant:
@@ -12,7 +12,10 @@ Reported per variant: steady-state img/s, the step split into encoder / forward+
 optimizer (CUDA events), peak memory, the host syncs of one step (torch's sync debug mode), model TFLOP/s from the analytic counts (`SiT.flops_per_sample`,
 and bench/flops.py for the encoder) and MFU against the bf16 matmul rate measured in the same run. A data section times
 the loaders on the same JPEG files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
-Writes bench/results/train_step-<device>-<date>.json and a markdown table beside it. `--smoke` runs a
+Writes bench/results/train_step-<device>-<date>.json (rewritten after every variant, so a run cut short
+keeps what it measured) and a markdown table beside it. The eager pair runs first, then the compiled
+pair (each compile of SiT-XL/2 takes minutes); with a time budget (`--budget-s`, or ALIGNFLOW_DEADLINE
+from bench/gpu_all.sh) a variant that would start after it is recorded as skipped. `--smoke` runs a
 tiny model for two steps on the CPU so CI keeps the harness working; its numbers mean nothing.
 """
 from __future__ import annotations
@@ -24,9 +27,14 @@ import time
 
 import torch
 
-from bench.common import environment, measure_matmul_flops, write_results
+from bench.common import Deadline, environment, measure_matmul_flops, write_json, write_results
 from bench.data import loader_rows, loader_table
 from bench.flops import training_step_flops, vit_forward_flops
+
+
+# name -> (kernels backend, torch.compile); the order in which they run
+VARIANTS = {"reference-eager": ("torch", False), "alignflow": ("triton", False),
+            "reference-compiled": ("torch", True), "alignflow-compiled": ("triton", True)}
 
 
 def build(args, device):
@@ -151,6 +159,14 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
+def _compare(rows) -> None:
+    """Each measured variant's img/s over the reference eager variant's, measured in the same run."""
+    reference = next((r for r in rows if r["variant"] == "reference-eager" and "img_per_s" in r), None)
+    for r in rows:
+        if reference and "img_per_s" in r:
+            r["speedup_vs_reference"] = r["img_per_s"] / reference["img_per_s"]
+
+
 def markdown(payload) -> str:
     env, rows = payload["environment"], payload["variants"]
     lines = [f"{payload['model']} batch {payload['batch']} at {payload['resolution']} px on {env['device']} "
@@ -169,7 +185,8 @@ def markdown(payload) -> str:
                      f"{1e3 * r['seconds_per_step']:.1f} | {1e3 * b['encoder']:.1f} | {1e3 * b['forward']:.1f} | "
                      f"{1e3 * b['backward']:.1f} | {1e3 * b['optimizer']:.1f} | {peak} | {r['tflop_per_s']:.1f} | "
                      f"{100 * r['mfu']:.1f}% | {'-' if r.get('host_syncs_per_step') is None else r['host_syncs_per_step']} |")
-    lines += [""] + loader_table(payload["data"])
+    if payload["data"]:
+        lines += [""] + loader_table(payload["data"])
     return "\n".join(lines) + "\n"
 
 
@@ -184,10 +201,16 @@ def main(argv=None) -> int:
     parser.add_argument("--car-flow", default="none", choices=["none", "source", "target", "joint"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--variants", default="reference-eager,reference-compiled,alignflow,alignflow-compiled")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--budget-s", type=float, help="start no variant after this many seconds")
+    parser.add_argument("--skip-data", action="store_true", help="leave out the data-loader rows")
     args = parser.parse_args(argv)
+    deadline = Deadline(args.budget_s)
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; allowed: {list(VARIANTS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.model, args.batch, args.resolution, args.steps, args.warmup = "SiT-S/2", 2, 32, 2, 1
@@ -204,13 +227,16 @@ def main(argv=None) -> int:
     with torch.device("meta"):  # the count needs the shapes only
         model_flops = build_model(parts[1]).flops_per_sample()
     step_flops = training_step_flops(model_flops, args.batch, parts[4])
-    plan = {"reference-eager": ("torch", False), "reference-compiled": ("torch", True),
-            "alignflow": ("triton", False), "alignflow-compiled": ("triton", True)}
     rows = []
-    for name in args.variants.split(","):
-        backend, use_compile = plan[name]
+    payload = {"environment": environment(), "model": args.model, "batch": args.batch,
+               "resolution": args.resolution, "reg": args.reg, "car_flow": args.car_flow,
+               "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows, "data": []}
+    for name in sorted(args.variants.split(","), key=list(VARIANTS).index):  # eager before compiled
+        backend, use_compile = VARIANTS[name]
+        late = deadline.out_of_time(needed_s=0.0 if args.smoke else (120.0 if use_compile else 30.0))
         try:
-            row = run_variant(name, backend, use_compile, args, device, parts)
+            row = {"variant": name, "skipped": late} if late else run_variant(name, backend, use_compile, args,
+                                                                              device, parts)
         except Exception as error:  # a variant that cannot run is reported with its reason
             row = {"variant": name, "skipped": f"{type(error).__name__}: {str(error)[:300]}"}
         if "seconds_per_step" in row:
@@ -219,15 +245,14 @@ def main(argv=None) -> int:
         rows.append(row)
         print(row, flush=True)
         _release(device)
-    reference = next((r for r in rows if r["variant"] == "reference-eager" and "img_per_s" in r), None)
-    for r in rows:
-        if reference and "img_per_s" in r:
-            r["speedup_vs_reference"] = r["img_per_s"] / reference["img_per_s"]
-    payload = {"environment": environment(), "model": args.model, "batch": args.batch,
-               "resolution": args.resolution, "reg": args.reg, "car_flow": args.car_flow,
-               "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows,
-               "data": loader_rows(args.resolution, min(args.batch, 16) if args.smoke else args.batch,
-                                   2 if args.smoke else 50, 8 if args.smoke else 400, device)}
+        _compare(rows)
+        if not args.smoke:
+            write_json("train_step", payload, args.out)  # what is measured so far survives a cut
+    if not args.skip_data:
+        late = deadline.out_of_time(needed_s=0.0 if args.smoke else 30.0)
+        payload["data"] = ([{"loader": "all", "skipped": late}] if late else
+                           loader_rows(args.resolution, min(args.batch, 16) if args.smoke else args.batch,
+                                       2 if args.smoke else 50, 8 if args.smoke else 400, device))
     if args.smoke:
         print(markdown(payload))
         return 1 if any("skipped" in r for r in rows) else 0

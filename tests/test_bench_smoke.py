@@ -1,5 +1,6 @@
 """The benchmark harness stays runnable: every case of every op runs its variants at tiny sizes."""
 import importlib
+import time
 
 bench_kernels = importlib.import_module("bench.kernels")
 bench_train_step = importlib.import_module("bench.train_step")
@@ -58,3 +59,55 @@ def test_train_step_table_without_a_reference_row():
                "variants": [{"variant": "reference-eager", "skipped": "out of memory"}, row]}
     table = bench_train_step.markdown(payload)
     assert "| reference-eager | skipped: out of memory |" in table and "| alignflow | 800.0 | - | 40.0 |" in table
+
+
+def test_a_spent_budget_skips_every_measurement_and_says_so(capsys, monkeypatch):
+    """bench/gpu_all.sh gives each stage a deadline: what would start after it is recorded as not run
+    (and left out of the table, with a line naming it) rather than cut half-way."""
+    common = importlib.import_module("bench.common")
+    monkeypatch.setenv("ALIGNFLOW_DEADLINE", "0")  # long past
+    assert common.Deadline().out_of_time().startswith("not run: the time budget ran out")
+    assert bench_kernels.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "Not run in this call (its time budget ran out): " in out and "interpolant 2x4x8x8" in out
+    assert "| interpolant |" not in out  # no row of a case that did not run
+    assert bench_train_step.main(["--smoke", "--skip-data"]) == 1  # a smoke run that measured nothing fails
+    out = capsys.readouterr().out
+    assert "| reference-eager | skipped: not run: the time budget ran out" in out
+
+
+def test_deadline_takes_the_earlier_end(monkeypatch):
+    common = importlib.import_module("bench.common")
+    monkeypatch.delenv("ALIGNFLOW_DEADLINE", raising=False)
+    assert common.Deadline().left() == float("inf") and common.Deadline().out_of_time(1e9) is None
+    assert 99 < common.Deadline(budget_s=100).left() <= 100
+    monkeypatch.setenv("ALIGNFLOW_DEADLINE", str(time.time() + 50))
+    assert 49 < common.Deadline(budget_s=100).left() <= 50
+    assert common.Deadline(budget_s=100).out_of_time(needed_s=60).endswith("60 s needed)")
+
+
+def test_ratios_only_against_the_reference_measured_beside_them():
+    """A kernel case whose reference variant did not run gets no speed-up figures (the table shows '-'),
+    instead of ratios against whichever variant ran first."""
+    rows = [{"variant": "reference eager", "skipped": "failed: out of memory"},
+            {"variant": "triton", "seconds": 1e-4}, {"variant": "reference compiled", "seconds": 2e-4}]
+    bench_kernels._annotate(rows, 1e9, 0, {"copy_bytes_per_s": 4e12, "matmul_flop_per_s": 8e14})
+    assert all("speedup_vs_reference" not in r for r in rows) and rows[1]["gb_per_s"] == 1e4
+    payload = {"environment": {"device": "gpu", "torch": "t", "triton": "t", "date": "d"},
+               "ceilings": {"copy_bytes_per_s": 4e12, "matmul_flop_per_s": 8e14},
+               "results": [{"op": "adaln_modulate", "shape": "s", "mode": "forward", "variants": rows}]}
+    table = importlib.import_module("bench.report").kernel_table(payload)
+    assert "| adaln_modulate | s | forward | triton | 100.0 | - | 10000 GB/s | 250% |" in table
+
+
+def test_results_are_replaced_whole(tmp_path):
+    """A benchmark rewrites its JSON as it measures; each write replaces the file whole."""
+    import json
+
+    common = importlib.import_module("bench.common")
+    payload = {"environment": {"device": "NVIDIA H200 (x)", "date": "2026-12-02"}, "rows": [1]}
+    path = common.write_json("kernels", payload, str(tmp_path))
+    payload["rows"].append(2)
+    assert common.write_json("kernels", payload, str(tmp_path)) == path
+    assert path.endswith("kernels-NVIDIA-H200-2026-12-02.json") and json.load(open(path))["rows"] == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels-NVIDIA-H200-2026-12-02.json"]

@@ -23,6 +23,9 @@ import kernels
 from bench.common import BenchCase, Variant, compiled
 
 
+HEADLINE = "SiT-XL/2 256px"
+
+
 def _modulate(x, shift, scale):  # as SiT / DiT write it
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -109,13 +112,14 @@ def _shape_cases(device, B, N, D, dtype, smoke, label):
             forward_backward=[Variant(name, _forward_backward(fn, leaves, grad_outputs), reason)
                               for name, fn, reason in variants],
             bytes_forward=bytes_fwd, bytes_forward_backward=bytes_fwd_bwd,
-            notes="bytes: unavoidable traffic of the fused op (see bench/cases/adaln.py)"))
+            notes="bytes: unavoidable traffic of the fused op (see bench/cases/adaln.py)",
+            headline=label == HEADLINE))
     return cases
 
 
 def cases(device, smoke):
     if smoke:
         return _shape_cases(device, 2, 5, 72, torch.float32, smoke, "smoke")
-    return (_shape_cases(device, 32, 256, 1152, torch.bfloat16, smoke, "SiT-XL/2 256px")
+    return (_shape_cases(device, 32, 256, 1152, torch.bfloat16, smoke, HEADLINE)
             + _shape_cases(device, 32, 256, 768, torch.bfloat16, smoke, "SiT-B/2 256px")
             + _shape_cases(device, 32, 1024, 1152, torch.bfloat16, smoke, "SiT-XL/2 512px"))

@@ -5,7 +5,7 @@ import kernels
 from bench.common import BenchCase, Variant, backward_of, compiled
 
 
-def _shape_case(device, B, N, D, dtype, smoke):
+def _shape_case(device, B, N, D, dtype, smoke, label, headline=False):
     numel, size = B * N * D, torch.finfo(dtype).bits // 8
     z_pred = torch.randn(B, N, D, device=device, dtype=dtype).requires_grad_()
     z_target = torch.randn(B, N, D, device=device, dtype=dtype)
@@ -26,7 +26,7 @@ def _shape_case(device, B, N, D, dtype, smoke):
         return lambda: run
 
     return BenchCase(
-        "alignment_loss", f"{B}x{N}x{D} {str(dtype)[6:]}",
+        "alignment_loss", f"{B}x{N}x{D} {str(dtype)[6:]} {label}",
         forward=[Variant("reference eager", fwd(ref)), Variant("reference compiled", fwd(ref_compiled), reason),
                  Variant("triton", fwd(ours))],
         forward_backward=[Variant("reference eager", lambda: backward_of(ref, [z_pred])),
@@ -34,12 +34,12 @@ def _shape_case(device, B, N, D, dtype, smoke):
                           Variant("triton", lambda: backward_of(ours, [z_pred]))],
         # forward reads both; backward reads both again and writes d_z_pred
         bytes_forward=2 * numel * size, bytes_forward_backward=5 * numel * size,
-        notes="gradient to z_pred only (frozen encoder target)")
+        notes="gradient to z_pred only (frozen encoder target)", headline=headline)
 
 
 def cases(device, smoke):
     if smoke:
-        return [_shape_case(device, 2, 7, 72, torch.float32, smoke)]
-    return [_shape_case(device, 32, 256, 768, torch.bfloat16, smoke),    # SiT-XL/2 + DINOv2-B, 256 px
-            _shape_case(device, 32, 257, 1024, torch.bfloat16, smoke),   # REG class token, DINOv2-L
-            _shape_case(device, 32, 1024, 768, torch.bfloat16, smoke)]   # 512 px
+        return [_shape_case(device, 2, 7, 72, torch.float32, smoke, "smoke")]
+    return [_shape_case(device, 32, 256, 768, torch.bfloat16, smoke, "SiT-XL/2 256px DINOv2-B", headline=True),
+            _shape_case(device, 32, 257, 1024, torch.bfloat16, smoke, "REG class token, DINOv2-L"),
+            _shape_case(device, 32, 1024, 768, torch.bfloat16, smoke, "512px DINOv2-B")]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.common import BenchCase, Variant
+from bench.common import BenchCase, Variant, compiled
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -66,13 +66,7 @@ def _ours(qkv, num_heads):
 def _implementations(device, smoke):
     """name -> (fn(qkv, num_heads) -> o, reason it cannot run or None)."""
     impls = {"reference eager (fp32 softmax)": (kernels.reference_attention_qkv, None)}
-    if smoke:
-        impls["reference compiled"] = (None, "smoke run: torch.compile skipped")
-    else:
-        try:
-            impls["reference compiled"] = (torch.compile(kernels.reference_attention_qkv), None)
-        except Exception as error:
-            impls["reference compiled"] = (None, f"torch.compile unavailable: {error}")
+    impls["reference compiled"] = compiled(kernels.reference_attention_qkv, smoke)
     for name, attr in (("sdpa flash", "FLASH_ATTENTION"), ("sdpa efficient", "EFFICIENT_ATTENTION"),
                        ("sdpa cudnn", "CUDNN_ATTENTION")):
         if SDPBackend is None or not hasattr(SDPBackend, attr):
@@ -102,7 +96,7 @@ def _trial(fn, qkv, num_heads):
     return None
 
 
-def _shape_case(device, label, B, H, N, d, dtype, impls):
+def _shape_case(device, label, B, H, N, d, dtype, impls, headline=False):
     qkv = torch.randn(B, N, 3 * H * d, device=device, dtype=dtype)
     qkv_leaf = qkv.clone().requires_grad_()
     grad = torch.randn(B, N, H * d, device=device, dtype=dtype)
@@ -130,7 +124,7 @@ def _shape_case(device, label, B, H, N, d, dtype, impls):
         "attention", f"{label} B={B} H={H} N={N} d={d} {str(dtype)[6:]}", forward=fwd, forward_backward=fwd_bwd,
         flops_forward=flops, flops_forward_backward=3.5 * flops,
         notes="from packed qkv (B, N, 3*H*d) to (B, N, H*d), split/merge included; "
-              "flops 4*B*H*N^2*d forward, 3.5x forward+backward")
+              "flops 4*B*H*N^2*d forward, 3.5x forward+backward", headline=headline)
 
 
 def cases(device, smoke):
@@ -139,7 +133,7 @@ def cases(device, smoke):
         return [_shape_case(device, "smoke", 1, 2, 33, 72, torch.float32, impls),
                 _shape_case(device, "smoke", 1, 1, 20, 64, torch.float32, impls)]
     bf16 = torch.bfloat16
-    return [_shape_case(device, "SiT-XL/2 256px", 32, 16, 256, 72, bf16, impls),
+    return [_shape_case(device, "SiT-XL/2 256px", 32, 16, 256, 72, bf16, impls, headline=True),
             _shape_case(device, "SiT-B/2 256px", 32, 12, 256, 64, bf16, impls),
             _shape_case(device, "SiT-XL/2 512px", 32, 16, 1024, 72, bf16, impls),
             _shape_case(device, "SiT-XL/2 REG", 32, 16, 257, 72, bf16, impls)]

@@ -5,14 +5,14 @@ import kernels
 from bench.common import BenchCase, Variant, backward_of, compiled
 
 
-def _shape_cases(device, B, C, H, W, dtype, smoke):
+def _shape_cases(device, B, C, H, W, dtype, smoke, label, headline=False):
     numel, size = B * C * H * W, torch.finfo(dtype).bits // 8
     x = torch.randn(B, C, H, W, device=device, dtype=dtype)
     noise, v_pred = torch.randn_like(x), torch.randn_like(x).requires_grad_()
     t = torch.rand(B, device=device)
     mu0 = (0.1 * torch.randn(B, C, 1, 1, device=device, dtype=dtype)).requires_grad_()
     mu1 = (0.1 * torch.randn(B, C, 1, 1, device=device, dtype=dtype)).requires_grad_()
-    shape = f"{B}x{C}x{H}x{W} {str(dtype)[6:]}"
+    shape = f"{B}x{C}x{H}x{W} {str(dtype)[6:]} {label}"
 
     def on(backend, fn):
         def run():
@@ -46,7 +46,7 @@ def _shape_cases(device, B, C, H, W, dtype, smoke):
                               Variant("triton", lambda: backward_of(interp_ours, leaves_i))],
             # forward reads x, noise and writes x_t, v; backward reads both output gradients
             bytes_forward=4 * numel * size, bytes_forward_backward=6 * numel * size,
-            notes="per-sample per-channel shifts mu0, mu1 (B, C, 1, 1)"),
+            notes="per-sample per-channel shifts mu0, mu1 (B, C, 1, 1)", headline=headline),
         BenchCase(
             "velocity_loss", shape,
             forward=[Variant("reference eager", fwd(loss_ref)),
@@ -57,7 +57,7 @@ def _shape_cases(device, B, C, H, W, dtype, smoke):
                               Variant("triton", lambda: backward_of(loss_ours, leaves_l))],
             # forward reads v_pred, x, noise; backward reads them again and writes d_v_pred
             bytes_forward=3 * numel * size, bytes_forward_backward=7 * numel * size,
-            notes="gradients to v_pred and both shifts"),
+            notes="gradients to v_pred and both shifts", headline=headline),
     ]
 
 
@@ -68,6 +68,6 @@ def _no_grad(fn):
 
 def cases(device, smoke):
     if smoke:
-        return _shape_cases(device, 2, 4, 8, 8, torch.float32, smoke)
-    return (_shape_cases(device, 32, 4, 32, 32, torch.bfloat16, smoke)      # SiT-XL/2, 256 px
-            + _shape_cases(device, 32, 4, 64, 64, torch.bfloat16, smoke))   # 512 px
+        return _shape_cases(device, 2, 4, 8, 8, torch.float32, smoke, "smoke")
+    return (_shape_cases(device, 32, 4, 32, 32, torch.bfloat16, smoke, "SiT-XL/2 256px", headline=True)
+            + _shape_cases(device, 32, 4, 64, 64, torch.bfloat16, smoke, "512px"))

@@ -112,8 +112,9 @@ def main(argv=None) -> int:
                 if "seconds" in r:
                     extra = (f"{r['gb_per_s']:8.1f} GB/s {100 * r['fraction_of_copy_bandwidth']:5.1f}% copy" if nbytes else
                              f"{r['tflop_per_s']:8.1f} TFLOP/s {100 * r['fraction_of_matmul_peak']:5.1f}% mm" if flops else "")
+                    ratio = r.get("speedup_vs_reference", float("nan"))
                     print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} "
-                          f"{r['seconds'] * 1e6:10.1f} us  x{r.get('speedup_vs_reference', float('nan')):5.2f}  {extra}", flush=True)
+                          f"{r['seconds'] * 1e6:10.1f} us  x{ratio:5.2f}  {extra}", flush=True)
                 else:
                     print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} skipped: {r['skipped']}")
         if not args.smoke:

@@ -262,9 +262,9 @@ def _attn_fwd_kernel(
         col_mask = cols < N
         kT0, kT1 = _load_qk(k_base, cols, col_mask, skn, kw_ptr, kb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
                             QK_NORM, COMPUTE, DOT)  # (D0, BLOCK_N), (D1, BLOCK_N)
-        s = tl.dot(q0, kT0, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q0, kT0, input_precision=PRECISION, out_dtype=COMPUTE)  # (BLOCK_M, BLOCK_N)
         if D1 > 0:
-            s = tl.dot(q1, kT1, acc=s, input_precision=PRECISION)
+            s = tl.dot(q1, kT1, acc=s, input_precision=PRECISION, out_dtype=COMPUTE)
         s = s * qk_scale
         if not EVEN_N:
             s = tl.where(col_mask[None, :], s, float("-inf"))
@@ -274,9 +274,9 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         p_dot = p.to(DOT)
         v0, v1 = _load_pair(v_base, cols, col_mask, svn, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
-        acc0 = tl.dot(p_dot, v0, acc=acc0 * alpha[:, None], input_precision=PRECISION)
+        acc0 = tl.dot(p_dot, v0, acc=acc0 * alpha[:, None], input_precision=PRECISION, out_dtype=COMPUTE)
         if D1 > 0:
-            acc1 = tl.dot(p_dot, v1, acc=acc1 * alpha[:, None], input_precision=PRECISION)
+            acc1 = tl.dot(p_dot, v1, acc=acc1 * alpha[:, None], input_precision=PRECISION, out_dtype=COMPUTE)
         m_i = m_new
     inv_l = 1.0 / l_i
     _store_tile(o_base, rows, row_mask, son, acc0 * inv_l[:, None], 0, D0, HEAD_DIM, ALIGN)
@@ -340,25 +340,25 @@ def _attn_bwd_dkdv_kernel(
         row_mask = rows < N
         qT0, qT1 = _load_qk(q_base, rows, row_mask, sqn, qw_ptr, qb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
                             QK_NORM, COMPUTE, DOT)  # (D0, BLOCK_M), (D1, BLOCK_M)
-        sT = tl.dot(k0, qT0, input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        sT = tl.dot(k0, qT0, input_precision=PRECISION, out_dtype=COMPUTE)  # (BLOCK_N, BLOCK_M)
         if D1 > 0:
-            sT = tl.dot(k1, qT1, acc=sT, input_precision=PRECISION)
+            sT = tl.dot(k1, qT1, acc=sT, input_precision=PRECISION, out_dtype=COMPUTE)
         # Queries past N get lse = +inf, so P = 0 and they add nothing.
         lse = tl.load(lse_ptr + stats + rows, mask=row_mask, other=float("inf"))
         # Keys past N score 0; with a very negative lse exp2(0 - lse) overflows, so mask P itself.
         pT = tl.where(col_mask[:, None], tl.exp2(sT * qk_scale - lse[None, :]), 0.0)
         pT_dot = pT.to(DOT)
         do0, do1 = _load_pair(do_base, rows, row_mask, sdon, 1, HEAD_DIM, D0, D1, ALIGN, DOT)  # (BLOCK_M, D*)
-        dv0 = tl.dot(pT_dot, do0, acc=dv0, input_precision=PRECISION)
-        dpT = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        dv0 = tl.dot(pT_dot, do0, acc=dv0, input_precision=PRECISION, out_dtype=COMPUTE)
+        dpT = tl.dot(v0, tl.trans(do0), input_precision=PRECISION, out_dtype=COMPUTE)  # (BLOCK_N, BLOCK_M)
         if D1 > 0:
-            dv1 = tl.dot(pT_dot, do1, acc=dv1, input_precision=PRECISION)
-            dpT = tl.dot(v1, tl.trans(do1), acc=dpT, input_precision=PRECISION)
+            dv1 = tl.dot(pT_dot, do1, acc=dv1, input_precision=PRECISION, out_dtype=COMPUTE)
+            dpT = tl.dot(v1, tl.trans(do1), acc=dpT, input_precision=PRECISION, out_dtype=COMPUTE)
         delta = tl.load(delta_ptr + stats + rows, mask=row_mask, other=0.0)
         dsT = (pT * (dpT - delta[None, :])).to(DOT)
-        dk0 = tl.dot(dsT, tl.trans(qT0), acc=dk0, input_precision=PRECISION)
+        dk0 = tl.dot(dsT, tl.trans(qT0), acc=dk0, input_precision=PRECISION, out_dtype=COMPUTE)
         if D1 > 0:
-            dk1 = tl.dot(dsT, tl.trans(qT1), acc=dk1, input_precision=PRECISION)
+            dk1 = tl.dot(dsT, tl.trans(qT1), acc=dk1, input_precision=PRECISION, out_dtype=COMPUTE)
     dk0 = dk0 * scale
     dk1 = dk1 * scale
     if QK_NORM:
@@ -409,17 +409,17 @@ def _attn_bwd_dq_kernel(
         kT0, kT1 = _load_qk(k_base, cols, col_mask, skn, kw_ptr, kb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
                             QK_NORM, COMPUTE, DOT)  # (D0, BLOCK_N), (D1, BLOCK_N)
         vT0, vT1 = _load_pair(v_base, cols, col_mask, svn, 0, HEAD_DIM, D0, D1, ALIGN, DOT)
-        s = tl.dot(q0, kT0, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        dp = tl.dot(do0, vT0, input_precision=PRECISION)
+        s = tl.dot(q0, kT0, input_precision=PRECISION, out_dtype=COMPUTE)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do0, vT0, input_precision=PRECISION, out_dtype=COMPUTE)
         if D1 > 0:
-            s = tl.dot(q1, kT1, acc=s, input_precision=PRECISION)
-            dp = tl.dot(do1, vT1, acc=dp, input_precision=PRECISION)
+            s = tl.dot(q1, kT1, acc=s, input_precision=PRECISION, out_dtype=COMPUTE)
+            dp = tl.dot(do1, vT1, acc=dp, input_precision=PRECISION, out_dtype=COMPUTE)
         # Keys past N score 0; with a very negative lse exp2(0 - lse) overflows (inf * 0 = NaN in dq).
         p = tl.where(col_mask[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(DOT)
-        dq0 = tl.dot(ds, tl.trans(kT0), acc=dq0, input_precision=PRECISION)
+        dq0 = tl.dot(ds, tl.trans(kT0), acc=dq0, input_precision=PRECISION, out_dtype=COMPUTE)
         if D1 > 0:
-            dq1 = tl.dot(ds, tl.trans(kT1), acc=dq1, input_precision=PRECISION)
+            dq1 = tl.dot(ds, tl.trans(kT1), acc=dq1, input_precision=PRECISION, out_dtype=COMPUTE)
     dq0 = dq0 * scale
     dq1 = dq1 * scale
     if QK_NORM:

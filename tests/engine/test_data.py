@@ -99,6 +99,15 @@ def test_builtin_dataset_files_classes_and_idempotence(builtin_root, tmp_path):
     assert len(manifest["files"]) == 6
 
 
+def test_builtin_files_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Classes are written in parallel; each has its own random stream, so the bytes are the same."""
+    sets = [make_builtin_dataset(str(tmp_path / f"w{w}"), num_classes=5, images_per_class=3, resolution=24, seed=7,
+                                 workers=w) for w in (1, 3)]
+    assert sets[0]["files"] == sets[1]["files"] and len(sets[0]["files"]) == 15
+    for rel in sets[0]["files"]:
+        assert (tmp_path / "w1" / rel).read_bytes() == (tmp_path / "w3" / rel).read_bytes(), rel
+
+
 # ---- ADM centre crop -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("w,h,res,expected", [

@@ -8,10 +8,18 @@ master weights, fused AdamW) for every variant:
   2. reference compiled  the same under torch.compile
   3. alignflow           the fused Triton kernels
   4. alignflow compiled  the fused kernels under torch.compile
-Reported per variant: steady-state img/s, the step split into encoder / forward+loss / backward /
-optimizer (CUDA events), peak memory, the host syncs of one step (torch's sync debug mode), model TFLOP/s from the analytic counts (`SiT.flops_per_sample`,
-and bench/flops.py for the encoder) and MFU against the bf16 matmul rate measured in the same run. A data section times
-the loaders on the same JPEG files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
+Reported per variant: steady-state img/s, the step split into data / encoder / forward+loss / backward /
+optimizer (CUDA events), peak memory, the host syncs of one step (torch's sync debug mode), model
+TFLOP/s from the analytic counts (`SiT.flops_per_sample`, and bench/flops.py for the encoder) and MFU
+against the bf16 matmul rate measured in the same run.
+
+Images and labels come from the trainer's own loader (`--loader`, by default the trainer's `auto`:
+DALI nvJPEG on a GPU where installed, else the PIL DataLoader) over JPEG files of the built-in set at
+twice the resolution, so "data" is the time the step waited for its batch beyond what the loader had
+prefetched; `--loader none` feeds one fixed batch instead. Latents are random (B, 4, H/8, W/8) tensors,
+as pre-extracted latent shards would give. A data section times the loaders alone on the same JPEG
+files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
+
 Writes bench/results/train_step-<device>-<date>.json (rewritten after every variant, so a run cut short
 keeps what it measured) and a markdown table beside it. The eager pair runs first, then the compiled
 pair (each compile of SiT-XL/2 takes minutes); with a time budget (`--budget-s`, or ALIGNFLOW_DEADLINE
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -49,7 +58,7 @@ def build(args, device):
         encoder_cfg = EncoderConfig(name=args.encoder, pretrained=False, resolution=args.resolution)
     encoder = build_encoder(encoder_cfg, device=device)
     images = torch.randint(0, 256, (args.batch, 3, args.resolution, args.resolution), dtype=torch.uint8,
-                           device=device)
+                           device=device)  # only to count the encoder's tokens
     with torch.no_grad():
         tokens, _ = encoder(images)
     overrides = dict(hidden_size=64, depth=2, num_heads=2) if args.smoke else {}
@@ -61,22 +70,53 @@ def build(args, device):
     vit = encoder.model if hasattr(encoder, "model") else encoder
     encoder_flops = vit_forward_flops(encoder.embed_dim, len(vit.blocks), tokens.shape[1] + 1,
                                       vit.patch_embed.patch_size[0])
-    return encoder, model_cfg, Transport(TransportConfig(time_sampling="lognormal")), images, encoder_flops
+    return encoder, model_cfg, Transport(TransportConfig(time_sampling="lognormal")), encoder_flops
 
 
-def run_variant(name, backend, use_compile, args, device, parts):
+def build_loader(args, device):
+    """The trainer's loader over the built-in set's JPEG files at twice the resolution, one epoch long
+    enough for a variant's steps (each variant starts an epoch of its own), or None for `--loader none`."""
+    if args.loader == "none":
+        return None
+    from engine.data import DataConfig, build_loader as build
+
+    cores = os.cpu_count() or 1
+    batches = args.warmup + args.steps + 2 * cores + 4  # the steps, and what the loader decodes ahead
+    cfg = DataConfig(source="builtin", root=os.path.join(tempfile.gettempdir(), f"alignflow-train-bench-{args.resolution}"),
+                     resolution=args.resolution, num_classes=10, batch_size=args.batch,
+                     decoder="auto" if args.loader == "auto" else args.loader, num_workers=min(cores, 8),
+                     num_threads=min(cores, 8), builtin_images_per_class=-(-batches * args.batch // 10),
+                     builtin_image_size=2 * args.resolution)
+    return build(cfg, rank=0, world_size=1, device=device)
+
+
+def _batches(loader, epoch, args, device):
+    """(images, labels) batches: the loader's epoch `epoch`, or one fixed random batch without a loader."""
+    if loader is None:
+        images = torch.randint(0, 256, (args.batch, 3, args.resolution, args.resolution), dtype=torch.uint8,
+                               device=device)
+        labels = torch.randint(0, 1000, (args.batch,), device=device)
+        while True:
+            yield images, labels
+    loader.set_epoch(epoch)
+    for batch in loader:
+        yield batch["image"], batch["label"]
+    raise RuntimeError(f"the loader's epoch of {len(loader)} batches ran out before the timed steps did")
+
+
+def run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
     from engine.models import build_model
 
-    encoder, model_cfg, transport, images, _ = parts
+    encoder, model_cfg, transport, _ = parts
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
                                   fused=device.type == "cuda")
     forward = torch.compile(model) if use_compile else model
     latents = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device)
-    labels = torch.randint(0, 1000, (args.batch,), device=device)
+    batches = _batches(loader, epoch, args, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    timings = {"encoder": [], "forward": [], "backward": [], "optimizer": [], "step": []}
+    timings = {"data": [], "encoder": [], "forward": [], "backward": [], "optimizer": [], "step": []}
 
     def timer():
         if device.type == "cuda":
@@ -92,17 +132,19 @@ def run_variant(name, backend, use_compile, args, device, parts):
         return b - a
 
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-    step_inputs = (model, forward, optimizer, encoder, transport, latents, labels, images, model_cfg, autocast, backend)
+    step_inputs = (model, forward, optimizer, encoder, transport, latents, model_cfg, autocast, backend)
     for step in range(args.warmup + args.steps):
         marks = [timer()]
-        losses = one_step(*step_inputs, mark=lambda: marks.append(timer()))
+        images, labels = next(batches)
+        marks.append(timer())
+        losses = one_step(*step_inputs, images, labels, mark=lambda: marks.append(timer()))
         if step >= args.warmup:
-            for key, a, b in zip(("encoder", "forward", "backward", "optimizer"), marks, marks[1:]):
+            for key, a, b in zip(("data", "encoder", "forward", "backward", "optimizer"), marks, marks[1:]):
                 timings[key].append(elapsed(a, b))
             timings["step"].append(elapsed(marks[0], marks[-1]))
     if not torch.isfinite(losses["loss"]):
         raise RuntimeError(f"{name}: non-finite loss {losses['loss'].item()}")
-    host_syncs = _count_host_syncs(lambda: one_step(*step_inputs)) if device.type == "cuda" else None
+    host_syncs = _count_host_syncs(lambda: one_step(*step_inputs, images, labels)) if device.type == "cuda" else None
     median = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return {"variant": name, "seconds_per_step": median["step"], "breakdown_seconds": median,
@@ -110,7 +152,7 @@ def run_variant(name, backend, use_compile, args, device, parts):
             "final_loss": float(losses["loss"].detach())}
 
 
-def one_step(model, forward, optimizer, encoder, transport, latents, labels, images, model_cfg, autocast, backend,
+def one_step(model, forward, optimizer, encoder, transport, latents, model_cfg, autocast, backend, images, labels,
              mark=lambda: None) -> dict:
     """One training step; `mark()` is called after the encoder, the forward + loss, the backward and the
     optimizer. Returns the losses."""
@@ -171,18 +213,20 @@ def markdown(payload) -> str:
     env, rows = payload["environment"], payload["variants"]
     lines = [f"{payload['model']} batch {payload['batch']} at {payload['resolution']} px on {env['device']} "
              f"(torch {env['torch']}, Triton {env['triton']}, {env['date']}); bf16 matmul ceiling "
-             f"{payload['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s measured in the same run.", "",
-             "| variant | img/s | vs reference eager | step ms | encoder | fwd+loss | backward | optimizer | peak GiB | TFLOP/s | MFU | host syncs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{payload['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s measured in the same run; images from the "
+             f"{payload.get('loader', 'none (one fixed batch)')} loader, times in ms.", "",
+             "| variant | img/s | vs reference eager | step ms | data | encoder | fwd+loss | backward | optimizer | peak GiB | TFLOP/s | MFU | host syncs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['variant']} | skipped: {r['skipped']} |" + " |" * 10)
+            lines.append(f"| {r['variant']} | skipped: {r['skipped']} |" + " |" * 11)
             continue
         b = r["breakdown_seconds"]
         peak = f"{r['peak_memory_bytes'] / 2 ** 30:.1f}" if r["peak_memory_bytes"] else "-"
         ratio = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else "-"  # no reference row
+        data = f"{1e3 * b['data']:.1f}" if "data" in b else "-"
         lines.append(f"| {r['variant']} | {r['img_per_s']:.1f} | {ratio} | "
-                     f"{1e3 * r['seconds_per_step']:.1f} | {1e3 * b['encoder']:.1f} | {1e3 * b['forward']:.1f} | "
+                     f"{1e3 * r['seconds_per_step']:.1f} | {data} | {1e3 * b['encoder']:.1f} | {1e3 * b['forward']:.1f} | "
                      f"{1e3 * b['backward']:.1f} | {1e3 * b['optimizer']:.1f} | {peak} | {r['tflop_per_s']:.1f} | "
                      f"{100 * r['mfu']:.1f}% | {'-' if r.get('host_syncs_per_step') is None else r['host_syncs_per_step']} |")
     if payload["data"]:
@@ -206,6 +250,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--budget-s", type=float, help="start no variant after this many seconds")
     parser.add_argument("--skip-data", action="store_true", help="leave out the data-loader rows")
+    parser.add_argument("--loader", default="auto", choices=["auto", "pil", "dali", "none"],
+                        help="where the step's images come from: the trainer's loader with this decoder "
+                             "(auto: DALI nvJPEG on a GPU where installed, else PIL), or none (one fixed batch)")
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
@@ -216,6 +263,7 @@ def main(argv=None) -> int:
         args.model, args.batch, args.resolution, args.steps, args.warmup = "SiT-S/2", 2, 32, 2, 1
         args.encoder_depth = 1
         args.variants = "reference-eager,alignflow"
+        args.loader = "pil" if args.loader == "auto" else args.loader
     elif device.type == "cpu":
         print("no GPU: a full training-step benchmark on the CPU means nothing; use --smoke", file=sys.stderr)
         return 2
@@ -226,17 +274,19 @@ def main(argv=None) -> int:
 
     with torch.device("meta"):  # the count needs the shapes only
         model_flops = build_model(parts[1]).flops_per_sample()
-    step_flops = training_step_flops(model_flops, args.batch, parts[4])
+    step_flops = training_step_flops(model_flops, args.batch, parts[3])
+    loader = build_loader(args, device)
     rows = []
     payload = {"environment": environment(), "model": args.model, "batch": args.batch,
                "resolution": args.resolution, "reg": args.reg, "car_flow": args.car_flow,
-               "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows, "data": []}
-    for name in sorted(args.variants.split(","), key=list(VARIANTS).index):  # eager before compiled
+               "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows, "data": [],
+               "loader": "none (one fixed batch)" if loader is None else loader.backend.name}
+    for epoch, name in enumerate(sorted(args.variants.split(","), key=list(VARIANTS).index)):  # eager first
         backend, use_compile = VARIANTS[name]
         late = deadline.out_of_time(needed_s=0.0 if args.smoke else (120.0 if use_compile else 30.0))
         try:
             row = {"variant": name, "skipped": late} if late else run_variant(name, backend, use_compile, args,
-                                                                              device, parts)
+                                                                              device, parts, loader, epoch)
         except Exception as error:  # a variant that cannot run is reported with its reason
             row = {"variant": name, "skipped": f"{type(error).__name__}: {str(error)[:300]}"}
         if "seconds_per_step" in row:

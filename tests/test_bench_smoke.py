@@ -19,6 +19,7 @@ def test_train_step_benchmark_smoke(capsys):
     assert bench_train_step.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "| reference-eager |" in out and "| alignflow |" in out
+    assert "images from the pil loader" in out and "| data | encoder |" in out  # the trainer's own loader
     assert "| pil |" in out
 
 

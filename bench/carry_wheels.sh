@@ -77,5 +77,5 @@ case "${1:-}" in
     PYTHONPATH=/tmp/site python3 -c "import deepspeed, nvidia.dali as dali; print('deepspeed', deepspeed.__version__, 'dali', dali.__version__)"
     ;;
   *)
-    sed -n '2,16p' "$0"; exit 2 ;;
+    sed -n '2,17p' "$0"; exit 2 ;;
 esac

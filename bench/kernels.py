@@ -7,8 +7,8 @@ installed, ours): median time forward and forward+backward (CUDA events around e
 flushed before it, 20th/80th percentiles kept to tell noise from a difference), achieved GB/s (memory-bound ops) or
 TFLOP/s (attention), the fraction of the device's copy bandwidth or bf16 matmul rate measured in the
 same run, the speed-up over the reference (the first variant), and peak memory. Results are written as
-JSON keyed by device, torch/Triton versions and date, rewritten after every case so that a run cut
-short keeps what it measured. The SiT-XL/2 256 px cases run first; with a time budget (`--budget-s`,
+JSON keyed by device, torch/Triton versions and date, rewritten after every case and pass so that a run
+cut short keeps what it measured. The SiT-XL/2 256 px cases run first; with a time budget (`--budget-s`,
 or ALIGNFLOW_DEADLINE from bench/gpu_all.sh) the cases that would start after it are recorded as
 skipped. Each case starts from a fresh dynamo cache, so every compiled reference is a static-shape
 compile of its own. `--smoke` runs tiny shapes on the CPU (through
@@ -42,12 +42,9 @@ def load_cases(device, smoke: bool, only: str | None = None) -> list[BenchCase]:
     return sorted(cases, key=lambda case: not case.headline)  # stable: the headline shapes first, by op
 
 
-def run_variant(variant, smoke: bool, deadline: Deadline) -> dict:
+def run_variant(variant, smoke: bool) -> dict:
     if variant.available is not None:
         return {"variant": variant.name, "skipped": variant.available}
-    late = deadline.out_of_time(needed_s=0.0 if smoke else 5.0)  # a compile, a warm-up and 0.5 s of calls
-    if late:
-        return {"variant": variant.name, "skipped": late}
     try:
         fn = variant.make()
         seconds, p20, p80 = time_call(fn, warmup=1 if smoke else 5, min_time=0.0 if smoke else 0.5,
@@ -102,10 +99,11 @@ def main(argv=None) -> int:
                 ("forward_backward", case.forward_backward, case.bytes_forward_backward, case.flops_forward_backward)):
             if not variants:
                 continue
-            # a case is measured whole or not at all (a ratio needs its reference beside it)
+            # a case's pass is started whole or not at all (a ratio needs its reference beside it): 30 s
+            # covers its compiles, warm-ups and 0.5 s of calls per variant; the stage's timeout is the backstop
             late = deadline.out_of_time(needed_s=0.0 if args.smoke else 30.0)
             rows = ([{"variant": v.name, "skipped": late} for v in variants] if late else
-                    [run_variant(v, args.smoke, deadline) for v in variants])
+                    [run_variant(v, args.smoke) for v in variants])
             _annotate(rows, nbytes, flops, ceilings)
             results.append({"op": case.op, "shape": case.shape, "mode": mode, "notes": case.notes, "variants": rows})
             for r in rows:
@@ -117,8 +115,8 @@ def main(argv=None) -> int:
                           f"{r['seconds'] * 1e6:10.1f} us  x{ratio:5.2f}  {extra}", flush=True)
                 else:
                     print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} skipped: {r['skipped']}")
-        if not args.smoke:
-            write_json("kernels", payload, args.out)  # what is measured so far survives a cut
+            if not args.smoke:
+                write_json("kernels", payload, args.out)  # what is measured so far survives a cut
     from bench.report import kernel_table
 
     if args.smoke:  # smoke timings are not results; a variant that crashed is a harness failure

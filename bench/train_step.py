@@ -81,7 +81,7 @@ def build_loader(args, device):
     from engine.data import DataConfig, build_loader as build
 
     cores = os.cpu_count() or 1
-    batches = args.warmup + args.steps + 2 * cores + 4  # the steps, and what the loader decodes ahead
+    batches = args.warmup + args.steps + 2  # the plan covers what the loader decodes ahead too
     cfg = DataConfig(source="builtin", root=os.path.join(tempfile.gettempdir(), f"alignflow-train-bench-{args.resolution}"),
                      resolution=args.resolution, num_classes=10, batch_size=args.batch,
                      decoder="auto" if args.loader == "auto" else args.loader, num_workers=min(cores, 8),

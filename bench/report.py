@@ -81,26 +81,61 @@ def train_step_table(payload: dict | None) -> str:
     return markdown(payload) + f"\n({os.path.basename(payload['_path'])})\n"
 
 
-def charts(payload: dict | None, results_dir: str) -> None:
-    if payload is None:
-        return
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    rows = [r for r in payload["variants"] if "img_per_s" in r]
-    if not rows:
-        return
+        return None
+    return plt
+
+
+def train_step_chart(payload: dict | None) -> str | None:
+    """img/s of each training-step variant, as a PNG beside the result; returns its path."""
+    plt = _pyplot()
+    rows = [r for r in (payload or {}).get("variants", []) if "img_per_s" in r]
+    if plt is None or not rows:
+        return None
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.barh([r["variant"] for r in rows], [r["img_per_s"] for r in rows])
     ax.set_xlabel("img/s")
     ax.set_title(f"{payload['model']} training step, {payload['environment']['device']}")
     fig.tight_layout()
-    fig.savefig(payload["_path"].replace(".json", ".png"), dpi=120)
+    path = payload["_path"].replace(".json", ".png")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def kernel_chart(payload: dict | None) -> str | None:
+    """Speed-up over the eager reference of every measured variant, per op, shape and pass, as a PNG
+    beside the result; returns its path."""
+    plt = _pyplot()
+    results = [r for r in (payload or {}).get("results", [])
+               if any("speedup_vs_reference" in v for v in r["variants"][1:])]
+    if plt is None or not results:
+        return None
+    names = sorted({v["variant"] for r in results for v in r["variants"][1:] if "speedup_vs_reference" in v})
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(results) + 1.5))
+    height = 0.8 / len(names)
+    for k, name in enumerate(names):
+        speedups = [next((v.get("speedup_vs_reference", 0.0) for v in r["variants"] if v["variant"] == name), 0.0)
+                    for r in results]
+        ax.barh([i + k * height for i in range(len(results))], speedups, height=height, label=name)
+    ax.set_yticks([i + (len(names) - 1) * height / 2 for i in range(len(results))])
+    ax.set_yticklabels([f"{r['op']} {r['mode']}\n{r['shape']}" for r in results], fontsize=7)
+    ax.invert_yaxis()  # the first result on top, as in the table
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("speed-up over the eager reference (measured side by side)")
+    ax.set_title(f"kernels, {payload['environment']['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = payload["_path"].replace(".json", ".png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -116,7 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", default="README.md")
     args = parser.parse_args(argv)
     kernels_payload, step_payload = newest(args.results, "kernels"), newest(args.results, "train_step")
-    charts(step_payload, args.results)
+    train_step_chart(step_payload)
+    kernel_chart(kernels_payload)
     with open(args.readme) as f:
         text = f.read()
     text = replace_section(text, "kernel-results", kernel_table(kernels_payload))

@@ -112,3 +112,36 @@ def test_results_are_replaced_whole(tmp_path):
     assert common.write_json("kernels", payload, str(tmp_path)) == path
     assert path.endswith("kernels-NVIDIA-H200-2026-12-02.json") and json.load(open(path))["rows"] == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels-NVIDIA-H200-2026-12-02.json"]
+
+
+def test_report_fills_the_gpu_tables_and_draws_the_charts(tmp_path):
+    """From kernel and training-step results shaped as the benchmarks write them (made-up numbers: this
+    checks the report, not a device), bench.report fills both GPU tables and draws a PNG beside each."""
+    import json
+
+    bench_report = importlib.import_module("bench.report")
+    env = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-12-02"}
+    rows = [{"variant": "eager (SiT)", "seconds": 4e-5}, {"variant": "eager compiled", "seconds": 2e-5},
+            {"variant": "triton", "seconds": 1e-5}]
+    bench_kernels._annotate(rows, 4e7, 0, {"copy_bytes_per_s": 4e12, "matmul_flop_per_s": 8e14})
+    kernels_payload = {"environment": env, "ceilings": {"copy_bytes_per_s": 4e12, "matmul_flop_per_s": 8e14},
+                       "results": [{"op": "adaln_modulate", "shape": "32x256x1152 bf16 SiT-XL/2 256px",
+                                    "mode": "forward", "variants": rows}]}
+    step = {"variant": "alignflow", "seconds_per_step": 0.05, "img_per_s": 640.0, "peak_memory_bytes": 2 ** 34,
+            "breakdown_seconds": dict.fromkeys(("data", "encoder", "forward", "backward", "optimizer"), 0.01),
+            "tflop_per_s": 400.0, "mfu": 0.5, "host_syncs_per_step": 1}
+    step_payload = {"environment": env, "model": "SiT-XL/2", "batch": 32, "resolution": 256, "matmul_flop_per_s": 8e14,
+                    "loader": "pil", "data": [], "variants": [step]}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "kernels-NVIDIA-H200-2026-12-02.json").write_text(json.dumps(kernels_payload))
+    (results / "train_step-NVIDIA-H200-2026-12-02.json").write_text(json.dumps(step_payload))
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(f"<!-- BEGIN {s} -->\n<!-- END {s} -->\n"
+                              for s in ("kernel-results", "train-step-results", "data-results")))
+    assert bench_report.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| adaln_modulate | 32x256x1152 bf16 SiT-XL/2 256px | forward | triton | 10.0 | 4.00x | 4000 GB/s | 100% |" in text
+    assert "| alignflow | 640.0 | - | 50.0 | 10.0 |" in text and "images from the pil loader" in text
+    for name in ("kernels-NVIDIA-H200-2026-12-02.png", "train_step-NVIDIA-H200-2026-12-02.png"):
+        assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

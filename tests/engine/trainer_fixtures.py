@@ -80,10 +80,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A rank of a two-rank CPU run once died mid-training in C++ ("terminate called without an active
+# exception", SIGABRT) in a full CI-like run on 2026-12-02, and not in 12 reruns of the same test; such a
+# crash of the process, not a wrong number, is retried once (and said so), so a flake of the gloo/DeepSpeed
+# runtime does not fail CI. Results are checked as before, and a crash that repeats fails.
+RUNTIME_ABORT = "terminate called without an active exception"
+
+
 def launch(args: list[str], nproc: int = 2, module: str = "engine.train", timeout: int = 300):
     """Run `module args` on `nproc` CPU ranks with the deepspeed launcher; returns the CompletedProcess."""
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", module, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    for attempt in (1, 2):
+        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", module, *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or RUNTIME_ABORT not in proc.stderr or attempt == 2:
+            break
+        print(f"retrying once: a rank aborted in the C++ runtime ({RUNTIME_ABORT!r}): {' '.join(cmd)}")
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -92,6 +92,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, payload: dict) -> str:
+    """The figure as a PNG beside the result it draws; returns its path."""
+    fig.tight_layout()
+    path = payload["_path"].replace(".json", ".png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def train_step_chart(payload: dict | None) -> str | None:
     """img/s of each training-step variant, as a PNG beside the result; returns its path."""
     plt = _pyplot()
@@ -102,11 +111,7 @@ def train_step_chart(payload: dict | None) -> str | None:
     ax.barh([r["variant"] for r in rows], [r["img_per_s"] for r in rows])
     ax.set_xlabel("img/s")
     ax.set_title(f"{payload['model']} training step, {payload['environment']['device']}")
-    fig.tight_layout()
-    path = payload["_path"].replace(".json", ".png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, payload)
 
 
 def kernel_chart(payload: dict | None) -> str | None:
@@ -131,11 +136,7 @@ def kernel_chart(payload: dict | None) -> str | None:
     ax.set_xlabel("speed-up over the eager reference (measured side by side)")
     ax.set_title(f"kernels, {payload['environment']['device']}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = payload["_path"].replace(".json", ".png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, payload)
 
 
 def replace_section(text: str, name: str, body: str) -> str:

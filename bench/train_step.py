@@ -82,8 +82,8 @@ def build_loader(args, device):
 
     cores = os.cpu_count() or 1
     batches = args.warmup + args.steps + 2  # the plan covers what the loader decodes ahead too
-    cfg = DataConfig(source="builtin", root=os.path.join(tempfile.gettempdir(), f"alignflow-train-bench-{args.resolution}"),
-                     resolution=args.resolution, num_classes=10, batch_size=args.batch,
+    root = os.path.join(tempfile.gettempdir(), f"alignflow-train-bench-{args.resolution}")
+    cfg = DataConfig(source="builtin", root=root, resolution=args.resolution, num_classes=10, batch_size=args.batch,
                      decoder="auto" if args.loader == "auto" else args.loader, num_workers=min(cores, 8),
                      num_threads=min(cores, 8), builtin_images_per_class=-(-batches * args.batch // 10),
                      builtin_image_size=2 * args.resolution)

@@ -146,14 +146,12 @@ def write_json(kind: str, payload: dict, directory: str = "bench/results") -> st
 
 def write_results(kind: str, payload: dict, directory: str = "bench/results", table=None) -> str:
     """The JSON (`write_json`), then the markdown `table` (a string, or a function making one, called
-    once the JSON is safe) beside it as .md, and printed."""
+    once the JSON is safe) printed. The table's file and the charts are `bench.report`'s, made from the
+    JSON: a device call brings back few files, and a result is the JSON alone."""
     path = write_json(kind, payload, directory)
     print(f"wrote {path}")
     if table is not None:
-        table = table() if callable(table) else table
-        print(table)
-        with open(path.replace(".json", ".md"), "w") as f:
-            f.write(table)
+        print(table() if callable(table) else table)
     return path
 
 

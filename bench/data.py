@@ -7,8 +7,9 @@ Each loader gets every core of the machine (DataLoader workers, DALI threads). R
 `--batches` batches after the warm-up and the batches decoded ahead during it, and CPU cores busy = CPU seconds of this process and its
 live worker processes / wall seconds. The files are the built-in procedural set (10 classes) written
 as square JPEGs of `--source-size` pixels, larger than the crop, so that every loader resizes and
-crops as it must on ImageNet. Writes bench/results/data-<device>-<date>.json and a markdown
-table beside it; `bench.train_step` runs the same measurement as its data section.
+crops as it must on ImageNet. Writes bench/results/data-<device>-<date>.json and prints its table
+(`python -m bench.report` writes the table beside the JSON); `bench.train_step` runs the same
+measurement as its data section.
 """
 from __future__ import annotations
 

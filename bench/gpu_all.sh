@@ -18,8 +18,10 @@
 # from the start of the call. Each stage runs under `timeout` for what is left (at most its own cap),
 # the benchmarks read the stage's end (ALIGNFLOW_DEADLINE) and record what they could not start as
 # skipped, and every result file is rewritten as it grows, so a stage that is cut keeps what it
-# measured. A stage with under 20 s left is not started (its rc is 125; a cut stage's is 124 or 137).
-# The stages that did not run can be run in a second call by name.
+# measured. A stage with less time left than it needs to report anything (MIN) is not started (rc 125,
+# not a failure; a cut stage's rc is 124 or 137); the summary at the end names those to run in a second
+# call. The benchmarks write their JSON alone (the device returns at most 8 files): their markdown
+# tables and charts come from `python -m bench.report` here.
 #
 # The GPU image has torch, Triton, timm, pyyaml, pytest and pytest-xdist but no network; wheels carried
 # in .whl/ are installed to /tmp/site.
@@ -44,8 +46,11 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(env real train kernels tests engine data)
 
-# the longest each stage may take, in seconds (less when the call's deadline is nearer)
+# the longest each stage may take, in seconds (less when the call's deadline is nearer), and the least
+# time worth starting it with (the trainer's tests and two minutes of the main job want 150 s; a test
+# stage cut in its first minute reports nothing)
 declare -A CAP=([env]=30 [real]=180 [train]=300 [kernels]=400 [tests]=300 [engine]=240 [data]=120)
+declare -A MIN=([env]=10 [real]=60 [train]=60 [kernels]=40 [tests]=90 [engine]=150 [data]=45)
 
 stage() {
   set -o pipefail
@@ -70,14 +75,14 @@ stage() {
       # Triton variants).
       parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
       python3 -m pytest -q $parallel --ignore=tests/kernels/test_gpu_real_sizes.py tests/kernels \
-        tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_sampling.py 2>&1 | tail -60 ;;
+        tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_sampling.py ;;
     engine)
       # The trainer on a GPU (needs the carried DeepSpeed): its tests on one rank, then the main job's
       # config for two minutes on this one GPU (bf16, Triton kernels, DALI nvJPEG where carried).
       python3 -c "import deepspeed" 2>/dev/null || { echo "DeepSpeed is not here: carry .whl (bash bench/carry_wheels.sh small)"; return 3; }
-      python3 -m pytest -q tests/engine/test_train.py 2>&1 | tail -30 || rc=1
+      python3 -m pytest -q tests/engine/test_train.py || rc=1
       python3 -m deepspeed.launcher.runner --num_gpus 1 --module engine.train --config configs/builtin_cpu.yaml \
-        train.output_dir=/tmp/alignflow-main train.max_minutes=2 logging.progress_bar=false 2>&1 | tail -40 || rc=1
+        train.output_dir=/tmp/alignflow-main train.max_minutes=2 logging.progress_bar=false || rc=1
       cp /tmp/alignflow-main/loss_curve.png "$OUT/main_job_loss_curve.png" 2>/dev/null
       cp /tmp/alignflow-main/samples.png "$OUT/main_job_samples.png" 2>/dev/null
       return $rc ;;
@@ -90,13 +95,16 @@ stage() {
 
 # One log plus the result files: the device tool brings back what is under $OUT.
 status=0
+not_started=()
+touch "$OUT/gpu_all.log"
+first_line=$(( $(wc -l < "$OUT/gpu_all.log") + 1 ))  # this call's part of the log
 for s in "${stages[@]}"; do
   left=$(( CALL_END - $(date +%s) ))
   limit=${CAP[$s]:-60}
   [ "$left" -lt "$limit" ] && limit=$left
   {
-    if [ "$limit" -lt 20 ]; then
-      echo "=== stage $s not started: ${left}s left of the call's ${CALL_BUDGET}s (run it in another call)"
+    if [ "$limit" -lt "${MIN[$s]:-20}" ]; then
+      echo "=== stage $s not started: ${left}s left of the call's ${CALL_BUDGET}s, it wants ${MIN[$s]:-20}s (run it in another call)"
       exit 125
     fi
     echo "=== stage $s ($(date -u +%FT%TZ), limit ${limit}s, ${left}s left in the call)"
@@ -111,6 +119,14 @@ for s in "${stages[@]}"; do
     exit $rc
   } 2>&1 | tee -a "$OUT/gpu_all.log"
   rc=${PIPESTATUS[0]}
-  [ $rc -ne 0 ] && status=$rc
+  if [ $rc -eq 125 ]; then not_started+=("$s"); elif [ $rc -ne 0 ]; then status=$rc; fi
 done
+# the call's summary, last in the output (a device call returns its tail): each stage's end, and what to
+# run next; a stage not started is not a failure
+{
+  echo "=== summary"
+  tail -n +"$first_line" "$OUT/gpu_all.log" | grep -E '^=== stage [a-z]+ (rc=|cut)'
+  [ ${#not_started[@]} -gt 0 ] && echo "=== not started (next call): bash bench/gpu_all.sh ${not_started[*]}"
+  ls -l "$OUT"
+} 2>&1 | tee -a "$OUT/gpu_all.log"
 exit $status

@@ -1,4 +1,5 @@
-"""Regenerate the README's performance tables (and PNG charts) from the newest results.
+"""Regenerate the README's performance tables from the newest results, and beside each result its
+table as markdown and its chart as a PNG.
 
     python -m bench.report [--results bench/results] [--readme README.md]
 
@@ -30,14 +31,19 @@ def newest(results_dir: str, kind: str) -> dict | None:
     return payloads[-1] if payloads else None
 
 
-def data_tables(results_dir: str) -> str:
-    """The newest data-loading result of each device."""
+def newest_per_device(results_dir: str, kind: str) -> list[dict]:
+    """The newest result of `kind` for each device, by device name."""
+    per_device = {p["environment"]["device"]: p for p in _load_all(results_dir, kind)}
+    return [per_device[device] for device in sorted(per_device)]
+
+
+def data_tables(payloads: list[dict]) -> str:
+    """The data-loading table of each device's result."""
     from bench.data import markdown
 
-    per_device = {p["environment"]["device"]: p for p in _load_all(results_dir, "data")}
-    if not per_device:
+    if not payloads:
         return "Not measured yet (`python -m bench.data`).\n"
-    return "\n".join(markdown(p) + f"\n({os.path.basename(p['_path'])})\n" for _, p in sorted(per_device.items()))
+    return "\n".join(markdown(p) + f"\n({os.path.basename(p['_path'])})\n" for p in payloads)
 
 
 def kernel_table(payload: dict | None) -> str:
@@ -101,6 +107,13 @@ def _save(plt, fig, payload: dict) -> str:
     return path
 
 
+def write_table(payload: dict | None, table: str) -> None:
+    """The markdown table as a .md file beside the result it is made from."""
+    if payload is not None:
+        with open(payload["_path"].replace(".json", ".md"), "w") as f:
+            f.write(table)
+
+
 def train_step_chart(payload: dict | None) -> str | None:
     """img/s of each training-step variant, as a PNG beside the result; returns its path."""
     plt = _pyplot()
@@ -152,13 +165,19 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", default="README.md")
     args = parser.parse_args(argv)
     kernels_payload, step_payload = newest(args.results, "kernels"), newest(args.results, "train_step")
+    data_payloads = newest_per_device(args.results, "data")
     train_step_chart(step_payload)
     kernel_chart(kernels_payload)
+    sections = {"kernel-results": kernel_table(kernels_payload), "train-step-results": train_step_table(step_payload),
+                "data-results": data_tables(data_payloads)}
+    write_table(kernels_payload, sections["kernel-results"])
+    write_table(step_payload, sections["train-step-results"])
+    for payload in data_payloads:
+        write_table(payload, data_tables([payload]))
     with open(args.readme) as f:
         text = f.read()
-    text = replace_section(text, "kernel-results", kernel_table(kernels_payload))
-    text = replace_section(text, "train-step-results", train_step_table(step_payload))
-    text = replace_section(text, "data-results", data_tables(args.results))
+    for name, body in sections.items():
+        text = replace_section(text, name, body)
     with open(args.readme, "w") as f:
         f.write(text)
     return 0

@@ -21,10 +21,11 @@ as pre-extracted latent shards would give. A data section times the loaders alon
 files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
 
 Writes bench/results/train_step-<device>-<date>.json (rewritten after every variant, so a run cut short
-keeps what it measured) and a markdown table beside it. The eager pair runs first, then the compiled
-pair (each compile of SiT-XL/2 takes minutes); with a time budget (`--budget-s`, or ALIGNFLOW_DEADLINE
-from bench/gpu_all.sh) a variant that would start after it is recorded as skipped. `--smoke` runs a
-tiny model for two steps on the CPU so CI keeps the harness working; its numbers mean nothing.
+keeps what it measured) and prints its table (`python -m bench.report` writes it beside the JSON). The
+eager pair runs first, then the compiled pair (each compile of SiT-XL/2 takes minutes); with a time
+budget (`--budget-s`, or ALIGNFLOW_DEADLINE from bench/gpu_all.sh) a variant that would start after it
+is recorded as skipped. `--smoke` runs a tiny model for two steps on the CPU so CI keeps the harness
+working; its numbers mean nothing.
 """
 from __future__ import annotations
 

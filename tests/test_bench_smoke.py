@@ -47,6 +47,7 @@ def test_report_regenerates_the_readme_sections(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and text.count("Not measured yet") == 2
     assert "| pil | 755 |" in text and "data-cpu-2026-11-24.json" in text
+    assert "| pil | 755 |" in (results / "data-cpu-2026-11-24.md").read_text()  # the table beside its result
 
 
 def test_train_step_table_without_a_reference_row():
@@ -143,5 +144,6 @@ def test_report_fills_the_gpu_tables_and_draws_the_charts(tmp_path):
     text = readme.read_text()
     assert "| adaln_modulate | 32x256x1152 bf16 SiT-XL/2 256px | forward | triton | 10.0 | 4.00x | 4000 GB/s | 100% |" in text
     assert "| alignflow | 640.0 | - | 50.0 | 10.0 |" in text and "images from the pil loader" in text
-    for name in ("kernels-NVIDIA-H200-2026-12-02.png", "train_step-NVIDIA-H200-2026-12-02.png"):
-        assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for name in ("kernels-NVIDIA-H200-2026-12-02", "train_step-NVIDIA-H200-2026-12-02"):
+        assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert (results / f"{name}.md").read_text() in text  # the README's table, beside its result

@@ -450,7 +450,8 @@ def head_tiles(head_dim: int) -> tuple[int, int]:
 # tiles tried whose builds use no stack (local memory) on either arch; the backward at 64 x 64 tiles
 # puts 72-200 byte stack frames on sm_80 at d = 72 and 128. Not yet tuned by timing (no GPU so far).
 # fp32 on the GPU is a correctness path (exact "ieee" matmuls on CUDA cores, which need far more
-# registers), so it gets small tiles. The interpreter gets 32 x 32 (every tile op is a numpy call).
+# registers; TF32 tensor cores where PyTorch's TF32 flag is on, as for fp32 sampling), so it gets small
+# tiles. The interpreter gets 32 x 32 (every tile op is a numpy call).
 # fp32 dq at (32, 32) with 4 warps spilled 24 bytes on sm_90 (ptxas -v spill stores + loads), and at
 # (32, 16) 16 bytes on sm_80 under Triton 3.6 (the GPU image's); fp32 dkdv at (32, 32) with 4 warps
 # spilled 1.5 KB under 3.6 and none under 3.8. Both build clean under 3.6 and 3.8 at (32, 32) with 8
@@ -459,26 +460,34 @@ def head_tiles(head_dim: int) -> tuple[int, int]:
 # 16; kernels.aot builds that way) the forward at (128, 64, 8, 3) spilled 8 bytes on sm_80 at d = 64
 # under Triton 3.8, hence 2 stages; the qk-norm dkdv at (32, 64, 8, 2) spilled 8 bytes on sm_80, and
 # (16, 64, 4, 2) is the largest tile tried that builds clean on sm_80/sm_90 under Triton 3.6 and 3.8.
+# fp32 with TF32 tensor cores ("tf32") does not fit the exact path's tiles: at (32, 32, 8 warps) its
+# backward spilled 384 bytes (dkdv) and 72 bytes (dq) on sm_80 and built no wgmma on sm_90. Sweeping
+# d = 72 under Triton 3.6 and 3.8, the entries below build clean with wgmma on sm_90 (dkdv at
+# (16, 64, 4, 2) spilled 16 bytes on sm_80 under 3.6, hence 1 stage; with qk-norm it spilled 60 bytes
+# on sm_80 and 176 on sm_90 at (16, 64, 4, 1), none at (16, 64, 8, 2)).
 _GPU_CONFIGS = {
     "half": {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dkdv_qk_norm": (16, 64, 4, 2), "dq": (64, 32, 8, 2)},
     "fp32": {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)},
+    "tf32": {"fwd": (128, 32, 8, 2), "dkdv": (16, 64, 4, 1), "dkdv_qk_norm": (16, 64, 8, 2), "dq": (64, 16, 4, 2)},
 }
 _INTERPRET_BLOCK = 32
 _DELTA_BLOCK = 64
 
 
-def _gpu_config(kernel: str, half: bool, qk_norm: bool = False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` ("fwd", "dkdv", "dq"); a "<kernel>_qk_norm"
-    entry, where there is one, serves the fused qk-norm variant."""
-    table = _GPU_CONFIGS["half" if half else "fp32"]
-    return table.get(f"{kernel}_qk_norm", table[kernel]) if qk_norm else table[kernel]
+def _gpu_config(kernel: str, table: str, qk_norm: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` ("fwd", "dkdv", "dq") from the `table`
+    ("half", "fp32", "tf32"); a "<kernel>_qk_norm" entry, where there is one, serves the fused qk-norm
+    variant."""
+    entries = _GPU_CONFIGS[table]
+    return entries.get(f"{kernel}_qk_norm", entries[kernel]) if qk_norm else entries[kernel]
 
 
-def _launch_config(kernel: str, dtype: torch.dtype, qk_norm: bool = False):
-    """(BLOCK_M, BLOCK_N, launch options) of `kernel` for inputs of `dtype`."""
+def _launch_config(kernel: str, q, meta: dict, qk_norm: bool = False):
+    """(BLOCK_M, BLOCK_N, launch options) of `kernel` for inputs like `q` built with `meta`."""
     if interpreting():
         return _INTERPRET_BLOCK, _INTERPRET_BLOCK, {}
-    block_m, block_n, num_warps, num_stages = _gpu_config(kernel, dtype != torch.float32, qk_norm)
+    table = "half" if q.dtype != torch.float32 else meta["PRECISION"].replace("ieee", "fp32")
+    block_m, block_n, num_warps, num_stages = _gpu_config(kernel, table, qk_norm)
     return block_m, block_n, dict(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -497,7 +506,16 @@ def _kernel_meta(q):
     # The interpreter computes bf16/fp16 wrongly, so it runs the matmuls on fp32 copies of the tiles.
     dot = compute if (interpreting() or q.dtype in (torch.float32, torch.float64)) else q.dtype
     return dict(HEAD_DIM=d, D0=d0, D1=d1, DOT=tl_dtype(dot), COMPUTE=tl_dtype(compute),
-                PRECISION="ieee" if dot in (torch.float32, torch.float64) else "tf32"), compute
+                PRECISION=_dot_precision(q, dot)), compute
+
+
+def _dot_precision(q, dot: torch.dtype) -> str:
+    """"tf32" for fp32 tiles on a GPU where PyTorch's matmuls may use TF32 (as the trainer and the
+    sampler set it: torch.backends.cuda.matmul.allow_tf32), as SDPA's fp32 matmuls would; exact "ieee"
+    otherwise (the interpreter, fp64, or TF32 off). bf16/fp16 tiles ignore it."""
+    if dot == torch.float32 and q.is_cuda and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if dot in (torch.float32, torch.float64) else "tf32"
 
 
 def _strides3(x):
@@ -517,7 +535,7 @@ def _forward(q, k, v, o, scale, norm=None):
     meta, compute = _kernel_meta(q)
     lse = torch.empty((B * H, N), dtype=compute, device=q.device)
     weights, eps, qk_norm = _norm_args(q, norm)
-    block_m, block_n, launch = _launch_config("fwd", q.dtype, qk_norm)
+    block_m, block_n, launch = _launch_config("fwd", q, meta, qk_norm)
     _attn_fwd_kernel[(triton.cdiv(N, block_m), B * H)](
         q, k, v, o, lse, *weights, N, H, scale * LOG2E, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
@@ -543,13 +561,13 @@ def _backward(q, k, v, o, lse, do, dq, dk, dv, scale, norm=None):
             return delta, delta
         return tuple(torch.empty((B * H * blocks, d), dtype=compute, device=q.device) for _ in range(2))
 
-    block_m, block_n, launch = _launch_config("dkdv", q.dtype, qk_norm)
+    block_m, block_n, launch = _launch_config("dkdv", q, meta, qk_norm)
     dkw, dkb = partials(triton.cdiv(N, block_n))
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, *weights, dkw, dkb, N, H, scale * LOG2E, scale, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, QK_NORM=qk_norm, **meta, **launch)
-    block_m, block_n, launch = _launch_config("dq", q.dtype, qk_norm)
+    block_m, block_n, launch = _launch_config("dq", q, meta, qk_norm)
     dqw, dqb = partials(triton.cdiv(N, block_m))
     _attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
         q, k, v, do, lse, delta, dq, *weights, dqw, dqb, N, H, scale * LOG2E, scale, eps,
@@ -830,23 +848,25 @@ def _stride_args(*names):
 
 def aot_specs():
     """bf16 forward and backward at d = 64, 72, 128; with fused qk-norm at d = 72 (SiT-XL); and the
-    fp32 correctness path at d = 72 (CUDA-core matmuls, so no wgmma)."""
+    fp32 path at d = 72, exact (CUDA-core matmuls, so no wgmma) and with TF32 tensor cores."""
     specs = []
     norm = {"qw_ptr": "*fp32", "qb_ptr": "*fp32", "kw_ptr": "*fp32", "kb_ptr": "*fp32"}
     # N = 257 (REG's class token) loses the JIT's divisibility-by-16 specialisation of N
-    for dtype, head_dim, qk_norm, odd_n in (("bf16", 64, False, False), ("bf16", 72, False, False),
-                                            ("bf16", 72, False, True), ("bf16", 128, False, False),
-                                            ("bf16", 72, True, False), ("fp32", 72, False, False)):
+    for dtype, head_dim, qk_norm, odd_n, precision in (
+            ("bf16", 64, False, False, "tf32"), ("bf16", 72, False, False, "tf32"), ("bf16", 72, False, True, "tf32"),
+            ("bf16", 128, False, False, "tf32"), ("bf16", 72, True, False, "tf32"),
+            ("fp32", 72, False, False, "ieee"), ("fp32", 72, False, False, "tf32"), ("fp32", 72, True, False, "tf32")):
         d0, d1 = head_tiles(head_dim)
-        tag = f"{dtype},d={head_dim}" + (",qk_norm" if qk_norm else "") + (",N=257" if odd_n else "")
         half = dtype == "bf16"
-        tensor_cores = {80: ("mma.sync.aligned",), 90: ("wgmma",)} if half else {}
+        tag = (f"{dtype},d={head_dim}" + ("" if half else f",{precision}") + (",qk_norm" if qk_norm else "")
+               + (",N=257" if odd_n else ""))
+        tensor_cores = {80: ("mma.sync.aligned",), 90: ("wgmma",)} if precision == "tf32" else {}
+        table = "half" if half else precision.replace("ieee", "fp32")
         odd = ("N",) if odd_n else ()
         meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, ALIGN=8, COMPUTE=tl.float32)
-        matmul = dict(meta, DOT=tl.bfloat16 if half else tl.float32, PRECISION="tf32" if half else "ieee",
-                      QK_NORM=qk_norm)
+        matmul = dict(meta, DOT=tl.bfloat16 if half else tl.float32, PRECISION=precision, QK_NORM=qk_norm)
         t = f"*{dtype}"
-        block_m, block_n, num_warps, num_stages = _gpu_config("fwd", half, qk_norm)
+        block_m, block_n, num_warps, num_stages = _gpu_config("fwd", table, qk_norm)
         specs.append(AotSpec(
             f"attention_fwd[{tag}]", _attn_fwd_kernel,
             {"q_ptr": t, "k_ptr": t, "v_ptr": t, "o_ptr": t, "lse_ptr": "*fp32", **norm,
@@ -858,7 +878,7 @@ def aot_specs():
                 f"attention_bwd_delta[{tag}]", _attn_bwd_delta_kernel,
                 {"o_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "N": "i32", "H": "i32", **_stride_args("o", "do")},
                 dict(meta, BLOCK_M=_DELTA_BLOCK), not_divisible=odd))
-        block_m, block_n, num_warps, num_stages = _gpu_config("dkdv", half, qk_norm)
+        block_m, block_n, num_warps, num_stages = _gpu_config("dkdv", table, qk_norm)
         specs.append(AotSpec(
             f"attention_bwd_dkdv[{tag}]", _attn_bwd_dkdv_kernel,
             {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
@@ -867,7 +887,7 @@ def aot_specs():
              **_stride_args("q", "k", "v", "do", "dk", "dv")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
             num_warps=num_warps, num_stages=num_stages, require_ptx=tensor_cores, not_divisible=odd))
-        block_m, block_n, num_warps, num_stages = _gpu_config("dq", half, qk_norm)
+        block_m, block_n, num_warps, num_stages = _gpu_config("dq", table, qk_norm)
         specs.append(AotSpec(
             f"attention_bwd_dq[{tag}]", _attn_bwd_dq_kernel,
             {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",

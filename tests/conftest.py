@@ -23,6 +23,15 @@ def _fresh_seed():
     yield seed
 
 
+@pytest.fixture(autouse=True)
+def _matmul_precision():
+    # The trainer and the sampler turn TF32 on for a GPU run; a later test's fp32 references and kernels
+    # must not inherit it (it would loosen what they compare).
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 # Fast tests first: the files below start processes (DeepSpeed ranks, the AOT compiler), compile with
 # torch.compile, or train; they run after everything else, in this order.
 SLOW_LAST = ["test_aot.py", "test_compile.py", "test_bench_smoke.py", "test_train.py", "test_train_distributed.py"]

@@ -149,14 +149,14 @@ def _counting(apply, calls, name):
 
 
 @pytest.mark.parametrize("shift_shape, qk_norm", [("full", False), ("channel", True)])
-def test_reference_and_kernel_backends_agree(monkeypatch, shift_shape, qk_norm):
+def test_reference_and_kernel_backends_agree(monkeypatch, device, shift_shape, qk_norm):
     # Tiny on purpose: on the CPU the Triton kernels run in the interpreter. Head dim 16 is the
     # attention kernel's smallest.
     model = randomize(tiny_model(hidden_size=32, num_heads=2, input_size=4, z_dims=[8], projector_dim=16,
                                  car_flow="joint", car_flow_rank=4, car_flow_shape=shift_shape,
-                                 qk_norm=qk_norm), scale=0.1).eval()
-    batch = (torch.randn(2, 4, 4, 4), torch.tensor([1, 7]), torch.randn(2, 4, 8), torch.randn(2, 4, 4, 4),
-             torch.rand(2))
+                                 qk_norm=qk_norm), scale=0.1).eval().to(device)
+    batch = tuple(t.to(device) for t in (torch.randn(2, 4, 4, 4), torch.tensor([1, 7]), torch.randn(2, 4, 8),
+                                         torch.randn(2, 4, 4, 4), torch.rand(2)))
     reference, ref_grads = _loss_and_grads(model, batch, "torch")
     calls = []
     fused_ops = (("kernels.interpolant", "_Interpolant"), ("kernels.interpolant", "_VelocityLoss"),

@@ -45,7 +45,7 @@ def make_trainer(tmp_path, data_root, **sections):
 
 
 def master_weights(trainer):
-    return {n: p.detach().float().clone() for n, p in trainer.engine.module.named_parameters()}
+    return {n: p.detach().float().cpu() for n, p in trainer.engine.module.named_parameters()}  # beside CPU state
 
 
 def test_nonfinite_loss_is_skipped_counted_and_logged(tmp_path, data_root, caplog):
@@ -168,21 +168,22 @@ def test_bf16_keeps_fp32_master_weights_and_ema(tmp_path, data_root):
     trainer = make_trainer(tmp_path, data_root, train={"precision": "bf16", "max_steps": 3}, ema={"decay": 0.5})
     assert all(p.dtype == torch.bfloat16 for p in trainer.engine.module.parameters())
     assert {trainer.ema.kinds[i] for i in range(len(trainer.ema.names))} == {"fragment"}
-    masters = {n: safe_get_full_fp32_param(p) for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
+    masters = {n: safe_get_full_fp32_param(p).cpu() for n, p in trainer.engine.module.named_parameters()
+               if p.requires_grad}  # on the CPU, beside the initial state and the EMA
     for name, master in masters.items():  # the exact fp32 initial weights, not their bf16 rounding
         torch.testing.assert_close(master, trainer.initial_state[name], rtol=0, atol=0)
     reference = {k: v.float().clone() for k, v in trainer.initial_state.items()}
     for _ in range(3):
         metrics = trainer.train_step()
         assert np.isfinite(metrics["loss"])
-        masters = {n: safe_get_full_fp32_param(p) for n, p in trainer.engine.module.named_parameters()
+        masters = {n: safe_get_full_fp32_param(p).cpu() for n, p in trainer.engine.module.named_parameters()
                    if p.requires_grad}
         reference = reference_ema(reference, masters.items(), 0.5)
     ema = trainer.ema.full_state_dict()
     for name, master in masters.items():
         assert master.dtype == torch.float32
         # the bf16 copy is the rounded master (so the master really holds more precision)
-        torch.testing.assert_close(dict(trainer.engine.module.named_parameters())[name].float(),
+        torch.testing.assert_close(dict(trainer.engine.module.named_parameters())[name].float().cpu(),
                                    master.to(torch.bfloat16).float(), rtol=0, atol=0)
         torch.testing.assert_close(ema[name], reference[name], rtol=0, atol=1e-6)
 

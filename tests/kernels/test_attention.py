@@ -194,6 +194,29 @@ def test_head_tiles_skip_padding():
     assert head_tiles(40) == (32, 16)
 
 
+def test_fp32_tiles_follow_torchs_tf32_flag(monkeypatch):
+    """On a GPU, fp32 attention uses TF32 tensor cores exactly where PyTorch's own matmuls may
+    (torch.backends.cuda.matmul.allow_tf32, which the trainer and the sampler set), with the launch
+    table built for them; exact "ieee" otherwise, and always in the interpreter. (The conftest restores
+    the flag.) The numbers of the TF32 path are checked on the GPU in test_gpu_real_sizes."""
+    attention = importlib.import_module("kernels.attention")
+
+    class OnGPU:
+        is_cuda, dtype = True, torch.float32
+
+    monkeypatch.setattr(attention, "interpreting", lambda: False)
+    for flag, expected in ((True, "tf32"), (False, "ieee")):
+        torch.backends.cuda.matmul.allow_tf32 = flag
+        assert attention._dot_precision(OnGPU(), torch.float32) == expected
+        assert attention._dot_precision(OnGPU(), torch.float64) == "ieee"
+        assert attention._dot_precision(torch.zeros(1), torch.float32) == "ieee"  # not on a GPU
+        table = "tf32" if flag else "fp32"
+        assert attention._launch_config("dq", OnGPU(), {"PRECISION": expected})[:2] == \
+            attention._GPU_CONFIGS[table]["dq"][:2]
+    monkeypatch.setattr(attention, "interpreting", lambda: True)
+    assert attention._dot_precision(OnGPU(), torch.float32) == "ieee"
+
+
 def test_split_qkv_is_a_view():
     qkv = torch.randn(2, 5, 3 * 4 * 8)
     q, k, v = split_qkv(qkv, 4)

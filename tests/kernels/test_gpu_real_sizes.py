@@ -112,6 +112,31 @@ def test_attention_qkv_with_qk_norm():
            [qkv, wq, bq, wk, bk], [True] * 5)
 
 
+def test_fp32_attention_under_tf32():
+    """fp32 attention with PyTorch's TF32 flag on (fp32 sampling, fp32 training) runs TF32 tensor cores,
+    whose 10-bit mantissa must leave it closer to the fp32 truth than PyTorch's bf16 attention is.
+    (In the interpreter it stays exact: this checks the harness.)"""
+    attention = importlib.import_module("kernels.attention")
+    N, num_heads, head_dim = ATTENTION[0]
+    qkv = torch.randn(B, N, 3 * num_heads * head_dim, device=DEVICE)
+    precisions, real = [], attention._dot_precision
+
+    def spy(q, dot):
+        precisions.append(real(q, dot))
+        return precisions[-1]
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # the truth and PyTorch's bf16 run without it
+    with kernels.use_backend("torch"):
+        truth = kernels.attention_qkv(qkv.double(), num_heads).float()
+        theirs = kernels.attention_qkv(qkv.bfloat16(), num_heads).float()
+    torch.backends.cuda.matmul.allow_tf32 = True  # restored by the conftest
+    with kernels.use_backend("triton"), _no_fallback(), mock.patch.object(attention, "_dot_precision", spy):
+        ours = kernels.attention_qkv(qkv, num_heads)
+    assert precisions and set(precisions) == {"tf32" if GPU else "ieee"}
+    ours_rel, theirs_rel = ((o - truth).norm() / truth.norm() for o in (ours, theirs))
+    assert ours_rel <= theirs_rel, f"TF32 relative error {ours_rel:.3g} vs PyTorch bf16 {theirs_rel:.3g}"
+
+
 @pytest.mark.skipif(not GPU, reason="JIT builds exist on a GPU only (the interpreter compiles nothing)")
 def test_the_jit_builds_of_these_runs_do_not_spill():
     """Runs last in this file: every kernel variant that the real-size runs above compiled, read back

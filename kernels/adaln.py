@@ -467,8 +467,6 @@ def aot_specs():
             block_r, block_d, num_warps = _tile(256, D)
             meta = dict(COMPUTE=tl.float32, BLOCK_R=block_r, BLOCK_D=block_d)
             for residual in (False, True):
-                if not residual and x_dtype != other:
-                    continue
                 op = f"adaln_{'residual_' if residual else ''}modulate"
                 params = f"[x {x_dtype}, {other}, D={D}]"
                 fwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{other}", "gate_ptr": f"*{other}",

@@ -396,7 +396,10 @@ class SiT(nn.Module):
         if self.reg:
             cls = self.wg_norm(self.cls_projectors2(cls_token.to(h.dtype)))      # (B, D)
             h = torch.cat([cls.unsqueeze(1).to(h.dtype), h], dim=1)              # (B, 1 + T, D)
-        h = h + self.pos_embed.to(h.dtype)
+        # The residual stream takes the weights' dtype: fp32 under autocast, as in REPA's code, where the
+        # fp32 pos_embed promotes it (the adaLN kernels keep it fp32 and write bf16 branches); bf16 when
+        # the weights are bf16 (DeepSpeed's bf16 mode).
+        h = h + self.pos_embed                                                   # (B, T[+1], D)
         c = self.t_embedder(t) + self.y_embedder(y)                               # (B, D)
 
         # Per block: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D).

@@ -45,7 +45,8 @@ def make_trainer(tmp_path, data_root, **sections):
 
 
 def master_weights(trainer):
-    return {n: p.detach().float().cpu() for n, p in trainer.engine.module.named_parameters()}  # beside CPU state
+    # copies, on the CPU beside the CPU state they are compared with
+    return {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in trainer.engine.module.named_parameters()}
 
 
 def test_nonfinite_loss_is_skipped_counted_and_logged(tmp_path, data_root, caplog):

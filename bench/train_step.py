@@ -3,7 +3,7 @@
     python -m bench.train_step [--model SiT-XL/2] [--batch 32] [--resolution 256] [--budget-s S] [--smoke] [--out DIR]
 
 One process, one device, the same model, data, optimiser and precision policy (bf16 autocast, fp32
-master weights, fused AdamW) for every variant:
+weights, fused AdamW: REPA's, and the trainer's `train.precision: bf16-mixed`) for every variant:
   1. reference eager     kernels backend "torch" (PyTorch ops, SDPA attention), as the REPA code runs
   2. reference compiled  the same under torch.compile
   3. alignflow           the fused Triton kernels

@@ -43,7 +43,10 @@ class TrainConfig:
     max_minutes: Optional[float] = None        # stop early (samples and curves are still written)
     global_batch_size: int = 256
     grad_accum_steps: Optional[int] = None
-    precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
+    # bf16: bf16 weights with fp32 master copies in the optimizer (DeepSpeed's bf16 mode); bf16-mixed: fp32
+    # weights, the model under bf16 autocast (REPA's numerics: its code trains so); auto: bf16 on CUDA,
+    # fp32 on CPU
+    precision: Literal["auto", "bf16", "bf16-mixed", "fp32", "fp16"] = "auto"
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     zero_stage: Optional[int] = None           # overrides the JSON's zero_optimization.stage
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -348,7 +351,7 @@ def validate(cfg: ExperimentConfig, world_size: int = 1, cuda_available: bool | 
         bad("train.device", t.device, "'cpu' or 'auto' on a machine without CUDA")
     device = "cuda" if (t.device == "cuda" or (t.device == "auto" and cuda_available)) else "cpu"
     if t.precision == "fp16" and device == "cpu":
-        bad("train.precision", t.precision, "'bf16' or 'fp32' on the CPU (fp16 needs CUDA)")
+        bad("train.precision", t.precision, "'bf16', 'bf16-mixed' or 'fp32' on the CPU (fp16 needs CUDA)")
     if t.kernels_backend in ("triton", "cuda") and device == "cpu":
         bad("train.kernels_backend", t.kernels_backend,
             "'torch' or 'auto' on the CPU (the Triton interpreter is far too slow for training)")

@@ -12,6 +12,7 @@ Without a GPU, DeepSpeed's CPU accelerator and gloo are selected before deepspee
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -122,6 +123,9 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str, dev
     ds["gradient_clipping"] = cfg.optim.grad_clip
     ds["bf16"] = dict(ds.get("bf16", {}), enabled=precision == "bf16")
     ds["fp16"] = dict(ds.get("fp16", {}), enabled=precision == "fp16")
+    if precision == "bf16-mixed" or "torch_autocast" in ds:  # DeepSpeed's autocast around the model's forward
+        ds["torch_autocast"] = dict(ds.get("torch_autocast", {}), enabled=precision == "bf16-mixed",
+                                    dtype="bfloat16")
     zero = dict(ds.get("zero_optimization", {}))
     if cfg.train.zero_stage is not None:
         zero["stage"] = cfg.train.zero_stage
@@ -211,6 +215,9 @@ class Trainer:
                                       weight_decay=cfg.optim.weight_decay, fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
         self.ds_config = deepspeed_config(cfg, self.world_size, self.precision, self.device.type)
+        if self.precision == "bf16-mixed" and importlib.util.find_spec("deepspeed.runtime.torch_autocast") is None:
+            raise RuntimeError(f"train.precision='bf16-mixed' needs DeepSpeed's torch_autocast (0.19.8 has it); "
+                               f"this is DeepSpeed {deepspeed.__version__}: upgrade it or use 'bf16'")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
@@ -230,7 +237,7 @@ class Trainer:
         # With ema.enabled false the tracker follows the weights (decay 0), so exports and samples
         # still work and hold the raw fp32 weights.
         self.ema = EMA(self.engine.module, cfg.ema.decay if cfg.ema.enabled else 0.0, self.initial_state)
-        if self.precision != "fp32":
+        if self.model_dtype != torch.float32:  # the fp32 masters live in the optimizer
             self.ema.write_masters(self.initial_state)
             self.ema = EMA(self.engine.module, self.ema.decay, self.initial_state)
 

@@ -189,6 +189,32 @@ def test_bf16_keeps_fp32_master_weights_and_ema(tmp_path, data_root):
         torch.testing.assert_close(ema[name], reference[name], rtol=0, atol=1e-6)
 
 
+def test_bf16_mixed_trains_fp32_weights_under_autocast(tmp_path, data_root):
+    """train.precision bf16-mixed, as REPA's code trains: fp32 weights stepped directly, the model's
+    matmuls under bf16 autocast (DeepSpeed's torch_autocast), the residual stream in fp32; the first
+    step's loss terms are the fp32 run's up to bf16 rounding."""
+    mixed = make_trainer(tmp_path / "mixed", data_root, train={"precision": "bf16-mixed", "max_steps": 2})
+    assert mixed.ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert not mixed.ds_config["bf16"]["enabled"] and mixed.engine.torch_autocast_enabled()
+    assert all(p.dtype == torch.float32 for p in mixed.engine.module.parameters())
+    seen = {}
+
+    def record(name, tensor):  # a hook returning None leaves the forward as it is
+        seen.setdefault(name, tensor.dtype)
+
+    module = mixed.engine.module
+    module.blocks[0].attn.qkv.register_forward_hook(lambda m, args, out: record("qkv", out))
+    module.projectors[0].register_forward_pre_hook(lambda m, args: record("residual", args[0]))
+    before = master_weights(mixed)
+    first = mixed.train_step()
+    assert seen == {"qkv": torch.bfloat16, "residual": torch.float32}
+    assert any((master_weights(mixed)[k] - before[k]).abs().max() > 0 for k in before)
+    exact = make_trainer(tmp_path / "fp32", data_root, train={"precision": "fp32", "max_steps": 2}).train_step()
+    for term in ("velocity", "cls"):
+        assert first[term] == pytest.approx(exact[term], rel=2e-2), term
+    assert first["alignment"] == pytest.approx(exact["alignment"], abs=2e-2)
+
+
 def test_ema_disabled_exports_the_weights(tmp_path, data_root):
     trainer = make_trainer(tmp_path, data_root, train={"max_steps": 2}, ema={"enabled": False})
     trainer.train_step()

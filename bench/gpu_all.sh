@@ -96,6 +96,7 @@ stage() {
 # One log plus the result files: the device tool brings back what is under $OUT.
 status=0
 not_started=()
+cut=()
 touch "$OUT/gpu_all.log"
 first_line=$(( $(wc -l < "$OUT/gpu_all.log") + 1 ))  # this call's part of the log
 for s in "${stages[@]}"; do
@@ -120,13 +121,16 @@ for s in "${stages[@]}"; do
   } 2>&1 | tee -a "$OUT/gpu_all.log"
   rc=${PIPESTATUS[0]}
   if [ $rc -eq 125 ]; then not_started+=("$s"); elif [ $rc -ne 0 ]; then status=$rc; fi
+  { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && cut+=("$s")
 done
 # the call's summary, last in the output (a device call returns its tail): each stage's end, and what to
-# run next; a stage not started is not a failure
+# run next (the stages not started, then those cut, which kept what they measured); a stage not started
+# is not a failure
 {
   echo "=== summary"
   tail -n +"$first_line" "$OUT/gpu_all.log" | grep -E '^=== stage [a-z]+ (rc=|cut)'
-  [ ${#not_started[@]} -gt 0 ] && echo "=== not started (next call): bash bench/gpu_all.sh ${not_started[*]}"
+  next=("${not_started[@]}" "${cut[@]}")
+  [ ${#next[@]} -gt 0 ] && echo "=== next call: bash bench/gpu_all.sh ${next[*]} (not started: ${not_started[*]:-none}; cut: ${cut[*]:-none})"
   ls -l "$OUT"
 } 2>&1 | tee -a "$OUT/gpu_all.log"
 exit $status

@@ -190,12 +190,11 @@ def prune(checkpoint_dir: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(checkpoint_dir, tag), ignore_errors=True)
 
 
-def load_checkpoint(engine, checkpoint_dir: str, tag: str) -> tuple[int, dict, dict | None]:
-    """Load DeepSpeed's state into `engine`; return (step, this rank's trainer state, full EMA state)."""
-    path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-    if path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {checkpoint_dir}")
+def load_checkpoint(engine, checkpoint_dir: str, tag: str, precision: str | None = None
+                    ) -> tuple[int, dict, dict | None]:
+    """Load DeepSpeed's state into `engine`; return (step, this rank's trainer state, full EMA state).
+    The trainer's own state is checked first (world size, and the precision it was written with, which
+    decides DeepSpeed's optimizer files), so a mismatch is named instead of failing inside DeepSpeed."""
     tag_dir = os.path.join(checkpoint_dir, tag)
     rank_file = os.path.join(tag_dir, f"trainer_rank{_rank()}.pt")
     if not os.path.exists(rank_file):
@@ -205,6 +204,14 @@ def load_checkpoint(engine, checkpoint_dir: str, tag: str) -> tuple[int, dict, d
     if rank_state.get("world_size") != _world():
         raise ValueError(f"checkpoint {tag_dir} was written with world size {rank_state.get('world_size')}, "
                          f"this run has {_world()}: exact resume needs the same world size")
+    written = rank_state.get("precision")
+    if precision is not None and written is not None and written != precision:
+        raise ValueError(f"train.precision resolves to {precision!r} but checkpoint {tag_dir} was written with "
+                         f"{written!r} (its optimizer state is DeepSpeed's for that mode); allowed: {written!r}")
+    path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {checkpoint_dir}")
     ema_path = os.path.join(tag_dir, EMA_FILE)
     ema = torch.load(ema_path, map_location="cpu", weights_only=False)["ema"] if os.path.exists(ema_path) else None
     return int(client_state["step"]), rank_state, ema

@@ -44,8 +44,8 @@ class TrainConfig:
     global_batch_size: int = 256
     grad_accum_steps: Optional[int] = None
     # bf16: bf16 weights with fp32 master copies in the optimizer (DeepSpeed's bf16 mode); bf16-mixed: fp32
-    # weights, the model under bf16 autocast (REPA's numerics: its code trains so); auto: bf16 on CUDA,
-    # fp32 on CPU
+    # weights, the model under bf16 autocast, as REPA's code trains (but DeepSpeed reduces the Linear/Conv
+    # gradients across ranks in bf16, REPA's DDP in fp32); auto: bf16 on CUDA, fp32 on CPU
     precision: Literal["auto", "bf16", "bf16-mixed", "fp32", "fp16"] = "auto"
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     zero_stage: Optional[int] = None           # overrides the JSON's zero_optimization.stage

@@ -156,6 +156,10 @@ class Trainer:
         self.cfg = cfg
         device_type = resolve_device(cfg)
         self.precision = resolve_precision(cfg, device_type)
+        if self.precision == "bf16-mixed" and importlib.util.find_spec("deepspeed.runtime.torch_autocast") is None:
+            import deepspeed
+            raise RuntimeError(f"train.precision='bf16-mixed' needs DeepSpeed's torch_autocast config, which "
+                               f"DeepSpeed {deepspeed.__version__} lacks: upgrade DeepSpeed or use 'bf16'")
         self.dist = init_distributed(device_type)
         if self.dist.world_size != world:
             raise RuntimeError(f"WORLD_SIZE={world} but the process group has {self.dist.world_size} ranks")
@@ -215,9 +219,6 @@ class Trainer:
                                       weight_decay=cfg.optim.weight_decay, fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
         self.ds_config = deepspeed_config(cfg, self.world_size, self.precision, self.device.type)
-        if self.precision == "bf16-mixed" and importlib.util.find_spec("deepspeed.runtime.torch_autocast") is None:
-            raise RuntimeError(f"train.precision='bf16-mixed' needs DeepSpeed's torch_autocast (0.19.8 has it); "
-                               f"this is DeepSpeed {deepspeed.__version__}: upgrade it or use 'bf16'")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
@@ -317,7 +318,7 @@ class Trainer:
         if found is None:
             return
         directory, tag = found
-        step, rank_state, ema_state = ckpt.load_checkpoint(self.engine, directory, tag)
+        step, rank_state, ema_state = ckpt.load_checkpoint(self.engine, directory, tag, self.precision)
         self.step = step
         self.loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
@@ -334,7 +335,7 @@ class Trainer:
         rank_state = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(),
                       "latent_generator": self.latent_generator.get_state(),
                       "micro_attempts": self.micro_attempts, "nonfinite_total": self.nonfinite_total,
-                      "nonfinite_in_row": self.nonfinite_in_row}
+                      "nonfinite_in_row": self.nonfinite_in_row, "precision": self.precision}
         ema_state = self.ema.full_state_dict()
         path = ckpt.save_checkpoint(self.engine, self.checkpoint_dir, self.step, self.cfg.to_dict(), rank_state,
                                     ema_state, self.cfg.checkpoint.keep_last)

@@ -35,9 +35,10 @@ from torch import Tensor
 from ._backend import fallback, resolve
 from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
 
-# Widest row kept in registers (BLOCK_D = 4096: 16 warps, 8 elements per thread per tensor). At 8192
-# the residual backward hits the 128-register cap of 512 threads and uses stack (AOT check), so wider
-# rows fall back to the reference rather than run a spilling kernel.
+# Widest row kept in registers (BLOCK_D = 4096: the forward with 16 warps, 8 elements per thread per
+# tensor; the backward with 8 warps, 16). At 8192 the residual backward hit the 128-register cap of 512
+# threads and used stack (AOT check), so wider rows fall back to the reference rather than run a
+# spilling kernel.
 MAX_D = 4096
 
 
@@ -474,18 +475,21 @@ def aot_specs():
             for residual in (False, True):
                 op = f"adaln_{'residual_' if residual else ''}modulate"
                 params = f"[x {x_dtype}, {other}, D={D}]"
-                fwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{other}", "gate_ptr": f"*{other}",
-                       "shift_ptr": f"*{other}", "scale_ptr": f"*{other}", "x_new_ptr": f"*{x_dtype}",
+                # the slots a plain modulate leaves unused get what its launcher passes there: x for h,
+                # y for x_new, dy for g_x_new, the fp32 statistics for dh
+                h_type, x_new_type = (other, x_dtype) if residual else (x_dtype, other)
+                fwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{h_type}", "gate_ptr": f"*{other}",
+                       "shift_ptr": f"*{other}", "scale_ptr": f"*{other}", "x_new_ptr": f"*{x_new_type}",
                        "y_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                        "N": "i32", "D": "i32", "eps": "fp32",
                        **strides("x", "h", rank=3), **strides("g", "s", "c", rank=2)}
                 specs.append(AotSpec(f"{op}_fwd{params}", _adaln_fwd_kernel, fwd,
                                      dict(meta, RESIDUAL=residual, **unit_d("x", "h", "g", "s", "c")),
                                      num_warps=num_warps, min_load_bits=128))
-                bwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{other}", "gate_ptr": f"*{other}",
+                bwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{h_type}", "gate_ptr": f"*{other}",
                        "scale_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                       "dy_ptr": f"*{other}", "g_x_new_ptr": f"*{x_dtype}", "dx_ptr": f"*{x_dtype}",
-                       "dh_ptr": f"*{other}", "partial_ptr": "*fp32",
+                       "dy_ptr": f"*{other}", "g_x_new_ptr": f"*{x_new_type}", "dx_ptr": f"*{x_dtype}",
+                       "dh_ptr": f"*{other}" if residual else "*fp32", "partial_ptr": "*fp32",
                        "N": "i32", "D": "i32", "blocks_per_tile": "i32",
                        **strides("x", "h", rank=3), **strides("g", "c", rank=2),
                        **strides("dy", "gx", rank=3)}

@@ -511,8 +511,10 @@ def _kernel_meta(q):
 
 def _dot_precision(q, dot: torch.dtype) -> str:
     """"tf32" for fp32 tiles on a GPU where PyTorch's matmuls may use TF32 (as the trainer and the
-    sampler set it: torch.backends.cuda.matmul.allow_tf32), as SDPA's fp32 matmuls would; exact "ieee"
-    otherwise (the interpreter, fp64, or TF32 off). bf16/fp16 tiles ignore it."""
+    sampler set it: torch.backends.cuda.matmul.allow_tf32), like the model's Linear layers then; exact
+    "ieee" otherwise (the interpreter, fp64, or TF32 off). bf16/fp16 tiles ignore it. Single-pass TF32 is
+    less exact than PyTorch's fp32 SDPA, whose memory-efficient kernel keeps near-fp32 accuracy
+    whatever the flag says."""
     if dot == torch.float32 and q.is_cuda and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee" if dot in (torch.float32, torch.float64) else "tf32"
@@ -848,14 +850,16 @@ def _stride_args(*names):
 
 def aot_specs():
     """bf16 forward and backward at d = 64, 72, 128; with fused qk-norm at d = 72 (SiT-XL); and the
-    fp32 path at d = 72, exact (CUDA-core matmuls, so no wgmma) and with TF32 tensor cores."""
+    fp32 path at d = 72, exact (CUDA-core matmuls, so no wgmma), and with TF32 tensor cores at d = 72
+    (also with qk-norm) and 64."""
     specs = []
     norm = {"qw_ptr": "*fp32", "qb_ptr": "*fp32", "kw_ptr": "*fp32", "kb_ptr": "*fp32"}
     # N = 257 (REG's class token) loses the JIT's divisibility-by-16 specialisation of N
     for dtype, head_dim, qk_norm, odd_n, precision in (
             ("bf16", 64, False, False, "tf32"), ("bf16", 72, False, False, "tf32"), ("bf16", 72, False, True, "tf32"),
             ("bf16", 128, False, False, "tf32"), ("bf16", 72, True, False, "tf32"),
-            ("fp32", 72, False, False, "ieee"), ("fp32", 72, False, False, "tf32"), ("fp32", 72, True, False, "tf32")):
+            ("fp32", 72, False, False, "ieee"), ("fp32", 72, False, False, "tf32"), ("fp32", 72, True, False, "tf32"),
+            ("fp32", 64, False, False, "tf32")):
         d0, d1 = head_tiles(head_dim)
         half = dtype == "bf16"
         tag = (f"{dtype},d={head_dim}" + ("" if half else f",{precision}") + (",qk_norm" if qk_norm else "")

@@ -189,10 +189,16 @@ def test_bf16_keeps_fp32_master_weights_and_ema(tmp_path, data_root):
         torch.testing.assert_close(ema[name], reference[name], rtol=0, atol=1e-6)
 
 
-def test_bf16_mixed_trains_fp32_weights_under_autocast(tmp_path, data_root):
+def test_bf16_mixed_trains_fp32_weights_under_autocast(tmp_path, data_root, monkeypatch):
     """train.precision bf16-mixed, as REPA's code trains: fp32 weights stepped directly, the model's
     matmuls under bf16 autocast (DeepSpeed's torch_autocast), the residual stream in fp32; the first
-    step's loss terms are the fp32 run's up to bf16 rounding."""
+    step's loss terms are the fp32 run's up to bf16 rounding. A checkpoint it writes does not resume
+    under another precision (DeepSpeed's optimizer files differ): the error names the key."""
+    from deepspeed.runtime import torch_autocast
+
+    # DeepSpeed marks its autocast set up process-wide; later engines in this process must not see it
+    monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_INITIALIZED", False)
+    monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_DTYPE", None)
     mixed = make_trainer(tmp_path / "mixed", data_root, train={"precision": "bf16-mixed", "max_steps": 2})
     assert mixed.ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert not mixed.ds_config["bf16"]["enabled"] and mixed.engine.torch_autocast_enabled()
@@ -213,6 +219,9 @@ def test_bf16_mixed_trains_fp32_weights_under_autocast(tmp_path, data_root):
     for term in ("velocity", "cls"):
         assert first[term] == pytest.approx(exact[term], rel=2e-2), term
     assert first["alignment"] == pytest.approx(exact["alignment"], abs=2e-2)
+    mixed.save()
+    with pytest.raises(ValueError, match=r"train.precision resolves to 'fp32' but .* written with 'bf16-mixed'"):
+        make_trainer(tmp_path / "mixed", data_root, train={"precision": "fp32", "max_steps": 3})
 
 
 def test_ema_disabled_exports_the_weights(tmp_path, data_root):

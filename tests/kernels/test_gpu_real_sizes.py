@@ -112,29 +112,41 @@ def test_attention_qkv_with_qk_norm():
            [qkv, wq, bq, wk, bk], [True] * 5)
 
 
-def test_fp32_attention_under_tf32():
+@pytest.mark.parametrize("N, qk_norm", [(ATTENTION[0][0], False), (ATTENTION[1][0], False), (ATTENTION[0][0], True)])
+def test_fp32_attention_under_tf32(N, qk_norm):
     """fp32 attention with PyTorch's TF32 flag on (fp32 sampling, fp32 training) runs TF32 tensor cores,
-    whose 10-bit mantissa must leave it closer to the fp32 truth than PyTorch's bf16 attention is.
-    (In the interpreter it stays exact: this checks the harness.)"""
+    forward and backward, whose 10-bit mantissa must leave output and gradients closer to the fp64 truth
+    than PyTorch's bf16 attention is. (In the interpreter it stays exact: this checks the harness.)"""
     attention = importlib.import_module("kernels.attention")
-    N, num_heads, head_dim = ATTENTION[0]
-    qkv = torch.randn(B, N, 3 * num_heads * head_dim, device=DEVICE)
+    _, num_heads, head_dim = ATTENTION[0]
+    inputs = [torch.randn(B, N, 3 * num_heads * head_dim, device=DEVICE)]
+    if qk_norm:
+        inputs += [1 + 0.1 * torch.randn(head_dim, device=DEVICE), 0.1 * torch.randn(head_dim, device=DEVICE),
+                   1 + 0.1 * torch.randn(head_dim, device=DEVICE), 0.1 * torch.randn(head_dim, device=DEVICE)]
+    grad_out = torch.randn(B, N, num_heads * head_dim, device=DEVICE)
     precisions, real = [], attention._dot_precision
 
     def spy(q, dot):
         precisions.append(real(q, dot))
         return precisions[-1]
 
+    def run(backend, dtype):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in inputs]
+        norms = dict(zip(("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias"), leaves[1:]))
+        with kernels.use_backend(backend):
+            out = kernels.attention_qkv(leaves[0], num_heads, **norms)
+        out.backward(grad_out.to(dtype))
+        return [out.detach().double()] + [x.grad.double() for x in leaves]
+
     torch.backends.cuda.matmul.allow_tf32 = False  # the truth and PyTorch's bf16 run without it
-    with kernels.use_backend("torch"):
-        truth = kernels.attention_qkv(qkv.double(), num_heads).float()
-        theirs = kernels.attention_qkv(qkv.bfloat16(), num_heads).float()
+    truth, theirs = run("torch", torch.float64), run("torch", torch.bfloat16)
     torch.backends.cuda.matmul.allow_tf32 = True  # restored by the conftest
-    with kernels.use_backend("triton"), _no_fallback(), mock.patch.object(attention, "_dot_precision", spy):
-        ours = kernels.attention_qkv(qkv, num_heads)
-    assert precisions and set(precisions) == {"tf32" if GPU else "ieee"}
-    ours_rel, theirs_rel = ((o - truth).norm() / truth.norm() for o in (ours, theirs))
-    assert ours_rel <= theirs_rel, f"TF32 relative error {ours_rel:.3g} vs PyTorch bf16 {theirs_rel:.3g}"
+    with _no_fallback(), mock.patch.object(attention, "_dot_precision", spy):
+        ours = run("triton", torch.float32)
+    assert len(precisions) >= 2 and set(precisions) == {"tf32" if GPU else "ieee"}  # forward and backward
+    for i, (a, b, t) in enumerate(zip(ours, theirs, truth)):
+        ours_rel, theirs_rel = ((x - t).norm() / t.norm() for x in (a, b))
+        assert ours_rel <= theirs_rel, f"result {i}: TF32 relative error {ours_rel:.3g} vs PyTorch bf16 {theirs_rel:.3g}"
 
 
 @pytest.mark.skipif(not GPU, reason="JIT builds exist on a GPU only (the interpreter compiles nothing)")

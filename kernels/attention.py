@@ -449,9 +449,8 @@ def head_tiles(head_dim: int) -> tuple[int, int]:
 # sm_80/sm_90 AOT builds at d = 64, 72, 128 (python -m kernels.aot --only attention): the largest
 # tiles tried whose builds use no stack (local memory) on either arch; the backward at 64 x 64 tiles
 # puts 72-200 byte stack frames on sm_80 at d = 72 and 128. Not yet tuned by timing (no GPU so far).
-# fp32 on the GPU is a correctness path (exact "ieee" matmuls on CUDA cores, which need far more
-# registers; TF32 tensor cores where PyTorch's TF32 flag is on, as for fp32 sampling), so it gets small
-# tiles. The interpreter gets 32 x 32 (every tile op is a numpy call).
+# Exact fp32 on the GPU is a correctness path (exact "ieee" matmuls on CUDA cores, which need far more
+# registers), so it gets small tiles. The interpreter gets 32 x 32 (every tile op is a numpy call).
 # fp32 dq at (32, 32) with 4 warps spilled 24 bytes on sm_90 (ptxas -v spill stores + loads), and at
 # (32, 16) 16 bytes on sm_80 under Triton 3.6 (the GPU image's); fp32 dkdv at (32, 32) with 4 warps
 # spilled 1.5 KB under 3.6 and none under 3.8. Both build clean under 3.6 and 3.8 at (32, 32) with 8
@@ -474,6 +473,11 @@ _INTERPRET_BLOCK = 32
 _DELTA_BLOCK = 64
 
 
+def _config_table(half: bool, precision: str) -> str:
+    """The _GPU_CONFIGS table of a build: "half" for bf16/fp16 tiles, else "fp32" (exact) or "tf32"."""
+    return "half" if half else {"ieee": "fp32", "tf32": "tf32"}[precision]
+
+
 def _gpu_config(kernel: str, table: str, qk_norm: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` ("fwd", "dkdv", "dq") from the `table`
     ("half", "fp32", "tf32"); a "<kernel>_qk_norm" entry, where there is one, serves the fused qk-norm
@@ -486,7 +490,7 @@ def _launch_config(kernel: str, q, meta: dict, qk_norm: bool = False):
     """(BLOCK_M, BLOCK_N, launch options) of `kernel` for inputs like `q` built with `meta`."""
     if interpreting():
         return _INTERPRET_BLOCK, _INTERPRET_BLOCK, {}
-    table = "half" if q.dtype != torch.float32 else meta["PRECISION"].replace("ieee", "fp32")
+    table = _config_table(q.dtype != torch.float32, meta["PRECISION"])
     block_m, block_n, num_warps, num_stages = _gpu_config(kernel, table, qk_norm)
     return block_m, block_n, dict(num_warps=num_warps, num_stages=num_stages)
 
@@ -865,7 +869,7 @@ def aot_specs():
         tag = (f"{dtype},d={head_dim}" + ("" if half else f",{precision}") + (",qk_norm" if qk_norm else "")
                + (",N=257" if odd_n else ""))
         tensor_cores = {80: ("mma.sync.aligned",), 90: ("wgmma",)} if precision == "tf32" else {}
-        table = "half" if half else precision.replace("ieee", "fp32")
+        table = _config_table(half, precision)
         odd = ("N",) if odd_n else ()
         meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, ALIGN=8, COMPUTE=tl.float32)
         matmul = dict(meta, DOT=tl.bfloat16 if half else tl.float32, PRECISION=precision, QK_NORM=qk_norm)

@@ -64,12 +64,13 @@ def write_zero3_json(path) -> str:
     return str(path)
 
 
-def env() -> dict:
+def env(extra: dict | None = None) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
     e["OMP_NUM_THREADS"] = "1"
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(key, None)
+    e.update(extra or {})
     return e
 
 
@@ -87,11 +88,13 @@ def free_port() -> int:
 RUNTIME_ABORT = "terminate called without an active exception"
 
 
-def launch(args: list[str], nproc: int = 2, module: str = "engine.train", timeout: int = 300):
-    """Run `module args` on `nproc` CPU ranks with the deepspeed launcher; returns the CompletedProcess."""
+def launch(args: list[str], nproc: int = 2, module: str = "engine.train", timeout: int = 300,
+           env_extra: dict | None = None):
+    """Run `module args` on `nproc` CPU ranks with the deepspeed launcher (`env_extra` added to the
+    environment); returns the CompletedProcess."""
     for attempt in (1, 2):
         cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", module, *args]
-        proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=env(env_extra), capture_output=True, text=True, timeout=timeout)
         if proc.returncode == 0 or RUNTIME_ABORT not in proc.stderr or attempt == 2:
             break
         print(f"retrying once: a rank aborted in the C++ runtime ({RUNTIME_ABORT!r}): {' '.join(cmd)}")

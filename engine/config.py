@@ -85,6 +85,9 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"                       # auto: latest in output_dir/checkpoints; none; or a path
     export_ema: bool = True                    # write ema_fp32.pt (REPA layout) with each checkpoint
+    # Fine-tune from these weights (model and EMA), read strict: an ema_fp32.pt or checkpoint directory, a
+    # Hugging Face folder, or a REPA / REG / SiT .pt (engine.models.pretrained). A resume takes precedence.
+    init_weights: Optional[str] = None
 
 
 @dataclass

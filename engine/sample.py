@@ -7,7 +7,8 @@ over any number of processes and resumable.
     torchrun --nproc_per_node 8 -m engine.sample --ckpt CKPT --out OUT --num-images 50000
 
 `--ckpt` is an `ema_fp32.pt` export, a `step_*` checkpoint directory or a checkpoint directory (its
-latest, resolved once at the start). Image i has label i % num_classes; global batch b (of
+latest, resolved once at the start), or a REPA / REG / SiT checkpoint with `--config YAML` for the
+latent space, transport and sampling settings it does not carry (engine.models.pretrained). Image i has label i % num_classes; global batch b (of
 sample.batch_size images) is sampled with seed sample.seed + b, so the images do not depend on the
 number of processes. Each finished batch is written atomically to `OUT/parts/batch_<b>.npz`; a rerun
 of the same command skips the parts that load and regenerates missing or corrupt ones (the settings
@@ -40,7 +41,7 @@ log = logging.getLogger("engine.sample")
 PARTS_DIR = "parts"
 META_FILE = "meta.json"
 # Settings that change the images; a restart must match them all to reuse the parts.
-META_KEYS = ("ckpt", "num_images", "batch_size", "seed", "num_steps", "method", "cfg_scale", "resolution",
+META_KEYS = ("ckpt", "config", "num_images", "batch_size", "seed", "num_steps", "method", "cfg_scale", "resolution",
              "precision")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -111,19 +112,19 @@ def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str) -> str:
     return _write_atomic(path, lambda f: np.savez(f, arr_0=images.numpy(), labels=labels.cpu().numpy()))
 
 
-def load_for_sampling(path: str, device, overrides: list[str] = ()):
-    """(config, fp32 EMA model, latent space) from an EMA export or checkpoint directory."""
-    from engine.checkpoint import load_ema_export
-    from engine.config import apply_overrides, from_dict
+def load_for_sampling(path: str, device, overrides: list[str] = (), config: str | None = None):
+    """(config, fp32 EMA model, latent space) from an EMA export, a checkpoint directory, or a REPA / REG /
+    SiT checkpoint (engine.models.pretrained) with `config`, a YAML for what the checkpoint lacks."""
+    from engine.config import apply_overrides, from_dict, load_raw
     from engine.models import build_model
     from engine.models.latents import build_latent_space
+    from engine.models.pretrained import load_pretrained
 
-    state, raw = load_ema_export(path)
-    if not raw:
-        raise ValueError(f"{path} carries no config; it was not written by engine.train")
+    raw, state, _, source = load_pretrained(path, load_raw(config) if config else None)
     cfg = from_dict(apply_overrides(raw, list(overrides)))
     model = build_model(cfg.model)
     model.load_state_dict(state, strict=True)
+    log.info("sampling %s", source)
     return cfg, model.to(device).eval(), build_latent_space(cfg.latent, device=device)
 
 
@@ -290,7 +291,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     from engine.sampling import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="ema_fp32.pt, a step_* directory or a checkpoint directory")
+    parser.add_argument("--ckpt", required=True, help="ema_fp32.pt, a step_* directory or a checkpoint directory; "
+                        "or a REPA / REG / SiT .pt (or .safetensors) with --config")
+    parser.add_argument("--config", default=None, help="YAML for a checkpoint that carries no AlignFlow config "
+                        "(REPA/REG/SiT): its latent, transport and sample sections; the model comes from the "
+                        "checkpoint")
     parser.add_argument("--out", required=True, help="output directory (shared by all processes)")
     parser.add_argument("--num-images", type=int, default=None, help="default: the checkpoint's sample.num_images")
     parser.add_argument("--num-steps", type=int, default=None)
@@ -337,22 +342,22 @@ def main(argv=None) -> dict:
 
 def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
     import kernels
-    from engine.checkpoint import ema_export_path
+    from engine.models.pretrained import resolve_weights
 
     kernels.set_backend(args.kernels_backend or ("triton" if info.device.type == "cuda" else "torch"))
     overrides = [f"sample.{key}={value}" for key, value in (
         ("num_images", args.num_images), ("num_steps", args.num_steps), ("method", args.method),
         ("cfg_scale", args.cfg_scale), ("batch_size", args.batch_size), ("seed", args.seed)) if value is not None]
     # Rank 0 resolves "latest" once, so that every rank (and a restart) samples the same weights.
-    ckpt = _on_main(info, lambda: os.path.abspath(ema_export_path(args.ckpt)))
-    cfg, model, latent_space = load_for_sampling(ckpt, info.device, overrides)
+    ckpt = _on_main(info, lambda: resolve_weights(args.ckpt))
+    cfg, model, latent_space = load_for_sampling(ckpt, info.device, overrides, args.config)
     s = cfg.sample
     if s.num_images < 1:
         raise ValueError(f"sample.num_images={s.num_images} in {ckpt}: nothing to sample; pass --num-images N")
     if s.batch_size < 1 or s.num_steps < 1:
         raise ValueError(f"sample.batch_size={s.batch_size}, sample.num_steps={s.num_steps} in {ckpt}; need >= 1")
     resolution = cfg.model.input_size * latent_space.downsample
-    meta = dict(ckpt=ckpt, num_images=s.num_images, batch_size=s.batch_size, seed=s.seed, num_steps=s.num_steps,
+    meta = dict(ckpt=ckpt, config=args.config and os.path.abspath(args.config), num_images=s.num_images, batch_size=s.batch_size, seed=s.seed, num_steps=s.num_steps,
                 method=s.method, cfg_scale=s.cfg_scale, resolution=resolution, precision=args.precision)
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"

@@ -19,6 +19,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the rank comes from the environment")
+    parser.add_argument("--ckpt", default=None, help="fine-tune from these weights (checkpoint.init_weights): an "
+                        "ema_fp32.pt, a Hugging Face folder or a REPA / REG / SiT .pt")
     parser.add_argument("--validate-only", action="store_true", help="check the config and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_args(argv)
@@ -30,7 +32,8 @@ def main(argv=None) -> dict:
     from engine.trainer import world_size_from_env
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides) + ([f"checkpoint.init_weights={args.ckpt}"] if args.ckpt else [])
+        cfg = load_config(args.config, overrides)
         validate(cfg, world_size=world_size_from_env())
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)

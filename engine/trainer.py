@@ -198,6 +198,8 @@ class Trainer:
         # The model is initialised identically on every rank (ZeRO-3 partitions each rank's own copy).
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model)
+        if cfg.checkpoint.init_weights:
+            self._init_weights(model)
         self.initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.flops_per_sample = model.flops_per_sample() if hasattr(model, "flops_per_sample") else 0.0
 
@@ -252,6 +254,16 @@ class Trainer:
         self.latent_generator.manual_seed(rank_seed(cfg.train.seed + 1, self.rank))
         self._resume()
         self._data_iter = None
+
+    def _init_weights(self, model) -> None:
+        """Load checkpoint.init_weights strict into `model` (on every rank), after checking that the
+        config's model is the one the checkpoint holds (naming the first key that differs)."""
+        from engine.models.pretrained import check_model_matches, load_pretrained
+
+        _, state, fixed, source = load_pretrained(self.cfg.checkpoint.init_weights, self.cfg.to_dict())
+        check_model_matches(fixed, self.cfg.model, f"checkpoint.init_weights ({source})")
+        model.load_state_dict(state, strict=True)
+        self.monitor.info(f"initialised the model and its EMA from {source}")
 
     def _check_latent_grid(self) -> None:
         """The model's input must be the latent grid the data gives, or the first step fails deep in the

@@ -65,6 +65,9 @@ class ModelConfig(FromDict):
     car_flow_shape: str = "full"      # "full": a (C, H, W) shift per class; "channel": (C, 1, 1)
     car_flow_rank: int = 64           # width of each shift network's hidden layer
     mlp_ratio: float = 4.0
+    # SiT's released checkpoints learn a variance too: the final layer gives 2 x in_channels, the first
+    # half is the velocity (as SiT's forward returns it) and the second half is unused
+    learn_sigma: bool = False
     grad_checkpointing: bool = False  # recompute each block in the backward (activation memory ~ depth x less)
     hidden_size: int | None = None
     depth: int | None = None
@@ -110,6 +113,8 @@ class ModelConfig(FromDict):
             bad("car_flow_shape", self.car_flow_shape, list(CAR_FLOW_SHAPES))
         if not self.mlp_ratio > 0:
             bad("mlp_ratio", self.mlp_ratio, "a positive number")
+        if not isinstance(self.learn_sigma, bool):
+            bad("learn_sigma", self.learn_sigma, "true or false")
 
 
     @property
@@ -283,7 +288,8 @@ class SiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.hidden_size
-        self.in_channels = self.out_channels = cfg.in_channels
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)  # final layer's channels
         self.patch_size = cfg.patch_size
         self.num_heads = cfg.num_heads
         self.num_classes = cfg.num_classes
@@ -417,7 +423,9 @@ class SiT(nn.Module):
                 zs = [projector(residual) for projector in self.projectors]     # (B, T, z_dim)
 
         # h = modulate(LN(residual)) with the final layer's shift and scale.
-        velocity = self.unpatchify(self.final_layer.linear(h[:, int(self.reg):]))  # (B, C, H, W)
+        velocity = self.unpatchify(self.final_layer.linear(h[:, int(self.reg):]))  # (B, C[*2], H, W)
+        if self.cfg.learn_sigma:
+            velocity = velocity[:, :self.in_channels]  # SiT: the first half; the variance half is unused
         if self.reg:
             return velocity, zs, self.final_layer.linear_cls(h[:, 0])
         return velocity, zs

@@ -10,7 +10,8 @@ setup(
     # torch is not pinned here: a GPU machine keeps its own CUDA build; CPU installs pin it (README).
     install_requires=["torch>=2.6", "triton>=3.3", "numpy", "pyyaml", "pillow"],
     extras_require={
-        "train": ["deepspeed>=0.16", "timm>=1.0", "diffusers>=0.30", "safetensors", "tensorboard",
+        "train": ["deepspeed>=0.16", "timm>=1.0", "diffusers>=0.30", "safetensors", "huggingface_hub>=0.23",
+                  "tensorboard",
                   "matplotlib", "tqdm"],
         "data": ["nvidia-dali-cuda130"],
         "test": ["pytest>=8"],

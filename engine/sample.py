@@ -292,7 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="ema_fp32.pt, a step_* directory or a checkpoint directory; "
-                        "or a REPA / REG / SiT .pt (or .safetensors) with --config")
+                        "a Hugging Face Hub folder or repo id (config.json + model.safetensors), or a REPA / REG / SiT .pt "
+                        "(or .safetensors) with --config")
     parser.add_argument("--config", default=None, help="YAML for a checkpoint that carries no AlignFlow config "
                         "(REPA/REG/SiT): its latent, transport and sample sections; the model comes from the "
                         "checkpoint")
@@ -318,8 +319,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, key)
         if value is not None and value < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
-    if not os.path.exists(args.ckpt):
-        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist")
+    from engine.models.hub import is_hub_reference
+
+    if not os.path.exists(args.ckpt) and not is_hub_reference(args.ckpt):
+        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist (nor is it a Hub repo id user/name)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; it must be a directory (created if missing)")
     return args

@@ -39,7 +39,6 @@ from .sit import PRESETS, ModelConfig
 log = logging.getLogger("engine.models.pretrained")
 
 PREFIXES = ("module.", "_orig_mod.")
-HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,9 +222,15 @@ def check_model_matches(state_cfg: dict, model_cfg: ModelConfig, source: str) ->
 # ----------------------------------------------------------------------------------------------
 
 def resolve_weights(path: str) -> str:
-    """The one file (or Hub folder) that `path` names; a checkpoint directory resolves to its latest export."""
+    """The one file (or Hub folder, or Hub repo id) that `path` names; a checkpoint directory resolves to
+    its latest export."""
     from engine.checkpoint import ema_export_path
+    from .hub import is_hub_folder, is_hub_reference
 
+    if is_hub_folder(path):
+        return os.path.abspath(path)
+    if is_hub_reference(path):
+        return path
     return os.path.abspath(ema_export_path(path))
 
 
@@ -237,7 +242,14 @@ def load_pretrained(path: str, config_raw: dict | None = None) -> tuple[dict, di
     A file without our config needs `config_raw` (a YAML's mapping: its latent, transport and sample
     sections are used); its model section is replaced by what the checkpoint's tensors and options fix
     (logged)."""
+    from .hub import is_hub_reference, load_hub
+
     file = resolve_weights(path)
+    if is_hub_reference(file):
+        raw, state = load_hub(file)
+        fixed = model_config_from_state_dict(state, base=raw.get("model"))
+        fixed["encoder_depth"] = raw["model"]["encoder_depth"]
+        return raw, state, fixed, f"Hugging Face Hub folder {file}"
     read = read_checkpoint(file)
     if read["config"]:
         raw = read["config"]

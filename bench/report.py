@@ -152,6 +152,62 @@ def kernel_chart(payload: dict | None) -> str | None:
     return _save(plt, fig, payload)
 
 
+def model_payloads(results_dir: str) -> list[dict]:
+    """The newest modelled result (`python -m bench.model`: model-<preset>-<date>.json) of each device
+    preset, oldest preset name first; the regression guard's model-baseline.json is not one."""
+    per_preset = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, "model-*.json"))):
+        with open(path) as f:
+            payload = json.load(f)
+        if payload.get("kind") != "model":
+            continue
+        payload["_path"] = path
+        current = per_preset.get(payload["device_preset"])
+        if current is None or payload["date"] >= current["date"]:
+            per_preset[payload["device_preset"]] = payload
+    return [per_preset[k] for k in sorted(per_preset)]
+
+
+def model_sections(payloads: list[dict], readme_preset: str = "h100-sxm") -> dict:
+    """The README's modelled sections (the `readme_preset` result: its step table, sensitivity and
+    assumptions; its ZeRO projection), each result's full table beside its JSON, and its chart."""
+    from bench.model import markdown, zero_table
+
+    for payload in payloads:
+        write_table(payload, markdown(payload))
+        model_chart(payload)
+    chosen = next((p for p in payloads if p["device_preset"] == readme_preset), payloads[-1] if payloads else None)
+    if chosen is None:
+        missing = "Not modelled yet (`python -m bench.model`).\n"
+        return {"model-results": missing, "model-zero-results": missing}
+    source = f"\n({os.path.basename(chosen['_path'])}; top ops per variant in the .md beside it)\n"
+    return {"model-results": markdown(chosen, top_ops=False, zero=False) + source,
+            "model-zero-results": (zero_table(chosen) if chosen.get("zero") else "No ZeRO projection in "
+                                   "this result (`python -m bench.model --zero-gpus 8,64`).\n") + source}
+
+
+def model_chart(payload: dict) -> str | None:
+    """The modelled step of each variant as bars stacked by category, a PNG beside the result."""
+    from bench.model import CATEGORIES
+
+    plt = _pyplot()
+    if plt is None or not payload.get("variants"):
+        return None
+    names = list(payload["variants"])
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 2.4))
+    left = [0.0] * len(names)
+    for category in CATEGORIES:
+        widths = [1e3 * payload["variants"][n]["categories"][category] for n in names]
+        ax.barh(names, widths, left=left, label=category)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel("modelled step time (ms), not measured")
+    cfg = payload["config"]
+    ax.set_title(f"{cfg['model']} batch {cfg['batch']}, modelled {payload['device']['device']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    return _save(plt, fig, payload)
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
     if not pattern.search(text):
@@ -170,6 +226,7 @@ def main(argv=None) -> int:
     kernel_chart(kernels_payload)
     sections = {"kernel-results": kernel_table(kernels_payload), "train-step-results": train_step_table(step_payload),
                 "data-results": data_tables(data_payloads)}
+    sections.update(model_sections(model_payloads(args.results)))
     write_table(kernels_payload, sections["kernel-results"])
     write_table(step_payload, sections["train-step-results"])
     for payload in data_payloads:

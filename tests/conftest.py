@@ -34,8 +34,8 @@ def _matmul_precision():
 
 # Fast tests first: the files below start processes (DeepSpeed ranks, the AOT compiler), compile with
 # torch.compile, or train; they run after everything else, in this order.
-SLOW_LAST = ["test_aot.py", "test_compile.py", "test_bench_smoke.py", "test_train.py", "test_train_distributed.py",
-             "test_numerics_frozen.py"]
+SLOW_LAST = ["test_aot.py", "test_compile.py", "test_bench_smoke.py", "test_bench_model.py", "test_train.py",
+             "test_train_distributed.py", "test_numerics_frozen.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -41,7 +41,7 @@ def test_report_regenerates_the_readme_sections(tmp_path):
     results.mkdir()
     shutil.copy("bench/results/data-cpu-2026-11-24.json", results)
     readme = tmp_path / "README.md"
-    sections = ("kernel-results", "train-step-results", "data-results")
+    sections = ("kernel-results", "train-step-results", "data-results", "model-results", "model-zero-results")
     readme.write_text("".join(f"<!-- BEGIN {s} -->\nstale\n<!-- END {s} -->\n" for s in sections))
     assert bench_report.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
@@ -139,7 +139,8 @@ def test_report_fills_the_gpu_tables_and_draws_the_charts(tmp_path):
     (results / "train_step-NVIDIA-H200-2026-12-02.json").write_text(json.dumps(step_payload))
     readme = tmp_path / "README.md"
     readme.write_text("".join(f"<!-- BEGIN {s} -->\n<!-- END {s} -->\n"
-                              for s in ("kernel-results", "train-step-results", "data-results")))
+                              for s in ("kernel-results", "train-step-results", "data-results", "model-results",
+                                        "model-zero-results")))
     assert bench_report.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "| adaln_modulate | 32x256x1152 bf16 SiT-XL/2 256px | forward | triton | 10.0 | 4.00x | 4000 GB/s | 100% |" in text

@@ -1,0 +1,1011 @@
+"""Training-step cost model (modelled, not measured): the bytes, FLOPs and launches of one whole
+training step, counted on fake tensors on the CPU, turned into a modelled time on named GPUs.
+
+    python -m bench.model [--model SiT-XL/2] [--batch 32] [--resolution 256] [--encoder dinov2-vit-b]
+                          [--reg] [--car-flow none] [--precision bf16-mixed|bf16] [--variants ...]
+                          [--device-preset h100-sxm] [--zero-gpus 8,64] [--out bench/results]
+    python -m bench.model --write-baseline     # the regression guard's baseline (see tests/test_bench_model.py)
+
+The step is `bench.train_step.one_step` itself (its `build` too), run once to create the optimizer
+state and once more recorded, under FakeTensorMode: no tensor has data, every aten op is recorded by a
+TorchDispatchMode with its input and output shapes and dtypes, and every Triton kernel launch of the
+fused ops is intercepted (the launchers run as they do on a GPU, allocating their outputs and scratch
+buffers on fake tensors, and launch nothing). Per op:
+  - bytes: each kernel reads each distinct input tensor and writes each output once (a lower bound:
+    re-reads from L2 or HBM inside a kernel are not counted); a Triton launch touches each distinct
+    tensor argument once (its scratch buffers included, since the launcher allocates them);
+  - FLOPs: matmuls and convolutions (2 per multiply-add) and attention as executed: FlashAttention-2
+    (PyTorch's flash SDPA backend) pads head dim 72 to its 96 kernel and recomputes S and P in a
+    five-GEMM backward; our Triton kernel tiles 72 as 64 + 16 (kernels.attention.head_tiles), pads N
+    to its blocks and runs 2 GEMMs forward, 4 (dK, dV) + 3 (dQ) backward. Everything else is counted as
+    memory-bound (no FLOPs);
+  - launches: 1 per kernel; views and allocations launch nothing; multi-tensor (foreach, fused AdamW)
+    ops launch as CUDA's multi_tensor_apply chunks them.
+Compiled variants run the same trace, then model Inductor's fusion explicitly: inside the compiled
+module (SiT's forward and its backward; encoder, losses and optimizer stay eager, as in
+bench.train_step), each maximal run of pointwise/reduction/copy ops between anchors (matmuls,
+convolutions, attention, Triton kernels) becomes one kernel that reads the tensors it takes from
+outside the run and writes the tensors read after it.
+Time per op = max(FLOPs / (matmul peak x efficiency), bytes / bandwidth) + launches x launch cost.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import glob
+import json
+import math
+import os
+import sys
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
+              "encoder", "losses")
+VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-compiled")
+PRECISIONS = ("bf16-mixed", "bf16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device presets (datasheet numbers: dense, no structured sparsity)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    bf16_flop_per_s: float      # dense bf16 tensor-core peak
+    tf32_flop_per_s: float      # dense TF32 tensor-core peak (fp32 matmuls with TF32 on, the trainer's default)
+    hbm_bytes_per_s: float
+    nvlink_bytes_per_s: float   # per GPU, both directions together
+    source: str
+    match: tuple = ()           # substrings of torch.cuda.get_device_name() that a measured result must have
+
+
+PRESETS = {
+    "h100-sxm": Device("H100 SXM", 989.4e12, 494.7e12, 3.35e12, 900e9,
+                       "NVIDIA H100 Tensor Core GPU datasheet (SXM5: BF16 1979 TFLOPS with sparsity, "
+                       "TF32 989 with sparsity, HBM3 3.35 TB/s, NVLink 900 GB/s)", ("H100",)),
+    "h200": Device("H200 SXM", 989.4e12, 494.7e12, 4.8e12, 900e9,
+                   "NVIDIA H200 Tensor Core GPU datasheet (SXM: BF16 1979 TFLOPS with sparsity, HBM3e 4.8 TB/s, "
+                   "NVLink 900 GB/s)", ("H200",)),
+    "a100-80gb": Device("A100 80GB SXM", 312e12, 156e12, 2.039e12, 600e9,
+                        "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM: BF16 312 TFLOPS, TF32 156, HBM2e "
+                        "2039 GB/s, NVLink 600 GB/s)", ("A100",)),
+    "b200": Device("B200", 2.25e15, 1.1e15, 8.0e12, 1.8e12,
+                   "NVIDIA HGX B200 datasheet (per GPU: FP16/BF16 4.5 PFLOPS and TF32 2.2 PFLOPS with sparsity, "
+                   "HBM3e 8 TB/s, NVLink 5 1.8 TB/s)", ("B200",)),
+}
+
+# Fractions of the datasheet peaks that the model assumes a kernel reaches (printed with every result).
+MATMUL_EFFICIENCY = 0.75      # large bf16 GEMMs on H100 reach ~700-750 of 989 TFLOP/s
+ATTENTION_EFFICIENCY = 0.45   # FlashAttention-2 class kernels: ~350-450 TFLOP/s forward on an H100
+BANDWIDTH_EFFICIENCY = 0.9    # a device-to-device copy reaches ~90% of the HBM datasheet figure
+LAUNCH_S = 3e-6               # per kernel launch (gap between back-to-back kernels)
+IB_BYTES_PER_S = 50e9         # 400 Gb/s InfiniBand per GPU, each direction
+GPUS_PER_NODE = 8
+
+
+def device_ceilings(preset: str, results_dir: str = "bench/results") -> dict:
+    """The bandwidth and bf16 matmul ceilings the model uses for `preset`: the datasheet figures times
+    the efficiencies above, replaced by the copy bandwidth and bf16 matmul rate that a GPU run of this
+    device recorded in `results_dir` (bench/common.py measures them; kernels-*.json "ceilings", or
+    train_step-*.json "matmul_flop_per_s"), where one has."""
+    device = PRESETS[preset]
+    out = {"device": device.name, "source": device.source,
+           "bandwidth": device.hbm_bytes_per_s * BANDWIDTH_EFFICIENCY,
+           "bandwidth_from": f"datasheet {device.hbm_bytes_per_s / 1e12:.2f} TB/s x {BANDWIDTH_EFFICIENCY}",
+           "bf16": device.bf16_flop_per_s * MATMUL_EFFICIENCY,
+           "bf16_from": f"datasheet {device.bf16_flop_per_s / 1e12:.0f} TFLOP/s x {MATMUL_EFFICIENCY}",
+           "tf32": device.tf32_flop_per_s * MATMUL_EFFICIENCY, "peak_bf16": device.bf16_flop_per_s,
+           "attention_efficiency": ATTENTION_EFFICIENCY / MATMUL_EFFICIENCY}
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        try:
+            with open(path) as f:
+                payload = json.load(f)
+        except (OSError, ValueError):
+            continue
+        name = (payload.get("environment") or {}).get("device", "") if isinstance(payload, dict) else ""
+        if not device.match or not all(m in name for m in device.match):
+            continue
+        ceilings = payload.get("ceilings") or {}
+        if ceilings.get("copy_bytes_per_s"):
+            out["bandwidth"] = ceilings["copy_bytes_per_s"]
+            out["bandwidth_from"] = f"measured copy bandwidth, {os.path.basename(path)}"
+        matmul = ceilings.get("matmul_flop_per_s") or payload.get("matmul_flop_per_s")
+        if matmul:
+            out["bf16"] = matmul
+            out["tf32"] = matmul * device.tf32_flop_per_s / device.bf16_flop_per_s
+            out["bf16_from"] = f"measured bf16 matmul rate, {os.path.basename(path)}"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting one op
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Op:
+    name: str                # aten op ("mm"), or "triton:<kernel>" for a fused kernel's launch
+    phase: str               # encoder / forward / loss / backward / optimizer
+    category: str
+    flops: float = 0.0       # executed (padding and recompute included)
+    model_flops: float = 0.0 # the useful part (what analytic counts count)
+    read: float = 0.0        # bytes
+    written: float = 0.0
+    launches: int = 0
+    matmul_dtype: str = ""   # "bf16" / "fp32" for ops with FLOPs
+    compiled: bool = False   # inside the torch.compile'd module (SiT forward or backward)
+    fused_region: bool = False  # inside a `kernels` op (the fused kernel, or the reference path it replaces)
+    anchor: bool = False     # not fused by Inductor (matmul, attention, Triton kernel, multi-tensor op)
+    shapes: str = ""
+    reads: list = field(default_factory=list, repr=False)    # [(storage key, bytes)]
+    writes: list = field(default_factory=list, repr=False)
+
+    @property
+    def bytes(self) -> float:
+        return self.read + self.written
+
+
+def _storage_key(t: torch.Tensor):
+    return t.untyped_storage()._cdata
+
+
+def _footprint(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor view covers (a broadcast dimension with stride 0 once)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_convolution"}
+_SDPA = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
+_SDPA_BACKWARD = {n + "_backward" for n in _SDPA}
+_NORMS = {"native_layer_norm", "native_layer_norm_backward", "native_group_norm", "native_group_norm_backward"}
+_COPIES = {"_to_copy", "copy_", "clone", "cat", "stack", "contiguous", "_unsafe_view", "index_select",
+           "embedding", "embedding_dense_backward", "upsample_bicubic2d", "constant_pad_nd", "repeat"}
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "linalg_vector_norm", "norm", "var_mean", "var",
+               "std", "_foreach_norm", "prod", "cumsum", "logsumexp", "_softmax", "_log_softmax"}
+_WRITE_ONLY = {"copy_", "fill_", "zero_", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
+               "new_zeros", "new_ones", "new_full", "rand", "randn", "rand_like", "randn_like", "randint",
+               "randint_like", "normal_", "uniform_", "bernoulli_", "exponential_", "random_", "arange",
+               "scalar_tensor", "linspace"}
+_FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "_local_scalar_dense",
+         "lift_fresh", "lift_fresh_copy", "detach", "alias", "set_", "resize_", "_record_function_enter_new",
+         "_record_function_exit", "device", "is_same_size", "sym_size", "sym_stride", "sym_numel",
+         "sym_storage_offset", "_has_compatible_shallow_copy_type", "record_stream", "_assert_async",
+         "_to_copy_meta"}
+_ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+_FA2_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)   # FlashAttention-2's kernel instantiations
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def _is_view(func) -> bool:
+    schema = func._schema
+    return bool(schema.returns) and all(r.alias_info is not None and not r.alias_info.is_write
+                                        for r in schema.returns)
+
+
+def _mutated_args(func, args, kwargs):
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(a.name)
+            out.extend(_tensors(value))
+    return out
+
+
+def _multi_tensor_launches(lists) -> int:
+    """Launches of CUDA's multi_tensor_apply over `lists` (one list per operand): 65536-element chunks,
+    at most 320 blocks and depth_to_max_tensors[depth] tensors per launch."""
+    depth = max(1, len(lists))
+    max_tensors = (110, 64, 48, 36, 30)[min(depth, 5) - 1]
+    first = lists[0] if lists else []
+    chunks = sum(-(-t.numel() // 65536) for t in first)
+    return max(1, -(-len(first) // max_tensors), -(-chunks // 320)) if first else 0
+
+
+def _matmul_flops(name, args, out) -> float:
+    if name == "mm":
+        (m, k), n = args[0].shape, args[1].shape[1]
+        return 2.0 * m * k * n
+    if name == "addmm":
+        (m, k), n = args[1].shape, args[2].shape[1]
+        return 2.0 * m * k * n
+    if name in ("bmm", "baddbmm"):
+        a, b = (args[0], args[1]) if name == "bmm" else (args[1], args[2])
+        return 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    if name in ("convolution", "_convolution"):
+        weight, groups = args[1], args[8]
+        return 2.0 * out.numel() * weight.shape[1] * math.prod(weight.shape[2:]) if groups else 0.0
+    if name == "convolution_backward":
+        grad_out, weight, mask = args[0], args[2], args[-1]
+        per = 2.0 * grad_out.numel() * weight.shape[1] * math.prod(weight.shape[2:])
+        return per * (int(mask[0]) + int(mask[1]))
+    return 0.0
+
+
+def _flash_flops(q, k, backward: bool) -> tuple[float, float]:
+    """(executed, useful) FLOPs of PyTorch's flash SDPA (FlashAttention-2) for q (B, H, N, d)."""
+    B, H, N, d = q.shape
+    Nk = k.shape[2]
+    useful = 4.0 * B * H * N * Nk * d
+    d_pad = next(x for x in _FA2_HEAD_DIMS if x >= d) if d <= 256 else d
+    executed = 4.0 * B * H * _round_up(N, 128) * _round_up(Nk, 128) * d_pad
+    return (2.5 * executed, 2.0 * useful) if backward else (executed, useful)
+
+
+# name -> (GEMMs per (query block, key block) pair, useful GEMMs, launch table key)
+_TRITON_ATTENTION = {"_attn_fwd_kernel": (2, 2, "fwd"), "_attn_bwd_dkdv_kernel": (4, 3, "dkdv"),
+                     "_attn_bwd_dq_kernel": (3, 1, "dq")}
+
+
+def _triton_attention_flops(kernel: str, q: torch.Tensor, qk_norm: bool) -> tuple[float, float]:
+    """(executed, useful) FLOPs of one of our Triton attention launches (q is (B, H, N, d)). The head
+    dim is tiled as kernels.attention.head_tiles says (72 -> 64 + 16) and N padded to the launch's GPU
+    blocks. Useful: the forward's 2 GEMMs, the backward's 4 without recompute (split 3 + 1)."""
+    import importlib
+
+    attn = importlib.import_module("kernels.attention")  # the module (the package's `attention` is the op)
+    B, H, N, d = q.shape
+    gemms, useful_gemms, key = _TRITON_ATTENTION[kernel]
+    d0, d1 = attn.head_tiles(d)
+    table = attn._config_table(q.dtype != torch.float32, "tf32" if q.dtype == torch.float32 else "ieee")
+    block_m, block_n = attn._gpu_config(key, table, qk_norm)[:2]
+    executed = 2.0 * gemms * B * H * _round_up(N, block_m) * _round_up(N, block_n) * (d0 + d1)
+    return executed, 2.0 * useful_gemms * B * H * N * N * d
+
+
+def op_category(name: str, phase: str, stack_category: str | None) -> str:
+    if phase in ("encoder", "optimizer"):
+        return phase
+    if phase == "loss":
+        return "losses"
+    if stack_category:
+        return stack_category
+    if name in _MATMULS:
+        return "matmul"
+    if name in _SDPA or name in _SDPA_BACKWARD:
+        return "attention"
+    if name in _NORMS:
+        return "norm/modulate"
+    if name in _COPIES:
+        return "casts/copies"
+    if name in _REDUCTIONS:
+        return "reductions"
+    return "pointwise"
+
+
+# ----------------------------------------------------------------------------------------------
+# The tracer
+# ----------------------------------------------------------------------------------------------
+
+_KERNEL_MODULES = {"adaln.py": "norm/modulate", "attention.py": "attention", "interpolant.py": "losses",
+                   "alignment_loss.py": "losses"}
+_KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+
+
+def _stack_context():
+    """(category, inside a kernels op) from the innermost frame in a kernels/ op module."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path.startswith(_KERNELS_DIR):
+            category = _KERNEL_MODULES.get(os.path.basename(path))
+            if category:
+                return category, True
+        frame = frame.f_back
+    return None, False
+
+
+class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op and every Triton launch run under it as an `Op`. Set `phase` from outside;
+    `in_model` marks the ops of the compiled module's forward. Backward ops take the phase ("loss" or
+    model) and the kernels category of the forward op whose autograd node runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[Op] = []
+        self.phase = "forward"
+        self.in_model = False
+        self.recording = True
+        self._fresh: set = set()  # storages allocated (torch.empty) and not written yet: a launch's outputs
+        self._forward_outputs: list = []
+
+    # -- Triton launches -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def intercept_triton(self):
+        from triton.runtime.jit import KernelInterface
+
+        original = KernelInterface.__getitem__
+        tracer = self
+
+        def getitem(kernel, grid):
+            def launch(*args, **kwargs):
+                tracer.record_triton(kernel, args, kwargs)
+            return launch
+
+        KernelInterface.__getitem__ = getitem
+        try:
+            yield
+        finally:
+            KernelInterface.__getitem__ = original
+
+    def record_triton(self, kernel, args, kwargs):
+        if not self.recording:
+            return
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+        seen, reads, writes = set(), [], []
+        for t in _tensors(list(args) + list(kwargs.values())):
+            key = (_storage_key(t), t.storage_offset(), tuple(t.shape))
+            if key in seen:
+                continue
+            seen.add(key)
+            entry = (_storage_key(t), _footprint(t))
+            (writes if _storage_key(t) in self._fresh else reads).append(entry)
+        for key, _ in writes:
+            self._fresh.discard(key)
+        category, _ = _stack_context()
+        op = Op(f"triton:{name}", self._phase(category), "", read=sum(b for _, b in reads),
+                written=sum(b for _, b in writes), launches=1, fused_region=True, anchor=True, reads=reads,
+                writes=writes)
+        if name in _TRITON_ATTENTION:
+            q = next(_tensors(args))
+            qk_norm = bool(kwargs.get("QK_NORM", False))
+            op.flops, op.model_flops = _triton_attention_flops(name, q, qk_norm)
+            op.matmul_dtype = "fp32" if q.dtype == torch.float32 else "bf16"
+            op.shapes = f"q {tuple(q.shape)} {str(q.dtype).replace('torch.', '')}"
+        op.category = op_category(op.name, op.phase, category)
+        op.compiled = op.phase in ("forward", "backward") and self._model_flag()
+        self.ops.append(op)
+
+    # -- phases ------------------------------------------------------------------------------------
+    def _node_meta(self):
+        node = torch._C._current_autograd_node()
+        return node.metadata if node is not None else {}
+
+    def _phase(self, stack_category):
+        if self.phase == "backward":
+            meta = self._node_meta()
+            if stack_category == "losses" or meta.get("phase") == "loss":
+                return "loss"
+            return "backward"
+        if self.phase == "forward" and not self.in_model:
+            return "loss"
+        return self.phase
+
+    def _model_flag(self) -> bool:
+        if self.phase == "forward":
+            return self.in_model
+        return self._node_meta().get("model", True)
+
+    def tag_forward_outputs(self):
+        """After the forward: put each recorded output's phase and kernels category on its autograd node,
+        so the backward ops that the node runs are attributed to them."""
+        for out, phase, category, fused, in_model in self._forward_outputs:
+            node = out.grad_fn
+            if node is not None and "phase" not in node.metadata:
+                node.metadata.update(phase=phase, category=category, fused=fused, model=in_model)
+        self._forward_outputs.clear()
+
+    # -- aten ops ------------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.recording:
+            return out
+        name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+        if name in _ALLOCATIONS:
+            self._fresh.update(_storage_key(t) for t in _tensors(out))
+        if name in _FREE or _is_view(func) or func.namespace == "prim":
+            return out
+        stack_category, fused = _stack_context()
+        if self.phase == "backward" and stack_category is None:
+            meta = self._node_meta()
+            stack_category, fused = meta.get("category"), meta.get("fused", False)
+        phase = self._phase(stack_category)
+        mutated = _mutated_args(func, args, kwargs)
+        mutated_keys = {_storage_key(t) for t in mutated}
+        inputs = [] if name in _WRITE_ONLY else list(_tensors((args, kwargs)))
+        outputs = [t for t in _tensors(out) if _storage_key(t) not in mutated_keys] + mutated
+        reads, seen = [], set()
+        for t in inputs:
+            key = (_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride())
+            if key not in seen:
+                seen.add(key)
+                reads.append((_storage_key(t), _footprint(t)))
+        writes, seen = [], set()
+        for t in outputs:
+            key = (_storage_key(t), t.storage_offset(), tuple(t.shape))
+            if key not in seen:
+                seen.add(key)
+                writes.append((_storage_key(t), _footprint(t)))
+                self._fresh.discard(_storage_key(t))
+        if not writes:  # a scalar or dtype answer (promote_types, is_nonzero, ...): no kernel
+            return out
+        op = Op(name, phase, op_category(name, phase, stack_category), read=sum(b for _, b in reads),
+                written=sum(b for _, b in writes), launches=1, fused_region=fused, reads=reads, writes=writes)
+        if name.startswith("_foreach_") or name.startswith("_fused_"):
+            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+            op.launches = _multi_tensor_launches(lists) + (1 if name == "_foreach_norm" else 0)
+            op.anchor = True
+        elif name in _MATMULS:
+            op.flops = op.model_flops = _matmul_flops(name, args, out)
+            op.matmul_dtype = "fp32" if next(_tensors(args)).dtype == torch.float32 else "bf16"
+            op.anchor = True
+        elif name in _SDPA or name in _SDPA_BACKWARD:
+            q = args[1] if name in _SDPA_BACKWARD else args[0]
+            k = args[2] if name in _SDPA_BACKWARD else args[1]
+            op.flops, op.model_flops = _flash_flops(q, k, name in _SDPA_BACKWARD)
+            op.matmul_dtype = "bf16"  # a CPU trace of the bf16 GPU run: flash SDPA is bf16 only
+            op.anchor = True
+        if op.flops:
+            op.shapes = " x ".join(f"{tuple(t.shape)}" for t in inputs[:3])
+        op.compiled = phase in ("forward", "backward") and self._model_flag()
+        self.ops.append(op)
+        if self.phase == "forward":  # autograd gives the outputs their grad_fn after this returns
+            for t in _tensors(out):
+                if t.is_floating_point():
+                    self._forward_outputs.append((t, phase, stack_category, fused, self.in_model))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracing the training step
+# ----------------------------------------------------------------------------------------------
+
+class _MasterWeightsAdamW:
+    """DeepSpeed's bf16 mode under ZeRO-1/2 (runtime/zero/stage_1_and_2.py), as one rank runs it: the bf16
+    weights live in one flat buffer; each gradient is copied into the flat reduce buckets as the backward
+    makes it; the step casts the flat bf16 gradient to fp32, runs AdamW on the flat fp32 master copy and
+    copies the master back into the bf16 weights. Every one of those copies is traced as an op."""
+
+    def __init__(self, params, optimizer_cls):
+        self.params = list(params)
+        numel = sum(p.numel() for p in self.params)
+        dtype = self.params[0].dtype
+        self.flat_weights = torch.empty(numel, dtype=dtype)
+        self.flat_grads = torch.empty(numel, dtype=dtype)
+        self.master = torch.empty(numel, dtype=torch.float32, requires_grad=True)
+        self.inner = optimizer_cls([self.master])
+
+    def step(self):
+        offset = 0
+        for p in self.params:  # the backward's bucket copies (DeepSpeed's IPG buckets)
+            if p.grad is not None:
+                self.flat_grads[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+            offset += p.numel()
+        self.master.grad = self.flat_grads.float()
+        self.inner.step()
+        self.flat_weights.copy_(self.master.detach())
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+        self.master.grad = None
+
+
+def _patched_foreach():
+    """clip_grad_norm_ picks its foreach path (one multi-tensor norm, as on CUDA) for fake tensors too."""
+    import torch.nn.utils.clip_grad as clip
+
+    @contextlib.contextmanager
+    def patch():
+        original = clip._has_foreach_support
+        clip._has_foreach_support = lambda tensors, device: True
+        try:
+            yield
+        finally:
+            clip._has_foreach_support = original
+    return patch()
+
+
+def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", encoder_depth=8, reg=False,
+               car_flow="none", precision="bf16-mixed", backend="triton", model_overrides=None) -> dict:
+    """Trace one training step of bench.train_step (build + one_step) on fake tensors; returns
+    {"ops": [Op], "model_flops": analytic step FLOPs, "params": count, "linear_params": count}."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench import train_step
+    from bench.flops import training_step_flops
+    from engine.models import build_model
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: allowed {list(PRECISIONS)}")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels pick their Triton path for CPU (fake) tensors
+    args = argparse.Namespace(smoke=False, encoder=encoder, resolution=resolution, batch=batch, model=model,
+                              encoder_depth=encoder_depth, reg=reg, car_flow=car_flow)
+    meta = torch.device("meta")
+    with meta:
+        if model_overrides:
+            encoder_module, cfg, transport, encoder_flops = _build_small(args, model_overrides)
+        else:
+            encoder_module, cfg, transport, encoder_flops = train_step.build(args, meta)
+        sit = build_model(cfg)
+    model_flops = sit.flops_per_sample()
+    linear_params = sum(m.weight.numel() for m in sit.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    params = sum(p.numel() for p in sit.parameters())
+    tracer = Tracer()
+    tracer.recording = False
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        encoder_module.to_empty(device="cpu")
+        sit.to_empty(device="cpu").train()
+        if precision == "bf16":
+            sit.to(torch.bfloat16)
+        fused = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)  # noqa: E731
+        optimizer = _MasterWeightsAdamW(sit.parameters(), fused) if precision == "bf16" else fused(sit.parameters())
+        latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
+        images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
+        labels = torch.randint(0, cfg.num_classes, (batch,))
+        if precision == "bf16":
+            latents = latents.to(torch.bfloat16)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+        phases = iter(("forward", "backward", "optimizer", "done"))
+
+        def mark():
+            if tracer.phase == "forward":
+                tracer.tag_forward_outputs()
+            tracer.phase = next(phases)
+
+        class Forward:  # the module's forward, marked; `module` lets transport.unwrap find the model
+            module = sit
+
+            def __call__(self, *a, **k):
+                tracer.in_model = True
+                try:
+                    return sit(*a, **k)
+                finally:
+                    tracer.in_model = False
+
+        forward = Forward()
+
+        step_inputs = (sit, forward, optimizer, encoder_module, transport, latents, cfg, autocast, backend,
+                       images, labels)
+        with tracer, tracer.intercept_triton(), _patched_foreach(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            for p in sit.parameters():  # an unrecorded optimizer step creates the optimizer state
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tracer.phase, tracer.recording = "encoder", True
+            train_step.one_step(*step_inputs, mark=mark)
+    return {"ops": tracer.ops, "model_flops": training_step_flops(model_flops, batch, encoder_flops),
+            "sit_flops_per_sample": model_flops, "encoder_flops_per_image": encoder_flops, "params": params,
+            "linear_params": linear_params, "num_patches": cfg.num_patches}
+
+
+def _build_small(args, overrides):
+    """bench.train_step.build's parts for a model with `overrides` (tests: a narrow SiT), on meta."""
+    from bench.flops import vit_forward_flops
+    from engine.models import ModelConfig
+    from engine.models.encoders import EncoderConfig, build_encoder
+    from engine.transport import Transport, TransportConfig
+
+    encoder = build_encoder(EncoderConfig(name=args.encoder, pretrained=False, resolution=args.resolution),
+                            device=torch.device("meta"))
+    cfg = ModelConfig(name=args.model, input_size=args.resolution // 8, num_classes=1000,
+                      encoder_depth=min(args.encoder_depth, overrides.get("depth", 99)), z_dims=[encoder.embed_dim],
+                      reg=args.reg, car_flow=args.car_flow, **overrides)
+    vit = encoder.model
+    tokens = encoder.num_patches
+    flops = vit_forward_flops(encoder.embed_dim, len(vit.blocks), tokens + encoder.num_prefix_tokens,
+                              vit.patch_embed.patch_size[0])
+    return encoder, cfg, Transport(TransportConfig(time_sampling="lognormal")), flops
+
+
+# ----------------------------------------------------------------------------------------------
+# Inductor's fusion (compiled variants)
+# ----------------------------------------------------------------------------------------------
+
+def fuse_compiled(ops: list[Op]) -> list[Op]:
+    """The compiled module's ops as Inductor is modelled to run them: each maximal run of consecutive
+    non-anchor ops of the compiled module (same phase) becomes one kernel reading each storage it takes
+    from outside the run once and writing each storage that an op after the run reads."""
+    readers = defaultdict(list)  # storage -> indices of the ops that read it
+    for i, op in enumerate(ops):
+        for key, _ in op.reads:
+            readers[key].append(i)
+    out, run = [], []
+
+    def close():
+        if not run:
+            return
+        first, last = run[0], run[-1]
+        produced, external_in = {}, {}
+        for i in run:
+            for key, size in ops[i].reads:
+                if key not in produced:
+                    external_in[key] = max(external_in.get(key, 0), size)
+            for key, size in ops[i].writes:
+                produced[key] = max(produced.get(key, 0), size)
+        external_out = {k: s for k, s in produced.items() if any(j > last for j in readers[k])}
+        members = [ops[i] for i in run]
+        names = sorted({m.name for m in members})
+        categories = defaultdict(float)
+        for m in members:
+            categories[m.category] += m.bytes + 1.0
+        category = max(categories, key=categories.get)
+        out.append(Op(f"inductor:{'+'.join(names[:4])}{'+...' if len(names) > 4 else ''}", ops[first].phase,
+                      category, read=float(sum(external_in.values())), written=float(sum(external_out.values())),
+                      launches=1 if any(m.launches for m in members) else 0, compiled=True,
+                      fused_region=all(m.fused_region for m in members),
+                      shapes=f"{len(run)} ops fused", reads=list(external_in.items()),
+                      writes=list(external_out.items())))
+        run.clear()
+
+    for i, op in enumerate(ops):
+        fusible = op.compiled and not op.anchor
+        if run and (not fusible or ops[run[-1]].phase != op.phase):
+            close()
+        if fusible:
+            run.append(i)
+        else:
+            out.append(op)
+    close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Time
+# ----------------------------------------------------------------------------------------------
+
+def op_seconds(op: Op, ceilings: dict, launch_s: float = LAUNCH_S, matmul_scale: float = 1.0) -> float:
+    compute = 0.0
+    if op.flops:
+        rate = ceilings["bf16" if op.matmul_dtype != "fp32" else "tf32"] * matmul_scale
+        if op.category == "attention" or op.name.startswith("triton:_attn") or op.name in _SDPA | _SDPA_BACKWARD:
+            rate *= ceilings["attention_efficiency"]
+        compute = op.flops / rate
+    return max(compute, op.bytes / ceilings["bandwidth"]) + op.launches * launch_s
+
+
+def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, launch_s: float = LAUNCH_S,
+              top: int = 12) -> dict:
+    times = [op_seconds(op, ceilings, launch_s) for op in ops]
+    step = sum(times)
+    categories = {c: 0.0 for c in CATEGORIES}
+    counts = {c: {"bytes": 0.0, "flops": 0.0, "launches": 0} for c in CATEGORIES}
+    for op, s in zip(ops, times):
+        categories[op.category] += s
+        counts[op.category]["bytes"] += op.bytes
+        counts[op.category]["flops"] += op.flops
+        counts[op.category]["launches"] += op.launches
+    grouped = defaultdict(lambda: {"seconds": 0.0, "bytes": 0.0, "flops": 0.0, "launches": 0, "calls": 0})
+    for op, s in zip(ops, times):
+        g = grouped[(op.phase, op.category, op.name)]
+        g["seconds"] += s
+        g["bytes"] += op.bytes
+        g["flops"] += op.flops
+        g["launches"] += op.launches
+        g["calls"] += 1
+    top_ops = sorted(({"phase": k[0], "category": k[1], "op": k[2], **v} for k, v in grouped.items()),
+                     key=lambda r: -r["seconds"])[:top]
+    amdahl = sum(s for op, s in zip(ops, times) if not op.fused_region)
+    peak = ceilings["peak_bf16"]
+    ideal = sum(op.flops for op in ops) / peak  # only matmuls, convolutions and attention have FLOPs
+    sensitivity = {
+        "launch_us": {str(us): sum(op_seconds(op, ceilings, us * 1e-6) for op in ops) for us in (0, 2, 4, 6)},
+        "matmul_of_peak": {f"{f:.1f}": sum(op_seconds(op, ceilings, launch_s,
+                                                      f * ceilings["peak_bf16"] / ceilings["bf16"]) for op in ops)
+                           for f in (0.6, 0.8, 1.0)},
+    }
+    phases = defaultdict(float)
+    for op, s in zip(ops, times):
+        phases[op.phase] += s
+    return {"step_s": step, "img_per_s": batch / step, "mfu": model_flops / step / peak,
+            "categories": categories, "counts": counts, "phases": dict(phases),
+            "bytes": sum(op.bytes for op in ops), "launches": sum(op.launches for op in ops),
+            "flops_executed": sum(op.flops for op in ops), "flops_model_counted": sum(op.model_flops for op in ops),
+            "amdahl_step_s": amdahl, "amdahl_img_per_s": batch / amdahl if amdahl else None,
+            "ideal_step_s": ideal, "ideal_img_per_s": batch / ideal if ideal else None,
+            "top_ops": top_ops, "sensitivity_step_s": sensitivity}
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond one GPU: ZeRO-1/2/3
+# ----------------------------------------------------------------------------------------------
+
+def collective_seconds(nbytes: float, gpus: int, nvlink_bytes_per_s: float) -> float:
+    """A ring reduce-scatter or all-gather of an `nbytes` buffer over `gpus`: inside a node each GPU
+    sends (g-1)/g of it over NVLink (half the datasheet's two-way figure each way); across nodes
+    hierarchically, the node-level step on the 1/g shard over each GPU's own 400 Gb/s InfiniBand link."""
+    if gpus <= 1:
+        return 0.0
+    g = min(gpus, GPUS_PER_NODE)
+    nodes = gpus // g
+    seconds = (g - 1) / g * nbytes / (nvlink_bytes_per_s / 2)
+    if nodes > 1:
+        seconds += (nodes - 1) / nodes * (nbytes / g) / IB_BYTES_PER_S
+    return seconds
+
+
+def zero_projection(summary: dict, params: int, linear_params: int, precision: str, gpus: int, stage: int,
+                    nvlink_bytes_per_s: float, overlap: bool, micro_batch: int) -> dict:
+    """Per-GPU step of data-parallel training on `gpus` under ZeRO `stage`, from one GPU's modelled
+    step at `micro_batch`. Volumes per step as DeepSpeed's ZeRO documentation gives them (Rajbhandari et
+    al., ZeRO, sec. 7): stages 1 and 2 reduce-scatter the gradients and all-gather the updated
+    parameters (2 x params, as plain data parallelism); stage 3 all-gathers the parameters in the
+    forward and again in the backward and reduce-scatters the gradients (3 x params). Gradient bytes:
+    bf16 (bf16 mode; under bf16-mixed DeepSpeed reduces Linear/Conv gradients in bf16, the rest fp32);
+    parameter bytes: the weights' dtype. Each rank runs 1/gpus of the optimizer step. With overlap the
+    gradient reduce-scatter (and stage 3's backward all-gather) hides under the backward and stage 3's
+    forward all-gather under the forward; stages 1-2 all-gather after the step, exposed. Contention of
+    communication with compute for memory bandwidth and SMs is not modelled."""
+    grad_bytes = 2 * params if precision == "bf16" else 2 * linear_params + 4 * (params - linear_params)
+    param_bytes = (2 if precision == "bf16" else 4) * params
+    reduce_scatter = collective_seconds(grad_bytes, gpus, nvlink_bytes_per_s)
+    gather = collective_seconds(param_bytes, gpus, nvlink_bytes_per_s)
+    phases = summary["phases"]
+    forward = phases.get("encoder", 0) + phases.get("forward", 0) + phases.get("loss", 0)
+    backward = phases.get("backward", 0)
+    optimizer = phases.get("optimizer", 0) / gpus
+    compute = forward + backward + optimizer
+    volume = grad_bytes + param_bytes * (2 if stage == 3 else 1)
+    if stage == 3:
+        comm = reduce_scatter + 2 * gather
+        exposed = (max(0.0, gather - forward) + max(0.0, reduce_scatter + gather - backward)) if overlap else comm
+    else:
+        comm = reduce_scatter + gather
+        exposed = (max(0.0, reduce_scatter - backward) + gather) if overlap else comm
+    step = compute + exposed
+    return {"gpus": gpus, "stage": stage, "overlap": overlap, "micro_batch": micro_batch,
+            "step_s": step, "img_per_s_per_gpu": micro_batch / step, "img_per_s": gpus * micro_batch / step,
+            "comm_s": comm, "exposed_comm_s": exposed, "comm_share": exposed / step, "comm_bytes": volume}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
+    return [
+        "modelled, not measured: counts from a trace on fake tensors on the CPU, time from the formula below",
+        "time per op = max(FLOPs / matmul rate, bytes / bandwidth) + launches x launch cost",
+        f"device {ceilings['device']} ({ceilings['source']})",
+        f"bf16 matmul rate {ceilings['bf16'] / 1e12:.0f} TFLOP/s ({ceilings['bf16_from']}); fp32 matmuls at the "
+        f"TF32 rate; attention at {ATTENTION_EFFICIENCY:.0%} of the bf16 peak",
+        f"bandwidth {ceilings['bandwidth'] / 1e12:.2f} TB/s ({ceilings['bandwidth_from']})",
+        f"launch cost {launch_s * 1e6:.0f} us per kernel",
+        "bytes: each kernel reads each distinct input and writes each output once (a lower bound: no re-reads, "
+        "no L2 reuse across kernels either); Triton launches touch each tensor argument once, scratch included",
+        "FLOPs: matmuls and attention only (everything else memory-bound); FlashAttention-2 (flash SDPA) pads "
+        "head dim 72 to 96 and recomputes in a 5-GEMM backward; our attention tiles 72 as 64 + 16, 2 GEMMs "
+        "forward, 4 + 3 backward",
+        "compiled variants: inside SiT's forward and backward every maximal run of pointwise/reduction/copy ops "
+        "between matmuls, attention and Triton kernels is one Inductor kernel reading its external inputs and "
+        "writing the outputs read later; encoder, losses and optimizer stay eager",
+        f"precision {precision}: " + ("fp32 weights, bf16 autocast (traced with CPU autocast, whose op lists "
+                                      "follow CUDA's for matmuls/convolutions), fused AdamW" if precision == "bf16-mixed"
+                                      else "bf16 weights and gradients; DeepSpeed ZeRO-1/2's flat-buffer copies "
+                                      "traced explicitly: each gradient copied into the reduce bucket, the flat "
+                                      "gradient cast to fp32, fused AdamW on the fp32 master, master copied back "
+                                      "into the bf16 weights"),
+        "clip_grad_norm_ and AdamW run their multi-tensor (foreach / fused) CUDA paths; launches as CUDA's "
+        "multi_tensor_apply chunks them",
+        "MFU: the analytic model FLOPs (SiT.flops_per_sample x 3 + the encoder's forward, bench/flops.py) over "
+        "the datasheet bf16 peak; Amdahl: the step if every op inside a `kernels` op (the fused kernels, or the "
+        "reference paths they replace) took no time; ideal: matmul and attention FLOPs at the datasheet peak, "
+        "everything else free",
+    ]
+
+
+def _ms(s):
+    return f"{1e3 * s:.1f}"
+
+
+def markdown(payload: dict, top_ops: bool = True, zero: bool = True) -> str:
+    cfg, variants = payload["config"], payload["variants"]
+    lines = [f"**Modelled, not measured.** {cfg['model']} + REPA ({cfg['encoder']}) batch {cfg['batch']} at "
+             f"{cfg['resolution']} px, {cfg['precision']}, on a modelled {payload['device']['device']} "
+             f"(`python -m bench.model`, {payload['date']}).", "",
+             "| variant | step ms | img/s | MFU | GB moved | launches | Amdahl bound ms | ideal ms | "
+             + " | ".join(CATEGORIES) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES)]
+    for name, v in variants.items():
+        lines.append(f"| {name} | {_ms(v['step_s'])} | {v['img_per_s']:.0f} | {100 * v['mfu']:.1f}% | "
+                     f"{v['bytes'] / 1e9:.1f} | {v['launches']} | {_ms(v['amdahl_step_s'])} | {_ms(v['ideal_step_s'])} | "
+                     + " | ".join(_ms(v["categories"][c]) for c in CATEGORIES) + " |")
+    lines += ["", "Sensitivity of the step (ms): launch cost 0 / 2 / 4 / 6 us; matmul at 60 / 80 / 100% of peak.", "",
+              "| variant | 0 us | 2 us | 4 us | 6 us | 60% | 80% | 100% |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in variants.items():
+        s = v["sensitivity_step_s"]
+        lines.append(f"| {name} | " + " | ".join(_ms(x) for x in s["launch_us"].values()) + " | "
+                     + " | ".join(_ms(x) for x in s["matmul_of_peak"].values()) + " |")
+    for name, v in variants.items() if top_ops else ():
+        lines += ["", f"Top ops, {name}:", "", "| phase | category | op | calls | ms | GB | GFLOP | launches |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in v["top_ops"][:8]:
+            lines.append(f"| {r['phase']} | {r['category']} | `{r['op']}` | {r['calls']} | {_ms(r['seconds'])} | "
+                         f"{r['bytes'] / 1e9:.2f} | {r['flops'] / 1e9:.0f} | {r['launches']} |")
+    if zero and payload.get("zero"):
+        lines += ["", zero_table(payload)]
+    lines += ["", "Assumptions:", ""] + [f"- {a}" for a in payload["assumptions"]]
+    return "\n".join(lines) + "\n"
+
+
+def zero_table(payload: dict) -> str:
+    zero = payload["zero"]
+    lines = [f"**Modelled, not measured.** Data-parallel {payload['config']['model']} at global batch "
+             f"{zero['global_batch']}, {zero['variant']} step, {zero['precision']}, per-GPU compute from the "
+             f"one-GPU model above; NVLink {zero['nvlink_gb_per_s']:.0f} GB/s per GPU (two ways) in a node of "
+             f"{GPUS_PER_NODE}, {IB_BYTES_PER_S * 8 / 1e9:.0f} Gb/s InfiniBand per GPU between nodes.", "",
+             "| GPUs | micro-batch | ZeRO | overlap | step ms | img/s per GPU | img/s | comm GB | exposed comm ms | comm share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in zero["rows"]:
+        lines.append(f"| {r['gpus']} | {r['micro_batch']} | {r['stage']} | {'yes' if r['overlap'] else 'no'} | "
+                     f"{_ms(r['step_s'])} | {r['img_per_s_per_gpu']:.0f} | {r['img_per_s']:.0f} | "
+                     f"{r['comm_bytes'] / 1e9:.2f} | {_ms(r['exposed_comm_s'])} | {100 * r['comm_share']:.0f}% |")
+    lines += ["", "ZeRO volumes per step (DeepSpeed's ZeRO documentation): stages 1-2 reduce-scatter the gradients "
+              "and all-gather the parameters (2 x params), stage 3 all-gathers the parameters twice (forward, "
+              "backward) and reduce-scatters the gradients (3 x params); ring collectives, hierarchical across "
+              "nodes; the optimizer step is sharded (1/N per GPU); with overlap the gradient reduction hides "
+              "under the backward, stage 3's forward all-gather under the forward, stages 1-2's parameter "
+              "all-gather after the step stays exposed; communication/compute contention not modelled."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+
+def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNCH_S, traces=None) -> dict:
+    """Trace (once per backend) and model each variant; returns {variant: summary} and the traces."""
+    traces = {} if traces is None else traces
+    out = {}
+    for name in variants:
+        backend = "torch" if name.startswith("reference") else "triton"
+        if backend not in traces:
+            traces[backend] = trace_step(backend=backend, **args_dict)
+        trace = traces[backend]
+        ops = fuse_compiled(trace["ops"]) if name.endswith("compiled") else trace["ops"]
+        out[name] = summarize(ops, ceilings, args_dict["batch"], trace["model_flops"], launch_s)
+    return out, traces
+
+
+def baseline_counts(ops: list[Op]) -> dict:
+    """Bytes and launches per (phase, category, op) of a trace: what the regression guard compares."""
+    counts = defaultdict(lambda: {"bytes": 0.0, "launches": 0})
+    for op in ops:
+        c = counts[f"{op.phase} | {op.category} | {op.name}"]
+        c["bytes"] += op.bytes
+        c["launches"] += op.launches
+    return dict(sorted(counts.items()))
+
+
+SMOKE_CONFIG = dict(model="SiT-S/2", batch=2, encoder="dinov2-vit-s",
+                    model_overrides=dict(hidden_size=64, depth=2, num_heads=2))
+BASELINE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "model-baseline.json")
+BASELINE_CONFIG = dict(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", precision="bf16-mixed")
+
+
+def write_baseline(path: str = BASELINE_PATH) -> str:
+    ops = trace_step(backend="triton", **BASELINE_CONFIG)["ops"]
+    counts = baseline_counts(ops)
+    payload = {"what": "counted bytes and launches of the alignflow (fused, eager) training step; "
+                       "tests/test_bench_model.py fails when either grows by more than 2%",
+               "config": BASELINE_CONFIG, "bytes": sum(c["bytes"] for c in counts.values()),
+               "launches": sum(c["launches"] for c in counts.values()), "ops": counts}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
+
+
+def compare_to_baseline(ops: list[Op], baseline: dict, tolerance: float = 0.02) -> list[str]:
+    """The complaints (empty when neither total grew by more than `tolerance`), naming the ops that grew."""
+    counts = baseline_counts(ops)
+    problems = []
+    for what in ("bytes", "launches"):
+        total = sum(c[what] for c in counts.values())
+        if total > baseline[what] * (1 + tolerance):
+            grown = sorted(((k, c[what] - baseline["ops"].get(k, {}).get(what, 0)) for k, c in counts.items()),
+                           key=lambda kv: -kv[1])
+            named = ", ".join(f"{k} +{v:.3g}" for k, v in grown if v > 0)[:1500]
+            problems.append(f"the fused step's {what} grew {total / baseline[what] - 1:+.1%} over the baseline "
+                            f"({baseline[what]:.4g} -> {total:.4g}); ops that grew: {named}. If intended, run "
+                            f"`python -m bench.model --write-baseline` and commit bench/results/model-baseline.json "
+                            f"in the same commit, saying why it grew")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="SiT-XL/2")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--encoder", default="dinov2-vit-b")
+    parser.add_argument("--encoder-depth", type=int, default=8)
+    parser.add_argument("--reg", action="store_true")
+    parser.add_argument("--car-flow", default="none", choices=["none", "source", "target", "joint"])
+    parser.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--device-preset", default="h100-sxm", choices=sorted(PRESETS))
+    parser.add_argument("--launch-us", type=float, default=LAUNCH_S * 1e6)
+    parser.add_argument("--zero-gpus", default="8,64", help="GPU counts of the ZeRO projection ('' for none)")
+    parser.add_argument("--global-batch", type=int, default=256)
+    parser.add_argument("--results", default="bench/results", help="where measured ceilings are looked up")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--write-baseline", action="store_true", help="rewrite bench/results/model-baseline.json")
+    parser.add_argument("--smoke", action="store_true", help="a narrow 2-block SiT at batch 2 (CI keeps the tool "
+                                                             "working; its figures mean nothing)")
+    args = parser.parse_args(argv)
+    if args.write_baseline:
+        print(f"wrote {write_baseline()}")
+        return 0
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; allowed: {list(VARIANTS)}")
+    try:
+        gpu_counts = [int(g) for g in args.zero_gpus.split(",") if g]
+    except ValueError:
+        parser.error(f"--zero-gpus {args.zero_gpus!r}: allowed a comma-separated list of GPU counts")
+    for g in gpu_counts:
+        if g < 1 or args.global_batch % g or (g > GPUS_PER_NODE and g % GPUS_PER_NODE):
+            parser.error(f"--zero-gpus {g}: must divide --global-batch {args.global_batch} and be a multiple of "
+                         f"{GPUS_PER_NODE} above one node")
+    ceilings = device_ceilings(args.device_preset, args.results)
+    config = dict(model=args.model, batch=args.batch, resolution=args.resolution, encoder=args.encoder,
+                  encoder_depth=args.encoder_depth, reg=args.reg, car_flow=args.car_flow, precision=args.precision)
+    if args.smoke:
+        config.update(SMOKE_CONFIG)
+    results, traces = model_step(config, variants, ceilings, args.launch_us * 1e-6)
+    trace = next(iter(traces.values()))
+    import triton
+
+    date = datetime.date.today().isoformat()
+    payload = {"kind": "model", "date": date, "device_preset": args.device_preset,
+               "environment": {"device": f"modelled {ceilings['device']}", "date": date, "torch": torch.__version__,
+                               "triton": triton.__version__},
+               "device": ceilings, "config": config, "variants": results,
+               "analytic": {k: trace[k] for k in ("model_flops", "sit_flops_per_sample", "encoder_flops_per_image",
+                                                  "params")},
+               "assumptions": assumptions(ceilings, args.precision, args.launch_us * 1e-6)}
+    if gpu_counts:
+        variant = "alignflow" if "alignflow" in results else variants[0]
+        rows = []
+        for g in gpu_counts:
+            micro = args.global_batch // g
+            summary = results[variant] if micro == args.batch else model_step(
+                dict(config, batch=micro), [variant], ceilings, args.launch_us * 1e-6)[0][variant]
+            for stage in (1, 2, 3):
+                for overlap in (False, True):
+                    rows.append(zero_projection(summary, trace["params"], trace["linear_params"], args.precision,
+                                                g, stage, PRESETS[args.device_preset].nvlink_bytes_per_s, overlap,
+                                                micro))
+        payload["zero"] = {"variant": variant, "precision": args.precision, "global_batch": args.global_batch,
+                           "nvlink_gb_per_s": PRESETS[args.device_preset].nvlink_bytes_per_s / 1e9, "rows": rows}
+    print(markdown(payload))
+    if not args.no_write:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"model-{args.device_preset}-{date}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.exit(main())

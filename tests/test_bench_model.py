@@ -1,0 +1,223 @@
+"""bench.model, the training-step cost model: its counts against hand-computed values and the analytic
+FLOP counts, Inductor's modelled fusion, the ZeRO volumes, and the regression guard on the fused step's
+bytes and launches at SiT-XL/2, batch 32."""
+import importlib
+import json
+import math
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import kernels
+
+model = importlib.import_module("bench.model")
+
+SMALL = dict(model="SiT-S/2", batch=2, resolution=256, encoder="dinov2-vit-s",
+             model_overrides=dict(hidden_size=64, depth=2, num_heads=2))
+
+
+def _trace(fn, in_model=True):
+    """The ops `fn` runs on fake tensors (made inside it), recorded as the model's forward."""
+    tracer = model.Tracer()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with tracer, tracer.intercept_triton():
+            tracer.phase, tracer.in_model = "forward", in_model
+            fn()
+    return tracer.ops
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_traced_flops_match_the_analytic_counts(backend):
+    """The FLOPs counted op by op over the whole traced step are within 2% of SiT.flops_per_sample x 3
+    plus bench/flops.py's encoder forward; the encoder's part alone matches bench/flops.py."""
+    trace = model.trace_step(backend=backend, **SMALL)
+    ops, batch = trace["ops"], SMALL["batch"]
+    encoder = sum(op.model_flops for op in ops if op.phase == "encoder")
+    assert encoder == pytest.approx(batch * trace["encoder_flops_per_image"], rel=0.02)
+    forward = sum(op.model_flops for op in ops if op.phase == "forward")
+    assert forward == pytest.approx(batch * trace["sit_flops_per_sample"], rel=0.02)
+    assert sum(op.model_flops for op in ops) == pytest.approx(trace["model_flops"], rel=0.02)
+    names = {op.name for op in ops}
+    if backend == "triton":
+        assert {"triton:_adaln_fwd_kernel", "triton:_adaln_bwd_kernel", "triton:_attn_fwd_kernel",
+                "triton:_attn_bwd_dkdv_kernel", "triton:_attn_bwd_dq_kernel"} <= names
+    else:
+        assert not any(n.startswith("triton:") for n in names)
+    assert {op.phase for op in ops} == {"encoder", "forward", "loss", "backward", "optimizer"}
+    assert "_fused_adamw_" in names and "_foreach_norm" in names  # the CUDA multi-tensor paths
+
+
+def test_one_linear_counted_by_hand():
+    M, K, N = 6, 40, 24
+
+    def run():
+        x = torch.empty(M, K, dtype=torch.bfloat16)
+        w = torch.empty(N, K, dtype=torch.bfloat16)
+        b = torch.empty(N, dtype=torch.bfloat16)
+        torch.nn.functional.linear(x, w, b)
+
+    ops = _trace(run)
+    assert [op.name for op in ops] == ["addmm"]  # the transpose is a view: no kernel
+    op = ops[0]
+    assert op.flops == op.model_flops == 2 * M * K * N
+    assert op.read == 2 * (M * K + N * K + N) and op.written == 2 * M * N
+    assert op.launches == 1 and op.category == "matmul" and op.matmul_dtype == "bf16"
+
+
+def test_fused_adaln_bytes_include_statistics_and_scratch():
+    """adaln_residual_modulate: the forward launch reads x (fp32), h, gate, shift, scale (bf16) once and
+    writes x_new, y and the fp32 mean/rstd; the backward launch also writes its fp32 partial sums
+    (B, tiles, 3, D), which a separate reduction then reads."""
+    B, N, D = 2, 16, 72
+    adaln = importlib.import_module("kernels.adaln")
+
+    def run():
+        x = torch.randn(B, N, D, dtype=torch.float32, requires_grad=True)
+        h = torch.randn(B, N, D, dtype=torch.bfloat16, requires_grad=True)
+        gate, shift, scale = (torch.randn(B, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        with kernels.use_backend("triton"):
+            x_new, y = kernels.adaln_residual_modulate(x, h, gate, shift, scale)
+            torch.autograd.backward([x_new, y], [torch.randn_like(x_new), torch.randn_like(y)])
+
+    ops = _trace(run)
+    fwd = next(op for op in ops if op.name == "triton:_adaln_fwd_kernel")
+    assert fwd.read == B * N * D * (4 + 2) + 3 * B * D * 2
+    assert fwd.written == B * N * D * (4 + 2) + 2 * B * N * 4
+    bwd = next(op for op in ops if op.name == "triton:_adaln_bwd_kernel")
+    tiles, _ = adaln._backward_tiles(B, N, adaln._tile(N, D)[0])
+    assert tiles == 1  # N = 16 rows are one row block
+    reads = B * N * D * (4 + 2) + 2 * B * D * 2 + 2 * B * N * 4 + B * N * D * (2 + 4)  # x_new h gate scale stats dy g
+    assert bwd.read == reads
+    assert bwd.written == B * N * D * (4 + 2) + B * tiles * 3 * D * 4  # dx, dh, partial sums
+    assert fwd.category == bwd.category == "norm/modulate" and fwd.fused_region and bwd.launches == 1
+    sums = [op for op in ops if op.name == "sum" and op.fused_region]
+    assert sums and sums[0].read == B * tiles * 3 * D * 4  # the partials, read back once
+
+
+def test_attention_flops_with_head_dim_padding_and_recompute():
+    """Our kernel at head dim 72 runs 64 + 16 = 80 wide GEMMs: 2 forward, 4 (dK, dV) + 3 (dQ) backward;
+    PyTorch's flash SDPA (FlashAttention-2) pads 72 to 96 and runs 2.5x its forward backward."""
+    B, N, H, d = 2, 256, 2, 72
+
+    def ours():
+        qkv = torch.randn(B, N, 3 * H * d, dtype=torch.bfloat16, requires_grad=True)
+        with kernels.use_backend("triton"):
+            kernels.attention_qkv(qkv, H).sum().backward()
+
+    ops = {op.name: op for op in _trace(ours)}
+    per_gemm, useful = 2.0 * B * H * N * N * 80, 2.0 * B * H * N * N * d
+    assert ops["triton:_attn_fwd_kernel"].flops == 2 * per_gemm
+    assert ops["triton:_attn_fwd_kernel"].model_flops == 2 * useful
+    assert ops["triton:_attn_bwd_dkdv_kernel"].flops + ops["triton:_attn_bwd_dq_kernel"].flops == 7 * per_gemm
+    assert ops["triton:_attn_bwd_dkdv_kernel"].model_flops + ops["triton:_attn_bwd_dq_kernel"].model_flops == 4 * useful
+    assert ops["triton:_attn_fwd_kernel"].read == 3 * B * N * H * d * 2  # q, k, v read from the packed qkv once
+
+    def sdpa():
+        q, k, v = (torch.empty(B, H, N, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    flash = [op for op in _trace(sdpa) if op.category == "attention"]
+    assert [op.flops for op in flash] == [4.0 * B * H * N * N * 96, 2.5 * 4.0 * B * H * N * N * 96]
+    assert [op.model_flops for op in flash] == [2 * useful, 4 * useful]
+
+
+def test_inductor_fusion_reads_external_inputs_and_writes_what_is_read_later():
+    """Between two matmuls, relu(a @ w) * s + 1 is one kernel: it reads the matmul's output and s, and
+    writes the result the next matmul reads; its intermediates never reach memory."""
+    M, K = 64, 32
+
+    def run():
+        a, w, s = torch.empty(M, K), torch.empty(K, K), torch.empty(M, K)
+        y = torch.relu(a @ w) * s + 1
+        y @ w
+
+    ops = _trace(run, in_model=True)
+    assert [op.name for op in ops] == ["mm", "relu", "mul", "add", "mm"]
+    eager = sum(op.bytes for op in ops[1:4])
+    fused = model.fuse_compiled(ops)
+    assert [op.name.split(":")[0] for op in fused] == ["mm", "inductor", "mm"]
+    kernel = fused[1]
+    assert kernel.read == 2 * M * K * 4 and kernel.written == M * K * 4 and kernel.launches == 1
+    assert eager == 7 * M * K * 4  # relu 2, mul 3, add 2 tensors of M x K
+
+
+def test_zero_volumes_follow_deepspeed_documentation():
+    """Stages 1-2: reduce-scatter the gradients + all-gather the parameters; stage 3 all-gathers twice;
+    a ring in the node over NVLink (450 GB/s each way), then the 1/8 shard over 50 GB/s InfiniBand."""
+    params = 10 ** 9
+    summary = {"phases": {"encoder": 0.0, "forward": 0.01, "loss": 0.0, "backward": 0.02, "optimizer": 0.008}}
+    args = dict(summary=summary, params=params, linear_params=params, precision="bf16", nvlink_bytes_per_s=900e9,
+                micro_batch=32)
+    nv = 7 / 8 * 2e9 / 450e9
+    r = model.zero_projection(gpus=8, stage=2, overlap=False, **args)
+    assert r["comm_bytes"] == 4e9 and r["comm_s"] == pytest.approx(2 * nv)
+    assert r["step_s"] == pytest.approx(0.03 + 0.001 + 2 * nv)
+    r3 = model.zero_projection(gpus=8, stage=3, overlap=False, **args)
+    assert r3["comm_bytes"] == 6e9 and r3["comm_s"] == pytest.approx(3 * nv)
+    overlapped = model.zero_projection(gpus=8, stage=2, overlap=True, **args)
+    assert overlapped["exposed_comm_s"] == pytest.approx(nv)  # the gradients hide under the backward
+    r64 = model.zero_projection(gpus=64, stage=2, overlap=False, **args)
+    assert r64["comm_s"] == pytest.approx(2 * (nv + 7 / 8 * (2e9 / 8) / 50e9))
+    mixed = model.zero_projection(gpus=8, stage=2, overlap=False, **dict(args, precision="bf16-mixed",
+                                                                         linear_params=params // 2))
+    assert mixed["comm_bytes"] == (2 * params // 2 + 4 * params // 2) + 4 * params
+
+
+def test_smoke_run_writes_the_result_and_bench_report_renders_it(tmp_path, capsys):
+    """All four variants on a narrow model, the ZeRO rows, the JSON shape bench.report (and the GPU
+    comparison) read, the README sections and the chart."""
+    out = tmp_path / "results"
+    assert model.main(["--smoke", "--out", str(out), "--zero-gpus", "8", "--global-batch", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "Modelled, not measured" in printed and "Assumptions:" in printed and "| 8 | 2 | 3 | yes |" in printed
+    (path,) = out.glob("model-h100-sxm-*.json")
+    payload = json.loads(path.read_text())
+    assert set(payload["variants"]) == set(model.VARIANTS) and payload["assumptions"]
+    for v in payload["variants"].values():
+        assert set(v["categories"]) == set(model.CATEGORIES)
+        assert math.isclose(sum(v["categories"].values()), v["step_s"], rel_tol=1e-9)
+        assert v["img_per_s"] == pytest.approx(2 / v["step_s"])
+        assert v["ideal_step_s"] < v["amdahl_step_s"] <= v["step_s"]
+    eager, compiled = payload["variants"]["reference-eager"], payload["variants"]["reference-compiled"]
+    assert compiled["launches"] < eager["launches"] and compiled["bytes"] < eager["bytes"]
+
+    report = importlib.import_module("bench.report")
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(f"<!-- BEGIN {s} -->\nstale\n<!-- END {s} -->\n"
+                              for s in ("kernel-results", "train-step-results", "data-results", "model-results",
+                                        "model-zero-results")))
+    assert report.main(["--results", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and "Modelled, not measured" in text and "| alignflow-compiled |" in text
+    assert "| 8 | 2 | 1 | no |" in text and path.with_suffix(".md").exists()
+    assert path.with_suffix(".png").exists() or importlib.util.find_spec("matplotlib") is None
+
+
+@pytest.fixture(scope="module")
+def fused_step_ops():
+    return model.trace_step(backend="triton", **model.BASELINE_CONFIG)["ops"]
+
+
+def test_fused_step_bytes_and_launches_stay_within_the_baseline(fused_step_ops):
+    """The regression guard: bytes and launches of the alignflow step at SiT-XL/2, batch 32, against
+    bench/results/model-baseline.json. A failure names the ops that grew."""
+    with open(model.BASELINE_PATH) as f:
+        baseline = json.load(f)
+    assert baseline["config"] == model.BASELINE_CONFIG
+    problems = model.compare_to_baseline(fused_step_ops, baseline)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_guard_names_the_ops_that_grew(fused_step_ops):
+    """A baseline 5% below today's counts fails, naming the op that grew and how to update the baseline."""
+    counts = model.baseline_counts(fused_step_ops)
+    key = "backward | norm/modulate | triton:_adaln_bwd_kernel"
+    total_bytes = sum(c["bytes"] for c in counts.values())
+    shrunk = {k: dict(c) for k, c in counts.items()}
+    shrunk[key]["bytes"] -= 0.05 * total_bytes
+    baseline = {"bytes": total_bytes * 0.95, "launches": sum(c["launches"] for c in counts.values()), "ops": shrunk}
+    problems = model.compare_to_baseline(fused_step_ops, baseline)
+    assert len(problems) == 1 and "bytes grew" in problems[0] and key in problems[0]
+    assert "--write-baseline" in problems[0]
+    assert not model.compare_to_baseline(fused_step_ops, dict(baseline, bytes=total_bytes * 0.99))

@@ -163,17 +163,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
-    if torch.cuda.is_available():
-        from engine.distributed import local_cuda_device
+    from engine.distributed import init_distributed
 
-        device = local_cuda_device(local_rank)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    info = init_distributed("cuda" if torch.cuda.is_available() else "cpu", local_rank=args.local_rank)
+    rank, world_size, device = info.rank, info.world_size, info.device
     cfg = DataConfig(source=args.source, root=args.data_root, resolution=args.resolution,
                      num_classes=args.num_classes, on_corrupt=args.on_corrupt, num_threads=args.decode_threads)
     latent = latent_config(args.latent_space, args.latent_scale, args.latent_shift)
@@ -183,7 +176,7 @@ def main(argv=None) -> None:
                         decode_threads=args.decode_threads, latent_scale=latent.scale, latent_shift=latent.shift)
     if rank == 0 and result["stats"] is not None:
         log.info("latent statistics: %s", result["stats"])
-    if world_size > 1:
+    if info.owns_group:
         torch.distributed.destroy_process_group()
 
 

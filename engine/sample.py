@@ -28,17 +28,17 @@ import shutil
 import sys
 import time
 import zipfile
-from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.distributed import DistInfo, local_cuda_device, share_cpu_cores
+from engine.distributed import DistInfo, init_distributed
 
 log = logging.getLogger("engine.sample")
 
 PARTS_DIR = "parts"
+SAMPLING_TIMEOUT_S = 2 * 3600
 META_FILE = "meta.json"
 # Settings that change the images; a restart must match them all to reuse the parts.
 META_KEYS = ("ckpt", "config", "num_images", "batch_size", "seed", "num_steps", "method", "cfg_scale", "resolution",
@@ -131,37 +131,6 @@ def load_for_sampling(path: str, device, overrides: list[str] = (), config: str 
 # ----------------------------------------------------------------------------------------------
 # Processes
 # ----------------------------------------------------------------------------------------------
-
-def init_distributed(device: str, local_rank: int | None = None) -> DistInfo:
-    """One process, or one rank of WORLD_SIZE > 1 started by the deepspeed launcher, torchrun or by hand
-    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): nccl on CUDA, gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank}, WORLD_SIZE={world} in the environment; need 0 <= RANK < WORLD_SIZE")
-    target = torch.device(device)
-    if target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if target.index is not None and world > 1:
-            raise ValueError(f"--device {device} with WORLD_SIZE={world} would put every rank on one GPU; "
-                             "use --device cuda (each rank takes cuda:LOCAL_RANK)")
-        target = local_cuda_device(local_rank if target.index is None else target.index)
-    elif world > 1:
-        share_cpu_cores(world)
-    owns_group = False
-    if world > 1 and not dist.is_initialized():
-        missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
-        if missing:
-            raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; start the ranks with "
-                             "deepspeed or torchrun, or set them by hand")
-        # Ranks wait at the final barrier for the slowest one's last batch: allow long batches.
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(hours=2))
-        owns_group = True
-    return DistInfo(rank, local_rank, world, target, owns_group)
-
 
 def _on_main(info: DistInfo, fn):
     """fn() on rank 0; every rank gets its result, or raises its error (so no rank waits forever)."""
@@ -332,7 +301,8 @@ def main(argv=None) -> dict:
     """Sample, resumably, on every rank; rank 0 returns {"grid", "npz", "num_batches", "skipped",
     "generated", "corrupt"} (batch counts over all ranks), other ranks {}."""
     args = parse_args(argv)
-    info = init_distributed(args.device, args.local_rank)
+    # Ranks wait at the final barrier for the slowest one's last batch: allow long batches.
+    info = init_distributed(args.device, local_rank=args.local_rank, timeout_s=SAMPLING_TIMEOUT_S)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, stream=sys.stderr,
                             format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s")

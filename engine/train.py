@@ -29,7 +29,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from engine.config import ConfigError, load_config, validate
-    from engine.trainer import world_size_from_env
+    from engine.distributed import world_size_from_env
 
     try:
         overrides = list(args.overrides) + ([f"checkpoint.init_weights={args.ckpt}"] if args.ckpt else [])

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import socket
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt
-from engine.distributed import DistInfo, local_cuda_device, share_cpu_cores
+from engine.distributed import init_distributed, set_collective_timeout, world_size_from_env
 from engine.config import (ExperimentConfig, deepspeed_config_path, grad_accum_steps, resolve_device,
                            resolve_precision, validate)
 
@@ -40,12 +39,6 @@ class NonFiniteLossError(RuntimeError):
 # Distributed setup
 # ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def nonfinite_inputs(batch: dict, inputs: dict[str, torch.Tensor]) -> str | None:
     """The first of `inputs` (described by name -> (B, ...) tensor, in the order they were made) that
     holds NaN/inf, with the keys of the samples concerned. The images are uint8 and always finite, so a
@@ -56,31 +49,6 @@ def nonfinite_inputs(batch: dict, inputs: dict[str, torch.Tensor]) -> str | None
             keys = [batch["keys"][i] for i in bad] if "keys" in batch else bad
             return f"non-finite {name} for samples {keys[:5]}"
     return None
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(device_type: str) -> DistInfo:
-    """Join (or, for a plain `python -m engine.train`, create) the process group. Works under the
-    deepspeed launcher, torchrun and single-process runs."""
-    if device_type == "cpu":
-        os.environ["DS_ACCELERATOR"] = "cpu"  # must precede the first import of deepspeed
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    # the device before the process group: more ranks than GPUs is then a clear error, not a hang
-    device = local_cuda_device(local_rank) if device_type == "cuda" else torch.device("cpu")
-    # Also adopts a process group the caller created (DeepSpeed then only wraps it).
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device_type == "cpu":
-        share_cpu_cores(world)
-    return DistInfo(rank, local_rank, world, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -160,9 +128,7 @@ class Trainer:
             import deepspeed
             raise RuntimeError(f"train.precision='bf16-mixed' needs DeepSpeed's torch_autocast config, which "
                                f"DeepSpeed {deepspeed.__version__} lacks: upgrade DeepSpeed or use 'bf16'")
-        self.dist = init_distributed(device_type)
-        if self.dist.world_size != world:
-            raise RuntimeError(f"WORLD_SIZE={world} but the process group has {self.dist.world_size} ranks")
+        self.dist = init_distributed(device_type, require_group=True)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.rank == 0
         self.output_dir = cfg.train.output_dir

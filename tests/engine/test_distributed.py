@@ -27,3 +27,90 @@ def test_cpu_ranks_share_the_cores(monkeypatch):
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
+
+
+# -- the launcher's environment ------------------------------------------------------------------
+
+from engine.distributed import (expand_hostlist, init_distributed, slurm_environment,  # noqa: E402
+                                world_size_from_env)
+
+LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "DS_ACCELERATOR")
+
+
+@pytest.mark.parametrize("spec,hosts", [
+    ("node7", ["node7"]),
+    ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+    ("a[8-11]b", ["a8b", "a9b", "a10b", "a11b"]),
+    ("r1n[009-010],r2n[1]", ["r1n009", "r1n010", "r2n1"]),
+])
+def test_slurm_hostlist(spec, hosts):
+    assert expand_hostlist(spec) == hosts
+
+
+def test_slurm_hostlist_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match=r"cannot read the range 'x'"):
+        expand_hostlist("gpu[x]")
+
+
+def test_slurm_tasks_become_ranks():
+    # srun -N 2 --ntasks-per-node 4: task 6 is node 1's local rank 2; node 0 of the list is the master
+    slurm = {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
+             "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[17-18]", "SLURM_JOB_ID": "123456"}
+    env = slurm_environment(slurm)
+    assert env == {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4",
+                   "MASTER_ADDR": "gpu17", "MASTER_PORT": str(20000 + 123456 % 20000)}
+    assert world_size_from_env(slurm) == 8
+    # uneven nodes: "3(x2),2" gives node 2 two tasks; the user's MASTER_ADDR / MASTER_PORT win
+    env = slurm_environment({**slurm, "SLURM_NODEID": "2", "SLURM_TASKS_PER_NODE": "3(x2),2",
+                             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"})
+    assert env["LOCAL_WORLD_SIZE"] == "2" and "MASTER_ADDR" not in env and "MASTER_PORT" not in env
+    # torchrun / deepspeed inside an allocation set RANK: their variables win
+    assert slurm_environment({**slurm, "RANK": "0"}) == {}
+    assert slurm_environment({"PATH": "/bin"}) == {} and world_size_from_env({"WORLD_SIZE": "3"}) == 3
+    with pytest.raises(ValueError, match="SLURM_PROCID is set but SLURM_NTASKS, SLURM_LOCALID not"):
+        slurm_environment({"SLURM_PROCID": "0"})
+
+
+def test_slurm_task_joins_with_its_local_rank(monkeypatch):
+    """A single SLURM task (no process group needed): its ranks come from SLURM's variables and end up
+    in the environment DeepSpeed and torch read."""
+    for key in LAUNCH_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    for key, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+                       "SLURM_JOB_NODELIST": "node[3-4]", "SLURM_JOB_ID": "7"}.items():
+        monkeypatch.setenv(key, value)
+    info = init_distributed("cpu")
+    assert (info.rank, info.local_rank, info.world_size, info.device, info.owns_group) == (0, 0, 1, torch.device("cpu"), False)
+    import os
+    assert os.environ["MASTER_ADDR"] == "node3" and os.environ["MASTER_PORT"] == "20007"
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"RANK": "2", "WORLD_SIZE": "2"}, r"RANK=2, WORLD_SIZE=2 in the environment; need 0 <= RANK < WORLD_SIZE"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, r"LOCAL_RANK=2 with RANK=1"),
+    ({"RANK": "one"}, r"RANK='one' in the environment is not an integer"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, r"WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT not set"),
+])
+def test_bad_launch_environment_is_named(monkeypatch, env, message):
+    for key in LAUNCH_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=message):
+        init_distributed("cpu")
+
+
+def test_bad_device_and_timeout_are_named(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    for key in LAUNCH_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match=r"device 'tpu'; allowed: 'cuda', 'cuda:N' or 'cpu'"):
+        init_distributed("tpu")
+    with pytest.raises(ValueError, match=r"collective timeout 0 s; need a positive number of seconds"):
+        init_distributed("cpu", timeout_s=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda': CUDA is not available here; use cpu"):
+            init_distributed("cuda")

@@ -1,9 +1,10 @@
 """Backend selection for every fused op.
 
 A public op asks `resolve(op, tensors, ...)` which implementation to run. The answer is "triton"
-only when the active backend is "triton" (or "cuda", which falls through to Triton for ops without a
-CUDA C++ version) and the inputs are supported; otherwise it is "torch", and the reason is logged
-once per (op, reason) so that a fallback is never silent.
+only when the active backend is "triton" or "cuda" and the inputs are supported (under "cuda", an op
+of CUDA_OPS then runs its CUDA C++ kernel where kernels/_cuda.py can, its Triton kernel otherwise);
+otherwise it is "torch", and the reason is logged once per (op, reason) so that a fallback is never
+silent.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import torch
 log = logging.getLogger("kernels")
 
 BACKENDS = ("torch", "triton", "cuda")
+# Ops with a CUDA C++ kernel (csrc/, run through kernels/_cuda.py); the "cuda" backend runs the Triton
+# kernel of every other op.
+CUDA_OPS = ("adaln_modulate", "adaln_residual_modulate")
 
 
 def interpreting() -> bool:
@@ -70,7 +74,7 @@ def resolve(op: str, tensors: Iterable[torch.Tensor | None], dtypes=TRITON_DTYPE
     """Pick "triton" or "torch" for `op` given its tensor inputs (None entries are ignored)."""
     if get_backend() == "torch":
         return "torch"
-    if get_backend() == "cuda" and ("cuda", op) not in _logged:
+    if get_backend() == "cuda" and op not in CUDA_OPS and ("cuda", op) not in _logged:
         _logged.add(("cuda", op))
         log.warning("kernels.%s: no CUDA C++ kernel yet; the \"cuda\" backend runs the Triton kernel", op)
     tensors = [x for x in tensors if x is not None]

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _cuda
 from ._backend import fallback, resolve
 from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
 
@@ -204,10 +205,16 @@ def _as_rows(v: torch.Tensor, B: int, D: int) -> torch.Tensor:
     return v.reshape(B, D)  # (B, D) or (B, 1, D) -> (B, D), a view
 
 
+def _op_name(residual: bool) -> str:
+    return "adaln_residual_modulate" if residual else "adaln_modulate"
+
+
 def _forward(x, h, gate, shift, scale, eps):
     """Launch the forward; returns (x_new or None, y, mean, rstd)."""
     B, N, D = x.shape
     residual = h is not None
+    if _cuda.supports_adaln(_op_name(residual), x, h, gate, shift, scale):  # set_backend("cuda")
+        return _cuda.adaln_forward(x, h, gate, shift, scale, eps)
     compute = compute_dtype(x, h, gate, shift, scale)
     block_r, block_d, num_warps = _tile(N, D)
     y = torch.empty((B, N, D), dtype=_modulation_dtype(shift, scale), device=x.device)
@@ -231,6 +238,11 @@ def _backward(x, h, gate, scale, mean, rstd, dy, g_x_new, need_dx, need_dh, need
     `x` is the normalised input (x_new for the residual op); dx has `x_grad_dtype`."""
     B, N, D = x.shape
     residual = h is not None
+    if (mean.dtype == torch.float32 and x_grad_dtype == x.dtype and dy.dtype == scale.dtype
+            and (not residual or gate.dtype == scale.dtype)
+            and _cuda.supports_adaln(_op_name(residual), x, h, gate, scale, scale)):
+        return _cuda.adaln_backward(x, h, gate, scale, mean, rstd, dy, g_x_new, need_dx, need_dh, need_modulation,
+                                    need_gate, x_grad_dtype)
     compute = mean.dtype
     block_r, block_d, num_warps = _tile(N, D)
     num_warps = min(num_warps, _BACKWARD_MAX_WARPS)

@@ -1,0 +1,332 @@
+"""The "cuda" backend: CUDA C++ kernels of csrc/ called through their C launchers (ctypes).
+
+Where the launchers come from:
+- CUDA tensors: the torch-independent fatbin shared object of every csrc/*.cu (sm_80 + sm_90a),
+  `ALIGNFLOW_CUDA_LIB` or csrc/build/libalignflow_cuda.so (`python -m kernels.cuda_build --fatbin`);
+- CPU tensors with ALIGNFLOW_CUEMU=1 (the tests): the same sources built with g++ and
+  -DALIGNFLOW_CUEMU, i.e. run by the CUDA emulator of csrc/common/cuemu.h, one shared object per
+  source, cached by content hash under ~/.cache/alignflow/cuemu (ALIGNFLOW_CACHE moves it).
+
+`takes(op, ...)` says whether an op's call can run here and, where not, logs once which op falls back
+to its Triton kernel and why.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ._backend import CUDA_OPS, get_backend
+
+log = logging.getLogger("kernels")
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+# torch's nvcc defines: they remove bf16/half implicit conversions and operators, so code that builds
+# in the emulator builds the same way in a torch extension
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+EMULATOR_FLAGS = ["-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-fno-strict-aliasing", "-DALIGNFLOW_CUEMU",
+                  "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
+                  *TORCH_NVCC_DEFINES]
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"]
+# sm_90a through -gencode: nvcc 13.0's -arch=sm_90a shorthand rejects wgmma
+GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-Werror=all-warnings",
+              "-Xcompiler=-Wall,-Werror", "-Xptxas=-warn-spills,-warn-lmem-usage", *TORCH_NVCC_DEFINES]
+SOURCES = {"adaln": "adaln.cu"}  # csrc file of each kernel family
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNFLOW_CACHE", Path.home() / ".cache" / "alignflow"))
+
+
+def _digest(paths, flags, tool) -> str:
+    h = hashlib.sha256()
+    version = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
+    for part in (version, " ".join(flags)):
+        h.update(part.encode())
+    for path in sorted(paths):
+        h.update(str(path.relative_to(CSRC)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def _headers():
+    return sorted((CSRC / "common").glob("*.h"))
+
+
+def _compile(command, output: Path):
+    """Run a compiler into a temporary file, then move it into place (a concurrent build is harmless)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        target = Path(tmp) / output.name
+        run = subprocess.run([*command, "-o", str(target)], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"building {output.name} failed:\n{' '.join(command)}\n{run.stdout}{run.stderr}")
+        os.replace(target, output)
+    return run
+
+
+def build_emulated(source: str, asan: bool = False, compiler: str = "g++") -> Path:
+    """The emulated shared object of csrc/<source> (built once per content hash; returns its path)."""
+    flags = EMULATOR_FLAGS + (ASAN_FLAGS if asan else [])
+    path = CSRC / source
+    digest = _digest([path, *_headers()], flags, compiler)
+    output = cache_dir() / "cuemu" / f"{path.stem}-{'asan-' if asan else ''}{digest}.so"
+    if not output.exists():
+        start = time.perf_counter()
+        _compile([compiler, *flags, f"-I{CSRC}", f"-I{CUDA_HOME / 'include'}", "-x", "c++", str(path),
+                  "-x", "none", "-lpthread"], output)
+        log.info("built %s in %.1f s", output.name, time.perf_counter() - start)
+    return output
+
+
+def asan_runtime(compiler: str = "g++") -> str:
+    """LD_PRELOAD for a Python that loads an ASan-built object: the AddressSanitizer runtime, and
+    libstdc++ beside it (else ASan's __cxa_throw interceptor aborts the first C++ exception, which
+    Triton's import throws)."""
+    return " ".join(subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True,
+                                   check=True).stdout.strip() for name in ("libasan.so", "libstdc++.so.6"))
+
+
+def nvcc() -> str:
+    found = shutil.which("nvcc") or str(CUDA_HOME / "bin" / "nvcc")
+    if not Path(found).exists():
+        raise RuntimeError("nvcc not found (put CUDA's bin on PATH or set CUDA_HOME)")
+    return found
+
+
+def build_cubin(source: str, arch: str, out_dir: Path | None = None) -> tuple[Path, str]:
+    """nvcc's cubin of csrc/<source> for one `-gencode` target (e.g. "sm_90a"), warnings as errors;
+    returns (cubin path, ptxas -v report). Cached by content hash."""
+    compute = arch.replace("sm_", "compute_")
+    flags = [*NVCC_FLAGS, f"-gencode=arch={compute},code={arch}", "-Xptxas=-v"]
+    path = CSRC / source
+    digest = _digest([path, *_headers()], flags, nvcc())
+    out_dir = out_dir or cache_dir() / "cubin"
+    output = out_dir / f"{path.stem}-{arch}-{digest}.cubin"
+    report = output.with_suffix(".ptxas.txt")
+    if not output.exists() or not report.exists():
+        run = _compile([nvcc(), *flags, f"-I{CSRC}", "-cubin", str(path)], output)
+        report.write_text(run.stdout + run.stderr)
+    return output, report.read_text()
+
+
+def build_fatbin(output: Path | None = None) -> Path:
+    """One torch-independent shared object with every csrc/*.cu's launchers for sm_80 and sm_90a:
+    what travels to a GPU machine whose torch differs from ours."""
+    output = output or CSRC / "build" / "libalignflow_cuda.so"
+    sources = [CSRC / s for s in sorted(set(SOURCES.values()))]
+    _compile([nvcc(), *NVCC_FLAGS, *GENCODE, "-shared", f"-I{CSRC}", "-cudart=static", *map(str, sources)], output)
+    return output
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+_libraries: dict = {}
+_logged: set = set()
+P = ctypes.c_void_p
+I = ctypes.c_int
+
+
+def _declare(lib):
+    lib.alignflow_adaln_forward.argtypes = [P] * 9 + [I, I, I, ctypes.c_float, I, I, P]
+    lib.alignflow_adaln_backward.argtypes = [P] * 12 + [I] * 7 + [P]
+    lib.alignflow_adaln_backward_tiles.argtypes = [I, I]
+    lib.alignflow_adaln_supported.argtypes = [I, I]
+    for name in ("alignflow_adaln_forward", "alignflow_adaln_backward", "alignflow_adaln_backward_tiles",
+                 "alignflow_adaln_supported", "alignflow_adaln_max_width"):
+        getattr(lib, name).restype = I
+    if hasattr(lib, "alignflow_cuemu_error"):
+        lib.alignflow_cuemu_error.restype = ctypes.c_char_p
+        lib.alignflow_cuemu_configure.argtypes = [I, ctypes.c_uint, I]
+    return lib
+
+
+def emulating() -> bool:
+    """ALIGNFLOW_CUEMU=1 runs the "cuda" backend on CPU tensors in the emulator; =asan builds it with
+    AddressSanitizer (the process must preload libasan: tests/kernels/test_csrc_adaln.py shows how)."""
+    return os.environ.get("ALIGNFLOW_CUEMU", "0") not in ("", "0")
+
+
+# launches per kernel family, so tests can tell that the CUDA kernel ran rather than a fallback
+launches: collections.Counter = collections.Counter()
+
+
+def library(family: str, device: torch.device):
+    """The loaded launchers of a kernel family for tensors on `device`; raises with the reason."""
+    key = (family, device.type)
+    if key not in _libraries:
+        if device.type == "cpu":
+            if not emulating():
+                raise RuntimeError("CPU tensors: set ALIGNFLOW_CUEMU=1 to run the CUDA kernels in the emulator")
+            path = build_emulated(SOURCES[family], asan=os.environ["ALIGNFLOW_CUEMU"] == "asan")
+        else:
+            path = Path(os.environ.get("ALIGNFLOW_CUDA_LIB", CSRC / "build" / "libalignflow_cuda.so"))
+            if not path.exists():
+                raise RuntimeError(f"{path} is not built (python -m kernels.cuda_build --fatbin)")
+        _libraries[key] = _declare(ctypes.CDLL(str(path)))
+    return _libraries[key]
+
+
+def _fall_back(op: str, reason: str) -> bool:
+    if (op, reason) not in _logged:
+        _logged.add((op, reason))
+        log.warning("kernels.%s: the \"cuda\" backend runs the Triton kernel (%s)", op, reason)
+    return False
+
+
+def takes(op: str, tensors, contiguous=()) -> bool:
+    """True when the active backend is "cuda" and op's CUDA C++ kernel can run these inputs (the
+    `contiguous` ones must be: the kernels read rows as raw memory)."""
+    if get_backend() != "cuda":
+        return False
+    assert op in CUDA_OPS, op
+    tensors = [t for t in tensors if t is not None]
+    device = tensors[0].device
+    try:
+        library(FAMILY[op], device)
+    except (RuntimeError, OSError) as error:
+        return _fall_back(op, str(error).splitlines()[0])
+    for t in tensors:
+        if t.dtype not in DTYPE_CODES:
+            return _fall_back(op, f"dtype {t.dtype} is not supported by the CUDA kernel")
+    for t in contiguous:
+        if t is not None and not t.is_contiguous():
+            return _fall_back(op, f"a non-contiguous input of shape {tuple(t.shape)} (strides {t.stride()})")
+    return True
+
+
+def check(lib, code: int, what: str):
+    if code != 0:
+        detail = lib.alignflow_cuemu_error().decode() if hasattr(lib, "alignflow_cuemu_error") else ""
+        raise RuntimeError(f"{what}: CUDA error {code}{': ' + detail if detail else ''}")
+
+
+def _rows(v, B, D):
+    """A (B, D) or (B, 1, D) modulation vector as contiguous (B, D) rows (SiT's are chunks of one
+    (B, 6 D) projection: a small copy)."""
+    return None if v is None else v.reshape(B, D).contiguous()
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _stream(device):
+    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Ops (the same signatures as the Triton launch helpers they replace)
+# ------------------------------------------------------------------------------------------------
+
+FAMILY = {"adaln_modulate": "adaln", "adaln_residual_modulate": "adaln"}
+
+
+def adaln_forward(x, h, gate, shift, scale, eps):
+    """kernels.adaln._forward on the CUDA kernel: (x_new or None, y, mean, rstd)."""
+    lib = library("adaln", x.device)
+    B, N, D = x.shape
+    mod_dtype = torch.promote_types(shift.dtype, scale.dtype)
+    others = [t for t in (h, gate, shift, scale) if t is not None]
+    if any(t.dtype != mod_dtype for t in others) or not lib.alignflow_adaln_supported(
+            DTYPE_CODES[x.dtype], DTYPE_CODES[mod_dtype]):
+        raise NotImplementedError  # the caller checked with `supports_adaln`
+    gate, shift, scale = (_rows(t, B, D) for t in (gate, shift, scale))
+    y = torch.empty((B, N, D), dtype=mod_dtype, device=x.device)
+    x_new = torch.empty_like(x) if h is not None else None
+    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    code = lib.alignflow_adaln_forward(_ptr(x), _ptr(h), _ptr(gate), _ptr(shift), _ptr(scale), _ptr(x_new), _ptr(y),
+                                       _ptr(mean), _ptr(rstd), B, N, D, float(eps), DTYPE_CODES[x.dtype],
+                                       DTYPE_CODES[mod_dtype], _stream(x.device))
+    check(lib, code, "alignflow_adaln_forward")
+    launches["adaln_forward"] += 1
+    return x_new, y, mean, rstd
+
+
+def supports_adaln(op, x, h, gate, shift, scale) -> bool:
+    """`takes` plus the kernel's own limits: one modulation dtype, a supported dtype pair."""
+    if not takes(op, (x, h, gate, shift, scale), contiguous=(x, h)):
+        return False
+    lib = library("adaln", x.device)
+    mod_dtype = torch.promote_types(shift.dtype, scale.dtype)
+    if any(t is not None and t.dtype != mod_dtype for t in (h, gate, shift, scale)):
+        return _fall_back(op, "h, gate, shift and scale of different dtypes")
+    if not lib.alignflow_adaln_supported(DTYPE_CODES[x.dtype], DTYPE_CODES[mod_dtype]):
+        return _fall_back(op, f"x {x.dtype} with modulation {mod_dtype}")
+    if x.shape[-1] > lib.alignflow_adaln_max_width():
+        return _fall_back(op, f"D = {x.shape[-1]} exceeds {lib.alignflow_adaln_max_width()}")
+    return True
+
+
+def adaln_backward(x, h, gate, scale, mean, rstd, dy, g_x_new, need_dx, need_dh, need_modulation, need_gate,
+                   x_grad_dtype):
+    """kernels.adaln._backward on the CUDA kernel: (dx, dh, d_shift, d_scale, d_gate)."""
+    lib = library("adaln", x.device)
+    B, N, D = x.shape
+    assert x_grad_dtype == x.dtype and mean.dtype == torch.float32
+    mod_dtype = scale.dtype
+    gate, scale = _rows(gate, B, D), _rows(scale, B, D)
+    dy = dy.to(mod_dtype).contiguous()
+    g_x_new = g_x_new.to(x.dtype).contiguous() if g_x_new is not None else None
+    dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device) if need_dx else None
+    dh = torch.empty((B, N, D), dtype=h.dtype, device=x.device) if need_dh else None
+    sums = partial = None
+    if need_modulation or need_gate:
+        tiles = lib.alignflow_adaln_backward_tiles(B, N)
+        partial = torch.empty((B, tiles, 3, D), dtype=torch.float32, device=x.device)
+        sums = torch.empty((B, 3, D), dtype=torch.float32, device=x.device)
+    code = lib.alignflow_adaln_backward(
+        _ptr(x), _ptr(h), _ptr(gate), _ptr(scale), _ptr(mean), _ptr(rstd), _ptr(dy), _ptr(g_x_new), _ptr(dx), _ptr(dh),
+        _ptr(partial), _ptr(sums), B, N, D, int(need_modulation), int(need_gate), DTYPE_CODES[x.dtype],
+        DTYPE_CODES[mod_dtype], _stream(x.device))
+    check(lib, code, "alignflow_adaln_backward")
+    launches["adaln_backward"] += 1
+    d_shift = sums[:, 0] if need_modulation else None
+    d_scale = sums[:, 1] if need_modulation else None
+    d_gate = sums[:, 2] if need_gate else None
+    return dx, dh, d_shift, d_scale, d_gate
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m kernels.cuda_build", description="build csrc/ outside setup.py")
+    parser.add_argument("--fatbin", nargs="?", const="", metavar="PATH",
+                        help="the torch-independent shared object for sm_80 + sm_90a")
+    parser.add_argument("--emulated", action="store_true", help="the emulated shared objects (cached)")
+    parser.add_argument("--cubins", action="store_true", help="sm_80 and sm_90a cubins with the ptxas report")
+    args = parser.parse_args(argv)
+    if not (args.fatbin is not None or args.emulated or args.cubins):
+        parser.error("name something to build: --fatbin, --emulated or --cubins")
+    if args.fatbin is not None:
+        start = time.perf_counter()
+        path = build_fatbin(Path(args.fatbin) if args.fatbin else None)
+        print(f"{path} ({time.perf_counter() - start:.1f} s)")
+    if args.emulated:
+        for source in sorted(set(SOURCES.values())):
+            start = time.perf_counter()
+            print(build_emulated(source), f"({time.perf_counter() - start:.1f} s)")
+    if args.cubins:
+        for source in sorted(set(SOURCES.values())):
+            for arch in ("sm_80", "sm_90a"):
+                start = time.perf_counter()
+                cubin, report = build_cubin(source, arch)
+                print(cubin, f"({time.perf_counter() - start:.1f} s)")
+                print("\n".join(line for line in report.splitlines() if "Used" in line or "spill" in line))
+    return 0
+

@@ -1,0 +1,166 @@
+"""The CUDA C++ adaLN kernels (csrc/adaln.cu) against their references, run on the CPU by the CUDA
+emulator: kernels.set_backend("cuda") with ALIGNFLOW_CUEMU=1 (on a GPU the same tests run the real
+kernels, from the fatbin shared object). Outputs are poisoned (NaN) before the kernels write them."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kernels
+from kernels import _cuda
+from tests.helpers import assert_close, grads, leaf, poisoned_empty
+
+# awkward widths (72: 9 vectors of 8 bf16; 100: the element-load path), SiT-XL's 1152, the widest
+# row 4096, a single row
+SHAPES = [(2, 3, 72), (2, 5, 100), (2, 33, 1152), (1, 2, 4096), (1, 1, 1152)]
+DTYPES = [torch.float32, torch.bfloat16]
+RESIDUAL_NAMES = ["x_new", "y", "d_x", "d_h", "d_gate", "d_shift", "d_scale"]
+MODULATE_NAMES = ["y", "d_x", "d_shift", "d_scale"]
+
+
+@pytest.fixture(autouse=True)
+def _emulated(monkeypatch, device):
+    if device.type == "cpu":
+        monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
+    elif "ALIGNFLOW_CUDA_LIB" not in os.environ and not (_cuda.CSRC / "build" / "libalignflow_cuda.so").exists():
+        _cuda.build_fatbin()
+
+
+def _inputs(shape, dtype, device, mod_dtype=None):
+    B, N, D = shape
+    mod_dtype = mod_dtype or dtype
+    x = leaf(shape, dtype, device)
+    h = leaf(shape, mod_dtype, device)
+    gate, shift, scale = (leaf((B, D) if N % 2 else (B, 1, D), mod_dtype, device, scale=0.5) for _ in range(3))
+    g_x_new, dy = leaf(shape, dtype, device, False), leaf(shape, mod_dtype, device, False)
+    return [x, h, gate, shift, scale], g_x_new, dy
+
+
+def _residual(backend, tensors, g_x_new, dy, leaves=None):
+    with kernels.use_backend(backend), poisoned_empty():
+        x_new, y = kernels.adaln_residual_modulate(*tensors)
+        torch.autograd.backward([x_new, y], [g_x_new, dy])
+    return [x_new, y] + grads(tensors if leaves is None else leaves)
+
+
+def _modulate(backend, tensors, dy):
+    x, shift, scale = tensors
+    with kernels.use_backend(backend), poisoned_empty():
+        y = kernels.adaln_modulate(x, shift, scale)
+        y.backward(dy)
+    return [y] + grads([x, shift, scale])
+
+
+def _ran_cuda(function):
+    """Run `function` and assert that it launched the CUDA forward and backward (no silent fallback)."""
+    before = dict(_cuda.launches)
+    out = function()
+    for kind in ("adaln_forward", "adaln_backward"):
+        assert _cuda.launches[kind] > before.get(kind, 0), f"{kind} did not run: {_cuda._logged}"
+    return out
+
+
+def _compare(actual, expected, names, dtype):
+    for name, a, e in zip(names, actual, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, e.dtype, a.shape, e.shape)
+        assert_close(a, e, dtype, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_residual_modulate(shape, dtype, device):
+    tensors, g_x_new, dy = _inputs(shape, dtype, device)
+    actual = _ran_cuda(lambda: _residual("cuda", tensors, g_x_new, dy))
+    _compare(actual, _residual("torch", tensors, g_x_new, dy), RESIDUAL_NAMES, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_modulate(shape, dtype, device):
+    tensors, _, dy = _inputs(shape, dtype, device)
+    tensors = [tensors[0], tensors[3], tensors[4]]
+    actual = _ran_cuda(lambda: _modulate("cuda", tensors, dy))
+    _compare(actual, _modulate("torch", tensors, dy), MODULATE_NAMES, dtype)
+
+
+@pytest.mark.parametrize("mod_dtype", [torch.bfloat16, torch.float16])
+def test_residual_stream_in_fp32(mod_dtype, device):
+    """x fp32 with bf16/fp16 h and modulation: x_new and d_x fp32, y and d_h in the modulation dtype."""
+    tensors, g_x_new, dy = _inputs((2, 7, 1152), torch.float32, device, mod_dtype)
+    actual = _ran_cuda(lambda: _residual("cuda", tensors, g_x_new, dy))
+    expected = _residual("torch", tensors, g_x_new, dy)
+    assert [t.dtype for t in actual[:4]] == [torch.float32, mod_dtype, torch.float32, mod_dtype]
+    assert_close(actual[0], expected[0], torch.float32, name="x_new")
+    _compare(actual[1:], expected[1:], RESIDUAL_NAMES[1:], mod_dtype)
+
+
+def test_sit_chunked_modulation(device):
+    """SiT's shift/scale/gate are chunk() views of one (B, 6 D) projection: not contiguous, still the
+    CUDA kernel (the launcher copies the (B, D) rows)."""
+    B, N, D = 2, 4, 72
+    base = leaf((B, 6 * D), torch.bfloat16, device, scale=0.5)
+    x, h = leaf((B, N, D), torch.bfloat16, device), leaf((B, N, D), torch.bfloat16, device)
+    g_x_new, dy = leaf((B, N, D), torch.bfloat16, device, False), leaf((B, N, D), torch.bfloat16, device, False)
+
+    def run(backend):
+        gate, shift, scale = base.chunk(6, dim=1)[:3]
+        return _residual(backend, [x, h, gate, shift, scale], g_x_new, dy, leaves=[x, h, base])
+
+    actual = _ran_cuda(lambda: run("cuda"))
+    _compare(actual, run("torch"), ["x_new", "y", "d_x", "d_h", "d_chunks"], torch.bfloat16)
+
+
+def test_thread_order_does_not_change_a_bit(device):
+    """Deterministic reductions: the emulator running threads in a shuffled order gives bitwise the
+    same outputs and gradients (a race or an order-dependent sum would not)."""
+    if device.type != "cpu":
+        pytest.skip("thread order is an emulator option")
+    tensors, g_x_new, dy = _inputs((2, 40, 1152), torch.float32, device)
+    ordered = _ran_cuda(lambda: _residual("cuda", tensors, g_x_new, dy))
+    lib = _cuda.library("adaln", device)
+    lib.alignflow_cuemu_configure(2, int.from_bytes(os.urandom(4), "little"), 0)
+    try:
+        shuffled = _residual("cuda", tensors, g_x_new, dy)
+    finally:
+        lib.alignflow_cuemu_configure(0, 0, 0)
+    for name, a, b in zip(RESIDUAL_NAMES, ordered, shuffled):
+        assert torch.equal(a, b), name
+
+
+def test_fallback_is_named_once(device, caplog):
+    """fp64 has no CUDA kernel: the "cuda" backend runs Triton and says so once."""
+    tensors, g_x_new, dy = _inputs((1, 3, 72), torch.float64, device)
+    _cuda._logged.clear()
+    with caplog.at_level("WARNING", logger="kernels"):
+        for _ in range(2):
+            _residual("cuda", tensors, g_x_new, dy)
+    messages = [r.getMessage() for r in caplog.records if "CUDA kernel" in r.getMessage()]
+    assert messages == ['kernels.adaln_residual_modulate: the "cuda" backend runs the Triton kernel (dtype '
+                        'torch.float64 is not supported by the CUDA kernel)'], messages
+
+
+def test_address_sanitizer_run(tmp_path):
+    """The residual op forward and backward in an AddressSanitizer build of the emulated kernels: any
+    out-of-bounds access of the kernels fails the run (the process preloads libasan)."""
+    script = textwrap.dedent("""
+        import os, torch, kernels
+        from kernels import _cuda
+        kernels.set_backend("cuda")
+        for D in (72, 100, 1152):
+            x, h = torch.randn(2, 3, D, requires_grad=True), torch.randn(2, 3, D, requires_grad=True)
+            gate, shift, scale = (torch.randn(2, D, requires_grad=True) for _ in range(3))
+            x_new, y = kernels.adaln_residual_modulate(x, h, gate, shift, scale)
+            (x_new.sum() + y.square().sum()).backward()
+            ref = kernels.reference_adaln_residual_modulate(x, h, gate, shift, scale)[1]
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        assert _cuda.launches["adaln_backward"] == 3, _cuda.launches
+        print("ok")
+    """)
+    env = dict(os.environ, ALIGNFLOW_CUEMU="asan", TRITON_INTERPRET="1", LD_PRELOAD=_cuda.asan_runtime(),
+               ASAN_OPTIONS="detect_leaks=0")
+    _cuda.build_emulated(_cuda.SOURCES["adaln"], asan=True)  # built here, so the child only loads it
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -183,7 +183,7 @@ _COPIES = {"_to_copy", "copy_", "clone", "cat", "stack", "contiguous", "_unsafe_
            "embedding", "embedding_dense_backward", "upsample_bicubic2d", "constant_pad_nd", "repeat"}
 _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "linalg_vector_norm", "norm", "var_mean", "var",
                "std", "_foreach_norm", "prod", "cumsum", "logsumexp", "_softmax", "_log_softmax"}
-_WRITE_ONLY = {"copy_", "fill_", "zero_", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
+_WRITE_ONLY = {"fill_", "zero_", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
                "new_zeros", "new_ones", "new_full", "rand", "randn", "rand_like", "randn_like", "randint",
                "randint_like", "normal_", "uniform_", "bernoulli_", "exponential_", "random_", "arange",
                "scalar_tensor", "linspace"}
@@ -425,8 +425,14 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             stack_category, fused = meta.get("category"), meta.get("fused", False)
         phase = self._phase(stack_category)
         mutated = _mutated_args(func, args, kwargs)
+        if name in ("_fused_adamw_", "_fused_adam_"):  # its schema lets it unscale the grads in place; without
+            grads = {id(t) for t in args[1]}          # a grad scaler they are only read
+            mutated = [t for t in mutated if id(t) not in grads]
         mutated_keys = {_storage_key(t) for t in mutated}
-        inputs = [] if name in _WRITE_ONLY else list(_tensors((args, kwargs)))
+        if name == "copy_":  # reads its source only
+            inputs = list(_tensors(args[1]))
+        else:
+            inputs = [] if name in _WRITE_ONLY else list(_tensors((args, kwargs)))
         outputs = [t for t in _tensors(out) if _storage_key(t) not in mutated_keys] + mutated
         reads, seen = [], set()
         for t in inputs:
@@ -481,7 +487,7 @@ class _MasterWeightsAdamW:
     copies the master back into the bf16 weights. Every one of those copies is traced as an op."""
 
     def __init__(self, params, optimizer_cls):
-        self.params = list(params)
+        self.params = [p for p in params if p.requires_grad]  # frozen ones (pos_embed) are not the optimizer's
         numel = sum(p.numel() for p in self.params)
         dtype = self.params[0].dtype
         self.flat_weights = torch.empty(numel, dtype=dtype)
@@ -542,16 +548,16 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         else:
             encoder_module, cfg, transport, encoder_flops = train_step.build(args, meta)
         sit = build_model(cfg)
+        if precision == "bf16":
+            sit.to(torch.bfloat16)  # on meta: fake parameters cannot be swapped for other dtypes later
     model_flops = sit.flops_per_sample()
     linear_params = sum(m.weight.numel() for m in sit.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
-    params = sum(p.numel() for p in sit.parameters())
+    params = sum(p.numel() for p in sit.parameters() if p.requires_grad)  # what the optimizer and ZeRO shard
     tracer = Tracer()
     tracer.recording = False
     with FakeTensorMode(allow_non_fake_inputs=True):
         encoder_module.to_empty(device="cpu")
         sit.to_empty(device="cpu").train()
-        if precision == "bf16":
-            sit.to(torch.bfloat16)
         fused = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)  # noqa: E731
         optimizer = _MasterWeightsAdamW(sit.parameters(), fused) if precision == "bf16" else fused(sit.parameters())
         latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
@@ -579,7 +585,11 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
 
         forward = Forward()
 
-        step_inputs = (sit, forward, optimizer, encoder_module, transport, latents, cfg, autocast, backend,
+        def encode(images):  # the encoder's own CUDA autocast (bf16) is off for CPU tensors: the CPU one stands in
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return encoder_module(images)
+
+        step_inputs = (sit, forward, optimizer, encode, transport, latents, cfg, autocast, backend,
                        images, labels)
         with tracer, tracer.intercept_triton(), _patched_foreach(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
@@ -938,7 +948,8 @@ def main(argv=None) -> int:
     parser.add_argument("--car-flow", default="none", choices=["none", "source", "target", "joint"])
     parser.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--device-preset", default="h100-sxm", choices=sorted(PRESETS))
+    parser.add_argument("--device-preset", default="h100-sxm",
+                        help=f"one of {sorted(PRESETS)}, several comma-separated, or 'all' (traced once for all)")
     parser.add_argument("--launch-us", type=float, default=LAUNCH_S * 1e6)
     parser.add_argument("--zero-gpus", default="8,64", help="GPU counts of the ZeRO projection ('' for none)")
     parser.add_argument("--global-batch", type=int, default=256)
@@ -952,6 +963,10 @@ def main(argv=None) -> int:
     if args.write_baseline:
         print(f"wrote {write_baseline()}")
         return 0
+    presets = sorted(PRESETS) if args.device_preset == "all" else [p for p in args.device_preset.split(",") if p]
+    unknown = sorted(set(presets) - set(PRESETS))
+    if unknown or not presets:
+        parser.error(f"--device-preset: unknown {unknown or args.device_preset!r}; allowed: {sorted(PRESETS)} or all")
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -964,47 +979,56 @@ def main(argv=None) -> int:
         if g < 1 or args.global_batch % g or (g > GPUS_PER_NODE and g % GPUS_PER_NODE):
             parser.error(f"--zero-gpus {g}: must divide --global-batch {args.global_batch} and be a multiple of "
                          f"{GPUS_PER_NODE} above one node")
-    ceilings = device_ceilings(args.device_preset, args.results)
     config = dict(model=args.model, batch=args.batch, resolution=args.resolution, encoder=args.encoder,
                   encoder_depth=args.encoder_depth, reg=args.reg, car_flow=args.car_flow, precision=args.precision)
     if args.smoke:
         config.update(SMOKE_CONFIG)
-    results, traces = model_step(config, variants, ceilings, args.launch_us * 1e-6)
-    trace = next(iter(traces.values()))
+    traces = defaultdict(dict)  # batch -> backend -> trace: each traced once for every preset
+    for preset in presets:
+        payload = model_payload(preset, config, variants, gpu_counts, args, traces)
+        print(markdown(payload))
+        if not args.no_write:
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, f"model-{preset}-{payload['date']}.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(payload, f, indent=1)
+            os.replace(path + ".tmp", path)
+            print(f"wrote {path}")
+    return 0
+
+
+def model_payload(preset, config, variants, gpu_counts, args, traces) -> dict:
+    """The result of one device preset: every variant, the ZeRO projection, the assumptions."""
     import triton
 
+    ceilings = device_ceilings(preset, args.results)
+    launch_s = args.launch_us * 1e-6
+    batch = config["batch"]
+    results, _ = model_step(config, variants, ceilings, launch_s, traces[batch])
+    trace = next(iter(traces[batch].values()))
     date = datetime.date.today().isoformat()
-    payload = {"kind": "model", "date": date, "device_preset": args.device_preset,
+    payload = {"kind": "model", "date": date, "device_preset": preset,
                "environment": {"device": f"modelled {ceilings['device']}", "date": date, "torch": torch.__version__,
                                "triton": triton.__version__},
                "device": ceilings, "config": config, "variants": results,
                "analytic": {k: trace[k] for k in ("model_flops", "sit_flops_per_sample", "encoder_flops_per_image",
                                                   "params")},
-               "assumptions": assumptions(ceilings, args.precision, args.launch_us * 1e-6)}
+               "assumptions": assumptions(ceilings, config["precision"], launch_s)}
     if gpu_counts:
         variant = "alignflow" if "alignflow" in results else variants[0]
+        nvlink = PRESETS[preset].nvlink_bytes_per_s
         rows = []
         for g in gpu_counts:
             micro = args.global_batch // g
-            summary = results[variant] if micro == args.batch else model_step(
-                dict(config, batch=micro), [variant], ceilings, args.launch_us * 1e-6)[0][variant]
+            summary = results[variant] if micro == batch else model_step(
+                dict(config, batch=micro), [variant], ceilings, launch_s, traces[micro])[0][variant]
             for stage in (1, 2, 3):
                 for overlap in (False, True):
-                    rows.append(zero_projection(summary, trace["params"], trace["linear_params"], args.precision,
-                                                g, stage, PRESETS[args.device_preset].nvlink_bytes_per_s, overlap,
-                                                micro))
-        payload["zero"] = {"variant": variant, "precision": args.precision, "global_batch": args.global_batch,
-                           "nvlink_gb_per_s": PRESETS[args.device_preset].nvlink_bytes_per_s / 1e9, "rows": rows}
-    print(markdown(payload))
-    if not args.no_write:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"model-{args.device_preset}-{date}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(path + ".tmp", path)
-        print(f"wrote {path}")
-    return 0
-
+                    rows.append(zero_projection(summary, trace["params"], trace["linear_params"], config["precision"],
+                                                g, stage, nvlink, overlap, micro))
+        payload["zero"] = {"variant": variant, "precision": config["precision"], "global_batch": args.global_batch,
+                           "nvlink_gb_per_s": nvlink / 1e9, "rows": rows}
+    return payload
 
 if __name__ == "__main__":
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -181,9 +181,26 @@ def model_sections(payloads: list[dict], readme_preset: str = "h100-sxm") -> dic
         missing = "Not modelled yet (`python -m bench.model`).\n"
         return {"model-results": missing, "model-zero-results": missing}
     source = f"\n({os.path.basename(chosen['_path'])}; top ops per variant in the .md beside it)\n"
-    return {"model-results": markdown(chosen, top_ops=False, zero=False) + source,
+    return {"model-results": markdown(chosen, top_ops=False, zero=False) + source + model_presets_table(payloads),
             "model-zero-results": (zero_table(chosen) if chosen.get("zero") else "No ZeRO projection in "
                                    "this result (`python -m bench.model --zero-gpus 8,64`).\n") + source}
+
+
+def model_presets_table(payloads: list[dict]) -> str:
+    """Modelled step ms and img/s of each variant on every device preset that has a result."""
+    if len(payloads) < 2:
+        return ""
+    variants = list(payloads[0]["variants"])
+    lines = ["", "The same step on each device preset (modelled, not measured; step ms / img/s; same assumptions, "
+                 "each preset's own ceilings):", "",
+             "| preset | bandwidth | bf16 matmul | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+    for p in payloads:
+        cells = [f"{1e3 * p['variants'][v]['step_s']:.1f} / {p['variants'][v]['img_per_s']:.0f}"
+                 if v in p["variants"] else "-" for v in variants]
+        d = p["device"]
+        lines.append(f"| {d['device']} | {d['bandwidth'] / 1e12:.2f} TB/s | {d['bf16'] / 1e12:.0f} TFLOP/s | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def model_chart(payload: dict) -> str | None:

@@ -221,3 +221,36 @@ def test_the_guard_names_the_ops_that_grew(fused_step_ops):
     assert len(problems) == 1 and "bytes grew" in problems[0] and key in problems[0]
     assert "--write-baseline" in problems[0]
     assert not model.compare_to_baseline(fused_step_ops, dict(baseline, bytes=total_bytes * 0.99))
+
+
+def test_bf16_mode_traces_deepspeeds_master_copies():
+    """--precision bf16: bf16 weights; the gradients copied into the flat bucket (2 + 2 bytes a
+    parameter), the flat gradient cast to fp32 (2 + 4), fused AdamW on the fp32 master, the master copied
+    back into the bf16 weights (4 + 2)."""
+    trace = model.trace_step(backend="triton", **dict(SMALL, precision="bf16"))
+    P = trace["params"]
+    optimizer = [op for op in trace["ops"] if op.phase == "optimizer"]
+    buckets = [op for op in optimizer if op.name == "copy_" and op.read == op.written]
+    assert sum(op.read for op in buckets) == 2 * P and sum(op.written for op in buckets) == 2 * P
+    cast = [op for op in optimizer if op.name == "_to_copy"]
+    assert [(op.read, op.written) for op in cast] == [(2 * P, 4 * P)]
+    back = [op for op in optimizer if op.name == "copy_" and op.read == 4 * P]
+    assert [op.written for op in back] == [2 * P]
+    adam = next(op for op in optimizer if op.name == "_fused_adamw_")
+    assert adam.read == 4 * 4 * P + 4 and adam.written == 3 * 4 * P  # master, grad, m, v, step read; master, m, v
+    matmuls = [op for op in trace["ops"] if op.flops and op.phase in ("forward", "backward")]
+    assert matmuls and all(op.matmul_dtype == "bf16" for op in matmuls)
+
+
+def test_measured_ceilings_replace_the_datasheet(tmp_path):
+    """A GPU run's recorded copy bandwidth and bf16 matmul rate (bench/common.py's, in a kernels result)
+    replace the datasheet figures of the preset whose name it matches, and say where they come from."""
+    datasheet = model.device_ceilings("h100-sxm", str(tmp_path))
+    assert datasheet["bandwidth"] == pytest.approx(3.35e12 * model.BANDWIDTH_EFFICIENCY)
+    result = {"environment": {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-03"},
+              "ceilings": {"copy_bytes_per_s": 2.9e12, "matmul_flop_per_s": 7.1e14}}
+    (tmp_path / "kernels-NVIDIA-H100-80GB-HBM3-2026-12-03.json").write_text(json.dumps(result))
+    measured = model.device_ceilings("h100-sxm", str(tmp_path))
+    assert measured["bandwidth"] == 2.9e12 and measured["bf16"] == 7.1e14
+    assert "measured" in measured["bandwidth_from"] and "kernels-NVIDIA-H100" in measured["bf16_from"]
+    assert model.device_ceilings("a100-80gb", str(tmp_path))["bf16"] == pytest.approx(312e12 * model.MATMUL_EFFICIENCY)

@@ -9,7 +9,8 @@
 #
 # Stages, in order of value (default: all): env real train kernels tests engine data
 #   env      nvidia-smi, versions                        real     every fused op at SiT-XL/2 sizes in bf16
-#   train    bench.train_step, eager pair then compiled  kernels  bench.kernels, SiT-XL/2 256 px cases first
+#   train    bench.train_step: eager pair, the trainer's  kernels  bench.kernels, SiT-XL/2 256 px cases first
+#            own step (DeepSpeed ZeRO-2, bf16 / bf16-mixed; needs the carried DeepSpeed), then compiled
 #   tests    the other kernel and model tests on the GPU engine   the trainer's tests and the main job (2 min)
 #   data     bench.data (DALI nvJPEG only where carried: bench/carry_wheels.sh prepare, in 5 calls)
 #

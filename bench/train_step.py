@@ -8,8 +8,17 @@ weights, fused AdamW: REPA's, and the trainer's `train.precision: bf16-mixed`) f
   2. reference compiled  the same under torch.compile
   3. alignflow           the fused Triton kernels
   4. alignflow compiled  the fused kernels under torch.compile
+and the trainer's own step, `engine.trainer.Trainer.train_step` as `deepspeed --num_gpus 1 --module
+engine.train` runs it: the DeepSpeed engine with configs/deepspeed/zero2.json (ZeRO-2), its AdamW,
+gradient clipping and EMA update, the finite-loss all-reduce and host sync, its loader over the same
+JPEG files with pre-extracted latent shards (random-weight encoder as above; the shards hold an 8x8
+average pool of each image, written once by engine.preprocess: SD-VAE's 4 x H/8 x W/8 grid):
+  5. trainer-bf16            train.precision bf16: bf16 weights, fp32 masters in the ZeRO optimizer
+  6. trainer-bf16-mixed      train.precision bf16-mixed: fp32 weights, the model under bf16 autocast
+  7. trainer-bf16-compiled   trainer-bf16 with train.compile (DeepSpeed's engine.compile, inductor)
 Reported per variant: steady-state img/s, the step split into data / encoder / forward+loss / backward /
-optimizer (CUDA events), peak memory, the host syncs of one step (torch's sync debug mode), model
+optimizer (CUDA events; the trainer's fwd+loss includes its finite-loss check, its optimizer the
+EMA update and the gradient-norm read), peak memory, the host syncs of one step (torch's sync debug mode), model
 TFLOP/s from the analytic counts (`SiT.flops_per_sample`, and bench/flops.py for the encoder) and MFU
 against the bf16 matmul rate measured in the same run.
 
@@ -22,7 +31,8 @@ files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
 
 Writes bench/results/train_step-<device>-<date>.json (rewritten after every variant, so a run cut short
 keeps what it measured) and prints its table (`python -m bench.report` writes it beside the JSON). The
-eager pair runs first, then the compiled pair (each compile of SiT-XL/2 takes minutes); with a time
+eager pair runs first, then the trainer's eager steps, then the compiled variants (each compile of
+SiT-XL/2 takes minutes); with a time
 budget (`--budget-s`, or ALIGNFLOW_DEADLINE from bench/gpu_all.sh) a variant that would start after it
 is recorded as skipped. `--smoke` runs a tiny model for two steps on the CPU so CI keeps the harness
 working; its numbers mean nothing.
@@ -30,6 +40,8 @@ working; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -42,9 +54,16 @@ from bench.data import loader_rows, loader_table
 from bench.flops import training_step_flops, vit_forward_flops
 
 
-# name -> (kernels backend, torch.compile); the order in which they run
+# the benchmark's own step: name -> (kernels backend, torch.compile)
 VARIANTS = {"reference-eager": ("torch", False), "alignflow": ("triton", False),
             "reference-compiled": ("torch", True), "alignflow-compiled": ("triton", True)}
+# the trainer's step: name -> (train.precision, train.compile); its kernels backend is the trainer's "auto"
+TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
+                    "trainer-bf16-compiled": ("bf16", True)}
+# the order in which they run: eager first (each compile of SiT-XL/2 takes minutes)
+ORDER = ["reference-eager", "alignflow", "trainer-bf16", "trainer-bf16-mixed", "reference-compiled",
+         "alignflow-compiled", "trainer-bf16-compiled"]
+PHASES = ("data", "encoder", "forward", "backward", "optimizer")
 
 
 def build(args, device):
@@ -74,21 +93,27 @@ def build(args, device):
     return encoder, model_cfg, Transport(TransportConfig(time_sampling="lognormal")), encoder_flops
 
 
-def build_loader(args, device):
-    """The trainer's loader over the built-in set's JPEG files at twice the resolution, one epoch long
-    enough for a variant's steps (each variant starts an epoch of its own), or None for `--loader none`."""
-    if args.loader == "none":
-        return None
-    from engine.data import DataConfig, build_loader as build
+def loader_config(args):
+    """The data section of every variant: the built-in set's JPEG files at twice the resolution, one
+    epoch long enough for a variant's steps (each variant starts an epoch of its own)."""
+    from engine.data import DataConfig
 
     cores = os.cpu_count() or 1
-    batches = args.warmup + args.steps + 2  # the plan covers what the loader decodes ahead too
+    batches = args.warmup + args.steps + 3  # the plan covers what the loader decodes ahead, and the sync count
     root = os.path.join(tempfile.gettempdir(), f"alignflow-train-bench-{args.resolution}")
-    cfg = DataConfig(source="builtin", root=root, resolution=args.resolution, num_classes=10, batch_size=args.batch,
-                     decoder="auto" if args.loader == "auto" else args.loader, num_workers=min(cores, 8),
-                     num_threads=min(cores, 8), builtin_images_per_class=-(-batches * args.batch // 10),
-                     builtin_image_size=2 * args.resolution)
-    return build(cfg, rank=0, world_size=1, device=device)
+    return DataConfig(source="builtin", root=root, resolution=args.resolution, num_classes=10, batch_size=args.batch,
+                      decoder=args.loader if args.loader in ("pil", "dali") else "auto", num_workers=min(cores, 8),
+                      num_threads=min(cores, 8), builtin_images_per_class=-(-batches * args.batch // 10),
+                      builtin_image_size=2 * args.resolution)
+
+
+def build_loader(args, device):
+    """The trainer's loader over `loader_config`'s files, or None for `--loader none`."""
+    if args.loader == "none":
+        return None
+    from engine.data import build_loader as build
+
+    return build(loader_config(args), rank=0, world_size=1, device=device)
 
 
 def _batches(loader, epoch, args, device):
@@ -105,6 +130,46 @@ def _batches(loader, epoch, args, device):
     raise RuntimeError(f"the loader's epoch of {len(loader)} batches ran out before the timed steps did")
 
 
+def _timer(device):
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _elapsed(device, a, b) -> float:
+    if device.type == "cuda":
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+    return b - a
+
+
+def timed_steps(step, args, device):
+    """Run `step(mark)` args.warmup + args.steps times; `step` calls `mark(phase)` as each of PHASES
+    ends (a phase marked twice in a step, as with gradient accumulation, is summed). Returns the row's
+    timing fields (medians over the timed steps, the peak memory since the first step) and the last
+    step's return value."""
+    timings = {k: [] for k in PHASES + ("step",)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        marks = [(None, _timer(device))]
+        out = step(lambda phase: marks.append((phase, _timer(device))))
+        if i < args.warmup:
+            continue
+        spent = dict.fromkeys(PHASES, 0.0)
+        for (_, a), (phase, b) in zip(marks, marks[1:]):
+            spent[phase] += _elapsed(device, a, b)
+        for phase in PHASES:
+            timings[phase].append(spent[phase])
+        timings["step"].append(_elapsed(device, marks[0][1], marks[-1][1]))
+    median = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return {"seconds_per_step": median["step"], "breakdown_seconds": median, "img_per_s": args.batch / median["step"],
+            "peak_memory_bytes": peak}, out
+
+
 def run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
     from engine.models import build_model
 
@@ -117,40 +182,132 @@ def run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
     latents = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device)
     batches = _batches(loader, epoch, args, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    timings = {"data": [], "encoder": [], "forward": [], "backward": [], "optimizer": [], "step": []}
-
-    def timer():
-        if device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def elapsed(a, b):
-        if device.type == "cuda":
-            b.synchronize()
-            return a.elapsed_time(b) / 1e3
-        return b - a
-
-    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     step_inputs = (model, forward, optimizer, encoder, transport, latents, model_cfg, autocast, backend)
-    for step in range(args.warmup + args.steps):
-        marks = [timer()]
-        images, labels = next(batches)
-        marks.append(timer())
-        losses = one_step(*step_inputs, images, labels, mark=lambda: marks.append(timer()))
-        if step >= args.warmup:
-            for key, a, b in zip(("data", "encoder", "forward", "backward", "optimizer"), marks, marks[1:]):
-                timings[key].append(elapsed(a, b))
-            timings["step"].append(elapsed(marks[0], marks[-1]))
+    last = {}
+
+    def step(mark):
+        last["images"], last["labels"] = next(batches)
+        mark("data")
+        phases = iter(PHASES[1:])
+        return one_step(*step_inputs, last["images"], last["labels"], mark=lambda: mark(next(phases)))
+
+    row, losses = timed_steps(step, args, device)
     if not torch.isfinite(losses["loss"]):
         raise RuntimeError(f"{name}: non-finite loss {losses['loss'].item()}")
-    host_syncs = _count_host_syncs(lambda: one_step(*step_inputs, images, labels)) if device.type == "cuda" else None
-    median = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return {"variant": name, "seconds_per_step": median["step"], "breakdown_seconds": median,
-            "img_per_s": args.batch / median["step"], "peak_memory_bytes": peak, "host_syncs_per_step": host_syncs,
-            "final_loss": float(losses["loss"].detach())}
+    host_syncs = (_count_host_syncs(lambda: one_step(*step_inputs, last["images"], last["labels"]))
+                  if device.type == "cuda" else None)
+    return {"variant": name, **row, "host_syncs_per_step": host_syncs, "final_loss": float(losses["loss"].detach())}
+
+
+def pool_autoencoder(cfg):
+    """The trainer variants' latent space (`latent.kind: module`): SD-VAE's grid (4 channels, 8x
+    downsampling) from an 8x8 average pool of RGB plus their mean, posterior std 0.1 |mean|. It only
+    writes the latent shards once; the timed step reads them, as the public recipe does."""
+    import torch.nn.functional as F
+
+    class PoolAutoencoder(torch.nn.Module):
+        channels, downsample = 4, 8
+
+        def encode(self, x):
+            pooled = F.avg_pool2d(x, 8)
+            mean = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
+            return mean, 0.1 * mean.abs()
+
+        def decode(self, z):
+            return F.interpolate(z[:, :3], scale_factor=8, mode="nearest")
+
+    return PoolAutoencoder()
+
+
+POOL_LATENTS = "bench.train_step:pool_autoencoder"
+
+
+def latent_shards(args, device) -> str:
+    """Latent shards of the variants' JPEG files (engine.preprocess with `pool_autoencoder`), written
+    once per data set beside it; returns their root."""
+    from engine.preprocess import encoder_from_latent_space, latent_config, preprocess
+
+    data = loader_config(args)
+    out = f"{data.root}-latents-{data.builtin_images_per_class}x{data.builtin_image_size}"
+    latent = latent_config(f"module:{POOL_LATENTS}", "1.0", "0.0")
+    preprocess(data, out, encoder_from_latent_space(latent, device), latent_space=f"module:{POOL_LATENTS}",
+               batch_size=64, device=device, decode_threads=min(os.cpu_count() or 1, 8), latent_scale=latent.scale,
+               latent_shift=latent.shift)
+    return out
+
+
+def trainer_config(args, parts, precision: str, use_compile: bool, output_dir: str, latents_root: str):
+    """The ExperimentConfig of a trainer variant: the benchmark's model, encoder and data (with latent
+    shards), configs/deepspeed/zero2.json on one rank, the global batch one micro-batch; nothing
+    written during the steps (no checkpoints, samples or logs) and nothing resumed."""
+    import dataclasses
+
+    from engine.config import from_dict
+
+    encoder, model_cfg, transport, _ = parts
+    data = dataclasses.replace(loader_config(args), num_classes=None, latents_root=latents_root)
+    return from_dict({
+        "model": model_cfg, "data": data, "encoders": [encoder.cfg],
+        "latent": {"kind": "module", "path": POOL_LATENTS, "scale": 1.0, "shift": 0.0},
+        "transport": transport.cfg,
+        "train": {"output_dir": output_dir, "max_steps": 10 ** 9, "global_batch_size": args.batch,
+                  "deepspeed_config": "configs/deepspeed/zero2.json", "precision": precision, "compile": use_compile,
+                  "debug_fixed_batch": args.loader == "none", "seed": 0},
+        "checkpoint": {"every": 0, "resume": "none"},
+        "logging": {"progress_bar": False, "tensorboard": False, "sample_every": 0},
+        "sample": {"num_images": 0},
+    })
+
+
+@contextlib.contextmanager
+def _trainer_process_state():
+    """What a Trainer changes in this process, put back afterwards so the variants after it (and the
+    caller: a test, another benchmark) see none of it: the environment (RANK, MASTER_PORT, ...), the
+    process group it creates, the kernels backend, the TF32 flags and DeepSpeed's process-wide autocast
+    flag (set by a bf16-mixed engine)."""
+    import torch.distributed as dist
+
+    import kernels
+
+    environ, had_group = dict(os.environ), dist.is_initialized()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        with kernels.use_backend(kernels.get_backend()):
+            yield
+    finally:
+        autocast = sys.modules.get("deepspeed.runtime.torch_autocast")
+        if autocast is not None:
+            autocast.TORCH_AUTOCAST_INITIALIZED, autocast.TORCH_AUTOCAST_DTYPE = False, None
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        if dist.is_initialized() and not had_group:  # through DeepSpeed, which drops its references to the group
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def run_trainer_variant(name, precision, use_compile, args, device, parts, latents_root):
+    """`Trainer.train_step` timed as `run_variant` times the benchmark's step (the same phases)."""
+    import gc
+
+    with _trainer_process_state(), tempfile.TemporaryDirectory(prefix="alignflow-bench-trainer-") as run_dir:
+        from engine.trainer import Trainer
+
+        trainer = Trainer(trainer_config(args, parts, precision, use_compile, run_dir, latents_root))
+        try:  # the steps below are those of Trainer.fit, without its logging and checkpoints
+            row, metrics = timed_steps(trainer.train_step, args, device)
+            host_syncs = _count_host_syncs(trainer.train_step) if device.type == "cuda" else None
+            facts = {"precision": trainer.precision, "zero_stage": trainer.engine.zero_optimization_stage(),
+                     "kernels_backend": __import__("kernels").get_backend(), "loader": trainer.loader.backend.name,
+                     "latents": "shards"}
+        finally:
+            trainer.engine.destroy()
+            del trainer
+            gc.collect()
+    if not math.isfinite(metrics["loss"]):
+        raise RuntimeError(f"{name}: non-finite loss {metrics['loss']}")
+    return {"variant": name, **row, "host_syncs_per_step": host_syncs, "final_loss": metrics["loss"], **facts}
 
 
 def one_step(model, forward, optimizer, encoder, transport, latents, model_cfg, autocast, backend, images, labels,
@@ -230,6 +387,11 @@ def markdown(payload) -> str:
                      f"{1e3 * r['seconds_per_step']:.1f} | {data} | {1e3 * b['encoder']:.1f} | {1e3 * b['forward']:.1f} | "
                      f"{1e3 * b['backward']:.1f} | {1e3 * b['optimizer']:.1f} | {peak} | {r['tflop_per_s']:.1f} | "
                      f"{100 * r['mfu']:.1f}% | {'-' if r.get('host_syncs_per_step') is None else r['host_syncs_per_step']} |")
+    if any(r["variant"] in TRAINER_VARIANTS for r in rows):
+        lines += ["", "trainer-* rows time `engine.trainer.Trainer.train_step` as the `deepspeed` launcher runs it on "
+                      "one GPU (DeepSpeed ZeRO-2, the named `train.precision`, EMA update, the finite-loss check and "
+                      "its host sync; latents read from shards by the trainer's loader); the others time the "
+                      "benchmark's own step (fp32 weights under bf16 autocast, torch's fused AdamW)."]
     if payload["data"]:
         lines += [""] + loader_table(payload["data"])
     return "\n".join(lines) + "\n"
@@ -246,7 +408,8 @@ def main(argv=None) -> int:
     parser.add_argument("--car-flow", default="none", choices=["none", "source", "target", "joint"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", help=f"comma-separated, of {ORDER} (default: all; --smoke: the eager "
+                                           "pair and the trainer's eager pair)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--budget-s", type=float, help="start no variant after this many seconds")
@@ -256,14 +419,15 @@ def main(argv=None) -> int:
                              "(auto: DALI nvJPEG on a GPU where installed, else PIL), or none (one fixed batch)")
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s)
-    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    args.variants = args.variants or ("reference-eager,alignflow,trainer-bf16,trainer-bf16-mixed" if args.smoke
+                                      else ",".join(ORDER))
+    unknown = sorted(set(args.variants.split(",")) - set(ORDER))
     if unknown:
-        parser.error(f"--variants: unknown {unknown}; allowed: {list(VARIANTS)}")
+        parser.error(f"--variants: unknown {unknown}; allowed: {ORDER}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.model, args.batch, args.resolution, args.steps, args.warmup = "SiT-S/2", 2, 32, 2, 1
         args.encoder_depth = 1
-        args.variants = "reference-eager,alignflow"
         args.loader = "pil" if args.loader == "auto" else args.loader
     elif device.type == "cpu":
         print("no GPU: a full training-step benchmark on the CPU means nothing; use --smoke", file=sys.stderr)
@@ -282,12 +446,20 @@ def main(argv=None) -> int:
                "resolution": args.resolution, "reg": args.reg, "car_flow": args.car_flow,
                "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows, "data": [],
                "loader": "none (one fixed batch)" if loader is None else loader.backend.name}
-    for epoch, name in enumerate(sorted(args.variants.split(","), key=list(VARIANTS).index)):  # eager first
-        backend, use_compile = VARIANTS[name]
-        late = deadline.out_of_time(needed_s=0.0 if args.smoke else (120.0 if use_compile else 30.0))
+    latents_root = None
+    for epoch, name in enumerate(sorted(args.variants.split(","), key=ORDER.index)):  # eager first
+        trainer = name in TRAINER_VARIANTS
+        backend, use_compile = TRAINER_VARIANTS[name] if trainer else VARIANTS[name]
+        # the trainer builds its DeepSpeed engine, loader and encoder first (and, once, the latent shards)
+        late = deadline.out_of_time(needed_s=0.0 if args.smoke else (120.0 if use_compile else 60.0 if trainer else 30.0))
         try:
-            row = {"variant": name, "skipped": late} if late else run_variant(name, backend, use_compile, args,
-                                                                              device, parts, loader, epoch)
+            if late:
+                row = {"variant": name, "skipped": late}
+            elif trainer:
+                latents_root = latents_root or latent_shards(args, device)
+                row = run_trainer_variant(name, backend, use_compile, args, device, parts, latents_root)
+            else:
+                row = run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
         except Exception as error:  # a variant that cannot run is reported with its reason
             row = {"variant": name, "skipped": f"{type(error).__name__}: {str(error)[:300]}"}
         if "seconds_per_step" in row:

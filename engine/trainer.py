@@ -356,8 +356,10 @@ class Trainer:
         cls_target = features[0][1] if self.cfg.model.reg else None
         return x.to(self.model_dtype), labels, z_targets, cls_target
 
-    def forward_losses(self, batch: dict) -> dict:
+    def forward_losses(self, batch: dict, mark=None) -> dict:
         x, labels, z_targets, cls_target = self.prepare(batch)
+        if mark is not None:
+            mark("encoder")
         self._inputs = (x, z_targets)  # kept (not copied) to name the cause of a non-finite loss
         return self.transport.training_losses(self.engine, x, labels, z_targets, cls_target)
 
@@ -374,18 +376,25 @@ class Trainer:
 
     TERMS = ("loss", "velocity", "alignment", "cls")
 
-    def train_step(self) -> dict:
+    def train_step(self, mark=None) -> dict:
         """Accumulate `accum` finite micro-batches and take one optimizer step. Returns the step's
-        mean loss terms over micro-batches and ranks."""
+        mean loss terms over micro-batches and ranks.
+
+        `mark(phase)`, where given, is called as each phase ends (bench.train_step times them; it
+        changes no number): per micro-batch "data" (the batch drawn), "encoder" (the encoders' targets
+        and the latents), "forward" (model, losses and the ranks' finite-loss check, a host sync),
+        "backward"; then once "optimizer" (engine.step, the EMA update, the gradient norm read)."""
+        mark = mark or (lambda phase: None)
         self.engine.train()
         lr = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.cfg.optim.lr  # this step's
         totals = torch.zeros(len(self.TERMS), dtype=torch.float64)
         done = 0
         while done < self.accum:
             batch = self.next_batch()
+            mark("data")
             attempt = self.micro_attempts
             self.micro_attempts += 1
-            losses = self.forward_losses(batch)
+            losses = self.forward_losses(batch, mark)
             if attempt in self.cfg.train.debug_nonfinite_steps:
                 losses["loss"] = losses["loss"] * float("nan")
             values = torch.stack([losses[k].detach().float().reshape(()) for k in self.TERMS])
@@ -396,6 +405,7 @@ class Trainer:
                                 (~finite).any().float().reshape(1)]).to(self.device)
             dist.all_reduce(packed)
             packed = packed.cpu()
+            mark("forward")
             if packed[-1] > 0:
                 self.nonfinite_total += 1
                 self.nonfinite_in_row += 1
@@ -413,6 +423,7 @@ class Trainer:
                 continue
             self.nonfinite_in_row = 0
             self.engine.backward(losses["loss"])
+            mark("backward")
             self.engine.step()
             totals += packed[:-1].double() / self.world_size
             done += 1
@@ -423,6 +434,7 @@ class Trainer:
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = lr
         out["nonfinite_total"] = self.nonfinite_total
+        mark("optimizer")
         return out
 
     # -- the run ------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 import importlib
 import time
 
+import pytest
+
 bench_kernels = importlib.import_module("bench.kernels")
 bench_train_step = importlib.import_module("bench.train_step")
 
@@ -15,12 +17,43 @@ def test_kernel_benchmarks_smoke(capsys):
 
 
 def test_train_step_benchmark_smoke(capsys):
-    """Reference and fused variants both train a tiny SiT + REPA step; the loaders run too."""
+    """Reference and fused variants both train a tiny SiT + REPA step, and so does the trainer's own step
+    (DeepSpeed ZeRO-2 on one gloo rank, bf16 and bf16-mixed; a skipped variant fails the smoke run); the
+    loaders run too. The trainer leaves no process group or environment behind."""
+    import os
+
+    import torch.distributed as dist
+
+    launch_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+    environ = {k: os.environ.get(k) for k in launch_keys}
     assert bench_train_step.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "| reference-eager |" in out and "| alignflow |" in out
+    assert "| trainer-bf16 |" in out and "| trainer-bf16-mixed |" in out and "trainer-* rows time" in out
+    assert not dist.is_initialized() and {k: os.environ.get(k) for k in launch_keys} == environ
     assert "images from the pil loader" in out and "| data | encoder |" in out  # the trainer's own loader
     assert "| pil |" in out
+
+
+def test_timed_steps_splits_each_step_into_its_phases():
+    """Each phase is the time from the previous mark to its own (a phase marked twice in a step is
+    summed), so the phases of a step add up to the step; medians are taken over the timed steps."""
+    import argparse
+
+    import torch
+
+    def step(mark):
+        for phase in ("data", "encoder", "forward", "backward", "data", "encoder", "forward", "backward", "optimizer"):
+            time.sleep(0.001)
+            mark(phase)
+        return "last"
+
+    args = argparse.Namespace(warmup=1, steps=1, batch=8)
+    row, out = bench_train_step.timed_steps(step, args, torch.device("cpu"))
+    phases = row["breakdown_seconds"]
+    assert out == "last" and set(phases) == set(bench_train_step.PHASES) | {"step"}
+    assert sum(phases[p] for p in bench_train_step.PHASES) == pytest.approx(row["seconds_per_step"], rel=1e-9)
+    assert phases["data"] > phases["optimizer"] >= 0.001 and row["img_per_s"] == 8 / row["seconds_per_step"]
 
 
 def test_data_benchmark_smoke(capsys):

@@ -224,6 +224,20 @@ def test_bf16_mixed_trains_fp32_weights_under_autocast(tmp_path, data_root, monk
         make_trainer(tmp_path / "mixed", data_root, train={"precision": "fp32", "max_steps": 3})
 
 
+def test_train_step_marks_its_phases_and_changes_no_number(tmp_path, data_root):
+    """bench.train_step times the trainer's own step through `train_step(mark)`: the phases are marked
+    in order, once per micro-batch (the optimizer once per step), and the marked run takes bitwise the
+    same step as an unmarked one."""
+    phases = []
+    marked = make_trainer(tmp_path / "marked", data_root, train={"max_steps": 2, "grad_accum_steps": 2})
+    marked_metrics = marked.train_step(mark=phases.append)
+    plain = make_trainer(tmp_path / "plain", data_root, train={"max_steps": 2, "grad_accum_steps": 2})  # reseeds
+    assert marked_metrics == plain.train_step()
+    assert phases == ["data", "encoder", "forward", "backward"] * 2 + ["optimizer"]
+    for (name, a), b in zip(master_weights(marked).items(), master_weights(plain).values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_ema_disabled_exports_the_weights(tmp_path, data_root):
     trainer = make_trainer(tmp_path, data_root, train={"max_steps": 2}, ema={"enabled": False})
     trainer.train_step()

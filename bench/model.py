@@ -408,9 +408,27 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
                 node.metadata.update(phase=phase, category=category, fused=fused, model=in_model)
         self._forward_outputs.clear()
 
+    def _run_launcher(self, func, args, kwargs):
+        """A fused op reached as its registered custom op (under torch.compile, or an eager path that
+        calls it): run its real implementation, not its fake one, so its launches and scratch buffers
+        are recorded as in eager; the outputs are fake tensors like the fake implementation's."""
+        from torch._library.custom_ops import OPDEFS
+
+        implementation = OPDEFS[func._schema.name]._init_fn
+        with self:
+            out = implementation(*args, **kwargs)
+        if self.phase == "forward":
+            for t in _tensors(out):
+                if t.is_floating_point():
+                    category, fused = _stack_context()
+                    self._forward_outputs.append((t, self._phase(category), category, True, self.in_model))
+        return out
+
     # -- aten ops ------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "alignflow" and self.recording:
+            return self._run_launcher(func, args, kwargs)
         out = func(*args, **kwargs)
         if not self.recording:
             return out
@@ -752,10 +770,12 @@ def collective_seconds(nbytes: float, gpus: int, nvlink_bytes_per_s: float) -> f
 def zero_projection(summary: dict, params: int, linear_params: int, precision: str, gpus: int, stage: int,
                     nvlink_bytes_per_s: float, overlap: bool, micro_batch: int) -> dict:
     """Per-GPU step of data-parallel training on `gpus` under ZeRO `stage`, from one GPU's modelled
-    step at `micro_batch`. Volumes per step as DeepSpeed's ZeRO documentation gives them (Rajbhandari et
-    al., ZeRO, sec. 7): stages 1 and 2 reduce-scatter the gradients and all-gather the updated
-    parameters (2 x params, as plain data parallelism); stage 3 all-gathers the parameters in the
-    forward and again in the backward and reduce-scatters the gradients (3 x params). Gradient bytes:
+    step at `micro_batch`. Volumes per step as DeepSpeed documents them: stage 1 reduce-scatters the
+    gradients and all-gathers the updated parameters, 1x plain data parallelism (DeepSpeed blog
+    2020-03-17, "ZeRO stage 1 with reduced communication": reduce-scatter instead of all-reduce, 1.5x
+    -> 1x); stage 2 the same (ZeRO paper, Rajbhandari et al. 2020, sec. 7.2.1: 2 x params); stage 3
+    all-gathers the parameters in the forward and again in the backward and reduce-scatters the
+    gradients (sec. 7.2.2: 3 x params, 1.5x data parallelism). Gradient bytes:
     bf16 (bf16 mode; under bf16-mixed DeepSpeed reduces Linear/Conv gradients in bf16, the rest fp32);
     parameter bytes: the weights' dtype. Each rank runs 1/gpus of the optimizer step. With overlap the
     gradient reduce-scatter (and stage 3's backward all-gather) hides under the backward and stage 3's
@@ -865,12 +885,17 @@ def zero_table(payload: dict) -> str:
         lines.append(f"| {r['gpus']} | {r['micro_batch']} | {r['stage']} | {'yes' if r['overlap'] else 'no'} | "
                      f"{_ms(r['step_s'])} | {r['img_per_s_per_gpu']:.0f} | {r['img_per_s']:.0f} | "
                      f"{r['comm_bytes'] / 1e9:.2f} | {_ms(r['exposed_comm_s'])} | {100 * r['comm_share']:.0f}% |")
-    lines += ["", "ZeRO volumes per step (DeepSpeed's ZeRO documentation): stages 1-2 reduce-scatter the gradients "
-              "and all-gather the parameters (2 x params), stage 3 all-gathers the parameters twice (forward, "
-              "backward) and reduce-scatters the gradients (3 x params); ring collectives, hierarchical across "
-              "nodes; the optimizer step is sharded (1/N per GPU); with overlap the gradient reduction hides "
-              "under the backward, stage 3's forward all-gather under the forward, stages 1-2's parameter "
-              "all-gather after the step stays exposed; communication/compute contention not modelled."]
+    lines += ["", "ZeRO volumes per step as DeepSpeed documents them (ZeRO paper sec. 7.2; DeepSpeed's 2020 "
+              "reduce-scatter stage 1): stages 1-2 reduce-scatter the gradients and all-gather the parameters "
+              "(2 x params, as plain data parallelism), stage 3 all-gathers the parameters twice (forward, "
+              "backward) and reduce-scatters the gradients (3 x params); gradients in bf16 for Linear/Conv "
+              "weights (DeepSpeed's torch_autocast) and fp32 otherwise under bf16-mixed, parameters in their "
+              "dtype; ring collectives at the link rate (NCCL's efficiency below it is not modelled), "
+              "hierarchical across nodes (NVLink inside, then the 1/8 shard over each GPU's own InfiniBand "
+              "link); the optimizer step is sharded (1/N per GPU); with overlap the gradient reduction hides "
+              "under the backward and stage 3's forward all-gather under the forward, while stages 1-2's "
+              "parameter all-gather after the step stays exposed; communication/compute contention and "
+              "stage 3's per-module gather latency are not modelled."]
     return "\n".join(lines) + "\n"
 
 

@@ -254,3 +254,22 @@ def test_measured_ceilings_replace_the_datasheet(tmp_path):
     assert measured["bandwidth"] == 2.9e12 and measured["bf16"] == 7.1e14
     assert "measured" in measured["bandwidth_from"] and "kernels-NVIDIA-H100" in measured["bf16_from"]
     assert model.device_ceilings("a100-80gb", str(tmp_path))["bf16"] == pytest.approx(312e12 * model.MATMUL_EFFICIENCY)
+
+
+def test_a_fused_op_reached_as_its_custom_op_is_costed_by_its_real_launches(monkeypatch):
+    """Under torch.compile the kernels run as registered custom ops: the tracer runs their real
+    launcher (not the fake implementation) and records the same Triton launches as the eager path."""
+    def run():
+        x = torch.randn(2, 64, 72, requires_grad=True)
+        gate, shift, scale = (torch.randn(2, 72, requires_grad=True) for _ in range(3))
+        with kernels.use_backend("triton"):
+            x_new, y = kernels.adaln_residual_modulate(x, torch.randn_like(x), gate, shift, scale)
+        (x_new.sum() + y.sum()).backward()
+
+    def launches(ops):
+        return [(op.name, op.bytes) for op in ops if op.name.startswith("triton:")]
+
+    eager = launches(_trace(run))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert launches(_trace(run)) == eager and [n for n, _ in eager] == ["triton:_adaln_fwd_kernel",
+                                                                        "triton:_adaln_bwd_kernel"]

@@ -1,4 +1,34 @@
+import glob
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+
+def cuda_extension() -> dict:
+    """kernels._csrc: the CUDA C++ kernels of csrc/ with their torch binding (csrc/bindings.cpp), for
+    sm_80 and sm_90a. Built when ALIGNFLOW_BUILD_CUDA=1, or, when that is unset, on a machine with an
+    NVIDIA GPU and nvcc; never on a CPU machine unless asked, so a CPU install stays as fast as before.
+    The build imports torch: install with `pip install --no-build-isolation -e .`."""
+    wanted = os.environ.get("ALIGNFLOW_BUILD_CUDA")
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    has_nvcc = shutil.which("nvcc") is not None or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    if wanted == "0" or (wanted is None and not (os.path.exists("/dev/nvidiactl") and has_nvcc)):
+        return {}
+    if "CUDA_HOME" not in os.environ and os.path.isdir(os.path.join(cuda_home, "include")):
+        os.environ["CUDA_HOME"] = cuda_home  # else torch guesses it from nvcc's path (/usr/local/bin here)
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    # sm_90a as torch writes it ("9.0a" gives -gencode=arch=compute_90a,code=sm_90a; nvcc 13.0's
+    # -arch=sm_90a shorthand rejects wgmma)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = ["csrc/bindings.cpp", *sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cu")))]
+    extension = CUDAExtension(
+        "kernels._csrc", sources, include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]})
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="alignflow",
@@ -17,4 +47,5 @@ setup(
         "test": ["pytest>=8"],
         "bench": ["matplotlib"],
     },
+    **cuda_extension(),
 )

@@ -17,23 +17,6 @@
 namespace alignflow {
 namespace {
 
-// Sum `v` over the G threads of this thread's row; `buffer` holds one float per warp of the block.
-// Every thread of the block calls it (a __syncthreads inside when a row spans several warps).
-template <class Smem>
-__device__ __forceinline__ float row_sum(float v, Smem& buffer, int warps_per_row) {
-    v = warp_sum(v);
-    if (warps_per_row == 1) return v;
-    int warp = int((threadIdx.y * blockDim.x + threadIdx.x) / 32);
-    int first = int(threadIdx.y) * warps_per_row;
-    if (threadIdx.x % 32 == 0) buffer[warp] = v;
-    __syncthreads();
-    float s = 0.0f;
-    for (int w = 0; w < warps_per_row; ++w) s += buffer[first + w];
-    return s;
-}
-
-// At most 256 threads per block (the launcher's rows-per-block choice): a 1024-thread bound would cap
-// registers at 64, where the 16-element scalar build spilled 4 bytes (ptxas -v, sm_90a).
 template <class TX, class TM, int VEC, int ITEMS>
 __global__ void __launch_bounds__(256)
 adaln_forward_kernel(const TX* __restrict__ x, const TM* __restrict__ h, const TM* __restrict__ gate,

@@ -1,8 +1,10 @@
 """The "cuda" backend: CUDA C++ kernels of csrc/ called through their C launchers (ctypes).
 
 Where the launchers come from:
-- CUDA tensors: the torch-independent fatbin shared object of every csrc/*.cu (sm_80 + sm_90a),
-  `ALIGNFLOW_CUDA_LIB` or csrc/build/libalignflow_cuda.so (`python -m kernels.cuda_build --fatbin`);
+- CUDA tensors: the kernels._csrc extension where setup.py built it (csrc/bindings.cpp: the current
+  stream and device guard of torch), else the torch-independent fatbin shared object of every
+  csrc/*.cu (sm_80 + sm_90a), `ALIGNFLOW_CUDA_LIB` or csrc/build/libalignflow_cuda.so
+  (`python -m kernels.cuda_build --fatbin`);
 - CPU tensors with ALIGNFLOW_CUEMU=1 (the tests): the same sources built with g++ and
   -DALIGNFLOW_CUEMU, i.e. run by the CUDA emulator of csrc/common/cuemu.h, one shared object per
   source, cached by content hash under ~/.cache/alignflow/cuemu (ALIGNFLOW_CACHE moves it).
@@ -43,7 +45,7 @@ ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"]
 GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
 NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-Werror=all-warnings",
               "-Xcompiler=-Wall,-Werror", "-Xptxas=-warn-spills,-warn-lmem-usage", *TORCH_NVCC_DEFINES]
-SOURCES = {"adaln": "adaln.cu"}  # csrc file of each kernel family
+SOURCES = {"adaln": "adaln.cu", "alignment": "alignment_loss.cu"}  # csrc file of each kernel family (setup.py builds every csrc/*.cu)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -127,7 +129,7 @@ def build_fatbin(output: Path | None = None) -> Path:
     """One torch-independent shared object with every csrc/*.cu's launchers for sm_80 and sm_90a:
     what travels to a GPU machine whose torch differs from ours."""
     output = output or CSRC / "build" / "libalignflow_cuda.so"
-    sources = [CSRC / s for s in sorted(set(SOURCES.values()))]
+    sources = sorted(CSRC.glob("*.cu"))
     _compile([nvcc(), *NVCC_FLAGS, *GENCODE, "-shared", f"-I{CSRC}", "-cudart=static", *map(str, sources)], output)
     return output
 
@@ -143,13 +145,19 @@ I = ctypes.c_int
 
 
 def _declare(lib):
-    lib.alignflow_adaln_forward.argtypes = [P] * 9 + [I, I, I, ctypes.c_float, I, I, P]
-    lib.alignflow_adaln_backward.argtypes = [P] * 12 + [I] * 7 + [P]
-    lib.alignflow_adaln_backward_tiles.argtypes = [I, I]
-    lib.alignflow_adaln_supported.argtypes = [I, I]
-    for name in ("alignflow_adaln_forward", "alignflow_adaln_backward", "alignflow_adaln_backward_tiles",
-                 "alignflow_adaln_supported", "alignflow_adaln_max_width"):
-        getattr(lib, name).restype = I
+    """ctypes signatures of the launchers a library has (an emulated object holds one family)."""
+    L, F = ctypes.c_longlong, ctypes.c_float
+    signatures = {
+        "alignflow_adaln_supported": [I, I], "alignflow_adaln_max_width": [], "alignflow_adaln_backward_tiles": [I, I],
+        "alignflow_adaln_forward": [P] * 9 + [I, I, I, F, I, I, P],
+        "alignflow_adaln_backward": [P] * 12 + [I] * 7 + [P],
+        "alignflow_alignment_supported": [I, I], "alignflow_alignment_forward": [P, P, P, L, I, F, I, P],
+        "alignflow_alignment_backward": [P] * 6 + [L, I, F, I, P],
+    }
+    for name, argtypes in signatures.items():
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = I
     if hasattr(lib, "alignflow_cuemu_error"):
         lib.alignflow_cuemu_error.restype = ctypes.c_char_p
         lib.alignflow_cuemu_configure.argtypes = [I, ctypes.c_uint, I]
@@ -175,11 +183,36 @@ def library(family: str, device: torch.device):
                 raise RuntimeError("CPU tensors: set ALIGNFLOW_CUEMU=1 to run the CUDA kernels in the emulator")
             path = build_emulated(SOURCES[family], asan=os.environ["ALIGNFLOW_CUEMU"] == "asan")
         else:
+            extension = _extension()
+            if extension is not None:
+                _libraries[key] = extension
+                return extension
             path = Path(os.environ.get("ALIGNFLOW_CUDA_LIB", CSRC / "build" / "libalignflow_cuda.so"))
             if not path.exists():
-                raise RuntimeError(f"{path} is not built (python -m kernels.cuda_build --fatbin)")
+                raise RuntimeError(f"neither the kernels._csrc extension (setup.py with ALIGNFLOW_BUILD_CUDA=1) nor "
+                                   f"{path} is built (python -m kernels.cuda_build --fatbin)")
         _libraries[key] = _declare(ctypes.CDLL(str(path)))
     return _libraries[key]
+
+
+class Extension:
+    """kernels._csrc (csrc/bindings.cpp) under the launchers' C names for the size queries."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        return getattr(self.module, name.removeprefix("alignflow_"))
+
+
+def _extension():
+    if os.environ.get("ALIGNFLOW_CUDA_LIB"):
+        return None  # an explicit fatbin object wins
+    try:
+        from . import _csrc
+    except (ImportError, OSError):  # not built, or built against another CUDA/torch
+        return None
+    return Extension(_csrc)
 
 
 def _fall_back(op: str, reason: str) -> bool:
@@ -234,7 +267,7 @@ def _stream(device):
 # Ops (the same signatures as the Triton launch helpers they replace)
 # ------------------------------------------------------------------------------------------------
 
-FAMILY = {"adaln_modulate": "adaln", "adaln_residual_modulate": "adaln"}
+FAMILY = {"adaln_modulate": "adaln", "adaln_residual_modulate": "adaln", "alignment_loss": "alignment"}
 
 
 def adaln_forward(x, h, gate, shift, scale, eps):
@@ -251,10 +284,13 @@ def adaln_forward(x, h, gate, shift, scale, eps):
     x_new = torch.empty_like(x) if h is not None else None
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    code = lib.alignflow_adaln_forward(_ptr(x), _ptr(h), _ptr(gate), _ptr(shift), _ptr(scale), _ptr(x_new), _ptr(y),
-                                       _ptr(mean), _ptr(rstd), B, N, D, float(eps), DTYPE_CODES[x.dtype],
-                                       DTYPE_CODES[mod_dtype], _stream(x.device))
-    check(lib, code, "alignflow_adaln_forward")
+    if isinstance(lib, Extension):
+        lib.module.adaln_forward(x, h, gate, shift, scale, x_new, y, mean, rstd, float(eps))
+    else:
+        code = lib.alignflow_adaln_forward(_ptr(x), _ptr(h), _ptr(gate), _ptr(shift), _ptr(scale), _ptr(x_new),
+                                           _ptr(y), _ptr(mean), _ptr(rstd), B, N, D, float(eps), DTYPE_CODES[x.dtype],
+                                           DTYPE_CODES[mod_dtype], _stream(x.device))
+        check(lib, code, "alignflow_adaln_forward")
     launches["adaln_forward"] += 1
     return x_new, y, mean, rstd
 
@@ -291,16 +327,61 @@ def adaln_backward(x, h, gate, scale, mean, rstd, dy, g_x_new, need_dx, need_dh,
         tiles = lib.alignflow_adaln_backward_tiles(B, N)
         partial = torch.empty((B, tiles, 3, D), dtype=torch.float32, device=x.device)
         sums = torch.empty((B, 3, D), dtype=torch.float32, device=x.device)
-    code = lib.alignflow_adaln_backward(
-        _ptr(x), _ptr(h), _ptr(gate), _ptr(scale), _ptr(mean), _ptr(rstd), _ptr(dy), _ptr(g_x_new), _ptr(dx), _ptr(dh),
-        _ptr(partial), _ptr(sums), B, N, D, int(need_modulation), int(need_gate), DTYPE_CODES[x.dtype],
-        DTYPE_CODES[mod_dtype], _stream(x.device))
-    check(lib, code, "alignflow_adaln_backward")
+    if isinstance(lib, Extension):
+        lib.module.adaln_backward(x, h, gate, scale, mean, rstd, dy, g_x_new, dx, dh, partial, sums,
+                                  bool(need_modulation), bool(need_gate))
+    else:
+        code = lib.alignflow_adaln_backward(
+            _ptr(x), _ptr(h), _ptr(gate), _ptr(scale), _ptr(mean), _ptr(rstd), _ptr(dy), _ptr(g_x_new), _ptr(dx),
+            _ptr(dh), _ptr(partial), _ptr(sums), B, N, D, int(need_modulation), int(need_gate), DTYPE_CODES[x.dtype],
+            DTYPE_CODES[mod_dtype], _stream(x.device))
+        check(lib, code, "alignflow_adaln_backward")
     launches["adaln_backward"] += 1
     d_shift = sums[:, 0] if need_modulation else None
     d_scale = sums[:, 1] if need_modulation else None
     d_gate = sums[:, 2] if need_gate else None
     return dx, dh, d_shift, d_scale, d_gate
+
+
+def supports_alignment(p, q) -> bool:
+    if not takes("alignment_loss", (p, q), contiguous=(p, q)):
+        return False
+    lib = library("alignment", p.device)
+    if not lib.alignflow_alignment_supported(DTYPE_CODES[p.dtype], DTYPE_CODES[q.dtype]):
+        return _fall_back("alignment_loss", f"z_pred {p.dtype} with z_target {q.dtype} (one dtype for both)")
+    return True
+
+
+def alignment_forward(p, q, eps):
+    """kernels.alignment_loss._alignment_forward on the CUDA kernel: (cos (B, N), stats (3, B N))."""
+    lib = library("alignment", p.device)
+    B, N, D = p.shape
+    stats = torch.empty((3, B * N), dtype=torch.float32, device=p.device)
+    if isinstance(lib, Extension):
+        lib.module.alignment_forward(p, q, stats, float(eps))
+    else:
+        code = lib.alignflow_alignment_forward(_ptr(p), _ptr(q), _ptr(stats), B * N, D, float(eps),
+                                               DTYPE_CODES[p.dtype], _stream(p.device))
+        check(lib, code, "alignflow_alignment_forward")
+    launches["alignment_forward"] += 1
+    return stats[0].view(B, N).clone(), stats
+
+
+def alignment_backward(g_cos, p, q, stats, need_dq, eps):
+    """kernels.alignment_loss._alignment_backward on the CUDA kernel: (dp, dq or None)."""
+    lib = library("alignment", p.device)
+    B, N, D = p.shape
+    g = g_cos.reshape(B * N).float().contiguous()
+    dp = torch.empty_like(p)
+    dq = torch.empty_like(q) if need_dq else None
+    if isinstance(lib, Extension):
+        lib.module.alignment_backward(p, q, stats, g, dp, dq, float(eps))
+    else:
+        code = lib.alignflow_alignment_backward(_ptr(p), _ptr(q), _ptr(stats), _ptr(g), _ptr(dp), _ptr(dq), B * N, D,
+                                                float(eps), DTYPE_CODES[p.dtype], _stream(p.device))
+        check(lib, code, "alignflow_alignment_backward")
+    launches["alignment_backward"] += 1
+    return dp, dq
 
 
 def main(argv=None):

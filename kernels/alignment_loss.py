@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _cuda
 from ._backend import fallback, resolve
 from ._util import AotSpec, compute_dtype, next_power_of_2, reduce_per_sample, tl_dtype
 
@@ -125,6 +126,8 @@ def _blocks(D: int):
 
 def _alignment_forward(p, q):
     """Per-token cosine (B, N) and the fp32 stats (3, B * N) = (cos, |p|, |q|) the backward reads."""
+    if _cuda.supports_alignment(p, q):  # set_backend("cuda")
+        return _cuda.alignment_forward(p, q, EPS)
     B, N, D = p.shape
     p2, q2 = p.reshape(B * N, D), q.reshape(B * N, D)
     compute = compute_dtype(p, q)
@@ -137,6 +140,8 @@ def _alignment_forward(p, q):
 
 
 def _alignment_backward(g_cos, p, q, stats, need_dq: bool):
+    if stats.dtype == torch.float32 and _cuda.supports_alignment(p, q):
+        return _cuda.alignment_backward(g_cos, p, q, stats, need_dq, EPS)
     B, N, D = p.shape
     p2, q2 = p.reshape(B * N, D), q.reshape(B * N, D)
     g_rows = g_cos.reshape(B * N).contiguous()  # d loss / d cos per token

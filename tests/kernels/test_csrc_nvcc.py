@@ -51,7 +51,7 @@ def test_cubin_builds_clean_with_no_spills(source, arch):
         assert stack == 0 and spill == 0, (name, stack, spill)
     loads = sass_loads(cubin)
     assert set(loads) == set(kernels)
-    vectorised = {name: ops for name, ops in loads.items() if (m := re.search(r"kernelI.*?Li(\d+)ELi\d+E", name))
+    vectorised = {name: ops for name, ops in loads.items() if (m := re.search(r"kernelI.*?Li(\d+)E", name))
                   and int(m.group(1)) > 1}
     assert vectorised, sorted(loads)
     for name, ops in vectorised.items():

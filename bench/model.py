@@ -46,7 +46,14 @@ import torch
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
-VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-compiled")
+STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-compiled")
+# bench.train_step's variants that time engine.trainer.Trainer's own step (DeepSpeed ZeRO-2, one GPU), as
+# modelled here: bench.train_step's step with the fused kernels (the trainer's "auto" backend on a GPU),
+# the given train.precision, DeepSpeed ZeRO-2's flat-buffer copies and the trainer's EMA update; the
+# trainer's finite-loss check and gradient-norm read (host syncs) cost nothing here.
+TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
+                    "trainer-bf16-compiled": ("bf16", True)}
+VARIANTS = STEP_VARIANTS + tuple(TRAINER_VARIANTS)
 PRECISIONS = ("bf16-mixed", "bf16")
 
 
@@ -499,12 +506,13 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
 # ----------------------------------------------------------------------------------------------
 
 class _MasterWeightsAdamW:
-    """DeepSpeed's bf16 mode under ZeRO-1/2 (runtime/zero/stage_1_and_2.py), as one rank runs it: the bf16
-    weights live in one flat buffer; each gradient is copied into the flat reduce buckets as the backward
-    makes it; the step casts the flat bf16 gradient to fp32, runs AdamW on the flat fp32 master copy and
-    copies the master back into the bf16 weights. Every one of those copies is traced as an op."""
+    """DeepSpeed's ZeRO-1/2 optimizer (runtime/zero/stage_1_and_2.py) as one rank runs it: the weights
+    (bf16, or fp32 under bf16-mixed) live in one flat buffer; each gradient is copied into the flat reduce
+    buckets as the backward makes it; the step casts the flat gradient to fp32 (bf16 weights), runs AdamW
+    on the flat fp32 master partition and copies the master back into the flat weights; with `ema`, the
+    trainer's EMA update follows. Every one of those copies is traced as an op."""
 
-    def __init__(self, params, optimizer_cls):
+    def __init__(self, params, optimizer_cls, ema: bool = False):
         self.params = [p for p in params if p.requires_grad]  # frozen ones (pos_embed) are not the optimizer's
         numel = sum(p.numel() for p in self.params)
         dtype = self.params[0].dtype
@@ -512,6 +520,10 @@ class _MasterWeightsAdamW:
         self.flat_grads = torch.empty(numel, dtype=dtype)
         self.master = torch.empty(numel, dtype=torch.float32, requires_grad=True)
         self.inner = optimizer_cls([self.master])
+        # the trainer's fp32 EMA of the masters (engine/ema.py: one _foreach_lerp_ over each parameter's
+        # fragment of the flat master)
+        self.fragments = list(self.master.detach().split([p.numel() for p in self.params])) if ema else []
+        self.ema = [torch.empty_like(f) for f in self.fragments]
 
     def step(self):
         offset = 0
@@ -519,9 +531,11 @@ class _MasterWeightsAdamW:
             if p.grad is not None:
                 self.flat_grads[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
             offset += p.numel()
-        self.master.grad = self.flat_grads.float()
+        self.master.grad = self.flat_grads.float()  # no op when the weights are fp32 (bf16-mixed)
         self.inner.step()
         self.flat_weights.copy_(self.master.detach())
+        if self.ema:
+            torch._foreach_lerp_(self.ema, self.fragments, 1.0 - 0.9999)
 
     def zero_grad(self, set_to_none=True):
         for p in self.params:
@@ -545,8 +559,10 @@ def _patched_foreach():
 
 
 def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", encoder_depth=8, reg=False,
-               car_flow="none", precision="bf16-mixed", backend="triton", model_overrides=None) -> dict:
-    """Trace one training step of bench.train_step (build + one_step) on fake tensors; returns
+               car_flow="none", precision="bf16-mixed", backend="triton", model_overrides=None,
+               trainer: bool = False) -> dict:
+    """Trace one training step of bench.train_step (build + one_step) on fake tensors; `trainer`: with
+    DeepSpeed ZeRO-2's flat-buffer optimizer and the trainer's EMA update (see TRAINER_VARIANTS); returns
     {"ops": [Op], "model_flops": analytic step FLOPs, "params": count, "linear_params": count}."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -577,7 +593,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         encoder_module.to_empty(device="cpu")
         sit.to_empty(device="cpu").train()
         fused = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)  # noqa: E731
-        optimizer = _MasterWeightsAdamW(sit.parameters(), fused) if precision == "bf16" else fused(sit.parameters())
+        optimizer = (_MasterWeightsAdamW(sit.parameters(), fused, ema=trainer) if precision == "bf16" or trainer
+                     else fused(sit.parameters()))
         latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
         images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
         labels = torch.randint(0, cfg.num_classes, (batch,))
@@ -846,7 +863,8 @@ def _ms(s):
 def markdown(payload: dict, top_ops: bool = True, zero: bool = True) -> str:
     cfg, variants = payload["config"], payload["variants"]
     lines = [f"**Modelled, not measured.** {cfg['model']} + REPA ({cfg['encoder']}) batch {cfg['batch']} at "
-             f"{cfg['resolution']} px, {cfg['precision']}, on a modelled {payload['device']['device']} "
+             f"{cfg['resolution']} px, {cfg['precision']} (trainer-* rows: their own train.precision), on a "
+             f"modelled {payload['device']['device']} "
              f"(`python -m bench.model`, {payload['date']}).", "",
              "| variant | step ms | img/s | MFU | GB moved | launches | Amdahl bound ms | ideal ms | "
              + " | ".join(CATEGORIES) + " |",
@@ -876,7 +894,7 @@ def markdown(payload: dict, top_ops: bool = True, zero: bool = True) -> str:
 def zero_table(payload: dict) -> str:
     zero = payload["zero"]
     lines = [f"**Modelled, not measured.** Data-parallel {payload['config']['model']} at global batch "
-             f"{zero['global_batch']}, {zero['variant']} step, {zero['precision']}, per-GPU compute from the "
+             f"{zero['global_batch']}, the {zero['variant']} step ({zero['precision']}), per-GPU compute from the "
              f"one-GPU model above; NVLink {zero['nvlink_gb_per_s']:.0f} GB/s per GPU (two ways) in a node of "
              f"{GPUS_PER_NODE}, {IB_BYTES_PER_S * 8 / 1e9:.0f} Gb/s InfiniBand per GPU between nodes.", "",
              "| GPUs | micro-batch | ZeRO | overlap | step ms | img/s per GPU | img/s | comm GB | exposed comm ms | comm share |",
@@ -908,10 +926,16 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
     traces = {} if traces is None else traces
     out = {}
     for name in variants:
-        backend = "torch" if name.startswith("reference") else "triton"
-        if backend not in traces:
-            traces[backend] = trace_step(backend=backend, **args_dict)
-        trace = traces[backend]
+        if name in TRAINER_VARIANTS:
+            precision = TRAINER_VARIANTS[name][0]
+            key = f"trainer-{precision}"
+            if key not in traces:
+                traces[key] = trace_step(backend="triton", trainer=True, **dict(args_dict, precision=precision))
+        else:
+            key = "torch" if name.startswith("reference") else "triton"
+            if key not in traces:
+                traces[key] = trace_step(backend=key, **args_dict)
+        trace = traces[key]
         ops = fuse_compiled(trace["ops"]) if name.endswith("compiled") else trace["ops"]
         out[name] = summarize(ops, ceilings, args_dict["batch"], trace["model_flops"], launch_s)
     return out, traces
@@ -1040,7 +1064,9 @@ def model_payload(preset, config, variants, gpu_counts, args, traces) -> dict:
                                                   "params")},
                "assumptions": assumptions(ceilings, config["precision"], launch_s)}
     if gpu_counts:
-        variant = "alignflow" if "alignflow" in results else variants[0]
+        # the trainer's step is what runs data-parallel under ZeRO; else the fused step
+        variant = next((v for v in ("trainer-bf16", "alignflow") if v in results), variants[0])
+        precision = TRAINER_VARIANTS[variant][0] if variant in TRAINER_VARIANTS else config["precision"]
         nvlink = PRESETS[preset].nvlink_bytes_per_s
         rows = []
         for g in gpu_counts:
@@ -1049,9 +1075,9 @@ def model_payload(preset, config, variants, gpu_counts, args, traces) -> dict:
                 dict(config, batch=micro), [variant], ceilings, launch_s, traces[micro])[0][variant]
             for stage in (1, 2, 3):
                 for overlap in (False, True):
-                    rows.append(zero_projection(summary, trace["params"], trace["linear_params"], config["precision"],
+                    rows.append(zero_projection(summary, trace["params"], trace["linear_params"], precision,
                                                 g, stage, nvlink, overlap, micro))
-        payload["zero"] = {"variant": variant, "precision": config["precision"], "global_batch": args.global_batch,
+        payload["zero"] = {"variant": variant, "precision": precision, "global_batch": args.global_batch,
                            "nvlink_gb_per_s": nvlink / 1e9, "rows": rows}
     return payload
 

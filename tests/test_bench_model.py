@@ -273,3 +273,17 @@ def test_a_fused_op_reached_as_its_custom_op_is_costed_by_its_real_launches(monk
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert launches(_trace(run)) == eager and [n for n, _ in eager] == ["triton:_adaln_fwd_kernel",
                                                                         "triton:_adaln_bwd_kernel"]
+
+
+def test_trainer_variant_adds_zero2_copies_and_the_ema_update():
+    """The trainer's step under bf16-mixed: fp32 gradients copied into the flat buckets (4 + 4 bytes a
+    parameter), no cast, the master copied back into the fp32 weights (4 + 4), and the EMA's one
+    _foreach_lerp_ over the masters (reads EMA and master, writes the EMA: 8 + 4)."""
+    trace = model.trace_step(backend="triton", trainer=True, **SMALL)
+    P = trace["params"]
+    optimizer = [op for op in trace["ops"] if op.phase == "optimizer"]
+    assert not [op for op in optimizer if op.name == "_to_copy"]
+    copies = [op for op in optimizer if op.name == "copy_"]
+    assert sum(op.read for op in copies) == 2 * 4 * P and sum(op.written for op in copies) == 2 * 4 * P
+    (ema,) = [op for op in optimizer if op.name == "_foreach_lerp_"]
+    assert ema.read == 8 * P and ema.written == 4 * P

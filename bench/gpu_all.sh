@@ -24,6 +24,15 @@
 # call. The benchmarks write their JSON alone (the device returns at most 8 files): their markdown
 # tables and charts come from `python -m bench.report` here.
 #
+# Beside the measured step, the cost model's prediction of it (`python -m bench.predict --every-variant`:
+# the device preset named by the measured device, the bf16 matmul rate measured in this call, every
+# variant under its own name; modelled, not measured): it starts in the background as soon as the train
+# stage has written its first variant (the device name and ceiling), on one CPU core at the lowest
+# priority (this machine has 16; the timed steps' host thread and loader keep theirs), a few traces of
+# about a minute each, so that it costs no device time of its own: $OUT/model-<preset>-<date>.json.
+# It is waited for before the summary (cut at the call's
+# deadline); `python -m bench.report` then prints the model's error per variant and phase.
+#
 # The GPU image has torch, Triton, timm, pyyaml, pytest and pytest-xdist but no network; wheels carried
 # in .whl/ are installed to /tmp/site.
 set -uo pipefail
@@ -94,6 +103,35 @@ stage() {
   esac
 }
 
+# The cost model's prediction, in the background (see the header); nothing where bench.model is not here.
+predict_pid=
+start_prediction() {
+  if [ ! -f bench/model.py ] || [ ! -f bench/predict.py ]; then
+    echo "=== model prediction: bench/model.py is not here; none made" | tee -a "$OUT/gpu_all.log"; return
+  fi
+  echo "=== model prediction waits in the background for the train stage's first result" | tee -a "$OUT/gpu_all.log"
+  (
+    until compgen -G "$OUT/train_step-*.json" > /dev/null; do
+      [ "$(date +%s)" -ge "$CALL_END" ] && { echo "no train_step result in $OUT: nothing to model"; exit 1; }
+      sleep 2
+    done
+    echo "started $(date -u +%FT%TZ)"
+    # ALIGNFLOW_PREDICT_ARGS=--smoke: bench.model's narrow step (to try this script's plumbing on a CPU)
+    OMP_NUM_THREADS=1 exec nice -n 19 python3 -m bench.predict "$OUT" --every-variant ${ALIGNFLOW_PREDICT_ARGS:-}
+  ) > /tmp/alignflow-predict.log 2>&1 &
+  predict_pid=$!
+}
+finish_prediction() {
+  [ -n "$predict_pid" ] || return 0
+  # every stage is done: without a train_step result there never will be one to model
+  compgen -G "$OUT/train_step-*.json" > /dev/null || kill "$predict_pid" 2>/dev/null
+  while kill -0 "$predict_pid" 2>/dev/null && [ "$(date +%s)" -lt $(( CALL_END - 3 )) ]; do sleep 1; done
+  local how="rc"
+  if kill -0 "$predict_pid" 2>/dev/null; then kill "$predict_pid"; how="cut at the call's deadline, rc"; fi
+  wait "$predict_pid"; local rc=$?
+  { tail -n 30 /tmp/alignflow-predict.log; echo "=== model prediction $how=$rc"; } | tee -a "$OUT/gpu_all.log"
+}
+
 # One log plus the result files: the device tool brings back what is under $OUT.
 status=0
 not_started=()
@@ -101,6 +139,7 @@ cut=()
 touch "$OUT/gpu_all.log"
 first_line=$(( $(wc -l < "$OUT/gpu_all.log") + 1 ))  # this call's part of the log
 for s in "${stages[@]}"; do
+  [ "$s" = train ] && [ -z "$predict_pid" ] && start_prediction
   left=$(( CALL_END - $(date +%s) ))
   limit=${CAP[$s]:-60}
   [ "$left" -lt "$limit" ] && limit=$left
@@ -124,12 +163,13 @@ for s in "${stages[@]}"; do
   if [ $rc -eq 125 ]; then not_started+=("$s"); elif [ $rc -ne 0 ]; then status=$rc; fi
   { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && cut+=("$s")
 done
+finish_prediction
 # the call's summary, last in the output (a device call returns its tail): each stage's end, and what to
 # run next (the stages not started, then those cut, which kept what they measured); a stage not started
 # is not a failure
 {
   echo "=== summary"
-  tail -n +"$first_line" "$OUT/gpu_all.log" | grep -E '^=== stage [a-z]+ (rc=|cut)'
+  tail -n +"$first_line" "$OUT/gpu_all.log" | grep -E '^=== (stage [a-z]+ (rc=|cut)|model prediction)'
   next=("${not_started[@]}" "${cut[@]}")
   [ ${#next[@]} -gt 0 ] && echo "=== next call: bash bench/gpu_all.sh ${next[*]} (not started: ${not_started[*]:-none}; cut: ${cut[*]:-none})"
   ls -l "$OUT"

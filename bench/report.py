@@ -225,6 +225,92 @@ def model_chart(payload: dict) -> str | None:
     return _save(plt, fig, payload)
 
 
+# The measured breakdown columns of bench.train_step and the phases of bench.model's step they are compared
+# with (bench.model's "phases" follow bench.train_step's marks; its optimizer phase holds the gradient
+# clipping, AdamW and, for trainer-*, DeepSpeed's copies and the EMA update). "data" has no modelled counterpart (the
+# model has no loader), so the step is compared less its data wait.
+MEASURED_VS_MODELLED = {"encoder": ("encoder",), "forward": ("forward", "loss"), "backward": ("backward",),
+                        "optimizer": ("optimizer",)}
+COLUMN_NAMES = {"encoder": "encoder", "forward": "fwd+loss", "backward": "backward", "optimizer": "optimizer"}
+MODEL_ERROR_LIMIT = 0.20  # beyond it, the model's assumptions need correcting (issue 13)
+
+
+def prediction_for(results_dir: str, step_payload: dict | None) -> dict | None:
+    """bench.model's newest result (`model_payloads`) for the device preset of the measured
+    `step_payload` (bench.predict writes it beside the measurement), or None."""
+    if step_payload is None:
+        return None
+    from bench.predict import preset_for
+
+    preset = preset_for(step_payload["environment"]["device"])
+    return next((p for p in model_payloads(results_dir) if p["device_preset"] == preset), None)
+
+
+def _error(modelled: float, measured: float) -> float | None:
+    return (modelled - measured) / measured if measured > 0 else None
+
+
+def model_error_table(step_payload: dict | None, prediction: dict | None) -> str:
+    """The model's error per measured variant, (modelled - measured) / measured in signed %, for the
+    step (less its data wait) and each phase of MEASURED_VS_MODELLED; errors beyond MODEL_ERROR_LIMIT are
+    marked and listed. `prediction`: a bench.model result (`prediction_for`), its variants by the
+    measured variants' names."""
+    if step_payload is None:
+        return ""
+    if prediction is None:
+        return ("\nNo modelled prediction beside this result (`python -m bench.predict` writes one: "
+                "bench/gpu_all.sh runs it with the train stage).\n")
+    flag = f"{100 * MODEL_ERROR_LIMIT:.0f}%"
+    source = os.path.basename(prediction["_path"]) if "_path" in prediction else "bench.model"
+    lines = [f"Model error per variant, (modelled - measured) / measured: bench.model's prediction ({source}, "
+             f"{prediction['device']['device']}; bandwidth {prediction['device'].get('bandwidth_from', '?')}, bf16 "
+             f"matmul {prediction['device'].get('bf16_from', '?')}) beside the step measured above, less its data "
+             "wait (the model has no loader), and per phase: "
+             + ", ".join(f"{COLUMN_NAMES[k]} vs modelled {' + '.join(v)}" for k, v in MEASURED_VS_MODELLED.items())
+             + f". Errors beyond {flag} are marked !: the model's assumptions need correcting.", "",
+             "| variant | measured ms | modelled ms | error | "
+             + " | ".join(COLUMN_NAMES[k] for k in MEASURED_VS_MODELLED) + " |",
+             "|---|---|---|---|" + "---|" * len(MEASURED_VS_MODELLED)]
+    other = {k: (prediction["config"].get(k), step_payload.get(k)) for k in ("model", "batch", "resolution")
+             if prediction["config"].get(k) != step_payload.get(k)}
+    if other:  # e.g. a smoke prediction: the errors then say nothing about the model
+        lines.insert(1, f"The prediction models another step than was measured (modelled, measured: {other}): "
+                        "these errors are not the model's.")
+
+    def cell(error):
+        if error is None:
+            return "-"
+        return f"{100 * error:+.0f}%" + (" !" if abs(error) > MODEL_ERROR_LIMIT else "")
+
+    off = []
+    for row in step_payload["variants"]:
+        if "seconds_per_step" not in row:
+            continue
+        modelled = prediction["variants"].get(row["variant"])
+        if modelled is None:
+            lines.append(f"| {row['variant']} | not modelled | | |" + " |" * len(MEASURED_VS_MODELLED))
+            continue
+        measured = row["breakdown_seconds"]
+        measured_step = row["seconds_per_step"] - measured.get("data", 0.0)
+        step_error = _error(modelled["step_s"], measured_step)
+        phases = modelled.get("phases", {})
+        errors = {k: _error(sum(phases[p] for p in v), measured[k]) if all(p in phases for p in v) and k in measured
+                  else None for k, v in MEASURED_VS_MODELLED.items()}
+        lines.append(f"| {row['variant']} | {1e3 * measured_step:.1f} | {1e3 * modelled['step_s']:.1f} | "
+                     f"{cell(step_error)} | " + " | ".join(cell(e) for e in errors.values()) + " |")
+        bad = [f"step {100 * step_error:+.0f}%"] if step_error is not None and abs(step_error) > MODEL_ERROR_LIMIT else []
+        bad += [f"{COLUMN_NAMES[k]} {100 * e:+.0f}%" for k, e in errors.items()
+                if e is not None and abs(e) > MODEL_ERROR_LIMIT]
+        if bad:
+            off.append(f"{row['variant']} ({', '.join(bad)})")
+    if off:
+        lines += ["", f"Off by more than {flag}: " + "; ".join(off) + ". The model's assumptions need correcting "
+                  "(bench/model.py: efficiencies, launch cost, byte counts; its assumptions are listed with its result)."]
+    else:
+        lines += ["", f"Every modelled figure is within {flag} of the measurement."]
+    return "\n" + "\n".join(lines) + "\n"
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
     if not pattern.search(text):
@@ -241,8 +327,11 @@ def main(argv=None) -> int:
     data_payloads = newest_per_device(args.results, "data")
     train_step_chart(step_payload)
     kernel_chart(kernels_payload)
-    sections = {"kernel-results": kernel_table(kernels_payload), "train-step-results": train_step_table(step_payload),
-                "data-results": data_tables(data_payloads)}
+    errors = model_error_table(step_payload, prediction_for(args.results, step_payload))
+    if errors:
+        print(errors)
+    sections = {"kernel-results": kernel_table(kernels_payload),
+                "train-step-results": train_step_table(step_payload) + errors, "data-results": data_tables(data_payloads)}
     sections.update(model_sections(model_payloads(args.results)))
     write_table(kernels_payload, sections["kernel-results"])
     write_table(step_payload, sections["train-step-results"])

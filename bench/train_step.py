@@ -443,7 +443,8 @@ def main(argv=None) -> int:
     loader = build_loader(args, device)
     rows = []
     payload = {"environment": environment(), "model": args.model, "batch": args.batch,
-               "resolution": args.resolution, "reg": args.reg, "car_flow": args.car_flow,
+               "resolution": args.resolution, "encoder": args.encoder, "encoder_depth": args.encoder_depth,
+               "reg": args.reg, "car_flow": args.car_flow,
                "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows, "data": [],
                "loader": "none (one fixed batch)" if loader is None else loader.backend.name}
     latents_root = None

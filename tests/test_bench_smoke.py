@@ -181,3 +181,121 @@ def test_report_fills_the_gpu_tables_and_draws_the_charts(tmp_path):
     for name in ("kernels-NVIDIA-H200-2026-12-02", "train_step-NVIDIA-H200-2026-12-02"):
         assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert (results / f"{name}.md").read_text() in text  # the README's table, beside its result
+
+
+def _measured_step_payload(env, rows):
+    return {"environment": env, "model": "SiT-XL/2", "batch": 32, "resolution": 256, "encoder": "dinov2-vit-b",
+            "encoder_depth": 8, "reg": False, "car_flow": "none", "matmul_flop_per_s": 8e14, "loader": "dali",
+            "data": [], "variants": rows}
+
+
+def _measured_row(variant, step, **phases):
+    breakdown = dict(phases, step=step)
+    return {"variant": variant, "seconds_per_step": step, "img_per_s": 32 / step, "peak_memory_bytes": 2 ** 34,
+            "breakdown_seconds": breakdown, "tflop_per_s": 400.0, "mfu": 0.5, "host_syncs_per_step": 1}
+
+
+def _modelled_payload(variants):
+    """Shaped as bench.model writes it (made-up numbers)."""
+    import bench.model as model
+
+    out = {}
+    for name, phases in variants.items():
+        step = sum(phases.values())
+        categories = dict.fromkeys(model.CATEGORIES, 0.0)
+        categories.update(matmul=step - phases["encoder"] - phases["optimizer"], encoder=phases["encoder"],
+                          optimizer=phases["optimizer"])
+        out[name] = {"step_s": step, "img_per_s": 32 / step, "categories": categories, "phases": phases}
+    return {"kind": "model", "date": "2026-12-02", "device_preset": "h100-sxm",
+            "environment": {"device": "modelled H100 SXM", "date": "2026-12-02"},
+            "device": {"device": "H100 SXM", "bandwidth_from": "datasheet 3.35 TB/s x 0.9",
+                       "bf16_from": "measured bf16 matmul rate, train_step-NVIDIA-H100-80GB-HBM3-2026-12-02.json"},
+            "config": {"model": "SiT-XL/2", "batch": 32, "resolution": 256, "precision": "bf16-mixed"},
+            "variants": out, "assumptions": ["modelled, not measured"]}
+
+
+def test_report_gives_the_models_error_per_variant_and_phase(tmp_path):
+    """From a measured train_step result and a bench.model result beside it (shaped as both write them;
+    made-up numbers), bench.report's table gives the signed error of the step less its data wait and of
+    each phase, marks those beyond 20% and names them; a variant the model lacks is said to be. (The
+    end-to-end test below has bench.report print it and put it under the measured table.)"""
+    import json
+
+    bench_report = importlib.import_module("bench.report")
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-12-02"}
+    rows = [{"variant": "reference-eager", "skipped": "out of memory"},
+            _measured_row("alignflow", 0.052, data=0.002, encoder=0.005, forward=0.015, backward=0.020, optimizer=0.010),
+            _measured_row("trainer-bf16", 0.050, data=0.0, encoder=0.005, forward=0.015, backward=0.020, optimizer=0.010),
+            _measured_row("trainer-bf16-compiled", 0.040, data=0.0, encoder=0.005, forward=0.010, backward=0.015,
+                          optimizer=0.010)]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "train_step-NVIDIA-H100-80GB-HBM3-2026-12-02.json").write_text(json.dumps(_measured_step_payload(env, rows)))
+    modelled = {  # alignflow: step 0.055 vs 0.050 (+10%), fwd+loss 0.012 + 0.003 = 0.015 (+0%), backward +40%
+        "alignflow": dict(encoder=0.0055, forward=0.012, loss=0.003, backward=0.028, optimizer=0.0065),
+        # trainer-bf16: step 0.035 vs 0.050 (-30%), optimizer 0.012 (+20%: not beyond), the rest -50%..0%
+        "trainer-bf16": dict(encoder=0.005, forward=0.006, loss=0.002, backward=0.010, optimizer=0.012)}
+    (results / "model-h100-sxm-2026-12-02.json").write_text(json.dumps(_modelled_payload(modelled)))
+    (results / "model-h200-2026-12-02.json").write_text(json.dumps(dict(_modelled_payload({}), device_preset="h200")))
+    step = bench_report.newest(str(results), "train_step")
+    prediction = bench_report.prediction_for(str(results), step)
+    assert prediction["device_preset"] == "h100-sxm"  # the measured device's, not another preset's
+    printed = bench_report.model_error_table(step, prediction)
+    assert "| alignflow | 50.0 | 55.0 | +10% | +10% | +0% | +40% ! | -35% ! |" in printed
+    assert "| trainer-bf16 | 50.0 | 35.0 | -30% ! | +0% | -47% ! | -50% ! | +20% |" in printed
+    assert "| trainer-bf16-compiled | not modelled |" in printed and "| reference-eager |" not in printed
+    assert ("Off by more than 20%: alignflow (backward +40%, optimizer -35%); trainer-bf16 (step -30%, fwd+loss -47%, "
+            "backward -50%). The model's assumptions need correcting") in printed
+    assert "(model-h100-sxm-2026-12-02.json, H100 SXM; bandwidth datasheet 3.35 TB/s x 0.9" in printed
+    assert "another step than was measured" not in printed
+    assert bench_report.model_error_table(step, None).startswith("\nNo modelled prediction beside this result")
+
+
+def test_predict_models_each_measured_variant(tmp_path):
+    """bench.predict names the preset from the measured device and runs bench.model for the measured
+    variants only (a skipped one is not modelled; --every-variant: all), with this run's ceilings."""
+    import bench.model as model
+
+    predict = importlib.import_module("bench.predict")
+    assert predict.preset_for("NVIDIA H100 80GB HBM3") == "h100-sxm" and predict.preset_for("NVIDIA H200") == "h200"
+    assert predict.preset_for("NVIDIA A100-SXM4-80GB") == "a100-80gb" and predict.preset_for("Tesla T4") is None
+    env = {"device": "NVIDIA H200", "date": "2026-12-02"}
+    rows = [_measured_row(v, 0.05) for v in ("trainer-bf16", "alignflow")]
+    rows.append({"variant": "reference-eager", "skipped": "not run: the time budget ran out"})
+    run = predict.model_run(_measured_step_payload(env, rows), str(tmp_path))
+    assert run == ["--device-preset", "h200", "--variants", "alignflow,trainer-bf16", "--results", str(tmp_path),
+                   "--out", str(tmp_path), "--zero-gpus", "", "--model", "SiT-XL/2", "--batch", "32",
+                   "--resolution", "256", "--encoder", "dinov2-vit-b", "--encoder-depth", "8", "--car-flow", "none"]
+    every = predict.model_run(_measured_step_payload(env, rows), str(tmp_path), every=True)
+    assert every[every.index("--variants") + 1] == ",".join(model.VARIANTS)
+    assert predict.model_run(_measured_step_payload(env, rows[2:]), str(tmp_path)) is None
+    with pytest.raises(SystemExit, match="no bench.model preset for the measured device 'Tesla T4'"):
+        predict.model_run(_measured_step_payload({"device": "Tesla T4", "date": "d"}, rows), str(tmp_path))
+
+
+def test_predict_then_report_end_to_end_on_the_cpu(tmp_path, capsys):
+    """The chain bench/gpu_all.sh runs beside its train stage, on bench.model's smoke step: bench.predict
+    writes the prediction beside a measured (made-up) H100 result, bench.report prints the error and puts
+    it under the measured table."""
+    import json
+
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "t", "triton": "t", "date": "2026-12-02"}
+    rows = [_measured_row("alignflow", 0.05, data=0.0, encoder=0.005, forward=0.015, backward=0.02, optimizer=0.01),
+            _measured_row("trainer-bf16", 0.05, data=0.0, encoder=0.005, forward=0.015, backward=0.02, optimizer=0.01)]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "train_step-NVIDIA-H100-80GB-HBM3-2026-12-02.json").write_text(json.dumps(_measured_step_payload(env, rows)))
+    assert importlib.import_module("bench.predict").main([str(results), "--smoke"]) == 0
+    (path,) = results.glob("model-h100-sxm-*.json")
+    assert list(json.loads(path.read_text())["variants"]) == ["alignflow", "trainer-bf16"]
+    readme = tmp_path / "README.md"
+    readme.write_text("".join(f"<!-- BEGIN {s} -->\n<!-- END {s} -->\n" for s in
+                              ("kernel-results", "train-step-results", "data-results", "model-results",
+                               "model-zero-results")))
+    capsys.readouterr()
+    assert importlib.import_module("bench.report").main(["--results", str(results), "--readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    assert "| alignflow | 50.0 |" in printed and "| trainer-bf16 | 50.0 |" in printed
+    assert "another step than was measured" in printed  # the smoke step is not SiT-XL/2 at batch 32
+    table = printed.split("Model error")[1].split("\n\n", 2)[1]  # the table's rows, beside the measured table
+    assert table in readme.read_text() and "| trainer-bf16 | 50.0 |" in table

@@ -79,6 +79,8 @@ stage() {
     train)
       python3 -m bench.train_step --skip-data --out "$OUT" ;;
     kernels)
+      # the "cuda C++" variants need csrc's fatbin object: built here where nvcc is, else carried (csrc/README.md)
+      [ -e csrc/build/libalignflow_cuda.so ] || python3 -m kernels.cuda_build --fatbin || true
       python3 -m bench.kernels --out "$OUT" ;;
     tests)
       # Every other kernel test, spread over processes where pytest-xdist is there (each compiles its own

@@ -295,6 +295,27 @@ def adaln_forward(x, h, gate, shift, scale, eps):
     return x_new, y, mean, rstd
 
 
+def unavailable(family: str, device: torch.device) -> str | None:
+    """None when the CUDA kernels of `family` can run on `device`, else why not (bench variants)."""
+    try:
+        library(family, device)
+    except (RuntimeError, OSError) as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+def launched(fn, kind: str):
+    """`fn` that raises when a call did not launch the CUDA kernel `kind` (a fallback must not be timed
+    as the CUDA kernel)."""
+    def run():
+        before = launches[kind]
+        out = fn()
+        if launches[kind] == before:
+            raise RuntimeError(f"the CUDA kernel {kind} did not run (the log names the fallback)")
+        return out
+    return run
+
+
 def supports_adaln(op, x, h, gate, shift, scale) -> bool:
     """`takes` plus the kernel's own limits: one modulation dtype, a supported dtype pair."""
     if not takes(op, (x, h, gate, shift, scale), contiguous=(x, h)):

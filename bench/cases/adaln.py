@@ -2,7 +2,7 @@
 
 Variants: SiT's eager code (nn.LayerNorm without affine, `modulate`, the gated residual; the
 reference of the ratios), the same under torch.compile, apex FusedLayerNorm + eager modulate where
-apex is installed, and the Triton kernels. Forward runs under no_grad; forward+backward gives
+apex is installed, the Triton kernels, and the CUDA C++ kernels (csrc/adaln.cu) where they are built. Forward runs under no_grad; forward+backward gives
 gradients to x, h, gate, shift and scale for fixed random output gradients.
 
 bytes moved: the traffic the fused op cannot avoid, with E = B*N*D activation elements, V = B*D
@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels import _cuda
 from bench.common import BenchCase, Variant, compiled
 
 
@@ -95,17 +96,27 @@ def _shape_cases(device, B, N, D, dtype, smoke, label):
         with kernels.use_backend("triton"):
             return kernels.adaln_residual_modulate(x, h, gate, shift, scale)
 
+    def cuda_modulate():
+        with kernels.use_backend("cuda"):
+            return kernels.adaln_modulate(x, shift, scale)
+
+    def cuda_residual():
+        with kernels.use_backend("cuda"):
+            return kernels.adaln_residual_modulate(x, h, gate, shift, scale)
+
+    cuda_reason = _cuda.unavailable("adaln", device)
     cases = []
     for op, impls, leaves, grad_outputs, bytes_fwd, bytes_fwd_bwd in (
-            ("adaln_modulate", (eager_modulate, apex_modulate, triton_modulate), [x, shift, scale], (dy,),
+            ("adaln_modulate", (eager_modulate, apex_modulate, triton_modulate, cuda_modulate), [x, shift, scale], (dy,),
              2 * E * s + 2 * V * s + 8 * B * N, 5 * E * s + 5 * V * s + 16 * B * N),
-            ("adaln_residual_modulate", (eager_residual, apex_residual, triton_residual),
+            ("adaln_residual_modulate", (eager_residual, apex_residual, triton_residual, cuda_residual),
              [x, h, gate, shift, scale], (g_x_new, dy),
              4 * E * s + 3 * V * s + 8 * B * N, 10 * E * s + 8 * V * s + 16 * B * N)):
-        eager, apex, ours = impls
+        eager, apex, ours, cuda = impls
         eager_compiled, compile_reason = compiled(eager, smoke)
         variants = (("eager (SiT)", eager, None), ("eager compiled", eager_compiled, compile_reason),
-                    ("apex FusedLayerNorm + eager", apex, apex_reason), ("triton", ours, triton_reason))
+                    ("apex FusedLayerNorm + eager", apex, apex_reason), ("triton", ours, triton_reason),
+                    ("cuda C++", _cuda.launched(cuda, "adaln_forward"), cuda_reason))
         cases.append(BenchCase(
             op, shape,
             forward=[Variant(name, _no_grad(fn), reason) for name, fn, reason in variants],

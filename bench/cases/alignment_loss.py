@@ -1,7 +1,9 @@
-"""Benchmark cases for kernels.alignment_loss (REPA projection loss)."""
+"""Benchmark cases for kernels.alignment_loss (REPA projection loss): the reference eager and
+compiled, the Triton kernels, the CUDA C++ kernels (csrc/alignment_loss.cu) where they are built."""
 import torch
 
 import kernels
+from kernels import _cuda
 from bench.common import BenchCase, Variant, backward_of, compiled
 
 
@@ -17,7 +19,12 @@ def _shape_case(device, B, N, D, dtype, smoke, label, headline=False):
         with kernels.use_backend("triton"):
             return kernels.alignment_loss(z_pred, z_target)
 
+    def cuda():
+        with kernels.use_backend("cuda"):
+            return kernels.alignment_loss(z_pred, z_target)
+
     ref_compiled, reason = compiled(ref, smoke)
+    cuda_ours, cuda_reason = _cuda.launched(cuda, "alignment_forward"), _cuda.unavailable("alignment", device)
 
     def fwd(fn):
         def run():
@@ -28,10 +35,11 @@ def _shape_case(device, B, N, D, dtype, smoke, label, headline=False):
     return BenchCase(
         "alignment_loss", f"{B}x{N}x{D} {str(dtype)[6:]} {label}",
         forward=[Variant("reference eager", fwd(ref)), Variant("reference compiled", fwd(ref_compiled), reason),
-                 Variant("triton", fwd(ours))],
+                 Variant("triton", fwd(ours)), Variant("cuda C++", fwd(cuda_ours), cuda_reason)],
         forward_backward=[Variant("reference eager", lambda: backward_of(ref, [z_pred])),
                           Variant("reference compiled", lambda: backward_of(ref_compiled, [z_pred]), reason),
-                          Variant("triton", lambda: backward_of(ours, [z_pred]))],
+                          Variant("triton", lambda: backward_of(ours, [z_pred])),
+                          Variant("cuda C++", lambda: backward_of(cuda_ours, [z_pred]), cuda_reason)],
         # forward reads both; backward reads both again and writes d_z_pred
         bytes_forward=2 * numel * size, bytes_forward_backward=5 * numel * size,
         notes="gradient to z_pred only (frozen encoder target)", headline=headline)

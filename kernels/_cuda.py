@@ -131,6 +131,8 @@ def build_fatbin(output: Path | None = None) -> Path:
     output = output or CSRC / "build" / "libalignflow_cuda.so"
     sources = sorted(CSRC.glob("*.cu"))
     _compile([nvcc(), *NVCC_FLAGS, *GENCODE, "-shared", f"-I{CSRC}", "-cudart=static", *map(str, sources)], output)
+    for key in [k for k, v in _libraries.items() if isinstance(v, str)]:
+        del _libraries[key]  # "not built" no longer holds
     return output
 
 
@@ -174,9 +176,15 @@ def emulating() -> bool:
 launches: collections.Counter = collections.Counter()
 
 
+def _key(family: str, device: torch.device):
+    return family, device.type, os.environ.get("ALIGNFLOW_CUEMU"), os.environ.get("ALIGNFLOW_CUDA_LIB")
+
+
 def library(family: str, device: torch.device):
     """The loaded launchers of a kernel family for tensors on `device`; raises with the reason."""
-    key = (family, device.type)
+    key = _key(family, device)
+    if isinstance(_libraries.get(key), str):
+        raise RuntimeError(_libraries[key])  # known unavailable: not looked for again at every call
     if key not in _libraries:
         if device.type == "cpu":
             if not emulating():
@@ -233,6 +241,7 @@ def takes(op: str, tensors, contiguous=()) -> bool:
     try:
         library(FAMILY[op], device)
     except (RuntimeError, OSError) as error:
+        _libraries.setdefault(_key(FAMILY[op], device), str(error).splitlines()[0])
         return _fall_back(op, str(error).splitlines()[0])
     for t in tensors:
         if t.dtype not in DTYPE_CODES:

@@ -149,6 +149,7 @@ class Op:
     fused_region: bool = False  # inside a `kernels` op (the fused kernel, or the reference path it replaces)
     anchor: bool = False     # not fused by Inductor (matmul, attention, Triton kernel, multi-tensor op)
     shapes: str = ""
+    step_phase: str = ""     # the part of bench.train_step's breakdown it falls in: encoder/forward/backward/optimizer
     reads: list = field(default_factory=list, repr=False)    # [(storage key, bytes)]
     writes: list = field(default_factory=list, repr=False)
 
@@ -336,6 +337,9 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         self.phase = "forward"
         self.in_model = False
         self.recording = True
+        # every storage seen, alive to the end: storage keys are addresses, never to be reused. The storages,
+        # not the tensors: a tensor kept alive would stop AccumulateGrad from stealing a gradient (a copy)
+        self._keep: list = []
         self._fresh: set = set()  # storages allocated (torch.empty) and not written yet: a launch's outputs
         self._forward_outputs: list = []
 
@@ -364,6 +368,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
         seen, reads, writes = set(), [], []
         for t in _tensors(list(args) + list(kwargs.values())):
+            self._keep.append(t.untyped_storage())
             key = (_storage_key(t), t.storage_offset(), tuple(t.shape))
             if key in seen:
                 continue
@@ -384,6 +389,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             op.shapes = f"q {tuple(q.shape)} {str(q.dtype).replace('torch.', '')}"
         op.category = op_category(op.name, op.phase, category)
         op.compiled = op.phase in ("forward", "backward") and self._model_flag()
+        op.step_phase = self.phase
         self.ops.append(op)
 
     # -- phases ------------------------------------------------------------------------------------
@@ -442,6 +448,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
         if name in _ALLOCATIONS:
             self._fresh.update(_storage_key(t) for t in _tensors(out))
+        self._keep.extend(t.untyped_storage() for t in _tensors((args, kwargs, out)))
         if name in _FREE or _is_view(func) or func.namespace == "prim":
             return out
         stack_category, fused = _stack_context()
@@ -493,6 +500,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         if op.flops:
             op.shapes = " x ".join(f"{tuple(t.shape)}" for t in inputs[:3])
         op.compiled = phase in ("forward", "backward") and self._model_flag()
+        op.step_phase = self.phase
         self.ops.append(op)
         if self.phase == "forward":  # autograd gives the outputs their grad_fn after this returns
             for t in _tensors(out):
@@ -695,7 +703,7 @@ def fuse_compiled(ops: list[Op]) -> list[Op]:
                       launches=1 if any(m.launches for m in members) else 0, compiled=True,
                       fused_region=all(m.fused_region for m in members),
                       shapes=f"{len(run)} ops fused", reads=list(external_in.items()),
-                      writes=list(external_out.items())))
+                      writes=list(external_out.items()), step_phase=ops[first].step_phase))
         run.clear()
 
     for i, op in enumerate(ops):
@@ -754,11 +762,13 @@ def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, lau
                                                       f * ceilings["peak_bf16"] / ceilings["bf16"]) for op in ops)
                            for f in (0.6, 0.8, 1.0)},
     }
-    phases = defaultdict(float)
+    phases, breakdown = defaultdict(float), {k: 0.0 for k in ("encoder", "forward", "backward", "optimizer")}
     for op, s in zip(ops, times):
         phases[op.phase] += s
+        breakdown[op.step_phase] = breakdown.get(op.step_phase, 0.0) + s
     return {"step_s": step, "img_per_s": batch / step, "mfu": model_flops / step / peak,
             "categories": categories, "counts": counts, "phases": dict(phases),
+            "breakdown_seconds": breakdown,  # bench.train_step's columns (its fwd+loss is "forward")
             "bytes": sum(op.bytes for op in ops), "launches": sum(op.launches for op in ops),
             "flops_executed": sum(op.flops for op in ops), "flops_model_counted": sum(op.model_flops for op in ops),
             "amdahl_step_s": amdahl, "amdahl_img_per_s": batch / amdahl if amdahl else None,
@@ -931,12 +941,15 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
             key = f"trainer-{precision}"
             if key not in traces:
                 traces[key] = trace_step(backend="triton", trainer=True, **dict(args_dict, precision=precision))
+            compiled = TRAINER_VARIANTS[name][1]
         else:
-            key = "torch" if name.startswith("reference") else "triton"
+            from bench.train_step import VARIANTS as BENCH_VARIANTS
+
+            key, compiled = BENCH_VARIANTS[name]  # (kernels backend, torch.compile), as bench.train_step runs it
             if key not in traces:
                 traces[key] = trace_step(backend=key, **args_dict)
         trace = traces[key]
-        ops = fuse_compiled(trace["ops"]) if name.endswith("compiled") else trace["ops"]
+        ops = fuse_compiled(trace["ops"]) if compiled else trace["ops"]
         out[name] = summarize(ops, ceilings, args_dict["batch"], trace["model_flops"], launch_s)
     return out, traces
 

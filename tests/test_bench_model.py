@@ -179,6 +179,8 @@ def test_smoke_run_writes_the_result_and_bench_report_renders_it(tmp_path, capsy
         assert math.isclose(sum(v["categories"].values()), v["step_s"], rel_tol=1e-9)
         assert v["img_per_s"] == pytest.approx(2 / v["step_s"])
         assert v["ideal_step_s"] < v["amdahl_step_s"] <= v["step_s"]
+        assert math.isclose(sum(v["breakdown_seconds"].values()), v["step_s"], rel_tol=1e-9)
+        assert set(v["breakdown_seconds"]) == {"encoder", "forward", "backward", "optimizer"}
     eager, compiled = payload["variants"]["reference-eager"], payload["variants"]["reference-compiled"]
     assert compiled["launches"] < eager["launches"] and compiled["bytes"] < eager["bytes"]
 
@@ -287,3 +289,13 @@ def test_trainer_variant_adds_zero2_copies_and_the_ema_update():
     assert sum(op.read for op in copies) == 2 * 4 * P and sum(op.written for op in copies) == 2 * 4 * P
     (ema,) = [op for op in optimizer if op.name == "_foreach_lerp_"]
     assert ema.read == 8 * P and ema.written == 4 * P
+
+
+def test_the_modelled_compiled_step_is_deterministic():
+    """Storage keys are addresses: the tracer keeps every tensor alive so that none is reused by a later
+    tensor, which would make a freed intermediate look read after its fused run."""
+    def fused_bytes():
+        ops = model.trace_step(backend="torch", **SMALL)["ops"]
+        return [(op.name, op.read, op.written) for op in model.fuse_compiled(ops)]
+
+    assert fused_bytes() == fused_bytes()

@@ -80,6 +80,15 @@ def _compile(command, output: Path):
     return run
 
 
+def emulator_missing(compiler: str = "g++") -> str | None:
+    """Why the emulated build cannot run here (no host compiler, no CUDA headers), or None."""
+    if shutil.which(compiler) is None:
+        return f"{compiler} not found"
+    if not (CUDA_HOME / "include" / "cuda_bf16.h").exists():
+        return f"no CUDA headers under {CUDA_HOME / 'include'} (set CUDA_HOME)"
+    return None
+
+
 def build_emulated(source: str, asan: bool = False, compiler: str = "g++") -> Path:
     """The emulated shared object of csrc/<source> (built once per content hash; returns its path)."""
     flags = EMULATOR_FLAGS + (ASAN_FLAGS if asan else [])

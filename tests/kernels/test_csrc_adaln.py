@@ -24,6 +24,8 @@ MODULATE_NAMES = ["y", "d_x", "d_shift", "d_scale"]
 @pytest.fixture(autouse=True)
 def _emulated(monkeypatch, device):
     if device.type == "cpu":
+        if _cuda.emulator_missing():
+            pytest.skip(_cuda.emulator_missing())
         monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
     elif "ALIGNFLOW_CUDA_LIB" not in os.environ and not (_cuda.CSRC / "build" / "libalignflow_cuda.so").exists():
         _cuda.build_fatbin()
@@ -145,6 +147,8 @@ def test_fallback_is_named_once(device, caplog):
 def test_address_sanitizer_run(tmp_path):
     """The residual op forward and backward in an AddressSanitizer build of the emulated kernels: any
     out-of-bounds access of the kernels fails the run (the process preloads libasan)."""
+    if _cuda.emulator_missing():
+        pytest.skip(_cuda.emulator_missing())
     script = textwrap.dedent("""
         import os, torch, kernels
         from kernels import _cuda

@@ -17,6 +17,8 @@ SHAPES = [(2, 3, 768), (2, 5, 100), (3, 7, 1152), (1, 2, 4096), (1, 1, 72)]
 @pytest.fixture(autouse=True)
 def _emulated(monkeypatch, device):
     if device.type == "cpu":
+        if _cuda.emulator_missing():
+            pytest.skip(_cuda.emulator_missing())
         monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
     elif "ALIGNFLOW_CUDA_LIB" not in os.environ and not (_cuda.CSRC / "build" / "libalignflow_cuda.so").exists():
         _cuda.build_fatbin()

@@ -11,6 +11,7 @@ import torch
 
 from kernels import _cuda
 
+pytestmark = pytest.mark.skipif(_cuda.emulator_missing() is not None, reason=str(_cuda.emulator_missing()))
 CASES = "tests/emulator_cases.cu"
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
 

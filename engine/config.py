@@ -2,20 +2,23 @@
 loaded from YAML with dotted command-line overrides and validated before any work starts.
 
 Each component owns its dataclass (`engine.models.ModelConfig`, `engine.transport.TransportConfig`,
-`engine.data.DataConfig`, ...); this module adds the trainer's own sections and the checks that span
-several sections. Every error names the key, the bad value and what is allowed.
+`engine.data.DataConfig`, ...), built the one way (`engine.configurable.FromDict`), and checks its own
+values; this module adds the trainer's own sections, the checks that span several sections or look
+at the machine and the disk (`validate`), and the DeepSpeed JSON the trainer runs with
+(`deepspeed_config`). Every error is one `ConfigError`: `<file>:<line>: <key>: <value>: <allowed>`.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import yaml
 
+from engine.configurable import ConfigError, FromDict, finite_number, invalid
 from engine.data import DataConfig
 from engine.models import ModelConfig
 from engine.models.encoders import EncoderConfig
@@ -24,9 +27,15 @@ from engine.transport import TransportConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+__all__ = ["ConfigError", "ExperimentConfig", "load_config", "from_dict", "apply_overrides", "validate",
+           "deepspeed_config", "locate"]
 
-class ConfigError(ValueError):
-    """A configuration problem, found before any work starts."""
+
+def _at_least(section, pairs) -> None:
+    for key, low in pairs:
+        value = getattr(section, key)
+        if value < low:
+            raise invalid(key, value, f"an integer >= {low}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,7 +43,7 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FromDict):
     """What to run and where. `global_batch_size` = world size x data.batch_size (the micro-batch per
     rank) x gradient accumulation; leave `grad_accum_steps` null to derive it from the other two."""
 
@@ -61,9 +70,21 @@ class TrainConfig:
     debug_fixed_batch: bool = False
     debug_nonfinite_steps: list[int] = field(default_factory=list)
 
+    def __post_init__(self):
+        _at_least(self, (("max_steps", 1), ("global_batch_size", 1), ("max_nonfinite_in_row", 1),
+                         ("bootstrap_encoder_steps", 0), ("seed", 0)))
+        if self.max_minutes is not None and not (finite_number(self.max_minutes) and self.max_minutes > 0):
+            raise invalid("max_minutes", self.max_minutes, "a positive number of minutes or null")
+        if self.grad_accum_steps is not None and self.grad_accum_steps < 1:
+            raise invalid("grad_accum_steps", self.grad_accum_steps, "a positive integer or null")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise invalid("zero_stage", self.zero_stage, "0, 1, 2, 3 or null (take it from the DeepSpeed JSON)")
+        if not self.output_dir:
+            raise invalid("output_dir", self.output_dir, "a directory path")
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(FromDict):
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -72,15 +93,32 @@ class OptimConfig:
     grad_clip: float = 1.0                     # max global grad norm; 0 disables clipping
     fused: Literal["auto", "true", "false"] = "auto"   # torch's fused AdamW (auto: on CUDA)
 
+    def __post_init__(self):
+        if not (finite_number(self.lr) and self.lr > 0):
+            raise invalid("lr", self.lr, "a finite positive number")
+        if len(self.betas) != 2 or not all(finite_number(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise invalid("betas", self.betas, "two numbers in [0, 1)")
+        if not (finite_number(self.eps) and self.eps > 0):
+            raise invalid("eps", self.eps, "a finite positive number")
+        if not (finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise invalid("weight_decay", self.weight_decay, "a finite number >= 0")
+        if not (finite_number(self.grad_clip) and self.grad_clip >= 0):
+            raise invalid("grad_clip", self.grad_clip, "a finite number >= 0 (0 disables clipping)")
+        _at_least(self, (("warmup_steps", 0),))
+
 
 @dataclass
-class EMAConfig:
+class EMAConfig(FromDict):
     enabled: bool = True
     decay: float = 0.9999
 
+    def __post_init__(self):
+        if not (finite_number(self.decay) and 0.0 <= self.decay < 1.0):
+            raise invalid("decay", self.decay, "a number in [0, 1)")
+
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(FromDict):
     every: int = 10_000                        # steps; 0: only at the end
     keep_last: int = 3
     resume: str = "auto"                       # auto: latest in output_dir/checkpoints; none; or a path
@@ -89,9 +127,14 @@ class CheckpointConfig:
     # Hugging Face folder, or a REPA / REG / SiT .pt (engine.models.pretrained). A resume takes precedence.
     init_weights: Optional[str] = None
 
+    def __post_init__(self):
+        _at_least(self, (("every", 0), ("keep_last", 1)))
+        if not self.resume:
+            raise invalid("resume", self.resume, "'auto', 'none' or a checkpoint path")
+
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(FromDict):
     log_every: int = 10                        # TensorBoard / metrics.jsonl period in steps
     progress_bar: bool = True
     tensorboard: bool = True
@@ -99,9 +142,12 @@ class LoggingConfig:
     wandb_project: str = "alignflow"
     sample_every: int = 0                      # EMA sample grid period in steps; 0: off
 
+    def __post_init__(self):
+        _at_least(self, (("log_every", 1), ("sample_every", 0)))
+
 
 @dataclass
-class SampleConfig:
+class SampleConfig(FromDict):
     """Sampling for the periodic grids, the end of training and `engine.sample`."""
 
     num_steps: int = 50
@@ -112,9 +158,18 @@ class SampleConfig:
     grid_images: int = 16
     seed: int = 0
 
+    def __post_init__(self):
+        from engine.sampling import METHODS
+
+        if self.method not in METHODS:
+            raise invalid("method", self.method, f"one of {', '.join(METHODS)}")
+        if not (finite_number(self.cfg_scale) and self.cfg_scale >= 0):
+            raise invalid("cfg_scale", self.cfg_scale, "a finite number >= 0 (<= 1: no guidance)")
+        _at_least(self, (("num_steps", 1), ("num_images", 0), ("batch_size", 1), ("grid_images", 1), ("seed", 0)))
+
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(FromDict):
     model: ModelConfig = field(default_factory=ModelConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,176 +187,163 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building dataclasses from plain mappings, with type checks
+# YAML (with the line of every key, duplicates refused) and overrides
 # ----------------------------------------------------------------------------------------------
 
-def _describe(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        return f"a list of {_describe(inner)}"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+OVERRIDE = "<command line>"
 
 
-def _convert(key: str, value: Any, tp) -> Any:
-    """`value` checked against (and where lossless, converted to) the annotation `tp`."""
-    bad = ConfigError(f"{key}={value!r} has the wrong type; allowed: {_describe(tp)}")
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(key, value, arg)
-            except ConfigError:
-                pass
-        raise bad
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}={value!r} is not allowed; allowed: {_describe(tp)}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        (inner,) = typing.get_args(tp) or (Any,)
-        return [_convert(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if isinstance(tp, type):
-        if not isinstance(value, tp):
-            raise bad
-        return value
-    return value
+class _Origin:
+    """Where each key of a config was written: {dotted key: line} of one YAML file, and the keys set
+    by command-line overrides."""
+
+    def __init__(self, file: str | None = None, lines: dict | None = None):
+        self.file, self.lines, self.overridden = file, dict(lines or {}), set()
+
+    def locate(self, error: ConfigError) -> ConfigError:
+        if error.file is not None or not error.key:
+            return error
+        key = error.key
+        while True:
+            if key in self.overridden:
+                return error.at(OVERRIDE, None)
+            if key in self.lines:
+                return error.at(self.file, self.lines[key])
+            cut = max(key.rfind("."), key.rfind("["))
+            if cut <= 0:
+                return error.at(self.file, None) if self.file else error
+            key = key[:cut]
 
 
-def build_dataclass(cls, values: Any, prefix: str):
-    """`cls(**values)` with unknown keys and wrong types reported as `prefix.key=value`, and the
-    component's own validation errors prefixed with the section they came from."""
-    if isinstance(values, cls):
-        return values
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix}={values!r} must be a mapping ({cls.__name__})")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]} is not a known key; allowed: {sorted(known)}")
-    kwargs = {name: _convert(f"{prefix}.{name}", value, hints[name]) for name, value in values.items()}
+def _dotted(prefix: str, key) -> str:
+    if isinstance(key, int):
+        return f"{prefix}[{key}]"
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _key_lines(node, prefix: str, lines: dict, file: str) -> None:
+    """{dotted key: 1-based line} for every key below `node`; a key written twice is an error."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = _dotted(prefix, key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(key, allowed=f"duplicate key (first written at line "
+                                  f"{lines[key]}); write each key once", file=file, line=line)
+            lines[key] = line
+            _key_lines(value_node, key, lines, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = _dotted(prefix, i)
+            lines[key] = item.start_mark.line + 1
+            _key_lines(item, key, lines, file)
+
+
+def load_raw(path: str) -> dict:
+    """The YAML mapping in `path` (errors as `read_yaml`)."""
+    return read_yaml(path)[0]
+
+
+def read_yaml(path: str) -> tuple[dict, _Origin]:
+    """The YAML mapping in `path` and where each key was written. Syntax errors, an empty file, a top
+    level that is not a mapping and duplicate keys are `ConfigError`s with the file and line."""
+    if not os.path.isfile(path):
+        raise ConfigError("--config", path, "an existing YAML file")
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{prefix}: {error}") from error
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError("", path, f"cannot read the config file ({error})", file=path) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError("", allowed="the file is empty; it must be a mapping of sections (model, data, "
+                              "train, ...)", file=path)
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError("", allowed="the top level must be a mapping of sections (model, data, train, ...)",
+                              file=path, line=node.start_mark.line + 1)
+        lines: dict = {}
+        _key_lines(node, "", lines, path)
+        raw = loader.construct_document(node)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        what = " ".join(str(part) for part in (error.context, error.problem) if part)
+        raise ConfigError("", allowed=f"YAML syntax error: {what}" + (" (indent with spaces, not tabs)"
+                                                                     if "\\t" in what or "\t" in what else ""),
+                          file=path, line=mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as error:
+        raise ConfigError("", allowed=f"YAML error: {error}", file=path) from None
+    finally:
+        loader.dispose()
+    return raw, _Origin(path, lines)
 
-
-# ----------------------------------------------------------------------------------------------
-# YAML and overrides
-# ----------------------------------------------------------------------------------------------
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+        raise ConfigError("", item, "an override must look like section.key=value", file=OVERRIDE)
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(key.strip(), raw, f"not a YAML value ({str(error).splitlines()[0]})", file=OVERRIDE) from None
+    return key.strip().split("."), value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], origin: _Origin | None = None) -> dict:
     """`train.max_steps=10 optim.lr=3e-4 encoders.0.name=...` applied to the raw mapping."""
     for item in overrides:
         path, value = _parse_override(item)
         node = raw
+        dotted = ""
         for i, part in enumerate(path[:-1]):
             where = ".".join(path[: i + 1])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {item!r}: {where} is not an index of a {len(node)}-item list")
+                    raise ConfigError(where, item, f"an index of the {len(node)}-item list", file=OVERRIDE)
                 node = node[int(part)]
+                dotted = _dotted(dotted, int(part))
             else:
                 node = node.setdefault(part, {})
+                dotted = _dotted(dotted, part)
                 if not isinstance(node, (dict, list)):
-                    raise ConfigError(f"override {item!r}: {where} is not a section")
+                    raise ConfigError(where, item, "not a section", file=OVERRIDE)
         last = path[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"override {item!r}: {last} is not an index of a {len(node)}-item list")
+                raise ConfigError(".".join(path), item, f"an index of the {len(node)}-item list", file=OVERRIDE)
             node[int(last)] = value
+            dotted = _dotted(dotted, int(last))
         else:
             node[last] = value
+            dotted = _dotted(dotted, last)
+        if origin is not None:
+            origin.overridden.add(dotted)
     return raw
 
 
-def load_raw(path: str) -> dict:
-    if not os.path.exists(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return raw
-
-
-def from_dict(raw: dict) -> ExperimentConfig:
-    raw = dict(raw)
-    encoders = raw.pop("encoders", [])
-    if not isinstance(encoders, list):
-        raise ConfigError(f"encoders={encoders!r} must be a list of encoder mappings")
-    cfg = build_dataclass(ExperimentConfig, raw, "config")
-    cfg.encoders = [build_dataclass(EncoderConfig, e, f"encoders[{i}]") for i, e in enumerate(encoders)]
+def from_dict(raw: dict, origin: _Origin | None = None) -> ExperimentConfig:
+    try:
+        cfg = ExperimentConfig.from_dict(raw)
+    except ConfigError as error:
+        raise (origin.locate(error) if origin is not None else error) from None
+    cfg._origin = origin or _Origin()
     return cfg
 
 
 def load_config(path: str, overrides: list[str] = ()) -> ExperimentConfig:
-    return from_dict(apply_overrides(load_raw(path), list(overrides)))
+    raw, origin = read_yaml(path)
+    return from_dict(apply_overrides(raw, list(overrides), origin), origin)
+
+
+def locate(error: ConfigError, cfg: ExperimentConfig | None) -> ConfigError:
+    """`error` with the file and line where its key was written (when `cfg` came from a file)."""
+    origin = getattr(cfg, "_origin", None)
+    return origin.locate(error) if origin is not None else error
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks across sections and against the machine
+# Checks across sections, against the machine and the disk
 # ----------------------------------------------------------------------------------------------
 
 def resolve_device(cfg: ExperimentConfig) -> str:
@@ -325,8 +367,18 @@ def grad_accum_steps(cfg: ExperimentConfig, world_size: int) -> int:
     return cfg.train.global_batch_size // (world_size * micro)
 
 
-def validate(cfg: ExperimentConfig, world_size: int = 1, cuda_available: bool | None = None) -> None:
-    """Raise ConfigError for combinations that cannot run on this machine and world size."""
+def validate(cfg: ExperimentConfig, world_size: int = 1, cuda_available: bool | None = None,
+             disk: bool = True) -> None:
+    """Raise ConfigError for combinations that cannot run on this machine and world size, and (with
+    `disk`) for paths that cannot work: everything that can be known without loading a dataset or a
+    model. The error carries the file and line of its key where the config came from a file."""
+    try:
+        _validate(cfg, world_size, cuda_available, disk)
+    except ConfigError as error:
+        raise locate(error, cfg) from None
+
+
+def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | None, disk: bool) -> None:
     import torch
 
     if cuda_available is None:
@@ -334,22 +386,8 @@ def validate(cfg: ExperimentConfig, world_size: int = 1, cuda_available: bool | 
     t, o = cfg.train, cfg.optim
 
     def bad(key, value, allowed):
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+        raise ConfigError(key, value, allowed)
 
-    for key, value, low in (("train.max_steps", t.max_steps, 1), ("train.global_batch_size", t.global_batch_size, 1),
-                            ("train.max_nonfinite_in_row", t.max_nonfinite_in_row, 1),
-                            ("train.bootstrap_encoder_steps", t.bootstrap_encoder_steps, 0),
-                            ("optim.warmup_steps", o.warmup_steps, 0), ("checkpoint.every", cfg.checkpoint.every, 0),
-                            ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1),
-                            ("logging.log_every", cfg.logging.log_every, 1),
-                            ("logging.sample_every", cfg.logging.sample_every, 0),
-                            ("sample.num_steps", cfg.sample.num_steps, 1), ("sample.num_images", cfg.sample.num_images, 0),
-                            ("sample.batch_size", cfg.sample.batch_size, 1),
-                            ("sample.grid_images", cfg.sample.grid_images, 1)):
-        if value < low:
-            bad(key, value, f"an integer >= {low}")
-    if t.max_minutes is not None and t.max_minutes <= 0:
-        bad("train.max_minutes", t.max_minutes, "a positive number of minutes or null")
     if t.device == "cuda" and not cuda_available:
         bad("train.device", t.device, "'cpu' or 'auto' on a machine without CUDA")
     device = "cuda" if (t.device == "cuda" or (t.device == "auto" and cuda_available)) else "cpu"
@@ -358,16 +396,11 @@ def validate(cfg: ExperimentConfig, world_size: int = 1, cuda_available: bool | 
     if t.kernels_backend in ("triton", "cuda") and device == "cpu":
         bad("train.kernels_backend", t.kernels_backend,
             "'torch' or 'auto' on the CPU (the Triton interpreter is far too slow for training)")
-    if t.zero_stage is not None and t.zero_stage not in (0, 1, 2, 3):
-        bad("train.zero_stage", t.zero_stage, "0, 1, 2, 3 or null (take it from the DeepSpeed JSON)")
-    if not os.path.exists(deepspeed_config_path(cfg)):
-        bad("train.deepspeed_config", t.deepspeed_config, "an existing DeepSpeed JSON file (e.g. "
-            "configs/deepspeed/zero2.json)")
+    if o.fused == "true" and device == "cpu":
+        bad("optim.fused", o.fused, "'auto' or 'false' on the CPU")
 
     micro = cfg.data.batch_size
     if t.grad_accum_steps is not None:
-        if t.grad_accum_steps < 1:
-            bad("train.grad_accum_steps", t.grad_accum_steps, "a positive integer or null")
         if world_size * micro * t.grad_accum_steps != t.global_batch_size:
             bad("train.global_batch_size", t.global_batch_size,
                 f"world size {world_size} x data.batch_size {micro} x train.grad_accum_steps "
@@ -375,17 +408,7 @@ def validate(cfg: ExperimentConfig, world_size: int = 1, cuda_available: bool | 
     elif t.global_batch_size % (world_size * micro):
         bad("train.global_batch_size", t.global_batch_size,
             f"a multiple of world size {world_size} x data.batch_size {micro} = {world_size * micro}")
-
-    if not 0.0 < o.lr:
-        bad("optim.lr", o.lr, "a positive number")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        bad("optim.betas", o.betas, "two numbers in [0, 1)")
-    if o.grad_clip < 0:
-        bad("optim.grad_clip", o.grad_clip, "a number >= 0 (0 disables clipping)")
-    if o.fused == "true" and device == "cpu":
-        bad("optim.fused", o.fused, "'auto' or 'false' on the CPU")
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        bad("ema.decay", cfg.ema.decay, "a number in [0, 1)")
+    deepspeed_config(cfg, world_size, resolve_precision(cfg, device), device)  # the JSON file and its merge
 
     m = cfg.model
     if len(cfg.encoders) != len(m.z_dims):
@@ -395,10 +418,122 @@ def validate(cfg: ExperimentConfig, world_size: int = 1, cuda_available: bool | 
         bad("model.reg", m.reg, "false without an encoder (REG's class token comes from the encoder)")
     if cfg.data.num_classes is not None and cfg.data.num_classes != m.num_classes:
         bad("data.num_classes", cfg.data.num_classes, f"equal to model.num_classes={m.num_classes}")
-    if cfg.model.num_classes < 1:
-        bad("model.num_classes", cfg.model.num_classes, "a positive integer")
     if t.bootstrap_encoder and not cfg.encoders:
         bad("train.bootstrap_encoder", True, "false without encoders")
+    if cfg.sample.cfg_scale > 1.0 and m.class_dropout_prob == 0:
+        bad("sample.cfg_scale", cfg.sample.cfg_scale, "1 for a model trained without label dropout "
+            "(model.class_dropout_prob=0 learns no unconditional velocity)")
+    if disk:
+        _check_disk(cfg)
+
+
+def _writable_dir(key: str, path: str) -> None:
+    """`path` is a directory this process can write, or can be created as one."""
+    probe = os.path.abspath(path)
+    if os.path.exists(probe):
+        if not os.path.isdir(probe):
+            raise ConfigError(key, path, "a directory (this path is a file)")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(key, path, "a directory this user can write (permission denied)")
+        return
+    parent = os.path.dirname(probe)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(key, path, f"a directory path ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(key, path, f"a directory this user can create ({parent} is not writable)")
+
+
+def _check_disk(cfg: ExperimentConfig) -> None:
+    """What the disk and the installed packages can tell before any data or model is loaded."""
+    t, d = cfg.train, cfg.data
+    _writable_dir("train.output_dir", t.output_dir)
+    if d.source == "builtin":
+        _writable_dir("data.root", d.root)
+    elif d.source == "webdataset":
+        if not (os.path.isdir(d.root) or (os.path.isfile(d.root) and d.root.endswith(".tar"))):
+            raise ConfigError("data.root", d.root, "an existing directory of .tar shards or a .tar file")
+    elif not os.path.isdir(d.root):
+        raise ConfigError("data.root", d.root, "an existing directory (root/<class>/<image>)")
+    if d.latents_root is not None:
+        from engine.data.latents import META
+
+        if not os.path.isfile(os.path.join(d.latents_root, META)):
+            raise ConfigError("data.latents_root", d.latents_root,
+                              f"a directory of latent shards written by engine.preprocess (no {META})")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not os.path.isdir(resume):
+        raise ConfigError("checkpoint.resume", resume, "'auto', 'none' or an existing checkpoint directory")
+    if cfg.encoders:
+        import timm
+
+        for i, enc in enumerate(cfg.encoders):
+            if not timm.is_model(enc.timm_name.split(".")[0]):
+                raise ConfigError(f"encoders[{i}].name", enc.name, "an alias (dinov2-vit-b, ...) or a model "
+                                  "name timm knows (timm.list_models())")
+            if enc.pretrained and enc.weights_path is not None and not os.path.isfile(enc.weights_path):
+                raise ConfigError(f"encoders[{i}].weights_path", enc.weights_path, "an existing weights file")
+    lat = cfg.latent
+    channels = downsample = None
+    if lat.kind == "identity":
+        channels, downsample = 3, 1
+    elif lat.kind == "module":
+        module_name, name = lat.path.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as error:  # noqa: BLE001 (any failure to import is the config's problem)
+            raise ConfigError("latent.path", lat.path, f"an importable module ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        if not callable(getattr(module, name, None)):
+            raise ConfigError("latent.path", lat.path, f"a callable factory ({module_name} has no {name!r})")
+    elif os.path.isfile(os.path.join(lat.path, lat.subfolder or "", "config.json")):
+        with open(os.path.join(lat.path, lat.subfolder or "", "config.json")) as f:
+            vae = json.load(f)
+        if "latent_channels" in vae and "block_out_channels" in vae:
+            channels, downsample = vae["latent_channels"], 2 ** (len(vae["block_out_channels"]) - 1)
+    check_latent_grid(cfg, channels, downsample)
+
+
+def check_latent_grid(cfg: ExperimentConfig, channels: int | None, downsample: int | None) -> None:
+    """The model's input must be the latent grid the data gives, or the first step fails deep in the
+    patch embedding (or, for a square grid of the wrong side, trains on the wrong positions).
+    `channels`/`downsample`: the latent space's (None where it is not known before it is built)."""
+    d, m = cfg.data, cfg.model
+    kind = f"latent.kind={cfg.latent.kind!r}"
+    if d.latents_root is not None:
+        from engine.data.latents import META
+
+        with open(os.path.join(d.latents_root, META)) as f:
+            meta = json.load(f)
+        shard_channels, side = meta["shape"][:2]
+        source = f"the latent shards at data.latents_root={d.latents_root!r}"
+        # The shards train the model; latent.* decodes its samples: they must be one latent space.
+        if channels is not None and (channels != shard_channels or side * downsample != d.resolution):
+            raise ConfigError("latent.kind", cfg.latent.kind,
+                              f"the latent space of {source} ({shard_channels} x {side} x {side} latents of "
+                              f"{d.resolution} px images), but it gives {channels} channels at {downsample}x "
+                              "downsampling")
+        channels = shard_channels
+    else:
+        if channels is None:
+            return
+        if d.resolution % downsample:
+            raise ConfigError("data.resolution", d.resolution, f"a multiple of {downsample} ({kind} downsamples "
+                              f"{downsample}x)")
+        side = d.resolution // downsample
+        source = f"{kind} at data.resolution={d.resolution} (downsampling {downsample}x)"
+    if m.in_channels != channels:
+        raise ConfigError("model.in_channels", m.in_channels, f"{channels} ({source} gives {channels} channels)")
+    if m.input_size != side:
+        raise ConfigError("model.input_size", m.input_size, f"{side} ({source} gives a {side}x{side} grid)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The DeepSpeed JSON
+# ----------------------------------------------------------------------------------------------
+
+OWNED_BY_EXPERIMENT = ("optimizer", "scheduler")
 
 
 def deepspeed_config_path(cfg: ExperimentConfig) -> str:
@@ -406,3 +541,54 @@ def deepspeed_config_path(cfg: ExperimentConfig) -> str:
     if os.path.isabs(path) or os.path.exists(path):
         return path
     return os.path.join(REPO_ROOT, path)
+
+
+def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str, device_type: str = "cuda") -> dict:
+    """The DeepSpeed JSON the trainer runs with: the file `train.deepspeed_config` with the experiment's
+    batch sizes, precision, clipping and ZeRO stage (the experiment config owns those)."""
+    key = "train.deepspeed_config"
+    path = deepspeed_config_path(cfg)
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(key, cfg.train.deepspeed_config,
+                          "an existing DeepSpeed JSON file (e.g. configs/deepspeed/zero2.json)") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(key, cfg.train.deepspeed_config, f"a readable JSON file ({error})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(key, cfg.train.deepspeed_config, "a JSON object")
+    for section in OWNED_BY_EXPERIMENT:
+        if section in ds:
+            raise ConfigError(key, cfg.train.deepspeed_config,
+                              f"a file without a '{section}' section; the experiment config owns it (optim.*)")
+    accum = grad_accum_steps(cfg, world_size)
+    batch = {"train_batch_size": cfg.train.global_batch_size,
+             "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+             "gradient_accumulation_steps": accum}
+    for name, value in batch.items():
+        if name in ds and ds[name] not in ("auto", value):
+            raise ConfigError(key, cfg.train.deepspeed_config,
+                              f"{name}={ds[name]!r} in it disagrees with the experiment ({value}); allowed: "
+                              "'auto' or leave it out")
+        ds[name] = value
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["bf16"] = dict(ds.get("bf16", {}), enabled=precision == "bf16")
+    ds["fp16"] = dict(ds.get("fp16", {}), enabled=precision == "fp16")
+    if precision == "bf16-mixed" or "torch_autocast" in ds:  # DeepSpeed's autocast around the model's forward
+        ds["torch_autocast"] = dict(ds.get("torch_autocast", {}), enabled=precision == "bf16-mixed",
+                                    dtype="bfloat16")
+    zero = dict(ds.get("zero_optimization", {}))
+    if cfg.train.zero_stage is not None:
+        zero["stage"] = cfg.train.zero_stage
+    zero.setdefault("stage", 0)
+    if zero["stage"] not in (0, 1, 2, 3):
+        raise ConfigError(key, cfg.train.deepspeed_config,
+                          f"zero_optimization.stage={zero['stage']!r} in it; allowed: 0, 1, 2 or 3")
+    if device_type == "cpu":  # no streams to overlap with on the CPU; gloo then runs one collective at a time
+        zero["overlap_comm"] = False
+    ds["zero_optimization"] = zero
+    ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, wrapped by the ZeRO optimizer
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

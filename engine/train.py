@@ -28,23 +28,23 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from engine.config import ConfigError, load_config, validate
+    from engine.config import ConfigError, load_config, locate, validate
     from engine.distributed import world_size_from_env
 
+    cfg = None
     try:
         overrides = list(args.overrides) + ([f"checkpoint.init_weights={args.ckpt}"] if args.ckpt else [])
         cfg = load_config(args.config, overrides)
-        validate(cfg, world_size=world_size_from_env())
+        if args.validate_only:
+            validate(cfg, world_size=world_size_from_env())
+            print(f"{args.config}: ok")
+            return {}
+        from engine.trainer import Trainer
+
+        trainer = Trainer(cfg)  # validates the config, then checks it against the data and models it builds
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+        print(f"config error: {locate(error, cfg)}", file=sys.stderr)
         raise SystemExit(2)
-    if args.validate_only:
-        print(f"{args.config}: ok")
-        return {}
-
-    from engine.trainer import Trainer
-
-    trainer = Trainer(cfg)
     results = trainer.fit()
     if trainer.is_main:
         print("done: " + json.dumps(results), flush=True)

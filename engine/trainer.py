@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from engine import checkpoint as ckpt
 from engine.distributed import init_distributed, set_collective_timeout, world_size_from_env
-from engine.config import (ExperimentConfig, deepspeed_config_path, grad_accum_steps, resolve_device,
+from engine.config import (ConfigError, ExperimentConfig, check_latent_grid, deepspeed_config, resolve_device,
                            resolve_precision, validate)
 
 log = logging.getLogger("engine.trainer")
@@ -65,47 +65,8 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# DeepSpeed configuration
+# Learning-rate schedule
 # ----------------------------------------------------------------------------------------------
-
-OWNED_BY_EXPERIMENT = ("optimizer", "scheduler")
-
-
-def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str, device_type: str = "cuda") -> dict:
-    """The DeepSpeed JSON with the experiment's batch sizes, precision, clipping and ZeRO stage."""
-    path = deepspeed_config_path(cfg)
-    with open(path) as f:
-        ds = json.load(f)
-    for key in OWNED_BY_EXPERIMENT:
-        if key in ds:
-            raise ValueError(f"{path}: remove the '{key}' section; the experiment config owns it (optim.*)")
-    accum = grad_accum_steps(cfg, world_size)
-    batch = {"train_batch_size": cfg.train.global_batch_size,
-             "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-             "gradient_accumulation_steps": accum}
-    for key, value in batch.items():
-        if key in ds and ds[key] not in ("auto", value):
-            raise ValueError(f"{path}: {key}={ds[key]!r} disagrees with the experiment ({value}); "
-                             "allowed: 'auto' or leave it out")
-        ds[key] = value
-    ds["gradient_clipping"] = cfg.optim.grad_clip
-    ds["bf16"] = dict(ds.get("bf16", {}), enabled=precision == "bf16")
-    ds["fp16"] = dict(ds.get("fp16", {}), enabled=precision == "fp16")
-    if precision == "bf16-mixed" or "torch_autocast" in ds:  # DeepSpeed's autocast around the model's forward
-        ds["torch_autocast"] = dict(ds.get("torch_autocast", {}), enabled=precision == "bf16-mixed",
-                                    dtype="bfloat16")
-    zero = dict(ds.get("zero_optimization", {}))
-    if cfg.train.zero_stage is not None:
-        zero["stage"] = cfg.train.zero_stage
-    zero.setdefault("stage", 0)
-    if device_type == "cpu":  # no streams to overlap with on the CPU; gloo then runs one collective at a time
-        zero["overlap_comm"] = False
-    ds["zero_optimization"] = zero
-    ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, wrapped by the ZeRO optimizer
-    ds.setdefault("steps_per_print", 10 ** 9)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
-
 
 def warmup_lambda(warmup_steps: int):
     def factor(step: int) -> float:
@@ -171,8 +132,8 @@ class Trainer:
 
         self.loader = build_loader(cfg.data, self.rank, self.world_size, self.device)
         if self.loader.num_classes > cfg.model.num_classes:
-            raise ValueError(f"the data has {self.loader.num_classes} classes but model.num_classes="
-                             f"{cfg.model.num_classes}; allowed: model.num_classes >= {self.loader.num_classes}")
+            raise ConfigError("model.num_classes", cfg.model.num_classes,
+                              f"at least {self.loader.num_classes}, the number of classes in the data")
         self.encoders = self._build_encoders()
         self.latent_space = build_latent_space(cfg.latent, device=self.device)
         self._check_latent_grid()
@@ -232,38 +193,23 @@ class Trainer:
         self.monitor.info(f"initialised the model and its EMA from {source}")
 
     def _check_latent_grid(self) -> None:
-        """The model's input must be the latent grid the data gives, or the first step fails deep in the
-        patch embedding (or, for a square grid of the wrong side, trains on the wrong positions)."""
-        cfg = self.cfg
-        space = self.latent_space
+        """The model's input grid against the built latent space (and its shards), and the shards'
+        normalisation against latent.scale / latent.shift."""
+        cfg, space = self.cfg, self.latent_space
+        check_latent_grid(cfg, space.channels, space.downsample)
         if cfg.data.latents_root is not None:
             from engine.data.latents import META
 
             with open(os.path.join(cfg.data.latents_root, META)) as f:
                 meta = json.load(f)
-            channels, side = meta["shape"][:2]
-            source = f"the latent shards at data.latents_root={cfg.data.latents_root!r}"
-            # The shards train the model; latent.* decodes its samples: they must be one latent space.
-            if space.channels != channels or side * space.downsample != cfg.data.resolution:
-                raise ValueError(f"latent.kind={cfg.latent.kind!r} gives {space.channels} channels at {space.downsample}x "
-                                 f"downsampling but {source} hold {channels} x {side} x {side} latents of "
-                                 f"{cfg.data.resolution} px images; set latent.* to the space the shards were made with")
+            channels = meta["shape"][0]
             for key in ("scale", "shift"):  # the latent space holds its own as per-channel buffers
                 if f"latent_{key}" in meta:
                     made = torch.as_tensor(meta[f"latent_{key}"], dtype=torch.float32).expand(channels)
                     if not torch.allclose(made, getattr(space, key).flatten().cpu(), rtol=1e-6, atol=0):
-                        raise ValueError(f"latent.{key}={getattr(cfg.latent, key)!r} but {source} were normalised "
-                                         f"with {meta[f'latent_{key}']!r}; allowed: {meta[f'latent_{key}']!r}")
-        else:
-            channels, side = space.channels, cfg.data.resolution // space.downsample
-            source = (f"latent.kind={cfg.latent.kind!r} at data.resolution={cfg.data.resolution} "
-                      f"(downsampling {space.downsample}x)")
-        if cfg.model.in_channels != channels:
-            raise ValueError(f"model.in_channels={cfg.model.in_channels} but {source} gives {channels} channels; "
-                             f"allowed: {channels}")
-        if cfg.model.input_size != side:
-            raise ValueError(f"model.input_size={cfg.model.input_size} but {source} gives a {side}x{side} grid; "
-                             f"allowed: {side}")
+                        raise ConfigError(f"latent.{key}", getattr(cfg.latent, key),
+                                          f"{meta[f'latent_{key}']!r}, the normalisation the latent shards at "
+                                          f"data.latents_root={cfg.data.latents_root!r} were written with")
 
     def _build_encoders(self):
         from engine.models.encoders import build_encoder
@@ -277,13 +223,13 @@ class Trainer:
                 self.cfg.encoders[i] = enc_cfg
             encoder = build_encoder(enc_cfg, device=self.device).eval()
             if encoder.embed_dim != self.cfg.model.z_dims[i]:
-                raise ValueError(f"encoders[{i}] ({enc_cfg.name}) has embed_dim {encoder.embed_dim} but "
-                                 f"model.z_dims[{i}]={self.cfg.model.z_dims[i]}; allowed: {encoder.embed_dim}")
+                raise ConfigError(f"model.z_dims[{i}]", self.cfg.model.z_dims[i],
+                                  f"{encoder.embed_dim}, the embed_dim of encoders[{i}] ({enc_cfg.name})")
             tokens = (self.cfg.model.input_size // self.cfg.model.patch_size) ** 2
             if encoder.num_patches != tokens:
-                raise ValueError(f"encoders[{i}] ({enc_cfg.name}) gives {encoder.num_patches} patch tokens at "
-                                 f"image_size {enc_cfg.input_size} but the model has {tokens}; set "
-                                 f"encoders[{i}].image_size so the token grids match")
+                raise ConfigError(f"encoders[{i}].image_size", enc_cfg.image_size,
+                                  f"a size at which {enc_cfg.name} gives the model's {tokens} patch tokens (it gives "
+                                  f"{encoder.num_patches} at {enc_cfg.input_size} px)")
             where = enc_cfg.weights_path or ("local hub cache" if enc_cfg.pretrained else "random weights")
             self.monitor.info(f"aligning projector {i} to encoder {enc_cfg.name} ({where})")
             encoders.append(encoder)

@@ -17,7 +17,7 @@ import torch
 
 import kernels
 from kernels import path_coefficients
-from engine.configurable import FromDict
+from engine.configurable import FromDict, finite_number, invalid
 
 PATHS = ("linear", "cosine")
 PREDICTIONS = ("v",)
@@ -45,13 +45,15 @@ class TransportConfig(FromDict):
         for key, allowed in (("path", PATHS), ("prediction", PREDICTIONS), ("weighting", WEIGHTINGS),
                              ("time_sampling", TIME_SAMPLINGS)):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"TransportConfig.{key}={getattr(self, key)!r} is invalid; allowed: {list(allowed)}")
+                raise invalid(key, getattr(self, key), f"one of {', '.join(allowed)}")
+        if not finite_number(self.lognormal_mean):
+            raise invalid("lognormal_mean", self.lognormal_mean, "a finite number")
         for key in ("lognormal_std", "time_shift"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"TransportConfig.{key}={getattr(self, key)!r} is invalid; allowed: a positive number")
+            if not (finite_number(getattr(self, key)) and getattr(self, key) > 0):
+                raise invalid(key, getattr(self, key), "a finite positive number")
         for key in ("proj_coeff", "cls_coeff"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"TransportConfig.{key}={getattr(self, key)!r} is invalid; allowed: a number >= 0")
+            if not (finite_number(getattr(self, key)) and getattr(self, key) >= 0):
+                raise invalid(key, getattr(self, key), "a finite number >= 0")
 
 
 def unwrap(model):

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.configurable import FromDict
+from engine.configurable import FromDict, invalid
 
 SOURCES = ("builtin", "folder", "webdataset", "latent_shards")
 DECODERS = ("dali", "pil", "auto")
@@ -16,8 +16,8 @@ ON_CORRUPT = ("skip", "error")
 VALIDATE = ("header", "full")
 
 
-def _bad(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"data.{key}={value!r} is not allowed: {allowed}")
+def _bad(key: str, value: Any, allowed: str):
+    return invalid(key, value, allowed)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class DataConfig(FromDict):
         for key, allowed in (("source", SOURCES), ("decoder", DECODERS), ("dali_device", DALI_DEVICES),
                              ("center_crop", CENTER_CROPS), ("on_corrupt", ON_CORRUPT), ("validate", VALIDATE)):
             if getattr(self, key) not in allowed:
-                raise _bad(key, getattr(self, key), f"one of {allowed}")
+                raise _bad(key, getattr(self, key), f"one of {', '.join(allowed)}")
         for key in ("root",):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise _bad(key, getattr(self, key), "a non-empty path string")

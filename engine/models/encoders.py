@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.configurable import FromDict
+from engine.configurable import FromDict, invalid
 
 # REPA's short names -> timm names (DINOv2 with and without registers).
 ALIASES = {
@@ -41,18 +41,15 @@ class EncoderConfig(FromDict):
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"EncoderConfig.name={self.name!r} is invalid; allowed: {sorted(ALIASES)} or a "
-                             "timm name")
+            raise invalid("name", self.name, f"one of {', '.join(ALIASES)} or a timm model name")
         if not isinstance(self.resolution, int) or self.resolution < 1:
-            raise ValueError(f"EncoderConfig.resolution={self.resolution!r} is invalid; allowed: a positive integer")
+            raise invalid("resolution", self.resolution, "a positive integer")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
-            raise ValueError(f"EncoderConfig.image_size={self.image_size!r} is invalid; allowed: None or a positive integer")
+            raise invalid("image_size", self.image_size, "null or a positive integer")
         if not isinstance(self.model_kwargs, dict):
-            raise ValueError(f"EncoderConfig.model_kwargs={self.model_kwargs!r} is invalid; allowed: a mapping")
+            raise invalid("model_kwargs", self.model_kwargs, "a mapping")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
-            raise ValueError(f"EncoderConfig.autocast_dtype={self.autocast_dtype!r} is invalid; allowed: "
-                             f"{list(AUTOCAST_DTYPES)}")
-
+            raise invalid("autocast_dtype", self.autocast_dtype, f"one of {', '.join(AUTOCAST_DTYPES)}")
 
     @property
     def timm_name(self) -> str:

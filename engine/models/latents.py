@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from engine.configurable import FromDict
+from engine.configurable import FromDict, finite_number, invalid
 
 KINDS = ("identity", "vae", "module")
 
@@ -38,26 +38,24 @@ class LatentConfig(FromDict):
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"LatentConfig.kind={self.kind!r} is invalid; allowed: {list(KINDS)}")
+            raise invalid("kind", self.kind, f"one of {', '.join(KINDS)}")
         if self.scale is None:
             self.scale = 0.18215 if self.kind == "vae" else 1.0
         if self.kind == "module" and (not self.path or self.path.count(":") != 1 or not all(self.path.split(":"))):
-            raise ValueError(f"LatentConfig.path={self.path!r} is invalid for kind 'module'; allowed: "
-                             "'package.module:factory', a function that takes the LatentConfig and returns the "
-                             "autoencoder")
+            raise invalid("path", self.path, "'package.module:factory' for kind 'module', a function that takes "
+                          "the LatentConfig and returns the autoencoder")
         if self.kind == "vae" and not self.path:
-            raise ValueError("LatentConfig.path is required for kind 'vae': a local diffusers AutoencoderKL "
-                             "folder (e.g. one saved from stabilityai/sd-vae-ft-ema) or a cached hub repo id")
+            raise invalid("path", self.path, "for kind 'vae' a local diffusers AutoencoderKL folder (e.g. one "
+                          "saved from stabilityai/sd-vae-ft-ema) or a cached hub repo id")
         for key in ("scale", "shift"):
             value = getattr(self, key)
             values = value if isinstance(value, (list, tuple)) else [value]
-            if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
-                raise ValueError(f"LatentConfig.{key}={value!r} is invalid; allowed: a number or a list of numbers "
-                                 "(one per latent channel)")
+            if not values or any(not finite_number(v) for v in values):
+                raise invalid(key, value, "a finite number or a list of finite numbers (one per latent channel)")
         if any(v == 0 for v in (self.scale if isinstance(self.scale, (list, tuple)) else [self.scale])):
-            raise ValueError(f"LatentConfig.scale={self.scale!r} is invalid; allowed: non-zero values")
+            raise invalid("scale", self.scale, "non-zero values")
         if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"LatentConfig.dtype={self.dtype!r} is invalid; allowed: float32, float16, bfloat16")
+            raise invalid("dtype", self.dtype, "one of float32, float16, bfloat16")
 
 
 def _per_channel(value, channels: int, key: str) -> torch.Tensor:

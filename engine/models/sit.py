@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from engine.configurable import FromDict
+from engine.configurable import FromDict, invalid
 
 LN_EPS = 1e-6
 QK_NORM_EPS = 1e-5  # nn.LayerNorm's default, which timm's Attention (used by REPA) builds for qk-norm
@@ -76,10 +76,10 @@ class ModelConfig(FromDict):
 
     def __post_init__(self):
         def bad(key, value, allowed):
-            raise ValueError(f"ModelConfig.{key}={value!r} is invalid; allowed: {allowed}")
+            raise invalid(key, value, allowed)
 
         if self.name not in PRESETS:
-            bad("name", self.name, sorted(PRESETS))
+            bad("name", self.name, "one of " + ", ".join(PRESETS))
         depth, hidden, heads, patch = PRESETS[self.name]
         self.depth = depth if self.depth is None else self.depth
         self.hidden_size = hidden if self.hidden_size is None else self.hidden_size
@@ -108,9 +108,9 @@ class ModelConfig(FromDict):
         if self.reg and not self.z_dims:
             bad("reg", self.reg, "False unless z_dims is non-empty (the class token width is z_dims[0])")
         if self.car_flow not in CAR_FLOW_MODES:
-            bad("car_flow", self.car_flow, list(CAR_FLOW_MODES))
+            bad("car_flow", self.car_flow, f"one of {', '.join(CAR_FLOW_MODES)}")
         if self.car_flow_shape not in CAR_FLOW_SHAPES:
-            bad("car_flow_shape", self.car_flow_shape, list(CAR_FLOW_SHAPES))
+            bad("car_flow_shape", self.car_flow_shape, f"one of {', '.join(CAR_FLOW_SHAPES)}")
         if not self.mlp_ratio > 0:
             bad("mlp_ratio", self.mlp_ratio, "a positive number")
         if not isinstance(self.learn_sigma, bool):

@@ -24,7 +24,7 @@ def tiny(tmp_path, **sections):
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     world = 2 if "builtin" in path else 8
-    validate(cfg, world_size=world, cuda_available="builtin" not in path)
+    validate(cfg, world_size=world, cuda_available="builtin" not in path, disk="builtin" in path)
     assert world * cfg.data.batch_size * grad_accum_steps(cfg, world) == cfg.train.global_batch_size
     if "builtin" not in path:  # the public recipe
         assert (cfg.optim.lr, cfg.optim.betas, cfg.train.global_batch_size, cfg.optim.grad_clip, cfg.ema.decay) \
@@ -43,7 +43,7 @@ def test_builtin_config_is_the_main_job():
 
 def expect_error(raw, *fragments, world_size=1, cuda_available=False):
     with pytest.raises(ConfigError) as info:
-        validate(from_dict(raw), world_size=world_size, cuda_available=cuda_available)
+        validate(from_dict(raw), world_size=world_size, cuda_available=cuda_available, disk=False)
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
@@ -51,19 +51,19 @@ def expect_error(raw, *fragments, world_size=1, cuda_available=False):
 
 
 def test_unknown_keys_are_named(tmp_path):
-    expect_error(tiny(tmp_path, optimizer={"lr": 1}), "config.optimizer", "allowed")
-    expect_error(tiny(tmp_path, train={"max_step": 3}), "train.max_step", "max_steps")
+    expect_error(tiny(tmp_path, optimizer={"lr": 1}), "optimizer: not a known key", "allowed")
+    expect_error(tiny(tmp_path, train={"max_step": 3}), "train.max_step: not a known key", "max_steps")
     raw = tiny(tmp_path)
     raw["encoders"][0]["weight_path"] = "x"
     expect_error(raw, "weight_path")
 
 
 def test_wrong_types_are_named(tmp_path):
-    expect_error(tiny(tmp_path, train={"max_steps": "ten"}), "train.max_steps='ten'", "an integer")
-    expect_error(tiny(tmp_path, train={"max_steps": True}), "train.max_steps=True", "an integer")
-    expect_error(tiny(tmp_path, optim={"betas": 0.9}), "optim.betas=0.9", "a list of a number")
-    expect_error(tiny(tmp_path, train={"precision": "bf32"}), "train.precision='bf32'", "'bf16'")
-    expect_error(tiny(tmp_path, ema={"decay": "high"}), "ema.decay='high'", "a number")
+    expect_error(tiny(tmp_path, train={"max_steps": "ten"}), "train.max_steps: 'ten': wrong type", "an integer")
+    expect_error(tiny(tmp_path, train={"max_steps": True}), "train.max_steps: true", "an integer")
+    expect_error(tiny(tmp_path, optim={"betas": 0.9}), "optim.betas: 0.9", "a list of a number")
+    expect_error(tiny(tmp_path, train={"precision": "bf32"}), "train.precision: 'bf32'", "'bf16'")
+    expect_error(tiny(tmp_path, ema={"decay": "high"}), "ema.decay: 'high'", "a number")
 
 
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
@@ -74,29 +74,29 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
 
 
 def test_impossible_combinations(tmp_path):
-    expect_error(tiny(tmp_path, train={"precision": "fp16"}), "train.precision='fp16'", "fp16 needs CUDA")
-    validate(from_dict(tiny(tmp_path, train={"precision": "fp16"})), cuda_available=True)
-    expect_error(tiny(tmp_path, train={"device": "cuda"}), "train.device='cuda'")
-    expect_error(tiny(tmp_path, train={"kernels_backend": "triton"}), "train.kernels_backend='triton'")
+    expect_error(tiny(tmp_path, train={"precision": "fp16"}), "train.precision: 'fp16'", "fp16 needs CUDA")
+    validate(from_dict(tiny(tmp_path, train={"precision": "fp16"})), cuda_available=True, disk=False)
+    expect_error(tiny(tmp_path, train={"device": "cuda"}), "train.device: 'cuda'")
+    expect_error(tiny(tmp_path, train={"kernels_backend": "triton"}), "train.kernels_backend: 'triton'")
     # global batch 8 = world x micro 4 x accumulation: not with 3 ranks, nor with a fixed accumulation of 3
-    expect_error(tiny(tmp_path), "train.global_batch_size=8", "world size 3", "12", world_size=3)
-    expect_error(tiny(tmp_path, train={"grad_accum_steps": 3}), "train.global_batch_size=8", "= 24",
+    expect_error(tiny(tmp_path), "train.global_batch_size: 8", "world size 3", "12", world_size=3)
+    expect_error(tiny(tmp_path, train={"grad_accum_steps": 3}), "train.global_batch_size: 8", "= 24",
                  world_size=2)
-    validate(from_dict(tiny(tmp_path, train={"grad_accum_steps": 1})), world_size=2)
-    expect_error(tiny(tmp_path, model={"encoder_depth": 5}), "encoder_depth=5", "depth=2")
-    expect_error(tiny(tmp_path, encoders=[]), "encoders=[]", "one encoder per model.z_dims")
-    expect_error(tiny(tmp_path, data={"num_classes": 7}), "data.num_classes=7", "model.num_classes=4")
+    validate(from_dict(tiny(tmp_path, train={"grad_accum_steps": 1})), world_size=2, disk=False)
+    expect_error(tiny(tmp_path, model={"encoder_depth": 5}), "model.encoder_depth: 5", "depth=2")
+    expect_error(tiny(tmp_path, encoders=[]), "encoders: []", "one encoder per model.z_dims")
+    expect_error(tiny(tmp_path, data={"num_classes": 7}), "data.num_classes: 7", "model.num_classes=4")
     expect_error(tiny(tmp_path, train={"deepspeed_config": "configs/deepspeed/zero9.json"}),
                  "train.deepspeed_config", "existing DeepSpeed JSON")
-    expect_error(tiny(tmp_path, ema={"decay": 1.0}), "ema.decay=1.0", "[0, 1)")
-    expect_error(tiny(tmp_path, train={"zero_stage": 4}), "train.zero_stage=4")
-    expect_error(tiny(tmp_path, checkpoint={"keep_last": 0}), "checkpoint.keep_last=0")
+    expect_error(tiny(tmp_path, ema={"decay": 1.0}), "ema.decay: 1.0", "[0, 1)")
+    expect_error(tiny(tmp_path, train={"zero_stage": 4}), "train.zero_stage: 4")
+    expect_error(tiny(tmp_path, checkpoint={"keep_last": 0}), "checkpoint.keep_last: 0")
 
 
 def test_component_errors_carry_their_section(tmp_path):
-    expect_error(tiny(tmp_path, model={"car_flow": "both"}), "model", "car_flow='both'")
-    expect_error(tiny(tmp_path, data={"decoder": "nvjpeg"}), "data", "nvjpeg")
-    expect_error(tiny(tmp_path, transport={"path": "cubic"}), "transport", "cubic")
+    expect_error(tiny(tmp_path, model={"car_flow": "both"}), "model.car_flow: 'both'")
+    expect_error(tiny(tmp_path, data={"decoder": "nvjpeg"}), "data.decoder: 'nvjpeg'")
+    expect_error(tiny(tmp_path, transport={"path": "cubic"}), "transport.path: 'cubic'")
 
 
 def test_overrides(tmp_path):
@@ -112,7 +112,7 @@ def test_overrides(tmp_path):
 
 
 def test_deepspeed_config_merge(tmp_path):
-    from engine.trainer import deepspeed_config
+    from engine.config import deepspeed_config
 
     cfg = from_dict(tiny(tmp_path, train={"zero_stage": 3}, optim={"grad_clip": 0.5}))
     ds = deepspeed_config(cfg, world_size=2, precision="bf16")
@@ -123,10 +123,10 @@ def test_deepspeed_config_merge(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     cfg = from_dict(tiny(tmp_path, train={"deepspeed_config": str(bad)}))
-    with pytest.raises(ValueError, match="remove the 'optimizer' section"):
+    with pytest.raises(ConfigError, match="without a 'optimizer' section"):
         deepspeed_config(cfg, 1, "fp32")
     bad.write_text(json.dumps({"train_batch_size": 32}))
-    with pytest.raises(ValueError, match="train_batch_size=32 disagrees"):
+    with pytest.raises(ConfigError, match="train_batch_size=32 in it disagrees"):
         deepspeed_config(cfg, 1, "fp32")
 
 
@@ -136,5 +136,6 @@ def test_cli_reports_config_errors_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "engine.train", "--config", str(path), "--validate-only"],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "train.global_batch_size=7" in proc.stderr and "a multiple of" in proc.stderr
+    assert f"config error: {path}:" in proc.stderr and "train.global_batch_size: 7" in proc.stderr
+    assert "a multiple of" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()

@@ -308,8 +308,8 @@ def test_module_latent_space_trains_and_samples(tmp_path, data_root):
     assert np.load(results["samples_npz"])["arr_0"].shape == (2, 16, 16, 3)
 
 
-@pytest.mark.parametrize("model, fragment", [({"in_channels": 4}, "model.in_channels=4"),
-                                             ({"input_size": 8, "patch_size": 2}, "model.input_size=8")])
+@pytest.mark.parametrize("model, fragment", [({"in_channels": 4}, "model.in_channels: 4: 3"),
+                                             ({"input_size": 8, "patch_size": 2}, "model.input_size: 8: 16")])
 def test_model_and_latent_grid_mismatch_is_named(tmp_path, data_root, model, fragment):
     with pytest.raises(ValueError, match=fragment):
         make_trainer(tmp_path, data_root, model=model)
@@ -331,9 +331,10 @@ def identity_shards(tmp_path, data_root, scale=1.0) -> str:
 
 
 @pytest.mark.parametrize("latent, fragment", [
-    ({"kind": "identity", "scale": 0.5}, r"latent.scale=0.5 but the latent shards .* were normalised with 1.0"),
+    ({"kind": "identity", "scale": 0.5}, r"latent.scale: 0.5: 1.0, the normalisation the latent shards"),
     ({"kind": "module", "path": "tests.engine.toy_autoencoder:build", "scale": 1.0},
-     r"latent.kind='module' gives 4 channels at 2x downsampling but the latent shards .* hold 3 x 16 x 16"),
+     r"latent.kind: 'module': the latent space of the latent shards .* \(3 x 16 x 16 latents of 16 px images\), but it "
+     r"gives 4 channels at 2x"),
 ])
 def test_shards_and_latent_space_must_agree(tmp_path, data_root, latent, fragment):
     """The shards train the model and latent.* decodes its samples: a mismatch stops the run at the

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.train_step import TRAINER_VARIANTS  # name -> (train.precision, train.compile)
+
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
 STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-compiled")
@@ -51,8 +53,6 @@ STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflo
 # modelled here: bench.train_step's step with the fused kernels (the trainer's "auto" backend on a GPU),
 # the given train.precision, DeepSpeed ZeRO-2's flat-buffer copies and the trainer's EMA update; the
 # trainer's finite-loss check and gradient-norm read (host syncs) cost nothing here.
-TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
-                    "trainer-bf16-compiled": ("bf16", True)}
 VARIANTS = STEP_VARIANTS + tuple(TRAINER_VARIANTS)
 PRECISIONS = ("bf16-mixed", "bf16")
 

@@ -202,8 +202,10 @@ def load_checkpoint(engine, checkpoint_dir: str, tag: str, precision: str | None
                                 f"the {_world()} running now; resume with the same world size")
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     if rank_state.get("world_size") != _world():
-        raise ValueError(f"checkpoint {tag_dir} was written with world size {rank_state.get('world_size')}, "
-                         f"this run has {_world()}: exact resume needs the same world size")
+        written, per_node = rank_state.get("world_size"), rank_state.get("local_world_size")
+        layout = f" ({written // per_node} node(s) x {per_node} rank(s))" if per_node and written % per_node == 0 else ""
+        raise ValueError(f"checkpoint {tag_dir} was written with world size {written}{layout}, this run has "
+                         f"{_world()}: exact resume needs the same world size, {written} ranks in all")
     written = rank_state.get("precision")
     if precision is not None and written is not None and written != precision:
         raise ValueError(f"train.precision resolves to {precision!r} but checkpoint {tag_dir} was written with "

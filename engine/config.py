@@ -64,6 +64,9 @@ class TrainConfig(FromDict):
     allow_tf32: bool = True                    # TF32 for matmuls/convolutions left in fp32 (Ampere and newer)
     seed: int = 0
     max_nonfinite_in_row: int = 10             # stop after this many skipped steps in a row
+    # A collective that waits longer ends the run with an error naming a lost peer (not a hang); it must
+    # cover the longest wait of one rank for another (rank 0's sample grids and checkpoint writes)
+    collective_timeout_s: float = 1800.0
     bootstrap_encoder: bool = False            # no local encoder weights: train a small one first
     bootstrap_encoder_steps: int = 300
     # Testing aids: reuse the first batch every step; make the loss of these micro-steps NaN.
@@ -73,6 +76,8 @@ class TrainConfig(FromDict):
     def __post_init__(self):
         _at_least(self, (("max_steps", 1), ("global_batch_size", 1), ("max_nonfinite_in_row", 1),
                          ("bootstrap_encoder_steps", 0), ("seed", 0)))
+        if not (finite_number(self.collective_timeout_s) and 10 <= self.collective_timeout_s <= 86400):
+            raise invalid("collective_timeout_s", self.collective_timeout_s, "a number of seconds from 10 to 86400")
         if self.max_minutes is not None and not (finite_number(self.max_minutes) and self.max_minutes > 0):
             raise invalid("max_minutes", self.max_minutes, "a positive number of minutes or null")
         if self.grad_accum_steps is not None and self.grad_accum_steps < 1:

@@ -175,6 +175,22 @@ def set_collective_timeout(timeout_s: float) -> int:
     return len(groups)
 
 
+class PeerLostError(RuntimeError):
+    """A collective failed or timed out: another rank died, hung or lost its network."""
+
+
+# What gloo and NCCL say when a peer is gone (torch < 2.3 raises them as plain RuntimeErrors)
+_PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection closed by peer", "connection reset by peer", "timed out",
+                         "broken pipe", "connection refused", "socket")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a communication failure (a lost or stalled peer), not a bug of this rank."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _PEER_FAILURE_MARKERS)
+
+
 def init_distributed(device: str = "cpu", *, local_rank: Optional[int] = None, timeout_s: Optional[float] = None,
                      require_group: bool = False) -> DistInfo:
     """This process's rank, world and device, and the process group it joins.

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt
-from engine.distributed import init_distributed, set_collective_timeout, world_size_from_env
+from engine.distributed import (PeerLostError, init_distributed, is_collective_failure, set_collective_timeout,
+                                world_size_from_env)
 from engine.config import (ConfigError, ExperimentConfig, check_latent_grid, deepspeed_config, resolve_device,
                            resolve_precision, validate)
 
@@ -89,7 +90,7 @@ class Trainer:
             import deepspeed
             raise RuntimeError(f"train.precision='bf16-mixed' needs DeepSpeed's torch_autocast config, which "
                                f"DeepSpeed {deepspeed.__version__} lacks: upgrade DeepSpeed or use 'bf16'")
-        self.dist = init_distributed(device_type, require_group=True)
+        self.dist = init_distributed(device_type, require_group=True, timeout_s=cfg.train.collective_timeout_s)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.is_main = self.rank == 0
         self.output_dir = cfg.train.output_dir
@@ -151,6 +152,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        set_collective_timeout(cfg.train.collective_timeout_s)  # DeepSpeed's own groups too
         self.model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self.accum = self.engine.gradient_accumulation_steps()
         if cfg.train.compile:
@@ -259,7 +261,8 @@ class Trainer:
         rank_state = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(),
                       "latent_generator": self.latent_generator.get_state(),
                       "micro_attempts": self.micro_attempts, "nonfinite_total": self.nonfinite_total,
-                      "nonfinite_in_row": self.nonfinite_in_row, "precision": self.precision}
+                      "nonfinite_in_row": self.nonfinite_in_row, "precision": self.precision,
+                      "local_world_size": self.dist.local_world_size}
         ema_state = self.ema.full_state_dict()
         path = ckpt.save_checkpoint(self.engine, self.checkpoint_dir, self.step, self.cfg.to_dict(), rank_state,
                                     ema_state, self.cfg.checkpoint.keep_last)
@@ -386,6 +389,25 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        """Train to train.max_steps (or train.max_minutes); a lost peer raises PeerLostError."""
+        try:
+            return self._fit()
+        except Exception as error:
+            if self.world_size == 1 or not is_collective_failure(error):
+                raise
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            try:
+                latest = ckpt.latest_tag(self.checkpoint_dir)
+            except OSError:
+                latest = None
+            raise PeerLostError(
+                f"rank {self.rank} of {self.world_size} (local rank {self.dist.local_rank}) lost a peer at step "
+                f"{self.step + 1}: a collective failed or waited longer than train.collective_timeout_s="
+                f"{self.cfg.train.collective_timeout_s:g} ({type(error).__name__}: {first[:300]}); another rank "
+                f"died, hung or lost its network. Restart every node with the same command: the run resumes from "
+                f"the last complete checkpoint ({latest or 'none yet: from the start'})") from error
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         start_step, start_time = self.step, time.time()
         self.monitor.start(self.step, cfg.train.max_steps)

@@ -139,3 +139,10 @@ def test_cli_reports_config_errors_before_any_work(tmp_path):
     assert f"config error: {path}:" in proc.stderr and "train.global_batch_size: 7" in proc.stderr
     assert "a multiple of" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_collective_timeout_is_checked(tmp_path):
+    expect_error(tiny(tmp_path, train={"collective_timeout_s": 0}), "train.collective_timeout_s=0",
+                 "a number of seconds from 10 to 86400")
+    expect_error(tiny(tmp_path, train={"collective_timeout_s": "soon"}), "train.collective_timeout_s='soon'")
+    validate(from_dict(tiny(tmp_path, train={"collective_timeout_s": 60})), world_size=1, cuda_available=False)

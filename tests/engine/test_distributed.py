@@ -114,3 +114,39 @@ def test_bad_device_and_timeout_are_named(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device 'cuda': CUDA is not available here; use cpu"):
             init_distributed("cuda")
+
+
+def test_the_local_rank_picks_the_gpu(monkeypatch):
+    """Global rank 3 of 4 on its node's second GPU: cuda:LOCAL_RANK (1), never cuda:RANK (3), and the
+    group joins with the environment's rank and world size and the timeout asked for."""
+    import torch.distributed as dist
+
+    for key in LAUNCH_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    picked, joined = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append((backend, kw)))
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    info = init_distributed("cuda", timeout_s=30)
+    assert info.device == torch.device("cuda", 1) and picked == [1]
+    assert (info.rank, info.local_rank, info.world_size, info.local_world_size) == (3, 1, 4, 2)
+    from datetime import timedelta
+    assert joined == [("nccl", dict(rank=3, world_size=4, timeout=timedelta(seconds=30)))]
+    # the same from SLURM's variables (srun, one task per GPU)
+    picked.clear()
+    for key in env:
+        monkeypatch.delenv(key)
+    for key, value in {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+                       "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "gpu[1-2]"}.items():
+        monkeypatch.setenv(key, value)
+    info = init_distributed("cuda")
+    assert info.device == torch.device("cuda", 1) and picked == [1] and (info.rank, info.world_size) == (3, 4)
+    with pytest.raises(ValueError, match=r"device 'cuda:0' with WORLD_SIZE=4 would put every rank on one GPU"):
+        init_distributed("cuda:0")

@@ -58,7 +58,8 @@ def main() -> None:
         Trainer.train_step = slow_step
     atexit.register(dump)
     sys.addaudithook(hook)
-    module, sys.argv = sys.argv[1], sys.argv[1:]
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher's; LOCAL_RANK has it
+    module, sys.argv = args[0], args
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -92,6 +92,8 @@ class TwoHosts:
     def close(self) -> None:
         for proc in self.procs:
             self.kill(proc)
+        for node in (0, 1):
+            self.kill_node(node)
         for name in self.names:  # deleting a namespace deletes its end of the veth pair, and so both
             _ip("netns", "del", name, check=False)
 
@@ -111,6 +113,17 @@ class TwoHosts:
         proc.log_path = str(log_path)
         self.procs.append(proc)
         return proc
+
+    def kill_node(self, node: int) -> list[int]:
+        """SIGKILL every process in node `node`'s namespace (launchers start their ranks in sessions of
+        their own, so a process group is not the whole node); returns their ids."""
+        pids = [int(p) for p in _ip("netns", "pids", self.names[node], check=False).stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
 
     @staticmethod
     def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -150,3 +150,31 @@ def test_the_local_rank_picks_the_gpu(monkeypatch):
     assert info.device == torch.device("cuda", 1) and picked == [1] and (info.rank, info.world_size) == (3, 4)
     with pytest.raises(ValueError, match=r"device 'cuda:0' with WORLD_SIZE=4 would put every rank on one GPU"):
         init_distributed("cuda:0")
+
+
+def test_a_hung_peer_times_out_every_group():
+    """The collective timeout bounds the wait for a rank that is alive but silent, on the world group
+    and on groups made after it (DeepSpeed's), and the error is recognised as a communication failure."""
+    import json
+    import subprocess
+
+    from tests.engine.trainer_fixtures import PYTHON, REPO, env, free_port
+
+    timeout_s, port, procs = 3, str(free_port()), []
+    for rank in (0, 1):
+        e = env()
+        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([PYTHON, "-m", "tests.engine.timeout_worker", str(timeout_s)], cwd=REPO,
+                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        output = procs[0].communicate(timeout=120)[0]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+    result = json.loads(output.strip().splitlines()[-1])
+    for name in ("world", "later"):
+        failure = result[name]
+        assert failure.get("collective_failure") is True, (name, output[-3000:])
+        assert timeout_s * 0.8 <= failure["seconds"] <= timeout_s + 10, (name, failure)

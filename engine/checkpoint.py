@@ -12,10 +12,17 @@ Layout under `<output_dir>/checkpoints/`:
     .tmp-step_00002000/        a checkpoint being written; renamed to step_... once every rank is done
 
 The directory is expected to be shared by all ranks (as DeepSpeed's own checkpoints are).
+
+Every file is read with `torch.load(weights_only=True)`: tensors, numbers, strings and containers
+only, so a file that would run code when unpickled is refused naming it (`UnsafeCheckpointError`).
+DeepSpeed's own files go through the same load (DeepSpeed's checkpoint engine is wrapped while it
+loads), with the few plain DeepSpeed classes its ZeRO optimizer state holds allowed by name
+(`DEEPSPEED_SAFE_GLOBALS`). Even so, load checkpoints only from a source you trust.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -29,6 +36,51 @@ import yaml
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d+)$")
 EMA_FILE = "ema_fp32.pt"
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file that holds more than tensors and plain containers (it could run code)."""
+
+
+def _deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed pickles into its ZeRO optimizer files: plain records without side effects
+    when rebuilt (attributes restored, nothing called)."""
+    found = []
+    for module, name in (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                         ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                         ("deepspeed.utils.tensor_fragment", "fragment_address")):
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
+def safe_load(path: str, what: str = "checkpoint file", extra_globals: list = (), map_location="cpu") -> Any:
+    """`torch.load(path, weights_only=True)`; a file that needs anything else is refused."""
+    try:
+        with torch.serialization.safe_globals(list(extra_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      str(error).splitlines()[0] if str(error) else type(error).__name__)
+        raise UnsafeCheckpointError(f"{path}: refused to load this {what}: it holds more than tensors and plain "
+                                    f"containers, so unpickling it could run code ({reason}); load checkpoints "
+                                    "only from a source you trust") from None
+
+
+class _WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with its `load` made `weights_only`."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path, map_location=None):
+        return safe_load(path, "DeepSpeed checkpoint file", _deepspeed_safe_globals(), map_location or "cpu")
 
 
 def tag_for(step: int) -> str:
@@ -79,7 +131,10 @@ def _atomic_write_text(path: str, text: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}  # loadable with weights_only
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -87,7 +142,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -200,7 +256,7 @@ def load_checkpoint(engine, checkpoint_dir: str, tag: str, precision: str | None
     if not os.path.exists(rank_file):
         raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written by fewer ranks than "
                                 f"the {_world()} running now; resume with the same world size")
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    rank_state = safe_load(rank_file, "trainer state")
     if rank_state.get("world_size") != _world():
         written, per_node = rank_state.get("world_size"), rank_state.get("local_world_size")
         layout = f" ({written // per_node} node(s) x {per_node} rank(s))" if per_node and written % per_node == 0 else ""
@@ -210,12 +266,17 @@ def load_checkpoint(engine, checkpoint_dir: str, tag: str, precision: str | None
     if precision is not None and written is not None and written != precision:
         raise ValueError(f"train.precision resolves to {precision!r} but checkpoint {tag_dir} was written with "
                          f"{written!r} (its optimizer state is DeepSpeed's for that mode); allowed: {written!r}")
-    path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(inner)
+    try:
+        path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+    finally:
+        engine.checkpoint_engine = inner
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {checkpoint_dir}")
     ema_path = os.path.join(tag_dir, EMA_FILE)
-    ema = torch.load(ema_path, map_location="cpu", weights_only=False)["ema"] if os.path.exists(ema_path) else None
+    ema = safe_load(ema_path, "EMA export")["ema"] if os.path.exists(ema_path) else None
     return int(client_state["step"]), rank_state, ema
 
 
@@ -235,5 +296,5 @@ def load_ema_export(path: str) -> tuple[dict, dict]:
     """(fp32 EMA state_dict, config dict) from an `ema_fp32.pt`, a step_* directory or a checkpoint
     directory (its latest)."""
     path = ema_export_path(path)
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = safe_load(path, "EMA export")
     return payload["ema"], payload.get("config") or {}

@@ -112,6 +112,22 @@ def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str) -> str:
     return _write_atomic(path, lambda f: np.savez(f, arr_0=images.numpy(), labels=labels.cpu().numpy()))
 
 
+def guard_imports(raw: dict, overrides, source: str, user_raw: dict | None = None) -> None:
+    """A config read from a checkpoint may not name a module to import (latent.kind: module) unless the
+    user names it too (the --config YAML or an override): a checkpoint from elsewhere must not pick code
+    to run."""
+    from engine.config import ConfigError
+
+    latent = raw.get("latent") or {}
+    if latent.get("kind") == "module":
+        mine = {item.split("=", 1)[0].strip(): item.split("=", 1)[1].strip() for item in overrides if "=" in item}
+        yours = ((user_raw or {}).get("latent") or {}).get("path")
+        if latent.get("path") not in (mine.get("latent.path"), yours):
+            raise ConfigError("latent.path", latent.get("path"),
+                              f"a module you name yourself: the config in {source} asks to import it; pass "
+                              f"--latent-module {latent.get('path')} to allow it")
+
+
 def load_for_sampling(path: str, device, overrides: list[str] = (), config: str | None = None):
     """(config, fp32 EMA model, latent space) from an EMA export, a checkpoint directory, or a REPA / REG /
     SiT checkpoint (engine.models.pretrained) with `config`, a YAML for what the checkpoint lacks."""
@@ -120,8 +136,11 @@ def load_for_sampling(path: str, device, overrides: list[str] = (), config: str 
     from engine.models.latents import build_latent_space
     from engine.models.pretrained import load_pretrained
 
-    raw, state, _, source = load_pretrained(path, load_raw(config) if config else None)
-    cfg = from_dict(apply_overrides(raw, list(overrides)))
+    user_raw = load_raw(config) if config else None
+    raw, state, _, source = load_pretrained(path, user_raw)
+    raw = apply_overrides(raw, list(overrides))
+    guard_imports(raw, overrides, source, user_raw)
+    cfg = from_dict(raw)
     model = build_model(cfg.model)
     model.load_state_dict(state, strict=True)
     log.info("sampling %s", source)
@@ -279,6 +298,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default="tf32", choices=PRECISIONS,
                         help="the model's matmuls: fp32, TF32 (the default, as DiT's and REPA's samplers) or "
                              "bf16 autocast; the ODE/SDE state stays fp32")
+    parser.add_argument("--latent-module", default=None, metavar="PKG.MODULE:FACTORY",
+                        help="allow the latent.kind: module space the checkpoint's config names (it is imported "
+                             "only when you name it here)")
     parser.add_argument("--overwrite", action="store_true", help="delete parts left by an earlier run first")
     parser.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after samples.npz is written")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
@@ -321,6 +343,8 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
     overrides = [f"sample.{key}={value}" for key, value in (
         ("num_images", args.num_images), ("num_steps", args.num_steps), ("method", args.method),
         ("cfg_scale", args.cfg_scale), ("batch_size", args.batch_size), ("seed", args.seed)) if value is not None]
+    if args.latent_module:
+        overrides.append(f"latent.path={args.latent_module}")
     # Rank 0 resolves "latest" once, so that every rank (and a restart) samples the same weights.
     ckpt = _on_main(info, lambda: resolve_weights(args.ckpt))
     cfg, model, latent_space = load_for_sampling(ckpt, info.device, overrides, args.config)

@@ -481,7 +481,11 @@ def load_weights(model: SiT, path: str, key: str | None = None, strict: bool = T
         from safetensors.torch import load_file
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        import argparse
+
+        # weights_only: tensors and containers only (REPA's checkpoints add their argparse Namespace)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     if key is not None:
         if key not in state:
             raise KeyError(f"checkpoint {path!r} has no {key!r} entry; it has {sorted(state)[:10]}")

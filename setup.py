@@ -44,7 +44,8 @@ setup(
                   "tensorboard",
                   "matplotlib", "tqdm"],
         "data": ["nvidia-dali-cuda130"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "scipy"],                 # scipy: the reference sqrtm of the FID tests
+        "eval": ["torch-fidelity>=0.4"],                # engine.evaluate: the TF-Inception port and metrics
         "bench": ["matplotlib"],
     },
     **cuda_extension(),

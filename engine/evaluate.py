@@ -49,6 +49,7 @@ log = logging.getLogger("engine.evaluate")
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")  # torch_fidelity.feature_extractor_inceptionv3
+EXTRACTION_TIMEOUT_S = 2 * 3600
 IS_SPLIT_SIZE = 5000          # ADM: consecutive splits of 5000 images
 PR_NEIGHBOURS = 3             # ADM's ManifoldEstimator nhood_sizes=(3,)
 SPATIAL_CHANNELS = 7          # ADM: mixed_6/conv[..., :7]
@@ -676,10 +677,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """Every rank extracts its share; rank 0 prints, writes and returns the metrics (others {})."""
-    from engine.sample import init_distributed
+    from engine.distributed import init_distributed
 
     args = parse_args(argv)
-    info = init_distributed(args.device, args.local_rank)
+    # ranks wait at the barrier for the slowest one's last batch: allow long batches
+    info = init_distributed(args.device, local_rank=args.local_rank, timeout_s=EXTRACTION_TIMEOUT_S)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, stream=sys.stderr,
                             format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s")

@@ -174,6 +174,47 @@ class SampleConfig(FromDict):
 
 
 @dataclass
+class EvalConfig(FromDict):
+    """Evaluation during training (engine.evaluate), every `every` steps and at the end of the run: the
+    EMA model samples `num_images` images over all ranks (global batch b of `batch_size` images with seed
+    `seed + b`, labels i % num_classes), and their metrics are logged and plotted: FID, sFID, IS,
+    precision and recall against the ADM reference batch `ref` (needs Inception weights), and the
+    Frechet distance and linear-probe class accuracy in the class-token features of the alignment
+    encoder `encoders[0]` against `real_images` training images (`encoder_metrics`, no download)."""
+
+    every: int = 0                             # steps; 0: off
+    at_start: bool = False                     # also score the initial (random) model, at step 0
+    num_images: int = 10_000
+    ref: Optional[str] = None                  # ADM reference batch (.npz); null: no Inception metrics
+    inception_weights: Optional[str] = None    # default: torch-fidelity's file in the torch hub cache
+    random_inception: bool = False             # TESTS ONLY: random Inception weights, meaningless numbers
+    encoder_metrics: bool = True
+    real_images: int = 10_000
+    num_steps: int = 50
+    method: str = "euler"
+    cfg_scale: float = 1.0
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        from engine.sampling import METHODS
+
+        if self.method not in METHODS:
+            raise invalid("method", self.method, f"one of {', '.join(METHODS)}")
+        if not (finite_number(self.cfg_scale) and self.cfg_scale >= 0):
+            raise invalid("cfg_scale", self.cfg_scale, "a finite number >= 0 (<= 1: no guidance)")
+        _at_least(self, (("every", 0), ("num_images", 2), ("real_images", 2), ("num_steps", 1), ("batch_size", 1),
+                         ("seed", 0)))
+        if self.random_inception and self.inception_weights is not None:
+            raise invalid("random_inception", True, "false when eval.inception_weights is set")
+
+
+# The settings that define the evaluation curve: a resumed run must keep them (eval.every may change).
+EVAL_CURVE_KEYS = ("num_images", "ref", "random_inception", "encoder_metrics", "real_images", "num_steps", "method",
+                   "cfg_scale", "batch_size", "seed")
+
+
+@dataclass
 class ExperimentConfig(FromDict):
     model: ModelConfig = field(default_factory=ModelConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -186,6 +227,7 @@ class ExperimentConfig(FromDict):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -428,8 +470,39 @@ def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | Non
     if cfg.sample.cfg_scale > 1.0 and m.class_dropout_prob == 0:
         bad("sample.cfg_scale", cfg.sample.cfg_scale, "1 for a model trained without label dropout "
             "(model.class_dropout_prob=0 learns no unconditional velocity)")
+    _validate_eval(cfg, disk)
     if disk:
         _check_disk(cfg)
+
+
+def _validate_eval(cfg: ExperimentConfig, disk: bool) -> None:
+    """The `eval` section against the others and the disk: a missing reference batch or Inception
+    weights stops the run now, not at the first evaluation."""
+    import importlib.util
+
+    e = cfg.eval
+    if not e.every:
+        return
+    if e.ref is None and not e.encoder_metrics:
+        raise ConfigError("eval.encoder_metrics", False, "true, or a reference batch in eval.ref (otherwise there "
+                          "is nothing to evaluate; eval.every=0 turns evaluation off)")
+    if e.encoder_metrics and not cfg.encoders:
+        raise ConfigError("eval.encoder_metrics", True, "false without encoders (the figure is measured in "
+                          "encoders[0]'s features)")
+    if e.ref is None or not disk:
+        return
+    if not os.path.isfile(e.ref):
+        raise ConfigError("eval.ref", e.ref, "an existing ADM reference batch (.npz with arr_0), e.g. "
+                          "VIRTUAL_imagenet256_labeled.npz")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ConfigError("eval.ref", e.ref, "null without torch-fidelity installed (pip install -e \".[eval]\")")
+    if not e.random_inception:
+        from engine.evaluate import resolve_inception_weights
+
+        try:
+            resolve_inception_weights(e.inception_weights)
+        except FileNotFoundError as error:
+            raise ConfigError("eval.inception_weights", e.inception_weights, f"eval.ref is set but {error}") from None
 
 
 def _writable_dir(key: str, path: str) -> None:

@@ -12,6 +12,8 @@ import time
 log = logging.getLogger("engine")
 
 CURVE_TERMS = ("loss", "velocity", "alignment", "cls")
+EVAL_CURVE = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "precision",
+              "recall": "recall", "encoder_fd": "encoder Frechet distance", "class_accuracy": "class accuracy"}
 
 
 class Monitor:
@@ -21,6 +23,7 @@ class Monitor:
         self.writer = None
         self.wandb = None
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        self.eval_path = os.path.join(output_dir, "eval.jsonl")
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -88,6 +91,21 @@ class Monitor:
                 log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                        if isinstance(v, float)))
 
+    def log_eval(self, step: int, metrics: dict) -> None:
+        """One evaluation (engine.evaluate's metrics) at `step`: eval.jsonl, TensorBoard `eval/*`, wandb."""
+        if not self.is_main:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
     def image(self, name: str, path: str, step: int) -> None:
         if not self.is_main:
             return
@@ -118,7 +136,8 @@ class Monitor:
     # -- curves ---------------------------------------------------------------------------------
 
     def loss_curve(self) -> str | None:
-        """Plot metrics.jsonl (loss terms against step) to loss_curve.png."""
+        """Plot metrics.jsonl (loss terms against step) to loss_curve.png, with a panel per evaluation
+        metric of eval.jsonl in the rows below."""
         records = read_metrics(self.metrics_path)
         if not records:
             return None
@@ -127,7 +146,20 @@ class Monitor:
         import matplotlib.pyplot as plt
 
         steps = [r["step"] for r in records]
-        fig, axes = plt.subplots(1, len(CURVE_TERMS), figsize=(4 * len(CURVE_TERMS), 3.2))
+        evals = read_metrics(self.eval_path)
+        eval_keys = [k for k in EVAL_CURVE if any(k in r for r in evals)]
+        cols = len(CURVE_TERMS)
+        rows = 1 + -(-len(eval_keys) // cols)  # the losses, then rows of evaluation curves
+        fig, grid = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+        axes = list(grid.flat)
+        for ax in axes[cols + len(eval_keys):]:
+            ax.axis("off")
+        for ax, key in zip(axes[cols:], eval_keys):
+            points = [(r["step"], r[key]) for r in evals if key in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", lw=1.5, color="C3")
+            ax.set_title(f"eval: {EVAL_CURVE[key]}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
         for ax, term in zip(axes, CURVE_TERMS):
             values = [r.get(term, float("nan")) for r in records]
             ax.plot(steps, values, lw=0.8, alpha=0.4, label="per step")

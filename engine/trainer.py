@@ -183,6 +183,10 @@ class Trainer:
         self.latent_generator.manual_seed(rank_seed(cfg.train.seed + 1, self.rank))
         self._resume()
         self._data_iter = None
+        self.evaluator = None
+        if cfg.eval.every:
+            from engine.evaluate import OnlineEvaluator
+            self.evaluator = OnlineEvaluator(self)
 
     def _init_weights(self, model) -> None:
         """Load checkpoint.init_weights strict into `model` (on every rank), after checking that the
@@ -245,6 +249,7 @@ class Trainer:
             return
         directory, tag = found
         step, rank_state, ema_state = ckpt.load_checkpoint(self.engine, directory, tag, self.precision)
+        self._check_eval_settings(rank_state.get("eval"), os.path.join(directory, tag))
         self.step = step
         self.loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
@@ -257,12 +262,29 @@ class Trainer:
         self.ema.load_full_state_dict(ema_state)
         self.monitor.info(f"resumed from {os.path.join(directory, tag)} at step {step}")
 
+    def _check_eval_settings(self, saved: dict | None, where: str) -> None:
+        """A resumed run continues the checkpoint's evaluation curve, so it keeps the settings that define
+        it (eval.every may change; a run without evaluation so far may start one)."""
+        import dataclasses
+
+        from engine.config import EVAL_CURVE_KEYS
+
+        if not saved or not saved.get("every") or not self.cfg.eval.every:
+            return
+        now = dataclasses.asdict(self.cfg.eval)
+        for key in EVAL_CURVE_KEYS:
+            if key in saved and saved[key] != now[key]:
+                raise ValueError(f"eval.{key}={now[key]!r} but checkpoint {where} continues an evaluation curve made "
+                                 f"with {saved[key]!r}; allowed: {saved[key]!r} (or a new train.output_dir)")
+
     def save(self) -> str:
+        import dataclasses
+
         rank_state = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(),
                       "latent_generator": self.latent_generator.get_state(),
                       "micro_attempts": self.micro_attempts, "nonfinite_total": self.nonfinite_total,
                       "nonfinite_in_row": self.nonfinite_in_row, "precision": self.precision,
-                      "local_world_size": self.dist.local_world_size}
+                      "local_world_size": self.dist.local_world_size, "eval": dataclasses.asdict(self.cfg.eval)}
         ema_state = self.ema.full_state_dict()
         path = ckpt.save_checkpoint(self.engine, self.checkpoint_dir, self.step, self.cfg.to_dict(), rank_state,
                                     ema_state, self.cfg.checkpoint.keep_last)
@@ -410,6 +432,8 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.cfg
         start_step, start_time = self.step, time.time()
+        if self.evaluator is not None and cfg.eval.at_start and self.step == 0:
+            self.evaluate()  # the curve's origin: the untrained model
         self.monitor.start(self.step, cfg.train.max_steps)
         stopped_early = False
         try:
@@ -430,6 +454,8 @@ class Trainer:
                     self.save()
                 if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
                     self.sample_grid(f"samples_step{self.step:08d}.png")
+                if self.evaluator is not None and self.step % cfg.eval.every == 0:
+                    self.evaluate()
                 if cfg.train.max_minutes is not None and self._should_stop(start_time):
                     stopped_early = True
                     self.monitor.info(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}")
@@ -439,6 +465,12 @@ class Trainer:
         if self.step > start_step or not ckpt.list_checkpoints(self.checkpoint_dir):
             self.save()
         results = {"step": self.step, "stopped_early": stopped_early, "nonfinite_total": self.nonfinite_total}
+        if self.evaluator is not None:
+            metrics = self.last_eval if self.last_eval_step == self.step else self.evaluate()
+            if self.is_main:
+                from engine.evaluate import format_quality
+                results["eval"] = metrics
+                self.monitor.info(f"quality of the final EMA model (step {self.step}): {format_quality(metrics)}")
         if cfg.sample.num_images > 0:
             results.update(self.final_samples())
         if self.is_main:
@@ -454,6 +486,27 @@ class Trainer:
         return bool(flag.item())
 
     # -- sampling -----------------------------------------------------------------------------
+
+    last_eval, last_eval_step = None, None
+
+    def evaluate(self) -> dict | None:
+        """eval.*: the EMA model's samples scored over all ranks (collective); rank 0 logs the metrics
+        (TensorBoard, eval.jsonl, the loss-curve figure) and returns them."""
+        from engine.evaluate import format_quality
+        from engine.models import build_model
+
+        started = time.time()
+        model = build_model(self.cfg.model)
+        model.load_state_dict(self.ema.full_state_dict(), strict=True)
+        metrics = self.evaluator.evaluate(model.to(self.device).eval())
+        del model
+        self.last_eval, self.last_eval_step = metrics, self.step
+        if self.is_main:
+            metrics["eval_seconds"] = time.time() - started
+            self.monitor.log_eval(self.step, metrics)
+            self.monitor.info(f"eval at step {self.step} ({self.cfg.eval.num_images} EMA samples, "
+                              f"{metrics['eval_seconds']:.0f} s): {format_quality(metrics)}")
+        return metrics
 
     def _sampling_model(self):
         """A plain fp32 model with the EMA weights on rank 0 (None elsewhere); collective."""

@@ -93,6 +93,27 @@ def test_impossible_combinations(tmp_path):
     expect_error(tiny(tmp_path, checkpoint={"keep_last": 0}), "checkpoint.keep_last: 0")
 
 
+def test_eval_section_is_checked_before_any_work(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    expect_error(tiny(tmp_path, eval={"every": -1}), "eval.every=-1", ">= 0")
+    expect_error(tiny(tmp_path, eval={"method": "rk4"}), "eval.method='rk4'", "euler")
+    expect_error(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "missing.npz")}), "eval.ref=",
+                 "existing ADM reference batch")
+    expect_error(tiny(tmp_path, encoders=[], model={"z_dims": [], "reg": False}, eval={"every": 10}),
+                 "eval.encoder_metrics=True", "without encoders")
+    expect_error(tiny(tmp_path, eval={"every": 10, "encoder_metrics": False}), "eval.encoder_metrics=False",
+                 "nothing to evaluate")
+    # a reference batch without Inception weights on the machine: the run stops now, naming the file and URL
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    expect_error(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "ref.npz")}), "eval.ref is set but",
+                 "weights-inception-2015-12-05", "torch-fidelity/releases")
+    validate(from_dict(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "ref.npz"), "random_inception": True})))
+    validate(from_dict(tiny(tmp_path, eval={"every": 10})))  # the encoder figure alone
+
+
 def test_component_errors_carry_their_section(tmp_path):
     expect_error(tiny(tmp_path, model={"car_flow": "both"}), "model.car_flow: 'both'")
     expect_error(tiny(tmp_path, data={"decoder": "nvjpeg"}), "data.decoder: 'nvjpeg'")

@@ -73,15 +73,30 @@ def test_exact_resume_two_ranks(tmp_path, data_root, stage, precision):
 
 def test_main_job_short(tmp_path, data_root):
     """`deepspeed --num_gpus 2 --module engine.train --config configs/builtin_cpu.yaml`, shortened:
-    bootstraps the encoder, trains, checkpoints, writes sample grids, the npz and the loss curve."""
+    bootstraps the encoder, trains, checkpoints, writes sample grids, the npz and the loss curve, and
+    evaluates online on both ranks (the built-in encoder figure, and Inception metrics against a
+    reference batch with the random test Inception) at steps 0, 2 and 4."""
+    from engine.evaluate import write_reference_batch
+
     run = tmp_path / "run"
+    ref = write_reference_batch(str(tmp_path / "ref.npz"),
+                                np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
     overrides = [f"train.output_dir={run}", "train.max_steps=4", "train.bootstrap_encoder_steps=3",
                  f"data.root={data_root}", "data.builtin_images_per_class=8", "data.batch_size=4",
                  "data.num_workers=0", "train.global_batch_size=8", "checkpoint.every=2", "logging.sample_every=2",
                  "sample.num_images=4", "sample.batch_size=4", "sample.grid_images=4", "sample.num_steps=2",
-                 "model.depth=2", "model.hidden_size=32", "model.encoder_depth=1"]
-    proc = launch(["--config", "configs/builtin_cpu.yaml", *overrides])
+                 "model.depth=2", "model.hidden_size=32", "model.encoder_depth=1",
+                 "eval.every=2", "eval.num_images=8", "eval.batch_size=3", "eval.num_steps=2", f"eval.ref={ref}",
+                 "eval.random_inception=true"]
+    proc = launch(["--config", "configs/builtin_cpu.yaml", *overrides], timeout=600)  # 3 evaluations
     text = proc.stdout + proc.stderr
+    assert "quality of the final EMA model (step 4): IS " in text and "encoder FD " in text
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [0, 2, 4]  # eval.at_start (builtin_cpu.yaml), every 2, the end
+    for record in evals:
+        for key in ("fid", "sfid", "inception_score", "precision", "recall", "encoder_fd", "class_accuracy"):
+            assert np.isfinite(record[key]), (key, record)
+        assert record["fid"] > 0 and record["encoder_fd"] > 0 and 0 <= record["class_accuracy"] <= 1
     assert "rank 0/2 on cpu" in text
     assert "aligning projector 0 to encoder test_vit" in text and "bootstrapped encoder" in text
     for name in ("samples.png", "samples.npz", "loss_curve.png", "samples_step00000002.png", "metrics.jsonl"):
@@ -91,3 +106,4 @@ def test_main_job_short(tmp_path, data_root):
     assert np.load(run / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
     done = [line for line in proc.stdout.splitlines() if line.startswith("done: ")]
     assert len(done) == 1 and json.loads(done[0][6:])["step"] == 4
+    assert json.loads(done[0][6:])["eval"]["fid"] == evals[-1]["fid"]

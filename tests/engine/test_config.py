@@ -97,19 +97,25 @@ def test_eval_section_is_checked_before_any_work(tmp_path, monkeypatch):
     import numpy as np
     import torch
 
-    expect_error(tiny(tmp_path, eval={"every": -1}), "eval.every=-1", ">= 0")
-    expect_error(tiny(tmp_path, eval={"method": "rk4"}), "eval.method='rk4'", "euler")
-    expect_error(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "missing.npz")}), "eval.ref=",
-                 "existing ADM reference batch")
+    expect_error(tiny(tmp_path, eval={"every": -1}), "eval.every: -1", ">= 0")
+    expect_error(tiny(tmp_path, eval={"method": "rk4"}), "eval.method", "rk4", "euler")
+    def on_disk(raw, *fragments):  # the file checks (validate(disk=True), as the trainer runs it)
+        with pytest.raises(ConfigError) as info:
+            validate(from_dict(raw), cuda_available=False)
+        for fragment in fragments:
+            assert fragment in str(info.value), (fragment, str(info.value))
+
+    on_disk(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "missing.npz")}), "eval.ref",
+            "existing ADM reference batch")
     expect_error(tiny(tmp_path, encoders=[], model={"z_dims": [], "reg": False}, eval={"every": 10}),
-                 "eval.encoder_metrics=True", "without encoders")
-    expect_error(tiny(tmp_path, eval={"every": 10, "encoder_metrics": False}), "eval.encoder_metrics=False",
+                 "eval.encoder_metrics: true", "without encoders")
+    expect_error(tiny(tmp_path, eval={"every": 10, "encoder_metrics": False}), "eval.encoder_metrics: false",
                  "nothing to evaluate")
     # a reference batch without Inception weights on the machine: the run stops now, naming the file and URL
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    expect_error(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "ref.npz")}), "eval.ref is set but",
-                 "weights-inception-2015-12-05", "torch-fidelity/releases")
+    on_disk(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "ref.npz")}), "eval.inception_weights",
+            "eval.ref is set but", "weights-inception-2015-12-05", "torch-fidelity/releases")
     validate(from_dict(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "ref.npz"), "random_inception": True})))
     validate(from_dict(tiny(tmp_path, eval={"every": 10})))  # the encoder figure alone
 

@@ -33,26 +33,6 @@ def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-# Custom ops (used under torch.compile) cannot return None: gradients that are not needed travel as
-# empty tensors and turn back into None on the autograd side.
-
-def materialize(grads, like):
-    return [g if g is not None else ref_or_empty(ref) for g, ref in zip(grads, like)]
-
-
-def ref_or_empty(ref):
-    return torch.empty(0) if ref is None else ref.new_empty(0)
-
-
-def unmaterialize(grads, needs):
-    return [g if need else None for g, need in zip(grads, needs)]
-
-
-def fake_grads(needs, like):
-    return [ref.new_empty(ref.shape) if need and ref is not None else ref_or_empty(ref)
-            for need, ref in zip(needs, like)]
-
-
 @dataclass(frozen=True)
 class AotSpec:
     """One Triton kernel instance to compile ahead of time (see `python -m kernels.aot`).

@@ -24,8 +24,6 @@ deterministic for a given shape.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -33,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _cuda
+from ._autograd import fused_op
 from ._backend import fallback, resolve
 from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
 
@@ -272,145 +271,71 @@ def _backward(x, h, gate, scale, mean, rstd, dy, g_x_new, need_dx, need_dh, need
     return dx, dh, d_shift, d_scale, d_gate
 
 
-class _Meta:
-    """Shapes and dtypes of the inputs that the backward needs to shape its gradients."""
+# One registration per op (kernels._autograd): the eager autograd.Function and the torch.compile
+# custom op both run these.
 
-    def __init__(self, *tensors):
-        self.shapes = [None if t is None else t.shape for t in tensors]
-        self.dtypes = [None if t is None else t.dtype for t in tensors]
-
-    def cast(self, i, grad):
-        return None if grad is None else grad.reshape(self.shapes[i]).to(self.dtypes[i])
+def _modulate_forward(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    _, y, mean, rstd = _forward(x, None, None, shift, scale, eps)
+    return y, mean, rstd
 
 
-class _AdaLNModulate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        _, y, mean, rstd = _forward(x, None, None, shift, scale, eps)
-        ctx.save_for_backward(x, scale, mean, rstd)
-        ctx.meta = _Meta(x, shift, scale)
-        return y
+def _modulate_backward(saved, grads, needs, eps):
+    x, scale, mean, rstd = saved
+    need_x, need_shift, need_scale = needs
+    dx, _, d_shift, d_scale, _ = _backward(
+        x, None, None, scale, mean, rstd, grads[0], None, need_dx=need_x, need_dh=False,
+        need_modulation=need_shift or need_scale, need_gate=False, x_grad_dtype=x.dtype)
+    return [dx, d_shift if need_shift else None, d_scale if need_scale else None]
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, scale, mean, rstd = ctx.saved_tensors
-        need_x, need_shift, need_scale = ctx.needs_input_grad[:3]
-        dx, _, d_shift, d_scale, _ = _backward(
-            x, None, None, scale, mean, rstd, dy, None, need_dx=need_x, need_dh=False,
-            need_modulation=need_shift or need_scale, need_gate=False, x_grad_dtype=x.dtype)
-        meta = ctx.meta
-        return (dx, meta.cast(1, d_shift) if need_shift else None,
-                meta.cast(2, d_scale) if need_scale else None, None)
-
-
-class _AdaLNResidualModulate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, h, gate, shift, scale, eps):
-        x_new, y, mean, rstd = _forward(x, h, gate, shift, scale, eps)
-        ctx.save_for_backward(x_new, h, gate, scale, mean, rstd)
-        ctx.meta = _Meta(x, h, gate, shift, scale)
-        return x_new, y
-
-    @staticmethod
-    def backward(ctx, g_x_new, dy):
-        x_new, h, gate, scale, mean, rstd = ctx.saved_tensors
-        need_x, need_h, need_gate, need_shift, need_scale = ctx.needs_input_grad[:5]
-        dx, dh, d_shift, d_scale, d_gate = _backward(
-            x_new, h, gate, scale, mean, rstd, dy, g_x_new, need_dx=need_x, need_dh=need_h,
-            need_modulation=need_shift or need_scale, need_gate=need_gate, x_grad_dtype=x_new.dtype)
-        meta = ctx.meta
-        return (dx, dh, meta.cast(2, d_gate), meta.cast(3, d_shift) if need_shift else None,
-                meta.cast(4, d_scale) if need_scale else None, None)
-
-
-# Under torch.compile: the same launches as opaque custom ops (no graph break, no fallback).
 
 def _fake_stats(x, *tensors):
     compute = compute_dtype(x, *tensors)
     return x.new_empty(x.shape[:2], dtype=compute), x.new_empty(x.shape[:2], dtype=compute)
 
 
-@torch.library.custom_op("alignflow::adaln_modulate", mutates_args=())
-def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    _, y, mean, rstd = _forward(x, None, None, shift, scale, eps)
-    return y, mean, rstd
+def _fake_rows(x, mean, need):
+    return x.new_empty((x.shape[0], x.shape[2]), dtype=mean.dtype) if need else None
 
 
-@_adaln_modulate_op.register_fake
-def _(x, shift, scale, eps):
-    return (x.new_empty(x.shape, dtype=_modulation_dtype(shift, scale)), *_fake_stats(x, shift, scale))
+_adaln_modulate = fused_op(
+    "alignflow::adaln_modulate", forward=_modulate_forward, backward=_modulate_backward,
+    save=lambda inputs, results: (inputs[0], inputs[2], results[1], results[2]),
+    fake_forward=lambda x, shift, scale, eps: (
+        x.new_empty(x.shape, dtype=_modulation_dtype(shift, scale)), *_fake_stats(x, shift, scale)),
+    fake_backward=lambda saved, grads, needs, eps: [
+        saved[0].new_empty(saved[0].shape) if needs[0] else None,
+        _fake_rows(saved[0], saved[2], needs[1]), _fake_rows(saved[0], saved[2], needs[2])])
 
 
-@torch.library.custom_op("alignflow::adaln_residual_modulate", mutates_args=())
-def _adaln_residual_modulate_op(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _residual_forward(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _forward(x, h, gate, shift, scale, eps)
 
 
-@_adaln_residual_modulate_op.register_fake
-def _(x, h, gate, shift, scale, eps):
-    return (x.new_empty(x.shape), x.new_empty(x.shape, dtype=_modulation_dtype(shift, scale)),
-            *_fake_stats(x, h, gate, shift, scale))
+def _residual_backward(saved, grads, needs, eps):
+    x_new, h, gate, scale, mean, rstd = saved
+    g_x_new, dy = grads
+    need_x, need_h, need_gate, need_shift, need_scale = needs
+    dx, dh, d_shift, d_scale, d_gate = _backward(
+        x_new, h, gate, scale, mean, rstd, dy, g_x_new, need_dx=need_x, need_dh=need_h,
+        need_modulation=need_shift or need_scale, need_gate=need_gate, x_grad_dtype=x_new.dtype)
+    return [dx, dh, d_gate, d_shift if need_shift else None, d_scale if need_scale else None]
 
 
-@torch.library.custom_op("alignflow::adaln_backward", mutates_args=())
-def _adaln_backward_op(x: Tensor, h: Optional[Tensor], gate: Optional[Tensor], scale: Tensor, mean: Tensor,
-                       rstd: Tensor, dy: Tensor, g_x_new: Optional[Tensor], needs: list[bool],
-                       x_grad_dtype: torch.dtype) -> list[Tensor]:
-    need_dx, need_dh, need_modulation, need_gate = needs
-    grads = _backward(x, h, gate, scale, mean, rstd, dy, g_x_new, need_dx, need_dh, need_modulation, need_gate,
-                      x_grad_dtype)
-    dx, dh, *rows = grads  # the (B, D) gradients are views of one buffer: a custom op returns no aliases
-    return ([g if g is not None else x.new_empty(0) for g in (dx, dh)]
-            + [g.clone() if g is not None else x.new_empty(0) for g in rows])
+def _residual_fake_backward(saved, grads, needs, eps):
+    x_new, h, _, _, mean, _ = saved
+    need_x, need_h, need_gate, need_shift, need_scale = needs
+    return [x_new.new_empty(x_new.shape) if need_x else None, h.new_empty(h.shape) if need_h else None,
+            *(_fake_rows(x_new, mean, need) for need in (need_gate, need_shift, need_scale))]
 
 
-@_adaln_backward_op.register_fake
-def _(x, h, gate, scale, mean, rstd, dy, g_x_new, needs, x_grad_dtype):
-    need_dx, need_dh, need_modulation, need_gate = needs
-    B, _, D = x.shape
-    rows = x.new_empty((B, D), dtype=mean.dtype)
-    return [x.new_empty(x.shape, dtype=x_grad_dtype) if need_dx else x.new_empty(0),
-            h.new_empty(h.shape) if need_dh else x.new_empty(0),
-            rows if need_modulation else x.new_empty(0), rows.clone() if need_modulation else x.new_empty(0),
-            rows.clone() if need_gate else x.new_empty(0)]
-
-
-def _modulate_setup(ctx, inputs, output):
-    x, shift, scale, _ = inputs
-    ctx.save_for_backward(x, scale, output[1], output[2])
-    ctx.meta = _Meta(x, shift, scale)
-
-
-def _modulate_op_backward(ctx, dy, *_):
-    x, scale, mean, rstd = ctx.saved_tensors
-    need_x, need_shift, need_scale = ctx.needs_input_grad[:3]
-    dx, _, d_shift, d_scale, _ = _adaln_backward_op(
-        x, None, None, scale, mean, rstd, dy, None, [need_x, False, need_shift or need_scale, False], x.dtype)
-    meta = ctx.meta
-    return (dx if need_x else None, meta.cast(1, d_shift) if need_shift else None,
-            meta.cast(2, d_scale) if need_scale else None, None)
-
-
-def _residual_setup(ctx, inputs, output):
-    x, h, gate, shift, scale, _ = inputs
-    ctx.save_for_backward(output[0], h, gate, scale, output[2], output[3])
-    ctx.meta = _Meta(x, h, gate, shift, scale)
-
-
-def _residual_op_backward(ctx, g_x_new, dy, *_):
-    x_new, h, gate, scale, mean, rstd = ctx.saved_tensors
-    need_x, need_h, need_gate, need_shift, need_scale = ctx.needs_input_grad[:5]
-    dx, dh, d_shift, d_scale, d_gate = _adaln_backward_op(
-        x_new, h, gate, scale, mean, rstd, dy, g_x_new,
-        [need_x, need_h, need_shift or need_scale, need_gate], x_new.dtype)
-    meta = ctx.meta
-    return (dx if need_x else None, dh if need_h else None, meta.cast(2, d_gate) if need_gate else None,
-            meta.cast(3, d_shift) if need_shift else None, meta.cast(4, d_scale) if need_scale else None, None)
-
-
-_adaln_modulate_op.register_autograd(_modulate_op_backward, setup_context=_modulate_setup)
-_adaln_residual_modulate_op.register_autograd(_residual_op_backward, setup_context=_residual_setup)
+_adaln_residual_modulate = fused_op(
+    "alignflow::adaln_residual_modulate", forward=_residual_forward, backward=_residual_backward,
+    save=lambda inputs, results: (results[0], inputs[1], inputs[2], inputs[4], results[2], results[3]),
+    fake_forward=lambda x, h, gate, shift, scale, eps: (
+        x.new_empty(x.shape), x.new_empty(x.shape, dtype=_modulation_dtype(shift, scale)),
+        *_fake_stats(x, h, gate, shift, scale)),
+    fake_backward=_residual_fake_backward, num_outputs=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,9 +372,7 @@ def adaln_modulate(x, shift, scale, eps=1e-6):
     _check("adaln_modulate", x, {"shift": shift, "scale": scale})
     if _backend("adaln_modulate", x, (x, shift, scale)) == "torch":
         return reference_adaln_modulate(x, shift, scale, eps)
-    if torch.compiler.is_compiling():
-        return _adaln_modulate_op(x, shift, scale, float(eps))[0]
-    return _AdaLNModulate.apply(x, shift, scale, float(eps))
+    return _adaln_modulate(x, shift, scale, float(eps))
 
 
 def adaln_residual_modulate(x, h, gate, shift, scale, eps=1e-6):
@@ -457,9 +380,7 @@ def adaln_residual_modulate(x, h, gate, shift, scale, eps=1e-6):
     _check("adaln_residual_modulate", x, {"gate": gate, "shift": shift, "scale": scale}, h)
     if _backend("adaln_residual_modulate", x, (x, h, gate, shift, scale)) == "torch":
         return reference_adaln_residual_modulate(x, h, gate, shift, scale, eps)
-    if torch.compiler.is_compiling():
-        return _adaln_residual_modulate_op(x, h, gate, shift, scale, float(eps))[:2]
-    return _AdaLNResidualModulate.apply(x, h, gate, shift, scale, float(eps))
+    return _adaln_residual_modulate(x, h, gate, shift, scale, float(eps))
 
 
 # ----------------------------------------------------------------------------------------------

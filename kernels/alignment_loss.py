@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _cuda
+from ._autograd import fused_op
 from ._backend import fallback, resolve
 from ._util import AotSpec, compute_dtype, next_power_of_2, reduce_per_sample, tl_dtype
 
@@ -154,57 +155,24 @@ def _alignment_backward(g_cos, p, q, stats, need_dq: bool):
     return dp, dq
 
 
-class _AlignmentCos(torch.autograd.Function):
-    """Per-token cosine similarity (B, N) of one encoder's prediction and target (eager path)."""
-
-    @staticmethod
-    def forward(ctx, p, q):
-        cos, stats = _alignment_forward(p, q)
-        ctx.save_for_backward(p, q, stats)
-        return cos
-
-    @staticmethod
-    def backward(ctx, g_cos):
-        p, q, stats = ctx.saved_tensors
-        return _alignment_backward(g_cos, p, q, stats, ctx.needs_input_grad[1])
-
-
-# Under torch.compile: the same launches as opaque custom ops (no graph break, no fallback).
-
-@torch.library.custom_op("alignflow::alignment_cos", mutates_args=())
-def _alignment_op(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+def _cos_forward(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     return _alignment_forward(p, q)
 
 
-@_alignment_op.register_fake
-def _(p, q):
-    B, N, _ = p.shape
-    return p.new_empty((B, N), dtype=compute_dtype(p, q)), p.new_empty((3, B * N), dtype=compute_dtype(p, q))
+def _cos_backward(saved, grads, needs):
+    p, q, stats = saved
+    return list(_alignment_backward(grads[0], p, q, stats, needs[1]))
 
 
-@torch.library.custom_op("alignflow::alignment_cos_backward", mutates_args=())
-def _alignment_backward_op(g_cos: Tensor, p: Tensor, q: Tensor, stats: Tensor, need_dq: bool) -> list[Tensor]:
-    dp, dq = _alignment_backward(g_cos, p, q, stats, need_dq)
-    return [dp, dq if dq is not None else q.new_empty(0)]
-
-
-@_alignment_backward_op.register_fake
-def _(g_cos, p, q, stats, need_dq):
-    return [p.new_empty(p.shape), q.new_empty(q.shape) if need_dq else q.new_empty(0)]
-
-
-def _alignment_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1])
-
-
-def _alignment_op_backward(ctx, g_cos, g_stats):
-    p, q, stats = ctx.saved_tensors
-    need_dq = ctx.needs_input_grad[1]
-    dp, dq = _alignment_backward_op(g_cos, p, q, stats, need_dq)
-    return dp, dq if need_dq else None
-
-
-_alignment_op.register_autograd(_alignment_op_backward, setup_context=_alignment_setup)
+# Per-token cosine similarity (B, N) of one encoder's prediction and target, one registration for
+# eager and torch.compile (kernels._autograd).
+_alignment_cos = fused_op(
+    "alignflow::alignment_cos", forward=_cos_forward, backward=_cos_backward,
+    save=lambda inputs, results: (inputs[0], inputs[1], results[1]),
+    fake_forward=lambda p, q: (p.new_empty(p.shape[:2], dtype=compute_dtype(p, q)),
+                               p.new_empty((3, p.shape[0] * p.shape[1]), dtype=compute_dtype(p, q))),
+    fake_backward=lambda saved, grads, needs: [saved[0].new_empty(saved[0].shape),
+                                               saved[1].new_empty(saved[1].shape) if needs[1] else None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +194,7 @@ def alignment_loss(z_pred, z_target, reduction="mean"):
         return reference_alignment_loss(z_pred, z_target, reduction)
     per_sample = 0
     for p, q in pairs:
-        cos = _alignment_op(p, q)[0] if torch.compiler.is_compiling() else _AlignmentCos.apply(p, q)
+        cos = _alignment_cos(p, q)
         per_sample = per_sample - cos.mean(1)
     return reduce_per_sample(per_sample / len(pairs), reduction)
 

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._autograd import fused_op
 from ._backend import fallback, get_backend, interpreting, resolve
 from ._util import AotSpec, compute_dtype, tl_dtype
 
@@ -599,158 +600,66 @@ def _pack_norm(weights, eps):
     return tuple(w.contiguous() for w in weights) + (eps,)
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, q_weight, q_bias, k_weight, k_bias, eps):
-        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-        norm = _pack_norm((q_weight, q_bias, k_weight, k_bias), eps)
-        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, H, N, d)
-        lse = _forward(q, k, v, o, scale, norm)
-        ctx.save_for_backward(q, k, v, o, lse, *(norm[:4] if norm else ()))
-        ctx.meta = (scale, eps)
-        return o
+# One registration per op (kernels._autograd): the eager autograd.Function and the torch.compile
+# custom op both run these.
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, *weights = ctx.saved_tensors
-        scale, eps = ctx.meta
-        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-        d_norm = _backward(q, k, v, o, lse, _unit_last_stride(do), dq, dk, dv, scale,
-                           tuple(weights) + (eps,) if weights else None)
-        return dq, dk, dv, None, *d_norm, None
-
-
-class _AttentionQKV(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, num_heads, scale, q_weight, q_bias, k_weight, k_bias, eps):
-        qkv = _unit_last_stride(qkv)
-        B, N, width = qkv.shape
-        norm = _pack_norm((q_weight, q_bias, k_weight, k_bias), eps)
-        q, k, v = split_qkv(qkv, num_heads)  # strided (B, H, N, d) views into qkv
-        o = torch.empty((B, N, width // 3), dtype=qkv.dtype, device=qkv.device)  # (B, N, H * d)
-        lse = _forward(q, k, v, _heads(o, num_heads), scale, norm)
-        ctx.save_for_backward(qkv, o, lse, *(norm[:4] if norm else ()))
-        ctx.meta = (num_heads, scale, eps)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        qkv, o, lse, *weights = ctx.saved_tensors
-        num_heads, scale, eps = ctx.meta
-        d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, N, 3 * H * d)
-        d_norm = _backward(*split_qkv(qkv, num_heads), _heads(o, num_heads), lse,
-                           _heads(_unit_last_stride(do), num_heads), *split_qkv(d_qkv, num_heads), scale,
-                           tuple(weights) + (eps,) if weights else None)
-        return d_qkv, None, None, *d_norm, None
-
-
-# Under torch.compile: the same launches as opaque custom ops (no graph break, no fallback).
-
-def _norm_grads_or_empty(d_norm, like):
-    return [g if g is not None else like.new_empty(0) for g in d_norm]
-
-
-@torch.library.custom_op("alignflow::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, q_weight: Optional[Tensor],
-                  q_bias: Optional[Tensor], k_weight: Optional[Tensor], k_bias: Optional[Tensor],
-                  eps: float) -> tuple[Tensor, Tensor]:
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, q_weight: Optional[Tensor],
+                       q_bias: Optional[Tensor], k_weight: Optional[Tensor], k_bias: Optional[Tensor],
+                       eps: float) -> tuple[Tensor, Tensor]:
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, H, N, d)
     lse = _forward(q, k, v, o, scale, _pack_norm((q_weight, q_bias, k_weight, k_bias), eps))
     return o, lse
 
 
-@_attention_op.register_fake
-def _(q, k, v, scale, q_weight, q_bias, k_weight, k_bias, eps):
-    return q.new_empty(q.shape), q.new_empty((q.shape[0] * q.shape[1], q.shape[2]), dtype=compute_dtype(q))
-
-
-@torch.library.custom_op("alignflow::attention_backward", mutates_args=())
-def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float,
-                           q_weight: Optional[Tensor], q_bias: Optional[Tensor], k_weight: Optional[Tensor],
-                           k_bias: Optional[Tensor], eps: float) -> list[Tensor]:
+def _attention_backward(saved, grads, needs, scale, eps):
+    q, k, v, o, lse, *weights = saved
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    norm = _pack_norm((q_weight, q_bias, k_weight, k_bias), eps)
-    d_norm = _backward(q, k, v, o, lse, _unit_last_stride(do), dq, dk, dv, scale, norm)
-    return [dq, dk, dv, *_norm_grads_or_empty(d_norm, q)]
+    d_norm = _backward(q, k, v, o, lse, _unit_last_stride(grads[0]), dq, dk, dv, scale, _pack_norm(weights, eps))
+    return [dq, dk, dv, *d_norm]
 
 
-@_attention_backward_op.register_fake
-def _(q, k, v, o, lse, do, scale, q_weight, q_bias, k_weight, k_bias, eps):
-    weights = (q_weight, q_bias, k_weight, k_bias)
-    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            *(w.new_empty(w.shape) if w is not None else q.new_empty(0) for w in weights)]
+def _fake_grads(tensors):
+    return [None if x is None else x.new_empty(x.shape) for x in tensors]
 
 
-def _attention_setup(ctx, inputs, output):
-    q, k, v, scale, *weights, eps = inputs
-    ctx.save_for_backward(q, k, v, *output, *weights)
-    ctx.meta = (scale, eps)
+_attention = fused_op(
+    "alignflow::attention", forward=_attention_forward, backward=_attention_backward,
+    save=lambda inputs, results: (*inputs[:3], *results, *inputs[4:8]),
+    fake_forward=lambda q, k, v, scale, q_weight, q_bias, k_weight, k_bias, eps: (
+        q.new_empty(q.shape), q.new_empty((q.shape[0] * q.shape[1], q.shape[2]), dtype=compute_dtype(q))),
+    fake_backward=lambda saved, grads, needs, scale, eps: _fake_grads((*saved[:3], *saved[5:])))
 
 
-def _attention_op_backward(ctx, do, _):
-    q, k, v, o, lse, *weights = ctx.saved_tensors
-    scale, eps = ctx.meta
-    dq, dk, dv, *d_norm = _attention_backward_op(q, k, v, o, lse, do, scale, *weights, eps)
-    d_norm = [g if w is not None else None for g, w in zip(d_norm, weights)]
-    return dq, dk, dv, None, *d_norm, None
-
-
-_attention_op.register_autograd(_attention_op_backward, setup_context=_attention_setup)
-
-
-@torch.library.custom_op("alignflow::attention_qkv", mutates_args=())
-def _attention_qkv_op(qkv: Tensor, num_heads: int, scale: float, q_weight: Optional[Tensor],
-                      q_bias: Optional[Tensor], k_weight: Optional[Tensor], k_bias: Optional[Tensor],
-                      eps: float) -> tuple[Tensor, Tensor]:
+def _attention_qkv_forward(qkv: Tensor, num_heads: int, scale: float, q_weight: Optional[Tensor],
+                           q_bias: Optional[Tensor], k_weight: Optional[Tensor], k_bias: Optional[Tensor],
+                           eps: float) -> tuple[Tensor, Tensor]:
     qkv = _unit_last_stride(qkv)
     B, N, width = qkv.shape
-    o = torch.empty((B, N, width // 3), dtype=qkv.dtype, device=qkv.device)
-    lse = _forward(*split_qkv(qkv, num_heads), _heads(o, num_heads), scale,
+    o = torch.empty((B, N, width // 3), dtype=qkv.dtype, device=qkv.device)  # (B, N, H * d)
+    lse = _forward(*split_qkv(qkv, num_heads), _heads(o, num_heads), scale,  # q, k, v: strided views into qkv
                    _pack_norm((q_weight, q_bias, k_weight, k_bias), eps))
     return o, lse
 
 
-@_attention_qkv_op.register_fake
-def _(qkv, num_heads, scale, q_weight, q_bias, k_weight, k_bias, eps):
-    B, N, width = qkv.shape
-    return qkv.new_empty((B, N, width // 3)), qkv.new_empty((B * num_heads, N), dtype=compute_dtype(qkv))
-
-
-@torch.library.custom_op("alignflow::attention_qkv_backward", mutates_args=())
-def _attention_qkv_backward_op(qkv: Tensor, o: Tensor, lse: Tensor, do: Tensor, num_heads: int, scale: float,
-                               q_weight: Optional[Tensor], q_bias: Optional[Tensor], k_weight: Optional[Tensor],
-                               k_bias: Optional[Tensor], eps: float) -> list[Tensor]:
+def _attention_qkv_backward(saved, grads, needs, num_heads, scale, eps):
+    qkv, o, lse, *weights = saved
     qkv = _unit_last_stride(qkv)
-    d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    norm = _pack_norm((q_weight, q_bias, k_weight, k_bias), eps)
+    d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, N, 3 * H * d)
     d_norm = _backward(*split_qkv(qkv, num_heads), _heads(o, num_heads), lse,
-                       _heads(_unit_last_stride(do), num_heads), *split_qkv(d_qkv, num_heads), scale, norm)
-    return [d_qkv, *_norm_grads_or_empty(d_norm, qkv)]
+                       _heads(_unit_last_stride(grads[0]), num_heads), *split_qkv(d_qkv, num_heads), scale,
+                       _pack_norm(weights, eps))
+    return [d_qkv, *d_norm]
 
 
-@_attention_qkv_backward_op.register_fake
-def _(qkv, o, lse, do, num_heads, scale, q_weight, q_bias, k_weight, k_bias, eps):
-    weights = (q_weight, q_bias, k_weight, k_bias)
-    return [qkv.new_empty(qkv.shape), *(w.new_empty(w.shape) if w is not None else qkv.new_empty(0) for w in weights)]
-
-
-def _attention_qkv_setup(ctx, inputs, output):
-    qkv, num_heads, scale, *weights, eps = inputs
-    ctx.save_for_backward(qkv, *output, *weights)
-    ctx.meta = (num_heads, scale, eps)
-
-
-def _attention_qkv_op_backward(ctx, do, _):
-    qkv, o, lse, *weights = ctx.saved_tensors
-    num_heads, scale, eps = ctx.meta
-    d_qkv, *d_norm = _attention_qkv_backward_op(qkv, o, lse, do, num_heads, scale, *weights, eps)
-    d_norm = [g if w is not None else None for g, w in zip(d_norm, weights)]
-    return d_qkv, None, None, *d_norm, None
-
-
-_attention_qkv_op.register_autograd(_attention_qkv_op_backward, setup_context=_attention_qkv_setup)
+_attention_qkv = fused_op(
+    "alignflow::attention_qkv", forward=_attention_qkv_forward, backward=_attention_qkv_backward,
+    save=lambda inputs, results: (inputs[0], *results, *inputs[3:7]),
+    fake_forward=lambda qkv, num_heads, scale, q_weight, q_bias, k_weight, k_bias, eps: (
+        qkv.new_empty((*qkv.shape[:2], qkv.shape[2] // 3)),
+        qkv.new_empty((qkv.shape[0] * num_heads, qkv.shape[1]), dtype=compute_dtype(qkv))),
+    fake_backward=lambda saved, grads, needs, num_heads, scale, eps: _fake_grads((saved[0], *saved[3:])))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -816,9 +725,7 @@ def attention(q, k, v, scale=None, q_norm_weight=None, q_norm_bias=None, k_norm_
         return _pytorch_attention(q, k, v, scale, norms, qk_norm_eps)
     if _backend_for("attention", (q, k, v), q.shape[-1], q.shape[0] * q.shape[1], norms) == "torch":
         return reference_attention(q, k, v, scale, **norms, qk_norm_eps=qk_norm_eps)
-    if torch.compiler.is_compiling():
-        return _attention_op(q, k, v, scale, *norms.values(), float(qk_norm_eps))[0]
-    return _Attention.apply(q, k, v, scale, *norms.values(), float(qk_norm_eps))
+    return _attention(q, k, v, scale, *norms.values(), float(qk_norm_eps))
 
 
 def attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None,
@@ -839,9 +746,7 @@ def attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=No
         return o.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
     if _backend_for("attention_qkv", (qkv,), head_dim, qkv.shape[0] * num_heads, norms) == "torch":
         return reference_attention_qkv(qkv, num_heads, scale, **norms, qk_norm_eps=qk_norm_eps)
-    if torch.compiler.is_compiling():
-        return _attention_qkv_op(qkv, num_heads, scale, *norms.values(), float(qk_norm_eps))[0]
-    return _AttentionQKV.apply(qkv, num_heads, scale, *norms.values(), float(qk_norm_eps))
+    return _attention_qkv(qkv, num_heads, scale, *norms.values(), float(qk_norm_eps))
 
 
 # ----------------------------------------------------------------------------------------------

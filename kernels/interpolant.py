@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._autograd import fused_op
 from ._backend import resolve
-from ._util import AotSpec, compute_dtype, fake_grads, materialize, next_power_of_2, reduce_per_sample, tl_dtype
-from ._util import unmaterialize
+from ._util import AotSpec, compute_dtype, next_power_of_2, reduce_per_sample, tl_dtype
 
 PATHS = {"linear": 0, "cosine": 1}
 
@@ -362,124 +362,53 @@ def _velocity_loss_backward(g_loss, v_pred, x, noise, t, source_shift, target_sh
     return d_v_pred, d_x, d_noise, d_mu0, d_mu1
 
 
-# Eager path: autograd Functions (lowest launch overhead).
+# One registration per op (kernels._autograd): the eager autograd.Function and the torch.compile
+# custom op both run these. t gets no gradient (the public functions fall back when it needs one).
 
-class _Interpolant(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, noise, t, source_shift, target_shift, path):
-        ctx.save_for_backward(x, noise, t, source_shift, target_shift)
-        ctx.path = path
-        return _interpolant_forward(x, noise, t, source_shift, target_shift, path)
-
-    @staticmethod
-    def backward(ctx, g_xt, g_v):
-        x, noise, t, mu0, mu1 = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        grads = _interpolant_backward(g_xt, g_v, t, x, noise, mu0, mu1, ctx.path, (n[0], n[1], n[3], n[4]))
-        d_x, d_noise, d_mu0, d_mu1 = grads
-        return d_x, d_noise, None, d_mu0, d_mu1, None
-
-
-class _VelocityLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v_pred, x, noise, t, source_shift, target_shift, path):
-        ctx.save_for_backward(v_pred, x, noise, t, source_shift, target_shift)
-        ctx.path = path
-        return _velocity_loss_forward(v_pred, x, noise, t, source_shift, target_shift, path)
-
-    @staticmethod
-    def backward(ctx, g_loss):
-        v_pred, x, noise, t, mu0, mu1 = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        d_v, d_x, d_noise, d_mu0, d_mu1 = _velocity_loss_backward(
-            g_loss, v_pred, x, noise, t, mu0, mu1, ctx.path, (n[0], n[1], n[2], n[4], n[5]))
-        return d_v, d_x, d_noise, None, d_mu0, d_mu1, None
-
-
-# Under torch.compile: the same launches as opaque custom ops, so graphs neither break nor fall back.
-
-@torch.library.custom_op("alignflow::interpolant", mutates_args=())
-def _interpolant_op(x: Tensor, noise: Tensor, t: Tensor, source_shift: Optional[Tensor],
-                    target_shift: Optional[Tensor], path: str) -> tuple[Tensor, Tensor]:
+def _interpolant_op_forward(x: Tensor, noise: Tensor, t: Tensor, source_shift: Optional[Tensor],
+                            target_shift: Optional[Tensor], path: str) -> tuple[Tensor, Tensor]:
     return _interpolant_forward(x, noise, t, source_shift, target_shift, path)
 
 
-@_interpolant_op.register_fake
-def _(x, noise, t, source_shift, target_shift, path):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
+def _interpolant_op_backward(saved, grads, needs, path):
+    x, noise, t, mu0, mu1 = saved
+    n = needs
+    d_x, d_noise, d_mu0, d_mu1 = _interpolant_backward(*grads, t, x, noise, mu0, mu1, path, (n[0], n[1], n[3], n[4]))
+    return [d_x, d_noise, None, d_mu0, d_mu1]
 
 
-@torch.library.custom_op("alignflow::interpolant_backward", mutates_args=())
-def _interpolant_backward_op(g_xt: Tensor, g_v: Tensor, t: Tensor, x: Tensor, noise: Tensor,
-                             source_shift: Optional[Tensor], target_shift: Optional[Tensor], path: str,
-                             needs: list[bool]) -> list[Tensor]:
-    grads = _interpolant_backward(g_xt, g_v, t, x, noise, source_shift, target_shift, path, needs)
-    return materialize(grads, (x, noise, source_shift, target_shift))
+def _fake_input_grads(saved, needs, differentiable):
+    return [ref.new_empty(ref.shape) if need and ok and ref is not None else None
+            for ref, need, ok in zip(saved, needs, differentiable)]
 
 
-@_interpolant_backward_op.register_fake
-def _(g_xt, g_v, t, x, noise, source_shift, target_shift, path, needs):
-    return fake_grads(needs, (x, noise, source_shift, target_shift))
+_interpolant = fused_op(
+    "alignflow::interpolant", forward=_interpolant_op_forward, backward=_interpolant_op_backward,
+    save=lambda inputs, results: inputs[:5],
+    fake_forward=lambda x, noise, t, source_shift, target_shift, path: (x.new_empty(x.shape), x.new_empty(x.shape)),
+    fake_backward=lambda saved, grads, needs, path: _fake_input_grads(saved, needs, (1, 1, 0, 1, 1)),
+    num_outputs=2)
 
 
-def _interpolant_setup(ctx, inputs, output):
-    x, noise, t, source_shift, target_shift, path = inputs
-    ctx.save_for_backward(x, noise, t, source_shift, target_shift)
-    ctx.path = path
-
-
-def _interpolant_op_backward(ctx, g_xt, g_v):
-    x, noise, t, mu0, mu1 = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[3], n[4]]
-    grads = unmaterialize(_interpolant_backward_op(g_xt, g_v, t, x, noise, mu0, mu1, ctx.path, needs), needs)
-    d_x, d_noise, d_mu0, d_mu1 = grads
-    return d_x, d_noise, None, d_mu0, d_mu1, None
-
-
-_interpolant_op.register_autograd(_interpolant_op_backward, setup_context=_interpolant_setup)
-
-
-@torch.library.custom_op("alignflow::velocity_loss", mutates_args=())
-def _velocity_loss_op(v_pred: Tensor, x: Tensor, noise: Tensor, t: Tensor, source_shift: Optional[Tensor],
-                      target_shift: Optional[Tensor], path: str) -> Tensor:
+def _velocity_loss_op_forward(v_pred: Tensor, x: Tensor, noise: Tensor, t: Tensor, source_shift: Optional[Tensor],
+                              target_shift: Optional[Tensor], path: str) -> Tensor:
     return _velocity_loss_forward(v_pred, x, noise, t, source_shift, target_shift, path)
 
 
-@_velocity_loss_op.register_fake
-def _(v_pred, x, noise, t, source_shift, target_shift, path):
-    return x.new_empty((x.shape[0],), dtype=compute_dtype(v_pred, x, noise, source_shift, target_shift))
+def _velocity_loss_op_backward(saved, grads, needs, path):
+    v_pred, x, noise, t, mu0, mu1 = saved
+    n = needs
+    d_v, d_x, d_noise, d_mu0, d_mu1 = _velocity_loss_backward(
+        grads[0], v_pred, x, noise, t, mu0, mu1, path, (n[0], n[1], n[2], n[4], n[5]))
+    return [d_v, d_x, d_noise, None, d_mu0, d_mu1]
 
 
-@torch.library.custom_op("alignflow::velocity_loss_backward", mutates_args=())
-def _velocity_loss_backward_op(g_loss: Tensor, v_pred: Tensor, x: Tensor, noise: Tensor, t: Tensor,
-                               source_shift: Optional[Tensor], target_shift: Optional[Tensor], path: str,
-                               needs: list[bool]) -> list[Tensor]:
-    grads = _velocity_loss_backward(g_loss, v_pred, x, noise, t, source_shift, target_shift, path, needs)
-    return materialize(grads, (v_pred, x, noise, source_shift, target_shift))
-
-
-@_velocity_loss_backward_op.register_fake
-def _(g_loss, v_pred, x, noise, t, source_shift, target_shift, path, needs):
-    return fake_grads(needs, (v_pred, x, noise, source_shift, target_shift))
-
-
-def _velocity_loss_setup(ctx, inputs, output):
-    v_pred, x, noise, t, source_shift, target_shift, path = inputs
-    ctx.save_for_backward(v_pred, x, noise, t, source_shift, target_shift)
-    ctx.path = path
-
-
-def _velocity_loss_op_backward(ctx, g_loss):
-    v_pred, x, noise, t, mu0, mu1 = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2], n[4], n[5]]
-    d_v, d_x, d_noise, d_mu0, d_mu1 = unmaterialize(
-        _velocity_loss_backward_op(g_loss, v_pred, x, noise, t, mu0, mu1, ctx.path, needs), needs)
-    return d_v, d_x, d_noise, None, d_mu0, d_mu1, None
-
-
-_velocity_loss_op.register_autograd(_velocity_loss_op_backward, setup_context=_velocity_loss_setup)
+_velocity_loss = fused_op(
+    "alignflow::velocity_loss", forward=_velocity_loss_op_forward, backward=_velocity_loss_op_backward,
+    save=lambda inputs, results: inputs[:6],
+    fake_forward=lambda v_pred, x, noise, t, source_shift, target_shift, path: x.new_empty(
+        (x.shape[0],), dtype=compute_dtype(v_pred, x, noise, source_shift, target_shift)),
+    fake_backward=lambda saved, grads, needs, path: _fake_input_grads(saved, needs, (1, 1, 1, 0, 1, 1)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,8 +451,7 @@ def interpolant(x, noise, t, path="linear", source_shift=None, target_shift=None
     _check(x, noise, t, path, source_shift, target_shift)
     if _backend("interpolant", x, noise, t, source_shift, target_shift) == "torch":
         return reference_interpolant(x, noise, t, path, source_shift, target_shift)
-    apply = _interpolant_op if torch.compiler.is_compiling() else _Interpolant.apply
-    return apply(x, noise, t.contiguous(), source_shift, target_shift, path)
+    return _interpolant(x, noise, t.contiguous(), source_shift, target_shift, path)
 
 
 def velocity_loss(v_pred, x, noise, t, path="linear", source_shift=None, target_shift=None, reduction="mean"):
@@ -533,8 +461,7 @@ def velocity_loss(v_pred, x, noise, t, path="linear", source_shift=None, target_
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if _backend("velocity_loss", x, noise, t, source_shift, target_shift, v_pred) == "torch":
         return reference_velocity_loss(v_pred, x, noise, t, path, source_shift, target_shift, reduction)
-    apply = _velocity_loss_op if torch.compiler.is_compiling() else _VelocityLoss.apply
-    per_sample = apply(v_pred, x, noise, t.contiguous(), source_shift, target_shift, path)
+    per_sample = _velocity_loss(v_pred, x, noise, t.contiguous(), source_shift, target_shift, path)
     return reduce_per_sample(per_sample, reduction)
 
 

@@ -38,7 +38,7 @@ def _run_residual(backend, x, h, gate, shift, scale, g_x_new, dy):
     leaves = [x, h, gate, shift, scale]
     with kernels.use_backend(backend), poisoned_empty():
         x_new, y = kernels.adaln_residual_modulate(x, h, gate, shift, scale)
-        _assert_ran(backend, y, "_AdaLNResidualModulate")
+        _assert_ran(backend, y, "AdalnResidualModulate")
         pairs = [(out, g) for out, g in ((x_new, g_x_new), (y, dy)) if out.requires_grad]
         torch.autograd.backward(*zip(*pairs))
     return [x_new, y] + grads(leaves)
@@ -47,7 +47,7 @@ def _run_residual(backend, x, h, gate, shift, scale, g_x_new, dy):
 def _run_modulate(backend, x, shift, scale, dy):
     with kernels.use_backend(backend), poisoned_empty():
         y = kernels.adaln_modulate(x, shift, scale)
-        _assert_ran(backend, y, "_AdaLNModulate")
+        _assert_ran(backend, y, "AdalnModulate")
         y.backward(dy)
     return [y] + grads([x, shift, scale])
 
@@ -153,8 +153,8 @@ def test_non_contiguous_inputs(dtype, device):
             torch.autograd.backward([x_new, y], [g_x_new, dy])
             y2 = kernels.adaln_modulate(x, shift, scale)
             y2.backward(dy)
-        _assert_ran(backend, y, "_AdaLNResidualModulate")
-        _assert_ran(backend, y2, "_AdaLNModulate")
+        _assert_ran(backend, y, "AdalnResidualModulate")
+        _assert_ran(backend, y2, "AdalnModulate")
         results[backend] = [x_new, y, y2] + grads([x, h_wide, base])
     _compare(results["triton"], results["torch"], ["x_new", "y", "y (modulate)", "d_x", "d_h", "d_chunks"], dtype)
 

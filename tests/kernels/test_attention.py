@@ -25,7 +25,7 @@ def _exact(device):
 
 
 def _ran_kernel(out):
-    return type(out.grad_fn).__name__ in ("_AttentionBackward", "_AttentionQKVBackward")
+    return type(out.grad_fn).__name__ in ("AttentionBackward", "AttentionQkvBackward")
 
 
 def _compare(fn, inputs, dtype, zero_grads=(), **kwargs):

@@ -57,25 +57,25 @@ def test_opcheck(case, device):
     mu0 = torch.randn(2, 3, 1, 1, device=device, requires_grad=True)
     mu1 = torch.randn(shape, device=device, requires_grad=True)
     if case == "interpolant":
-        torch.library.opcheck(interpolant_module._interpolant_op, (x, noise, t, mu0, mu1, "cosine"))
+        torch.library.opcheck(interpolant_module._interpolant.op, (x, noise, t, mu0, mu1, "cosine"))
     elif case == "velocity_loss":
         v_pred = torch.randn(shape, device=device, requires_grad=True)
-        torch.library.opcheck(interpolant_module._velocity_loss_op, (v_pred, x, noise, t, mu0, mu1, "linear"))
+        torch.library.opcheck(interpolant_module._velocity_loss.op, (v_pred, x, noise, t, mu0, mu1, "linear"))
     elif case == "alignment":
         p = torch.randn(2, 5, 40, device=device, requires_grad=True)
-        torch.library.opcheck(alignment_module._alignment_op, (p, torch.randn(2, 5, 40, device=device)))
+        torch.library.opcheck(alignment_module._alignment_cos.op, (p, torch.randn(2, 5, 40, device=device)))
     elif case == "attention":
         q, k, v = (torch.randn(2, 2, 9, 16, device=device, requires_grad=True) for _ in range(3))
-        torch.library.opcheck(attention_module._attention_op, (q, k, v, 0.25, None, None, None, None, 1e-5))
+        torch.library.opcheck(attention_module._attention.op, (q, k, v, 0.25, None, None, None, None, 1e-5))
     elif case == "attention_qkv_norm":
         qkv = torch.randn(2, 9, 3 * 2 * 16, device=device, requires_grad=True)
         norms = [torch.randn(16, device=device, requires_grad=True) for _ in range(4)]
-        torch.library.opcheck(attention_module._attention_qkv_op, (qkv, 2, 0.25, *norms, 1e-5))
+        torch.library.opcheck(attention_module._attention_qkv.op, (qkv, 2, 0.25, *norms, 1e-5))
     else:
         tokens = torch.randn(2, 5, 40, device=device, requires_grad=True)
         gate, shift, scale = (torch.randn(2, 40, device=device, requires_grad=True) for _ in range(3))
         if case == "adaln":
-            torch.library.opcheck(adaln_module._adaln_modulate_op, (tokens, shift, scale, 1e-6))
+            torch.library.opcheck(adaln_module._adaln_modulate.op, (tokens, shift, scale, 1e-6))
         else:
             h = torch.randn(2, 5, 40, device=device, requires_grad=True)
-            torch.library.opcheck(adaln_module._adaln_residual_modulate_op, (tokens, h, gate, shift, scale, 1e-6))
+            torch.library.opcheck(adaln_module._adaln_residual_modulate.op, (tokens, h, gate, shift, scale, 1e-6))

@@ -87,7 +87,7 @@ stage() {
       # Triton variants).
       parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
       python3 -m pytest -q $parallel --ignore=tests/kernels/test_gpu_real_sizes.py tests/kernels \
-        tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_sampling.py ;;
+        tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_samplers.py ;;
     engine)
       # The trainer on a GPU (needs the carried DeepSpeed): its tests on one rank, then the main job's
       # config for two minutes on this one GPU (bf16, Triton kernels, DALI nvJPEG where carried).

@@ -164,7 +164,7 @@ class SampleConfig(FromDict):
     seed: int = 0
 
     def __post_init__(self):
-        from engine.sampling import METHODS
+        from engine.samplers import METHODS
 
         if self.method not in METHODS:
             raise invalid("method", self.method, f"one of {', '.join(METHODS)}")
@@ -580,10 +580,9 @@ def check_latent_grid(cfg: ExperimentConfig, channels: int | None, downsample: i
     d, m = cfg.data, cfg.model
     kind = f"latent.kind={cfg.latent.kind!r}"
     if d.latents_root is not None:
-        from engine.data.latents import META
+        from engine.data.latents import read_meta
 
-        with open(os.path.join(d.latents_root, META)) as f:
-            meta = json.load(f)
+        meta = read_meta(d.latents_root)
         shard_channels, side = meta["shape"][:2]
         source = f"the latent shards at data.latents_root={d.latents_root!r}"
         # The shards train the model; latent.* decodes its samples: they must be one latent space.

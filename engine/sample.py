@@ -1,5 +1,6 @@
-"""Images from a trained model: a PNG grid and an `.npz` of uint8 samples for FID evaluation, spread
-over any number of processes and resumable.
+"""The sampling command: images from a trained model, a PNG grid and an `.npz` of uint8 samples for
+FID evaluation, spread over any number of processes and resumable. (The library it runs, which the
+trainer uses too, is `engine.images`; the ODE/SDE samplers are `engine.samplers`.)
 
     python -m engine.sample --ckpt runs/builtin_cpu/checkpoints --out runs/builtin_cpu/eval \\
         [--num-images 1000] [--num-steps 50] [--method euler|heun|euler_maruyama] [--cfg-scale 1.0]
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from engine.distributed import DistInfo, init_distributed
+from engine.images import generate, load_for_sampling, save_grid, write_atomic
 
 log = logging.getLogger("engine.sample")
 
@@ -44,107 +46,6 @@ META_FILE = "meta.json"
 META_KEYS = ("ckpt", "config", "num_images", "batch_size", "seed", "num_steps", "method", "cfg_scale", "resolution",
              "precision")
 PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-@torch.no_grad()
-def generate(model, latent_space, labels: torch.Tensor, cfg, device, seed: int | None = None,
-             bf16: bool = False) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) for `labels`, sampled in batches of cfg.sample.batch_size; with `bf16`
-    the model runs under bf16 autocast (the sampler's state and the decoder stay fp32)."""
-    from engine.sampling import sample
-
-    s = cfg.sample
-    seed = s.seed if seed is None else seed
-    out = []
-    for i, start in enumerate(range(0, len(labels), s.batch_size)):
-        y = labels[start:start + s.batch_size].to(device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            latents = sample(model, y, num_steps=s.num_steps, method=s.method, cfg_scale=s.cfg_scale,
-                             seed=seed + i, transport_cfg=cfg.transport)
-        out.append(to_uint8(latent_space.decode(latents.float())))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
-
-
-def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, pad: int = 2, min_size: int = 64) -> str:
-    """uint8 (N, H, W, 3) -> one PNG grid; images smaller than `min_size` are enlarged (nearest) for
-    viewing."""
-    from PIL import Image
-
-    factor = max(1, min_size // max(1, images.shape[1]))
-    if factor > 1:
-        images = images.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
-    n, h, w, _ = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
-    for i, image in enumerate(images.numpy()):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = image
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
-
-
-def _write_atomic(path: str, write) -> str:
-    """write(file) into a temporary file beside `path`, then rename it to `path`: readers see the old
-    file or the whole new one, never a partial one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str) -> str:
-    return _write_atomic(path, lambda f: np.savez(f, arr_0=images.numpy(), labels=labels.cpu().numpy()))
-
-
-def guard_imports(raw: dict, overrides, source: str, user_raw: dict | None = None) -> None:
-    """A config read from a checkpoint may not name a module to import (latent.kind: module) unless the
-    user names it too (the --config YAML or an override): a checkpoint from elsewhere must not pick code
-    to run."""
-    from engine.config import ConfigError
-
-    latent = raw.get("latent") or {}
-    if latent.get("kind") == "module":
-        mine = {item.split("=", 1)[0].strip(): item.split("=", 1)[1].strip() for item in overrides if "=" in item}
-        yours = ((user_raw or {}).get("latent") or {}).get("path")
-        if latent.get("path") not in (mine.get("latent.path"), yours):
-            raise ConfigError("latent.path", latent.get("path"),
-                              f"a module you name yourself: the config in {source} asks to import it; pass "
-                              f"--latent-module {latent.get('path')} to allow it")
-
-
-def load_for_sampling(path: str, device, overrides: list[str] = (), config: str | None = None):
-    """(config, fp32 EMA model, latent space) from an EMA export, a checkpoint directory, or a REPA / REG /
-    SiT checkpoint (engine.models.pretrained) with `config`, a YAML for what the checkpoint lacks."""
-    from engine.config import apply_overrides, from_dict, load_raw
-    from engine.models import build_model
-    from engine.models.latents import build_latent_space
-    from engine.models.pretrained import load_pretrained
-
-    user_raw = load_raw(config) if config else None
-    raw, state, _, source = load_pretrained(path, user_raw)
-    raw = apply_overrides(raw, list(overrides))
-    guard_imports(raw, overrides, source, user_raw)
-    cfg = from_dict(raw)
-    model = build_model(cfg.model)
-    model.load_state_dict(state, strict=True)
-    log.info("sampling %s", source)
-    return cfg, model.to(device).eval(), build_latent_space(cfg.latent, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +131,7 @@ def prepare_parts(parts_dir: str, meta: dict, overwrite: bool) -> None:
         if any(name.startswith("batch_") for name in os.listdir(parts_dir)):
             raise ValueError(f"{parts_dir} holds sample parts but no {META_FILE} (their settings are unknown); "
                              "pass --overwrite to delete them")
-        _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     for name in os.listdir(parts_dir):  # left by a process killed while writing
         if ".tmp-" in name:
             os.remove(os.path.join(parts_dir, name))
@@ -267,7 +168,7 @@ def write_samples_npz(parts_dir: str, num_batches: int, meta: dict, path: str, k
             with zf.open("labels.npy", "w", force_zip64=True) as entry:
                 np.lib.format.write_array(entry, labels)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
     return np.concatenate(first) if first else np.zeros((0, res, res, 3), np.uint8)
 
 
@@ -276,7 +177,7 @@ def write_samples_npz(parts_dir: str, num_batches: int, meta: dict, path: str, k
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from engine.sampling import METHODS
+    from engine.samplers import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="ema_fp32.pt, a step_* directory or a checkpoint directory; "
@@ -391,7 +292,7 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
         if tuple(images.shape[1:]) != (resolution, resolution, 3):
             raise RuntimeError(f"the model made images of shape {tuple(images.shape[1:])}, expected "
                                f"{(resolution, resolution, 3)}")
-        _write_atomic(part_path(parts_dir, batch),
+        write_atomic(part_path(parts_dir, batch),
                       lambda f: np.savez(f, images=images.numpy(), labels=labels.numpy()))
         generated += len(labels)
         if info.is_main:

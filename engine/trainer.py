@@ -13,7 +13,6 @@ Without a GPU, DeepSpeed's CPU accelerator and gloo are selected before deepspee
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import random
@@ -204,10 +203,9 @@ class Trainer:
         cfg, space = self.cfg, self.latent_space
         check_latent_grid(cfg, space.channels, space.downsample)
         if cfg.data.latents_root is not None:
-            from engine.data.latents import META
+            from engine.data.latents import read_meta
 
-            with open(os.path.join(cfg.data.latents_root, META)) as f:
-                meta = json.load(f)
+            meta = read_meta(cfg.data.latents_root)
             channels = meta["shape"][0]
             for key in ("scale", "shift"):  # the latent space holds its own as per-channel buffers
                 if f"latent_{key}" in meta:
@@ -312,7 +310,7 @@ class Trainer:
 
     def prepare(self, batch: dict):
         """(latents x, labels, encoder targets, REG class target) for one micro-batch."""
-        from engine.data.latents import sample_latents
+        from engine.models.latents import sample_posterior
 
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
@@ -322,7 +320,7 @@ class Trainer:
                 mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
             else:
                 mean, std = self.latent_space.encode(images)
-            x = sample_latents(mean.float(), std.float(), self.latent_generator)
+            x = sample_posterior(mean.float(), std.float(), self.latent_generator)
         z_targets = [tokens.to(self.model_dtype) for tokens, _ in features]
         cls_target = features[0][1] if self.cfg.model.reg else None
         return x.to(self.model_dtype), labels, z_targets, cls_target
@@ -520,7 +518,7 @@ class Trainer:
         return model.to(self.device).eval()
 
     def sample_grid(self, name: str) -> str | None:
-        from engine.sample import generate, save_grid
+        from engine.images import generate, save_grid
 
         model = self._sampling_model()
         if model is None:
@@ -534,7 +532,7 @@ class Trainer:
         return path
 
     def final_samples(self) -> dict:
-        from engine.sample import generate, save_grid, save_npz
+        from engine.images import generate, save_grid, save_npz
 
         model = self._sampling_model()
         if model is None:

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from kernels import path_coefficients
+from kernels import PATHS, path_coefficients
 from engine.configurable import FromDict, finite_number, invalid
 
-PATHS = ("linear", "cosine")
 PREDICTIONS = ("v",)
 WEIGHTINGS = ("uniform",)
 TIME_SAMPLINGS = ("uniform", "lognormal", "shifted_lognormal")
@@ -140,20 +139,21 @@ class Transport:
         if noise is None:
             noise = torch.randn_like(x)
         z_targets = list(z_targets)
-        num_projectors = len(getattr(net, "projectors", ()))
+        num_projectors = len(net.projectors)
         if len(z_targets) != num_projectors:
             raise ValueError(f"got {len(z_targets)} z_targets for a model with {num_projectors} projectors "
-                             f"(z_dims={getattr(net, 'z_dims', None)})")
-        reg = getattr(net, "reg", False)
+                             f"(z_dims={net.z_dims})")
+        reg = net.reg
         if reg and cls_target is None:
             raise ValueError("a REG model needs cls_target, the encoder class token (B, z_dims[0])")
         if not reg and cls_target is not None:
             raise ValueError("cls_target given for a model built without reg=True")
 
-        # One set of (possibly dropped) labels for both the CAR-Flow shifts and the model. The shifts have
-        # no loss of their own: they learn from the loss through the target and through x_t.
+        # Label dropout for classifier-free guidance happens here, and only here (the model uses the labels
+        # it is given): one set of (possibly dropped) labels for both the CAR-Flow shifts and the model.
+        # The shifts have no loss of their own: they learn from the loss through the target and x_t.
         labels = net.drop_labels(y) if net.training else y
-        mu0, mu1 = net.car_flow_shifts(labels) if hasattr(net, "car_flow_shifts") else (None, None)
+        mu0, mu1 = net.car_flow_shifts(labels)
         x_t, _ = kernels.interpolant(x, noise, t, cfg.path, mu0, mu1)
         time_input = self.model_time(t).to(x.dtype)
         zero = x.new_zeros((), dtype=torch.float32)
@@ -162,10 +162,10 @@ class Transport:
             cls_target = cls_target.to(x.dtype)
             cls_noise = torch.randn_like(cls_target) if cls_noise is None else cls_noise.to(cls_target.dtype)
             cls_t, _ = kernels.interpolant(cls_target, cls_noise, t, cfg.path)
-            out, zs, cls_out = model(x_t, time_input, labels, cls_token=cls_t, label_dropout=False)
+            out, zs, cls_out = model(x_t, time_input, labels, cls_token=cls_t)
             cls_loss = kernels.velocity_loss(self.model_velocity(cls_out), cls_target, cls_noise, t, cfg.path)
         else:
-            out, zs = model(x_t, time_input, labels, label_dropout=False)
+            out, zs = model(x_t, time_input, labels)
             cls_loss = zero
         velocity = kernels.velocity_loss(self.model_velocity(out), x, noise, t, cfg.path, mu0, mu1)
 

@@ -5,12 +5,12 @@ from .adaln import (adaln_modulate, adaln_residual_modulate, reference_adaln_mod
                     reference_adaln_residual_modulate)
 from .alignment_loss import alignment_loss, reference_alignment_loss
 from .attention import attention, attention_qkv, reference_attention, reference_attention_qkv
-from .interpolant import (interpolant, path_coefficients, reference_interpolant, reference_velocity_loss,
+from .interpolant import (PATHS, interpolant, path_coefficients, reference_interpolant, reference_velocity_loss,
                           velocity_loss)
 
 __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "interpreting",
-    "interpolant", "reference_interpolant", "velocity_loss", "reference_velocity_loss", "path_coefficients",
+    "PATHS", "interpolant", "reference_interpolant", "velocity_loss", "reference_velocity_loss", "path_coefficients",
     "alignment_loss", "reference_alignment_loss",
     "adaln_modulate", "reference_adaln_modulate", "adaln_residual_modulate", "reference_adaln_residual_modulate",
     "attention", "reference_attention", "attention_qkv", "reference_attention_qkv",

@@ -27,7 +27,9 @@ from ._autograd import fused_op
 from ._backend import resolve
 from ._util import AotSpec, compute_dtype, next_power_of_2, reduce_per_sample, tl_dtype
 
-PATHS = {"linear": 0, "cosine": 1}
+# The flow paths by name: the one list the engine's configs, transport and samplers check against.
+PATHS = ("linear", "cosine")
+_PATH_CODES = {name: code for code, name in enumerate(PATHS)}  # the kernels' PATH constexpr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +44,7 @@ def path_coefficients(t: torch.Tensor, path: str = "linear"):
         half_pi = math.pi / 2
         return (torch.cos(half_pi * t), torch.sin(half_pi * t),
                 -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
-    raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
+    raise ValueError(f"path must be one of {list(PATHS)}, got {path!r}")
 
 
 def _reference_z(x, noise, t, path, source_shift, target_shift):
@@ -286,7 +288,7 @@ def _interpolant_forward(x, noise, t, source_shift, target_shift, path):
     _interpolant_fwd_kernel[(B * C, triton.cdiv(S, block))](
         x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, x_t, v, C, S,
         *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
-        PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
+        PATH=_PATH_CODES[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
         COMPUTE=tl_dtype(compute_dtype(x, noise, source_shift, target_shift)), BLOCK_S=block)
     return x_t, v
 
@@ -309,7 +311,7 @@ def _interpolant_backward(g_xt, g_v, t, x, noise, source_shift, target_shift, pa
         z1.full if z1.full is not None else t, z0.full if z0.full is not None else t,
         z1.rows if z1.rows is not None else t, z0.rows if z0.rows is not None else t,
         C, S, num_blocks,
-        PATH=PATHS[path], HAS_G_XT=g_xt is not None, HAS_G_V=g_v is not None,
+        PATH=_PATH_CODES[path], HAS_G_XT=g_xt is not None, HAS_G_V=g_v is not None,
         DZ1_FULL=z1.full_mode, DZ0_FULL=z0.full_mode, DZ1_ROWS=z1.rows_mode, DZ0_ROWS=z0.rows_mode,
         COMPUTE=tl_dtype(compute), BLOCK_S=block)
     d_x, d_mu1 = z1.grads()
@@ -329,7 +331,7 @@ def _velocity_loss_forward(v_pred, x, noise, t, source_shift, target_shift, path
         v3, x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, partial,
         C, S, num_blocks,
         *v3.stride(), *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
-        PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
+        PATH=_PATH_CODES[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
         COMPUTE=tl_dtype(compute), BLOCK_S=block)
     return partial.view(B, C * num_blocks).sum(1) / (C * S)
 
@@ -353,7 +355,7 @@ def _velocity_loss_backward(g_loss, v_pred, x, noise, t, source_shift, target_sh
         z1.rows if z1.rows is not None else scale, z0.rows if z0.rows is not None else scale,
         C, S, num_blocks,
         *v3.stride(), *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
-        PATH=PATHS[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
+        PATH=_PATH_CODES[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
         D_V_PRED=d_v_pred is not None,
         DZ1_FULL=z1.full_mode, DZ0_FULL=z0.full_mode, DZ1_ROWS=z1.rows_mode, DZ0_ROWS=z0.rows_mode,
         COMPUTE=tl_dtype(compute), BLOCK_S=block)
@@ -417,7 +419,7 @@ _velocity_loss = fused_op(
 
 def _check(x, noise, t, path, source_shift, target_shift, v_pred=None):
     if path not in PATHS:
-        raise ValueError(f"path must be one of {sorted(PATHS)}, got {path!r}")
+        raise ValueError(f"path must be one of {list(PATHS)}, got {path!r}")
     if noise.shape != x.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} must equal x shape {tuple(x.shape)}")
     if v_pred is not None and v_pred.shape != x.shape:

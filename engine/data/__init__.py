@@ -2,8 +2,8 @@
 from .builtin import make_builtin_dataset
 from .config import DataConfig
 from .index import CorruptImageError, SampleIndex
-from .latents import LatentShards, LatentShardWriter, sample_latents
+from .latents import LatentShards, LatentShardWriter, read_meta
 from .loader import Loader, build_index, build_loader
 
 __all__ = ["DataConfig", "build_loader", "build_index", "Loader", "SampleIndex", "CorruptImageError",
-           "make_builtin_dataset", "LatentShards", "LatentShardWriter", "sample_latents"]
+           "make_builtin_dataset", "LatentShards", "LatentShardWriter", "read_meta"]

@@ -25,10 +25,16 @@ META, INDEX, STATS = "meta.json", "index.json", "stats.json"
 DTYPES = ("float16", "float32")
 
 
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One draw x = mean + std * eps of the diagonal Gaussian posterior, eps ~ N(0, I)."""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + std * eps
+def read_meta(root: str, missing_ok: bool = False) -> Optional[dict]:
+    """The shards' meta.json (the one place it is read); None if there is none and `missing_ok`."""
+    meta_path = os.path.join(root, META)
+    if not os.path.exists(meta_path):
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"data.latents_root={root!r} holds no latent shards ({META} missing); "
+                                "write them with python -m engine.preprocess")
+    with open(meta_path) as f:
+        return json.load(f)
 
 
 def _write_json(path: str, obj) -> None:
@@ -51,10 +57,8 @@ class LatentShardWriter:
         self.num_samples, self.shape, self.dtype = len(keys), tuple(int(s) for s in shape), dtype
         want = dict(num_samples=self.num_samples, shape=list(self.shape), dtype=dtype, chunk_size=chunk_size,
                     **(meta or {}))
-        meta_path = os.path.join(out, META)
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                have = json.load(f)
+        have = read_meta(out, missing_ok=True)
+        if have is not None:
             if have != want:
                 diff = {k: (have.get(k), want.get(k)) for k in set(have) | set(want) if have.get(k) != want.get(k)}
                 raise ValueError(f"latent shards at {out!r} were started with other settings "
@@ -70,7 +74,7 @@ class LatentShardWriter:
                                                 shape=(self.num_samples, *self.shape))
                 del arr
                 os.replace(os.path.join(out, f"{name}.npy.tmp"), os.path.join(out, f"{name}.npy"))
-            _write_json(meta_path, want)  # written last: its presence means the files exist
+            _write_json(os.path.join(out, META), want)  # written last: its presence means the files exist
         else:
             raise FileNotFoundError(f"latent shards at {out!r} not created yet (rank 0 creates them)")
         os.makedirs(os.path.join(out, "done"), exist_ok=True)
@@ -136,12 +140,7 @@ class LatentShards:
     """Read side: rows gathered from the memory-mapped mean/std arrays."""
 
     def __init__(self, root: str):
-        meta_path = os.path.join(root, META)
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"data.latents_root={root!r} holds no latent shards ({META} missing); "
-                                    "write them with python -m engine.preprocess")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = read_meta(root)
         done = set(os.listdir(os.path.join(root, "done")))
         chunks = -(-self.meta["num_samples"] // self.meta["chunk_size"])
         missing = [c for c in range(chunks) if f"chunk_{c:06d}" not in done]

@@ -72,6 +72,13 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw x = mean + std * eps of the diagonal Gaussian posterior `encode` gives (or the latent
+    shards store), eps ~ N(0, I); std 0 gives the mean."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + std * eps
+
+
 class _FrozenAutoencoder(nn.Module):
     """A frozen autoencoder's latents as the flow sees them: z * scale + shift, per channel."""
 

@@ -382,21 +382,21 @@ class SiT(nn.Module):
         x = x.reshape(B, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return x.reshape(B, c, h * p, w * p)
 
-    def forward(self, x, t, y, cls_token=None, label_dropout: bool | None = None):
+    def forward(self, x, t, y, cls_token=None):
         """x: (B, C, H, W) at time t: (B,) in [0, 1]; y: (B,) labels (num_classes = null class).
 
         Returns (velocity (B, C, H, W), zs), plus the class-token velocity (B, z_dims[0]) for a REG
         model, which also needs `cls_token` (the noised encoder class token, (B, z_dims[0])).
         zs: one (B, T[+1], z_dim) projection per encoder of the tokens after block `encoder_depth`.
-        Labels are dropped for CFG when `label_dropout` (default: self.training) is true.
+        The labels are used as given: dropping them for classifier-free guidance is the training
+        objective's step (engine.transport.Transport calls `drop_labels`, and gives the CAR-Flow shifts
+        the same dropped labels).
         """
         if self.reg and cls_token is None:
             raise ValueError("a REG model needs cls_token, the noised class token of shape (B, "
                              f"{self.cls_dim})")
         if not self.reg and cls_token is not None:
             raise ValueError("cls_token given to a model built without reg=True")
-        if self.training if label_dropout is None else label_dropout:
-            y = self.drop_labels(y)
 
         h = self.x_embedder(x)                                                   # (B, T, D)
         if self.reg:

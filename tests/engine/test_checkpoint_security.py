@@ -79,7 +79,7 @@ def test_trainer_state_round_trips_with_weights_only(tmp_path):
 
 
 def test_checkpoint_config_cannot_name_a_module_to_import(tmp_path, monkeypatch):
-    from engine.sample import guard_imports, load_for_sampling
+    from engine.images import guard_imports, load_for_sampling
 
     marker = tmp_path / "imported"
     (tmp_path / "evil_latents.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef build(cfg): pass\n")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import CorruptImageError, DataConfig, LatentShards, LatentShardWriter, build_loader, make_builtin_dataset, sample_latents
+from engine.data import CorruptImageError, DataConfig, LatentShards, LatentShardWriter, build_loader, make_builtin_dataset
+from engine.models.latents import sample_posterior
 from engine.preprocess import main as preprocess_main
 from engine.preprocess import preprocess
 
@@ -97,12 +98,12 @@ def test_shard_writer_refuses_bad_input_and_incomplete_reads(tmp_path):
         LatentShards(str(tmp_path / "nothing"))
 
 
-def test_sample_latents_is_mean_plus_std_eps():
+def test_sample_posterior_is_mean_plus_std_eps():
     mean, std = torch.randn(3, 4, 2, 2), torch.rand(3, 4, 2, 2)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     eps = torch.randn(mean.shape, generator=g2)
-    torch.testing.assert_close(sample_latents(mean, std, g1), mean + std * eps)
-    draws = torch.stack([sample_latents(mean, std) for _ in range(4000)])
+    torch.testing.assert_close(sample_posterior(mean, std, g1), mean + std * eps)
+    draws = torch.stack([sample_posterior(mean, std) for _ in range(4000)])
     torch.testing.assert_close(draws.mean(0), mean, atol=0.1, rtol=0)
     torch.testing.assert_close(draws.std(0), std, atol=0.1, rtol=0.1)
 

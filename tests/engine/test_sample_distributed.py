@@ -16,7 +16,8 @@ import kernels
 from engine import checkpoint as ckpt
 from engine.config import from_dict
 from engine.models import build_model
-from engine.sample import generate, load_for_sampling, main as sample_main
+from engine.images import generate, load_for_sampling
+from engine.sample import main as sample_main
 from tests.engine.common import randomize
 from tests.engine.trainer_fixtures import PYTHON, REPO, env, free_port, tiny_config
 

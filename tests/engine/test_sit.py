@@ -94,7 +94,9 @@ def test_sincos_pos_embed_layout():
             torch.testing.assert_close(pos[1 + row * g + col], expected)
 
 
-def test_label_dropout_in_training_only():
+def test_label_dropout_only_through_drop_labels():
+    """drop_labels drops at the class dropout rate; the forward itself never drops (in training the
+    objective, engine.transport, drops the labels and passes the result to the model and the shifts)."""
     model = randomize(tiny_model(class_dropout_prob=0.5))
     y = torch.arange(10).repeat(50)
     dropped = model.drop_labels(y)
@@ -106,13 +108,13 @@ def test_label_dropout_in_training_only():
         cond = model(x[:1], t[:1], labels[:1])[0]
         null = model(x[:1], t[:1], torch.tensor([10]))[0]
         assert not torch.allclose(cond, null)
-        assert torch.allclose(model(x, t, labels)[0], cond.expand(64, -1, -1, -1), atol=1e-5)  # eval: no dropout
+        assert torch.allclose(model(x, t, labels)[0], cond.expand(64, -1, -1, -1), atol=1e-5)
         model.train()
-        out = model(x, t, labels)[0].flatten(1)
+        assert torch.allclose(model(x, t, labels)[0], cond.expand(64, -1, -1, -1), atol=1e-5)
+        out = model(x, t, model.drop_labels(labels))[0].flatten(1)
         is_null = torch.isclose(out, null.flatten(1), atol=1e-5).all(1)
         is_cond = torch.isclose(out, cond.flatten(1), atol=1e-5).all(1)
         assert torch.all(is_null ^ is_cond) and 10 < int(is_null.sum()) < 54
-        assert torch.allclose(model(x, t, labels, label_dropout=False)[0], cond.expand(64, -1, -1, -1), atol=1e-5)
     no_null = tiny_model(class_dropout_prob=0.0)
     assert no_null.null_class is None and no_null.y_embedder.embedding_table.weight.shape[0] == 10
 
@@ -242,7 +244,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     x, t, y, z = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]), torch.randn(2, 16, 24)
     grads = []
     for model in (plain, checkpointed):
-        v, zs = model(x, t, y, label_dropout=False)
+        v, zs = model(x, t, y)
         (v.square().mean() + kernels.alignment_loss(zs, [z])).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
@@ -264,7 +266,7 @@ def test_the_residual_stream_takes_the_weights_dtype(device):
     for backend in ("triton", "torch"):
         model.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16), kernels.use_backend(backend):
-            velocity, zs = model(x, t, y, label_dropout=False)
+            velocity, zs = model(x, t, y)
         (velocity.float().square().mean() + zs[0].float().mean()).backward()
         results[backend] = [velocity, zs[0]] + [p.grad for p in model.parameters() if p.grad is not None]
     assert len(results["triton"]) == len(results["torch"]) > 10

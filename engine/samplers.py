@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+import kernels
+
 from .transport import score_from_velocity, unwrap
 
 METHODS = ("euler", "heun", "euler_maruyama")
@@ -62,9 +64,7 @@ class _Drift:
         cls_in = (torch.cat([cls, cls]) if guide else cls) if self.reg else None
         t_vec = torch.full((x_in.shape[0],), t, dtype=torch.float64, device=x.device)
         model_t = (1 - t_vec) if self.reversed_time else t_vec
-        kwargs = dict(label_dropout=False)
-        if self.reg:
-            kwargs["cls_token"] = cls_in.to(self.dtype)
+        kwargs = {"cls_token": cls_in.to(self.dtype)} if self.reg else {}
         out = self.model(x_in.to(self.dtype), model_t.to(self.dtype), labels, **kwargs)
         sign = -1.0 if self.reversed_time else 1.0
         v = sign * out[0].to(torch.float64)
@@ -107,8 +107,8 @@ def sample(model, y, num_steps: int = 50, method: str = "euler", cfg_scale: floa
     low, high = guidance_interval
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"guidance_interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
-    if path not in ("linear", "cosine"):
-        raise ValueError(f"path must be 'linear' or 'cosine', got {path!r}")
+    if path not in kernels.PATHS:
+        raise ValueError(f"path must be one of {list(kernels.PATHS)}, got {path!r}")
     if method == "euler_maruyama" and not 0.0 < sde_last_t < 1.0:
         raise ValueError(f"sde_last_t must be in (0, 1), got {sde_last_t}")
     net = unwrap(model)

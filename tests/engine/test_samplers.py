@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine.sampling import sample
+from engine.samplers import sample
 from engine.transport import TransportConfig
 from tests.engine.common import randomize, tiny_model
 
@@ -34,7 +34,7 @@ class GaussianFlow(nn.Module):
             return None, None
         return self.mu0[y], self.mu1[y]
 
-    def forward(self, x, t, y, label_dropout=False):
+    def forward(self, x, t, y):
         self.times.append(t.clone())
         t = (1 - t) if self.reversed_time else t
         t = t.view(-1, 1, 1, 1).double()
@@ -60,7 +60,7 @@ class ConstantVelocity(nn.Module):
         self.dummy = nn.Parameter(torch.zeros((), dtype=torch.float64))
         self.batch_sizes = []
 
-    def forward(self, x, t, y, label_dropout=False, cls_token=None):
+    def forward(self, x, t, y, cls_token=None):
         self.batch_sizes.append(x.shape[0])
         is_null = (y == NULL).view(-1, 1, 1, 1)
         v = torch.where(is_null, self.uncond.expand_as(x), self.cond[y.clamp(max=NULL - 1)])

@@ -58,7 +58,7 @@ def run(nproc: int, tmp_path, data_root) -> dict:
     overrides = [*OVERRIDES, f"train.output_dir={run_dir}", f"data.root={data_root}",
                  f"train.global_batch_size={4 * nproc}"]
     launch(["--config", "configs/builtin_cpu.yaml", *overrides], nproc=nproc,
-           env_extra={"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
+           env_extra={"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}, timeout=900)  # a loaded CI machine
     with open(run_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))

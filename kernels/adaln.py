@@ -35,10 +35,8 @@ from ._autograd import fused_op
 from ._backend import fallback, resolve
 from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
 
-# Widest row kept in registers (BLOCK_D = 4096: the forward with 16 warps, 8 elements per thread per
-# tensor; the backward with 8 warps, 16). At 8192 the residual backward hit the 128-register cap of 512
-# threads and used stack (AOT check), so wider rows fall back to the reference rather than run a
-# spilling kernel.
+# Widest row kept in registers; wider rows would spill, so they fall back to the reference
+# (kernels/TUNING.md).
 MAX_D = 4096
 
 
@@ -77,7 +75,8 @@ def reference_adaln_residual_modulate(x, h, gate, shift, scale, eps=1e-6):
 def _adaln_fwd_kernel(
     x_ptr, h_ptr, gate_ptr, shift_ptr, scale_ptr, x_new_ptr, y_ptr, mean_ptr, rstd_ptr,
     N, D, eps,
-    sxb, sxn, sxd, shb, shn, shd, sgb, sgd, ssb, ssd, scb, scd,
+    stride_x_b, stride_x_n, stride_x_d, stride_h_b, stride_h_n, stride_h_d,
+    stride_gate_b, stride_gate_d, stride_shift_b, stride_shift_d, stride_scale_b, stride_scale_d,
     RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -86,11 +85,13 @@ def _adaln_fwd_kernel(
     row_mask = n < N
     col_mask = d < D
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(x_ptr + b * sxb + n[:, None] * sxn + d[None, :] * sxd, mask=mask, other=0.0).to(COMPUTE)
+    x = tl.load(x_ptr + b * stride_x_b + n[:, None] * stride_x_n + d[None, :] * stride_x_d,
+                mask=mask, other=0.0).to(COMPUTE)
     out = (b * N + n[:, None]) * D + d[None, :]  # outputs are contiguous (B, N, D)
     if RESIDUAL:
-        h = tl.load(h_ptr + b * shb + n[:, None] * shn + d[None, :] * shd, mask=mask, other=0.0).to(COMPUTE)
-        gate = tl.load(gate_ptr + b * sgb + d * sgd, mask=col_mask, other=0.0).to(COMPUTE)
+        h = tl.load(h_ptr + b * stride_h_b + n[:, None] * stride_h_n + d[None, :] * stride_h_d,
+                    mask=mask, other=0.0).to(COMPUTE)
+        gate = tl.load(gate_ptr + b * stride_gate_b + d * stride_gate_d, mask=col_mask, other=0.0).to(COMPUTE)
         x_new = (x + gate[None, :] * h).to(x_new_ptr.dtype.element_ty)
         tl.store(x_new_ptr + out, x_new, mask=mask)
         x = x_new.to(COMPUTE)  # normalise x_new as stored, as the backward will read it
@@ -98,8 +99,8 @@ def _adaln_fwd_kernel(
     centered = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(centered * centered, axis=1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
-    shift = tl.load(shift_ptr + b * ssb + d * ssd, mask=col_mask, other=0.0).to(COMPUTE)
-    scale = tl.load(scale_ptr + b * scb + d * scd, mask=col_mask, other=0.0).to(COMPUTE)
+    shift = tl.load(shift_ptr + b * stride_shift_b + d * stride_shift_d, mask=col_mask, other=0.0).to(COMPUTE)
+    scale = tl.load(scale_ptr + b * stride_scale_b + d * stride_scale_d, mask=col_mask, other=0.0).to(COMPUTE)
     y = centered * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
     tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + b * N + n, mean, mask=row_mask)
@@ -111,7 +112,9 @@ def _adaln_bwd_kernel(
     x_ptr, h_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr, dy_ptr, g_x_new_ptr,
     dx_ptr, dh_ptr, partial_ptr,
     N, D, blocks_per_tile,
-    sxb, sxn, sxd, shb, shn, shd, sgb, sgd, scb, scd, sdyb, sdyn, sdyd, sgxb, sgxn, sgxd,
+    stride_x_b, stride_x_n, stride_x_d, stride_h_b, stride_h_n, stride_h_d,
+    stride_gate_b, stride_gate_d, stride_scale_b, stride_scale_d,
+    stride_dy_b, stride_dy_n, stride_dy_d, stride_g_x_new_b, stride_g_x_new_n, stride_g_x_new_d,
     RESIDUAL: tl.constexpr, HAS_G_X_NEW: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DH: tl.constexpr,
     MODULATION_GRADS: tl.constexpr, GATE_GRAD: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -121,9 +124,9 @@ def _adaln_bwd_kernel(
     tile = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     col_mask = d < D
-    scale = tl.load(scale_ptr + b * scb + d * scd, mask=col_mask, other=0.0).to(COMPUTE)
+    scale = tl.load(scale_ptr + b * stride_scale_b + d * stride_scale_d, mask=col_mask, other=0.0).to(COMPUTE)
     if RESIDUAL:
-        gate = tl.load(gate_ptr + b * sgb + d * sgd, mask=col_mask, other=0.0).to(COMPUTE)
+        gate = tl.load(gate_ptr + b * stride_gate_b + d * stride_gate_d, mask=col_mask, other=0.0).to(COMPUTE)
     d_shift = tl.zeros([BLOCK_D], dtype=COMPUTE)
     d_scale = tl.zeros([BLOCK_D], dtype=COMPUTE)
     d_gate = tl.zeros([BLOCK_D], dtype=COMPUTE)
@@ -131,11 +134,13 @@ def _adaln_bwd_kernel(
         n = (tile * blocks_per_tile + i) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = n < N
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + b * sxb + n[:, None] * sxn + d[None, :] * sxd, mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + b * stride_x_b + n[:, None] * stride_x_n + d[None, :] * stride_x_d,
+                    mask=mask, other=0.0).to(COMPUTE)
         mean = tl.load(mean_ptr + b * N + n, mask=row_mask, other=0.0).to(COMPUTE)
         rstd = tl.load(rstd_ptr + b * N + n, mask=row_mask, other=0.0).to(COMPUTE)
         x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        dy = tl.load(dy_ptr + b * sdyb + n[:, None] * sdyn + d[None, :] * sdyd, mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(dy_ptr + b * stride_dy_b + n[:, None] * stride_dy_n + d[None, :] * stride_dy_d,
+                     mask=mask, other=0.0).to(COMPUTE)
         if MODULATION_GRADS:
             d_shift += tl.sum(dy, axis=0)
             d_scale += tl.sum(dy * x_hat, axis=0)
@@ -146,10 +151,10 @@ def _adaln_bwd_kernel(
         out = (b * N + n[:, None]) * D + d[None, :]
         if RESIDUAL:
             if HAS_G_X_NEW:
-                dx += tl.load(g_x_new_ptr + b * sgxb + n[:, None] * sgxn + d[None, :] * sgxd,
-                              mask=mask, other=0.0).to(COMPUTE)
+                dx += tl.load(g_x_new_ptr + b * stride_g_x_new_b + n[:, None] * stride_g_x_new_n
+                              + d[None, :] * stride_g_x_new_d, mask=mask, other=0.0).to(COMPUTE)
             if GATE_GRAD:
-                h = tl.load(h_ptr + b * shb + n[:, None] * shn + d[None, :] * shd, mask=mask,
+                h = tl.load(h_ptr + b * stride_h_b + n[:, None] * stride_h_n + d[None, :] * stride_h_d, mask=mask,
                             other=0.0).to(COMPUTE)
                 d_gate += tl.sum(dx * h, axis=0)
             if WRITE_DH:
@@ -183,9 +188,7 @@ def _tile(N: int, D: int):
 
 # Backward programs to aim for: about two resident programs per SM of an H100 (132 SMs).
 _BACKWARD_PROGRAMS = 264
-# The backward launches at most 8 warps: at D = 4096 with 16 warps the fp32-residual build (bf16
-# branches) spilled 12 bytes on sm_80 under Triton 3.6 (ptxas kept it at 64 registers); with 8 warps
-# every D = 4096 backward builds clean (116-189 registers) under 3.6 and 3.8. SiT widths are unaffected.
+# At most 8 warps in the backward: 16 spilled at D = 4096 under Triton 3.6 (kernels/TUNING.md).
 _BACKWARD_MAX_WARPS = 8
 
 
@@ -395,10 +398,10 @@ def aot_specs():
     def strides(*tensors, rank):
         out = {}
         for t in tensors:
-            out.update({f"s{t}{k}": "i32" for k in ("b", "n")[:rank - 1]})
+            out.update({f"stride_{t}_{k}": "i32" for k in ("b", "n")[:rank - 1]})
         return out
 
-    unit_d = lambda *tensors: {f"s{t}d": 1 for t in tensors}  # noqa: E731
+    unit_d = lambda *tensors: {f"stride_{t}_d": 1 for t in tensors}  # noqa: E731
     widths = {("bf16", "bf16"): (72, 768, 1152, MAX_D), ("fp32", "fp32"): (72, 1152, MAX_D),
               ("fp32", "bf16"): (1152, MAX_D)}  # the last: residual stream kept in fp32
     for (x_dtype, other), Ds in widths.items():
@@ -415,20 +418,20 @@ def aot_specs():
                        "shift_ptr": f"*{other}", "scale_ptr": f"*{other}", "x_new_ptr": f"*{x_new_type}",
                        "y_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                        "N": "i32", "D": "i32", "eps": "fp32",
-                       **strides("x", "h", rank=3), **strides("g", "s", "c", rank=2)}
+                       **strides("x", "h", rank=3), **strides("gate", "shift", "scale", rank=2)}
                 specs.append(AotSpec(f"{op}_fwd{params}", _adaln_fwd_kernel, fwd,
-                                     dict(meta, RESIDUAL=residual, **unit_d("x", "h", "g", "s", "c")),
+                                     dict(meta, RESIDUAL=residual, **unit_d("x", "h", "gate", "shift", "scale")),
                                      num_warps=num_warps, min_load_bits=128))
                 bwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{h_type}", "gate_ptr": f"*{other}",
                        "scale_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                        "dy_ptr": f"*{other}", "g_x_new_ptr": f"*{x_new_type}", "dx_ptr": f"*{x_dtype}",
                        "dh_ptr": f"*{other}" if residual else "*fp32", "partial_ptr": "*fp32",
                        "N": "i32", "D": "i32", "blocks_per_tile": "i32",
-                       **strides("x", "h", rank=3), **strides("g", "c", rank=2),
-                       **strides("dy", "gx", rank=3)}
+                       **strides("x", "h", rank=3), **strides("gate", "scale", rank=2),
+                       **strides("dy", "g_x_new", rank=3)}
                 flags = dict(RESIDUAL=residual, HAS_G_X_NEW=residual, WRITE_DX=True, WRITE_DH=residual,
                              MODULATION_GRADS=True, GATE_GRAD=residual)
                 specs.append(AotSpec(f"{op}_bwd{params}", _adaln_bwd_kernel, bwd,
-                                     dict(meta, **flags, **unit_d("x", "h", "g", "c", "dy", "gx")),
+                                     dict(meta, **flags, **unit_d("x", "h", "gate", "scale", "dy", "g_x_new")),
                                      num_warps=min(num_warps, _BACKWARD_MAX_WARPS), min_load_bits=128))
     return specs

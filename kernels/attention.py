@@ -445,26 +445,9 @@ def head_tiles(head_dim: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
-# Launch configurations per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); for dkdv BLOCK_M is
-# the query block it loops over and BLOCK_N its key block. The GPU values come from a sweep of the
-# sm_80/sm_90 AOT builds at d = 64, 72, 128 (python -m kernels.aot --only attention): the largest
-# tiles tried whose builds use no stack (local memory) on either arch; the backward at 64 x 64 tiles
-# puts 72-200 byte stack frames on sm_80 at d = 72 and 128. Not yet tuned by timing (no GPU so far).
-# Exact fp32 on the GPU is a correctness path (exact "ieee" matmuls on CUDA cores, which need far more
-# registers), so it gets small tiles. The interpreter gets 32 x 32 (every tile op is a numpy call).
-# fp32 dq at (32, 32) with 4 warps spilled 24 bytes on sm_90 (ptxas -v spill stores + loads), and at
-# (32, 16) 16 bytes on sm_80 under Triton 3.6 (the GPU image's); fp32 dkdv at (32, 32) with 4 warps
-# spilled 1.5 KB under 3.6 and none under 3.8. Both build clean under 3.6 and 3.8 at (32, 32) with 8
-# warps and 2 stages.
-# With the JIT's specialisation at the real shapes (16-byte-aligned pointers, strides that are multiples of
-# 16; kernels.aot builds that way) the forward at (128, 64, 8, 3) spilled 8 bytes on sm_80 at d = 64
-# under Triton 3.8, hence 2 stages; the qk-norm dkdv at (32, 64, 8, 2) spilled 8 bytes on sm_80, and
-# (16, 64, 4, 2) is the largest tile tried that builds clean on sm_80/sm_90 under Triton 3.6 and 3.8.
-# fp32 with TF32 tensor cores ("tf32") does not fit the exact path's tiles: at (32, 32, 8 warps) its
-# backward spilled 384 bytes (dkdv) and 72 bytes (dq) on sm_80 and built no wgmma on sm_90. Sweeping
-# d = 72 under Triton 3.6 and 3.8, the entries below build clean with wgmma on sm_90 (dkdv at
-# (16, 64, 4, 2) spilled 16 bytes on sm_80 under 3.6, hence 1 stage; with qk-norm it spilled 60 bytes
-# on sm_80 and 176 on sm_90 at (16, 64, 4, 1), none at (16, 64, 8, 2)).
+# Launch configurations per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) (for dkdv, BLOCK_M is the
+# query block it loops over): the largest tiles whose sm_80/sm_90 builds use no stack under Triton 3.6
+# and 3.8; the build reports behind each entry are in kernels/TUNING.md. Not yet tuned by timing.
 _GPU_CONFIGS = {
     "half": {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dkdv_qk_norm": (16, 64, 4, 2), "dq": (64, 32, 8, 2)},
     "fp32": {"fwd": (32, 32, 8, 1), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)},

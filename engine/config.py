@@ -197,7 +197,7 @@ class EvalConfig(FromDict):
     seed: int = 0
 
     def __post_init__(self):
-        from engine.sampling import METHODS
+        from engine.samplers import METHODS
 
         if self.method not in METHODS:
             raise invalid("method", self.method, f"one of {', '.join(METHODS)}")

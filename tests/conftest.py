@@ -24,6 +24,18 @@ def _fresh_seed():
 
 
 @pytest.fixture(autouse=True)
+def _environment():
+    # engine.distributed.init_distributed writes the launch variables (RANK, MASTER_ADDR, ...) into
+    # os.environ, as DeepSpeed and torch's env:// read them; a test's values must not reach the next
+    # test's in-process trainer (a leaked MASTER_ADDR of a SLURM test hung its rendezvous).
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _matmul_precision():
     # The trainer and the sampler turn TF32 on for a GPU run; a later test's fp32 references and kernels
     # must not inherit it (it would loosen what they compare).

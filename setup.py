@@ -47,6 +47,7 @@ setup(
         "test": ["pytest>=8", "scipy"],                 # scipy: the reference sqrtm of the FID tests
         "eval": ["torch-fidelity>=0.4"],                # engine.evaluate: the TF-Inception port and metrics
         "bench": ["matplotlib"],
+        "wandb": ["wandb>=0.17"],
     },
     **cuda_extension(),
 )

@@ -139,12 +139,23 @@ class CheckpointConfig(FromDict):
 
 
 @dataclass
+class WandbConfig(FromDict):
+    """Weights & Biases logging (pip install -e ".[wandb]"): scalars, sample grids and the config, on rank 0.
+    A resumed run continues the same wandb run (its id is stored in the checkpoint)."""
+
+    project: str = "alignflow"
+    entity: Optional[str] = None               # None: wandb's default entity
+    name: Optional[str] = None                 # None: the basename of train.output_dir
+    mode: Optional[Literal["online", "offline", "disabled"]] = None  # None: WANDB_MODE, else online
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig(FromDict):
-    log_every: int = 10                        # TensorBoard / metrics.jsonl period in steps
+    log_every: int = 10                        # TensorBoard / metrics.jsonl / wandb period in steps
     progress_bar: bool = True
     tensorboard: bool = True
-    wandb: bool = False                        # used only if installed
-    wandb_project: str = "alignflow"
+    wandb: Optional[WandbConfig] = None        # null: off; a mapping (may be {}): on, wandb must be installed
     sample_every: int = 0                      # EMA sample grid period in steps; 0: off
 
     def __post_init__(self):
@@ -467,6 +478,12 @@ def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | Non
         bad("data.num_classes", cfg.data.num_classes, f"equal to model.num_classes={m.num_classes}")
     if t.bootstrap_encoder and not cfg.encoders:
         bad("train.bootstrap_encoder", True, "false without encoders")
+    if cfg.logging.wandb is not None and cfg.logging.wandb.mode != "disabled":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            bad("logging.wandb", dataclasses.asdict(cfg.logging.wandb),
+                "null, or a mapping once wandb is installed (pip install -e \".[wandb]\")")
     if cfg.sample.cfg_scale > 1.0 and m.class_dropout_prob == 0:
         bad("sample.cfg_scale", cfg.sample.cfg_scale, "1 for a model trained without label dropout "
             "(model.class_dropout_prob=0 learns no unconditional velocity)")

@@ -1,6 +1,7 @@
 """What the user sees: a rank-0 progress bar (loss terms, img/s, step time, ETA), TensorBoard scalars,
-wandb where installed and enabled, `metrics.jsonl` (every step) and a loss-curve PNG at the end.
-Other ranks only report warnings."""
+wandb where `logging.wandb` is set (scalars, sample grids, the config; a resumed run continues the
+same wandb run), `metrics.jsonl` (every step) and a loss-curve PNG at the end. Other ranks only
+report warnings."""
 from __future__ import annotations
 
 import json
@@ -36,13 +37,6 @@ class Monitor:
                 self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
             except ImportError as error:
                 log.warning("TensorBoard disabled: %s", error)
-        if cfg.logging.wandb:
-            try:
-                import wandb
-                self.wandb = wandb.init(project=cfg.logging.wandb_project, config=cfg.to_dict(),
-                                        dir=output_dir, resume="allow")
-            except ImportError:
-                log.warning("logging.wandb is true but wandb is not installed; skipping it")
 
     # -- text -----------------------------------------------------------------------------------
 
@@ -61,12 +55,31 @@ class Monitor:
 
     # -- progress -------------------------------------------------------------------------------
 
-    def start(self, step: int, total: int) -> None:
+    def start(self, step: int, total: int, wandb_run_id: str | None = None) -> None:
+        """Start the progress bar, and the wandb run (`wandb_run_id`: the one a resumed run continues)."""
         self.started = time.time()
+        if self.is_main and self.cfg.logging.wandb is not None and self.wandb is None:
+            self._start_wandb(wandb_run_id, step)
         if self.is_main and self.cfg.logging.progress_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr,
                             smoothing=0.1)
+
+    def _start_wandb(self, run_id: str | None, step: int) -> None:
+        import wandb
+
+        w = self.cfg.logging.wandb
+        name = w.name or os.path.basename(os.path.normpath(self.output_dir))
+        self.wandb = wandb.init(project=w.project, entity=w.entity, name=name, mode=w.mode, tags=w.tags or None,
+                                config=self.cfg.to_dict(), dir=self.output_dir,
+                                id=run_id, resume="must" if run_id else None)
+        self.info(f"wandb run {self.wandb.id} ({self.wandb.settings.mode}, project {w.project})"
+                  + (f", resumed at step {step}" if run_id else ""))
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The wandb run's id (stored in checkpoints so that a resume continues the run)."""
+        return None if self.wandb is None else self.wandb.id
 
     def log_step(self, step: int, metrics: dict) -> None:
         if not self.is_main:

@@ -177,6 +177,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.fixed_batch = None
+        self.wandb_run_id = None        # set by a resume: the wandb run to continue
         self.latent_generator = torch.Generator(device=self.device)
         seed_everything(rank_seed(cfg.train.seed, self.rank))
         self.latent_generator.manual_seed(rank_seed(cfg.train.seed + 1, self.rank))
@@ -214,6 +215,13 @@ class Trainer:
                         raise ConfigError(f"latent.{key}", getattr(cfg.latent, key),
                                           f"{meta[f'latent_{key}']!r}, the normalisation the latent shards at "
                                           f"data.latents_root={cfg.data.latents_root!r} were written with")
+        if cfg.data.source == "repa":
+            channels, side = self.loader.latents.shape[:2]
+            if space.channels != channels or side * space.downsample != cfg.data.resolution:
+                raise ConfigError("latent.kind", cfg.latent.kind,
+                                  f"the VAE that encoded the vae-sd/ latents of data.root={cfg.data.root!r} "
+                                  f"({channels} x {side} x {side} for {cfg.data.resolution} px images; this one "
+                                  f"gives {space.channels} channels at {space.downsample}x downsampling)")
 
     def _build_encoders(self):
         from engine.models.encoders import build_encoder
@@ -255,6 +263,7 @@ class Trainer:
         self.micro_attempts = rank_state["micro_attempts"]
         self.nonfinite_total = rank_state["nonfinite_total"]
         self.nonfinite_in_row = rank_state["nonfinite_in_row"]
+        self.wandb_run_id = rank_state.get("wandb_run_id")
         if ema_state is None:
             raise FileNotFoundError(f"{directory}/{tag} has no {ckpt.EMA_FILE}")
         self.ema.load_full_state_dict(ema_state)
@@ -282,7 +291,8 @@ class Trainer:
                       "latent_generator": self.latent_generator.get_state(),
                       "micro_attempts": self.micro_attempts, "nonfinite_total": self.nonfinite_total,
                       "nonfinite_in_row": self.nonfinite_in_row, "precision": self.precision,
-                      "local_world_size": self.dist.local_world_size, "eval": dataclasses.asdict(self.cfg.eval)}
+                      "local_world_size": self.dist.local_world_size, "eval": dataclasses.asdict(self.cfg.eval),
+                      "wandb_run_id": self.monitor.wandb_run_id or self.wandb_run_id}
         ema_state = self.ema.full_state_dict()
         path = ckpt.save_checkpoint(self.engine, self.checkpoint_dir, self.step, self.cfg.to_dict(), rank_state,
                                     ema_state, self.cfg.checkpoint.keep_last)
@@ -318,6 +328,8 @@ class Trainer:
             features = [encoder(images) for encoder in self.encoders]
             if "latent_mean" in batch:
                 mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
+                if batch.get("latent_raw"):  # raw posterior moments: latent.scale / latent.shift applied here
+                    mean, std = self.latent_space.normalise(mean, std)
             else:
                 mean, std = self.latent_space.encode(images)
             x = sample_posterior(mean.float(), std.float(), self.latent_generator)
@@ -432,7 +444,7 @@ class Trainer:
         start_step, start_time = self.step, time.time()
         if self.evaluator is not None and cfg.eval.at_start and self.step == 0:
             self.evaluate()  # the curve's origin: the untrained model
-        self.monitor.start(self.step, cfg.train.max_steps)
+        self.monitor.start(self.step, cfg.train.max_steps, wandb_run_id=self.wandb_run_id)
         stopped_early = False
         try:
             while self.step < cfg.train.max_steps:

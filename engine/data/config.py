@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from engine.configurable import FromDict, invalid
 
-SOURCES = ("builtin", "folder", "webdataset", "latent_shards")
+SOURCES = ("builtin", "folder", "webdataset", "latent_shards", "repa")
 DECODERS = ("dali", "pil", "auto")
 DALI_DEVICES = ("auto", "cpu", "mixed")
 CENTER_CROPS = ("adm",)
@@ -31,7 +31,9 @@ class DataConfig(FromDict):
       webdataset     tar shards (root: a directory of *.tar, or one .tar) whose samples are
                      <key>.jpg|jpeg|png|webp plus <key>.cls (the integer label);
       latent_shards  the images of a folder tree at `root` together with their pre-extracted latents
-                     at `latents_root` (same as folder + latents_root).
+                     at `latents_root` (same as folder + latents_root);
+      repa           REPA's preprocessed layout at `root` (images/, vae-sd/ with dataset.json), read as it
+                     is (engine.data.repa): its SD-VAE moments come with each batch, random_flip false.
     `latents_root` with any image source reads latent shards (engine.data.latents) in step with the
     images: each batch also carries "latent_mean" / "latent_std".
     """
@@ -86,6 +88,11 @@ class DataConfig(FromDict):
         if self.num_classes is not None and (not isinstance(self.num_classes, int)
                                              or isinstance(self.num_classes, bool) or self.num_classes < 1):
             raise _bad("num_classes", self.num_classes, "a positive integer or null (taken from the data)")
+        if self.source == "repa" and self.random_flip:
+            raise _bad("random_flip", True, "false with source 'repa' (its vae-sd/ latents are of the unflipped "
+                       "images only; REPA trains without flips)")
+        if self.source == "repa" and self.latents_root is not None:
+            raise _bad("latents_root", self.latents_root, "null with source 'repa' (its latents are root/vae-sd)")
         if self.source == "latent_shards" and self.latents_root is None:
             raise _bad("latents_root", None, "a path when source='latent_shards'")
 

@@ -183,8 +183,10 @@ def _scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def index_folder(root: str, validate: str, on_corrupt: str, cache_dir: Optional[str], num_threads: int = 8,
-                 source: str = "folder") -> SampleIndex:
-    classes, items = _scan_folder(root)
+                 source: str = "folder", scan=None) -> SampleIndex:
+    """The checked index of the images under `root`: class folders, or `scan()`'s (classes, [(path relative
+    to root, label)]) for a layout with its own labels (engine.data.repa)."""
+    classes, items = scan() if scan is not None else _scan_folder(root)
     cache_file = _cache_path(cache_dir or default_cache_dir(root), source, root, validate)
     cache = _load_cache(cache_file)
     stats, todo = {}, []

@@ -112,6 +112,7 @@ class Loader:
                 mean, std = self.latents.read(rows, flips[self.step])
                 out["latent_mean"] = mean.to(self.device, non_blocking=True)
                 out["latent_std"] = std.to(self.device, non_blocking=True)
+                out["latent_raw"] = getattr(self.latents, "raw", False)  # True: latent.scale/shift still to apply
             self.step += 1  # counted before the yield: a checkpoint taken after this batch resumes after it
             yield out
         if self.step >= self.steps_per_epoch:
@@ -146,6 +147,10 @@ def build_index(cfg: DataConfig) -> SampleIndex:
         make_builtin_dataset(cfg.root, num_classes=cfg.num_classes or 10,
                              images_per_class=cfg.builtin_images_per_class, resolution=cfg.builtin_image_size,
                              seed=0)
+    if cfg.source == "repa":
+        from .repa import index_repa
+
+        return index_repa(cfg.root, cfg.validate, cfg.on_corrupt, cfg.cache_dir, num_threads=cfg.num_threads)[0]
     if cfg.source == "webdataset":
         index = index_webdataset(cfg.root, cfg.validate, cfg.on_corrupt, cfg.cache_dir, num_threads=cfg.num_threads)
     else:
@@ -170,14 +175,20 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, device) -> Loader:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
     device = torch.device(device)
+    def indexed():
+        if cfg.source == "repa":  # its latents are indexed (and checked) with its images
+            from .repa import index_repa
+
+            return index_repa(cfg.root, cfg.validate, cfg.on_corrupt, cfg.cache_dir, num_threads=cfg.num_threads)
+        return build_index(cfg), None, None
+
     if rank == 0:
-        index = build_index(cfg)
+        index, latents, latent_rows = indexed()
         _distributed_barrier()
     else:
         _distributed_barrier()
-        index = build_index(cfg)
+        index, latents, latent_rows = indexed()
 
-    latents, latent_rows = None, None
     if cfg.latents_root is not None:
         from .latents import LatentShards
 

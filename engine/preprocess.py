@@ -38,6 +38,8 @@ def latent_config(spec: str, scale: str | None = None, shift: str | None = None)
     from engine.models.latents import LatentConfig
 
     def number_or_list(text):
+        if text == "auto":
+            return text
         values = [float(v) for v in text.split(",")]
         return values[0] if len(values) == 1 else values
 
@@ -170,10 +172,14 @@ def main(argv=None) -> None:
     cfg = DataConfig(source=args.source, root=args.data_root, resolution=args.resolution,
                      num_classes=args.num_classes, on_corrupt=args.on_corrupt, num_threads=args.decode_threads)
     latent = latent_config(args.latent_space, args.latent_scale, args.latent_shift)
-    encode = encoder_from_latent_space(latent, device)
-    result = preprocess(cfg, args.out, encode, latent_space=args.latent_space, batch_size=args.batch_size,
+    from engine.models.latents import build_latent_space
+
+    space = build_latent_space(latent).to(device).eval()
+    scale, shift = space.scale.flatten().tolist(), space.shift.flatten().tolist()  # "auto" resolved
+    result = preprocess(cfg, args.out, space.encode, latent_space=args.latent_space, batch_size=args.batch_size,
                         chunk_size=args.chunk_size, dtype=args.dtype, rank=rank, world_size=world_size, device=device,
-                        decode_threads=args.decode_threads, latent_scale=latent.scale, latent_shift=latent.shift)
+                        decode_threads=args.decode_threads, latent_scale=scale if len(set(scale)) > 1 else scale[0],
+                        latent_shift=shift if len(set(shift)) > 1 else shift[0])
     if rank == 0 and result["stats"] is not None:
         log.info("latent statistics: %s", result["stats"])
     if info.owns_group:

@@ -16,8 +16,10 @@ the attributes `channels` and `downsample`. Scale and shift are applied around i
 from __future__ import annotations
 
 
+import logging
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -25,6 +27,7 @@ import torch.nn as nn
 from engine.configurable import FromDict, finite_number, invalid
 
 KINDS = ("identity", "vae", "module")
+log = logging.getLogger("engine.models.latents")
 
 
 @dataclass
@@ -32,7 +35,9 @@ class LatentConfig(FromDict):
     kind: str = "vae"
     path: str | None = None                 # vae: local diffusers folder or cached hub id; module: "pkg.mod:factory"
     subfolder: str | None = None
-    scale: float | list[float] | None = None  # None: 0.18215 for a VAE (SD-VAE's), 1.0 otherwise
+    # None: 0.18215 for a VAE (SD-VAE's), 1.0 otherwise; "auto": from the VAE's diffusers config
+    # (scaling_factor, shift_factor, latents_mean / latents_std; see auto_normalisation), logged
+    scale: float | list[float] | Literal["auto"] | None = None
     shift: float | list[float] = 0.0
     dtype: str = "float32"                  # VAE compute dtype
 
@@ -47,12 +52,19 @@ class LatentConfig(FromDict):
         if self.kind == "vae" and not self.path:
             raise invalid("path", self.path, "for kind 'vae' a local diffusers AutoencoderKL folder (e.g. one "
                           "saved from stabilityai/sd-vae-ft-ema) or a cached hub repo id")
-        for key in ("scale", "shift"):
+        if self.scale == "auto":
+            if self.kind != "vae":
+                raise invalid("scale", self.scale, "numbers for kind " + repr(self.kind) + " ('auto' reads a VAE's "
+                              "diffusers config: kind 'vae' only)")
+            if self.shift not in (0, 0.0):
+                raise invalid("shift", self.shift, "0 with scale 'auto' (the shift comes from the VAE's config too)")
+        for key in ("scale", "shift") if self.scale != "auto" else ("shift",):
             value = getattr(self, key)
             values = value if isinstance(value, (list, tuple)) else [value]
             if not values or any(not finite_number(v) for v in values):
                 raise invalid(key, value, "a finite number or a list of finite numbers (one per latent channel)")
-        if any(v == 0 for v in (self.scale if isinstance(self.scale, (list, tuple)) else [self.scale])):
+        if self.scale != "auto" and any(v == 0 for v in (self.scale if isinstance(self.scale, (list, tuple))
+                                                         else [self.scale])):
             raise invalid("scale", self.scale, "non-zero values")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise invalid("dtype", self.dtype, "one of float32, float16, bfloat16")
@@ -82,10 +94,12 @@ def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gen
 class _FrozenAutoencoder(nn.Module):
     """A frozen autoencoder's latents as the flow sees them: z * scale + shift, per channel."""
 
-    def _normalise_channels(self, channels: int) -> None:
+    def _normalise_channels(self, channels: int, scale=None, shift=None) -> None:
         self.channels = int(channels)
-        self.register_buffer("scale", _per_channel(self.cfg.scale, self.channels, "scale"), persistent=False)
-        self.register_buffer("shift", _per_channel(self.cfg.shift, self.channels, "shift"), persistent=False)
+        scale = self.cfg.scale if scale is None else scale
+        shift = self.cfg.shift if shift is None else shift
+        self.register_buffer("scale", _per_channel(scale, self.channels, "scale"), persistent=False)
+        self.register_buffer("shift", _per_channel(shift, self.channels, "shift"), persistent=False)
 
     def normalise(self, mean: torch.Tensor, std: torch.Tensor):
         return mean.float() * self.scale + self.shift, std.float() * self.scale.abs()
@@ -123,7 +137,12 @@ class VAELatentSpace(_FrozenAutoencoder):
         self.cfg = cfg
         self.vae = vae.eval().requires_grad_(False)
         self.dtype = getattr(torch, cfg.dtype)
-        self._normalise_channels(vae.config.latent_channels)
+        if cfg.scale == "auto":
+            scale, shift, how = auto_normalisation(vae.config)
+            log.info("latent.scale: auto from %s: %s; scale %s, shift %s", cfg.path, how, scale, shift)
+            self._normalise_channels(vae.config.latent_channels, scale, shift)
+        else:
+            self._normalise_channels(vae.config.latent_channels)
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
@@ -135,6 +154,27 @@ class VAELatentSpace(_FrozenAutoencoder):
     @torch.no_grad()
     def decode(self, latents):
         return self.vae.decode(self.denormalise(latents).to(self.dtype)).sample.float().clamp(-1, 1)
+
+
+def auto_normalisation(config) -> tuple[list[float], list[float], str]:
+    """(scale, shift) per channel such that latent = z * scale + shift is what diffusers' pipelines feed
+    their denoiser, from an AutoencoderKL config, and a line saying which values were used:
+        latents_mean / latents_std given:  (z - mean) * scaling_factor / std
+        else:                              (z - shift_factor) * scaling_factor   (shift_factor None: 0)"""
+    channels = int(config.latent_channels)
+    factor = float(getattr(config, "scaling_factor", None) or 0.18215)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != channels or len(std) != channels or any(v <= 0 for v in std):
+            raise ValueError(f"the VAE config's latents_mean / latents_std {mean} / {std} do not give {channels} "
+                             "positive per-channel values")
+        scale = [factor / s for s in std]
+        shift = [-m * factor / s for m, s in zip(mean, std)]
+        return scale, shift, f"scaling_factor={factor}, latents_mean={mean}, latents_std={std}"
+    shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+    return [factor] * channels, [-shift_factor * factor] * channels, \
+        f"scaling_factor={factor}, shift_factor={shift_factor}"
 
 
 class ModuleLatentSpace(_FrozenAutoencoder):

@@ -271,3 +271,21 @@ def load_pretrained(path: str, config_raw: dict | None = None) -> tuple[dict, di
     kind = "REPA/REG" if read["format"] == "repa" else "state-dict"
     log.info("%s checkpoint %s: model %s; transport %s", kind, file, model, transport or "as configured")
     return raw, read["state"], model, f"{kind} checkpoint {file}"
+
+
+# REPA's train.py options and the config keys that do their job here (the README's table is checked
+# against this mapping; None: no counterpart, with the reason in the README).
+REPA_FLAGS = {
+    "--output-dir": "train.output_dir", "--exp-name": "train.output_dir", "--report-to": "logging.wandb",
+    "--sampling-steps": "logging.sample_every", "--resume-step": "checkpoint.resume", "--model": "model.name",
+    "--num-classes": "model.num_classes", "--encoder-depth": "model.encoder_depth",
+    "--fused-attn": "train.kernels_backend", "--qk-norm": "model.qk_norm", "--data-dir": "data.root",
+    "--resolution": "data.resolution", "--batch-size": "train.global_batch_size", "--allow-tf32": "train.allow_tf32",
+    "--mixed-precision": "train.precision", "--epochs": None, "--max-train-steps": "train.max_steps",
+    "--checkpointing-steps": "checkpoint.every", "--gradient-accumulation-steps": "train.grad_accum_steps",
+    "--learning-rate": "optim.lr", "--adam-beta1": "optim.betas", "--adam-beta2": "optim.betas",
+    "--adam-weight-decay": "optim.weight_decay", "--adam-epsilon": "optim.eps", "--max-grad-norm": "optim.grad_clip",
+    "--seed": "train.seed", "--num-workers": "data.num_workers", "--path-type": "transport.path",
+    "--prediction": "transport.prediction", "--cfg-prob": "model.class_dropout_prob", "--enc-type": "encoders",
+    "--proj-coeff": "transport.proj_coeff", "--weighting": "transport.time_sampling", "--legacy": None,
+}

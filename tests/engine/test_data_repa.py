@@ -133,7 +133,8 @@ def test_trainer_trains_on_a_repa_tree(tmp_path):
         results = Trainer(from_dict(raw)).fit()
         assert results["step"] == 2 and results["nonfinite_total"] == 0
     finally:
-        from tests.engine.trainer_fixtures import end_process_group
-        end_process_group()
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)

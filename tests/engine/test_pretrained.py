@@ -185,7 +185,8 @@ def test_trainer_fine_tunes_from_a_repa_checkpoint(tmp_path):
         with pytest.raises(ValueError, match="model.projector_dim=16 .* allowed: 32"):
             Trainer(from_dict(bad))
     finally:
-        from tests.engine.trainer_fixtures import end_process_group
-        end_process_group()
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)

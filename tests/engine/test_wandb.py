@@ -75,8 +75,9 @@ def wandb_env(monkeypatch, tmp_path):
     saved = dict(os.environ)
     with kernels.use_backend(kernels.get_backend()):
         yield
-    from tests.engine.trainer_fixtures import end_process_group
-    end_process_group()
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
 

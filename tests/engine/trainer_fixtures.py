@@ -101,18 +101,3 @@ def launch(args: list[str], nproc: int = 2, module: str = "engine.train", timeou
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
-
-
-def end_process_group() -> None:
-    """Destroy the one-rank group an in-process Trainer joined, through DeepSpeed so that its cached
-    clone of the world group goes too (a later Trainer in this process would otherwise broadcast over
-    the destroyed clone: 'Group ... is not registered')."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        import deepspeed.comm
-
-        if deepspeed.comm.cdb is not None:
-            deepspeed.comm.destroy_process_group()
-        else:
-            dist.destroy_process_group()

@@ -172,21 +172,15 @@ def test_trainer_fine_tunes_from_a_repa_checkpoint(tmp_path):
     path = tmp_path / "repa.pt"
     torch.save(repa_payload(model, model.state_dict()), path)
     raw["checkpoint"] = dict(raw["checkpoint"], init_weights=str(path))
-    saved = dict(os.environ)
-    try:
-        trainer = Trainer(from_dict(raw))
-        for name, value in model.state_dict().items():
-            torch.testing.assert_close(trainer.engine.module.state_dict()[name].float(), value, rtol=0, atol=0,
-                                       msg=name)
-        ema = trainer.ema.full_state_dict()
-        torch.testing.assert_close(ema["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"],
-                                   rtol=0, atol=0)
-        bad = dict(raw, model=dict(raw["model"], projector_dim=16))
-        with pytest.raises(ValueError, match="model.projector_dim=16 .* allowed: 32"):
-            Trainer(from_dict(bad))
-    finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
+    # The one-rank group the Trainer joins stays up for later in-process trainers, as within test_train.py
+    # (a group ended under DeepSpeed leaves it a stale world-group clone).
+    trainer = Trainer(from_dict(raw))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(trainer.engine.module.state_dict()[name].float(), value, rtol=0, atol=0,
+                                   msg=name)
+    ema = trainer.ema.full_state_dict()
+    torch.testing.assert_close(ema["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"],
+                               rtol=0, atol=0)
+    bad = dict(raw, model=dict(raw["model"], projector_dim=16))
+    with pytest.raises(ValueError, match="model.projector_dim=16 .* allowed: 32"):
+        Trainer(from_dict(bad))

@@ -106,7 +106,7 @@ def test_corrupt_and_missing_files_are_skipped_and_counted(tmp_path):
 def test_layout_errors_are_named(tmp_path):
     root = tmp_path / "repa"
     write_repa_tree(root)
-    with pytest.raises(ValueError, match="data.random_flip=True"):
+    with pytest.raises(ValueError, match="random_flip: true: false with source 'repa'"):
         repa_config(root, random_flip=True)
     os.remove(root / "vae-sd" / "00000" / "img-mean-std-00000002.npy")
     with pytest.raises(ValueError, match="12 images in images/ but 11 latents"):

@@ -48,7 +48,7 @@ def test_auto_normalises_as_diffusers_pipelines(tmp_path, caplog, config):
 
 
 def test_auto_errors_are_named():
-    with pytest.raises(ValueError, match=r"scale='auto'.*kind 'vae' only"):
+    with pytest.raises(ValueError, match=r"scale: 'auto': .*kind 'vae' only"):
         LatentConfig(kind="identity", scale="auto")
-    with pytest.raises(ValueError, match=r"shift=0.5.*0 with scale 'auto'"):
+    with pytest.raises(ValueError, match=r"shift: 0.5: 0 with scale 'auto'"):
         LatentConfig(kind="vae", path="x", scale="auto", shift=0.5)

@@ -113,6 +113,6 @@ def test_wandb_configured_but_not_installed_is_named(tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     cfg = from_dict(tiny_config(tmp_path / "run", tmp_path / "data", logging={"wandb": {}}))
-    with pytest.raises(ConfigError, match=r"logging.wandb=.*pip install -e \".\[wandb\]\""):
+    with pytest.raises(ConfigError, match=r"logging.wandb: .*pip install -e"):
         validate(cfg)
     validate(from_dict(tiny_config(tmp_path / "run", tmp_path / "data", logging={"wandb": {"mode": "disabled"}})))

@@ -12,6 +12,7 @@ Without a GPU, DeepSpeed's CPU accelerator and gloo are selected before deepspee
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -186,7 +187,8 @@ class Trainer:
         self.evaluator = None
         if cfg.eval.every:
             from engine.evaluate import OnlineEvaluator
-            self.evaluator = OnlineEvaluator(self)
+            with self.training_rng_untouched():
+                self.evaluator = OnlineEvaluator(self)
 
     def _init_weights(self, model) -> None:
         """Load checkpoint.init_weights strict into `model` (on every rank), after checking that the
@@ -499,6 +501,19 @@ class Trainer:
 
     last_eval, last_eval_step = None, None
 
+    @contextlib.contextmanager
+    def training_rng_untouched(self):
+        """Evaluation draws random numbers (a model's initialisation, a random test Inception, the probe,
+        sampling noise) from the global generators; the training steps after it must draw exactly what
+        they would without it (tests/engine/test_numerics_frozen.py runs the main job with eval on)."""
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            try:
+                yield
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
     def evaluate(self) -> dict | None:
         """eval.*: the EMA model's samples scored over all ranks (collective); rank 0 logs the metrics
         (TensorBoard, eval.jsonl, the loss-curve figure) and returns them."""
@@ -506,9 +521,10 @@ class Trainer:
         from engine.models import build_model
 
         started = time.time()
-        model = build_model(self.cfg.model)
-        model.load_state_dict(self.ema.full_state_dict(), strict=True)
-        metrics = self.evaluator.evaluate(model.to(self.device).eval())
+        with self.training_rng_untouched():
+            model = build_model(self.cfg.model)
+            model.load_state_dict(self.ema.full_state_dict(), strict=True)
+            metrics = self.evaluator.evaluate(model.to(self.device).eval())
         del model
         self.last_eval, self.last_eval_step = metrics, self.step
         if self.is_main:

@@ -144,6 +144,14 @@ def preprocess(cfg: DataConfig, out: str, encode: Encoder, *, latent_space: str 
     return dict(written=todo, already_done=already_done, stats=stats)
 
 
+def resolved(given, values: list[float]):
+    """The scale or shift to record in the shards: as the user gave it, or the values "auto" resolved to
+    (one number where every channel has the same)."""
+    if given != "auto":
+        return given
+    return values if len(set(values)) > 1 else values[0]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", required=True)
@@ -178,8 +186,8 @@ def main(argv=None) -> None:
     scale, shift = space.scale.flatten().tolist(), space.shift.flatten().tolist()  # "auto" resolved
     result = preprocess(cfg, args.out, space.encode, latent_space=args.latent_space, batch_size=args.batch_size,
                         chunk_size=args.chunk_size, dtype=args.dtype, rank=rank, world_size=world_size, device=device,
-                        decode_threads=args.decode_threads, latent_scale=scale if len(set(scale)) > 1 else scale[0],
-                        latent_shift=shift if len(set(shift)) > 1 else shift[0])
+                        decode_threads=args.decode_threads, latent_scale=resolved(latent.scale, scale),
+                        latent_shift=resolved(latent.shift, shift))
     if rank == 0 and result["stats"] is not None:
         log.info("latent statistics: %s", result["stats"])
     if info.owns_group:

@@ -28,9 +28,13 @@ def _environment():
     # engine.distributed.init_distributed writes the launch variables (RANK, MASTER_ADDR, ...) into
     # os.environ, as DeepSpeed and torch's env:// read them; a test's values must not reach the next
     # test's in-process trainer (a leaked MASTER_ADDR of a SLURM test hung its rendezvous).
+    # A test that leaves its one-rank process group up (as in-process trainer tests do, since DeepSpeed
+    # keeps its own copy of the world group) keeps the variables that group was made with.
+    import torch.distributed as dist
+
     saved = dict(os.environ)
     yield
-    if os.environ != saved:
+    if os.environ != saved and not (dist.is_available() and dist.is_initialized()):
         os.environ.clear()
         os.environ.update(saved)
 

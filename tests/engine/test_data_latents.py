@@ -145,7 +145,8 @@ def test_loader_yields_latents_in_step_with_images(builtin_root, tmp_path):
     loader = build_loader(cfg, 1, 2, "cpu")
     encoder, flipped_any = PoolEncoder(), False
     for batch in loader:
-        assert set(batch) == {"image", "label", "latent_mean", "latent_std", "keys"}
+        assert set(batch) == {"image", "label", "latent_mean", "latent_std", "latent_raw", "keys"}
+        assert batch["latent_raw"] is False  # shards hold moments with latent.scale / shift applied
         rows = LatentShards(out).rows_for(batch["keys"])  # the keys name the samples of this batch
         assert (rows >= 0).all() and (LatentShards(out).labels[rows] == batch["label"].numpy()).all()
         assert batch["latent_mean"].dtype == torch.float32 and batch["latent_mean"].shape == (8, 3, 8, 8)

@@ -214,7 +214,7 @@ class FeatureStats:
                    inception_score=inception_score(features["logits"]))
 
     def save(self, path: str, meta: dict) -> str:
-        from engine.sample import _write_atomic
+        from engine.images import write_atomic
 
         arrays = {k: getattr(self, k) for k in self.KEYS}
         if self.pool is not None:
@@ -222,7 +222,7 @@ class FeatureStats:
         if self.inception_score is not None:
             arrays["inception_score"] = np.float64(self.inception_score)
         arrays["meta"] = np.array(json.dumps(meta))
-        return _write_atomic(path, lambda f: np.savez(f, **arrays))
+        return write_atomic(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str) -> tuple["FeatureStats", dict]:
@@ -319,12 +319,12 @@ def use_stored_statistics(ref: FeatureStats, stored: FeatureStats | None) -> Fea
 
 def write_reference_batch(path: str, images: np.ndarray, stats: FeatureStats | None = None) -> str:
     """An ADM-style reference batch: arr_0 and, with `stats`, mu, sigma, mu_s, sigma_s."""
-    from engine.sample import _write_atomic
+    from engine.images import write_atomic
 
     arrays = {"arr_0": images}
     if stats is not None:
         arrays.update({k: getattr(stats, k) for k in FeatureStats.KEYS})
-    return _write_atomic(path, lambda f: np.savez(f, **arrays))
+    return write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +349,8 @@ def extract_features(images: NpzImages, model: InceptionFeatures, parts_dir: str
                      info, progress: bool = True) -> dict[str, np.ndarray] | None:
     """Features of every image, batch b on rank b % world; each batch written to `parts_dir` (a rerun
     skips those that load). Rank 0 returns them in image order, other ranks None."""
-    from engine.sample import _all_ranks_concat, _on_main, _write_atomic
+    from engine.images import write_atomic
+    from engine.sample import _all_ranks_concat, _on_main
 
     n = len(images)
     num_batches = math.ceil(n / batch_size)
@@ -368,7 +369,7 @@ def extract_features(images: NpzImages, model: InceptionFeatures, parts_dir: str
                 shutil.rmtree(parts_dir)
         os.makedirs(parts_dir, exist_ok=True)
         if not os.path.exists(meta_path):
-            _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
     _on_main(info, prepare)
     missing = _all_ranks_concat(info, [b for b in range(info.rank, num_batches, info.world_size)
@@ -384,7 +385,7 @@ def extract_features(images: NpzImages, model: InceptionFeatures, parts_dir: str
     for b in todo:
         features = model(images.batch(b * batch_size, b * batch_size + rows(b)))
         arrays = {k: v.cpu().numpy() for k, v in features.items()}
-        _write_atomic(part(b), lambda f: np.savez(f, **arrays))
+        write_atomic(part(b), lambda f: np.savez(f, **arrays))
         if bar is not None:
             bar.update(rows(b))
     if bar is not None:
@@ -595,7 +596,8 @@ class OnlineEvaluator:
     def sample_features(self, model) -> dict | None:
         """Features of the `eval.num_images` samples of `model` (collective); rank 0 gets them in image
         order with the labels, other ranks None."""
-        from engine.sample import batch_labels, generate
+        from engine.images import generate
+        from engine.sample import batch_labels
 
         t, e, info = self.trainer, self.cfg, self.trainer.dist
         cfg = self._sampling_cfg()
@@ -713,8 +715,8 @@ def _evaluate(args: argparse.Namespace, info) -> dict:
     if args.random_inception:
         result["warning"] = RANDOM_WARNING
     path = os.path.join(out_dir, "evaluation.json")
-    from engine.sample import _write_atomic
-    _write_atomic(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    from engine.images import write_atomic
+    write_atomic(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(format_metrics(metrics) + f"  ({samples.num_images} samples vs {ref.num_images} reference images; "
           f"{path})", flush=True)
     if args.random_inception:

@@ -68,7 +68,9 @@ def env(extra: dict | None = None) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
     e["OMP_NUM_THREADS"] = "1"
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    # a launcher sets these for its ranks; values an in-process test left behind (init_distributed
+    # writes them into os.environ) must not reach them: an inherited LOCAL_WORLD_SIZE=1 broke rank 1
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(key, None)
     e.update(extra or {})
     return e

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.train_step import TRAINER_VARIANTS  # name -> (train.precision, train.compile)
+from bench.train_step import TRAINER_VARIANTS, add_step_arguments  # TRAINER_VARIANTS: name -> (precision, compile)
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
@@ -1001,13 +1001,7 @@ def compare_to_baseline(ops: list[Op], baseline: dict, tolerance: float = 0.02) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="SiT-XL/2")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--encoder", default="dinov2-vit-b")
-    parser.add_argument("--encoder-depth", type=int, default=8)
-    parser.add_argument("--reg", action="store_true")
-    parser.add_argument("--car-flow", default="none", choices=["none", "source", "target", "joint"])
+    add_step_arguments(parser)
     parser.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--device-preset", default="h100-sxm",

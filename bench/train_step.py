@@ -397,8 +397,8 @@ def markdown(payload) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The step's shape: the arguments this benchmark and the cost model (bench.model) share."""
     parser.add_argument("--model", default="SiT-XL/2")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--resolution", type=int, default=256)
@@ -406,6 +406,11 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder-depth", type=int, default=8)
     parser.add_argument("--reg", action="store_true", help="add REG's class token")
     parser.add_argument("--car-flow", default="none", choices=["none", "source", "target", "joint"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_step_arguments(parser)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--variants", help=f"comma-separated, of {ORDER} (default: all; --smoke: the eager "

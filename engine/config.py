@@ -38,6 +38,16 @@ def _at_least(section, pairs) -> None:
             raise invalid(key, value, f"an integer >= {low}")
 
 
+def _check_sampler(section) -> None:
+    """The sampler settings that `sample` and `eval` share: a known `method` and a usable `cfg_scale`."""
+    from engine.samplers import METHODS
+
+    if section.method not in METHODS:
+        raise invalid("method", section.method, f"one of {', '.join(METHODS)}")
+    if not (finite_number(section.cfg_scale) and section.cfg_scale >= 0):
+        raise invalid("cfg_scale", section.cfg_scale, "a finite number >= 0 (<= 1: no guidance)")
+
+
 # ----------------------------------------------------------------------------------------------
 # The trainer's own sections
 # ----------------------------------------------------------------------------------------------
@@ -175,12 +185,7 @@ class SampleConfig(FromDict):
     seed: int = 0
 
     def __post_init__(self):
-        from engine.samplers import METHODS
-
-        if self.method not in METHODS:
-            raise invalid("method", self.method, f"one of {', '.join(METHODS)}")
-        if not (finite_number(self.cfg_scale) and self.cfg_scale >= 0):
-            raise invalid("cfg_scale", self.cfg_scale, "a finite number >= 0 (<= 1: no guidance)")
+        _check_sampler(self)
         _at_least(self, (("num_steps", 1), ("num_images", 0), ("batch_size", 1), ("grid_images", 1), ("seed", 0)))
 
 
@@ -208,12 +213,7 @@ class EvalConfig(FromDict):
     seed: int = 0
 
     def __post_init__(self):
-        from engine.samplers import METHODS
-
-        if self.method not in METHODS:
-            raise invalid("method", self.method, f"one of {', '.join(METHODS)}")
-        if not (finite_number(self.cfg_scale) and self.cfg_scale >= 0):
-            raise invalid("cfg_scale", self.cfg_scale, "a finite number >= 0 (<= 1: no guidance)")
+        _check_sampler(self)
         _at_least(self, (("every", 0), ("num_images", 2), ("real_images", 2), ("num_steps", 1), ("batch_size", 1),
                          ("seed", 0)))
         if self.random_inception and self.inception_weights is not None:

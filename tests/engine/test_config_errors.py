@@ -67,6 +67,8 @@ VALUES = [
     ("sample", "cfg_scale", NAN, "sample.cfg_scale", "finite"),
     ("sample", "seed", -1, "sample.seed", ">= 0"),
     ("sample", "batch_size", 0, "sample.batch_size", ">= 1"),
+    ("eval", "method", "ddim", "eval.method", "euler"),
+    ("eval", "cfg_scale", -1.0, "eval.cfg_scale", ">= 0"),
     ("model", "name", "SiT-XXL/2", "model.name", "SiT-XL/2"),
     ("model", "hidden_size", 30, "model.hidden_size", "a multiple of 4"),
     ("model", "num_heads", 3, "model.hidden_size", "multiple of num_heads=3"),
@@ -127,7 +129,7 @@ def refused(tmp_path, raw_or_text, key: str | None, allowed: str, line_known: bo
                          ids=[f"{s}.{k}={v!r}" for s, k, v, _, _ in VALUES])
 def test_bad_value_is_one_line_naming_the_key(tmp_path, section, key, value, named, allowed):
     raw = base(tmp_path)
-    raw[section] = {**raw[section], key: value}
+    raw[section] = {**raw.get(section, {}), key: value}
     refused(tmp_path, raw, named, allowed)
 
 

@@ -15,12 +15,15 @@ The local rank, never the global one, picks the GPU (cuda:LOCAL_RANK). Collectiv
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -254,3 +257,21 @@ def init_distributed(device: str = "cpu", *, local_rank: Optional[int] = None, t
         if timeout_s is not None and not owns_group:
             set_collective_timeout(timeout_s)
     return DistInfo(rank, local_rank, world, target, owns_group, local_world)
+
+
+@contextlib.contextmanager
+def command_process(device: str, *, local_rank: Optional[int] = None, timeout_s: Optional[float] = None,
+                    worker_log_level: int = logging.WARNING) -> Iterator[DistInfo]:
+    """A command-line entry point's process (engine.sample, engine.evaluate, engine.preprocess): joins
+    the run as `init_distributed` does, logs to stderr tagged with its rank (rank 0 at INFO, the others
+    at `worker_log_level`; left alone where logging is configured already) and, on the way out, error
+    or not, destroys the process group where it created it."""
+    info = init_distributed(device, local_rank=local_rank, timeout_s=timeout_s)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if info.is_main else worker_log_level, stream=sys.stderr,
+                            format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s")
+    try:
+        yield info
+    finally:
+        if info.owns_group:
+            dist.destroy_process_group()

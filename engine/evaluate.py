@@ -679,19 +679,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """Every rank extracts its share; rank 0 prints, writes and returns the metrics (others {})."""
-    from engine.distributed import init_distributed
+    from engine.distributed import command_process
 
     args = parse_args(argv)
     # ranks wait at the barrier for the slowest one's last batch: allow long batches
-    info = init_distributed(args.device, local_rank=args.local_rank, timeout_s=EXTRACTION_TIMEOUT_S)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, stream=sys.stderr,
-                            format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s")
-    try:
+    with command_process(args.device, local_rank=args.local_rank, timeout_s=EXTRACTION_TIMEOUT_S) as info:
         return _evaluate(args, info)
-    finally:
-        if info.owns_group:
-            dist.destroy_process_group()
 
 
 def _evaluate(args: argparse.Namespace, info) -> dict:

@@ -171,27 +171,28 @@ def main(argv=None) -> None:
     parser.add_argument("--on-corrupt", default="skip", choices=["skip", "error"])
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from engine.distributed import command_process
 
-    from engine.distributed import init_distributed
+    # every rank logs its own chunks' progress
+    with command_process("cuda" if torch.cuda.is_available() else "cpu", local_rank=args.local_rank,
+                         worker_log_level=logging.INFO) as info:
+        _preprocess(args, info)
 
-    info = init_distributed("cuda" if torch.cuda.is_available() else "cpu", local_rank=args.local_rank)
-    rank, world_size, device = info.rank, info.world_size, info.device
+
+def _preprocess(args: argparse.Namespace, info) -> None:
     cfg = DataConfig(source=args.source, root=args.data_root, resolution=args.resolution,
                      num_classes=args.num_classes, on_corrupt=args.on_corrupt, num_threads=args.decode_threads)
     latent = latent_config(args.latent_space, args.latent_scale, args.latent_shift)
     from engine.models.latents import build_latent_space
 
-    space = build_latent_space(latent).to(device).eval()
+    space = build_latent_space(latent).to(info.device).eval()
     scale, shift = space.scale.flatten().tolist(), space.shift.flatten().tolist()  # "auto" resolved
     result = preprocess(cfg, args.out, space.encode, latent_space=args.latent_space, batch_size=args.batch_size,
-                        chunk_size=args.chunk_size, dtype=args.dtype, rank=rank, world_size=world_size, device=device,
-                        decode_threads=args.decode_threads, latent_scale=resolved(latent.scale, scale),
-                        latent_shift=resolved(latent.shift, shift))
-    if rank == 0 and result["stats"] is not None:
+                        chunk_size=args.chunk_size, dtype=args.dtype, rank=info.rank, world_size=info.world_size,
+                        device=info.device, decode_threads=args.decode_threads,
+                        latent_scale=resolved(latent.scale, scale), latent_shift=resolved(latent.shift, shift))
+    if info.is_main and result["stats"] is not None:
         log.info("latent statistics: %s", result["stats"])
-    if info.owns_group:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 import zipfile
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.distributed import DistInfo, init_distributed
+from engine.distributed import DistInfo, command_process
 from engine.images import generate, load_for_sampling, save_grid, write_atomic
 
 log = logging.getLogger("engine.sample")
@@ -225,15 +224,8 @@ def main(argv=None) -> dict:
     "generated", "corrupt"} (batch counts over all ranks), other ranks {}."""
     args = parse_args(argv)
     # Ranks wait at the final barrier for the slowest one's last batch: allow long batches.
-    info = init_distributed(args.device, local_rank=args.local_rank, timeout_s=SAMPLING_TIMEOUT_S)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, stream=sys.stderr,
-                            format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s")
-    try:
+    with command_process(args.device, local_rank=args.local_rank, timeout_s=SAMPLING_TIMEOUT_S) as info:
         return _sample(args, info)
-    finally:
-        if info.owns_group:
-            dist.destroy_process_group()
 
 
 def _sample(args: argparse.Namespace, info: DistInfo) -> dict:

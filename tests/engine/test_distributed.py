@@ -178,3 +178,21 @@ def test_a_hung_peer_times_out_every_group():
         failure = result[name]
         assert failure.get("collective_failure") is True, (name, output[-3000:])
         assert timeout_s * 0.8 <= failure["seconds"] <= timeout_s + 10, (name, failure)
+
+
+@pytest.mark.parametrize("owns_group", [True, False])
+def test_a_command_destroys_only_the_group_it_created_even_on_error(monkeypatch, owns_group):
+    """engine.sample / evaluate / preprocess run inside command_process: the group init_distributed
+    created is destroyed on the way out (an error included); one made by the caller is left alone."""
+    import engine.distributed as distributed
+
+    made = distributed.DistInfo(0, 0, 1, torch.device("cpu"), owns_group=owns_group)
+    asked, destroyed = [], []
+    monkeypatch.setattr(distributed, "init_distributed", lambda device, **kw: asked.append((device, kw)) or made)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(True))
+    with pytest.raises(KeyError, match="boom"):
+        with distributed.command_process("cpu", local_rank=0, timeout_s=5.0) as info:
+            assert info is made and not destroyed
+            raise KeyError("boom")
+    assert asked == [("cpu", {"local_rank": 0, "timeout_s": 5.0})]
+    assert destroyed == ([True] if owns_group else [])

@@ -39,13 +39,19 @@ def _at_least(section, pairs) -> None:
 
 
 def _check_sampler(section) -> None:
-    """The sampler settings that `sample` and `eval` share: a known `method` and a usable `cfg_scale`."""
+    """The sampler settings that `sample` and `eval` share: a known `method`, a usable `cfg_scale`, and
+    0 <= guidance_low <= guidance_high <= 1 (times in REPA's direction, t = 0 data)."""
     from engine.samplers import METHODS
 
     if section.method not in METHODS:
         raise invalid("method", section.method, f"one of {', '.join(METHODS)}")
     if not (finite_number(section.cfg_scale) and section.cfg_scale >= 0):
         raise invalid("cfg_scale", section.cfg_scale, "a finite number >= 0 (<= 1: no guidance)")
+    low, high = section.guidance_low, section.guidance_high
+    if not (finite_number(low) and 0 <= low <= 1):
+        raise invalid("guidance_low", low, "a number in [0, 1] (t = 0 data, t = 1 noise)")
+    if not (finite_number(high) and low <= high <= 1):
+        raise invalid("guidance_high", high, f"a number in [guidance_low={low}, 1] (t = 0 data, t = 1 noise)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +189,10 @@ class SampleConfig(FromDict):
     batch_size: int = 32
     grid_images: int = 16
     seed: int = 0
+    # classifier-free guidance only where guidance_low <= t <= guidance_high, t in REPA's direction
+    # (0 data, 1 noise): REPA's --guidance-low / --guidance-high
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
 
     def __post_init__(self):
         _check_sampler(self)
@@ -211,6 +221,8 @@ class EvalConfig(FromDict):
     cfg_scale: float = 1.0
     batch_size: int = 32
     seed: int = 0
+    guidance_low: float = 0.0                  # as sample.guidance_low / guidance_high
+    guidance_high: float = 1.0
 
     def __post_init__(self):
         _check_sampler(self)
@@ -222,7 +234,7 @@ class EvalConfig(FromDict):
 
 # The settings that define the evaluation curve: a resumed run must keep them (eval.every may change).
 EVAL_CURVE_KEYS = ("num_images", "ref", "random_inception", "encoder_metrics", "real_images", "num_steps", "method",
-                   "cfg_scale", "batch_size", "seed")
+                   "cfg_scale", "batch_size", "seed", "guidance_low", "guidance_high")
 
 
 @dataclass

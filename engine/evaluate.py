@@ -591,7 +591,8 @@ class OnlineEvaluator:
 
         cfg, e = self.trainer.cfg, self.cfg
         return dataclasses.replace(cfg, sample=dataclasses.replace(
-            cfg.sample, num_steps=e.num_steps, method=e.method, cfg_scale=e.cfg_scale, batch_size=e.batch_size))
+            cfg.sample, num_steps=e.num_steps, method=e.method, cfg_scale=e.cfg_scale, batch_size=e.batch_size,
+            guidance_low=e.guidance_low, guidance_high=e.guidance_high))
 
     def sample_features(self, model) -> dict | None:
         """Features of the `eval.num_images` samples of `model` (collective); rank 0 gets them in image

@@ -34,7 +34,8 @@ def generate(model, latent_space, labels: torch.Tensor, cfg, device, seed: int |
         y = labels[start:start + s.batch_size].to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             latents = sample(model, y, num_steps=s.num_steps, method=s.method, cfg_scale=s.cfg_scale,
-                             seed=seed + i, transport_cfg=cfg.transport)
+                             guidance_interval=(s.guidance_low, s.guidance_high), seed=seed + i,
+                             transport_cfg=cfg.transport)
         out.append(to_uint8(latent_space.decode(latents.float())))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 

@@ -4,6 +4,7 @@ trainer uses too, is `engine.images`; the ODE/SDE samplers are `engine.samplers`
 
     python -m engine.sample --ckpt runs/builtin_cpu/checkpoints --out runs/builtin_cpu/eval \\
         [--num-images 1000] [--num-steps 50] [--method euler|heun|euler_maruyama] [--cfg-scale 1.0]
+        [--guidance-low 0.0] [--guidance-high 1.0]
     deepspeed --num_gpus 8 --module engine.sample --ckpt CKPT --out OUT --num-images 50000   # FID-50K
     torchrun --nproc_per_node 8 -m engine.sample --ckpt CKPT --out OUT --num-images 50000
 
@@ -43,7 +44,9 @@ SAMPLING_TIMEOUT_S = 2 * 3600
 META_FILE = "meta.json"
 # Settings that change the images; a restart must match them all to reuse the parts.
 META_KEYS = ("ckpt", "config", "num_images", "batch_size", "seed", "num_steps", "method", "cfg_scale", "resolution",
-             "precision")
+             "precision", "guidance_low", "guidance_high")
+# Parts written before a setting existed were made with its default.
+META_DEFAULTS = {"guidance_low": 0.0, "guidance_high": 1.0}
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -121,9 +124,10 @@ def prepare_parts(parts_dir: str, meta: dict, overwrite: bool) -> None:
                 old = json.load(f)
         except (OSError, ValueError) as error:
             raise ValueError(f"{meta_path} is unreadable ({error}); pass --overwrite to delete the parts") from error
-        differing = [key for key in META_KEYS if old.get(key) != meta[key]]
+        there = {key: old.get(key, META_DEFAULTS.get(key)) for key in META_KEYS}
+        differing = [key for key in META_KEYS if there[key] != meta[key]]
         if differing:
-            details = "; ".join(f"{key}: {old.get(key)!r} there, {meta[key]!r} now" for key in differing)
+            details = "; ".join(f"{key}: {there[key]!r} there, {meta[key]!r} now" for key in differing)
             raise ValueError(f"{parts_dir} holds samples made with other settings ({details}). Rerun with the "
                              f"same settings to resume, or pass --overwrite to delete them")
     else:
@@ -190,6 +194,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-steps", type=int, default=None)
     parser.add_argument("--method", default=None, choices=METHODS)
     parser.add_argument("--cfg-scale", type=float, default=None)
+    # REPA's generate.py spells them --guidance_low / --guidance_high, its README --guidance-high: both work
+    parser.add_argument("--guidance-low", "--guidance_low", dest="guidance_low", type=float, default=None,
+                        metavar="T", help="guide only where t >= T (t = 0 data, t = 1 noise, REPA's direction and "
+                        "flag; default: the config's sample.guidance_low, 0)")
+    parser.add_argument("--guidance-high", "--guidance_high", dest="guidance_high", type=float, default=None,
+                        metavar="T", help="guide only where t <= T (REPA's --guidance-high; default: "
+                        "sample.guidance_high, 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per global batch (one seed each)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -210,6 +221,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, key)
         if value is not None and value < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    for key in ("guidance_low", "guidance_high"):
+        value = getattr(args, key)
+        if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
+            parser.error(f"--{key.replace('_', '-')} must be in [0, 1] (t = 0 data, t = 1 noise), got {value}")
+    if args.guidance_low is not None and args.guidance_high is not None and args.guidance_low > args.guidance_high:
+        parser.error(f"--guidance-low {args.guidance_low} must be <= --guidance-high {args.guidance_high}")
     from engine.models.hub import is_hub_reference
 
     if not os.path.exists(args.ckpt) and not is_hub_reference(args.ckpt):
@@ -235,7 +252,8 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
     kernels.set_backend(args.kernels_backend or ("triton" if info.device.type == "cuda" else "torch"))
     overrides = [f"sample.{key}={value}" for key, value in (
         ("num_images", args.num_images), ("num_steps", args.num_steps), ("method", args.method),
-        ("cfg_scale", args.cfg_scale), ("batch_size", args.batch_size), ("seed", args.seed)) if value is not None]
+        ("cfg_scale", args.cfg_scale), ("batch_size", args.batch_size), ("seed", args.seed),
+        ("guidance_low", args.guidance_low), ("guidance_high", args.guidance_high)) if value is not None]
     if args.latent_module:
         overrides.append(f"latent.path={args.latent_module}")
     # Rank 0 resolves "latest" once, so that every rank (and a restart) samples the same weights.
@@ -248,7 +266,8 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
         raise ValueError(f"sample.batch_size={s.batch_size}, sample.num_steps={s.num_steps} in {ckpt}; need >= 1")
     resolution = cfg.model.input_size * latent_space.downsample
     meta = dict(ckpt=ckpt, config=args.config and os.path.abspath(args.config), num_images=s.num_images, batch_size=s.batch_size, seed=s.seed, num_steps=s.num_steps,
-                method=s.method, cfg_scale=s.cfg_scale, resolution=resolution, precision=args.precision)
+                method=s.method, cfg_scale=s.cfg_scale, resolution=resolution, precision=args.precision,
+                guidance_low=s.guidance_low, guidance_high=s.guidance_high)
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
 
@@ -272,9 +291,9 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
     already = s.num_images - remaining
     if info.is_main:
         log.info("%d images in %d batches of %d over %d rank(s): %d batches (%d images) already done, skipped; "
-                 "%d to generate (%d of them corrupt); %s %d steps, cfg %g, seed %d", s.num_images, num_batches,
-                 s.batch_size, info.world_size, num_batches - len(missing), already, len(missing), len(corrupt),
-                 s.method, s.num_steps, s.cfg_scale, s.seed)
+                 "%d to generate (%d of them corrupt); %s %d steps, cfg %g for t in [%g, %g], seed %d", s.num_images,
+                 num_batches, s.batch_size, info.world_size, num_batches - len(missing), already, len(missing),
+                 len(corrupt), s.method, s.num_steps, s.cfg_scale, s.guidance_low, s.guidance_high, s.seed)
 
     start_time, generated = time.time(), 0
     for i, batch in enumerate(todo):

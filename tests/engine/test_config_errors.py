@@ -69,6 +69,12 @@ VALUES = [
     ("sample", "batch_size", 0, "sample.batch_size", ">= 1"),
     ("eval", "method", "ddim", "eval.method", "euler"),
     ("eval", "cfg_scale", -1.0, "eval.cfg_scale", ">= 0"),
+    ("sample", "guidance_low", -0.1, "sample.guidance_low", "in [0, 1]"),
+    ("sample", "guidance_low", 1.5, "sample.guidance_low", "in [0, 1]"),
+    ("sample", "guidance_low", NAN, "sample.guidance_low", "in [0, 1]"),
+    ("sample", "guidance_high", 1.01, "sample.guidance_high", "in [guidance_low=0.0, 1]"),
+    ("sample", "guidance_high", "high", "sample.guidance_high", "a number"),
+    ("eval", "guidance_high", -0.5, "eval.guidance_high", "in [guidance_low=0.0, 1]"),
     ("model", "name", "SiT-XXL/2", "model.name", "SiT-XL/2"),
     ("model", "hidden_size", 30, "model.hidden_size", "a multiple of 4"),
     ("model", "num_heads", 3, "model.hidden_size", "multiple of num_heads=3"),
@@ -131,6 +137,12 @@ def test_bad_value_is_one_line_naming_the_key(tmp_path, section, key, value, nam
     raw = base(tmp_path)
     raw[section] = {**raw.get(section, {}), key: value}
     refused(tmp_path, raw, named, allowed)
+
+
+def test_guidance_low_above_high_names_high(tmp_path):
+    raw = base(tmp_path)
+    raw["sample"] = {**raw["sample"], "guidance_low": 0.6, "guidance_high": 0.4}
+    refused(tmp_path, raw, "sample.guidance_high", "a number in [guidance_low=0.6, 1]")
 
 
 @pytest.mark.parametrize("key, value, named, allowed", ENCODER, ids=[f"{k}={v!r}" for k, v, _, _ in ENCODER])

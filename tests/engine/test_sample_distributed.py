@@ -4,6 +4,7 @@ resume after lost or truncated parts, refusal to mix settings, the evaluation-su
 The checkpoint is the trainer's EMA export (`step_*/ema_fp32.pt` + `latest`) of the trainer tests'
 tiny SiT (REPA + REG + CAR-Flow, pixel space 16 x 16), with random weights so that every part of the
 model shapes the images."""
+import json
 import os
 import subprocess
 import zipfile
@@ -195,3 +196,44 @@ def test_bf16_sampling_stays_close_to_fp32(checkpoint_dir, tmp_path):
     difference = np.abs(fp32.astype(np.int16) - bf16.astype(np.int16))
     print(f"mean |bf16 - fp32| = {difference.mean():.3f} grey levels")
     assert 0 < difference.mean() < 8, difference.mean()
+
+
+def test_guidance_interval_flags(checkpoint_dir, tmp_path, capsys):
+    """--guidance-low / --guidance-high reach the sampler (the images of engine.samplers.sample with that
+    guidance_interval, batch b with seed sample.seed + b), are part of the settings a restart must keep
+    (parts from before the flags existed count as [0, 1]), and bad values are one-line errors."""
+    from engine.images import to_uint8
+    from engine.samplers import sample
+
+    guided = ("--cfg-scale", "3.0")
+    split = load(sample_main(args(checkpoint_dir, tmp_path / "split", *guided, "--guidance-low", "0.3",
+                                  "--guidance_high", "0.7", "--keep-parts"))["npz"])["arr_0"]  # REPA's spelling
+    cfg, model, latent_space = load_for_sampling(checkpoint_dir, torch.device("cpu"))
+    labels = torch.arange(NUM_IMAGES) % NUM_CLASSES
+    want = []
+    for b, start in enumerate(range(0, NUM_IMAGES, BATCH_SIZE)):  # 2 steps: t_cur = 1 (not guided), 0.5 (guided)
+        latents = sample(model, labels[start:start + BATCH_SIZE], num_steps=2, method=cfg.sample.method,
+                         cfg_scale=3.0, guidance_interval=(0.3, 0.7), seed=cfg.sample.seed + b,
+                         transport_cfg=cfg.transport)
+        want.append(to_uint8(latent_space.decode(latents)))
+    np.testing.assert_array_equal(split, torch.cat(want).numpy())
+    plain = load(sample_main(args(checkpoint_dir, tmp_path / "plain", *guided, "--keep-parts"))["npz"])["arr_0"]
+    unguided = load(sample_main(args(checkpoint_dir, tmp_path / "unguided"))["npz"])["arr_0"]
+    assert not np.array_equal(split, plain) and not np.array_equal(split, unguided)
+
+    with pytest.raises(ValueError, match=r"guidance_high: 0.7 there, 0.8 now"):
+        sample_main(args(checkpoint_dir, tmp_path / "split", *guided, "--guidance-low", "0.3",
+                         "--guidance-high", "0.8"))
+    meta_path = tmp_path / "plain" / "parts" / "meta.json"
+    meta = {k: v for k, v in json.loads(meta_path.read_text()).items() if not k.startswith("guidance_")}
+    meta_path.write_text(json.dumps(meta))  # parts written before the flags existed
+    resumed = sample_main(args(checkpoint_dir, tmp_path / "plain", *guided))
+    assert (resumed["skipped"], resumed["generated"]) == (4, 0)
+
+    for bad, said in ((("--guidance-low", "1.5"), "--guidance-low must be in [0, 1]"),
+                      (("--guidance-high", "nan"), "--guidance-high must be in [0, 1]"),
+                      (("--guidance-low", "0.8", "--guidance-high", "0.2"), "--guidance-low 0.8 must be <=")):
+        with pytest.raises(SystemExit):
+            sample_main(args(checkpoint_dir, tmp_path / "bad", *bad))
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert said in error, error

@@ -113,6 +113,8 @@ class OptimConfig(FromDict):
     warmup_steps: int = 0                      # linear warm-up from 0 to lr over this many steps
     grad_clip: float = 1.0                     # max global grad norm; 0 disables clipping
     fused: Literal["auto", "true", "false"] = "auto"   # torch's fused AdamW (auto: on CUDA)
+    # clipping inside the fused AdamW step, no separate scaling pass (engine/optim.py; auto: on CUDA)
+    fused_clip: Literal["auto", "true", "false"] = "auto"
 
     def __post_init__(self):
         if not (finite_number(self.lr) and self.lr > 0):
@@ -430,6 +432,15 @@ def resolve_precision(cfg: ExperimentConfig, device: str) -> str:
     return cfg.train.precision
 
 
+def resolve_fused_clip(cfg: ExperimentConfig, device: str, precision: str) -> bool:
+    """optim.fused_clip: 'auto' is on on CUDA when there is clipping to fold (optim.grad_clip > 0),
+    under any precision but fp16 (DeepSpeed's fp16 optimizer without ZeRO clips by itself)."""
+    o = cfg.optim
+    if o.fused_clip == "auto":
+        return device == "cuda" and o.grad_clip > 0 and precision != "fp16" and o.fused != "false"
+    return o.fused_clip == "true"
+
+
 def grad_accum_steps(cfg: ExperimentConfig, world_size: int) -> int:
     micro = cfg.data.batch_size
     if cfg.train.grad_accum_steps is not None:
@@ -468,6 +479,14 @@ def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | Non
             "'torch' or 'auto' on the CPU (the Triton interpreter is far too slow for training)")
     if o.fused == "true" and device == "cpu":
         bad("optim.fused", o.fused, "'auto' or 'false' on the CPU")
+    if o.fused_clip == "true":
+        if o.fused == "false":
+            bad("optim.fused_clip", o.fused_clip, "'auto' or 'false' with optim.fused 'false' (the clip runs inside "
+                                                  "torch's fused AdamW kernel)")
+        if o.grad_clip == 0:
+            bad("optim.fused_clip", o.fused_clip, "'auto' or 'false' with optim.grad_clip 0 (no clipping to fold)")
+        if resolve_precision(cfg, device) == "fp16":
+            bad("optim.fused_clip", o.fused_clip, "'auto' or 'false' with train.precision fp16")
 
     micro = cfg.data.batch_size
     if t.grad_accum_steps is not None:
@@ -694,6 +713,8 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str, dev
     if device_type == "cpu":  # no streams to overlap with on the CPU; gloo then runs one collective at a time
         zero["overlap_comm"] = False
     ds["zero_optimization"] = zero
+    if zero["stage"] == 0 and resolve_fused_clip(cfg, device_type, precision):
+        ds["gradient_clipping"] = 0.0  # without ZeRO the optimizer clips (engine/optim.py); ZeRO hands it its norm
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, wrapped by the ZeRO optimizer
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)

@@ -145,13 +145,26 @@ class Trainer:
         if self.device.type == "cuda":
             model = model.to(self.device)
             params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                      weight_decay=cfg.optim.weight_decay, fused=fused or None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
         self.ds_config = deepspeed_config(cfg, self.world_size, self.precision, self.device.type)
+        self.fused_clip = self._fused_clip()
+        adamw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                     weight_decay=cfg.optim.weight_decay)
+        if self.fused_clip:
+            from engine.optim import ClippedAdamW
+
+            optimizer = ClippedAdamW(params, max_norm=cfg.optim.grad_clip, **adamw)
+        else:
+            optimizer = torch.optim.AdamW(params, fused=fused or None, **adamw)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        self.clip_optimizer = optimizer if self.fused_clip else None
+        if self.fused_clip:
+            from engine.optim import hand_clipping_to
+
+            how = hand_clipping_to(self.engine.optimizer, optimizer)
+            self.monitor.info(f"gradient clipping inside the fused AdamW step (optim.fused_clip): {how}")
         set_collective_timeout(cfg.train.collective_timeout_s)  # DeepSpeed's own groups too
         self.model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self.accum = self.engine.gradient_accumulation_steps()
@@ -189,6 +202,20 @@ class Trainer:
             from engine.evaluate import OnlineEvaluator
             with self.training_rng_untouched():
                 self.evaluator = OnlineEvaluator(self)
+
+    def _fused_clip(self) -> bool:
+        """optim.fused_clip resolved (engine/optim.py), after the checks that need the DeepSpeed JSON."""
+        from engine.config import resolve_fused_clip
+
+        cfg = self.cfg
+        on = resolve_fused_clip(cfg, self.device.type, self.precision)
+        offload = (self.ds_config["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
+        if on and offload not in (None, "none"):
+            if cfg.optim.fused_clip == "true":
+                raise ConfigError("optim.fused_clip", cfg.optim.fused_clip,
+                                  f"'auto' or 'false' with optimizer offload ({offload}) in {cfg.train.deepspeed_config}")
+            on = False
+        return on
 
     def _init_weights(self, model) -> None:
         """Load checkpoint.init_weights strict into `model` (on every rank), after checking that the
@@ -414,6 +441,8 @@ class Trainer:
         self.ema.update()
         out = {k: float(v) / self.accum for k, v in zip(self.TERMS, totals)}
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None and self.clip_optimizer is not None:  # no ZeRO: the optimizer took the norm
+            grad_norm = self.clip_optimizer.last_grad_norm
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = lr
         out["nonfinite_total"] = self.nonfinite_total

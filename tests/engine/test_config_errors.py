@@ -52,6 +52,7 @@ VALUES = [
     ("optim", "betas", [0.9, 1.0], "optim.betas", "[0, 1)"),
     ("optim", "warmup_steps", -1, "optim.warmup_steps", ">= 0"),
     ("optim", "fused", "true", "optim.fused", "on the CPU"),
+    ("optim", "fused_clip", "maybe", "optim.fused_clip", "'auto'"),
     ("ema", "decay", 1.0, "ema.decay", "[0, 1)"),
     ("ema", "decay", -0.1, "ema.decay", "[0, 1)"),
     ("ema", "decay", NAN, "ema.decay", "[0, 1)"),

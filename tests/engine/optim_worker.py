@@ -1,0 +1,70 @@
+"""Run under the deepspeed launcher by tests/engine/test_optim.py (two CPU ranks): for each
+`--runs stage:precision`, the same fixed-seed run with optim.fused_clip false (DeepSpeed clips) and
+true (the clip inside the fused AdamW step); rank 0 writes both runs' losses, logged gradient norms
+and the largest difference of their gathered fp32 master weights to --out."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch.distributed as dist
+
+
+def one_run(cfg, steps: int) -> dict:
+    from engine.trainer import Trainer
+    from tests.engine.dist_worker import full_master_weights
+
+    trainer = Trainer(cfg)
+    try:
+        metrics = [trainer.train_step() for _ in range(steps)]
+        masters = full_master_weights(trainer)
+        return dict(losses=[m["loss"] for m in metrics], grad_norms=[m["grad_norm"] for m in metrics],
+                    masters=masters, fused_clip=trainer.fused_clip, zero_stage=trainer.engine.zero_optimization_stage(),
+                    precision=trainer.precision, moved=max(float((masters[k] - trainer.initial_state[k]).abs().max())
+                                                           for k in masters))
+    finally:
+        trainer.engine.destroy()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--zero3-json", required=True)
+    parser.add_argument("--runs", required=True, help="comma-separated stage:precision")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=None)
+    args = parser.parse_args()
+    from deepspeed.runtime import torch_autocast
+
+    from engine.config import load_config
+
+    base = load_config(args.config)
+    results = {}
+    import time
+    for run in args.runs.split(","):
+        stage, precision = run.split(":")
+        pair = {}
+        for fused_clip in ("false", "true"):
+            torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
+            train = dataclasses.replace(base.train, zero_stage=int(stage), precision=precision,
+                                        output_dir=f"{base.train.output_dir}/{run.replace(':', '-')}-{fused_clip}",
+                                        deepspeed_config=args.zero3_json if stage == "3" else base.train.deepspeed_config)
+            cfg = dataclasses.replace(base, train=train, optim=dataclasses.replace(base.optim, fused_clip=fused_clip))
+            started = time.time()
+            pair[fused_clip] = one_run(cfg, args.steps)
+            print(f"{run} fused_clip={fused_clip}: {time.time() - started:.1f} s", flush=True)
+        a, b = pair["false"], pair["true"]
+        results[run] = dict(
+            fused_clip=[a["fused_clip"], b["fused_clip"]], zero_stage=b["zero_stage"], precision=b["precision"],
+            losses=[a["losses"], b["losses"]], grad_norms=[a["grad_norms"], b["grad_norms"]], moved=b["moved"],
+            master_max_diff=max(float((a["masters"][k] - b["masters"][k]).abs().max()) for k in a["masters"]))
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,8 @@ class NonFiniteLossError(RuntimeError):
 def nonfinite_inputs(batch: dict, inputs: dict[str, torch.Tensor]) -> str | None:
     """The first of `inputs` (described by name -> (B, ...) tensor, in the order they were made) that
     holds NaN/inf, with the keys of the samples concerned. The images are uint8 and always finite, so a
-    bad input comes from a latent shard, the latent space's encoder or an alignment encoder."""
+    bad input comes from the latent space's encoder or an alignment encoder (the loader drops samples
+    whose latent-shard rows are not finite, engine.data.loader.Loader)."""
     for name, tensor in inputs.items():
         bad = (~torch.isfinite(tensor)).flatten(1).any(1).nonzero().flatten().tolist()
         if bad:
@@ -487,7 +488,7 @@ class Trainer:
                 images_per_s = cfg.train.global_batch_size / step_time
                 metrics.update(step_time=step_time, images_per_s=images_per_s,
                                tflops_per_rank=3 * self.flops_per_sample * images_per_s / self.world_size / 1e12,
-                               data_skipped=self.loader.skipped)
+                               data_skipped=self.loader.skipped, data_nonfinite_dropped=self.loader.dropped_nonfinite)
                 if self.device.type == "cuda":
                     metrics["memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 self.monitor.log_step(self.step, metrics)

@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .index import CorruptImageError, SampleIndex, check_image
+from .index import CorruptImageError, SampleIndex, check_image, refuse_corrupt
 from .pil import MAX_SUBSTITUTES
 from .transforms import adm_geometry_batch
 
@@ -85,9 +85,9 @@ class DaliBackend:
                 return j, np.frombuffer(data, np.uint8), failures
             except Exception as error:  # any read or check failure of one file
                 name = self.index.paths[j] if not self.index.offsets[j] else f"{self.index.paths[j]}/{self.index.keys[j]}"
-                if self.on_corrupt == "error":
-                    raise CorruptImageError(f"corrupt or missing image {name}: {error} (data.on_corrupt='error')") from None
                 failures.append((name, f"{type(error).__name__}: {error}"))
+                if self.on_corrupt == "error":
+                    return -1, np.empty(0, np.uint8), failures  # no substitute: _source refuses the batch
         raise RuntimeError(f"{MAX_SUBSTITUTES} consecutive unreadable images from {self.index.paths[i]}")
 
     def _source(self, batch_info):
@@ -96,6 +96,8 @@ class DaliBackend:
         if step >= len(plan_indices):
             raise StopIteration
         results = list(self._io.map(self._read, plan_indices[step].tolist()))
+        if self.on_corrupt == "error":
+            refuse_corrupt([f for r in results for f in r[2]])  # every bad file of the batch, in one error
         used = np.array([r[0] for r in results], np.int64)
         self._used[step] = (used, [f for r in results for f in r[2]])
         return ([r[1] for r in results], [self.index.labels[j:j + 1] for j in used],

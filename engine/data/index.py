@@ -6,10 +6,13 @@ naming itself, so files are checked while the index is built:
   validate="header"  parse the image header (format, width, height) and, for JPEG/PNG, check that the
                      end-of-image marker is present (a truncated file lacks it). Cheap: two small reads.
   validate="full"    decode every image once with PIL.
-A file that fails is left out of the index (on_corrupt="skip") or is an error naming it
-(on_corrupt="error"). Results are cached per file (size, mtime), so the check runs once per file; a
-later run rescans the tree and checks only new or changed files. The image sizes from the header also
-give the exact ADM crop geometry for each sample (engine.data.transforms.adm_geometry).
+A file that fails is left out of the index (on_corrupt="skip") or, with on_corrupt="error", the
+index is an error naming every file that failed (`refuse_corrupt`). An image whose header claims more
+than `max_image_pixels()` pixels (PIL's Image.MAX_IMAGE_PIXELS) is a decompression bomb and fails the
+check undecoded, on every decode path (`check_pixels`). Results are cached per file (size, mtime), so
+the check runs once per file; a later run rescans the tree and checks only new or changed files. The
+image sizes from the header also give the exact ADM crop geometry for each sample
+(engine.data.transforms.adm_geometry).
 """
 from __future__ import annotations
 
@@ -30,11 +33,53 @@ log = logging.getLogger("engine.data")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LABEL_EXTS = (".cls", ".label")
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2: the decompression-bomb pixel cap
 
 
 class CorruptImageError(RuntimeError):
     """An image that cannot be read, raised when on_corrupt="error"; the message names the file."""
+
+
+def refuse_corrupt(found: list[tuple[str, str]], what: str = "image") -> None:
+    """data.on_corrupt="error": one error naming every bad file found, as "file: reason; ..."."""
+    if found:
+        listed = "; ".join(f"{name}: {reason}" for name, reason in found)
+        raise CorruptImageError(f"{len(found)} corrupt or missing {what}{'s' if len(found) > 1 else ''} "
+                                f"(data.on_corrupt='error'; 'skip' leaves them out): {listed}")
+
+
+def max_image_pixels() -> Optional[int]:
+    """The decoded-pixel cap: PIL's Image.MAX_IMAGE_PIXELS (89,478,485 by default; None: no cap)."""
+    return Image.MAX_IMAGE_PIXELS
+
+
+class DecompressionBomb(ValueError):
+    """An image header claiming more pixels than the cap (`check_pixels`)."""
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Refuse, before any decoding, an image whose header claims more pixels than the cap (a
+    decompression bomb: a few bytes that would decode for seconds into gigabytes of flat grey).
+    PIL only warns between the cap and twice it; here that range is refused too."""
+    limit = max_image_pixels()
+    if limit is not None and width * height > limit:
+        raise DecompressionBomb(f"decompression bomb: the header claims {width}x{height} = {width * height} pixels, "
+                                f"above the cap of {limit} (PIL.Image.MAX_IMAGE_PIXELS); not decoded")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy Image.open of encoded bytes (header only) with the pixel cap applied (`check_pixels`):
+    every decode path opens images through here."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # beyond twice the cap: PIL refuses at open
+        raise DecompressionBomb(f"decompression bomb: {error} (PIL.Image.MAX_IMAGE_PIXELS); not decoded") from None
+    try:
+        check_pixels(*image.size)
+    except DecompressionBomb:
+        image.close()
+        raise
+    return image
 
 
 @dataclasses.dataclass
@@ -83,10 +128,12 @@ def check_image(data: bytes, full: bool, tail: Optional[bytes] = None) -> tuple[
     if len(data) == 0:
         raise ValueError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             fmt, (width, height) = image.format, image.size
             if full:
                 image.load()
+    except DecompressionBomb:
+        raise
     except Exception as error:  # PIL raises several types for undecodable data
         raise ValueError(f"not a readable image ({type(error).__name__}: {error})") from None
     # A truncated JPEG or PNG has a valid header but lacks its end marker; decoders may then fill the
@@ -140,7 +187,8 @@ def default_cache_dir(root: str) -> str:
 
 
 def _cache_path(cache_dir: str, source: str, root: str, validate: str) -> str:
-    digest = hashlib.sha1(f"{_INDEX_VERSION}|{source}|{os.path.abspath(root)}|{validate}".encode()).hexdigest()
+    key = f"{_INDEX_VERSION}|{source}|{os.path.abspath(root)}|{validate}|{max_image_pixels()}"
+    digest = hashlib.sha1(key.encode()).hexdigest()
     return os.path.join(cache_dir, f"index_{source}_{digest[:16]}.npz")
 
 
@@ -216,11 +264,11 @@ def index_folder(root: str, validate: str, on_corrupt: str, cache_dir: Optional[
         size, _, width, height, reason = entries[rel]
         path = os.path.join(root, rel)
         if reason:
-            if on_corrupt == "error":
-                raise CorruptImageError(f"corrupt or missing image {path}: {reason} (data.on_corrupt='error')")
             skipped.append((path, reason))
         else:
             keep.append((rel, path, size, label, width, height))
+    if on_corrupt == "error":
+        refuse_corrupt(skipped)
     if not keep:
         raise ValueError(f"data.root={root!r}: no readable images ({len(skipped)} skipped)")
     return SampleIndex(
@@ -288,7 +336,7 @@ def index_webdataset(root: str, validate: str, on_corrupt: str, cache_dir: Optio
     keys, paths, offsets, sizes, labels, widths, heights, skipped = [], [], [], [], [], [], [], []
     for shard in shards:
         st = os.stat(shard)
-        stamp = [st.st_size, st.st_mtime_ns, validate, _INDEX_VERSION]
+        stamp = [st.st_size, st.st_mtime_ns, validate, _INDEX_VERSION, max_image_pixels()]
         digest = hashlib.sha1(os.path.abspath(shard).encode()).hexdigest()[:16]
         cache_file = os.path.join(cache_dir, f"shard_{os.path.basename(shard)}_{digest}.json")
         entries = None
@@ -313,8 +361,6 @@ def index_webdataset(root: str, validate: str, on_corrupt: str, cache_dir: Optio
         for name, offset, size, label, width, height, reason in entries:
             where = f"{shard}/{name}"
             if reason:
-                if on_corrupt == "error":
-                    raise CorruptImageError(f"corrupt image {where}: {reason} (data.on_corrupt='error')")
                 skipped.append((where, reason))
                 continue
             keys.append(f"{shard_name}/{name}")
@@ -324,6 +370,8 @@ def index_webdataset(root: str, validate: str, on_corrupt: str, cache_dir: Optio
             labels.append(label)
             widths.append(width)
             heights.append(height)
+    if on_corrupt == "error":
+        refuse_corrupt(skipped)
     if not keys:
         raise ValueError(f"data.root={root!r}: no readable samples in the tar shards ({len(skipped)} skipped)")
     labels_arr = np.array(labels, np.int64)

@@ -159,6 +159,9 @@ class LatentShards:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def describe(self, row: int) -> str:
+        return f"row {int(row)} of {self.root}"
+
     def rows_for(self, keys: list[str]) -> np.ndarray:
         """Row of each key, -1 where the shards have none."""
         position = {k: i for i, k in enumerate(self.keys)}

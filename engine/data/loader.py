@@ -16,7 +16,7 @@ import torch
 
 from .config import DataConfig
 from .dali import DaliBackend, dali_available
-from .index import CorruptImageError, SampleIndex, index_folder, index_webdataset
+from .index import SampleIndex, index_folder, index_webdataset, refuse_corrupt
 from .pil import PilBackend
 
 log = logging.getLogger("engine.data")
@@ -28,7 +28,10 @@ class Loader:
     Each batch: {"image": uint8 (B,3,R,R) on `device`, "label": int64 (B,) on `device`, and with latent
     shards "latent_mean", "latent_std": fp32 (B,C,h,w) on `device`; "keys": the samples' keys}. `len()` is the steps per epoch.
     `skipped` counts the distinct corrupt or missing files left out or replaced so far; each is
-    warned once, by name.
+    warned once, by name. A sample whose latent row (mean or std) holds NaN/inf is dropped from its
+    batch (which is then smaller by one) each time it is drawn, and `dropped_nonfinite` counts the
+    distinct keys so dropped, each warned once with its shard row; with on_corrupt="error" it is an
+    error naming every such sample of the batch.
     """
 
     def __init__(self, cfg: DataConfig, index: SampleIndex, rank: int, world_size: int, device: torch.device,
@@ -46,6 +49,7 @@ class Loader:
                              f"{len(index) // world_size} per rank")
         self.epoch, self.step = 0, 0
         self._warned: set[str] = set()
+        self._nonfinite: set[str] = set()
         for path, reason in index.skipped:
             self._skip(path, reason)
 
@@ -56,6 +60,30 @@ class Loader:
     @property
     def skipped(self) -> int:
         return len(self._warned)
+
+    @property
+    def dropped_nonfinite(self) -> int:
+        return len(self._nonfinite)
+
+    def _drop_nonfinite(self, out: dict, rows: np.ndarray) -> dict:
+        """`out` without the samples whose latent rows are not finite (see the class docstring)."""
+        finite = (torch.isfinite(out["latent_mean"]).flatten(1).all(1)
+                  & torch.isfinite(out["latent_std"]).flatten(1).all(1))
+        if bool(finite.all()):
+            return out
+        bad = (~finite).nonzero().flatten().tolist()
+        found = [(f"{out['keys'][i]} ({self.latents.describe(rows[i])})", "non-finite latent mean or std")
+                 for i in bad]
+        if self.cfg.on_corrupt == "error":
+            refuse_corrupt(found, "latent")
+        for i, (where, reason) in zip(bad, found):
+            if out["keys"][i] not in self._nonfinite:
+                self._nonfinite.add(out["keys"][i])
+                log.warning("dropping sample %s: %s; left out of every batch that draws it (%d such samples so far)",
+                            where, reason, len(self._nonfinite))
+        keep = finite.nonzero().flatten()
+        return dict(out, image=out["image"][keep], label=out["label"][keep], latent_mean=out["latent_mean"][keep],
+                    latent_std=out["latent_std"][keep], keys=[out["keys"][i] for i in keep.tolist()])
 
     def _skip(self, path: str, reason: str) -> None:
         if path not in self._warned:
@@ -109,11 +137,14 @@ class Loader:
                        keys=[self.index.keys[int(i)] for i in batch["indices"]])
             if self.latents is not None:
                 rows = self.latent_rows[batch["indices"].numpy()]
-                mean, std = self.latents.read(rows, flips[self.step])
-                out["latent_mean"] = mean.to(self.device, non_blocking=True)
-                out["latent_std"] = std.to(self.device, non_blocking=True)
+                out["latent_mean"], out["latent_std"] = self.latents.read(rows, flips[self.step])
+                out = self._drop_nonfinite(out, rows)  # checked on the CPU, before the copy to the device
+                out["latent_mean"] = out["latent_mean"].to(self.device, non_blocking=True)
+                out["latent_std"] = out["latent_std"].to(self.device, non_blocking=True)
                 out["latent_raw"] = getattr(self.latents, "raw", False)  # True: latent.scale/shift still to apply
             self.step += 1  # counted before the yield: a checkpoint taken after this batch resumes after it
+            if len(out["keys"]) == 0:
+                continue  # every sample of this batch dropped: the next batch stands in for it
             yield out
         if self.step >= self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
@@ -199,11 +230,10 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, device) -> Loader:
         rows = latents.rows_for(index.keys)
         missing = np.flatnonzero(rows < 0)
         if len(missing):
-            if cfg.on_corrupt == "error":
-                raise CorruptImageError(f"image {index.paths[missing[0]]} has no latent in {cfg.latents_root!r} "
-                                        f"({len(missing)} images have none; data.on_corrupt='error')")
-            keep = np.flatnonzero(rows >= 0)
             skipped = [(index.paths[i], f"no latent in {cfg.latents_root}") for i in missing]
+            if cfg.on_corrupt == "error":
+                refuse_corrupt(skipped)
+            keep = np.flatnonzero(rows >= 0)
             index = index.subset(keep)
             index.skipped.extend(skipped)
             rows = rows[keep]

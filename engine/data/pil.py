@@ -17,8 +17,8 @@ def decode_batch(index: SampleIndex, indices: np.ndarray, flips: np.ndarray, res
                  on_corrupt: str) -> dict:
     """Decode the samples `indices` of `index`. A sample that fails to read or decode is replaced by the
     next readable sample in index order (deterministic), and reported in "failed" as (file, reason);
-    with on_corrupt="error" the failure is raised naming the file."""
-    from .index import CorruptImageError
+    with on_corrupt="error" the batch is an error naming every file of it that failed."""
+    from .index import refuse_corrupt
 
     n = len(index)
     images = np.empty((len(indices), 3, res, res), np.uint8)
@@ -32,15 +32,15 @@ def decode_batch(index: SampleIndex, indices: np.ndarray, flips: np.ndarray, res
                 used[slot] = j
                 break
             except Exception as error:  # any read/decode failure of one file
-                reason = f"{type(error).__name__}: {error}"
-                if on_corrupt == "error":
-                    raise CorruptImageError(f"corrupt or missing image {index.paths[j]}: {reason} "
-                                            "(data.on_corrupt='error')") from None
                 failed.append((index.paths[j] if not index.offsets[j] else f"{index.paths[j]}/{index.keys[j]}",
-                               reason))
+                               f"{type(error).__name__}: {error}"))
+                if on_corrupt == "error":
+                    break  # no substitute: the batch is refused below, naming every failure
         else:
             raise RuntimeError(f"{MAX_SUBSTITUTES} consecutive unreadable images from {index.paths[i]}: "
                                "the data source looks broken")
+    if on_corrupt == "error":
+        refuse_corrupt(failed)
     return dict(image=torch.from_numpy(images), label=torch.from_numpy(index.labels[used]),
                 indices=torch.from_numpy(used), failed=failed)
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .index import IMAGE_EXTS, CorruptImageError, SampleIndex, index_folder
+from .index import IMAGE_EXTS, CorruptImageError, SampleIndex, index_folder, refuse_corrupt
 
 IMAGES, LATENTS, LABELS = "images", "vae-sd", "dataset.json"
 
@@ -54,6 +54,9 @@ class RepaLatents:
     def __init__(self, directory: str, files: list[str], shape: tuple[int, int, int]):
         self.directory, self.files = directory, files
         self.shape = (shape[0] // 2, *shape[1:])  # (C, h, w) of the latent
+
+    def describe(self, row: int) -> str:
+        return os.path.join(self.directory, self.files[int(row)])
 
     def read(self, rows: np.ndarray, flips=None) -> tuple[torch.Tensor, torch.Tensor]:
         if flips is not None and np.any(flips):
@@ -127,12 +130,11 @@ def index_repa(root: str, validate: str, on_corrupt: str, cache_dir, num_threads
         if not reason and header is not None and header != (shape, dtype):
             reason = f"holds {header[1]} {header[0]}, the others {dtype} {shape}"
         if reason:
-            path = os.path.join(latents_dir, latents[rows[i]])
-            if on_corrupt == "error":
-                raise CorruptImageError(f"corrupt or missing latent {path}: {reason} (data.on_corrupt='error')")
-            skipped.append((path, reason))
+            skipped.append((os.path.join(latents_dir, latents[rows[i]]), reason))
         else:
             keep.append(i)
+    if on_corrupt == "error":
+        refuse_corrupt(skipped, "latent")
     if skipped:
         index = index.subset(np.array(keep, np.int64))
         index.skipped.extend(skipped)

@@ -11,7 +11,6 @@ difference).
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 from PIL import Image
@@ -53,8 +52,11 @@ def center_crop_arr(image: Image.Image, res: int) -> np.ndarray:
 
 
 def decode_pil(data: bytes, res: int, flip: bool = False) -> np.ndarray:
-    """Encoded image bytes -> ADM centre crop, (3, res, res) uint8; raises on undecodable data."""
-    with Image.open(io.BytesIO(data)) as image:
+    """Encoded image bytes -> ADM centre crop, (3, res, res) uint8; raises on undecodable data and on a
+    header claiming more pixels than the cap (engine.data.index.check_pixels), before decoding."""
+    from .index import open_image
+
+    with open_image(data) as image:
         image.load()  # a truncated file raises here (PIL does not load truncated images by default)
         arr = center_crop_arr(image.convert("RGB"), res)
     if flip:

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -219,8 +220,72 @@ def test_corrupt_files_are_skipped_counted_and_named(builtin_root, tmp_path, cap
     again = build_loader(cfg_for(root, decoder=decoder, dali_device="cpu"), 0, 1, "cpu")
     assert again.skipped == 2 and sum(truncated in r.getMessage() for r in caplog.records) == 1
 
-    with pytest.raises(CorruptImageError, match="truncated.jpg|notes.jpg"):
+    with pytest.raises(CorruptImageError) as error:  # one error naming every bad file, with its reason
         build_loader(cfg_for(root, decoder=decoder, on_corrupt="error", cache_dir=str(tmp_path / "c2")), 0, 1, "cpu")
+    message = str(error.value)
+    assert message.startswith("2 corrupt or missing images (data.on_corrupt='error'") and "\n" not in message
+    assert f"{truncated}: truncated JPEG" in message and f"{text}: not a readable image" in message
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid 8 x 8 PNG whose header (IHDR) claims width x height: a few hundred bytes that a decoder
+    would expand into width * height pixels."""
+    import struct
+    import zlib
+
+    out = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decompression_bomb_is_refused_by_name_undecoded(builtin_root, tmp_path, caplog, decoder):
+    """Two tiny PNGs whose headers claim 10000 x 10000 (above PIL's cap, where PIL only warns) and
+    30000 x 30000 pixels (above twice the cap, where PIL raises): both refused at indexing as
+    decompression bombs, by name, without decoding; in error mode named in one error. A bomb
+    written after indexing is refused on the decode path too (PIL's and DALI's)."""
+    import warnings
+
+    from engine.data.index import check_image, max_image_pixels
+
+    assert max_image_pixels() == Image.MAX_IMAGE_PIXELS < 10000 * 10000
+    root = tmp_path / "tree"
+    shutil.copytree(builtin_root, root, ignore=shutil.ignore_patterns(".*", "manifest.json"))
+    bombs = [str(root / class_names(CLASSES)[1] / "bomb_10k.png"), str(root / class_names(CLASSES)[4] / "bomb_30k.png")]
+    for path, side in zip(bombs, (10000, 30000)):
+        open(path, "wb").write(_png_claiming(side, side))
+        assert os.path.getsize(path) < 200
+    caplog.set_level(logging.WARNING, logger="engine.data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL's own warning at open
+        started = time.perf_counter()
+        loader = build_loader(cfg_for(str(root), decoder=decoder, dali_device="cpu", validate="full"), 0, 1, "cpu")
+        assert time.perf_counter() - started < 5  # nothing decoded: 10^8 and 9 x 10^8 pixels would take longer
+        assert loader.skipped == 2 and len(loader.index) == CLASSES * PER_CLASS
+        for path, side in zip(bombs, (10000, 30000)):
+            warned = [r.getMessage() for r in caplog.records if path in r.getMessage()]
+            assert len(warned) == 1 and "decompression bomb" in warned[0], warned
+        assert f"claims 10000x10000 = 100000000 pixels, above the cap of {Image.MAX_IMAGE_PIXELS}" in caplog.text
+        with pytest.raises(CorruptImageError, match=r"^2 corrupt or missing images .*bomb_10k.png: decompression bomb"
+                                                     r".*bomb_30k.png: decompression bomb"):
+            build_loader(cfg_for(str(root), on_corrupt="error", cache_dir=str(tmp_path / "c2")), 0, 1, "cpu")
+        for side in (10000, 30000):
+            with pytest.raises(ValueError, match="decompression bomb"):
+                check_image(_png_claiming(side, side), full=True)
+            with pytest.raises(ValueError, match="decompression bomb"):
+                decode_pil(_png_claiming(side, side), 32)
+        # written after indexing: the decoder refuses it and a readable sample stands in
+        sample = loader.plan(0)[0][0][1]
+        victim = loader.index.paths[sample]
+        open(victim, "wb").write(_png_claiming(10000, 10000))
+        loader.index.sizes[sample] = os.path.getsize(victim)  # as if replaced by one of the indexed size
+        caplog.clear()
+        assert len(collect(loader, 1)) == 1
+        assert any(victim in r.getMessage() and "decompression bomb" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -322,6 +387,9 @@ def test_webdataset_shards(builtin_root, tmp_path, caplog, decoder):
     loader = build_loader(cfg, 0, 1, "cpu")
     assert len(loader.index) == len(files) and loader.skipped == 2 and loader.num_classes == CLASSES
     assert "broken.jpg" in caplog.text
+    with pytest.raises(CorruptImageError, match=r"^2 corrupt or missing images .*shard-000.tar/broken.jpg: .*"
+                                                 r"shard-001.tar/broken.jpg: "):
+        build_loader(cfg_for(str(shard_dir), source="webdataset", on_corrupt="error"), 0, 1, "cpu")
     batches = collect(loader)
     images = torch.cat([b["image"] for b in batches])
     labels = torch.cat([b["label"] for b in batches])
@@ -396,10 +464,12 @@ def test_error_mode_names_a_file_broken_after_indexing(builtin_root, tmp_path, d
     root = str(tmp_path / "tree")
     shutil.copytree(builtin_root, root, ignore=shutil.ignore_patterns(".*", "manifest.json"))
     loader = build_loader(cfg_for(root, decoder=decoder, dali_device="cpu", on_corrupt="error"), 0, 1, "cpu")
-    victim = loader.index.paths[loader.plan(0)[0][1][2]]
-    open(victim, "w").write("not an image any more")
-    with pytest.raises(CorruptImageError, match=os.path.basename(victim)):
+    victims = [loader.index.paths[i] for i in loader.plan(0)[0][1][[2, 5]]]  # two files of the second batch
+    for victim in victims:
+        open(victim, "w").write("not an image any more")
+    with pytest.raises(CorruptImageError, match="^2 corrupt or missing images") as error:
         collect(loader)
+    assert all(f"{victim}: " in str(error.value) for victim in victims), str(error.value)
 
 
 def test_header_check_of_large_files_reads_head_and_tail(tmp_path):

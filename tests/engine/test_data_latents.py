@@ -170,6 +170,45 @@ def test_loader_yields_latents_in_step_with_images(builtin_root, tmp_path):
         os.remove(extra)
 
 
+def test_nonfinite_latent_rows_are_dropped_or_named(builtin_root, tmp_path, caplog):
+    """Planted NaN / inf rows: dropped from their batches (image, label, latents and key together, the
+    other samples in step), counted once per key over epochs; in error mode one error names them all."""
+    out = str(tmp_path / "lat")
+    preprocess(data_cfg(builtin_root), out, PoolEncoder(), batch_size=16, chunk_size=16, dtype="float32")
+    shards = LatentShards(out)
+    mean, std = (np.load(os.path.join(out, f"{name}.npy"), mmap_mode="r+") for name in ("mean", "std"))
+    mean[3, 1, 2, 2], std[17, 0, 0, 0] = np.nan, np.inf
+    mean.flush(), std.flush()
+    del mean, std
+    poisoned = {shards.keys[3], shards.keys[17]}
+    cfg = data_cfg(builtin_root, source="latent_shards", latents_root=out, shuffle=False, random_flip=False)
+    loader = build_loader(cfg, 0, 1, "cpu")
+    encoder = PoolEncoder()
+    caplog.set_level("WARNING", logger="engine.data")
+    for epoch in range(2):
+        batches = collect_batches(loader)
+        assert len(batches) == CLASSES * PER_CLASS // 8
+        keys = [k for b in batches for k in b["keys"]]
+        assert len(keys) == CLASSES * PER_CLASS - 2 and not poisoned & set(keys)
+        for batch in batches:
+            assert len(batch["image"]) == len(batch["label"]) == len(batch["latent_mean"]) == len(batch["keys"])
+            rows = shards.rows_for(batch["keys"])
+            assert (shards.labels[rows] == batch["label"].numpy()).all()
+            torch.testing.assert_close(batch["latent_mean"], encoder(batch["image"])[0], atol=1e-6, rtol=0)
+    assert loader.dropped_nonfinite == 2
+    warned = [r.getMessage() for r in caplog.records if "dropping sample" in r.getMessage()]
+    assert len(warned) == 2 and f"{shards.keys[17]} (row 17 of {out}): non-finite latent mean or std" in warned[1]
+    error_cfg = data_cfg(builtin_root, source="latent_shards", latents_root=out, shuffle=False, random_flip=False,
+                         on_corrupt="error", batch_size=20)
+    with pytest.raises(CorruptImageError, match=rf"^2 corrupt or missing latents .*{shards.keys[3]} \(row 3 of .*"
+                                                rf"{shards.keys[17]} \(row 17 of "):
+        collect_batches(build_loader(error_cfg, 0, 1, "cpu"))
+
+
+def collect_batches(loader):
+    return [dict(batch) for batch in loader]
+
+
 @pytest.mark.parametrize("space", ["identity", "vae", "module"])
 def test_preprocess_cli_with_a_real_latent_space(space, builtin_root, tmp_path, monkeypatch):
     """The CLI builds engine.models.latents' latent space: pixel space, a (tiny, random) diffusers VAE

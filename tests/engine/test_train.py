@@ -345,10 +345,10 @@ def test_shards_and_latent_space_must_agree(tmp_path, data_root, latent, fragmen
     make_trainer(tmp_path / "ok", data_root, data={"latents_root": shards})  # the same space trains
 
 
-def test_nonfinite_latents_are_named_by_sample(tmp_path, data_root, caplog):
-    """A latent shard with a NaN row: every micro-batch that draws that sample is skipped, and the
-    warning (and the final error) names the sample's key, so a corrupt shard is not mistaken for a
-    diverging model."""
+def test_nonfinite_latent_row_is_dropped_by_key_and_counted(tmp_path, data_root, caplog):
+    """A latent shard with a NaN row: that sample is dropped from every batch that draws it (epoch
+    after epoch), warned once by key and shard row and counted, so no micro-batch is lost to it and no
+    loss is non-finite; the other samples of those batches still train."""
     from engine.data import LatentShards
 
     shards = identity_shards(tmp_path, data_root)
@@ -358,14 +358,25 @@ def test_nonfinite_latents_are_named_by_sample(tmp_path, data_root, caplog):
     mean.flush()
     del mean
     trainer = make_trainer(tmp_path, data_root, data={"latents_root": shards, "batch_size": 4},
-                           train={"max_steps": 8, "max_nonfinite_in_row": 100})
+                           train={"max_steps": 8, "max_nonfinite_in_row": 1})
+    drawn = []
+    next_batch = trainer.next_batch
+
+    def recording():
+        batch = next_batch()
+        drawn.append(list(batch["keys"]))
+        return batch
+
+    trainer.next_batch = recording
     with caplog.at_level("WARNING"):
-        for _ in range(8):
+        for _ in range(8):  # 16 micro-batches of 4: two epochs of the 32 samples
             trainer.train_step()
-    warnings = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]
-    assert warnings and all(f"non-finite latent_mean in the latent shards (data.latents_root) for samples ['{poisoned}']"
-                            in w for w in warnings), warnings[:2]
-    assert trainer.nonfinite_total == len(warnings)
+    assert trainer.nonfinite_total == 0
+    assert all(poisoned not in keys for keys in drawn)
+    assert sorted(len(keys) for keys in drawn) == [3] * 2 + [4] * 14  # dropped once per epoch, from its batch
+    assert trainer.loader.dropped_nonfinite == 1
+    warned = [r.getMessage() for r in caplog.records if "dropping sample" in r.getMessage()]
+    assert len(warned) == 1 and f"{poisoned} (row 5 of {shards}): non-finite latent mean or std" in warned[0], warned
 
 
 def test_nonfinite_latents_from_the_latent_space_are_named(tmp_path, data_root, caplog):

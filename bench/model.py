@@ -22,8 +22,8 @@ buffers on fake tensors, and launch nothing). Per op:
   - launches: 1 per kernel; views and allocations launch nothing; multi-tensor (foreach, fused AdamW)
     ops launch as CUDA's multi_tensor_apply chunks them.
 Compiled variants run the same trace, then model Inductor's fusion explicitly: inside the compiled
-module (SiT's forward and its backward; encoder, losses and optimizer stay eager, as in
-bench.train_step), each maximal run of pointwise/reduction/copy ops between anchors (matmuls,
+module (SiT's forward and its backward, and the fused encoder's forward; the reference encoder, losses
+and optimizer stay eager, as in bench.train_step), each maximal run of pointwise/reduction/copy ops between anchors (matmuls,
 convolutions, attention, Triton kernels) becomes one kernel that reads the tensors it takes from
 outside the run and writes the tensors read after it.
 Time per op = max(FLOPs / (matmul peak x efficiency), bytes / bandwidth) + launches x launch cost.
@@ -336,6 +336,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         self.ops: list[Op] = []
         self.phase = "forward"
         self.in_model = False
+        self.encoder_compiled = False  # the encoder's ops belong to a compiled region in compiled variants
         self.recording = True
         # every storage seen, alive to the end: storage keys are addresses, never to be reused. The storages,
         # not the tensors: a tensor kept alive would stop AccumulateGrad from stealing a gradient (a copy)
@@ -388,7 +389,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             op.matmul_dtype = "fp32" if q.dtype == torch.float32 else "bf16"
             op.shapes = f"q {tuple(q.shape)} {str(q.dtype).replace('torch.', '')}"
         op.category = op_category(op.name, op.phase, category)
-        op.compiled = op.phase in ("forward", "backward") and self._model_flag()
+        op.compiled = self._compiled_op(op.phase)
         op.step_phase = self.phase
         self.ops.append(op)
 
@@ -411,6 +412,11 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         if self.phase == "forward":
             return self.in_model
         return self._node_meta().get("model", True)
+
+    def _compiled_op(self, phase) -> bool:
+        if phase == "encoder":
+            return self.encoder_compiled
+        return phase in ("forward", "backward") and self._model_flag()
 
     def tag_forward_outputs(self):
         """After the forward: put each recorded output's phase and kernels category on its autograd node,
@@ -499,7 +505,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             op.anchor = True
         if op.flops:
             op.shapes = " x ".join(f"{tuple(t.shape)}" for t in inputs[:3])
-        op.compiled = phase in ("forward", "backward") and self._model_flag()
+        op.compiled = self._compiled_op(phase)
         op.step_phase = self.phase
         self.ops.append(op)
         if self.phase == "forward":  # autograd gives the outputs their grad_fn after this returns
@@ -589,6 +595,10 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
             encoder_module, cfg, transport, encoder_flops = _build_small(args, model_overrides)
         else:
             encoder_module, cfg, transport, encoder_flops = train_step.build(args, meta)
+        if backend == "torch":  # the reference variants run REPA's encoder path (bench.train_step.variant_encoder)
+            encoder_module = train_step.reference_encoder(encoder_module)
+        encoder_module.low_precision_devices = ("cuda", "cpu")  # its CUDA path (bf16), on fake CPU tensors
+        encoder_module.cast_weights(torch.bfloat16)  # the fused encoder's one-time cast (on meta: see below)
         sit = build_model(cfg)
         if precision == "bf16":
             sit.to(torch.bfloat16)  # on meta: fake parameters cannot be swapped for other dtypes later
@@ -599,6 +609,7 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
     tracer.recording = False
     with FakeTensorMode(allow_non_fake_inputs=True):
         encoder_module.to_empty(device="cpu")
+        tracer.encoder_compiled = encoder_module.cfg.fused  # compiled variants compile the fused encoder
         sit.to_empty(device="cpu").train()
         fused = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)  # noqa: E731
         optimizer = (_MasterWeightsAdamW(sit.parameters(), fused, ema=trainer) if precision == "bf16" or trainer
@@ -850,7 +861,10 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         "forward, 4 + 3 backward",
         "compiled variants: inside SiT's forward and backward every maximal run of pointwise/reduction/copy ops "
         "between matmuls, attention and Triton kernels is one Inductor kernel reading its external inputs and "
-        "writing the outputs read later; encoder, losses and optimizer stay eager",
+        "writing the outputs read later; so in the fused encoder's forward (compiled as the trainer compiles it "
+        "under train.compile on a GPU); the reference encoder, losses and optimizer stay eager",
+        "encoder: the reference variants run REPA's path (fp32 weights cast by autocast on every call, SDPA); the "
+        "others the fused one (Linear/Conv weights cast to bf16 once, attention on kernels.attention_qkv)",
         f"precision {precision}: " + ("fp32 weights, bf16 autocast (traced with CPU autocast, whose op lists "
                                       "follow CUDA's for matmuls/convolutions), fused AdamW" if precision == "bf16-mixed"
                                       else "bf16 weights and gradients; DeepSpeed ZeRO-1/2's flat-buffer copies "

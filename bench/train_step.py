@@ -4,10 +4,12 @@
 
 One process, one device, the same model, data, optimiser and precision policy (bf16 autocast, fp32
 weights, fused AdamW: REPA's, and the trainer's `train.precision: bf16-mixed`) for every variant:
-  1. reference eager     kernels backend "torch" (PyTorch ops, SDPA attention), as the REPA code runs
-  2. reference compiled  the same under torch.compile
-  3. alignflow           the fused Triton kernels
-  4. alignflow compiled  the fused kernels under torch.compile
+  1. reference eager     kernels backend "torch" (PyTorch ops, SDPA attention), as the REPA code runs,
+                         and REPA's encoder path (`fused: false`: fp32 weights under autocast, SDPA)
+  2. reference compiled  the same under torch.compile (the SiT; the encoder eager, as REPA runs it)
+  3. alignflow           the fused Triton kernels and the fused encoder (bf16 weights cast once,
+                         attention on kernels.attention_qkv)
+  4. alignflow compiled  the fused kernels under torch.compile, the fused encoder compiled too
 and the trainer's own step, `engine.trainer.Trainer.train_step` as `deepspeed --num_gpus 1 --module
 engine.train` runs it: the DeepSpeed engine with configs/deepspeed/zero2.json (ZeRO-2), its AdamW,
 gradient clipping and EMA update, the finite-loss all-reduce and host sync, its loader over the same
@@ -170,7 +172,41 @@ def timed_steps(step, args, device):
             "peak_memory_bytes": peak}, out
 
 
+def reference_encoder(encoder):
+    """The reference variants' encoder: REPA's path (`fused: false`: fp32 weights cast by autocast on every
+    call, timm's SDPA attention) with `encoder`'s weights, on its device."""
+    import dataclasses
+
+    from engine.models.encoders import build_encoder
+
+    reference = build_encoder(dataclasses.replace(encoder.cfg, fused=False), device=encoder.mean.device)
+    reference.model.load_state_dict({k: v.float() for k, v in encoder.model.state_dict().items()})
+    reference.low_precision_devices = encoder.low_precision_devices
+    return reference
+
+
+@contextlib.contextmanager
+def variant_encoder(encoder, backend, use_compile):
+    """The encoder a variant runs: the reference one for the "torch" backend; the fused one otherwise,
+    compiled (after its one-time bf16 cast, `dynamic=False`) in the compiled variants, as the trainer
+    compiles it under `train.compile` on a GPU."""
+    if backend == "torch":
+        yield reference_encoder(encoder)
+        return
+    if use_compile and encoder.mean.is_cuda:
+        encoder.compile_features(dynamic=False)
+    try:
+        yield encoder
+    finally:
+        encoder.compile_features(False)
+
+
 def run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
+    with variant_encoder(parts[0], backend, use_compile) as encoder:
+        return _run_variant(name, backend, use_compile, args, device, (encoder, *parts[1:]), loader, epoch)
+
+
+def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
     from engine.models import build_model
 
     encoder, model_cfg, transport, _ = parts

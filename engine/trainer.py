@@ -174,6 +174,10 @@ class Trainer:
             # samplers (which use self.engine.module) are unchanged.
             self.engine.compile(backend="inductor")
             self.monitor.info("model compiled with torch.compile (inductor); the first steps include compile time")
+            if self.device.type == "cuda":  # the fused encoders' bf16 path (on the CPU they run timm's fp32 code)
+                for encoder in self.encoders:
+                    if encoder.cfg.fused:
+                        encoder.compile_features(dynamic=False)
             if self.engine.zero_optimization_stage() == 3:
                 # Seen with DeepSpeed 0.19.8 / torch 2.14: 29 graphs for a 2-block SiT, recompiles at the limit.
                 self.monitor.warn("train.compile with ZeRO-3: DeepSpeed's parameter-gather hooks break the graph at "

@@ -741,17 +741,20 @@ def _stride_args(*names):
 
 
 def aot_specs():
-    """bf16 forward and backward at d = 64, 72, 128; with fused qk-norm at d = 72 (SiT-XL); and the
+    """bf16 forward and backward at d = 64, 72, 128 (and the forward at d = 64, N = 257: the encoder); with
+    fused qk-norm at d = 72 (SiT-XL); and the
     fp32 path at d = 72, exact (CUDA-core matmuls, so no wgmma), and with TF32 tensor cores at d = 72
     (also with qk-norm) and 64."""
     specs = []
     norm = {"qw_ptr": "*fp32", "qb_ptr": "*fp32", "kw_ptr": "*fp32", "kb_ptr": "*fp32"}
-    # N = 257 (REG's class token) loses the JIT's divisibility-by-16 specialisation of N
-    for dtype, head_dim, qk_norm, odd_n, precision in (
-            ("bf16", 64, False, False, "tf32"), ("bf16", 72, False, False, "tf32"), ("bf16", 72, False, True, "tf32"),
-            ("bf16", 128, False, False, "tf32"), ("bf16", 72, True, False, "tf32"),
-            ("fp32", 72, False, False, "ieee"), ("fp32", 72, False, False, "tf32"), ("fp32", 72, True, False, "tf32"),
-            ("fp32", 64, False, False, "tf32")):
+    # N = 257 (REG's class token; the frozen DINOv2-B encoder's 256 patches + class token at d = 64, forward
+    # only: it runs under no_grad) loses the JIT's divisibility-by-16 specialisation of N
+    for dtype, head_dim, qk_norm, odd_n, precision, forward_only in (
+            ("bf16", 64, False, False, "tf32", False), ("bf16", 72, False, False, "tf32", False),
+            ("bf16", 72, False, True, "tf32", False), ("bf16", 64, False, True, "tf32", True),
+            ("bf16", 128, False, False, "tf32", False), ("bf16", 72, True, False, "tf32", False),
+            ("fp32", 72, False, False, "ieee", False), ("fp32", 72, False, False, "tf32", False),
+            ("fp32", 72, True, False, "tf32", False), ("fp32", 64, False, False, "tf32", False)):
         d0, d1 = head_tiles(head_dim)
         half = dtype == "bf16"
         tag = (f"{dtype},d={head_dim}" + ("" if half else f",{precision}") + (",qk_norm" if qk_norm else "")
@@ -769,6 +772,8 @@ def aot_specs():
              "N": "i32", "H": "i32", "qk_scale": "fp32", "eps": "fp32", **_stride_args("q", "k", "v", "o")},
             dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=not odd_n),
             num_warps=num_warps, num_stages=num_stages, require_ptx=tensor_cores, not_divisible=odd))
+        if forward_only:
+            continue
         if not qk_norm:
             specs.append(AotSpec(
                 f"attention_bwd_delta[{tag}]", _attn_bwd_delta_kernel,

@@ -48,6 +48,24 @@ def test_traced_flops_match_the_analytic_counts(backend):
     assert "_fused_adamw_" in names and "_foreach_norm" in names  # the CUDA multi-tensor paths
 
 
+def test_fused_encoder_casts_no_weights_and_attends_on_the_kernel():
+    """The alignflow trace runs the fused encoder (weights cast to bf16 once, before the step; attention
+    on the Triton kernel, one launch per block) and the reference trace REPA's path (every Linear/Conv
+    weight and bias cast by autocast on each call, SDPA); only the fused encoder's ops are marked for
+    the compiled variants' Inductor fusion."""
+    traces = {backend: model.trace_step(backend=backend, **SMALL)["ops"] for backend in ("torch", "triton")}
+    encoder = {b: [op for op in ops if op.phase == "encoder"] for b, ops in traces.items()}
+    blocks = 12  # dinov2-vit-s
+    names = {b: [op.name for op in ops] for b, ops in encoder.items()}
+    assert names["triton"].count("triton:_attn_fwd_kernel") == blocks and not set(names["triton"]) & model._SDPA
+    assert sum(n in model._SDPA for n in names["torch"]) == blocks and "triton:_attn_fwd_kernel" not in names["torch"]
+    linears = 4 * blocks + 1  # qkv, proj, fc1, fc2 per block, the patch embedding
+    casts = {b: n.count("_to_copy") for b, n in names.items()}
+    assert casts["torch"] - casts["triton"] >= 2 * linears  # a weight and a bias each
+    assert sum(op.bytes for op in encoder["triton"]) < sum(op.bytes for op in encoder["torch"])
+    assert all(op.compiled for op in encoder["triton"]) and not any(op.compiled for op in encoder["torch"])
+
+
 def test_one_linear_counted_by_hand():
     M, K, N = 6, 40, 24
 

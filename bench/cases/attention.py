@@ -136,4 +136,5 @@ def cases(device, smoke):
     return [_shape_case(device, "SiT-XL/2 256px", 32, 16, 256, 72, bf16, impls, headline=True),
             _shape_case(device, "SiT-B/2 256px", 32, 12, 256, 64, bf16, impls),
             _shape_case(device, "SiT-XL/2 512px", 32, 16, 1024, 72, bf16, impls),
-            _shape_case(device, "SiT-XL/2 REG", 32, 16, 257, 72, bf16, impls)]
+            _shape_case(device, "SiT-XL/2 REG", 32, 16, 257, 72, bf16, impls),
+            _shape_case(device, "DINOv2-B encoder", 32, 12, 257, 64, bf16, impls)]

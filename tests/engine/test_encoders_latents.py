@@ -1,4 +1,6 @@
 """Frozen encoders (timm, local weights) and latent spaces (identity, diffusers AutoencoderKL)."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,3 +179,106 @@ def test_default_scale_follows_the_kind():
     assert LatentConfig(kind="identity").scale == 1.0
     assert LatentConfig(kind="module", path="a.b:c").scale == 1.0
     assert LatentConfig(kind="identity", scale=0.5).scale == 0.5
+
+
+def _encoder_pair(name="dinov2-vit-s", resolution=64, depth=2):
+    """The fused encoder and the reference one (fused: false) with the same random weights, both running
+    their CUDA path (autocast_dtype bf16) on the CPU. dinov2-vit-s: head dim 64 as DINOv2-B; 56 px input
+    gives 16 patches + the class token (N = 17, masked tails in the kernel's blocks)."""
+    cfg = EncoderConfig(name=name, pretrained=False, resolution=resolution, model_kwargs=dict(depth=depth))
+    fused = build_encoder(cfg)
+    reference = build_encoder(dataclasses.replace(cfg, fused=False))
+    reference.model.load_state_dict(fused.model.state_dict())
+    for encoder in (fused, reference):
+        with torch.no_grad():  # LayerScale's 1e-5 init would hide every block: give each branch weight
+            for block in encoder.model.blocks:
+                block.ls1.gamma.fill_(0.5)
+                block.ls2.gamma.fill_(0.5)
+        encoder.low_precision_devices = ("cuda", "cpu")
+    return fused, reference
+
+
+def _fp32(reference, batch):
+    """The reference encoder's features in fp32 (its weights were never cast)."""
+    reference.low_precision_devices = ("cuda",)
+    try:
+        return reference(batch)
+    finally:
+        reference.low_precision_devices = ("cuda", "cpu")
+
+
+def test_fused_encoder_casts_matmul_weights_once_and_keeps_norms_fp32():
+    fused, _ = _encoder_pair(depth=1)
+    assert fused.kernel_attention == 1 and fused.weights_dtype is None
+    fused(images())
+    assert fused.weights_dtype == torch.bfloat16
+    model = fused.model
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16 and model.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert model.blocks[0].norm1.weight.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
+    assert model.pos_embed.dtype == torch.float32 and model.blocks[0].ls1.gamma.dtype == torch.float32
+    before = model.blocks[0].mlp.fc1.weight
+    fused(images())
+    assert model.blocks[0].mlp.fc1.weight is before  # not cast again
+    assert "blocks.0.attn.qkv.weight" in model.state_dict()  # keys unchanged
+
+
+def test_fused_encoder_under_torch_backend_is_bitwise_the_autocast_path():
+    """The cast-once weights are the values autocast casts to on every call, and the "torch" backend's
+    attention is the SDPA call timm makes: the features are identical."""
+    import kernels
+
+    fused, reference = _encoder_pair()
+    batch = images()
+    with kernels.use_backend("torch"):
+        for actual, expected in zip(fused(batch), reference(batch)):
+            assert actual.dtype == torch.float32 and torch.equal(actual, expected)
+
+
+def test_fused_encoder_runs_the_attention_kernel_within_bf16_rounding(monkeypatch):
+    """The Triton kernel (interpreter on the CPU) in every block; the features stay as close to the fp32
+    encoder's as the reference bf16 autocast path's are, and within bf16 rounding of that path."""
+    import importlib
+
+    import kernels
+
+    attention = importlib.import_module("kernels.attention")  # the module (the package's `attention` is the op)
+    calls = []
+    original = attention._attention_qkv
+
+    def spy(qkv, *args):
+        calls.append((qkv.dtype, tuple(qkv.shape)))
+        return original(qkv, *args)
+
+    monkeypatch.setattr(attention, "_attention_qkv", spy)
+    fused, reference = _encoder_pair()
+    batch = images()
+    with kernels.use_backend("triton"):
+        patches, cls = fused(batch)
+        expected_patches, expected_cls = reference(batch)
+    assert calls == [(torch.bfloat16, (2, 17, 3 * 384))] * 2  # each block's packed qkv, on the kernel
+    exact_patches, exact_cls = _fp32(reference, batch)
+    for actual, expected, exact in ((patches, expected_patches, exact_patches), (cls, expected_cls, exact_cls)):
+        torch.testing.assert_close(actual, expected, atol=2e-2, rtol=2e-2)
+        error, reference_error = (actual - exact).abs().mean(), (expected - exact).abs().mean()
+        assert reference_error > 0 and error <= 1.5 * reference_error, (error, reference_error)
+
+
+def test_fused_encoder_on_the_cpu_default_path_is_timms_fp32_code():
+    """On the CPU (fp32, the frozen-numerics path) the fused switch changes nothing: no cast, timm's
+    attention, the same bits as fused: false."""
+    cfg = EncoderConfig(name="dinov2-vit-s", pretrained=False, resolution=64, **SHALLOW)
+    fused = build_encoder(cfg)
+    reference = build_encoder(dataclasses.replace(cfg, fused=False))
+    reference.model.load_state_dict(fused.model.state_dict())
+    batch = images()
+    for actual, expected in zip(fused(batch), reference(batch)):
+        assert torch.equal(actual, expected)
+    assert fused.weights_dtype is None and fused.model.blocks[0].attn.qkv.weight.dtype == torch.float32
+    assert not fused.model.blocks[0].attn.use_kernel and reference.kernel_attention == 0
+
+
+def test_encoder_fused_must_be_a_bool():
+    from engine.configurable import ConfigError
+
+    with pytest.raises(ConfigError, match="fused"):
+        EncoderConfig(fused="yes")

@@ -76,6 +76,14 @@ def test_reg_length_257(head_dim, device):
     _compare(kernels.attention, _qkv((1, 1, 257, head_dim), torch.float32, device), torch.float32)
 
 
+def test_encoder_shape_bf16_packed_257():
+    """The frozen DINOv2 encoder's shape: packed bf16 qkv, head dim 64, N = 257 (256 patches and the class
+    token: masked tails in every block); one head of DINOv2-B's 12 to keep the interpreter quick."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    qkv = leaf((1, 257, 3 * 64), torch.bfloat16, device)
+    _compare(kernels.attention_qkv, [qkv], torch.bfloat16, num_heads=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [72, 128])
 def test_half_precision(dtype, head_dim, device):

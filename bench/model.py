@@ -788,6 +788,69 @@ def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, lau
 
 
 # ----------------------------------------------------------------------------------------------
+# Issue 14's goal: the fused step against the reference and the device
+# ----------------------------------------------------------------------------------------------
+
+GOAL_SPEEDUPS = {"reference-eager": 1.8, "reference-compiled": 1.3}  # the fused step's img/s over each
+GOAL_MFU = 0.5  # model FLOPs per second over the dense bf16 peak
+
+
+def goal_check(variants: dict, peak_bf16: float) -> list[dict]:
+    """For every non-reference variant: its speed-up over each reference variant modelled beside it and
+    its MFU, against GOAL_SPEEDUPS and GOAL_MFU; the step time that meets all of them (the strictest
+    target names the goal that binds); and, where the step is slower, the categories that stand in the
+    way: each category's modelled time above its ideal (its matmul/attention FLOPs at the dense peak,
+    everything else free), largest first, as many as it takes to cover the time to cut."""
+    rows = []
+    for name, v in variants.items():
+        if name in GOAL_SPEEDUPS:
+            continue
+        step = v["step_s"]
+        targets = {f"{ratio}x {ref}": variants[ref]["step_s"] / ratio for ref, ratio in GOAL_SPEEDUPS.items()
+                   if ref in variants}
+        targets[f"MFU {GOAL_MFU:.0%}"] = v["mfu"] * step / GOAL_MFU  # model FLOPs / (GOAL_MFU x peak)
+        binding = min(targets, key=targets.get)
+        goal_s = targets[binding]
+        above_ideal = {c: v["categories"][c] - v["counts"][c]["flops"] / peak_bf16 for c in CATEGORIES}
+        cut = step - goal_s
+        in_the_way, covered = [], 0.0
+        for category, excess in sorted(above_ideal.items(), key=lambda kv: -kv[1]):
+            if covered >= cut or excess <= 0:
+                break
+            in_the_way.append({"category": category, "above_ideal_s": excess})
+            covered += excess
+        rows.append({"variant": name, "step_s": step,
+                     "speedups": {ref: variants[ref]["step_s"] / step for ref in GOAL_SPEEDUPS if ref in variants},
+                     "mfu": v["mfu"], "targets_s": targets, "binding": binding, "goal_step_s": goal_s,
+                     "met": cut <= 0, "to_cut_s": max(0.0, cut), "ideal_step_s": v["ideal_step_s"],
+                     "above_ideal_s": above_ideal, "in_the_way": in_the_way if cut > 0 else []})
+    return rows
+
+
+def goal_table(rows: list[dict]) -> list[str]:
+    refs = [r for r in GOAL_SPEEDUPS if any(r in row["speedups"] for row in rows)]
+    lines = [f"Goal check (issue 14, modelled): each fused variant's speed-up over "
+             + " and ".join(f"{ref} (goal {GOAL_SPEEDUPS[ref]}x)" for ref in refs)
+             + f", and its MFU (goal {GOAL_MFU:.0%} of the dense bf16 peak). Where a goal is not met: the step "
+             "time that meets all three (the binding goal named), the time to cut, and the categories standing in "
+             "the way, each with its modelled time above its ideal (matmul/attention FLOPs at the dense peak, the "
+             "rest free), largest first, until they cover the cut.", "",
+             "| variant | " + " | ".join(f"vs {ref} (goal {GOAL_SPEEDUPS[ref]}x)" for ref in refs)
+             + f" | MFU (goal {GOAL_MFU:.0%}) | goal met | goal step ms (binding) | to cut ms | standing in the way (ms above ideal) |",
+             "|---|" + "---|" * len(refs) + "---|---|---|---|---|"]
+    for row in rows:
+        way = ", ".join(f"{w['category']} {_ms(w['above_ideal_s'])}" for w in row["in_the_way"])
+        if row["in_the_way"] and row["ideal_step_s"] > row["goal_step_s"]:
+            way += (f"; even the ideal step ({_ms(row['ideal_step_s'])} ms: executed FLOPs with padding and "
+                    "recompute at the peak) misses the goal")
+        lines.append(f"| {row['variant']} | "
+                     + " | ".join(f"{row['speedups'][ref]:.2f}x" if ref in row["speedups"] else "-" for ref in refs)
+                     + f" | {100 * row['mfu']:.1f}% | {'yes' if row['met'] else 'no'} | "
+                     f"{_ms(row['goal_step_s'])} ({row['binding']}) | {_ms(row['to_cut_s'])} | {way or '-'} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Beyond one GPU: ZeRO-1/2/3
 # ----------------------------------------------------------------------------------------------
 
@@ -903,6 +966,8 @@ def markdown(payload: dict, top_ops: bool = True, zero: bool = True) -> str:
         s = v["sensitivity_step_s"]
         lines.append(f"| {name} | " + " | ".join(_ms(x) for x in s["launch_us"].values()) + " | "
                      + " | ".join(_ms(x) for x in s["matmul_of_peak"].values()) + " |")
+    if payload.get("goal"):
+        lines += [""] + goal_table(payload["goal"])
     for name, v in variants.items() if top_ops else ():
         lines += ["", f"Top ops, {name}:", "", "| phase | category | op | calls | ms | GB | GFLOP | launches |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -1083,7 +1148,8 @@ def model_payload(preset, config, variants, gpu_counts, args, traces) -> dict:
                "device": ceilings, "config": config, "variants": results,
                "analytic": {k: trace[k] for k in ("model_flops", "sit_flops_per_sample", "encoder_flops_per_image",
                                                   "params")},
-               "assumptions": assumptions(ceilings, config["precision"], launch_s)}
+               "assumptions": assumptions(ceilings, config["precision"], launch_s),
+               "goal": goal_check(results, ceilings["peak_bf16"])}
     if gpu_counts:
         # the trainer's step is what runs data-parallel under ZeRO; else the fused step
         variant = next((v for v in ("trainer-bf16", "alignflow") if v in results), variants[0])

@@ -212,6 +212,50 @@ def test_smoke_run_writes_the_result_and_bench_report_renders_it(tmp_path, capsy
     assert "stale" not in text and "Modelled, not measured" in text and "| alignflow-compiled |" in text
     assert "| 8 | 2 | 1 | no |" in text and path.with_suffix(".md").exists()
     assert path.with_suffix(".png").exists() or importlib.util.find_spec("matplotlib") is None
+    # issue 14's goal check, for every non-reference variant, printed and in the README section
+    assert "Goal check (issue 14, modelled)" in printed and "Goal check (issue 14, modelled)" in text
+    goal = {row["variant"]: row for row in payload["goal"]}
+    assert set(goal) == set(model.VARIANTS) - set(model.GOAL_SPEEDUPS)
+    fused = payload["variants"]["alignflow"]
+    assert goal["alignflow"]["speedups"]["reference-eager"] == pytest.approx(eager["step_s"] / fused["step_s"])
+    assert goal["alignflow"]["speedups"]["reference-compiled"] == pytest.approx(compiled["step_s"] / fused["step_s"])
+    assert goal["alignflow"]["mfu"] == fused["mfu"]
+
+
+def _summary(step, categories, flops, mfu):
+    return {"step_s": step, "mfu": mfu, "ideal_step_s": sum(flops.values()) / 1e15,
+            "categories": {c: categories.get(c, 0.0) for c in model.CATEGORIES},
+            "counts": {c: {"flops": flops.get(c, 0.0)} for c in model.CATEGORIES}}
+
+
+def test_goal_check_names_the_binding_goal_and_the_categories_in_the_way():
+    """Hand-made variants (peak 1 PFLOP/s): the fused step at 60 ms against a 100 ms eager and a 70 ms
+    compiled reference, MFU 30%: the targets are 55.6 ms (1.8x eager), 53.8 ms (1.3x compiled) and 36 ms
+    (MFU 50% = 0.3 x 60 / 0.5): MFU binds and 24 ms must go. Above the ideal: optimizer 15, matmul
+    30 - 20 = 10, pointwise 5: the optimizer and the matmuls cover the 24 ms, the pointwise ops are not
+    needed. A variant that meets every goal lists nothing."""
+    peak = 1e15
+    variants = {
+        "reference-eager": _summary(0.100, {"matmul": 0.100}, {"matmul": 20e12}, 0.18),
+        "reference-compiled": _summary(0.070, {"matmul": 0.070}, {"matmul": 20e12}, 0.257),
+        "alignflow": _summary(0.060, {"matmul": 0.030, "optimizer": 0.015, "pointwise": 0.005, "attention": 0.010},
+                              {"matmul": 20e12, "attention": 10e12}, 0.30),
+        "fast": _summary(0.030, {"matmul": 0.030}, {"matmul": 20e12}, 0.6),
+    }
+    rows = {r["variant"]: r for r in model.goal_check(variants, peak)}
+    assert set(rows) == {"alignflow", "fast"}
+    row = rows["alignflow"]
+    assert row["speedups"] == pytest.approx({"reference-eager": 100 / 60, "reference-compiled": 70 / 60})
+    assert row["targets_s"] == pytest.approx({"1.8x reference-eager": 0.1 / 1.8, "1.3x reference-compiled": 0.07 / 1.3,
+                                              "MFU 50%": 0.036})
+    assert row["binding"] == "MFU 50%" and not row["met"] and row["to_cut_s"] == pytest.approx(0.024)
+    assert [w["category"] for w in row["in_the_way"]] == ["optimizer", "matmul"]
+    assert [w["above_ideal_s"] for w in row["in_the_way"]] == pytest.approx([0.015, 0.010])
+    assert row["above_ideal_s"]["attention"] == pytest.approx(0.0)
+    assert rows["fast"]["met"] and rows["fast"]["in_the_way"] == [] and rows["fast"]["to_cut_s"] == 0
+    table = "\n".join(model.goal_table(list(rows.values())))
+    assert "| alignflow | 1.67x | 1.17x | 30.0% | no | 36.0 (MFU 50%) | 24.0 | optimizer 15.0, matmul 10.0 |" in table
+    assert "| fast | 3.33x | 2.33x | 60.0% | yes |" in table
 
 
 @pytest.fixture(scope="module")

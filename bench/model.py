@@ -309,7 +309,7 @@ def op_category(name: str, phase: str, stack_category: str | None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 _KERNEL_MODULES = {"adaln.py": "norm/modulate", "attention.py": "attention", "interpolant.py": "losses",
-                   "alignment_loss.py": "losses"}
+                   "alignment_loss.py": "losses", "gelu.py": "pointwise"}
 _KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 
 
@@ -343,6 +343,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         self._keep: list = []
         self._fresh: set = set()  # storages allocated (torch.empty) and not written yet: a launch's outputs
         self._forward_outputs: list = []
+        self._opaque = 0  # > 0 inside a registered custom op's implementation (see _run_launcher)
 
     # -- Triton launches -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -434,8 +435,12 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         from torch._library.custom_ops import OPDEFS
 
         implementation = OPDEFS[func._schema.name]._init_fn
-        with self:
-            out = implementation(*args, **kwargs)
+        self._opaque += 1  # the aten ops a custom op runs inside are not Inductor's to fuse
+        try:
+            with self:
+                out = implementation(*args, **kwargs)
+        finally:
+            self._opaque -= 1
         if self.phase == "forward":
             for t in _tensors(out):
                 if t.is_floating_point():
@@ -489,6 +494,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             return out
         op = Op(name, phase, op_category(name, phase, stack_category), read=sum(b for _, b in reads),
                 written=sum(b for _, b in writes), launches=1, fused_region=fused, reads=reads, writes=writes)
+        op.anchor = self._opaque > 0
         if name.startswith("_foreach_") or name.startswith("_fused_"):
             lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
             op.launches = _multi_tensor_launches(lists) + (1 if name == "_foreach_norm" else 0)

@@ -4,6 +4,7 @@ from ._backend import BACKENDS, get_backend, interpreting, set_backend, use_back
 from .adaln import (adaln_modulate, adaln_residual_modulate, reference_adaln_modulate,
                     reference_adaln_residual_modulate)
 from .alignment_loss import alignment_loss, reference_alignment_loss
+from .gelu import gelu_tanh, reference_gelu_tanh
 from .attention import attention, attention_qkv, reference_attention, reference_attention_qkv
 from .interpolant import (PATHS, interpolant, path_coefficients, reference_interpolant, reference_velocity_loss,
                           velocity_loss)
@@ -14,4 +15,5 @@ __all__ = [
     "alignment_loss", "reference_alignment_loss",
     "adaln_modulate", "reference_adaln_modulate", "adaln_residual_modulate", "reference_adaln_residual_modulate",
     "attention", "reference_attention", "attention_qkv", "reference_attention_qkv",
+    "gelu_tanh", "reference_gelu_tanh",
 ]

@@ -113,6 +113,39 @@ def test_fused_adaln_bytes_include_statistics_and_scratch():
     assert sums and sums[0].read == B * tiles * 3 * D * 4  # the partials, read back once
 
 
+def test_fused_gelu_backward_carries_the_bias_gradient_counted_by_hand():
+    """SiT's fc1 + GELU with kernels.gelu_tanh: the backward's one launch reads the GELU input a and dL/dg
+    (bf16) and writes dL/da plus its fp32 bias partial sums (tiles, N), which one small reduction reads;
+    no full-size sum over dL/da remains. Under torch.compile the GELU forward inside the custom op is
+    not Inductor's to fuse (an anchor)."""
+    M, K, N = 64, 32, 300
+    gelu = importlib.import_module("kernels.gelu")
+
+    def run():
+        x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(N, K, dtype=torch.bfloat16, requires_grad=True)
+        b = torch.randn(N, dtype=torch.bfloat16, requires_grad=True)
+        with kernels.use_backend("triton"):
+            g = kernels.gelu_tanh(torch.nn.functional.linear(x, w, b.detach()), b)
+        g.backward(torch.randn_like(g))
+
+    ops = _trace(run)
+    (bwd,) = [op for op in ops if op.name == "triton:_gelu_bwd_kernel"]
+    _, _, tiles, _ = gelu._tiles(M, N)
+    assert tiles == 1  # M = 64 rows: one tile of 4 row blocks
+    assert bwd.read == 2 * M * N * 2 and bwd.written == M * N * 2 + tiles * N * 4
+    assert bwd.category == "pointwise" and bwd.fused_region and bwd.launches == 1
+    sums = [op for op in ops if op.name == "sum"]
+    assert [op.read for op in sums] == [tiles * N * 4]  # only the partials: nn.Linear's bias sum is gone
+    assert [op.name for op in ops if op.name in ("addmm", "mm")] == ["addmm", "mm", "mm"]
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        compiled = _trace(run)
+    (forward_gelu,) = [op for op in compiled if op.name == "gelu"]
+    assert forward_gelu.anchor and forward_gelu.read == forward_gelu.written == M * N * 2
+
+
 def test_attention_flops_with_head_dim_padding_and_recompute():
     """Our kernel at head dim 72 runs 64 + 16 = 80 wide GEMMs: 2 forward, 4 (dK, dV) + 3 (dQ) backward;
     PyTorch's flash SDPA (FlashAttention-2) pads 72 to 96 and runs 2.5x its forward backward."""

@@ -69,6 +69,9 @@ class ModelConfig(FromDict):
     # half is the velocity (as SiT's forward returns it) and the second half is unused
     learn_sigma: bool = False
     grad_checkpointing: bool = False  # recompute each block in the backward (activation memory ~ depth x less)
+    # the MLP's GELU backward also sums fc1's bias gradient (kernels.gelu_tanh), saving torch's separate
+    # pass over dL/da; false: nn.Linear's bias sum. The same numbers either way (torch backend: bitwise)
+    fused_gelu: bool = True
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -115,6 +118,8 @@ class ModelConfig(FromDict):
             bad("mlp_ratio", self.mlp_ratio, "a positive number")
         if not isinstance(self.learn_sigma, bool):
             bad("learn_sigma", self.learn_sigma, "true or false")
+        if not isinstance(self.fused_gelu, bool):
+            bad("fused_gelu", self.fused_gelu, "true or false")
 
 
     @property
@@ -208,23 +213,41 @@ class Attention(nn.Module):
         return self.proj(o)
 
 
+class LinearGELU(nn.Linear):
+    """nn.Linear followed by GELU(tanh), as one module so that its weight and bias are used inside its
+    own forward (DeepSpeed ZeRO-3 gathers a module's parameters around its forward). With `fused`, the
+    GELU backward's kernel also gives the bias its gradient (kernels.gelu_tanh), instead of nn.Linear's
+    backward summing dL/da in a pass of its own. The parameters are nn.Linear's (REPA's fc1 keys)."""
+
+    def __init__(self, in_features, out_features, fused=True):
+        super().__init__(in_features, out_features)
+        self.fused = fused
+
+    def forward(self, x):
+        if self.fused:
+            return kernels.gelu_tanh(F.linear(x, self.weight, self.bias.detach()), self.bias)
+        return F.gelu(F.linear(x, self.weight, self.bias), approximate="tanh")
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    """fc2(GELU_tanh(fc1(x))); fc1 holds the GELU (LinearGELU)."""
+
+    def __init__(self, dim, hidden, fused_gelu=True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = LinearGELU(dim, hidden, fused=fused_gelu)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(self.fc1(x))
 
 
 class SiTBlock(nn.Module):
     """adaLN-Zero block. Its LayerNorms have no parameters; they run inside kernels.adaln_*."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_gelu=True):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, qk_norm)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), fused_gelu)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def modulation(self, c):
@@ -303,7 +326,7 @@ class SiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
         num_tokens = self.x_embedder.num_patches + int(cfg.reg)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, D), requires_grad=False)
-        self.blocks = nn.ModuleList([SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm)
+        self.blocks = nn.ModuleList([SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.fused_gelu)
                                      for _ in range(cfg.depth)])
         self.projectors = nn.ModuleList([build_mlp(D, cfg.projector_dim, z) for z in cfg.z_dims])
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels, self.cls_dim)

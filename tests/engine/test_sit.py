@@ -163,7 +163,8 @@ def test_reference_and_kernel_backends_agree(monkeypatch, device, shift_shape, q
     calls = []
     fused_ops = (("kernels.interpolant", "_interpolant"), ("kernels.interpolant", "_velocity_loss"),
                  ("kernels.alignment_loss", "_alignment_cos"), ("kernels.adaln", "_adaln_modulate"),
-                 ("kernels.adaln", "_adaln_residual_modulate"), ("kernels.attention", "_attention_qkv"))
+                 ("kernels.adaln", "_adaln_residual_modulate"), ("kernels.attention", "_attention_qkv"),
+                 ("kernels.gelu", "_gelu_tanh"))
     for module_name, op in fused_ops:
         function = getattr(sys.modules[module_name], op).eager  # the eager autograd.Function
         monkeypatch.setattr(function, "apply", _counting(function.apply, calls, op))

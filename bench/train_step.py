@@ -264,11 +264,11 @@ def latent_shards(args, device) -> str:
     from engine.preprocess import encoder_from_latent_space, latent_config, preprocess
 
     data = loader_config(args)
-    out = f"{data.root}-latents-{data.builtin_images_per_class}x{data.builtin_image_size}"
-    latent = latent_config(f"module:{POOL_LATENTS}", "1.0", "0.0")
+    # "raw": the shard format in the name, so that shards cached by an earlier format are not reopened
+    out = f"{data.root}-latents-raw-{data.builtin_images_per_class}x{data.builtin_image_size}"
+    latent = latent_config(f"module:{POOL_LATENTS}")
     preprocess(data, out, encoder_from_latent_space(latent, device), latent_space=f"module:{POOL_LATENTS}",
-               batch_size=64, device=device, decode_threads=min(os.cpu_count() or 1, 8), latent_scale=latent.scale,
-               latent_shift=latent.shift)
+               batch_size=64, device=device, decode_threads=min(os.cpu_count() or 1, 8))
     return out
 
 

@@ -6,7 +6,10 @@
 
 Images are decoded with the exact ADM centre crop (PIL path) and encoded in batches; every chunk of
 rows is marked done once written, so a rerun with the same arguments skips the finished chunks.
-Per-channel latent statistics go to stats.json beside the shards.
+The shards hold the latent space's raw posterior moments (meta.json "moments": "raw"): latent.scale and
+latent.shift are applied when the trainer reads them, so a change of either needs no new shards, and
+the per-channel statistics of the raw latents go to stats.json beside the shards at the end of the same
+run (with the scale and shift that would normalise them to zero mean and unit std, also logged).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 
 from engine.data.config import DataConfig
 from engine.data.index import CorruptImageError
-from engine.data.latents import LatentShardWriter
+from engine.data.latents import RAW, LatentShardWriter
 from engine.data.loader import build_index
 from engine.data.transforms import decode_pil
 
@@ -34,7 +37,7 @@ Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 def latent_config(spec: str, scale: str | None = None, shift: str | None = None):
     """A LatentConfig from the command line: "identity" (pixel space), a local diffusers AutoencoderKL
     folder / cached hub id, or "module:package.module:factory"; scale and shift as one number or
-    comma-separated per channel."""
+    comma-separated per channel (they do not change the shards, which hold raw moments)."""
     from engine.models.latents import LatentConfig
 
     def number_or_list(text):
@@ -57,7 +60,8 @@ def latent_config(spec: str, scale: str | None = None, shift: str | None = None)
 
 
 def encoder_from_latent_space(cfg, device: torch.device) -> Encoder:
-    """encode(images uint8 (B,3,H,W)) -> (mean, std) of the latent space `cfg` (a LatentConfig)."""
+    """encode(images uint8 (B,3,H,W)) -> raw (mean, std) of the latent space `cfg` (a LatentConfig),
+    before its scale / shift (what the shards store)."""
     from engine.models.latents import build_latent_space  # lazy: heavy, and only needed here
 
     space = build_latent_space(cfg)
@@ -65,7 +69,7 @@ def encoder_from_latent_space(cfg, device: torch.device) -> Encoder:
         space = space.to(device)
     if hasattr(space, "eval"):
         space.eval()
-    return space.encode
+    return space.encode_raw
 
 
 def _barrier(world_size: int) -> None:
@@ -84,12 +88,12 @@ def _decode(index, rows: np.ndarray, res: int, pool: ThreadPoolExecutor) -> torc
 
 def preprocess(cfg: DataConfig, out: str, encode: Encoder, *, latent_space: str = "custom", batch_size: int = 64,
                chunk_size: int = 1024, dtype: str = "float16", rank: int = 0, world_size: int = 1,
-               device="cpu", decode_threads: int = 4, max_chunks: Optional[int] = None,
-               latent_scale=None, latent_shift=None) -> dict:
+               device="cpu", decode_threads: int = 4, max_chunks: Optional[int] = None) -> dict:
     """Encode every image of `cfg` into shards at `out`; returns {"written": chunks encoded now,
     "already_done": chunks of this rank found finished, "stats": the statistics (rank 0, when complete)}.
-    Chunk c is encoded by rank c % world_size. `max_chunks` stops after that many chunks on this rank
-    (to bound a run; a rerun continues)."""
+    `encode` gives the raw posterior moments (before latent.scale / latent.shift: the shards are
+    written as "moments": "raw"). Chunk c is encoded by rank c % world_size. `max_chunks` stops after
+    that many chunks on this rank (to bound a run; a rerun continues)."""
     device = torch.device(device)
     if rank == 0:
         index = build_index(cfg)
@@ -105,9 +109,7 @@ def preprocess(cfg: DataConfig, out: str, encode: Encoder, *, latent_space: str 
         probe_mean, _ = encode(_decode(index, np.array([0]), cfg.resolution, pool).to(device))
     shape = tuple(probe_mean.shape[1:])
     meta = dict(latent_space=latent_space, resolution=cfg.resolution, source=cfg.source,
-                data_root=os.path.abspath(cfg.root))
-    if latent_scale is not None:  # the normalisation baked into the shards (the trainer checks it)
-        meta.update(latent_scale=latent_scale, latent_shift=latent_shift if latent_shift is not None else 0.0)
+                data_root=os.path.abspath(cfg.root), moments=RAW)
     if rank == 0:
         writer = LatentShardWriter(out, index.keys, index.labels, shape, dtype, chunk_size, meta, create=True)
         _barrier(world_size)
@@ -144,14 +146,6 @@ def preprocess(cfg: DataConfig, out: str, encode: Encoder, *, latent_space: str 
     return dict(written=todo, already_done=already_done, stats=stats)
 
 
-def resolved(given, values: list[float]):
-    """The scale or shift to record in the shards: as the user gave it, or the values "auto" resolved to
-    (one number where every channel has the same)."""
-    if given != "auto":
-        return given
-    return values if len(set(values)) > 1 else values[0]
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", required=True)
@@ -159,8 +153,9 @@ def main(argv=None) -> None:
     parser.add_argument("--latent-space", required=True,
                         help='"identity" (pixel space), a local diffusers AutoencoderKL folder / cached hub id, '
                              'or "module:package.module:factory" (your own autoencoder)')
-    parser.add_argument("--latent-scale", default=None, help="latent scale: a number or comma-separated per channel")
-    parser.add_argument("--latent-shift", default=None, help="latent shift: a number or comma-separated per channel")
+    # no longer taken: the shards hold raw moments; named here so that an old command gets a clear error
+    parser.add_argument("--latent-scale", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--latent-shift", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--source", default="folder", choices=["folder", "builtin", "webdataset"])
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--num-classes", type=int, default=None)
@@ -171,6 +166,10 @@ def main(argv=None) -> None:
     parser.add_argument("--on-corrupt", default="skip", choices=["skip", "error"])
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for flag, value in (("--latent-scale", args.latent_scale), ("--latent-shift", args.latent_shift)):
+        if value is not None:
+            parser.error(f"{flag} {value}: not taken any more; the shards hold the raw posterior moments and "
+                         "the trainer applies latent.scale / latent.shift (set them in the experiment config)")
     from engine.distributed import command_process
 
     # every rank logs its own chunks' progress
@@ -182,17 +181,15 @@ def main(argv=None) -> None:
 def _preprocess(args: argparse.Namespace, info) -> None:
     cfg = DataConfig(source=args.source, root=args.data_root, resolution=args.resolution,
                      num_classes=args.num_classes, on_corrupt=args.on_corrupt, num_threads=args.decode_threads)
-    latent = latent_config(args.latent_space, args.latent_scale, args.latent_shift)
-    from engine.models.latents import build_latent_space
-
-    space = build_latent_space(latent).to(info.device).eval()
-    scale, shift = space.scale.flatten().tolist(), space.shift.flatten().tolist()  # "auto" resolved
-    result = preprocess(cfg, args.out, space.encode, latent_space=args.latent_space, batch_size=args.batch_size,
+    encode = encoder_from_latent_space(latent_config(args.latent_space), info.device)
+    result = preprocess(cfg, args.out, encode, latent_space=args.latent_space, batch_size=args.batch_size,
                         chunk_size=args.chunk_size, dtype=args.dtype, rank=info.rank, world_size=info.world_size,
-                        device=info.device, decode_threads=args.decode_threads,
-                        latent_scale=resolved(latent.scale, scale), latent_shift=resolved(latent.shift, shift))
+                        device=info.device, decode_threads=args.decode_threads)
     if info.is_main and result["stats"] is not None:
-        log.info("latent statistics: %s", result["stats"])
+        stats = result["stats"]
+        log.info("raw latent statistics (%s): %s", os.path.join(args.out, "stats.json"), stats)
+        log.info("to train on zero-mean, unit-std latents: latent.scale: %s, latent.shift: %s",
+                 stats["unit_scale"], stats["unit_shift"])
 
 
 if __name__ == "__main__":

@@ -238,17 +238,25 @@ class Trainer:
         cfg, space = self.cfg, self.latent_space
         check_latent_grid(cfg, space.channels, space.downsample)
         if cfg.data.latents_root is not None:
-            from engine.data.latents import read_meta
+            from engine.data.latents import holds_raw_moments, read_meta
 
             meta = read_meta(cfg.data.latents_root)
             channels = meta["shape"][0]
-            for key in ("scale", "shift"):  # the latent space holds its own as per-channel buffers
-                if f"latent_{key}" in meta:
+            if holds_raw_moments(meta, cfg.data.latents_root):  # latent.scale / shift applied on read: any go
+                self.monitor.info(f"latent shards at {cfg.data.latents_root} hold raw posterior moments; "
+                                  f"latent.scale={cfg.latent.scale!r} and latent.shift={cfg.latent.shift!r} "
+                                  "applied on read")
+            else:  # pre-scaled shards: the latent space holds its own as per-channel buffers
+                for key in ("scale", "shift"):
+                    if f"latent_{key}" not in meta:
+                        continue
                     made = torch.as_tensor(meta[f"latent_{key}"], dtype=torch.float32).expand(channels)
                     if not torch.allclose(made, getattr(space, key).flatten().cpu(), rtol=1e-6, atol=0):
                         raise ConfigError(f"latent.{key}", getattr(cfg.latent, key),
-                                          f"{meta[f'latent_{key}']!r}, the normalisation the latent shards at "
-                                          f"data.latents_root={cfg.data.latents_root!r} were written with")
+                                          f"{meta[f'latent_{key}']!r}, the normalisation baked into the pre-scaled "
+                                          f"latent shards at data.latents_root={cfg.data.latents_root!r} (or rewrite "
+                                          "them with engine.preprocess: its shards hold raw moments and take any "
+                                          "latent.scale / latent.shift)")
         if cfg.data.source == "repa":
             channels, side = self.loader.latents.shape[:2]
             if space.channels != channels or side * space.downsample != cfg.data.resolution:

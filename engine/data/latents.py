@@ -1,13 +1,21 @@
 """Pre-extracted latent shards: the posterior mean and std of every image, sampled each step.
 
 Layout of a shard directory (a few large contiguous files, not one file per image):
-  meta.json    {"num_samples", "shape": [C, h, w], "dtype", "chunk_size", "latent_space", "resolution", ...}
+  meta.json    {"num_samples", "shape": [C, h, w], "dtype", "chunk_size", "latent_space", "resolution",
+               "moments", ...}
   index.json   {"keys": [...], "labels": [...]}: row i holds the image with key keys[i] (its path
                relative to the data root, or "<shard>.tar/<member>"), matched to images by key
   mean.npy     (N, C, h, w) posterior means, fp16 or fp32, read through a memory map
   std.npy      (N, C, h, w) posterior standard deviations
   done/        one empty marker per finished chunk of `chunk_size` rows (resumable writing)
   stats.json   per-channel statistics of the latents (written when every chunk is done)
+
+"moments": "raw" (what engine.preprocess writes): mean/std are the latent space's own posterior, before
+latent.scale / latent.shift, which the trainer applies on read (`LatentShards.raw`, as for REPA's
+vae-sd/ latents), so one set of shards serves any scale and shift and stats.json holds the raw
+statistics. Shards without "moments" (written before it existed) hold moments with the scale / shift
+recorded as "latent_scale" / "latent_shift" already applied; they load as they always did (the trainer
+refuses another latent.scale / latent.shift for them).
 
 Several ranks may write one directory at once: rank 0 creates the files, each rank fills its own
 chunks (disjoint row ranges of the shared memory map) and marks them done.
@@ -23,6 +31,17 @@ import torch
 
 META, INDEX, STATS = "meta.json", "index.json", "stats.json"
 DTYPES = ("float16", "float32")
+RAW = "raw"  # meta.json "moments" of shards that hold the posterior before latent.scale / latent.shift
+
+
+def holds_raw_moments(meta: dict, root: str) -> bool:
+    """True for raw shards, False for the pre-scaled ones written before meta.json had "moments"."""
+    moments = meta.get("moments")
+    if moments not in (None, RAW):
+        raise ValueError(f"data.latents_root={root!r}: {META} has moments={moments!r}, which this version does "
+                         f"not read; allowed: {RAW!r} (or none: pre-scaled shards); rewrite them with "
+                         "python -m engine.preprocess")
+    return moments == RAW
 
 
 def read_meta(root: str, missing_ok: bool = False) -> Optional[dict]:
@@ -114,7 +133,9 @@ class LatentShardWriter:
     def write_stats(self, block: int = 4096) -> dict:
         """Per-channel statistics over all samples and positions, written to stats.json:
         channel_mean = E[mean]; channel_std = std of sampled latents = sqrt(Var[mean] + E[std^2]);
-        posterior_mean_std = std of the means alone."""
+        posterior_mean_std = std of the means alone; unit_scale = 1 / channel_std and unit_shift =
+        -channel_mean / channel_std, the latent.scale / latent.shift that give the stored latents zero mean
+        and unit std per channel (null for a channel of std 0)."""
         missing = self.missing_chunks()
         if missing:
             raise RuntimeError(f"latent shards at {self.out!r}: {len(missing)} chunks not written (first {missing[0]})")
@@ -130,17 +151,23 @@ class LatentShardWriter:
             count += m.shape[0] * m.shape[2] * m.shape[3]
         mean = s1 / count
         var_mean = np.maximum(s2 / count - mean * mean, 0.0)
-        stats = dict(num_samples=self.num_samples, channel_mean=mean.tolist(),
-                     channel_std=np.sqrt(var_mean + v / count).tolist(), posterior_mean_std=np.sqrt(var_mean).tolist())
+        std = np.sqrt(var_mean + v / count)
+        # latent.scale / latent.shift that give the sampled latents zero mean and unit std per channel
+        unit_scale = [float(1 / s) if s > 0 else None for s in std]
+        unit_shift = [float(-m / s) if s > 0 else None for m, s in zip(mean, std)]
+        stats = dict(num_samples=self.num_samples, channel_mean=mean.tolist(), channel_std=std.tolist(),
+                     posterior_mean_std=np.sqrt(var_mean).tolist(), unit_scale=unit_scale, unit_shift=unit_shift)
         _write_json(os.path.join(self.out, STATS), stats)
         return stats
 
 
 class LatentShards:
-    """Read side: rows gathered from the memory-mapped mean/std arrays."""
+    """Read side: rows gathered from the memory-mapped mean/std arrays. `raw`: they hold the latent
+    space's own posterior, and latent.scale / latent.shift are still to apply (the trainer does)."""
 
     def __init__(self, root: str):
         self.meta = read_meta(root)
+        self.raw = holds_raw_moments(self.meta, root)
         done = set(os.listdir(os.path.join(root, "done")))
         chunks = -(-self.meta["num_samples"] // self.meta["chunk_size"])
         missing = [c for c in range(chunks) if f"chunk_{c:06d}" not in done]

@@ -26,7 +26,9 @@ class Loader:
     """Iterable over the remaining batches of the current epoch; at its end the epoch advances.
 
     Each batch: {"image": uint8 (B,3,R,R) on `device`, "label": int64 (B,) on `device`, and with latent
-    shards "latent_mean", "latent_std": fp32 (B,C,h,w) on `device`; "keys": the samples' keys}. `len()` is the steps per epoch.
+    shards "latent_mean", "latent_std": fp32 (B,C,h,w) on `device` and "latent_raw" (True: the moments
+    are the latent space's raw posterior, latent.scale / latent.shift still to apply; False: pre-scaled
+    shards of the earlier format); "keys": the samples' keys}. `len()` is the steps per epoch.
     `skipped` counts the distinct corrupt or missing files left out or replaced so far; each is
     warned once, by name. A sample whose latent row (mean or std) holds NaN/inf is dropped from its
     batch (which is then smaller by one) each time it is drawn, and `dropped_nonfinite` counts the
@@ -141,7 +143,7 @@ class Loader:
                 out = self._drop_nonfinite(out, rows)  # checked on the CPU, before the copy to the device
                 out["latent_mean"] = out["latent_mean"].to(self.device, non_blocking=True)
                 out["latent_std"] = out["latent_std"].to(self.device, non_blocking=True)
-                out["latent_raw"] = getattr(self.latents, "raw", False)  # True: latent.scale/shift still to apply
+                out["latent_raw"] = self.latents.raw  # True: latent.scale / latent.shift still to apply
             self.step += 1  # counted before the yield: a checkpoint taken after this batch resumes after it
             if len(out["keys"]) == 0:
                 continue  # every sample of this batch dropped: the next batch stands in for it

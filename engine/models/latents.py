@@ -6,6 +6,8 @@ shift scalars or one value per channel (sd-vae-ft-ema/mse: scale 0.18215, shift 
 
     space = build_latent_space(LatentConfig(kind="vae", path="/models/sd-vae-ft-ema"))
     mean, std = space.encode(images_uint8)       # normalised posterior; sample x = mean + std * eps
+    raw = space.encode_raw(images_uint8)         # the posterior before scale / shift (what latent shards
+                                                 # store); space.normalise(*raw) is encode's (mean, std)
     images = space.decode(x)                     # (B, 3, H, W) in [-1, 1]
 
 A "module" latent space plugs in an autoencoder that is not a diffusers AutoencoderKL: `path` names a
@@ -102,7 +104,13 @@ class _FrozenAutoencoder(nn.Module):
         self.register_buffer("shift", _per_channel(shift, self.channels, "shift"), persistent=False)
 
     def normalise(self, mean: torch.Tensor, std: torch.Tensor):
+        """Raw posterior moments (encode_raw's, or raw latent shards') -> the flow's: z * scale + shift."""
         return mean.float() * self.scale + self.shift, std.float() * self.scale.abs()
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Normalised posterior (mean, std), each (B, C, H/f, W/f) float32."""
+        return self.normalise(*self.encode_raw(images))
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents.float() - self.shift) / self.scale
@@ -122,9 +130,9 @@ class IdentityLatentSpace(_FrozenAutoencoder):
         self._normalise_channels(3)
 
     @torch.no_grad()
-    def encode(self, images):
+    def encode_raw(self, images):
         pixels = to_unit_range(images)
-        return self.normalise(pixels, torch.zeros_like(pixels))
+        return pixels, torch.zeros_like(pixels)
 
     @torch.no_grad()
     def decode(self, latents):
@@ -146,10 +154,10 @@ class VAELatentSpace(_FrozenAutoencoder):
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode(self, images):
-        """Normalised posterior (mean, std), each (B, C, H/f, W/f) float32."""
+    def encode_raw(self, images):
+        """The VAE's posterior (mean, std), each (B, C, H/f, W/f), in the VAE's dtype."""
         posterior = self.vae.encode(to_unit_range(images).to(self.dtype)).latent_dist
-        return self.normalise(posterior.mean, posterior.std)
+        return posterior.mean, posterior.std
 
     @torch.no_grad()
     def decode(self, latents):
@@ -192,8 +200,8 @@ class ModuleLatentSpace(_FrozenAutoencoder):
         self.downsample = int(autoencoder.downsample)
 
     @torch.no_grad()
-    def encode(self, images):
-        """Normalised posterior (mean, std), each (B, C, H/f, W/f) float32 (std 0 for a deterministic
+    def encode_raw(self, images):
+        """The autoencoder's posterior (mean, std), each (B, C, H/f, W/f) (std 0 for a deterministic
         encoder)."""
         out = self.autoencoder.encode(to_unit_range(images))
         mean, std = out if isinstance(out, (tuple, list)) else (out, torch.zeros_like(out))
@@ -202,7 +210,7 @@ class ModuleLatentSpace(_FrozenAutoencoder):
         if tuple(mean.shape) != expected or tuple(std.shape) != expected:
             raise ValueError(f"{self.cfg.path}: encode gave {tuple(mean.shape)} / {tuple(std.shape)}, expected "
                              f"{expected} from channels={self.channels} and downsample={self.downsample}")
-        return self.normalise(mean, std)
+        return mean, std
 
     @torch.no_grad()
     def decode(self, latents):

@@ -146,7 +146,7 @@ def test_loader_yields_latents_in_step_with_images(builtin_root, tmp_path):
     encoder, flipped_any = PoolEncoder(), False
     for batch in loader:
         assert set(batch) == {"image", "label", "latent_mean", "latent_std", "latent_raw", "keys"}
-        assert batch["latent_raw"] is False  # shards hold moments with latent.scale / shift applied
+        assert batch["latent_raw"] is True  # raw moments: the trainer applies latent.scale / latent.shift
         rows = LatentShards(out).rows_for(batch["keys"])  # the keys name the samples of this batch
         assert (rows >= 0).all() and (LatentShards(out).labels[rows] == batch["label"].numpy()).all()
         assert batch["latent_mean"].dtype == torch.float32 and batch["latent_mean"].shape == (8, 3, 8, 8)
@@ -212,32 +212,112 @@ def collect_batches(loader):
 @pytest.mark.parametrize("space", ["identity", "vae", "module"])
 def test_preprocess_cli_with_a_real_latent_space(space, builtin_root, tmp_path, monkeypatch):
     """The CLI builds engine.models.latents' latent space: pixel space, a (tiny, random) diffusers VAE
-    from a local folder with per-channel scale and shift, or a user's autoencoder module."""
+    from a local folder, or a user's autoencoder module. The shards hold its raw posterior, and the
+    per-channel statistics of the same run match ones computed directly from the images encoded here
+    (fp64 sums over every image and position, with the unit-variance scale and shift they imply)."""
+    from engine.data.transforms import decode_pil
+    from engine.models.latents import build_latent_space
+    from engine.preprocess import latent_config
+
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    args = ["--latent-space", "identity"]
-    channels, size = 3, 32
+    spec, channels, size = "identity", 3, 32
     if space == "vae":
         from diffusers import AutoencoderKL
 
+        torch.manual_seed(0)
         vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
                             layers_per_block=1)
         vae.save_pretrained(str(tmp_path / "vae"))
-        args = ["--latent-space", str(tmp_path / "vae"), "--latent-scale", "0.5,0.5,0.5,0.5", "--latent-shift", "0.1"]
-        channels, size = 4, 16
+        spec, channels, size = str(tmp_path / "vae"), 4, 16
     if space == "module":
-        args = ["--latent-space", "module:tests.engine.toy_autoencoder:build", "--latent-scale", "2.0"]
-        channels, size = 4, 16
+        spec, channels, size = "module:tests.engine.toy_autoencoder:build", 4, 16
     out = str(tmp_path / "cli")
     preprocess_main(["--data-root", builtin_root, "--out", out, "--resolution", "32", "--batch-size", "7",
-                     "--chunk-size", "16", "--dtype", "float32", "--local_rank=0", *args])
+                     "--chunk-size", "16", "--dtype", "float32", "--local_rank=0", "--latent-space", spec])
     shards = LatentShards(out)
-    assert len(shards) == CLASSES * PER_CLASS and shards.meta["latent_space"] == args[1]
+    assert len(shards) == CLASSES * PER_CLASS and shards.meta["latent_space"] == spec
     assert shards.mean.shape[1:] == (channels, size, size) and shards.stats is not None
-    assert shards.meta["latent_scale"] == {"identity": 1.0, "vae": [0.5] * 4, "module": 2.0}[space]
+    assert shards.raw and shards.meta["moments"] == "raw" and "latent_scale" not in shards.meta
+
+    # the reference: every image decoded and encoded here, in one batch
+    encode_raw = build_latent_space(latent_config(spec)).eval().encode_raw
+    images = torch.from_numpy(np.stack([decode_pil(open(os.path.join(builtin_root, key), "rb").read(), 32)
+                                        for key in shards.keys]))
+    mean, std = (t.double().numpy() for t in encode_raw(images))
+    np.testing.assert_allclose(np.asarray(shards.mean), mean, rtol=1e-5, atol=1e-6)  # raw: no scale applied
+    np.testing.assert_allclose(np.asarray(shards.std), std, rtol=1e-5, atol=1e-6)
+    channel_mean = mean.mean((0, 2, 3))
+    channel_std = np.sqrt(mean.var((0, 2, 3)) + (std ** 2).mean((0, 2, 3)))
+    np.testing.assert_allclose(shards.stats["channel_mean"], channel_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shards.stats["channel_std"], channel_std, rtol=1e-5)
+    np.testing.assert_allclose(shards.stats["posterior_mean_std"], mean.std((0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(shards.stats["unit_scale"], 1 / channel_std, rtol=1e-5)
+    np.testing.assert_allclose(shards.stats["unit_shift"], -channel_mean / channel_std, rtol=1e-5, atol=1e-6)
+    assert json.load(open(os.path.join(out, "stats.json"))) == shards.stats
     if space == "identity":  # pixel space: images in [-1, 1], std 0
         assert np.abs(np.asarray(shards.mean)).max() <= 1.0 and np.asarray(shards.std).max() == 0
+
+
+def test_preprocess_cli_refuses_the_old_scale_flags(builtin_root, tmp_path, capsys):
+    for flag in ("--latent-scale", "--latent-shift"):
+        with pytest.raises(SystemExit):
+            preprocess_main(["--data-root", builtin_root, "--out", str(tmp_path / "x"), "--latent-space", "identity",
+                             flag, "0.18215"])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{flag} 0.18215: not taken any more" in error and "latent.scale / latent.shift" in error, error
+    assert not os.path.exists(tmp_path / "x")
+
+
+def prescaled_format(root: str, scale, shift) -> None:
+    """Turn shards written from normalised moments into the format of the earlier engine.preprocess:
+    meta.json without "moments", with the baked-in latent_scale / latent_shift."""
+    with open(os.path.join(root, "meta.json")) as f:
+        meta = json.load(f)
+    del meta["moments"]
+    meta.update(latent_scale=scale, latent_shift=shift)
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def test_raw_shards_normalised_on_read_equal_prescaled_shards(builtin_root, tmp_path):
+    """Round trip: raw shards with a per-channel scale / shift applied on read (the latent space's
+    normalise, as the trainer does for latent_raw batches) give the moments that shards with the same
+    normalisation baked in (the earlier format) load as they always did, batch by batch, flips included."""
+    from engine.models.latents import LatentConfig, build_latent_space
+
+    space = build_latent_space(LatentConfig(kind="module", path="tests.engine.toy_autoencoder:build",
+                                            scale=[0.5, -2.0, 0.18215, 3.0], shift=[0.1, 0.0, -0.7, 2.5]))
+    raw_out, old_out = str(tmp_path / "raw"), str(tmp_path / "old")
+    preprocess(data_cfg(builtin_root), raw_out, space.encode_raw, batch_size=16, chunk_size=16, dtype="float32")
+    preprocess(data_cfg(builtin_root), old_out, space.encode, batch_size=16, chunk_size=16, dtype="float32")
+    prescaled_format(old_out, [0.5, -2.0, 0.18215, 3.0], [0.1, 0.0, -0.7, 2.5])
+    assert LatentShards(raw_out).raw and not LatentShards(old_out).raw
+    raw_loader, old_loader = (build_loader(data_cfg(builtin_root, latents_root=root, random_flip=True), 0, 1, "cpu")
+                              for root in (raw_out, old_out))
+    batches = 0
+    for raw, old in zip(raw_loader, old_loader):
+        assert raw["latent_raw"] is True and old["latent_raw"] is False and raw["keys"] == old["keys"]
+        mean, std = space.normalise(raw["latent_mean"], raw["latent_std"])
+        torch.testing.assert_close(mean, old["latent_mean"], rtol=1.2e-7, atol=1e-7)  # fp32 rounding
+        torch.testing.assert_close(std, old["latent_std"], rtol=1.2e-7, atol=1e-7)
+        assert not torch.allclose(raw["latent_mean"], old["latent_mean"])  # the scale is not in the raw shards
+        batches += 1
+    assert batches == len(raw_loader) == 5
+
+
+def test_shards_with_an_unknown_moments_format_are_refused(builtin_root, tmp_path):
+    out = str(tmp_path / "lat")
+    preprocess(data_cfg(builtin_root), out, PoolEncoder(), batch_size=40, chunk_size=40)
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    meta["moments"] = "logvar"
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"meta.json has moments='logvar', .* allowed: 'raw' .*engine.preprocess") as e:
+        LatentShards(out)
+    assert "\n" not in str(e.value)
 
 
 def test_preprocess_cli_names_a_missing_vae_folder(builtin_root, tmp_path, monkeypatch):

@@ -344,8 +344,10 @@ def test_model_and_latent_grid_mismatch_is_named(tmp_path, data_root, model, fra
         make_trainer(tmp_path, data_root, model=model)
 
 
-def identity_shards(tmp_path, data_root, scale=1.0) -> str:
-    """Pixel-space latent shards of the tiny config's built-in data, normalised with `scale`."""
+def identity_shards(tmp_path, data_root, prescaled=None) -> str:
+    """Pixel-space latent shards of the tiny config's built-in data: raw moments (what engine.preprocess
+    writes), or with `prescaled=(scale, shift)` the format written before meta.json had "moments" (the
+    moments with that scale / shift baked in, recorded as latent_scale / latent_shift)."""
     from engine.data import DataConfig
     from engine.models.latents import LatentConfig, build_latent_space
     from engine.preprocess import preprocess
@@ -353,25 +355,58 @@ def identity_shards(tmp_path, data_root, scale=1.0) -> str:
     raw = tiny_config(tmp_path / "run", data_root)
     make_trainer(tmp_path / "first", data_root)  # writes the built-in data
     shards = str(tmp_path / "latents")
-    encode = build_latent_space(LatentConfig(kind="identity", scale=scale)).encode
-    preprocess(DataConfig(**raw["data"]), shards, encode, latent_space="identity", batch_size=8, chunk_size=8,
-               dtype="float32", latent_scale=scale, latent_shift=0.0)
+    space = build_latent_space(LatentConfig(kind="identity", **(dict(zip(("scale", "shift"), prescaled))
+                                                                 if prescaled else {})))
+    preprocess(DataConfig(**raw["data"]), shards, space.encode if prescaled else space.encode_raw,
+               latent_space="identity", batch_size=8, chunk_size=8, dtype="float32")
+    if prescaled:
+        with open(os.path.join(shards, "meta.json")) as f:
+            meta = json.load(f)
+        del meta["moments"]
+        meta.update(latent_scale=prescaled[0], latent_shift=prescaled[1])
+        with open(os.path.join(shards, "meta.json"), "w") as f:
+            json.dump(meta, f)
     return shards
 
 
 @pytest.mark.parametrize("latent, fragment", [
-    ({"kind": "identity", "scale": 0.5}, r"latent.scale: 0.5: 1.0, the normalisation the latent shards"),
+    ({"kind": "identity", "scale": 0.5}, r"latent.scale: 0.5: 1.0, the normalisation baked into the pre-scaled latent "
+                                         r"shards at .* \(or rewrite them with engine.preprocess: its shards hold raw"),
     ({"kind": "module", "path": "tests.engine.toy_autoencoder:build", "scale": 1.0},
      r"latent.kind: 'module': the latent space of the latent shards .* \(3 x 16 x 16 latents of 16 px images\), but it "
      r"gives 4 channels at 2x"),
 ])
-def test_shards_and_latent_space_must_agree(tmp_path, data_root, latent, fragment):
-    """The shards train the model and latent.* decodes its samples: a mismatch stops the run at the
-    start, not at the first sample grid hours later."""
-    shards = identity_shards(tmp_path, data_root)
+def test_prescaled_shards_and_latent_space_must_agree(tmp_path, data_root, latent, fragment):
+    """Shards of the earlier format (normalisation baked in) load as before: another latent.scale stops
+    the run at the start, naming the fix, and so does another latent space (the shards train the model,
+    latent.* decodes its samples)."""
+    shards = identity_shards(tmp_path, data_root, prescaled=(1.0, 0.0))
     with pytest.raises(ValueError, match=fragment):
         make_trainer(tmp_path, data_root, data={"latents_root": shards}, latent=latent)
     make_trainer(tmp_path / "ok", data_root, data={"latents_root": shards})  # the same space trains
+
+
+def test_raw_shards_take_any_scale_without_re_encoding(tmp_path, data_root):
+    """One set of raw shards trains under latent.scale / latent.shift 1 / 0 and 0.5 / [0.1, -0.2, 0.3]:
+    each run's latents x are those of encoding the images online with its own scale and shift (pixel
+    space: std 0, so x = mean * scale + shift exactly); shards of the earlier format with the same
+    normalisation baked in give the same x, as the loader's latent_raw says which is which."""
+    shards = identity_shards(tmp_path, data_root)
+    prescaled = identity_shards(tmp_path / "old", data_root, prescaled=(0.5, [0.1, -0.2, 0.3]))
+    for i, latent in enumerate([{"kind": "identity", "scale": 1.0},
+                                {"kind": "identity", "scale": 0.5, "shift": [0.1, -0.2, 0.3]}]):
+        trainer = make_trainer(tmp_path / f"raw{i}", data_root, data={"latents_root": shards}, latent=latent)
+        batch = trainer.next_batch()
+        assert batch["latent_raw"] is True
+        x = trainer.prepare(batch)[0]
+        online = make_trainer(tmp_path / f"online{i}", data_root, latent=latent)
+        want = online.latent_space.encode(batch["image"])[0]
+        torch.testing.assert_close(x, want, rtol=0, atol=0)
+        if i == 1:
+            old = make_trainer(tmp_path / "old_run", data_root, data={"latents_root": prescaled}, latent=latent)
+            old_batch = old.next_batch()
+            assert old_batch["latent_raw"] is False and old_batch["keys"] == batch["keys"]
+            torch.testing.assert_close(old.prepare(old_batch)[0], x, rtol=1e-6, atol=1e-6)
 
 
 def test_nonfinite_latent_row_is_dropped_by_key_and_counted(tmp_path, data_root, caplog):

@@ -63,6 +63,13 @@ def _forward_backward(fn, leaves, grad_outputs):
     return lambda: run
 
 
+def _on_cuda(fn):
+    def run():
+        with kernels.use_backend("cuda"):
+            return fn()
+    return run
+
+
 def _shape_cases(device, B, N, D, dtype, smoke, label):
     E, V, s = B * N * D, B * D, torch.finfo(dtype).bits // 8
     x, h = (torch.randn(B, N, D, device=device, dtype=dtype).requires_grad_() for _ in range(2))
@@ -117,11 +124,15 @@ def _shape_cases(device, B, N, D, dtype, smoke, label):
         variants = (("eager (SiT)", eager, None), ("eager compiled", eager_compiled, compile_reason),
                     ("apex FusedLayerNorm + eager", apex, apex_reason), ("triton", ours, triton_reason),
                     ("cuda C++", _cuda.launched(cuda, "adaln_forward"), cuda_reason))
+        # the CUDA C++ pass runs its backward under the "cuda" backend too (it dispatches when it runs)
+        cuda_pass = _cuda.launched(_cuda.launched(_on_cuda(_forward_backward(cuda, leaves, grad_outputs)()),
+                                                  "adaln_forward"), "adaln_backward")
         cases.append(BenchCase(
             op, shape,
             forward=[Variant(name, _no_grad(fn), reason) for name, fn, reason in variants],
             forward_backward=[Variant(name, _forward_backward(fn, leaves, grad_outputs), reason)
-                              for name, fn, reason in variants],
+                              for name, fn, reason in variants[:-1]]
+                             + [Variant("cuda C++", lambda: cuda_pass, cuda_reason)],
             bytes_forward=bytes_fwd, bytes_forward_backward=bytes_fwd_bwd,
             notes="bytes: unavoidable traffic of the fused op (see bench/cases/adaln.py)",
             headline=label == HEADLINE))

@@ -26,6 +26,12 @@ def _shape_case(device, B, N, D, dtype, smoke, label, headline=False):
     ref_compiled, reason = compiled(ref, smoke)
     cuda_ours, cuda_reason = _cuda.launched(cuda, "alignment_forward"), _cuda.unavailable("alignment", device)
 
+    def cuda_pass():  # the backward under the "cuda" backend too: it dispatches when it runs
+        with kernels.use_backend("cuda"):
+            backward_of(cuda_ours, [z_pred])()
+
+    cuda_pass = _cuda.launched(cuda_pass, "alignment_backward")
+
     def fwd(fn):
         def run():
             with torch.no_grad():
@@ -39,7 +45,7 @@ def _shape_case(device, B, N, D, dtype, smoke, label, headline=False):
         forward_backward=[Variant("reference eager", lambda: backward_of(ref, [z_pred])),
                           Variant("reference compiled", lambda: backward_of(ref_compiled, [z_pred]), reason),
                           Variant("triton", lambda: backward_of(ours, [z_pred])),
-                          Variant("cuda C++", lambda: backward_of(cuda_ours, [z_pred]), cuda_reason)],
+                          Variant("cuda C++", lambda: cuda_pass, cuda_reason)],
         # forward reads both; backward reads both again and writes d_z_pred
         bytes_forward=2 * numel * size, bytes_forward_backward=5 * numel * size,
         notes="gradient to z_pred only (frozen encoder target)", headline=headline)

@@ -7,11 +7,13 @@
 #   bash bench/carry_wheels.sh small        # here, once: DeepSpeed and what it needs into .whl/ (~5 MB)
 #   bash bench/gpu_all.sh [STAGE ...]       # device tool: carry [".whl"], timeout_s 600
 #
-# Stages, in order of value (default: all): env real train kernels tests engine data
+# Stages, in order of value (default: all): env real train kernels tests sanitize engine data
 #   env      nvidia-smi, versions                        real     every fused op at SiT-XL/2 sizes in bf16
 #   train    bench.train_step: eager pair, the trainer's  kernels  bench.kernels, SiT-XL/2 256 px cases first
 #            own step (DeepSpeed ZeRO-2, bf16 / bf16-mixed; needs the carried DeepSpeed), then compiled
-#   tests    the other kernel and model tests on the GPU engine   the trainer's tests and the main job (2 min)
+#   tests    the other kernel and model tests on the GPU (the csrc tests among them, on CUDA tensors)
+#   sanitize compute-sanitizer memcheck, racecheck, synccheck over every CUDA C++ launcher (bench/csrc_sanitize.py)
+#   engine   the trainer's tests and the main job (2 min)
 #   data     bench.data (DALI nvJPEG only where carried: bench/carry_wheels.sh prepare, in 5 calls)
 #
 # A task is lent 15 minutes of device time in all (the machine's start included) and a call runs at
@@ -54,13 +56,13 @@ if [ -d /tmp/site ]; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env real train kernels tests engine data)
+[ ${#stages[@]} -eq 0 ] && stages=(env real train kernels tests sanitize engine data)
 
 # the longest each stage may take, in seconds (less when the call's deadline is nearer), and the least
 # time worth starting it with (the trainer's tests and two minutes of the main job want 150 s; a test
 # stage cut in its first minute reports nothing)
-declare -A CAP=([env]=30 [real]=180 [train]=300 [kernels]=400 [tests]=300 [engine]=240 [data]=120)
-declare -A MIN=([env]=10 [real]=60 [train]=60 [kernels]=40 [tests]=90 [engine]=150 [data]=45)
+declare -A CAP=([env]=30 [real]=180 [train]=300 [kernels]=400 [tests]=300 [sanitize]=240 [engine]=240 [data]=120)
+declare -A MIN=([env]=10 [real]=60 [train]=60 [kernels]=40 [tests]=90 [sanitize]=60 [engine]=150 [data]=45)
 
 stage() {
   set -o pipefail
@@ -88,6 +90,21 @@ stage() {
       parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
       python3 -m pytest -q $parallel --ignore=tests/kernels/test_gpu_real_sizes.py tests/kernels \
         tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_samplers.py ;;
+    sanitize)
+      # Each tool over bench/csrc_sanitize.py (every launcher, fp32 and bf16, checked against the
+      # references), only our kernels instrumented (--kernel-regex), torch's caching allocator off so
+      # that memcheck sees each tensor's own bounds. Untried on these machines: KINDS.md saw
+      # compute-sanitizer refuse the device under gVisor, which this stage then reports.
+      [ -e csrc/build/libalignflow_cuda.so ] || python3 -m kernels.cuda_build --fatbin || return 1
+      local sanitizer
+      sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+      [ -x "$sanitizer" ] || { echo "compute-sanitizer not found"; return 3; }
+      for tool in memcheck racecheck synccheck; do
+        echo "--- compute-sanitizer --tool $tool"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 9 --kernel-regex kns=alignflow \
+          python3 -m bench.csrc_sanitize || rc=1
+      done
+      return $rc ;;
     engine)
       # The trainer on a GPU (needs the carried DeepSpeed): its tests on one rank, then the main job's
       # config for two minutes on this one GPU (bf16, Triton kernels, DALI nvJPEG where carried).
@@ -101,7 +118,7 @@ stage() {
     data)
       python3 -m bench.data --out "$OUT" ;;
     *)
-      echo "unknown stage '$1' (stages: env real train kernels tests engine data)"; return 2 ;;
+      echo "unknown stage '$1' (stages: env real train kernels tests sanitize engine data)"; return 2 ;;
   esac
 }
 

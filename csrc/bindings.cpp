@@ -24,6 +24,26 @@ int alignflow_alignment_forward(const void* p, const void* q, float* stats, long
                                 cudaStream_t stream);
 int alignflow_alignment_backward(const void* p, const void* q, const float* stats, const float* g, void* dp, void* dq,
                                  long long R, int D, float eps, int dtype, cudaStream_t stream);
+int alignflow_velocity_supported(int x_dtype, int v_dtype);
+int alignflow_flow_chunks(long long rows, long long S);
+int alignflow_interpolant_forward(const void* x, const void* noise, const float* t, const void* mu0_full,
+                                  const float* mu0_rows, long long mu0_sb, long long mu0_sc, const void* mu1_full,
+                                  const float* mu1_rows, long long mu1_sb, long long mu1_sc, void* x_t, void* v,
+                                  long long B, long long C, long long S, int path, int dtype, cudaStream_t stream);
+int alignflow_interpolant_backward(const void* g_xt, const void* g_v, const float* t, float* dz1_full, float* dz0_full,
+                                   float* dz1_rows, float* dz0_rows, long long B, long long C, long long S, int path,
+                                   int dtype, cudaStream_t stream);
+int alignflow_velocity_forward(const void* v_pred, const void* x, const void* noise, const float* t,
+                               const void* mu0_full, const float* mu0_rows, long long mu0_sb, long long mu0_sc,
+                               const void* mu1_full, const float* mu1_rows, long long mu1_sb, long long mu1_sc,
+                               float* partial, long long B, long long C, long long S, int path, int x_dtype,
+                               int v_dtype, cudaStream_t stream);
+int alignflow_velocity_backward(const void* v_pred, const void* x, const void* noise, const float* t,
+                                const void* mu0_full, const float* mu0_rows, long long mu0_sb, long long mu0_sc,
+                                const void* mu1_full, const float* mu1_rows, long long mu1_sb, long long mu1_sc,
+                                const float* scale, void* d_v_pred, float* dz1_full, float* dz0_full, float* dz1_rows,
+                                float* dz0_rows, long long B, long long C, long long S, int path, int x_dtype,
+                                int v_dtype, cudaStream_t stream);
 }
 
 namespace {
@@ -95,6 +115,66 @@ void alignment_backward(const at::Tensor& p, const at::Tensor& q, const at::Tens
           "alignflow_alignment_backward");
 }
 
+cudaStream_t stream_of(const at::Tensor& t) {
+    return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void interpolant_forward(const at::Tensor& x, const at::Tensor& noise, const at::Tensor& t, const Optional& mu0_full,
+                         const Optional& mu0_rows, int64_t mu0_sb, int64_t mu0_sc, const Optional& mu1_full,
+                         const Optional& mu1_rows, int64_t mu1_sb, int64_t mu1_sc, const at::Tensor& x_t,
+                         const at::Tensor& v, int64_t B, int64_t C, int64_t S, int64_t path) {
+    TORCH_CHECK(x.is_cuda(), "interpolant_forward: x must be a CUDA tensor");
+    c10::cuda::CUDAGuard guard(x.device());
+    check(alignflow_interpolant_forward(x.data_ptr(), noise.data_ptr(), t.data_ptr<float>(), ptr(mu0_full),
+                                        float_ptr(mu0_rows), mu0_sb, mu0_sc, ptr(mu1_full), float_ptr(mu1_rows),
+                                        mu1_sb, mu1_sc, x_t.data_ptr(), v.data_ptr(), B, C, S, int(path),
+                                        dtype_code(x.scalar_type()), stream_of(x)),
+          "alignflow_interpolant_forward");
+}
+
+void interpolant_backward(const Optional& g_xt, const Optional& g_v, const at::Tensor& t, const Optional& dz1_full,
+                          const Optional& dz0_full, const Optional& dz1_rows, const Optional& dz0_rows, int64_t B,
+                          int64_t C, int64_t S, int64_t path) {
+    const at::Tensor& g = g_xt.has_value() ? *g_xt : *g_v;
+    TORCH_CHECK(g.is_cuda(), "interpolant_backward: the gradients must be CUDA tensors");
+    c10::cuda::CUDAGuard guard(g.device());
+    check(alignflow_interpolant_backward(ptr(g_xt), ptr(g_v), t.data_ptr<float>(), float_ptr(dz1_full),
+                                         float_ptr(dz0_full), float_ptr(dz1_rows), float_ptr(dz0_rows), B, C, S,
+                                         int(path), dtype_code(g.scalar_type()), stream_of(g)),
+          "alignflow_interpolant_backward");
+}
+
+void velocity_forward(const at::Tensor& v_pred, const at::Tensor& x, const at::Tensor& noise, const at::Tensor& t,
+                      const Optional& mu0_full, const Optional& mu0_rows, int64_t mu0_sb, int64_t mu0_sc,
+                      const Optional& mu1_full, const Optional& mu1_rows, int64_t mu1_sb, int64_t mu1_sc,
+                      const at::Tensor& partial, int64_t B, int64_t C, int64_t S, int64_t path) {
+    TORCH_CHECK(x.is_cuda(), "velocity_forward: x must be a CUDA tensor");
+    c10::cuda::CUDAGuard guard(x.device());
+    check(alignflow_velocity_forward(v_pred.data_ptr(), x.data_ptr(), noise.data_ptr(), t.data_ptr<float>(),
+                                     ptr(mu0_full), float_ptr(mu0_rows), mu0_sb, mu0_sc, ptr(mu1_full),
+                                     float_ptr(mu1_rows), mu1_sb, mu1_sc, partial.data_ptr<float>(), B, C, S,
+                                     int(path), dtype_code(x.scalar_type()), dtype_code(v_pred.scalar_type()),
+                                     stream_of(x)),
+          "alignflow_velocity_forward");
+}
+
+void velocity_backward(const at::Tensor& v_pred, const at::Tensor& x, const at::Tensor& noise, const at::Tensor& t,
+                       const Optional& mu0_full, const Optional& mu0_rows, int64_t mu0_sb, int64_t mu0_sc,
+                       const Optional& mu1_full, const Optional& mu1_rows, int64_t mu1_sb, int64_t mu1_sc,
+                       const at::Tensor& scale, const Optional& d_v_pred, const Optional& dz1_full,
+                       const Optional& dz0_full, const Optional& dz1_rows, const Optional& dz0_rows, int64_t B,
+                       int64_t C, int64_t S, int64_t path) {
+    TORCH_CHECK(x.is_cuda(), "velocity_backward: x must be a CUDA tensor");
+    c10::cuda::CUDAGuard guard(x.device());
+    check(alignflow_velocity_backward(v_pred.data_ptr(), x.data_ptr(), noise.data_ptr(), t.data_ptr<float>(),
+                                      ptr(mu0_full), float_ptr(mu0_rows), mu0_sb, mu0_sc, ptr(mu1_full),
+                                      float_ptr(mu1_rows), mu1_sb, mu1_sc, scale.data_ptr<float>(),
+                                      mutable_ptr(d_v_pred), float_ptr(dz1_full), float_ptr(dz0_full),
+                                      float_ptr(dz1_rows), float_ptr(dz0_rows), B, C, S, int(path),
+                                      dtype_code(x.scalar_type()), dtype_code(v_pred.scalar_type()), stream_of(x)),
+          "alignflow_velocity_backward");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -107,4 +187,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("alignment_supported", &alignflow_alignment_supported);
     m.def("alignment_forward", &alignment_forward);
     m.def("alignment_backward", &alignment_backward);
+    m.def("velocity_supported", &alignflow_velocity_supported);
+    m.def("flow_chunks", &alignflow_flow_chunks);
+    m.def("interpolant_forward", &interpolant_forward);
+    m.def("interpolant_backward", &interpolant_backward);
+    m.def("velocity_forward", &velocity_forward);
+    m.def("velocity_backward", &velocity_backward);
 }

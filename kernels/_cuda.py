@@ -45,7 +45,7 @@ ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"]
 GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
 NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-Werror=all-warnings",
               "-Xcompiler=-Wall,-Werror", "-Xptxas=-warn-spills,-warn-lmem-usage", *TORCH_NVCC_DEFINES]
-SOURCES = {"adaln": "adaln.cu", "alignment": "alignment_loss.cu"}  # csrc file of each kernel family (setup.py builds every csrc/*.cu)
+SOURCES = {"adaln": "adaln.cu", "alignment": "alignment_loss.cu", "flow": "interpolant.cu"}  # csrc file of each kernel family (setup.py builds every csrc/*.cu)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -164,6 +164,11 @@ def _declare(lib):
         "alignflow_adaln_backward": [P] * 12 + [I] * 7 + [P],
         "alignflow_alignment_supported": [I, I], "alignflow_alignment_forward": [P, P, P, L, I, F, I, P],
         "alignflow_alignment_backward": [P] * 6 + [L, I, F, I, P],
+        "alignflow_velocity_supported": [I, I], "alignflow_flow_chunks": [L, L],
+        "alignflow_interpolant_forward": [P] * 5 + [L, L] + [P] * 2 + [L, L] + [P] * 2 + [L] * 3 + [I, I, P],
+        "alignflow_interpolant_backward": [P] * 7 + [L] * 3 + [I, I, P],
+        "alignflow_velocity_forward": [P] * 6 + [L, L] + [P] * 2 + [L, L] + [P] + [L] * 3 + [I] * 3 + [P],
+        "alignflow_velocity_backward": [P] * 6 + [L, L] + [P] * 2 + [L, L] + [P] * 6 + [L] * 3 + [I] * 3 + [P],
     }
     for name, argtypes in signatures.items():
         if hasattr(lib, name):
@@ -285,7 +290,8 @@ def _stream(device):
 # Ops (the same signatures as the Triton launch helpers they replace)
 # ------------------------------------------------------------------------------------------------
 
-FAMILY = {"adaln_modulate": "adaln", "adaln_residual_modulate": "adaln", "alignment_loss": "alignment"}
+FAMILY = {"adaln_modulate": "adaln", "adaln_residual_modulate": "adaln", "alignment_loss": "alignment",
+          "interpolant": "flow", "velocity_loss": "flow"}
 
 
 def adaln_forward(x, h, gate, shift, scale, eps):
@@ -421,6 +427,160 @@ def alignment_backward(g_cos, p, q, stats, need_dq, eps):
         check(lib, code, "alignflow_alignment_backward")
     launches["alignment_backward"] += 1
     return dp, dq
+
+
+# ------------------------------------------------------------------------------------------------
+# Interpolant and velocity loss (csrc/interpolant.cu): tensors viewed as (B, C, S) rows, as in
+# kernels/interpolant.py. A shift constant over S goes to the kernel as one fp32 value per row, any other
+# as a tensor of x's dtype with row strides (sb, sc) and a unit stride over S.
+# ------------------------------------------------------------------------------------------------
+
+PATH_CODES = {"linear": 0, "cosine": 1}
+
+
+def _rows_view(x):
+    batch = x.shape[0]
+    channels = x.shape[1] if x.dim() >= 3 else 1
+    return batch, channels, x.numel() // max(batch * channels, 1)
+
+
+def _shift_rows_mode(shift, x) -> bool:
+    """True when the shift is constant over S (a per-sample per-channel shift): one value per row."""
+    B, C, S = rows_view = _rows_view(x)
+    return S > 1 and shift.expand(x.shape).reshape(rows_view).stride(2) == 0
+
+
+def _flow_shift(shift, x):
+    """(full, rows, sb, sc): the shift as the flow kernels take it (see the section's comment)."""
+    if shift is None:
+        return None, None, 0, 0
+    B, C, S = rows_view = _rows_view(x)
+    if _shift_rows_mode(shift, x):
+        rows = shift.expand(x.shape).reshape(rows_view)[:, :, 0].float().contiguous()  # (B, C): B C values
+        return None, rows, 0, 0
+    if shift.dtype != x.dtype:
+        shift = shift.to(x.dtype)  # exact (supports_flow admits it only into an fp32 x); before the expand
+    full = shift.expand(x.shape).reshape(rows_view)
+    if S > 1 and full.stride(2) != 1:
+        full = full.contiguous()
+    return full, None, full.stride(0), full.stride(1)
+
+
+def supports_flow(op, x, noise, t, source_shift, target_shift, v_pred=None) -> bool:
+    """`takes` plus the flow kernels' own limits: noise in x's dtype, a supported (x, v_pred) pair, a
+    shift that is not constant over S in x's dtype (or any dtype with an fp32 x: converted exactly)."""
+    if not takes(op, (x, noise, v_pred, source_shift, target_shift), contiguous=(x, noise, v_pred)):
+        return False
+    if t.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        return _fall_back(op, f"t of dtype {t.dtype}")
+    if noise.dtype != x.dtype:
+        return _fall_back(op, f"noise {noise.dtype} with x {x.dtype} (one dtype for both)")
+    lib = library("flow", x.device)
+    if v_pred is not None and not lib.alignflow_velocity_supported(DTYPE_CODES[x.dtype], DTYPE_CODES[v_pred.dtype]):
+        return _fall_back(op, f"v_pred {v_pred.dtype} with x {x.dtype}")
+    for name, shift in (("source_shift", source_shift), ("target_shift", target_shift)):
+        if (shift is not None and shift.dtype != x.dtype and x.dtype != torch.float32
+                and not _shift_rows_mode(shift, x)):
+            return _fall_back(op, f"{name} {shift.dtype} varying over the pixels with x {x.dtype} "
+                                  f"(x's dtype, or any with an fp32 x)")
+    return True
+
+
+def supports_interpolant_backward(g_xt, g_v) -> bool:
+    grads = [g for g in (g_xt, g_v) if g is not None]
+    if not grads or not takes("interpolant", grads):
+        return False
+    if len({g.dtype for g in grads}) > 1:
+        return _fall_back("interpolant", f"output gradients of dtypes {g_xt.dtype} and {g_v.dtype}")
+    return True
+
+
+def flow_chunks(device, rows: int, S: int) -> int:
+    """Chunks per row of the flow kernels: the per-chunk sum buffers are (rows, chunks) fp32."""
+    return library("flow", device).alignflow_flow_chunks(rows, S)
+
+
+def _c_shift(args):
+    full, rows, sb, sc = args
+    return [_ptr(full), _ptr(rows), sb, sc]
+
+
+def interpolant_forward(x, noise, t, source_shift, target_shift, path):
+    """kernels.interpolant._interpolant_forward on the CUDA kernel: (x_t, v) in x's dtype."""
+    lib = library("flow", x.device)
+    B, C, S = _rows_view(x)
+    t = t.float().contiguous()
+    mu0, mu1 = _flow_shift(source_shift, x), _flow_shift(target_shift, x)
+    x_t = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    v = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if isinstance(lib, Extension):
+        lib.module.interpolant_forward(x, noise, t, *mu0, *mu1, x_t, v, B, C, S, PATH_CODES[path])
+    else:
+        code = lib.alignflow_interpolant_forward(_ptr(x), _ptr(noise), _ptr(t), *_c_shift(mu0), *_c_shift(mu1),
+                                                 _ptr(x_t), _ptr(v), B, C, S, PATH_CODES[path], DTYPE_CODES[x.dtype],
+                                                 _stream(x.device))
+        check(lib, code, "alignflow_interpolant_forward")
+    launches["interpolant_forward"] += 1
+    return x_t, v
+
+
+def interpolant_backward(g_xt, g_v, t, rows_view, path, dz1_full, dz0_full, dz1_rows, dz0_rows):
+    """kernels.interpolant._interpolant_backward's kernel: writes the fp32 gradients of z1 and z0 given."""
+    any_g = g_xt if g_xt is not None else g_v
+    lib = library("flow", any_g.device)
+    B, C, S = rows_view
+    t = t.float().contiguous()
+    g_xt = g_xt.contiguous() if g_xt is not None else None
+    g_v = g_v.contiguous() if g_v is not None else None
+    if isinstance(lib, Extension):
+        lib.module.interpolant_backward(g_xt, g_v, t, dz1_full, dz0_full, dz1_rows, dz0_rows, B, C, S,
+                                        PATH_CODES[path])
+    else:
+        code = lib.alignflow_interpolant_backward(_ptr(g_xt), _ptr(g_v), _ptr(t), _ptr(dz1_full), _ptr(dz0_full),
+                                                  _ptr(dz1_rows), _ptr(dz0_rows), B, C, S, PATH_CODES[path],
+                                                  DTYPE_CODES[any_g.dtype], _stream(any_g.device))
+        check(lib, code, "alignflow_interpolant_backward")
+    launches["interpolant_backward"] += 1
+
+
+def velocity_forward(v_pred, x, noise, t, source_shift, target_shift, path):
+    """The per-(row, chunk) sums of the squared velocity error, (B C, chunks) fp32."""
+    lib = library("flow", x.device)
+    B, C, S = _rows_view(x)
+    t = t.float().contiguous()
+    mu0, mu1 = _flow_shift(source_shift, x), _flow_shift(target_shift, x)
+    partial = torch.empty((B * C, lib.alignflow_flow_chunks(B * C, S)), dtype=torch.float32, device=x.device)
+    if isinstance(lib, Extension):
+        lib.module.velocity_forward(v_pred, x, noise, t, *mu0, *mu1, partial, B, C, S, PATH_CODES[path])
+    else:
+        code = lib.alignflow_velocity_forward(_ptr(v_pred), _ptr(x), _ptr(noise), _ptr(t), *_c_shift(mu0),
+                                              *_c_shift(mu1), _ptr(partial), B, C, S, PATH_CODES[path],
+                                              DTYPE_CODES[x.dtype], DTYPE_CODES[v_pred.dtype], _stream(x.device))
+        check(lib, code, "alignflow_velocity_forward")
+    launches["velocity_forward"] += 1
+    return partial
+
+
+def velocity_backward(v_pred, x, noise, t, source_shift, target_shift, path, scale, d_v_pred, dz1_full, dz0_full,
+                      dz1_rows, dz0_rows):
+    """kernels.interpolant._velocity_loss_backward's kernel: d_v_pred (v_pred's dtype) and the fp32
+    gradients of z1 and z0 given."""
+    lib = library("flow", x.device)
+    B, C, S = _rows_view(x)
+    t = t.float().contiguous()
+    scale = scale.float().contiguous()
+    mu0, mu1 = _flow_shift(source_shift, x), _flow_shift(target_shift, x)
+    if isinstance(lib, Extension):
+        lib.module.velocity_backward(v_pred, x, noise, t, *mu0, *mu1, scale, d_v_pred, dz1_full, dz0_full, dz1_rows,
+                                     dz0_rows, B, C, S, PATH_CODES[path])
+    else:
+        code = lib.alignflow_velocity_backward(_ptr(v_pred), _ptr(x), _ptr(noise), _ptr(t), *_c_shift(mu0),
+                                               *_c_shift(mu1), _ptr(scale), _ptr(d_v_pred), _ptr(dz1_full),
+                                               _ptr(dz0_full), _ptr(dz1_rows), _ptr(dz0_rows), B, C, S,
+                                               PATH_CODES[path], DTYPE_CODES[x.dtype], DTYPE_CODES[v_pred.dtype],
+                                               _stream(x.device))
+        check(lib, code, "alignflow_velocity_backward")
+    launches["velocity_backward"] += 1
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _cuda
 from ._autograd import fused_op
 from ._backend import resolve
 from ._util import AotSpec, compute_dtype, next_power_of_2, reduce_per_sample, tl_dtype
@@ -279,6 +280,8 @@ class _ShiftGrads:
 
 
 def _interpolant_forward(x, noise, t, source_shift, target_shift, path):
+    if _cuda.supports_flow("interpolant", x, noise, t, source_shift, target_shift):  # set_backend("cuda")
+        return _cuda.interpolant_forward(x, noise, t, source_shift, target_shift, path)
     B, C, S = rows_view = _rows_view(x)
     x3, n3 = x.reshape(rows_view), noise.reshape(rows_view)
     mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
@@ -296,13 +299,19 @@ def _interpolant_forward(x, noise, t, source_shift, target_shift, path):
 def _interpolant_backward(g_xt, g_v, t, x, noise, source_shift, target_shift, path, needs):
     """Gradients (d_x, d_noise, d_source_shift, d_target_shift), None where `needs` is False."""
     B, C, S = _rows_view(x)
+    cuda = _cuda.supports_interpolant_backward(g_xt, g_v)  # set_backend("cuda")
     block = _block_s(B * C, S)
-    num_blocks = triton.cdiv(S, block)
+    num_blocks = _cuda.flow_chunks(x.device, B * C, S) if cuda else triton.cdiv(S, block)
     compute = compute_dtype(x, noise, source_shift, target_shift)
     z1 = _ShiftGrads(x, target_shift, needs[0], needs[3], num_blocks, compute)
     z0 = _ShiftGrads(noise, source_shift, needs[1], needs[2], num_blocks, compute)
     if not (z1.full_mode or z1.rows_mode or z0.full_mode or z0.rows_mode) or (g_xt is None and g_v is None):
         return None, None, None, None
+    if cuda:
+        _cuda.interpolant_backward(g_xt, g_v, t, (B, C, S), path, z1.full, z0.full, z1.rows, z0.rows)
+        d_x, d_mu1 = z1.grads()
+        d_noise, d_mu0 = z0.grads()
+        return d_x, d_noise, d_mu0, d_mu1
     g_xt = g_xt.contiguous() if g_xt is not None else None
     g_v = g_v.contiguous() if g_v is not None else None
     any_g = g_xt if g_xt is not None else g_v
@@ -321,6 +330,9 @@ def _interpolant_backward(g_xt, g_v, t, x, noise, source_shift, target_shift, pa
 
 def _velocity_loss_forward(v_pred, x, noise, t, source_shift, target_shift, path):
     B, C, S = rows_view = _rows_view(x)
+    if _cuda.supports_flow("velocity_loss", x, noise, t, source_shift, target_shift, v_pred):  # set_backend("cuda")
+        partial = _cuda.velocity_forward(v_pred, x, noise, t, source_shift, target_shift, path)
+        return partial.view(B, -1).sum(1) / (C * S)
     v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
     mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
     block = _block_s(B * C, S)
@@ -339,8 +351,9 @@ def _velocity_loss_forward(v_pred, x, noise, t, source_shift, target_shift, path
 def _velocity_loss_backward(g_loss, v_pred, x, noise, t, source_shift, target_shift, path, needs):
     """Gradients (d_v_pred, d_x, d_noise, d_source_shift, d_target_shift), None where not needed."""
     B, C, S = rows_view = _rows_view(x)
+    cuda = _cuda.supports_flow("velocity_loss", x, noise, t, source_shift, target_shift, v_pred)
     block = _block_s(B * C, S)
-    num_blocks = triton.cdiv(S, block)
+    num_blocks = _cuda.flow_chunks(x.device, B * C, S) if cuda else triton.cdiv(S, block)
     compute = compute_dtype(v_pred, x, noise, source_shift, target_shift)
     v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
     mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
@@ -348,6 +361,12 @@ def _velocity_loss_backward(g_loss, v_pred, x, noise, t, source_shift, target_sh
     z0 = _ShiftGrads(noise, source_shift, needs[2], needs[3], num_blocks, compute)
     d_v_pred = torch.empty(x.shape, dtype=v_pred.dtype, device=x.device) if needs[0] else None
     scale = (g_loss.to(compute) * (2.0 / (C * S))).contiguous()  # d loss / d per-sample mean, times 2/M
+    if cuda:  # set_backend("cuda")
+        _cuda.velocity_backward(v_pred, x, noise, t, source_shift, target_shift, path, scale, d_v_pred, z1.full,
+                                z0.full, z1.rows, z0.rows)
+        d_x, d_mu1 = z1.grads()
+        d_noise, d_mu0 = z0.grads()
+        return d_v_pred, d_x, d_noise, d_mu0, d_mu1
     _velocity_loss_bwd_kernel[(B * C, num_blocks)](
         v3, x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, scale,
         d_v_pred if d_v_pred is not None else scale,

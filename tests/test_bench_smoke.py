@@ -3,6 +3,7 @@ import importlib
 import time
 
 import pytest
+import torch
 
 bench_kernels = importlib.import_module("bench.kernels")
 bench_train_step = importlib.import_module("bench.train_step")
@@ -299,3 +300,18 @@ def test_predict_then_report_end_to_end_on_the_cpu(tmp_path, capsys):
     assert "another step than was measured" in printed  # the smoke step is not SiT-XL/2 at batch 32
     table = printed.split("Model error")[1].split("\n\n", 2)[1]  # the table's rows, beside the measured table
     assert table in readme.read_text() and "| trainer-bf16 | 50.0 |" in table
+
+
+def test_csrc_sanitize_program_runs_every_launcher(monkeypatch):
+    """bench/csrc_sanitize.py, what gpu_all.sh's sanitize stage runs under compute-sanitizer, on the CPU
+    in the CUDA emulator: every launcher runs and matches its reference."""
+    from kernels import _cuda
+
+    if _cuda.emulator_missing():
+        pytest.skip(_cuda.emulator_missing())
+    monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import bench.csrc_sanitize
+
+    ran = bench.csrc_sanitize.run(torch.device("cpu"))
+    assert ran["velocity_backward"] == 6 and ran["adaln_backward"] == 6, ran

@@ -1,7 +1,10 @@
-"""Benchmark cases for kernels.interpolant and kernels.velocity_loss (CAR-Flow per-channel shifts)."""
+"""Benchmark cases for kernels.interpolant and kernels.velocity_loss (CAR-Flow per-channel shifts):
+the reference eager and compiled, the Triton kernels, and the CUDA C++ kernels (csrc/interpolant.cu)
+where they are built (a call that did not launch them fails rather than timing a fallback)."""
 import torch
 
 import kernels
+from kernels import _cuda
 from bench.common import BenchCase, Variant, backward_of, compiled
 
 
@@ -28,6 +31,15 @@ def _shape_cases(device, B, C, H, W, dtype, smoke, label, headline=False):
 
     interp_ours = on("triton", lambda: kernels.interpolant(x, noise, t, "linear", mu0, mu1))
     loss_ours = on("triton", lambda: kernels.velocity_loss(v_pred, x, noise, t, "linear", mu0, mu1))
+    interp_cuda = on("cuda", lambda: kernels.interpolant(x, noise, t, "linear", mu0, mu1))
+    loss_cuda = on("cuda", lambda: kernels.velocity_loss(v_pred, x, noise, t, "linear", mu0, mu1))
+    cuda_reason = _cuda.unavailable("flow", device)
+
+    def cuda_pass(forward, leaves, kind):
+        """forward + backward, both under the "cuda" backend (the backward dispatches when it runs);
+        fails unless both CUDA kernels launched."""
+        run = on("cuda", backward_of(forward, leaves))
+        return _cuda.launched(_cuda.launched(run, f"{kind}_forward"), f"{kind}_backward")
     interp_compiled, interp_reason = compiled(interp_ref, smoke)
     loss_compiled, loss_reason = compiled(loss_ref, smoke)
     leaves_i, leaves_l = [mu0, mu1], [v_pred, mu0, mu1]
@@ -40,10 +52,13 @@ def _shape_cases(device, B, C, H, W, dtype, smoke, label, headline=False):
             "interpolant", shape,
             forward=[Variant("reference eager", fwd(interp_ref)),
                      Variant("reference compiled", fwd(interp_compiled), interp_reason),
-                     Variant("triton", fwd(interp_ours))],
+                     Variant("triton", fwd(interp_ours)),
+                     Variant("cuda C++", fwd(_cuda.launched(interp_cuda, "interpolant_forward")), cuda_reason)],
             forward_backward=[Variant("reference eager", lambda: backward_of(interp_ref, leaves_i)),
                               Variant("reference compiled", lambda: backward_of(interp_compiled, leaves_i), interp_reason),
-                              Variant("triton", lambda: backward_of(interp_ours, leaves_i))],
+                              Variant("triton", lambda: backward_of(interp_ours, leaves_i)),
+                              Variant("cuda C++", lambda: cuda_pass(interp_cuda, leaves_i, "interpolant"),
+                                      cuda_reason)],
             # forward reads x, noise and writes x_t, v; backward reads both output gradients
             bytes_forward=4 * numel * size, bytes_forward_backward=6 * numel * size,
             notes="per-sample per-channel shifts mu0, mu1 (B, C, 1, 1)", headline=headline),
@@ -51,10 +66,13 @@ def _shape_cases(device, B, C, H, W, dtype, smoke, label, headline=False):
             "velocity_loss", shape,
             forward=[Variant("reference eager", fwd(loss_ref)),
                      Variant("reference compiled", fwd(loss_compiled), loss_reason),
-                     Variant("triton", fwd(loss_ours))],
+                     Variant("triton", fwd(loss_ours)),
+                     Variant("cuda C++", fwd(_cuda.launched(loss_cuda, "velocity_forward")), cuda_reason)],
             forward_backward=[Variant("reference eager", lambda: backward_of(loss_ref, leaves_l)),
                               Variant("reference compiled", lambda: backward_of(loss_compiled, leaves_l), loss_reason),
-                              Variant("triton", lambda: backward_of(loss_ours, leaves_l))],
+                              Variant("triton", lambda: backward_of(loss_ours, leaves_l)),
+                              Variant("cuda C++", lambda: cuda_pass(loss_cuda, leaves_l, "velocity"),
+                                      cuda_reason)],
             # forward reads v_pred, x, noise; backward reads them again and writes d_v_pred
             bytes_forward=3 * numel * size, bytes_forward_backward=7 * numel * size,
             notes="gradients to v_pred and both shifts", headline=headline),

@@ -732,6 +732,12 @@ inline float __fsqrt_rn(float x) { return std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __saturatef(float x) { return std::fmin(std::fmax(x, 0.0f), 1.0f); }
+// sin(pi x), cos(pi x): in double, rounded once (the device's are within about 1 ulp)
+inline void sincospif(float x, float* s, float* c) {
+    const double a = 3.141592653589793 * double(x);
+    *s = float(std::sin(a));
+    *c = float(std::cos(a));
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __clz(int x) { return x ? __builtin_clz(static_cast<unsigned>(x)) : 32; }

@@ -48,7 +48,7 @@ from bench.train_step import TRAINER_VARIANTS, add_step_arguments  # TRAINER_VAR
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
-STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-compiled")
+STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-separate-clip", "alignflow-compiled")
 # bench.train_step's variants that time engine.trainer.Trainer's own step (DeepSpeed ZeRO-2, one GPU), as
 # modelled here: bench.train_step's step with the fused kernels (the trainer's "auto" backend on a GPU),
 # the given train.precision, DeepSpeed ZeRO-2's flat-buffer copies and the trainer's EMA update; the
@@ -468,8 +468,10 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             stack_category, fused = meta.get("category"), meta.get("fused", False)
         phase = self._phase(stack_category)
         mutated = _mutated_args(func, args, kwargs)
-        if name in ("_fused_adamw_", "_fused_adam_"):  # its schema lets it unscale the grads in place; without
-            grads = {id(t) for t in args[1]}          # a grad scaler they are only read
+        if name in ("_fused_adamw_", "_fused_adam_") and kwargs.get("grad_scale") is None:
+            # its schema lets it unscale the grads in place; without a grad_scale they are only read (with
+            # one, GradScaler's or ClippedAdamW's clip divisor, the kernel writes the divided grads back)
+            grads = {id(t) for t in args[1]}
             mutated = [t for t in mutated if id(t) not in grads]
         mutated_keys = {_storage_key(t) for t in mutated}
         if name == "copy_":  # reads its source only
@@ -528,30 +530,47 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
 class _MasterWeightsAdamW:
     """DeepSpeed's ZeRO-1/2 optimizer (runtime/zero/stage_1_and_2.py) as one rank runs it: the weights
     (bf16, or fp32 under bf16-mixed) live in one flat buffer; each gradient is copied into the flat reduce
-    buckets as the backward makes it; the step casts the flat gradient to fp32 (bf16 weights), runs AdamW
-    on the flat fp32 master partition and copies the master back into the flat weights; with `ema`, the
-    trainer's EMA update follows. Every one of those copies is traced as an op."""
+    buckets as the backward makes it; the step takes the global norm of the gradients, casts the flat
+    gradient to fp32 (bf16 weights), scales it in place by the clip factor (unscale_and_clip_grads; with
+    `fused_clip` the factor goes to the fused AdamW kernel instead, engine.optim.hand_clipping_to), runs
+    AdamW on the flat fp32 master partition and copies the master back into the flat weights; with
+    `ema`, the trainer's EMA update follows. Every one of those passes is traced as an op (DeepSpeed's
+    norm, one vector_norm per gradient, is counted as one foreach norm)."""
 
-    def __init__(self, params, optimizer_cls, ema: bool = False):
+    clips_gradients = True  # as DeepSpeed does: one_step runs no clip_grad_norm_ before it
+
+    def __init__(self, params, optimizer_cls, ema: bool = False, fused_clip: bool = False, max_norm: float = 1.0):
         self.params = [p for p in params if p.requires_grad]  # frozen ones (pos_embed) are not the optimizer's
+        self.fused_clip, self.max_norm = fused_clip, max_norm
         numel = sum(p.numel() for p in self.params)
         dtype = self.params[0].dtype
         self.flat_weights = torch.empty(numel, dtype=dtype)
         self.flat_grads = torch.empty(numel, dtype=dtype)
         self.master = torch.empty(numel, dtype=torch.float32, requires_grad=True)
         self.inner = optimizer_cls([self.master])
+        if fused_clip:
+            self.inner.divisor_from_deepspeed = True
         # the trainer's fp32 EMA of the masters (engine/ema.py: one _foreach_lerp_ over each parameter's
         # fragment of the flat master)
         self.fragments = list(self.master.detach().split([p.numel() for p in self.params])) if ema else []
         self.ema = [torch.empty_like(f) for f in self.fragments]
 
     def step(self):
+        from engine.optim import clip_divisor
+
+        # DeepSpeed's global norm (scaled_global_norm over the partition's gradients, in fp32)
+        norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None], 2, dtype=torch.float32)
+        divisor = clip_divisor(torch.linalg.vector_norm(torch.stack(norms)), self.max_norm)
         offset = 0
         for p in self.params:  # the backward's bucket copies (DeepSpeed's IPG buckets)
             if p.grad is not None:
                 self.flat_grads[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
             offset += p.numel()
         self.master.grad = self.flat_grads.float()  # no op when the weights are fp32 (bf16-mixed)
+        if self.fused_clip:
+            self.inner.set_clip_divisor(divisor)
+        else:
+            self.master.grad.mul_(1.0 / divisor)  # unscale_and_clip_grads
         self.inner.step()
         self.flat_weights.copy_(self.master.detach())
         if self.ema:
@@ -580,9 +599,11 @@ def _patched_foreach():
 
 def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", encoder_depth=8, reg=False,
                car_flow="none", precision="bf16-mixed", backend="triton", model_overrides=None,
-               trainer: bool = False) -> dict:
+               trainer: bool = False, fused_clip: bool = False) -> dict:
     """Trace one training step of bench.train_step (build + one_step) on fake tensors; `trainer`: with
-    DeepSpeed ZeRO-2's flat-buffer optimizer and the trainer's EMA update (see TRAINER_VARIANTS); returns
+    DeepSpeed ZeRO-2's flat-buffer optimizer and the trainer's EMA update (see TRAINER_VARIANTS);
+    `fused_clip`: the clip inside the fused AdamW step (engine.optim.ClippedAdamW; under `trainer`,
+    DeepSpeed's norm and its divisor handed over), else clip_grad_norm_ then AdamW; returns
     {"ops": [Op], "model_flops": analytic step FLOPs, "params": count, "linear_params": count}."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -617,9 +638,16 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         encoder_module.to_empty(device="cpu")
         tracer.encoder_compiled = encoder_module.cfg.fused  # compiled variants compile the fused encoder
         sit.to_empty(device="cpu").train()
-        fused = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)  # noqa: E731
-        optimizer = (_MasterWeightsAdamW(sit.parameters(), fused, ema=trainer) if precision == "bf16" or trainer
-                     else fused(sit.parameters()))
+        if fused_clip:
+            from engine.optim import ClippedAdamW
+
+            fused = lambda p: ClippedAdamW(p, max_norm=train_step.CLIP, lr=1e-4, betas=(0.9, 0.999),  # noqa: E731
+                                           weight_decay=0.0)
+        else:
+            fused = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)  # noqa: E731
+        optimizer = (_MasterWeightsAdamW(sit.parameters(), fused, ema=trainer, fused_clip=fused_clip,
+                                         max_norm=train_step.CLIP)
+                     if precision == "bf16" or trainer else fused(sit.parameters()))
         latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
         images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
         labels = torch.randint(0, cfg.num_classes, (batch,))
@@ -942,6 +970,13 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
                                       "into the bf16 weights"),
         "clip_grad_norm_ and AdamW run their multi-tensor (foreach / fused) CUDA paths; launches as CUDA's "
         "multi_tensor_apply chunks them",
+        "optimizer clipping: reference-* and alignflow-separate-clip run clip_grad_norm_ (a norm pass, then an "
+        "in-place scaling pass) before fused AdamW; alignflow, alignflow-compiled and the trainer-* rows "
+        "(optim.fused_clip, on on a GPU) take the norm in one pass and fused AdamW divides by the clip factor "
+        "as it reads each gradient (torch's grad_scale, which writes the divided gradient back: 4 bytes a "
+        "parameter); the trainer-* rows (and --precision bf16) model DeepSpeed's clipping: its norm of the "
+        "gradients (one foreach norm here; DeepSpeed runs one vector_norm per gradient) and, without "
+        "fused_clip, its in-place scaling of the flat fp32 gradient",
         "MFU: the analytic model FLOPs (SiT.flops_per_sample x 3 + the encoder's forward, bench/flops.py) over "
         "the datasheet bf16 peak; Amdahl: the step if every op inside a `kernels` op (the fused kernels, or the "
         "reference paths they replace) took no time; ideal: matmul and attention FLOPs at the datasheet peak, "
@@ -1024,15 +1059,18 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
         if name in TRAINER_VARIANTS:
             precision = TRAINER_VARIANTS[name][0]
             key = f"trainer-{precision}"
-            if key not in traces:
-                traces[key] = trace_step(backend="triton", trainer=True, **dict(args_dict, precision=precision))
+            if key not in traces:  # the trainer's optim.fused_clip 'auto': on on a GPU
+                traces[key] = trace_step(backend="triton", trainer=True, fused_clip=True,
+                                         **dict(args_dict, precision=precision))
             compiled = TRAINER_VARIANTS[name][1]
         else:
-            from bench.train_step import VARIANTS as BENCH_VARIANTS
+            from bench.train_step import FUSED_CLIP_VARIANTS, VARIANTS as BENCH_VARIANTS
 
-            key, compiled = BENCH_VARIANTS[name]  # (kernels backend, torch.compile), as bench.train_step runs it
+            backend, compiled = BENCH_VARIANTS[name]  # (kernels backend, torch.compile), as bench.train_step runs it
+            fused_clip = name in FUSED_CLIP_VARIANTS
+            key = backend + ("+fused-clip" if fused_clip else "")
             if key not in traces:
-                traces[key] = trace_step(backend=key, **args_dict)
+                traces[key] = trace_step(backend=backend, fused_clip=fused_clip, **args_dict)
         trace = traces[key]
         ops = fuse_compiled(trace["ops"]) if compiled else trace["ops"]
         out[name] = summarize(ops, ceilings, args_dict["batch"], trace["model_flops"], launch_s)
@@ -1052,7 +1090,8 @@ def baseline_counts(ops: list[Op]) -> dict:
 SMOKE_CONFIG = dict(model="SiT-S/2", batch=2, encoder="dinov2-vit-s",
                     model_overrides=dict(hidden_size=64, depth=2, num_heads=2))
 BASELINE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "model-baseline.json")
-BASELINE_CONFIG = dict(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", precision="bf16-mixed")
+BASELINE_CONFIG = dict(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", precision="bf16-mixed",
+                       fused_clip=True)  # the alignflow variant's optimizer (bench.train_step.FUSED_CLIP_VARIANTS)
 
 
 def write_baseline(path: str = BASELINE_PATH) -> str:

@@ -10,6 +10,9 @@ weights, fused AdamW: REPA's, and the trainer's `train.precision: bf16-mixed`) f
   3. alignflow           the fused Triton kernels and the fused encoder (bf16 weights cast once,
                          attention on kernels.attention_qkv)
   4. alignflow compiled  the fused kernels under torch.compile, the fused encoder compiled too
+  alignflow and alignflow compiled clip the gradients inside the fused AdamW step (the trainer's
+  optim.fused_clip, engine/optim.py); alignflow-separate-clip is alignflow with the reference's
+  clip_grad_norm_ then AdamW, so the pair measures that switch alone
 and the trainer's own step, `engine.trainer.Trainer.train_step` as `deepspeed --num_gpus 1 --module
 engine.train` runs it: the DeepSpeed engine with configs/deepspeed/zero2.json (ZeRO-2), its AdamW,
 gradient clipping and EMA update, the finite-loss all-reduce and host sync, its loader over the same
@@ -58,12 +61,17 @@ from bench.flops import training_step_flops, vit_forward_flops
 
 # the benchmark's own step: name -> (kernels backend, torch.compile)
 VARIANTS = {"reference-eager": ("torch", False), "alignflow": ("triton", False),
+            "alignflow-separate-clip": ("triton", False),
             "reference-compiled": ("torch", True), "alignflow-compiled": ("triton", True)}
+# the benchmark's variants whose optimizer clips inside the fused AdamW step (engine.optim.ClippedAdamW,
+# the trainer's optim.fused_clip); the others run REPA's clip_grad_norm_ then fused AdamW.
+# alignflow-separate-clip is alignflow with the reference optimizer: the pair measures the switch
+FUSED_CLIP_VARIANTS = ("alignflow", "alignflow-compiled")
 # the trainer's step: name -> (train.precision, train.compile); its kernels backend is the trainer's "auto"
 TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
                     "trainer-bf16-compiled": ("bf16", True)}
 # the order in which they run: eager first (each compile of SiT-XL/2 takes minutes)
-ORDER = ["reference-eager", "alignflow", "trainer-bf16", "trainer-bf16-mixed", "reference-compiled",
+ORDER = ["reference-eager", "alignflow", "alignflow-separate-clip", "trainer-bf16", "trainer-bf16-mixed", "reference-compiled",
          "alignflow-compiled", "trainer-bf16-compiled"]
 PHASES = ("data", "encoder", "forward", "backward", "optimizer")
 
@@ -201,6 +209,20 @@ def variant_encoder(encoder, backend, use_compile):
         encoder.compile_features(False)
 
 
+def make_optimizer(params, fused_clip: bool, device):
+    """The step's optimizer: REPA's AdamW (fused on CUDA; clip_grad_norm_ before it in one_step), or
+    with `fused_clip` engine.optim.ClippedAdamW (the same kernel, the clip inside it)."""
+    adamw = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    if fused_clip:
+        from engine.optim import ClippedAdamW
+
+        return ClippedAdamW(params, max_norm=CLIP, **adamw)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **adamw)
+
+
+CLIP = 1.0  # max gradient norm, REPA's
+
+
 def run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
     with variant_encoder(parts[0], backend, use_compile) as encoder:
         return _run_variant(name, backend, use_compile, args, device, (encoder, *parts[1:]), loader, epoch)
@@ -212,8 +234,7 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
     encoder, model_cfg, transport, _ = parts
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(model.parameters(), name in FUSED_CLIP_VARIANTS, device)
     forward = torch.compile(model) if use_compile else model
     latents = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device)
     batches = _batches(loader, epoch, args, device)
@@ -289,6 +310,7 @@ def trainer_config(args, parts, precision: str, use_compile: bool, output_dir: s
         "train": {"output_dir": output_dir, "max_steps": 10 ** 9, "global_batch_size": args.batch,
                   "deepspeed_config": "configs/deepspeed/zero2.json", "precision": precision, "compile": use_compile,
                   "debug_fixed_batch": args.loader == "none", "seed": 0},
+        "optim": {"fused_clip": args.trainer_fused_clip},
         "checkpoint": {"every": 0, "resume": "none"},
         "logging": {"progress_bar": False, "tensorboard": False, "sample_every": 0},
         "sample": {"num_images": 0},
@@ -349,7 +371,8 @@ def run_trainer_variant(name, precision, use_compile, args, device, parts, laten
 def one_step(model, forward, optimizer, encoder, transport, latents, model_cfg, autocast, backend, images, labels,
              mark=lambda: None) -> dict:
     """One training step; `mark()` is called after the encoder, the forward + loss, the backward and the
-    optimizer. Returns the losses."""
+    optimizer (clip_grad_norm_ then AdamW, or an optimizer that `clips_gradients` itself: ClippedAdamW,
+    bench.model's stand-in for DeepSpeed's). Returns the losses."""
     import kernels
 
     with kernels.use_backend(backend):
@@ -362,7 +385,8 @@ def one_step(model, forward, optimizer, encoder, transport, latents, model_cfg, 
         mark()
         losses["loss"].backward()
         mark()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not getattr(optimizer, "clips_gradients", False):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mark()
@@ -455,6 +479,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--budget-s", type=float, help="start no variant after this many seconds")
     parser.add_argument("--skip-data", action="store_true", help="leave out the data-loader rows")
+    parser.add_argument("--trainer-fused-clip", default="auto", choices=["auto", "true", "false"],
+                        help="the trainer variants' optim.fused_clip (auto: on on a GPU)")
     parser.add_argument("--loader", default="auto", choices=["auto", "pil", "dali", "none"],
                         help="where the step's images come from: the trainer's loader with this decoder "
                              "(auto: DALI nvJPEG on a GPU where installed, else PIL), or none (one fixed batch)")

@@ -60,7 +60,7 @@ class ClippedAdamW(torch.optim.AdamW):
         self._clip_divisor: torch.Tensor | None = None
         self.divisor_from_deepspeed = False  # set by hand_clipping_to for a ZeRO optimizer
 
-    fused_clip = True  # bench.train_step.one_step: this optimizer clips; no clip_grad_norm_ before it
+    clips_gradients = True  # bench.train_step.one_step: no clip_grad_norm_ before this optimizer
 
     def set_clip_divisor(self, divisor: torch.Tensor | None) -> None:
         """DeepSpeed's divisor for the next step() (None: do not scale)."""

@@ -76,9 +76,22 @@ def run(device: torch.device) -> dict:
                               [v_pred, x, noise, mu0, mu1])
             for a, b in zip(cuda, ref):
                 _close(a, b, f"velocity_loss {dtype} {shape}", tol, scaled=True)
+    params = [torch.randn(n, device=device) for n in (1, 7, 4096 + 12, 1152)]  # element and vector chunks
+    for grad_dtype in (torch.float32, torch.bfloat16):
+        ours, theirs = [p.clone() for p in params], [p.clone() for p in params]
+        grads = [torch.randn_like(p).to(grad_dtype) for p in params]
+        states = [[torch.zeros_like(p) for p in params] for _ in range(4)]
+        copies = [torch.empty(p.shape, dtype=torch.bfloat16, device=device) for p in params]
+        scale = torch.tensor([2.5], device=device)
+        for backend, p, (m, v) in (("cuda", ours, states[:2]), ("torch", theirs, states[2:])):
+            with kernels.use_backend(backend):
+                kernels.adamw_step(p, grads, m, v, 3, lr=1e-3, weight_decay=0.05, grad_scale=scale,
+                                   params_bf16=copies if backend == "cuda" else None)
+        for a, b in zip(ours, theirs):
+            _close(a, b, f"adamw_step {grad_dtype}", 1e-6)
     ran = {kind: _cuda.launches[kind] - before.get(kind, 0) for kind in _cuda.launches}
     expected = ("adaln_forward", "adaln_backward", "alignment_forward", "alignment_backward", "interpolant_forward",
-                "interpolant_backward", "velocity_forward", "velocity_backward")
+                "interpolant_backward", "velocity_forward", "velocity_backward", "adamw_step")
     missing = [kind for kind in expected if not ran.get(kind)]
     if missing:
         raise RuntimeError(f"CUDA kernels that did not run: {missing} (fallbacks: {sorted(_cuda._logged)})")

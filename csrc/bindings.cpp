@@ -44,6 +44,12 @@ int alignflow_velocity_backward(const void* v_pred, const void* x, const void* n
                                 const float* scale, void* d_v_pred, float* dz1_full, float* dz0_full, float* dz1_rows,
                                 float* dz0_rows, long long B, long long C, long long S, int path, int x_dtype,
                                 int v_dtype, cudaStream_t stream);
+int alignflow_adamw_chunk();
+int alignflow_adamw_vec(int grad_dtype);
+int alignflow_adamw_step(const void* tensors, const int* vector_pairs, int num_vector, const int* element_pairs,
+                         int num_element, float decay, float step_size, float one_minus_beta1, float beta2,
+                         float one_minus_beta2, float eps, float bias2_sqrt, const float* grad_scale, int grad_dtype,
+                         cudaStream_t stream);
 }
 
 namespace {
@@ -175,6 +181,19 @@ void velocity_backward(const at::Tensor& v_pred, const at::Tensor& x, const at::
           "alignflow_velocity_backward");
 }
 
+void adamw_step(const at::Tensor& table, const at::Tensor& pairs, int64_t num_vector, int64_t num_element,
+                double decay, double step_size, double one_minus_beta1, double beta2, double one_minus_beta2,
+                double eps, double bias2_sqrt, const Optional& grad_scale, int64_t grad_dtype) {
+    TORCH_CHECK(table.is_cuda() && pairs.is_cuda(), "adamw_step: the chunk tables must be CUDA tensors");
+    c10::cuda::CUDAGuard guard(table.device());
+    const int* vector_pairs = pairs.data_ptr<int>();
+    check(alignflow_adamw_step(table.data_ptr(), vector_pairs, int(num_vector), vector_pairs + 2 * num_vector,
+                               int(num_element), float(decay), float(step_size), float(one_minus_beta1), float(beta2),
+                               float(one_minus_beta2), float(eps), float(bias2_sqrt), float_ptr(grad_scale),
+                               int(grad_dtype), stream_of(table)),
+          "alignflow_adamw_step");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -193,4 +212,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("interpolant_backward", &interpolant_backward);
     m.def("velocity_forward", &velocity_forward);
     m.def("velocity_backward", &velocity_backward);
+    m.def("adamw_chunk", &alignflow_adamw_chunk);
+    m.def("adamw_vec", &alignflow_adamw_vec);
+    m.def("adamw_step", &adamw_step);
 }

@@ -1,6 +1,7 @@
 """AlignFlow fused kernels. Each op: `reference_<op>` (the specification), Triton forward and
 backward, and a public function that dispatches on the active backend (`set_backend`)."""
 from ._backend import BACKENDS, get_backend, interpreting, set_backend, use_backend
+from .adamw import adamw_step, reference_adamw_step
 from .adaln import (adaln_modulate, adaln_residual_modulate, reference_adaln_modulate,
                     reference_adaln_residual_modulate)
 from .alignment_loss import alignment_loss, reference_alignment_loss
@@ -16,4 +17,5 @@ __all__ = [
     "adaln_modulate", "reference_adaln_modulate", "adaln_residual_modulate", "reference_adaln_residual_modulate",
     "attention", "reference_attention", "attention_qkv", "reference_attention_qkv",
     "gelu_tanh", "reference_gelu_tanh",
+    "adamw_step", "reference_adamw_step",
 ]

@@ -20,7 +20,8 @@ log = logging.getLogger("kernels")
 BACKENDS = ("torch", "triton", "cuda")
 # Ops with a CUDA C++ kernel (csrc/, run through kernels/_cuda.py); the "cuda" backend runs the Triton
 # kernel of every other op.
-CUDA_OPS = ("adaln_modulate", "adaln_residual_modulate", "alignment_loss", "interpolant", "velocity_loss")
+CUDA_OPS = ("adaln_modulate", "adaln_residual_modulate", "alignment_loss", "interpolant", "velocity_loss",
+            "adamw_step")
 
 
 def interpreting() -> bool:

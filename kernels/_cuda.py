@@ -18,6 +18,7 @@ import collections
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -45,7 +46,7 @@ ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"]
 GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
 NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC", "-Werror=all-warnings",
               "-Xcompiler=-Wall,-Werror", "-Xptxas=-warn-spills,-warn-lmem-usage", *TORCH_NVCC_DEFINES]
-SOURCES = {"adaln": "adaln.cu", "alignment": "alignment_loss.cu", "flow": "interpolant.cu"}  # csrc file of each kernel family (setup.py builds every csrc/*.cu)
+SOURCES = {"adaln": "adaln.cu", "alignment": "alignment_loss.cu", "flow": "interpolant.cu", "adamw": "adamw.cu"}  # csrc file of each kernel family (setup.py builds every csrc/*.cu)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -169,6 +170,8 @@ def _declare(lib):
         "alignflow_interpolant_backward": [P] * 7 + [L] * 3 + [I, I, P],
         "alignflow_velocity_forward": [P] * 6 + [L, L] + [P] * 2 + [L, L] + [P] + [L] * 3 + [I] * 3 + [P],
         "alignflow_velocity_backward": [P] * 6 + [L, L] + [P] * 2 + [L, L] + [P] * 6 + [L] * 3 + [I] * 3 + [P],
+        "alignflow_adamw_chunk": [], "alignflow_adamw_vec": [I],
+        "alignflow_adamw_step": [P, P, I, P, I] + [F] * 7 + [P, I, P],
     }
     for name, argtypes in signatures.items():
         if hasattr(lib, name):
@@ -291,7 +294,7 @@ def _stream(device):
 # ------------------------------------------------------------------------------------------------
 
 FAMILY = {"adaln_modulate": "adaln", "adaln_residual_modulate": "adaln", "alignment_loss": "alignment",
-          "interpolant": "flow", "velocity_loss": "flow"}
+          "interpolant": "flow", "velocity_loss": "flow", "adamw_step": "adamw"}
 
 
 def adaln_forward(x, h, gate, shift, scale, eps):
@@ -581,6 +584,72 @@ def velocity_backward(v_pred, x, noise, t, source_shift, target_shift, path, sca
                                                _stream(x.device))
         check(lib, code, "alignflow_velocity_backward")
     launches["velocity_backward"] += 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-tensor AdamW step (csrc/adamw.cu): a table of every tensor's pointers and size, and two lists
+# of (tensor, chunk) pairs, one for the 128-bit kernel and one for the element kernel.
+# ------------------------------------------------------------------------------------------------
+
+def supports_adamw(params, grads, exp_avgs, exp_avg_sqs, grad_scale, params_bf16) -> bool:
+    op = "adamw_step"
+    tensors = [*params, *grads, *exp_avgs, *exp_avg_sqs, *(params_bf16 or [])]
+    if not takes(op, tensors + [grad_scale], contiguous=tensors):
+        return False
+    if any(t.dtype != torch.float32 for t in (*params, *exp_avgs, *exp_avg_sqs)):
+        return _fall_back(op, "params and moments must be float32")
+    grad_dtypes = {g.dtype for g in grads}
+    if len(grad_dtypes) > 1 or not grad_dtypes <= {torch.float32, torch.bfloat16}:
+        return _fall_back(op, f"gradients of dtypes {sorted(map(str, grad_dtypes))} (one of float32, bfloat16)")
+    if params_bf16 is not None and any(t.dtype != torch.bfloat16 for t in params_bf16):
+        return _fall_back(op, "params_bf16 must be bfloat16")
+    if grad_scale is not None and (grad_scale.dtype != torch.float32 or grad_scale.numel() != 1):
+        return _fall_back(op, f"grad_scale {grad_scale.dtype} of {grad_scale.numel()} elements (one float32)")
+    if len({t.device for t in tensors + ([grad_scale] if grad_scale is not None else [])}) > 1:
+        return _fall_back(op, "tensors on several devices")
+    return True
+
+
+def adamw_tables(params, grads, exp_avgs, exp_avg_sqs, params_bf16, chunk: int, vec: int):
+    """(table (n, 6) int64, pairs (k, 2) int32, number of vector pairs first): CPU tensors."""
+    rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
+             params_bf16[i].data_ptr() if params_bf16 is not None else 0, p.numel()]
+            for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs))]
+    table = torch.tensor(rows, dtype=torch.int64)
+    numel = table[:, 5]
+    aligned = (table[:, :5] % 16 == 0).all(1)
+    counts = (numel + chunk - 1) // chunk
+    tensor = torch.repeat_interleave(torch.arange(len(rows)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    index = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+    size = torch.clamp(numel[tensor] - index * chunk, max=chunk)
+    vector = aligned[tensor] & (size % vec == 0)
+    pairs = torch.stack([tensor, index], 1).to(torch.int32)
+    return table, torch.cat([pairs[vector], pairs[~vector]]), int(vector.sum())
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_decay, grad_scale, params_bf16):
+    """kernels.adamw.adamw_step on the CUDA kernel (one host-to-device copy of the tables per call)."""
+    device = params[0].device
+    lib = library("adamw", device)
+    grad_code = DTYPE_CODES[grads[0].dtype]
+    table, pairs, num_vector = adamw_tables(params, grads, exp_avgs, exp_avg_sqs, params_bf16,
+                                            lib.alignflow_adamw_chunk(), lib.alignflow_adamw_vec(grad_code))
+    table, pairs = table.to(device), pairs.to(device)
+    beta1, beta2 = betas
+    # the step's scalars in double, as torch.optim.AdamW computes them (csrc/adamw.cu's Hyper)
+    scalars = [1 - lr * weight_decay, lr / (1 - beta1 ** step), 1 - beta1, beta2, 1 - beta2, eps,
+               math.sqrt(1 - beta2 ** step)]
+    num_element = pairs.shape[0] - num_vector
+    if isinstance(lib, Extension):
+        lib.module.adamw_step(table, pairs, num_vector, num_element, *scalars, grad_scale, grad_code)
+    else:
+        vector_pairs = _ptr(pairs)
+        element_pairs = ctypes.c_void_p(pairs.data_ptr() + 8 * num_vector)
+        code = lib.alignflow_adamw_step(_ptr(table), vector_pairs, num_vector, element_pairs, num_element, *scalars,
+                                        _ptr(grad_scale), grad_code, _stream(device))
+        check(lib, code, "alignflow_adamw_step")
+    launches["adamw_step"] += 1
 
 
 def main(argv=None):

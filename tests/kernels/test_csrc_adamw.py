@@ -81,3 +81,31 @@ def test_other_backends_run_the_reference(device, caplog):
     assert torch.equal(p[0], expected[0]) and torch.equal(v[0], expected[2])
     with pytest.raises(ValueError, match=r"adamw_step step 0: allowed an int >= 1"):
         kernels.adamw_step(p, g, m, v, 0, lr=0.1)
+
+
+def test_address_sanitizer_run():
+    """Steps over every chunk kind (a 1-element tensor, odd tails, an unaligned view, bf16 grads and
+    copies) in an AddressSanitizer build of the emulated kernel: any out-of-bounds access fails."""
+    import subprocess
+    import sys
+    import textwrap
+
+    if _cuda.emulator_missing():
+        pytest.skip(_cuda.emulator_missing())
+    script = textwrap.dedent("""
+        import torch, kernels
+        from kernels import _cuda
+        kernels.set_backend("cuda")
+        params = [torch.randn(n) for n in (1, 7, 4096 + 12)] + [torch.randn(33)[1:]]
+        for dtype in (torch.float32, torch.bfloat16):
+            grads = [torch.randn(p.shape).to(dtype) for p in params]
+            m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+            copies = [torch.empty(p.shape, dtype=torch.bfloat16) for p in params]
+            kernels.adamw_step(params, grads, m, v, 1, lr=1e-3, grad_scale=torch.tensor([2.0]), params_bf16=copies)
+        assert _cuda.launches["adamw_step"] == 2, _cuda.launches
+        print("ok")
+    """)
+    env = dict(os.environ, ALIGNFLOW_CUEMU="asan", LD_PRELOAD=_cuda.asan_runtime(), ASAN_OPTIONS="detect_leaks=0")
+    _cuda.build_emulated(_cuda.SOURCES["adamw"], asan=True)  # built here, so the child only loads it
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -87,6 +87,8 @@ stage() {
     tests)
       # Every other kernel test, spread over processes where pytest-xdist is there (each compiles its own
       # Triton variants).
+      # the csrc tests load the fatbin object: built once here, not by each worker
+      [ -e csrc/build/libalignflow_cuda.so ] || python3 -m kernels.cuda_build --fatbin || true
       parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
       python3 -m pytest -q $parallel --ignore=tests/kernels/test_gpu_real_sizes.py tests/kernels \
         tests/engine/test_sit.py tests/engine/test_transport.py tests/engine/test_samplers.py ;;

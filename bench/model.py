@@ -40,6 +40,7 @@ import os
 import sys
 import warnings
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,8 @@ from bench.train_step import TRAINER_VARIANTS, add_step_arguments  # TRAINER_VAR
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
-STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-separate-clip", "alignflow-compiled")
+STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-separate-clip", "alignflow-compiled",
+                 "alignflow-graphs")
 # bench.train_step's variants that time engine.trainer.Trainer's own step (DeepSpeed ZeRO-2, one GPU), as
 # modelled here: bench.train_step's step with the fused kernels (the trainer's "auto" backend on a GPU),
 # the given train.precision, DeepSpeed ZeRO-2's flat-buffer copies and the trainer's EMA update; the
@@ -92,6 +94,7 @@ MATMUL_EFFICIENCY = 0.75      # large bf16 GEMMs on H100 reach ~700-750 of 989 T
 ATTENTION_EFFICIENCY = 0.45   # FlashAttention-2 class kernels: ~350-450 TFLOP/s forward on an H100
 BANDWIDTH_EFFICIENCY = 0.9    # a device-to-device copy reaches ~90% of the HBM datasheet figure
 LAUNCH_S = 3e-6               # per kernel launch (gap between back-to-back kernels)
+GRAPH_NODE_S = 1e-6           # per kernel inside a replayed CUDA graph (the device-side gap between its nodes)
 IB_BYTES_PER_S = 50e9         # 400 Gb/s InfiniBand per GPU, each direction
 GPUS_PER_NODE = 8
 
@@ -148,6 +151,8 @@ class Op:
     compiled: bool = False   # inside the torch.compile'd module (SiT forward or backward)
     fused_region: bool = False  # inside a `kernels` op (the fused kernel, or the reference path it replaces)
     anchor: bool = False     # not fused by Inductor (matmul, attention, Triton kernel, multi-tensor op)
+    graph: bool = False      # replayed from a CUDA graph (torch.compile mode="reduce-overhead"): GRAPH_NODE_S a launch
+    graph_start: bool = False  # the first kernel of a graph: the graph's own launch (LAUNCH_S) on top
     shapes: str = ""
     step_phase: str = ""     # the part of bench.train_step's breakdown it falls in: encoder/forward/backward/optimizer
     reads: list = field(default_factory=list, repr=False)    # [(storage key, bytes)]
@@ -412,6 +417,8 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
     def _model_flag(self) -> bool:
         if self.phase == "forward":
             return self.in_model
+        if torch._C._current_autograd_node() is None:  # the backward's seed gradient: the engine's, not the model's
+            return False
         return self._node_meta().get("model", True)
 
     def _compiled_op(self, phase) -> bool:
@@ -763,6 +770,24 @@ def fuse_compiled(ops: list[Op]) -> list[Op]:
     return out
 
 
+def capture_graphs(ops: list[Op]) -> list[Op]:
+    """The compiled variant's ops with Inductor's CUDA graphs (torch.compile mode="reduce-overhead"):
+    each maximal run of consecutive compiled ops of one step phase (the fused encoder's forward, SiT's
+    forward, SiT's backward) is one graph, replayed with one launch; its kernels then cost GRAPH_NODE_S
+    each instead of a launch. The eager ops between (losses, clipping, AdamW) launch as before."""
+    out, previous = [], None
+    for op in ops:
+        region = op.step_phase if op.compiled else None
+        if region is None:
+            out.append(op)
+        else:
+            out.append(dataclasses.replace(op, graph=True, graph_start=region != previous and bool(op.launches)))
+            if not op.launches:
+                region = previous  # a launch-free op does not start a graph
+        previous = region
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Time
 # ----------------------------------------------------------------------------------------------
@@ -774,7 +799,8 @@ def op_seconds(op: Op, ceilings: dict, launch_s: float = LAUNCH_S, matmul_scale:
         if op.category == "attention" or op.name.startswith("triton:_attn") or op.name in _SDPA | _SDPA_BACKWARD:
             rate *= ceilings["attention_efficiency"]
         compute = op.flops / rate
-    return max(compute, op.bytes / ceilings["bandwidth"]) + op.launches * launch_s
+    launches = op.launches * (GRAPH_NODE_S if op.graph else launch_s) + (launch_s if op.graph_start else 0.0)
+    return max(compute, op.bytes / ceilings["bandwidth"]) + launches
 
 
 def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, launch_s: float = LAUNCH_S,
@@ -815,6 +841,8 @@ def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, lau
             "categories": categories, "counts": counts, "phases": dict(phases),
             "breakdown_seconds": breakdown,  # bench.train_step's columns (its fwd+loss is "forward")
             "bytes": sum(op.bytes for op in ops), "launches": sum(op.launches for op in ops),
+            "graph_launches": sum(op.launches for op in ops if op.graph),  # kernels replayed from CUDA graphs
+            "graphs": sum(op.graph_start for op in ops),
             "flops_executed": sum(op.flops for op in ops), "flops_model_counted": sum(op.model_flops for op in ops),
             "amdahl_step_s": amdahl, "amdahl_img_per_s": batch / amdahl if amdahl else None,
             "ideal_step_s": ideal, "ideal_img_per_s": batch / ideal if ideal else None,
@@ -951,6 +979,10 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         f"TF32 rate; attention at {ATTENTION_EFFICIENCY:.0%} of the bf16 peak",
         f"bandwidth {ceilings['bandwidth'] / 1e12:.2f} TB/s ({ceilings['bandwidth_from']})",
         f"launch cost {launch_s * 1e6:.0f} us per kernel",
+        f"*-graphs variants (torch.compile mode reduce-overhead, train.cuda_graphs): each run of compiled ops of "
+        f"one phase (the fused encoder's forward, SiT's forward, its backward) is one CUDA graph: one launch "
+        f"({launch_s * 1e6:.0f} us) per graph, {GRAPH_NODE_S * 1e6:.0f} us per kernel inside it (assumed: the "
+        f"device-side gap between graph nodes); losses, clipping and AdamW stay eager",
         "bytes: each kernel reads each distinct input and writes each output once (a lower bound: no re-reads, "
         "no L2 reuse across kernels either); Triton launches touch each tensor argument once, scratch included",
         "FLOPs: matmuls and attention only (everything else memory-bound); FlashAttention-2 (flash SDPA) pads "
@@ -994,12 +1026,13 @@ def markdown(payload: dict, top_ops: bool = True, zero: bool = True) -> str:
              f"{cfg['resolution']} px, {cfg['precision']} (trainer-* rows: their own train.precision), on a "
              f"modelled {payload['device']['device']} "
              f"(`python -m bench.model`, {payload['date']}).", "",
-             "| variant | step ms | img/s | MFU | GB moved | launches | Amdahl bound ms | ideal ms | "
+             "| variant | step ms | img/s | MFU | GB moved | launches | in CUDA graphs | Amdahl bound ms | ideal ms | "
              + " | ".join(CATEGORIES) + " |",
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES)]
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES)]
     for name, v in variants.items():
         lines.append(f"| {name} | {_ms(v['step_s'])} | {v['img_per_s']:.0f} | {100 * v['mfu']:.1f}% | "
-                     f"{v['bytes'] / 1e9:.1f} | {v['launches']} | {_ms(v['amdahl_step_s'])} | {_ms(v['ideal_step_s'])} | "
+                     f"{v['bytes'] / 1e9:.1f} | {v['launches']} | {v.get('graph_launches', 0)} | "
+                     f"{_ms(v['amdahl_step_s'])} | {_ms(v['ideal_step_s'])} | "
                      + " | ".join(_ms(v["categories"][c]) for c in CATEGORIES) + " |")
     lines += ["", "Sensitivity of the step (ms): launch cost 0 / 2 / 4 / 6 us; matmul at 60 / 80 / 100% of peak.", "",
               "| variant | 0 us | 2 us | 4 us | 6 us | 60% | 80% | 100% |", "|---|---|---|---|---|---|---|---|"]
@@ -1073,6 +1106,8 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
                 traces[key] = trace_step(backend=backend, fused_clip=fused_clip, **args_dict)
         trace = traces[key]
         ops = fuse_compiled(trace["ops"]) if compiled else trace["ops"]
+        if compiled == "reduce-overhead":
+            ops = capture_graphs(ops)
         out[name] = summarize(ops, ceilings, args_dict["batch"], trace["model_flops"], launch_s)
     return out, traces
 

@@ -10,6 +10,8 @@ weights, fused AdamW: REPA's, and the trainer's `train.precision: bf16-mixed`) f
   3. alignflow           the fused Triton kernels and the fused encoder (bf16 weights cast once,
                          attention on kernels.attention_qkv)
   4. alignflow compiled  the fused kernels under torch.compile, the fused encoder compiled too
+  5. alignflow graphs    the same with torch.compile mode "reduce-overhead": Inductor's CUDA graphs over
+                         the encoder's forward, the SiT's forward and its backward (opt-in)
   alignflow and alignflow compiled clip the gradients inside the fused AdamW step (the trainer's
   optim.fused_clip, engine/optim.py); alignflow-separate-clip is alignflow with the reference's
   clip_grad_norm_ then AdamW, so the pair measures that switch alone
@@ -18,9 +20,10 @@ engine.train` runs it: the DeepSpeed engine with configs/deepspeed/zero2.json (Z
 gradient clipping and EMA update, the finite-loss all-reduce and host sync, its loader over the same
 JPEG files with pre-extracted latent shards (random-weight encoder as above; the shards hold an 8x8
 average pool of each image, written once by engine.preprocess: SD-VAE's 4 x H/8 x W/8 grid):
-  5. trainer-bf16            train.precision bf16: bf16 weights, fp32 masters in the ZeRO optimizer
-  6. trainer-bf16-mixed      train.precision bf16-mixed: fp32 weights, the model under bf16 autocast
-  7. trainer-bf16-compiled   trainer-bf16 with train.compile (DeepSpeed's engine.compile, inductor)
+  6. trainer-bf16            train.precision bf16: bf16 weights, fp32 masters in the ZeRO optimizer
+  7. trainer-bf16-mixed      train.precision bf16-mixed: fp32 weights, the model under bf16 autocast
+  8. trainer-bf16-compiled   trainer-bf16 with train.compile (DeepSpeed's engine.compile, inductor)
+  9. trainer-bf16-graphs     trainer-bf16-compiled with train.cuda_graphs (opt-in)
 Reported per variant: steady-state img/s, the step split into data / encoder / forward+loss / backward /
 optimizer (CUDA events; the trainer's fwd+loss includes its finite-loss check, its optimizer the
 EMA update and the gradient-norm read), peak memory, the host syncs of one step (torch's sync debug mode), model
@@ -59,20 +62,27 @@ from bench.data import loader_rows, loader_table
 from bench.flops import training_step_flops, vit_forward_flops
 
 
-# the benchmark's own step: name -> (kernels backend, torch.compile)
+# the benchmark's own step: name -> (kernels backend, torch.compile: False, True or its mode)
+GRAPHS = "reduce-overhead"  # torch.compile's mode with Inductor's CUDA graphs (train.cuda_graphs)
 VARIANTS = {"reference-eager": ("torch", False), "alignflow": ("triton", False),
             "alignflow-separate-clip": ("triton", False),
-            "reference-compiled": ("torch", True), "alignflow-compiled": ("triton", True)}
+            "reference-compiled": ("torch", True), "alignflow-compiled": ("triton", True),
+            "alignflow-graphs": ("triton", GRAPHS)}
 # the benchmark's variants whose optimizer clips inside the fused AdamW step (engine.optim.ClippedAdamW,
 # the trainer's optim.fused_clip); the others run REPA's clip_grad_norm_ then fused AdamW.
 # alignflow-separate-clip is alignflow with the reference optimizer: the pair measures the switch
-FUSED_CLIP_VARIANTS = ("alignflow", "alignflow-compiled")
-# the trainer's step: name -> (train.precision, train.compile); its kernels backend is the trainer's "auto"
+FUSED_CLIP_VARIANTS = ("alignflow", "alignflow-compiled", "alignflow-graphs")
+# the trainer's step: name -> (train.precision, train.compile, or GRAPHS for train.cuda_graphs too); its kernels
+# backend is the trainer's "auto"
 TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
-                    "trainer-bf16-compiled": ("bf16", True)}
-# the order in which they run: eager first (each compile of SiT-XL/2 takes minutes)
-ORDER = ["reference-eager", "alignflow", "alignflow-separate-clip", "trainer-bf16", "trainer-bf16-mixed", "reference-compiled",
-         "alignflow-compiled", "trainer-bf16-compiled"]
+                    "trainer-bf16-compiled": ("bf16", True), "trainer-bf16-graphs": ("bf16", GRAPHS)}
+# the order in which they run: eager first (each compile of SiT-XL/2 takes minutes), the opt-in CUDA graphs last
+ORDER = ["reference-eager", "alignflow", "alignflow-separate-clip", "trainer-bf16", "trainer-bf16-mixed",
+         "reference-compiled", "alignflow-compiled", "trainer-bf16-compiled", "alignflow-graphs", "trainer-bf16-graphs"]
+
+
+def _compile_mode(use_compile) -> dict:
+    return {"mode": use_compile} if isinstance(use_compile, str) else {}
 PHASES = ("data", "encoder", "forward", "backward", "optimizer")
 
 
@@ -202,7 +212,7 @@ def variant_encoder(encoder, backend, use_compile):
         yield reference_encoder(encoder)
         return
     if use_compile and encoder.mean.is_cuda:
-        encoder.compile_features(dynamic=False)
+        encoder.compile_features(dynamic=False, **_compile_mode(use_compile))
     try:
         yield encoder
     finally:
@@ -235,7 +245,7 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
     optimizer = make_optimizer(model.parameters(), name in FUSED_CLIP_VARIANTS, device)
-    forward = torch.compile(model) if use_compile else model
+    forward = torch.compile(model, **_compile_mode(use_compile)) if use_compile else model
     latents = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device)
     batches = _batches(loader, epoch, args, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -243,6 +253,8 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
     last = {}
 
     def step(mark):
+        if use_compile == GRAPHS:  # a new iteration for the CUDA graph trees (the trainer does the same)
+            torch.compiler.cudagraph_mark_step_begin()
         last["images"], last["labels"] = next(batches)
         mark("data")
         phases = iter(PHASES[1:])
@@ -251,7 +263,12 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
     row, losses = timed_steps(step, args, device)
     if not torch.isfinite(losses["loss"]):
         raise RuntimeError(f"{name}: non-finite loss {losses['loss'].item()}")
-    host_syncs = (_count_host_syncs(lambda: one_step(*step_inputs, last["images"], last["labels"]))
+    def counted_step():
+        if use_compile == GRAPHS:
+            torch.compiler.cudagraph_mark_step_begin()
+        return one_step(*step_inputs, last["images"], last["labels"])
+
+    host_syncs = (_count_host_syncs(counted_step)
                   if device.type == "cuda" else None)
     return {"variant": name, **row, "host_syncs_per_step": host_syncs, "final_loss": float(losses["loss"].detach())}
 
@@ -308,7 +325,8 @@ def trainer_config(args, parts, precision: str, use_compile: bool, output_dir: s
         "latent": {"kind": "module", "path": POOL_LATENTS, "scale": 1.0, "shift": 0.0},
         "transport": transport.cfg,
         "train": {"output_dir": output_dir, "max_steps": 10 ** 9, "global_batch_size": args.batch,
-                  "deepspeed_config": "configs/deepspeed/zero2.json", "precision": precision, "compile": use_compile,
+                  "deepspeed_config": "configs/deepspeed/zero2.json", "precision": precision, "compile": bool(use_compile),
+                  "cuda_graphs": use_compile == GRAPHS,
                   "debug_fixed_batch": args.loader == "none", "seed": 0},
         "optim": {"fused_clip": args.trainer_fused_clip},
         "checkpoint": {"every": 0, "resume": "none"},

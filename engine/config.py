@@ -77,6 +77,9 @@ class TrainConfig(FromDict):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     kernels_backend: Literal["auto", "torch", "triton", "cuda"] = "auto"  # auto: triton on CUDA, torch on CPU
     compile: bool = False                      # torch.compile the model (the fused kernels run as custom ops)
+    # with compile, on CUDA: Inductor's CUDA graphs (mode "reduce-overhead") over the model's forward, its
+    # backward and the fused encoders' forward; ZeRO-0/1/2, one micro-batch a step; opt-in, not measured yet
+    cuda_graphs: bool = False
     allow_tf32: bool = True                    # TF32 for matmuls/convolutions left in fp32 (Ampere and newer)
     seed: int = 0
     max_nonfinite_in_row: int = 10             # stop after this many skipped steps in a row
@@ -489,6 +492,17 @@ def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | Non
             bad("optim.fused_clip", o.fused_clip, "'auto' or 'false' with train.precision fp16")
 
     micro = cfg.data.batch_size
+    if t.cuda_graphs:
+        if not t.compile:
+            bad("train.cuda_graphs", True, "false unless train.compile is true (the graphs are Inductor's, "
+                                           "torch.compile mode 'reduce-overhead')")
+        if device == "cpu":
+            bad("train.cuda_graphs", True, "false on the CPU (CUDA graphs need CUDA)")
+        accumulation = t.grad_accum_steps or t.global_batch_size // max(1, world_size * micro)
+        if accumulation > 1:
+            bad("train.cuda_graphs", True, f"false with gradient accumulation ({accumulation} micro-batches a step: "
+                                           "each replay of the backward graph overwrites the gradients it wrote "
+                                           "before)")
     if t.grad_accum_steps is not None:
         if world_size * micro * t.grad_accum_steps != t.global_batch_size:
             bad("train.global_batch_size", t.global_batch_size,
@@ -497,7 +511,10 @@ def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | Non
     elif t.global_batch_size % (world_size * micro):
         bad("train.global_batch_size", t.global_batch_size,
             f"a multiple of world size {world_size} x data.batch_size {micro} = {world_size * micro}")
-    deepspeed_config(cfg, world_size, resolve_precision(cfg, device), device)  # the JSON file and its merge
+    ds = deepspeed_config(cfg, world_size, resolve_precision(cfg, device), device)  # the JSON file and its merge
+    if t.cuda_graphs and ds["zero_optimization"]["stage"] == 3:
+        bad("train.cuda_graphs", True, "false under ZeRO-3 (its parameter-gather hooks run inside the forward "
+                                       "and backward, between the graphs)")
 
     m = cfg.model
     if len(cfg.encoders) != len(m.z_dims):

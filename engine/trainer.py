@@ -172,12 +172,16 @@ class Trainer:
         if cfg.train.compile:
             # DeepSpeed compiles the module it wraps: the state_dict keys, checkpoints, the EMA and the
             # samplers (which use self.engine.module) are unchanged.
-            self.engine.compile(backend="inductor")
-            self.monitor.info("model compiled with torch.compile (inductor); the first steps include compile time")
+            # train.cuda_graphs: Inductor's CUDA graph trees over the compiled forward and backward graphs;
+            # DeepSpeed's gradient hooks, reductions and step stay outside them (see README, "Launch overhead")
+            mode = {"mode": "reduce-overhead"} if cfg.train.cuda_graphs else {}
+            self.engine.compile(backend="inductor", compile_kwargs=mode)
+            self.monitor.info("model compiled with torch.compile (inductor" + (", CUDA graphs" if mode else "")
+                              + "); the first steps include compile time")
             if self.device.type == "cuda":  # the fused encoders' bf16 path (on the CPU they run timm's fp32 code)
                 for encoder in self.encoders:
                     if encoder.cfg.fused:
-                        encoder.compile_features(dynamic=False)
+                        encoder.compile_features(dynamic=False, **mode)
             if self.engine.zero_optimization_stage() == 3:
                 # Seen with DeepSpeed 0.19.8 / torch 2.14: 29 graphs for a 2-block SiT, recompiles at the limit.
                 self.monitor.warn("train.compile with ZeRO-3: DeepSpeed's parameter-gather hooks break the graph at "
@@ -417,6 +421,8 @@ class Trainer:
             mark("data")
             attempt = self.micro_attempts
             self.micro_attempts += 1
+            if self.cfg.train.cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             losses = self.forward_losses(batch, mark)
             if attempt in self.cfg.train.debug_nonfinite_steps:
                 losses["loss"] = losses["loss"] * float("nan")

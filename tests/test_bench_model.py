@@ -193,6 +193,30 @@ def test_inductor_fusion_reads_external_inputs_and_writes_what_is_read_later():
     assert eager == 7 * M * K * 4  # relu 2, mul 3, add 2 tensors of M x K
 
 
+def test_cuda_graphs_replay_compiled_regions_with_one_launch_each():
+    """capture_graphs: each run of compiled ops of one step phase is one graph (its first kernel carries
+    the graph's launch), its kernels cost GRAPH_NODE_S; eager ops in between keep their launch and end
+    the run; bytes and FLOPs are untouched."""
+    def op(phase, step_phase, compiled, launches=1):
+        return model.Op("k", phase, "pointwise", read=1e6, launches=launches, compiled=compiled, step_phase=step_phase)
+
+    ops = [op("encoder", "encoder", True), op("encoder", "encoder", True),         # graph 1
+           op("forward", "forward", True), op("forward", "forward", True, 0),    # graph 2 (a view: no launch)
+           op("forward", "forward", True), op("loss", "forward", False),         # the eager loss
+           op("backward", "backward", True), op("backward", "backward", True),   # graph 3
+           op("optimizer", "optimizer", False)]
+    captured = model.capture_graphs(ops)
+    assert [o.graph for o in captured] == [True] * 5 + [False] + [True] * 2 + [False]
+    assert [o.graph_start for o in captured] == [True, False, True, False, False, False, True, False, False]
+    ceilings = {"bandwidth": 1e12, "bf16": 1e15, "tf32": 5e14, "attention_efficiency": 0.6}
+    seconds = [model.op_seconds(o, ceilings, launch_s=3e-6) for o in captured]
+    assert seconds[0] == pytest.approx(1e-6 + 1e-6 + 3e-6) and seconds[1] == pytest.approx(1e-6 + 1e-6)
+    assert seconds[3] == pytest.approx(1e-6) and seconds[5] == pytest.approx(1e-6 + 3e-6)
+    assert [o.bytes for o in captured] == [o.bytes for o in ops]
+    summary = model.summarize(captured, dict(ceilings, peak_bf16=1e15), batch=2, model_flops=1.0, launch_s=3e-6)
+    assert summary["graphs"] == 3 and summary["graph_launches"] == 6 and summary["launches"] == 8
+
+
 def test_zero_volumes_follow_deepspeed_documentation():
     """Stages 1-2: reduce-scatter the gradients + all-gather the parameters; stage 3 all-gathers twice;
     a ring in the node over NVLink (450 GB/s each way), then the 1/8 shard over 50 GB/s InfiniBand."""
@@ -234,6 +258,12 @@ def test_smoke_run_writes_the_result_and_bench_report_renders_it(tmp_path, capsy
         assert set(v["breakdown_seconds"]) == {"encoder", "forward", "backward", "optimizer"}
     eager, compiled = payload["variants"]["reference-eager"], payload["variants"]["reference-compiled"]
     assert compiled["launches"] < eager["launches"] and compiled["bytes"] < eager["bytes"]
+    # CUDA graphs: the compiled step's kernels, the encoder's forward and SiT's forward and backward replayed
+    # as three graphs, so the same counts in less time
+    fused, graphs = payload["variants"]["alignflow-compiled"], payload["variants"]["alignflow-graphs"]
+    assert graphs["launches"] == fused["launches"] and graphs["bytes"] == fused["bytes"]
+    assert graphs["graphs"] == 3 and 0 < graphs["graph_launches"] < graphs["launches"]
+    assert graphs["step_s"] < fused["step_s"] and fused["graph_launches"] == 0
 
     report = importlib.import_module("bench.report")
     readme = tmp_path / "README.md"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import evaluate as ev
-from tests.engine.trainer_fixtures import PYTHON, REPO, env, free_port
+from tests.engine.trainer_fixtures import run_ranks
 
 pytest.importorskip("torch_fidelity")
 
@@ -288,29 +288,6 @@ def test_cli_writes_the_metrics_and_reuses_statistics(image_sets, one_rank, tmp_
     assert (stored["precision"], stored["recall"]) == (written["precision"], written["recall"])  # arr_0's features
 
 
-def run_ranks(argv, world_size=2, timeout=240):
-    port = str(free_port())
-    procs = []
-    import subprocess
-    for rank in range(world_size):
-        e = env()
-        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([PYTHON, "-m", "engine.evaluate", *argv], cwd=REPO, env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{output[-6000:]}"
-    return outputs
-
-
 def test_two_ranks_resume_and_agree_with_one(image_sets, one_rank, tmp_path):
     _, one = one_rank
     out = tmp_path / "two"
@@ -323,7 +300,7 @@ def test_two_ranks_resume_and_agree_with_one(image_sets, one_rank, tmp_path):
     (parts / "meta.json").write_text(json.dumps(meta))
     np.savez(parts / "batch_000001.npz", **{k: v.numpy() for k, v in model(reader.batch(3, 6)).items()})
     (parts / "batch_000002.npz").write_bytes(b"truncated")
-    logs = run_ranks(cli(image_sets, out))
+    logs = run_ranks("engine.evaluate", cli(image_sets, out), timeout=240)
     assert "8 images in 3 batches of 3 over 2 rank(s); 1 batches already extracted" in logs[0]
     two = json.loads((out / "evaluation.json").read_text())
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):

@@ -6,7 +6,6 @@ tiny SiT (REPA + REG + CAR-Flow, pixel space 16 x 16), with random weights so th
 model shapes the images."""
 import json
 import os
-import subprocess
 import zipfile
 
 import numpy as np
@@ -20,7 +19,7 @@ from engine.models import build_model
 from engine.images import generate, load_for_sampling
 from engine.sample import main as sample_main
 from tests.engine.common import randomize
-from tests.engine.trainer_fixtures import PYTHON, REPO, env, free_port, tiny_config
+from tests.engine.trainer_fixtures import run_ranks, tiny_config
 
 NUM_IMAGES, BATCH_SIZE, NUM_CLASSES, RES = 10, 3, 4, 16   # 4 global batches, the last of one image
 
@@ -58,39 +57,16 @@ def load(path):
         return {key: npz[key] for key in npz.files}
 
 
-def run_ranks(argv, world_size=2, timeout=120):
-    """`python -m engine.sample argv` as `world_size` ranks joined by the environment (as torchrun sets it)."""
-    port = str(free_port())
-    procs = []
-    for rank in range(world_size):
-        e = env()
-        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([PYTHON, "-m", "engine.sample", *argv], cwd=REPO, env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{output[-6000:]}"
-    return outputs
-
-
 def test_two_ranks_give_the_images_of_one_process(checkpoint_dir, tmp_path):
     one = sample_main(args(checkpoint_dir, tmp_path / "one"))
     assert one["num_batches"] == 4 and one["generated"] == 4 and one["skipped"] == one["corrupt"] == 0
     assert not os.path.exists(tmp_path / "one" / "parts")  # deleted once samples.npz is written
-    logs = run_ranks(args(checkpoint_dir, tmp_path / "two", "--keep-parts"))
+    logs = run_ranks("engine.sample", args(checkpoint_dir, tmp_path / "two", "--keep-parts"))
     assert "batch 2 (2/2 on this rank)" in logs[0] and "over 2 rank(s)" in logs[0]  # rank 0: batches 0, 2
     # resumed on two ranks: rank 0's two lost parts are dealt out, one to each rank
     for batch in (0, 2):
         os.remove(tmp_path / "two" / "parts" / f"batch_00000{batch}.npz")
-    logs = run_ranks(args(checkpoint_dir, tmp_path / "two"))
+    logs = run_ranks("engine.sample", args(checkpoint_dir, tmp_path / "two"))
     assert "2 batches (4 images) already done, skipped; 2 to generate" in logs[0]
     assert "batch 0 (1/1 on this rank)" in logs[0] and "Traceback" not in logs[1]
     assert not os.path.exists(tmp_path / "two" / "parts")

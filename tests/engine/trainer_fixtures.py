@@ -103,3 +103,26 @@ def launch(args: list[str], nproc: int = 2, module: str = "engine.train", timeou
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_ranks(module: str, argv: list[str], world_size: int = 2, timeout: int = 120) -> list[str]:
+    """`python -m module argv` as `world_size` CPU ranks joined by the environment (as torchrun sets
+    it); returns each rank's output, and fails naming the rank that did not exit 0."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        e = env(dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                     LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        procs.append(subprocess.Popen([PYTHON, "-m", module, *argv], cwd=REPO, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{output[-6000:]}"
+    return outputs

@@ -336,6 +336,41 @@ def test_fused_step_bytes_and_launches_stay_within_the_baseline(fused_step_ops):
     assert not problems, "\n".join(problems)
 
 
+def test_fused_step_counts_are_identical_to_the_record(fused_step_ops):
+    """The proof that a refactor changed nothing, beside the frozen numerics
+    (tests/engine/test_numerics_frozen.py): under the recorded torch and Triton, every op's bytes and
+    launches in the alignflow step equal bench/results/model-baseline.json's, to the byte. The guard
+    above allows +2%; this allows nothing, so a change meant to move the counts (lowering them, say)
+    refreshes the record with one command, in its own commit."""
+    with open(model.BASELINE_PATH) as f:
+        baseline = json.load(f)
+    recorded, now = baseline.get("environment"), model.baseline_environment()
+    if recorded != now:
+        pytest.skip(f"the record was counted under {recorded}, this run has {now}: another torch or Triton "
+                    "may trace differently; only the 2% guard applies")
+    moved = model.compare_exactly(fused_step_ops, baseline)
+    assert not moved, (
+        f"{len(moved)} op(s) of the fused step count differently from bench/results/model-baseline.json "
+        "(a pure refactor must leave every count identical): " + "; ".join(moved)[:3000]
+        + ". If the change is meant to move them, refresh the record with `python -m bench.model "
+        "--write-baseline` and commit bench/results/model-baseline.json in its own commit, saying why.")
+
+
+def test_the_exact_check_names_every_op_that_moved(fused_step_ops):
+    """One op's bytes lower and one op gone from the record: both named, old -> new."""
+    counts = model.baseline_counts(fused_step_ops)
+    lowered = "backward | norm/modulate | triton:_adaln_bwd_kernel"
+    edited = {k: dict(c) for k, c in counts.items()}
+    edited[lowered]["bytes"] += 4096
+    gone = sorted(edited)[0]
+    del edited[gone]
+    moved = model.compare_exactly(fused_step_ops, {"ops": edited})
+    assert len(moved) == 2, moved
+    assert any(m.startswith(f"{lowered}: bytes {counts[lowered]['bytes'] + 4096:.0f} -> ") for m in moved), moved
+    assert any(m.startswith(f"{gone}: bytes 0 -> ") for m in moved), moved
+    assert not model.compare_exactly(fused_step_ops, {"ops": counts})
+
+
 def test_the_guard_names_the_ops_that_grew(fused_step_ops):
     """A baseline 5% below today's counts fails, naming the op that grew and how to update the baseline."""
     counts = model.baseline_counts(fused_step_ops)

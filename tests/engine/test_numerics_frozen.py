@@ -5,6 +5,9 @@ loss terms, gradient norms and sample bytes recorded in numerics_frozen.json. Bi
 `assert_close`: a refactor that is meant to change nothing must change nothing, and a change that moves
 one bit shows here at the first step that moved.
 
+Its sibling for the cost model, tests/test_bench_model.py::test_fused_step_counts_are_identical_to_the_record,
+holds the fused step's bytes and launches to bench/results/model-baseline.json exactly.
+
 The runs force the CPU, fp32, the PyTorch kernels and one thread per rank, so they are deterministic
 on a machine; the reference also records the torch and DeepSpeed versions and the CPU's vector ISA,
 because another ISA or version may round differently (the failure message then says so).

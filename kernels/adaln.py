@@ -24,6 +24,8 @@ deterministic for a given shape.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -33,7 +35,7 @@ from torch import Tensor
 from . import _cuda
 from ._autograd import fused_op
 from ._backend import fallback, resolve
-from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
+from ._util import TRITON_TYPES, compute_dtype, launch_spec, next_power_of_2, recorded_launches, tl_dtype
 
 # Widest row kept in registers; wider rows would spill, so they fall back to the reference
 # (kernels/TUNING.md).
@@ -391,47 +393,31 @@ def adaln_residual_modulate(x, h, gate, shift, scale, eps=1e-6):
 # ----------------------------------------------------------------------------------------------
 
 def aot_specs():
-    """The instances a training run launches: contiguous rows (the JIT specialises a last-dimension
-    stride of 1, given here as a constexpr) and i32 strides, as Triton types them below 2**31."""
+    """The launches of a SiT training step (batch 32, 256 tokens), recorded from the launchers: plain
+    and residual, forward and backward (every gradient asked for), at D = 72, 768, 1152 and MAX_D in
+    bf16, fp32, and fp32 x with bf16 modulation (the residual stream kept in fp32)."""
+    module = sys.modules[__name__]
+    B, N = 32, 256
+    bf16, fp32 = torch.bfloat16, torch.float32
+    widths = {(bf16, bf16): (72, 768, 1152, MAX_D), (fp32, fp32): (72, 1152, MAX_D), (fp32, bf16): (1152, MAX_D)}
     specs = []
-
-    def strides(*tensors, rank):
-        out = {}
-        for t in tensors:
-            out.update({f"stride_{t}_{k}": "i32" for k in ("b", "n")[:rank - 1]})
-        return out
-
-    unit_d = lambda *tensors: {f"stride_{t}_d": 1 for t in tensors}  # noqa: E731
-    widths = {("bf16", "bf16"): (72, 768, 1152, MAX_D), ("fp32", "fp32"): (72, 1152, MAX_D),
-              ("fp32", "bf16"): (1152, MAX_D)}  # the last: residual stream kept in fp32
     for (x_dtype, other), Ds in widths.items():
         for D in Ds:
-            block_r, block_d, num_warps = _tile(256, D)
-            meta = dict(COMPUTE=tl.float32, BLOCK_R=block_r, BLOCK_D=block_d)
+            x, h = torch.empty(B, N, D, dtype=x_dtype, device="meta"), torch.empty(B, N, D, dtype=other, device="meta")
+            gate, shift, scale = (torch.empty(B, D, dtype=other, device="meta") for _ in range(3))
             for residual in (False, True):
+                with recorded_launches(module) as launches:
+                    x_new, y, mean, rstd = _forward(x, h if residual else None, gate if residual else None, shift,
+                                                    scale, 1e-6)
+                    _backward(x_new if residual else x, h if residual else None, gate if residual else None, scale,
+                              mean, rstd, torch.empty_like(y), torch.empty_like(x_new) if residual else None,
+                              need_dx=True, need_dh=residual, need_modulation=True, need_gate=residual,
+                              x_grad_dtype=x_dtype)
                 op = f"adaln_{'residual_' if residual else ''}modulate"
-                params = f"[x {x_dtype}, {other}, D={D}]"
-                # the slots a plain modulate leaves unused get what its launcher passes there: x for h,
-                # y for x_new, dy for g_x_new, the fp32 statistics for dh
-                h_type, x_new_type = (other, x_dtype) if residual else (x_dtype, other)
-                fwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{h_type}", "gate_ptr": f"*{other}",
-                       "shift_ptr": f"*{other}", "scale_ptr": f"*{other}", "x_new_ptr": f"*{x_new_type}",
-                       "y_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                       "N": "i32", "D": "i32", "eps": "fp32",
-                       **strides("x", "h", rank=3), **strides("gate", "shift", "scale", rank=2)}
-                specs.append(AotSpec(f"{op}_fwd{params}", _adaln_fwd_kernel, fwd,
-                                     dict(meta, RESIDUAL=residual, **unit_d("x", "h", "gate", "shift", "scale")),
-                                     num_warps=num_warps, min_load_bits=128))
-                bwd = {"x_ptr": f"*{x_dtype}", "h_ptr": f"*{h_type}", "gate_ptr": f"*{other}",
-                       "scale_ptr": f"*{other}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                       "dy_ptr": f"*{other}", "g_x_new_ptr": f"*{x_new_type}", "dx_ptr": f"*{x_dtype}",
-                       "dh_ptr": f"*{other}" if residual else "*fp32", "partial_ptr": "*fp32",
-                       "N": "i32", "D": "i32", "blocks_per_tile": "i32",
-                       **strides("x", "h", rank=3), **strides("gate", "scale", rank=2),
-                       **strides("dy", "g_x_new", rank=3)}
-                flags = dict(RESIDUAL=residual, HAS_G_X_NEW=residual, WRITE_DX=True, WRITE_DH=residual,
-                             MODULATION_GRADS=True, GATE_GRAD=residual)
-                specs.append(AotSpec(f"{op}_bwd{params}", _adaln_bwd_kernel, bwd,
-                                     dict(meta, **flags, **unit_d("x", "h", "gate", "scale", "dy", "g_x_new")),
-                                     num_warps=min(num_warps, _BACKWARD_MAX_WARPS), min_load_bits=128))
+                params = f"[x {TRITON_TYPES[x_dtype]}, {TRITON_TYPES[other]}, D={D}]"
+                # 16-byte loads need D (and so the row strides) a multiple of 16, which the JIT sees;
+                # at D = 72 (9 vectors of 8 bf16, a test width, not a SiT one) it loads element-wise
+                vectors = 128 if D % 16 == 0 else 0
+                specs += [launch_spec(f"{op}_fwd{params}", launches[0], min_load_bits=vectors),
+                          launch_spec(f"{op}_bwd{params}", launches[1], min_load_bits=vectors)]
     return specs

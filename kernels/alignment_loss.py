@@ -9,6 +9,8 @@ backward kernel reads the rows once more and writes dp (and dq when the target r
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -18,7 +20,8 @@ from torch import Tensor
 from . import _cuda
 from ._autograd import fused_op
 from ._backend import fallback, resolve
-from ._util import AotSpec, compute_dtype, next_power_of_2, reduce_per_sample, tl_dtype
+from ._util import (TRITON_TYPES, compute_dtype, launch_spec, next_power_of_2, recorded_launches, reduce_per_sample,
+                    tl_dtype)
 
 EPS = 1e-12
 
@@ -200,21 +203,17 @@ def alignment_loss(z_pred, z_target, reduction="mean"):
 
 
 def aot_specs():
+    """The launches of a training step, recorded from the launchers at REPA's shapes (batch 32, 256
+    tokens; DINOv2-B's 768 and a 1024 width), bf16 and fp32."""
+    module = sys.modules[__name__]
     specs = []
-    for dtype in ("bf16", "fp32"):
+    for dtype in (torch.bfloat16, torch.float32):
         for D in (768, 1024):
-            block_r, block_d = _blocks(D)
-            common = {"p_ptr": f"*{dtype}", "q_ptr": f"*{dtype}", "stats_ptr": "*fp32"}
-            meta = dict(EPS_=EPS, COMPUTE=tl.float32, BLOCK_R=block_r, BLOCK_D=block_d)
-            # unit feature strides, as Triton's JIT specialises contiguous (B, T, D) inputs; row strides
-            # fit in int32, so the JIT passes them as i32
-            specs.append(AotSpec(
-                f"alignment_fwd[{dtype},D={D}]", _alignment_fwd_kernel,
-                {**common, "R": "i32", "D": "i32", "spr": "i32", "sqr": "i32"}, dict(meta, spd=1, sqd=1),
-                min_load_bits=128))
-            specs.append(AotSpec(
-                f"alignment_bwd[{dtype},D={D}]", _alignment_bwd_kernel,
-                {**common, "g_ptr": "*fp32", "dp_ptr": f"*{dtype}", "dq_ptr": f"*{dtype}", "R": "i32",
-                 "D": "i32", "spr": "i32", "sqr": "i32"},
-                dict(meta, D_Q=True, spd=1, sqd=1), min_load_bits=128))
+            p, q = (torch.empty(32, 256, D, dtype=dtype, device="meta") for _ in range(2))
+            with recorded_launches(module) as launches:
+                _, stats = _alignment_forward(p, q)
+                _alignment_backward(torch.empty(32, 256, device="meta"), p, q, stats, need_dq=True)
+            tag = f"{TRITON_TYPES[dtype]},D={D}"
+            specs += [launch_spec(f"alignment_fwd[{tag}]", launches[0], min_load_bits=128),
+                      launch_spec(f"alignment_bwd[{tag}]", launches[1], min_load_bits=128)]
     return specs

@@ -16,6 +16,7 @@ atomics); any other broadcast shift gets the full gradient, summed to its shape 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -26,7 +27,8 @@ from torch import Tensor
 from . import _cuda
 from ._autograd import fused_op
 from ._backend import resolve
-from ._util import AotSpec, compute_dtype, next_power_of_2, reduce_per_sample, tl_dtype
+from ._util import (TRITON_TYPES, compute_dtype, launch_spec, next_power_of_2, recorded_launches, reduce_per_sample,
+                    tl_dtype)
 
 # The flow paths by name: the one list the engine's configs, transport and samplers check against.
 PATHS = ("linear", "cosine")
@@ -491,42 +493,27 @@ def velocity_loss(v_pred, x, noise, t, path="linear", source_shift=None, target_
 # ----------------------------------------------------------------------------------------------
 
 def aot_specs():
+    """The launches of a SiT-XL/2 step, recorded from the launchers: latents (32, 4, 32, 32) in bf16
+    and fp32 on both paths, with CAR-Flow's per-channel source shift (B, C, 1, 1: stride 0) and a full
+    target shift, every gradient a training step takes (v_pred, both shifts; x and noise need none).
+    128 rows of 1024 get blocks of 128 (a 256 KB tensor: launch-bound, not bandwidth-bound, so no
+    vector width is asked for)."""
+    module = sys.modules[__name__]
     specs = []
-    # Contiguous x, noise, v_pred and a full target shift have unit innermost strides, which Triton's
-    # JIT makes constants (as here); the per-channel source shift (B, C, 1, 1) broadcasts with stride 0.
-    # Strides that fit in int32 are i32 arguments to the JIT, as here.
-    strides = {name: "i32" for name in ("sxb", "sxc", "snb", "snc", "s0b", "s0c", "s0s", "s1b", "s1c")}
-    unit = dict(sxs=1, sns=1, s1s=1)
-    # SiT-XL/2 latents at micro-batch 32, (32, 4, 32 x 32): 128 rows of 1024 get blocks of 128 (a 256 KB
-    # tensor: launch-bound, not bandwidth-bound, so no vector width is asked for).
-    block = _block_s(32 * 4, 32 * 32)
-    for dtype in ("bf16", "fp32"):
-        for path in (0, 1):
-            flags = dict(PATH=path, HAS_MU0=True, HAS_MU1=True, COMPUTE=tl.float32, BLOCK_S=block, **unit)
-            specs.append(AotSpec(
-                f"interpolant_fwd[{dtype},path={path}]", _interpolant_fwd_kernel,
-                {"x_ptr": f"*{dtype}", "noise_ptr": f"*{dtype}", "t_ptr": "*fp32", "mu0_ptr": f"*{dtype}",
-                 "mu1_ptr": f"*{dtype}", "xt_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "C": "i32", "S": "i32",
-                 **strides}, flags))
-            specs.append(AotSpec(
-                f"velocity_loss_fwd[{dtype},path={path}]", _velocity_loss_fwd_kernel,
-                {"v_pred_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "noise_ptr": f"*{dtype}", "t_ptr": "*fp32",
-                 "mu0_ptr": f"*{dtype}", "mu1_ptr": f"*{dtype}", "partial_ptr": "*fp32",
-                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i32", "svc": "i32",
-                 **strides}, dict(flags, svs=1)))
-            grads = dict(DZ1_FULL=True, DZ0_FULL=False, DZ1_ROWS=False, DZ0_ROWS=True)
-            specs.append(AotSpec(
-                f"velocity_loss_bwd[{dtype},path={path}]", _velocity_loss_bwd_kernel,
-                {"v_pred_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "noise_ptr": f"*{dtype}", "t_ptr": "*fp32",
-                 "mu0_ptr": f"*{dtype}", "mu1_ptr": f"*{dtype}", "scale_ptr": "*fp32",
-                 "d_v_pred_ptr": f"*{dtype}", "dz1_ptr": "*fp32", "dz0_ptr": "*fp32",
-                 "dz1_rows_ptr": "*fp32", "dz0_rows_ptr": "*fp32",
-                 "C": "i32", "S": "i32", "num_blocks": "i32", "svb": "i32", "svc": "i32",
-                 **strides}, dict(flags, svs=1, D_V_PRED=True, **grads)))
-            specs.append(AotSpec(
-                f"interpolant_bwd[{dtype},path={path}]", _interpolant_bwd_kernel,
-                {"g_xt_ptr": f"*{dtype}", "g_v_ptr": f"*{dtype}", "t_ptr": "*fp32", "dz1_ptr": "*fp32",
-                 "dz0_ptr": "*fp32", "dz1_rows_ptr": "*fp32", "dz0_rows_ptr": "*fp32",
-                 "C": "i32", "S": "i32", "num_blocks": "i32"},
-                dict(PATH=path, HAS_G_XT=True, HAS_G_V=True, COMPUTE=tl.float32, BLOCK_S=block, **grads)))
+    for dtype in (torch.bfloat16, torch.float32):
+        x, noise, v_pred, target_shift = (torch.empty(32, 4, 32, 32, dtype=dtype, device="meta") for _ in range(4))
+        source_shift = torch.empty(32, 4, 1, 1, dtype=dtype, device="meta")
+        t = torch.empty(32, device="meta")
+        shifts = (source_shift, target_shift)
+        for path in PATHS:
+            with recorded_launches(module) as launches:
+                _interpolant_forward(x, noise, t, *shifts, path)
+                _velocity_loss_forward(v_pred, x, noise, t, *shifts, path)
+                _velocity_loss_backward(torch.empty(32, device="meta"), v_pred, x, noise, t, *shifts, path,
+                                        needs=(True, False, False, True, True))
+                _interpolant_backward(torch.empty_like(x), torch.empty_like(x), t, x, noise, *shifts, path,
+                                      needs=(False, False, True, True))
+            tag = f"[{TRITON_TYPES[dtype]},path={_PATH_CODES[path]}]"
+            specs += [launch_spec(f"{op}{tag}", launch) for op, launch in zip(
+                ("interpolant_fwd", "velocity_loss_fwd", "velocity_loss_bwd", "interpolant_bwd"), launches)]
     return specs

@@ -71,8 +71,12 @@ def test_widest_global_access_is_read_from_ptx(ptx, op, bits):
 
 
 def test_memory_bound_kernels_load_in_16_byte_vectors(aot_results):
+    """At every width the JIT knows to be a multiple of 16 (D = 72 it does not: element-wise loads)."""
+    import re
+
     for r in aot_results:
-        if r["name"].startswith(("adaln", "alignment")) and not r["error"]:
+        width = int(re.search(r"D=(\d+)", r["name"]).group(1)) if "D=" in r["name"] else 0
+        if r["name"].startswith(("adaln", "alignment")) and width % 16 == 0 and not r["error"]:
             assert r["load_bits"] >= 128, f"{r['name']} sm_{r['arch']}: widest load {r['load_bits']} bits"
 
 
@@ -87,3 +91,29 @@ def test_every_spec_names_each_kernel_argument_once():
         for (position,), _ in specialization(spec).items():
             kind = spec.signature.get(names[position])
             assert kind is not None and (kind.startswith("*") or kind.startswith("i")), (spec.name, names[position])
+
+
+def test_specs_are_the_launchers_own_launches():
+    """The adaLN, interpolant and alignment-loss specs are recorded from their launchers (kernels._util
+    .recorded_launches), so a launcher and its build cannot disagree: every kernel of those modules is
+    built by some spec, and a launch that does not bind its kernel's arguments is refused, naming them."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from kernels._util import Launch, launch_spec
+
+    for name in ("adaln", "interpolant", "alignment_loss"):
+        module = importlib.import_module(f"kernels.{name}")
+        jitted = {fn for key, fn in vars(module).items()
+                  if key.endswith("_kernel") and isinstance(fn, (JITFunction, InterpretedFunction))}
+        built = {spec.fn for spec in module.aot_specs()}
+        assert built == jitted, f"kernels/{name}.py: kernels without a spec: {[f.__name__ for f in jitted - built]}"
+    module = importlib.import_module("kernels.alignment_loss")
+    spec = next(s for s in module.aot_specs() if s.fn is module._alignment_fwd_kernel)
+    assert spec.signature["spr"] == "i32" and spec.constexprs["spd"] == 1  # unit strides specialised, as the JIT
+    fn = module._alignment_fwd_kernel
+    with pytest.raises(ValueError, match=r"missing: \['sqd'\]"):  # a launcher that dropped an argument
+        launch_spec("x", Launch(fn, (1,), ("p", "q", "s", 8192, 768, 768, 1, 768), dict(EPS_=1e-12, COMPUTE=None,
+                                                                                     BLOCK_R=4, BLOCK_D=1024)))
+    with pytest.raises(ValueError, match=r"unknown: \['BLOCK_K'\]"):
+        launch_spec("x", Launch(fn, (1,), (), dict(BLOCK_K=1)))

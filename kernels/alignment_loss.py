@@ -66,7 +66,7 @@ def reference_alignment_loss(z_pred, z_target, reduction="mean"):
 
 @triton.jit
 def _alignment_fwd_kernel(
-    p_ptr, q_ptr, stats_ptr, R, D, spr, spd, sqr, sqd,
+    p_ptr, q_ptr, stats_ptr, R, D, stride_p_row, stride_p_d, stride_q_row, stride_q_d,
     EPS_: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -77,8 +77,8 @@ def _alignment_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
-        p = tl.load(p_ptr + rows[:, None] * spr + d[None, :] * spd, mask=mask, other=0.0).to(COMPUTE)
-        q = tl.load(q_ptr + rows[:, None] * sqr + d[None, :] * sqd, mask=mask, other=0.0).to(COMPUTE)
+        p = tl.load(p_ptr + rows[:, None] * stride_p_row + d[None, :] * stride_p_d, mask=mask, other=0.0).to(COMPUTE)
+        q = tl.load(q_ptr + rows[:, None] * stride_q_row + d[None, :] * stride_q_d, mask=mask, other=0.0).to(COMPUTE)
         dot += tl.sum(p * q, axis=1)
         pp += tl.sum(p * p, axis=1)
         qq += tl.sum(q * q, axis=1)
@@ -93,7 +93,7 @@ def _alignment_fwd_kernel(
 
 @triton.jit
 def _alignment_bwd_kernel(
-    p_ptr, q_ptr, stats_ptr, g_ptr, dp_ptr, dq_ptr, R, D, spr, spd, sqr, sqd,
+    p_ptr, q_ptr, stats_ptr, g_ptr, dp_ptr, dq_ptr, R, D, stride_p_row, stride_p_d, stride_q_row, stride_q_d,
     EPS_: tl.constexpr, D_Q: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -112,8 +112,8 @@ def _alignment_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
-        p = tl.load(p_ptr + rows[:, None] * spr + d[None, :] * spd, mask=mask, other=0.0).to(COMPUTE)
-        q = tl.load(q_ptr + rows[:, None] * sqr + d[None, :] * sqd, mask=mask, other=0.0).to(COMPUTE)
+        p = tl.load(p_ptr + rows[:, None] * stride_p_row + d[None, :] * stride_p_d, mask=mask, other=0.0).to(COMPUTE)
+        q = tl.load(q_ptr + rows[:, None] * stride_q_row + d[None, :] * stride_q_d, mask=mask, other=0.0).to(COMPUTE)
         out = rows[:, None] * D + d[None, :]
         dp = cross[:, None] * q - p_self[:, None] * p
         tl.store(dp_ptr + out, dp.to(dp_ptr.dtype.element_ty), mask=mask)

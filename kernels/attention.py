@@ -239,19 +239,20 @@ def _layer_norm_backward(base, rows, row_mask, stride_n, dy0, dy1, w_ptr, eps, d
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qw_ptr, qb_ptr, kw_ptr, kb_ptr, N, H, qk_scale, eps,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h, stride_k_n, stride_v_b, stride_v_h, stride_v_n,
+    stride_o_b, stride_o_h, stride_o_n,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, QK_NORM: tl.constexpr,
     DOT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(1)
-    q_base = _head_base(q_ptr, bh, H, sqb, sqh, ALIGN)
-    k_base = _head_base(k_ptr, bh, H, skb, skh, ALIGN)
-    v_base = _head_base(v_ptr, bh, H, svb, svh, ALIGN)
-    o_base = _head_base(o_ptr, bh, H, sob, soh, ALIGN)
+    q_base = _head_base(q_ptr, bh, H, stride_q_b, stride_q_h, ALIGN)
+    k_base = _head_base(k_ptr, bh, H, stride_k_b, stride_k_h, ALIGN)
+    v_base = _head_base(v_ptr, bh, H, stride_v_b, stride_v_h, ALIGN)
+    o_base = _head_base(o_ptr, bh, H, stride_o_b, stride_o_h, ALIGN)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    q0, q1 = _load_qk(q_base, rows, row_mask, sqn, qw_ptr, qb_ptr, eps, 1, HEAD_DIM, D0, D1, ALIGN, QK_NORM,
+    q0, q1 = _load_qk(q_base, rows, row_mask, stride_q_n, qw_ptr, qb_ptr, eps, 1, HEAD_DIM, D0, D1, ALIGN, QK_NORM,
                       COMPUTE, DOT)  # (BLOCK_M, D0), (BLOCK_M, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), COMPUTE)  # running max of s * scale * log2 e
     l_i = tl.zeros([BLOCK_M], COMPUTE)  # running sum of exp2(. - m_i)
@@ -261,7 +262,7 @@ def _attn_fwd_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        kT0, kT1 = _load_qk(k_base, cols, col_mask, skn, kw_ptr, kb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
+        kT0, kT1 = _load_qk(k_base, cols, col_mask, stride_k_n, kw_ptr, kb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
                             QK_NORM, COMPUTE, DOT)  # (D0, BLOCK_N), (D1, BLOCK_N)
         s = tl.dot(q0, kT0, input_precision=PRECISION, out_dtype=COMPUTE)  # (BLOCK_M, BLOCK_N)
         if D1 > 0:
@@ -274,32 +275,32 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         p_dot = p.to(DOT)
-        v0, v1 = _load_pair(v_base, cols, col_mask, svn, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
+        v0, v1 = _load_pair(v_base, cols, col_mask, stride_v_n, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
         acc0 = tl.dot(p_dot, v0, acc=acc0 * alpha[:, None], input_precision=PRECISION, out_dtype=COMPUTE)
         if D1 > 0:
             acc1 = tl.dot(p_dot, v1, acc=acc1 * alpha[:, None], input_precision=PRECISION, out_dtype=COMPUTE)
         m_i = m_new
     inv_l = 1.0 / l_i
-    _store_tile(o_base, rows, row_mask, son, acc0 * inv_l[:, None], 0, D0, HEAD_DIM, ALIGN)
+    _store_tile(o_base, rows, row_mask, stride_o_n, acc0 * inv_l[:, None], 0, D0, HEAD_DIM, ALIGN)
     if D1 > 0:
-        _store_tile(o_base, rows, row_mask, son, acc1 * inv_l[:, None], D0, D1, HEAD_DIM, ALIGN)
+        _store_tile(o_base, rows, row_mask, stride_o_n, acc1 * inv_l[:, None], D0, D1, HEAD_DIM, ALIGN)
     tl.store(lse_ptr + bh.to(tl.int64) * N + rows, m_i + tl.log2(l_i), mask=row_mask)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    o_ptr, do_ptr, delta_ptr, N, H, sob, soh, son, sdob, sdoh, sdon,
+    o_ptr, do_ptr, delta_ptr, N, H, stride_o_b, stride_o_h, stride_o_n, stride_do_b, stride_do_h, stride_do_n,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """delta = rowsum(dO * O), the softmax backward's per-row correction."""
     bh = tl.program_id(1)
-    o_base = _head_base(o_ptr, bh, H, sob, soh, ALIGN)
-    do_base = _head_base(do_ptr, bh, H, sdob, sdoh, ALIGN)
+    o_base = _head_base(o_ptr, bh, H, stride_o_b, stride_o_h, ALIGN)
+    do_base = _head_base(do_ptr, bh, H, stride_do_b, stride_do_h, ALIGN)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    o0, o1 = _load_pair(o_base, rows, row_mask, son, 1, HEAD_DIM, D0, D1, ALIGN, COMPUTE)
-    do0, do1 = _load_pair(do_base, rows, row_mask, sdon, 1, HEAD_DIM, D0, D1, ALIGN, COMPUTE)
+    o0, o1 = _load_pair(o_base, rows, row_mask, stride_o_n, 1, HEAD_DIM, D0, D1, ALIGN, COMPUTE)
+    do0, do1 = _load_pair(do_base, rows, row_mask, stride_do_n, 1, HEAD_DIM, D0, D1, ALIGN, COMPUTE)
     delta = tl.sum(o0 * do0, 1)
     if D1 > 0:
         delta += tl.sum(o1 * do1, 1)
@@ -310,7 +311,9 @@ def _attn_bwd_delta_kernel(
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     qw_ptr, qb_ptr, kw_ptr, kb_ptr, dkw_ptr, dkb_ptr, N, H, qk_scale, scale, eps,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h, stride_k_n, stride_v_b, stride_v_h, stride_v_n,
+    stride_do_b, stride_do_h, stride_do_n, stride_dk_b, stride_dk_h, stride_dk_n, stride_dv_b, stride_dv_h,
+    stride_dv_n,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_NORM: tl.constexpr,
     DOT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
@@ -319,17 +322,17 @@ def _attn_bwd_dkdv_kernel(
     through the k LayerNorm with QK_NORM). Works on transposed scores (BLOCK_N, BLOCK_M) so no
     register tile needs a transpose."""
     bh = tl.program_id(1)
-    q_base = _head_base(q_ptr, bh, H, sqb, sqh, ALIGN)
-    k_base = _head_base(k_ptr, bh, H, skb, skh, ALIGN)
-    v_base = _head_base(v_ptr, bh, H, svb, svh, ALIGN)
-    do_base = _head_base(do_ptr, bh, H, sdob, sdoh, ALIGN)
+    q_base = _head_base(q_ptr, bh, H, stride_q_b, stride_q_h, ALIGN)
+    k_base = _head_base(k_ptr, bh, H, stride_k_b, stride_k_h, ALIGN)
+    v_base = _head_base(v_ptr, bh, H, stride_v_b, stride_v_h, ALIGN)
+    do_base = _head_base(do_ptr, bh, H, stride_do_b, stride_do_h, ALIGN)
     stats = bh.to(tl.int64) * N
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     # Keys past N load as zero; their dk, dv are never stored.
-    k0, k1 = _load_qk(k_base, cols, col_mask, skn, kw_ptr, kb_ptr, eps, 1, HEAD_DIM, D0, D1, ALIGN, QK_NORM,
+    k0, k1 = _load_qk(k_base, cols, col_mask, stride_k_n, kw_ptr, kb_ptr, eps, 1, HEAD_DIM, D0, D1, ALIGN, QK_NORM,
                       COMPUTE, DOT)  # (BLOCK_N, D0), (BLOCK_N, D1)
-    v0, v1 = _load_pair(v_base, cols, col_mask, svn, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
+    v0, v1 = _load_pair(v_base, cols, col_mask, stride_v_n, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
     dk0 = tl.zeros([BLOCK_N, D0], COMPUTE)
     dv0 = tl.zeros([BLOCK_N, D0], COMPUTE)
     dk1 = dk0
@@ -339,7 +342,7 @@ def _attn_bwd_dkdv_kernel(
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        qT0, qT1 = _load_qk(q_base, rows, row_mask, sqn, qw_ptr, qb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
+        qT0, qT1 = _load_qk(q_base, rows, row_mask, stride_q_n, qw_ptr, qb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
                             QK_NORM, COMPUTE, DOT)  # (D0, BLOCK_M), (D1, BLOCK_M)
         sT = tl.dot(k0, qT0, input_precision=PRECISION, out_dtype=COMPUTE)  # (BLOCK_N, BLOCK_M)
         if D1 > 0:
@@ -349,7 +352,7 @@ def _attn_bwd_dkdv_kernel(
         # Keys past N score 0; with a very negative lse exp2(0 - lse) overflows, so mask P itself.
         pT = tl.where(col_mask[:, None], tl.exp2(sT * qk_scale - lse[None, :]), 0.0)
         pT_dot = pT.to(DOT)
-        do0, do1 = _load_pair(do_base, rows, row_mask, sdon, 1, HEAD_DIM, D0, D1, ALIGN, DOT)  # (BLOCK_M, D*)
+        do0, do1 = _load_pair(do_base, rows, row_mask, stride_do_n, 1, HEAD_DIM, D0, D1, ALIGN, DOT)  # (BLOCK_M, D*)
         dv0 = tl.dot(pT_dot, do0, acc=dv0, input_precision=PRECISION, out_dtype=COMPUTE)
         dpT = tl.dot(v0, tl.trans(do0), input_precision=PRECISION, out_dtype=COMPUTE)  # (BLOCK_N, BLOCK_M)
         if D1 > 0:
@@ -363,23 +366,24 @@ def _attn_bwd_dkdv_kernel(
     dk0 = dk0 * scale
     dk1 = dk1 * scale
     if QK_NORM:
-        dk0, dk1 = _layer_norm_backward(k_base, cols, col_mask, skn, dk0, dk1, kw_ptr, eps, dkw_ptr, dkb_ptr,
+        dk0, dk1 = _layer_norm_backward(k_base, cols, col_mask, stride_k_n, dk0, dk1, kw_ptr, eps, dkw_ptr, dkb_ptr,
                                         bh * tl.num_programs(0) + tl.program_id(0), HEAD_DIM, D0, D1, ALIGN,
                                         COMPUTE)
-    dk_base = _head_base(dk_ptr, bh, H, sdkb, sdkh, ALIGN)
-    dv_base = _head_base(dv_ptr, bh, H, sdvb, sdvh, ALIGN)
-    _store_tile(dk_base, cols, col_mask, sdkn, dk0, 0, D0, HEAD_DIM, ALIGN)
-    _store_tile(dv_base, cols, col_mask, sdvn, dv0, 0, D0, HEAD_DIM, ALIGN)
+    dk_base = _head_base(dk_ptr, bh, H, stride_dk_b, stride_dk_h, ALIGN)
+    dv_base = _head_base(dv_ptr, bh, H, stride_dv_b, stride_dv_h, ALIGN)
+    _store_tile(dk_base, cols, col_mask, stride_dk_n, dk0, 0, D0, HEAD_DIM, ALIGN)
+    _store_tile(dv_base, cols, col_mask, stride_dv_n, dv0, 0, D0, HEAD_DIM, ALIGN)
     if D1 > 0:
-        _store_tile(dk_base, cols, col_mask, sdkn, dk1, D0, D1, HEAD_DIM, ALIGN)
-        _store_tile(dv_base, cols, col_mask, sdvn, dv1, D0, D1, HEAD_DIM, ALIGN)
+        _store_tile(dk_base, cols, col_mask, stride_dk_n, dk1, D0, D1, HEAD_DIM, ALIGN)
+        _store_tile(dv_base, cols, col_mask, stride_dv_n, dv1, D0, D1, HEAD_DIM, ALIGN)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     qw_ptr, qb_ptr, kw_ptr, kb_ptr, dqw_ptr, dqb_ptr, N, H, qk_scale, scale, eps,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
+    stride_q_b, stride_q_h, stride_q_n, stride_k_b, stride_k_h, stride_k_n, stride_v_b, stride_v_h, stride_v_n,
+    stride_do_b, stride_do_h, stride_do_n, stride_dq_b, stride_dq_h, stride_dq_n,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_NORM: tl.constexpr,
     DOT: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
@@ -387,16 +391,16 @@ def _attn_bwd_dq_kernel(
     """One query block: dq = scale * sum_j dS K over all key blocks j (then through the q LayerNorm
     with QK_NORM)."""
     bh = tl.program_id(1)
-    q_base = _head_base(q_ptr, bh, H, sqb, sqh, ALIGN)
-    k_base = _head_base(k_ptr, bh, H, skb, skh, ALIGN)
-    v_base = _head_base(v_ptr, bh, H, svb, svh, ALIGN)
-    do_base = _head_base(do_ptr, bh, H, sdob, sdoh, ALIGN)
+    q_base = _head_base(q_ptr, bh, H, stride_q_b, stride_q_h, ALIGN)
+    k_base = _head_base(k_ptr, bh, H, stride_k_b, stride_k_h, ALIGN)
+    v_base = _head_base(v_ptr, bh, H, stride_v_b, stride_v_h, ALIGN)
+    do_base = _head_base(do_ptr, bh, H, stride_do_b, stride_do_h, ALIGN)
     stats = bh.to(tl.int64) * N
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    q0, q1 = _load_qk(q_base, rows, row_mask, sqn, qw_ptr, qb_ptr, eps, 1, HEAD_DIM, D0, D1, ALIGN, QK_NORM,
+    q0, q1 = _load_qk(q_base, rows, row_mask, stride_q_n, qw_ptr, qb_ptr, eps, 1, HEAD_DIM, D0, D1, ALIGN, QK_NORM,
                       COMPUTE, DOT)  # (BLOCK_M, D0), (BLOCK_M, D1)
-    do0, do1 = _load_pair(do_base, rows, row_mask, sdon, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
+    do0, do1 = _load_pair(do_base, rows, row_mask, stride_do_n, 1, HEAD_DIM, D0, D1, ALIGN, DOT)
     dq0 = tl.zeros([BLOCK_M, D0], COMPUTE)
     dq1 = dq0
     if D1 > 0:
@@ -407,9 +411,9 @@ def _attn_bwd_dq_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         # Keys past N load as zero (also after qk-norm), so whatever dS they get adds 0 to dq.
-        kT0, kT1 = _load_qk(k_base, cols, col_mask, skn, kw_ptr, kb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
+        kT0, kT1 = _load_qk(k_base, cols, col_mask, stride_k_n, kw_ptr, kb_ptr, eps, 0, HEAD_DIM, D0, D1, ALIGN,
                             QK_NORM, COMPUTE, DOT)  # (D0, BLOCK_N), (D1, BLOCK_N)
-        vT0, vT1 = _load_pair(v_base, cols, col_mask, svn, 0, HEAD_DIM, D0, D1, ALIGN, DOT)
+        vT0, vT1 = _load_pair(v_base, cols, col_mask, stride_v_n, 0, HEAD_DIM, D0, D1, ALIGN, DOT)
         s = tl.dot(q0, kT0, input_precision=PRECISION, out_dtype=COMPUTE)  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do0, vT0, input_precision=PRECISION, out_dtype=COMPUTE)
         if D1 > 0:
@@ -424,13 +428,13 @@ def _attn_bwd_dq_kernel(
     dq0 = dq0 * scale
     dq1 = dq1 * scale
     if QK_NORM:
-        dq0, dq1 = _layer_norm_backward(q_base, rows, row_mask, sqn, dq0, dq1, qw_ptr, eps, dqw_ptr, dqb_ptr,
+        dq0, dq1 = _layer_norm_backward(q_base, rows, row_mask, stride_q_n, dq0, dq1, qw_ptr, eps, dqw_ptr, dqb_ptr,
                                         bh * tl.num_programs(0) + tl.program_id(0), HEAD_DIM, D0, D1, ALIGN,
                                         COMPUTE)
-    dq_base = _head_base(dq_ptr, bh, H, sdqb, sdqh, ALIGN)
-    _store_tile(dq_base, rows, row_mask, sdqn, dq0, 0, D0, HEAD_DIM, ALIGN)
+    dq_base = _head_base(dq_ptr, bh, H, stride_dq_b, stride_dq_h, ALIGN)
+    _store_tile(dq_base, rows, row_mask, stride_dq_n, dq0, 0, D0, HEAD_DIM, ALIGN)
     if D1 > 0:
-        _store_tile(dq_base, rows, row_mask, sdqn, dq1, D0, D1, HEAD_DIM, ALIGN)
+        _store_tile(dq_base, rows, row_mask, stride_dq_n, dq1, D0, D1, HEAD_DIM, ALIGN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -737,7 +741,7 @@ def attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=No
 # ----------------------------------------------------------------------------------------------
 
 def _stride_args(*names):
-    return {f"s{name}{axis}": "i32" for name in names for axis in "bhn"}
+    return {f"stride_{name}_{axis}": "i32" for name in names for axis in "bhn"}
 
 
 def aot_specs():

@@ -109,14 +109,18 @@ def _program_rows(t_ptr, C, S, PATH: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_
 
 @triton.jit
 def _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
-            sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+            stride_x_b, stride_x_c, stride_x_s, stride_noise_b, stride_noise_c, stride_noise_s, stride_mu0_b,
+            stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c, stride_mu1_s,
             HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr, COMPUTE: tl.constexpr):
-    z1 = tl.load(x_ptr + b * sxb + c * sxc + s * sxs, mask=mask, other=0.0).to(COMPUTE)
-    z0 = tl.load(noise_ptr + b * snb + c * snc + s * sns, mask=mask, other=0.0).to(COMPUTE)
+    z1 = tl.load(x_ptr + b * stride_x_b + c * stride_x_c + s * stride_x_s, mask=mask, other=0.0).to(COMPUTE)
+    z0 = tl.load(noise_ptr + b * stride_noise_b + c * stride_noise_c + s * stride_noise_s,
+                 mask=mask, other=0.0).to(COMPUTE)
     if HAS_MU1:
-        z1 += tl.load(mu1_ptr + b * s1b + c * s1c + s * s1s, mask=mask, other=0.0).to(COMPUTE)
+        z1 += tl.load(mu1_ptr + b * stride_mu1_b + c * stride_mu1_c + s * stride_mu1_s,
+                      mask=mask, other=0.0).to(COMPUTE)
     if HAS_MU0:
-        z0 += tl.load(mu0_ptr + b * s0b + c * s0c + s * s0s, mask=mask, other=0.0).to(COMPUTE)
+        z0 += tl.load(mu0_ptr + b * stride_mu0_b + c * stride_mu0_c + s * stride_mu0_s,
+                      mask=mask, other=0.0).to(COMPUTE)
     return z1, z0
 
 
@@ -140,13 +144,15 @@ def _store_z_grads(dz1, dz0, row, blk, s, mask, S, num_blocks,
 def _interpolant_fwd_kernel(
     x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, xt_ptr, v_ptr,
     C, S,
-    sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+    stride_x_b, stride_x_c, stride_x_s, stride_noise_b, stride_noise_c, stride_noise_s, stride_mu0_b, stride_mu0_c,
+    stride_mu0_s, stride_mu1_b, stride_mu1_c, stride_mu1_s,
     PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
     z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
-                     sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+                     stride_x_b, stride_x_c, stride_x_s, stride_noise_b, stride_noise_c, stride_noise_s,
+                     stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c, stride_mu1_s,
                      HAS_MU0, HAS_MU1, COMPUTE)
     out = row * S + s
     tl.store(xt_ptr + out, (alpha * z1 + sigma * z0).to(xt_ptr.dtype.element_ty), mask=mask)
@@ -180,15 +186,19 @@ def _interpolant_bwd_kernel(
 def _velocity_loss_fwd_kernel(
     v_pred_ptr, x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, partial_ptr,
     C, S, num_blocks,
-    svb, svc, svs, sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+    stride_v_pred_b, stride_v_pred_c, stride_v_pred_s, stride_x_b, stride_x_c, stride_x_s, stride_noise_b,
+    stride_noise_c, stride_noise_s, stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c,
+    stride_mu1_s,
     PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
     z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
-                     sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+                     stride_x_b, stride_x_c, stride_x_s, stride_noise_b, stride_noise_c, stride_noise_s,
+                     stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c, stride_mu1_s,
                      HAS_MU0, HAS_MU1, COMPUTE)
-    v_pred = tl.load(v_pred_ptr + b * svb + c * svc + s * svs, mask=mask, other=0.0).to(COMPUTE)
+    v_pred = tl.load(v_pred_ptr + b * stride_v_pred_b + c * stride_v_pred_c + s * stride_v_pred_s,
+                     mask=mask, other=0.0).to(COMPUTE)
     error = tl.where(mask, v_pred - (d_alpha * z1 + d_sigma * z0), 0.0)
     tl.store(partial_ptr + row * num_blocks + blk, tl.sum(error * error, axis=0))
 
@@ -198,16 +208,20 @@ def _velocity_loss_bwd_kernel(
     v_pred_ptr, x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, scale_ptr,
     d_v_pred_ptr, dz1_ptr, dz0_ptr, dz1_rows_ptr, dz0_rows_ptr,
     C, S, num_blocks,
-    svb, svc, svs, sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+    stride_v_pred_b, stride_v_pred_c, stride_v_pred_s, stride_x_b, stride_x_c, stride_x_s, stride_noise_b,
+    stride_noise_c, stride_noise_s, stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c,
+    stride_mu1_s,
     PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr, D_V_PRED: tl.constexpr,
     DZ1_FULL: tl.constexpr, DZ0_FULL: tl.constexpr, DZ1_ROWS: tl.constexpr, DZ0_ROWS: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
     z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
-                     sxb, sxc, sxs, snb, snc, sns, s0b, s0c, s0s, s1b, s1c, s1s,
+                     stride_x_b, stride_x_c, stride_x_s, stride_noise_b, stride_noise_c, stride_noise_s,
+                     stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c, stride_mu1_s,
                      HAS_MU0, HAS_MU1, COMPUTE)
-    v_pred = tl.load(v_pred_ptr + b * svb + c * svc + s * svs, mask=mask, other=0.0).to(COMPUTE)
+    v_pred = tl.load(v_pred_ptr + b * stride_v_pred_b + c * stride_v_pred_c + s * stride_v_pred_s,
+                     mask=mask, other=0.0).to(COMPUTE)
     scale = tl.load(scale_ptr + b).to(COMPUTE)  # d loss / d per-sample loss * 2 / (C * S)
     d_v_pred = scale * (v_pred - (d_alpha * z1 + d_sigma * z0))
     if D_V_PRED:

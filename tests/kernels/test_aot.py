@@ -110,9 +110,9 @@ def test_specs_are_the_launchers_own_launches():
         assert built == jitted, f"kernels/{name}.py: kernels without a spec: {[f.__name__ for f in jitted - built]}"
     module = importlib.import_module("kernels.alignment_loss")
     spec = next(s for s in module.aot_specs() if s.fn is module._alignment_fwd_kernel)
-    assert spec.signature["spr"] == "i32" and spec.constexprs["spd"] == 1  # unit strides specialised, as the JIT
+    assert spec.signature["stride_p_row"] == "i32" and spec.constexprs["stride_p_d"] == 1  # unit strides: constants
     fn = module._alignment_fwd_kernel
-    with pytest.raises(ValueError, match=r"missing: \['sqd'\]"):  # a launcher that dropped an argument
+    with pytest.raises(ValueError, match=r"missing: \['stride_q_d'\]"):  # a launcher that dropped an argument
         launch_spec("x", Launch(fn, (1,), ("p", "q", "s", 8192, 768, 768, 1, 768), dict(EPS_=1e-12, COMPUTE=None,
                                                                                      BLOCK_R=4, BLOCK_D=1024)))
     with pytest.raises(ValueError, match=r"unknown: \['BLOCK_K'\]"):

@@ -437,7 +437,10 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         """After the forward: put each recorded output's phase and kernels category on its autograd node,
         so the backward ops that the node runs are attributed to them."""
         for out, phase, category, fused, in_model in self._forward_outputs:
-            node = out.grad_fn
+            try:
+                node = out.grad_fn
+            except RuntimeError:  # a view made under no_grad (inside an autograd.Function) and written to
+                continue
             if node is not None and "phase" not in node.metadata:
                 node.metadata.update(phase=phase, category=category, fused=fused, model=in_model)
         self._forward_outputs.clear()

@@ -72,6 +72,13 @@ class ModelConfig(FromDict):
     # the MLP's GELU backward also sums fc1's bias gradient (kernels.gelu_tanh), saving torch's separate
     # pass over dL/da; false: nn.Linear's bias sum. The same numbers either way (torch backend: bitwise)
     fused_gelu: bool = True
+    # the 28 blocks' (and the final layer's) adaLN modulation Linears, which all read SiLU(c), as one
+    # matmul over their weights concatenated at forward time (state_dict keys unchanged). "auto": where
+    # the concatenation costs nothing, i.e. where autocast casts the fp32 weights anyway (the copy into
+    # the concatenated buffer is that cast), with the fused kernels (not on the torch backend, so the
+    # CPU default path keeps its numerics bitwise) and not under ZeRO-3 (its hooks gather one module at
+    # a time); true: also otherwise (one extra copy of the weights); false: one matmul per block
+    batched_modulation: bool | str = "auto"
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -120,6 +127,8 @@ class ModelConfig(FromDict):
             bad("learn_sigma", self.learn_sigma, "true or false")
         if not isinstance(self.fused_gelu, bool):
             bad("fused_gelu", self.fused_gelu, "true or false")
+        if not (isinstance(self.batched_modulation, bool) or self.batched_modulation == "auto"):
+            bad("batched_modulation", self.batched_modulation, "auto, true or false")
 
 
     @property
@@ -282,6 +291,24 @@ class FinalLayer(nn.Module):
         return self.adaLN_modulation(c).chunk(2, dim=-1)  # shift, scale
 
 
+class _CastConcat(torch.autograd.Function):
+    """`tensors` (each (rows_i, ...)) copied into one (sum rows_i, ...) tensor of `dtype`, one copy per
+    tensor: where autocast would cast each weight for its own matmul, the copy is that cast. The backward
+    hands each tensor its rows of the gradient, cast back to its dtype (as autocast's cast does)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *tensors):
+        ctx.rows, ctx.dtypes = [t.shape[0] for t in tensors], [t.dtype for t in tensors]
+        out = tensors[0].new_empty((sum(ctx.rows), *tensors[0].shape[1:]), dtype=dtype)
+        for part, t in zip(out.split(ctx.rows), tensors):
+            part.copy_(t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *(g.to(dtype) for g, dtype in zip(grad.split(ctx.rows), ctx.dtypes)))
+
+
 def build_mlp(hidden_size, projector_dim, z_dim):
     return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
                          nn.Linear(projector_dim, projector_dim), nn.SiLU(),
@@ -431,8 +458,7 @@ class SiT(nn.Module):
         h = h + self.pos_embed                                                   # (B, T[+1], D)
         c = self.t_embedder(t) + self.y_embedder(y)                               # (B, D)
 
-        # Per block: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D).
-        modulations = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
+        modulations = self.modulations(c)
         zs = []
         residual = h
         h = kernels.adaln_modulate(residual, *modulations[0][:2], LN_EPS)
@@ -452,6 +478,33 @@ class SiT(nn.Module):
         if self.reg:
             return velocity, zs, self.final_layer.linear_cls(h[:, 0])
         return velocity, zs
+
+    def modulations(self, c):
+        """Per block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), then the final layer's
+        (shift, scale), each (B, D): every adaLN_modulation Linear applied to SiLU(c), one matmul per module,
+        or all in one (model.batched_modulation)."""
+        layers = [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
+        dtype = self._batched_modulation_dtype(c, layers)
+        if dtype is None:
+            return [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
+        weight = _CastConcat.apply(dtype, *(layer.weight for layer in layers))       # (sum 6D [+ 2D], D)
+        bias = _CastConcat.apply(dtype, *(layer.bias for layer in layers))
+        chunks = F.linear(F.silu(c), weight, bias).split(c.shape[-1], dim=-1)        # each (B, D)
+        depth = len(self.blocks)
+        return [chunks[6 * i:6 * i + 6] for i in range(depth)] + [chunks[6 * depth:]]
+
+    def _batched_modulation_dtype(self, c, layers):
+        """The dtype of the concatenated modulation weights, or None for one matmul per module."""
+        mode = self.cfg.batched_modulation
+        if mode is False or any(hasattr(p, "ds_id") for layer in layers for p in layer.parameters()):
+            return None  # off, or ZeRO-3-partitioned parameters (gathered per module around its forward)
+        weight_dtype = layers[0].weight.dtype
+        device = c.device.type
+        casts = (torch.is_autocast_enabled(device) and weight_dtype == torch.float32
+                 and torch.get_autocast_dtype(device) != torch.float32)
+        if mode == "auto" and not (casts and kernels.get_backend() != "torch"):
+            return None
+        return torch.get_autocast_dtype(device) if casts else weight_dtype
 
     def num_parameters(self, exclude_projectors=False) -> int:
         skip = {id(p) for p in self.projectors.parameters()} if exclude_projectors else set()

@@ -1,9 +1,11 @@
 """The SiT block's speed switches (engine.models.sit) against the reference path they replace: the same
-loss, every gradient and the weights after a few AdamW steps; bitwise on the torch backend."""
+loss, every gradient and the weights after a few optimizer steps; bitwise where the switch keeps the torch
+backend's fp32 path."""
 import pytest
 import torch
 
 import kernels
+from engine.models import sit
 from engine.transport import Transport, TransportConfig
 from tests.engine.common import randomize, tiny_config, tiny_model
 from tests.helpers import assert_close
@@ -39,23 +41,49 @@ def _train(model, batch, backend, steps, autocast=False):
     return losses, first, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _pair(device, **switch_off):
-    on = randomize(tiny_model(**SMALL), scale=0.1).to(device)
-    off = tiny_model(**SMALL, **switch_off).to(device)
-    off.load_state_dict(on.state_dict(), strict=True)
-    return on, off
+def _pair(device, on, off):
+    first = randomize(tiny_model(**SMALL, **on), scale=0.1).to(device)
+    second = tiny_model(**SMALL, **off).to(device)
+    second.load_state_dict(first.state_dict(), strict=True)
+    return first, second
 
 
-# the kernel path under bf16 autocast (the trainer's bf16-mixed), the torch path in fp32 (the CPU default)
-@pytest.mark.parametrize("backend, autocast", [("torch", False), ("triton", True)])
-def test_fused_gelu_trains_as_the_reference_mlp(backend, autocast, device):
-    on, off = _pair(device, fused_gelu=False)
-    assert on.blocks[0].mlp.fc1.fused and not off.blocks[0].mlp.fc1.fused
+def _batched_calls(monkeypatch):
+    calls = []
+    original = sit._CastConcat.apply
+    monkeypatch.setattr(sit._CastConcat, "apply", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+# Each switch on against off: the kernel path under bf16 autocast (the trainer's bf16-mixed), the torch
+# path in fp32 (the CPU default). bitwise: the switch leaves the torch fp32 path as it was.
+CASES = [
+    (dict(fused_gelu=True), dict(fused_gelu=False), "torch", False, True),
+    (dict(fused_gelu=True), dict(fused_gelu=False), "triton", True, False),
+    (dict(batched_modulation="auto"), dict(batched_modulation=False), "torch", False, True),
+    (dict(batched_modulation=True), dict(batched_modulation=False), "torch", False, False),
+    (dict(batched_modulation="auto"), dict(batched_modulation=False), "triton", True, False),
+]
+
+
+@pytest.mark.parametrize("on, off, backend, autocast, bitwise", CASES)
+def test_switch_trains_as_the_reference_path(on, off, backend, autocast, bitwise, device, monkeypatch):
+    first, second = _pair(device, on, off)
     batch = _batch(device)
-    results = [_train(model, batch, backend, steps=2, autocast=autocast) for model in (on, off)]
-    (losses, grads, weights), (ref_losses, ref_grads, ref_weights) = results
-    assert grads.keys() == ref_grads.keys() and "blocks.0.mlp.fc1.bias" in grads
-    if backend == "torch" and not autocast:  # the CPU default path keeps its numerics bitwise
+    calls = _batched_calls(monkeypatch)
+
+    def batches(switches):  # "auto" batches only where autocast casts the fp32 weights, with the kernels
+        mode = switches.get("batched_modulation", "auto")
+        return mode is True or (mode == "auto" and autocast and backend != "torch")
+
+    losses, grads, weights = _train(first, batch, backend, steps=2, autocast=autocast)
+    assert bool(calls) == batches(on)
+    calls.clear()
+    ref_losses, ref_grads, ref_weights = _train(second, batch, backend, steps=2, autocast=autocast)
+    assert bool(calls) == batches(off)
+    assert grads.keys() == ref_grads.keys() and {"blocks.0.mlp.fc1.bias", "blocks.0.adaLN_modulation.1.weight",
+                                                 "final_layer.adaLN_modulation.1.bias"} <= grads.keys()
+    if bitwise:
         assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
         assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
         assert all(torch.equal(weights[n], w) for n, w in ref_weights.items())
@@ -69,8 +97,30 @@ def test_fused_gelu_trains_as_the_reference_mlp(backend, autocast, device):
         assert_close(weights[name], weight, dtype, name=name)
 
 
-def test_switch_keeps_state_dict_keys_and_is_validated():
-    assert tiny_model(fused_gelu=True).state_dict().keys() == tiny_model(fused_gelu=False).state_dict().keys()
+def test_batched_modulation_gives_every_module_its_own_chunks():
+    """The one matmul's output split as each module's own: shift/scale/gate per block, the final layer's
+    shift and scale; ZeRO-3-partitioned weights (a `ds_id` attribute) take the per-module path."""
+    model = randomize(tiny_model(depth=3, batched_modulation=True), scale=0.3)
+    c = torch.randn(2, 32)
+    batched = model.modulations(c)
+    model.cfg.batched_modulation = False
+    expected = model.modulations(c)
+    assert [len(m) for m in batched] == [6, 6, 6, 2]
+    for got, want in zip(batched, expected):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    model.cfg.batched_modulation = True
+    layers = [block.adaLN_modulation[-1] for block in model.blocks] + [model.final_layer.adaLN_modulation[-1]]
+    assert model._batched_modulation_dtype(c, layers) == torch.float32
+    layers[1].weight.ds_id = 7
+    assert model._batched_modulation_dtype(c, layers) is None
+
+
+@pytest.mark.parametrize("key, bad", [("fused_gelu", "yes"), ("batched_modulation", "always"),
+                                      ("batched_modulation", 1)])
+def test_switch_keeps_state_dict_keys_and_is_validated(key, bad):
+    on, off = (tiny_model(fused_gelu=v, batched_modulation=v) for v in (True, False))
+    assert on.state_dict().keys() == off.state_dict().keys()
     with pytest.raises(ValueError) as info:
-        tiny_config(fused_gelu="yes")
-    assert str(info.value).startswith("fused_gelu: 'yes': ")
+        tiny_config(**{key: bad})
+    assert str(info.value).startswith(f"{key}: {bad!r}: ")

@@ -28,6 +28,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from engine.checkpoint import CheckpointWriteError, CorruptCheckpointError
     from engine.config import ConfigError, load_config, locate, validate
     from engine.distributed import world_size_from_env
 
@@ -39,13 +40,20 @@ def main(argv=None) -> dict:
             validate(cfg, world_size=world_size_from_env())
             print(f"{args.config}: ok")
             return {}
-        from engine.trainer import Trainer
+        from engine.trainer import NonFiniteLossError, Trainer
 
         trainer = Trainer(cfg)  # validates the config, then checks it against the data and models it builds
     except ConfigError as error:
         print(f"config error: {locate(error, cfg)}", file=sys.stderr)
         raise SystemExit(2)
-    results = trainer.fit()
+    except CorruptCheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1)
+    try:
+        results = trainer.fit()
+    except (CheckpointWriteError, NonFiniteLossError) as error:  # one line; the trainer logged the rest
+        print(f"error: rank {trainer.rank}: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
     if trainer.is_main:
         print("done: " + json.dumps(results), flush=True)
     return results

@@ -296,13 +296,37 @@ class Trainer:
     # -- resume -------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        found = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.checkpoint_dir)
-        if found is None:
+        candidates, warnings = ckpt.resume_candidates(self.cfg.checkpoint.resume, self.checkpoint_dir)
+        for warning in warnings:
+            self.monitor.warn(warning)
+        if not candidates:
             return
-        directory, tag = found
-        step, rank_state, ema_state = ckpt.load_checkpoint(self.engine, directory, tag, self.precision)
-        self._check_eval_settings(rank_state.get("eval"), os.path.join(directory, tag))
+        problems = []
+        for directory, tag in candidates:  # the newest readable one; every rank takes the same
+            problem = ckpt.agree(ckpt.check_readable(os.path.join(directory, tag)))
+            if problem is None:
+                break
+            problems.append(problem)
+            if len(candidates) > 1:
+                self.monitor.warn(f"checkpoint {os.path.join(directory, tag)} cannot be resumed: {problem}; trying the "
+                                  "next older complete checkpoint")
+        else:
+            raise ckpt.CorruptCheckpointError(f"no readable checkpoint to resume from (checkpoint.resume="
+                                              f"{self.cfg.checkpoint.resume!r}): " + "; ".join(problems))
+        if problems:
+            self.monitor.warn(f"resuming from the older checkpoint {os.path.join(directory, tag)}: the steps after it "
+                              "are trained again")
+        fresh = self._optimizer_settings()  # what this config builds, before the checkpoint's are loaded
+        changes = []
+        step, rank_state, ema_state = ckpt.load_checkpoint(
+            self.engine, directory, tag, self.precision,
+            before_load=lambda state, tag_dir: changes.extend(self._check_resume(state, tag_dir)))
         self.step = step
+        if any(key.startswith("optim.") for key, *_ in changes):
+            self._apply_optimizer_settings(fresh)
+        for key, old, new, rule in changes:
+            what = "moved" if rule == "path" else f"applied from step {step}"
+            self.monitor.info(f"resume: {key} {old!r} -> {new!r} ({what})")
         self.loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
         self.latent_generator.set_state(rank_state["latent_generator"])
@@ -314,6 +338,58 @@ class Trainer:
             raise FileNotFoundError(f"{directory}/{tag} has no {ckpt.EMA_FILE}")
         self.ema.load_full_state_dict(ema_state)
         self.monitor.info(f"resumed from {os.path.join(directory, tag)} at step {step}")
+
+    def _check_resume(self, rank_state: dict, tag_dir: str) -> list:
+        """The config against the checkpoint's, before DeepSpeed loads anything (README "Resuming a run"):
+        a key that may not change is refused naming it; returns the changes to apply or log."""
+        cfg = self.cfg
+        step = int(ckpt.TAG_RE.match(os.path.basename(tag_dir)).group(1))
+        if cfg.train.max_steps < step:
+            raise ConfigError("train.max_steps", cfg.train.max_steps,
+                              f"at least {step}, the step of checkpoint {tag_dir} (a resume cannot go back; start a "
+                              "new run with another train.output_dir or checkpoint.resume=none)")
+        saved = ckpt.saved_config(tag_dir)
+        changes = [] if saved is None else ckpt.resume_changes(saved, cfg, tag_dir)
+        written = rank_state.get("zero_stage")
+        stage = self.engine.zero_optimization_stage()
+        if written is not None and written != stage:
+            key = "train.zero_stage" if cfg.train.zero_stage is not None else "train.deepspeed_config"
+            raise ConfigError(key, cfg.train.zero_stage if key == "train.zero_stage" else cfg.train.deepspeed_config,
+                              f"ZeRO stage {written}, the stage checkpoint {tag_dir} was written with (this run "
+                              f"resolves to stage {stage}; DeepSpeed's optimizer files are per stage)")
+        written = rank_state.get("grad_accum_steps")
+        if written is not None and written != self.accum:
+            raise ConfigError("train.grad_accum_steps", cfg.train.grad_accum_steps,
+                              f"{written}, the gradient accumulation checkpoint {tag_dir} was written with (this "
+                              f"run resolves to {self.accum}; the data position counts micro-batches)")
+        self._check_eval_settings(rank_state.get("eval"), tag_dir)
+        return [change for change in changes if change[3] in ("apply", "path")]
+
+    def _optimizer_settings(self) -> tuple[list[dict], list[float]]:
+        """The optimizer's hyperparameters (all but the parameters and the lr) and the lr schedule's base
+        lrs, as this config built them."""
+        groups = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in self.optimizer.param_groups]
+        return groups, list(getattr(self.scheduler, "base_lrs", []))
+
+    def _apply_optimizer_settings(self, fresh: tuple[list[dict], list[float]]) -> None:
+        """After loading a checkpoint: this config's optim.* in place of the checkpoint's (DeepSpeed restores
+        the saved param groups and schedule), the moments and the step counts kept. The lr of the current
+        step is recomputed from the new base lr and schedule."""
+        groups, base_lrs = fresh
+        for group, settings in zip(self.optimizer.param_groups, groups):
+            group.update(settings)
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.base_lrs = base_lrs
+            for group, base, factor in zip(scheduler.optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+        else:  # a multiplicative schedule: scale the current lr by the change of the base lr
+            for group, base, old in zip(scheduler.optimizer.param_groups, base_lrs, scheduler.base_lrs):
+                group["lr"] = group["lr"] * base / old
+            scheduler.base_lrs = base_lrs
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     def _check_eval_settings(self, saved: dict | None, where: str) -> None:
         """A resumed run continues the checkpoint's evaluation curve, so it keeps the settings that define
@@ -330,15 +406,23 @@ class Trainer:
                 raise ValueError(f"eval.{key}={now[key]!r} but checkpoint {where} continues an evaluation curve made "
                                  f"with {saved[key]!r}; allowed: {saved[key]!r} (or a new train.output_dir)")
 
-    def save(self) -> str:
+    def rank_state(self) -> dict:
+        """This rank's part of a checkpoint: data position, RNG streams, counters, the resolved settings a
+        resume must match (copies: taken at a step boundary, it can be saved later as it was)."""
         import dataclasses
 
-        rank_state = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(),
-                      "latent_generator": self.latent_generator.get_state(),
-                      "micro_attempts": self.micro_attempts, "nonfinite_total": self.nonfinite_total,
-                      "nonfinite_in_row": self.nonfinite_in_row, "precision": self.precision,
-                      "local_world_size": self.dist.local_world_size, "eval": dataclasses.asdict(self.cfg.eval),
-                      "wandb_run_id": self.monitor.wandb_run_id or self.wandb_run_id}
+        return {"step": self.step, "data": self.loader.state_dict(), "rng": ckpt.rng_state(),
+                "latent_generator": self.latent_generator.get_state(),
+                "micro_attempts": self.micro_attempts, "nonfinite_total": self.nonfinite_total,
+                "nonfinite_in_row": self.nonfinite_in_row, "precision": self.precision,
+                "local_world_size": self.dist.local_world_size, "eval": dataclasses.asdict(self.cfg.eval),
+                "zero_stage": self.engine.zero_optimization_stage(), "grad_accum_steps": self.accum,
+                "wandb_run_id": self.monitor.wandb_run_id or self.wandb_run_id}
+
+    def save(self, rank_state: dict | None = None) -> str:
+        """Checkpoint the current step (collective). `rank_state`: this rank's state as `rank_state()` took
+        it at this step's boundary (the default: now)."""
+        rank_state = self.rank_state() if rank_state is None else rank_state
         ema_state = self.ema.full_state_dict()
         path = ckpt.save_checkpoint(self.engine, self.checkpoint_dir, self.step, self.cfg.to_dict(), rank_state,
                                     ema_state, self.cfg.checkpoint.keep_last)
@@ -496,10 +580,14 @@ class Trainer:
             self.evaluate()  # the curve's origin: the untrained model
         self.monitor.start(self.step, cfg.train.max_steps, wandb_run_id=self.wandb_run_id)
         stopped_early = False
+        self._good_state = self.rank_state()  # the last step boundary: what a save after a failure writes
+        self._backwards = 0
         try:
             while self.step < cfg.train.max_steps:
                 t0 = time.time()
-                metrics = self.train_step()
+                self._backwards = 0
+                metrics = self.train_step(mark=self._count_backward)
+                self._good_state = self.rank_state()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 step_time = time.time() - t0
@@ -520,6 +608,9 @@ class Trainer:
                     stopped_early = True
                     self.monitor.info(f"train.max_minutes={cfg.train.max_minutes} reached at step {self.step}")
                     break
+        except Exception as error:
+            self._save_after_failure(error)
+            raise
         finally:
             self.monitor.close_bar()
         if self.step > start_step or not ckpt.list_checkpoints(self.checkpoint_dir):
@@ -537,6 +628,46 @@ class Trainer:
             results["loss_curve"] = self.monitor.loss_curve()
         self.monitor.close()
         return results
+
+    def _count_backward(self, phase: str) -> None:
+        if phase == "backward":
+            self._backwards += 1
+
+    def _save_after_failure(self, error: Exception) -> None:
+        """A run stopped by an error after training began first saves the last good state (the last
+        completed step, exactly as a checkpoint at that step), where that is safe: every rank stopped
+        together (too many non-finite losses in a row: the ranks agree on each loss), or the run has one
+        rank; and the error did not come from the optimizer update (the weights could be half-stepped)
+        or from writing a checkpoint. Otherwise it says why not. A failure of this save is logged; the
+        original error is raised either way."""
+        good = self._good_state
+        step = good["step"]
+        try:
+            saved = ckpt.latest_tag_or_none(self.checkpoint_dir)
+        except OSError:
+            saved = None
+        if step == 0 or saved == ckpt.tag_for(step):
+            return  # nothing trained since the last checkpoint
+        reason = None
+        if isinstance(error, (ckpt.CheckpointWriteError, PeerLostError)) or is_collective_failure(error):
+            reason = "the error came from writing a checkpoint or from a lost peer"
+        elif not isinstance(error, NonFiniteLossError) and self.world_size > 1:
+            reason = "the other ranks may be waiting in a collective"
+        elif self._backwards >= self.accum or self.step != step:
+            reason = "it came during the optimizer update"
+        if reason is not None:
+            self.monitor.warn(f"{type(error).__name__} at step {self.step + 1}: the last good state (step {step}) is "
+                              f"not saved: {reason}; the last checkpoint is {saved or 'none'}")
+            return
+        self.monitor.warn(f"{type(error).__name__} at step {self.step + 1}: saving the last good state (step {step}) "
+                          "before stopping")
+        try:
+            path = self.save(rank_state=good)
+        except Exception as failure:  # noqa: BLE001 (the original error is the one to raise)
+            self.monitor.warn(f"the last good state (step {step}) could not be saved: {failure}")
+            return
+        self.monitor.warn(f"saved the last good state as {path}: a resume continues from step {step} (with "
+                          "the changes the resume policy applies, such as a lower optim.lr)")
 
     def _should_stop(self, start_time: float) -> bool:
         # Every rank must take the same decision: rank 0's clock decides.

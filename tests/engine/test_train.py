@@ -93,11 +93,13 @@ def test_checkpoint_crash_leaves_previous_loadable(tmp_path, data_root, monkeypa
         real_save(obj, path)
 
     monkeypatch.setattr(ckpt, "_atomic_torch_save", crash_on_rank_state)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"step_00000003 not written \(writing\): rank 0: "
+                       r".*/\.tmp-step_00000003/trainer_rank0\.pt: OSError: disk full \(simulated\); the partial "
+                       r"directory .* was removed and step_00000002 stays latest"):
         trainer.save()
     checkpoint_dir = trainer.checkpoint_dir
     assert ckpt.latest_tag(checkpoint_dir) == "step_00000002"
-    assert os.path.isdir(os.path.join(checkpoint_dir, ".tmp-step_00000003"))
+    assert not os.path.exists(os.path.join(checkpoint_dir, ".tmp-step_00000003"))  # cleaned up
     assert [s for s, _ in ckpt.list_checkpoints(checkpoint_dir)] == [2]
 
     # a crash inside DeepSpeed's own writer: the same

@@ -1,0 +1,164 @@
+"""Faults injected into two-rank CPU runs under the deepspeed launcher: SIGKILL of every process at
+random points (during training and in the middle of a checkpoint write), then a restart, must end
+bitwise where an uninterrupted run ends; a full disk during a save stops both ranks with one error
+naming the file, without a hang, and leaves the previous checkpoint as `latest`."""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from tests.engine.test_resume import fill_disk, mount_tmpfs
+from tests.engine.trainer_fixtures import DEEPSPEED, REPO, env, free_port, tiny_config, write_config
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("builtin_data")
+
+
+def start(config_path) -> subprocess.Popen:
+    """The two-rank run, in its own process group (so one SIGKILL reaches the launcher and both ranks)."""
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.train",
+           "--config", str(config_path)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def kill(proc) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def finish(proc, timeout=300) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def records(run) -> list[dict]:
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def wait_for(condition, proc, timeout=240, poll=0.005) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False
+
+
+def final_state(run) -> dict:
+    tag_dir = os.path.join(run, "checkpoints", ckpt.tag_for(STEPS))
+    state = {f"ema.{k}": v for k, v in ckpt.safe_load(os.path.join(tag_dir, ckpt.EMA_FILE))["ema"].items()}
+    model = ckpt.safe_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), extra_globals=ckpt._deepspeed_safe_globals())
+    state.update({f"module.{k}": v for k, v in model["module"].items()})
+    for rank in (0, 1):
+        optim = ckpt.safe_load(os.path.join(tag_dir, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+                               extra_globals=ckpt._deepspeed_safe_globals())["optimizer_state_dict"]
+        for i, moments in optim["base_optimizer_state"]["state"].items():
+            state.update({f"optim{rank}.{i}.{k}": v for k, v in moments.items() if torch.is_tensor(v)})
+        for i, masters in enumerate(optim["single_partition_of_fp32_groups"]):
+            state[f"masters{rank}.{i}"] = masters
+    return state
+
+
+def test_kill_9_at_random_points_then_restart_is_bitwise_the_uninterrupted_run(tmp_path, data_root):
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    print(f"kill points drawn with seed {seed}")
+
+    def config(name):
+        raw = tiny_config(tmp_path / name, data_root, train=dict(max_steps=STEPS, collective_timeout_s=60),
+                          checkpoint=dict(every=1, keep_last=2))
+        return write_config(raw, tmp_path / f"{name}.yaml")
+
+    reference = start(config("reference"))
+    code, text = finish(reference)
+    assert code == 0, text[-3000:]
+    expected = {r["step"]: r for r in records(tmp_path / "reference")}
+    assert sorted(expected) == list(range(1, STEPS + 1))
+
+    run, path = str(tmp_path / "killed"), config("killed")
+    checkpoints = os.path.join(run, "checkpoints")
+    # 1: during training, a random moment after a random step
+    proc = start(path)
+    after = rng.randint(1, 3)
+    assert wait_for(lambda: len(records(run)) >= after, proc), finish(proc)[1][-3000:]
+    time.sleep(rng.uniform(0.0, 0.5))
+    kill(proc)
+    # 2: in the middle of a checkpoint write (its .tmp- directory exists), a random number of saves in
+    seen = {ckpt.latest_tag_or_none(checkpoints)}
+    skip = rng.randint(0, 1)
+
+    def mid_save():
+        if not os.path.isdir(checkpoints):
+            return False
+        partial = [n for n in os.listdir(checkpoints) if n.startswith(".tmp-")]
+        if partial and partial[0][5:] not in seen:
+            if len(seen) > skip:
+                return True
+            seen.add(partial[0][5:])
+        return False
+
+    proc = start(path)
+    assert wait_for(mid_save, proc), "the run ended before a save was caught: " + finish(proc)[1][-3000:]
+    kill(proc)
+    latest = ckpt.latest_tag_or_none(checkpoints)
+    assert latest is not None and ckpt.check_readable(os.path.join(checkpoints, latest)) is None
+    # 3: the restart runs to the end
+    code, text = finish(start(path))
+    assert code == 0, text[-3000:]
+    assert "resumed from" in text
+
+    got = records(run)
+    assert sorted({r["step"] for r in got}) == list(range(1, STEPS + 1))
+    for record in got:  # steps trained twice (after a kill) gave the same numbers both times
+        for key in ("loss", "velocity", "alignment", "cls", "grad_norm", "lr"):
+            assert record[key] == expected[record["step"]][key], (key, record["step"])
+    want, have = final_state(tmp_path / "reference"), final_state(run)
+    assert sorted(want) == sorted(have)
+    for key, value in want.items():
+        torch.testing.assert_close(have[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_full_disk_stops_both_ranks_with_one_error_and_no_hang(tmp_path, data_root):
+    run = tmp_path / "run"
+    unmount = mount_tmpfs(run / "checkpoints", "32m")
+    try:
+        raw = tiny_config(run, data_root, train=dict(max_steps=40, collective_timeout_s=60),
+                          checkpoint=dict(every=1, keep_last=100))
+        proc = start(write_config(raw, tmp_path / "config.yaml"))
+        checkpoints = str(run / "checkpoints")
+        assert wait_for(lambda: ckpt.latest_tag_or_none(checkpoints) is not None, proc), finish(proc)[1][-3000:]
+        good = ckpt.latest_tag_or_none(checkpoints)
+        fill_disk(checkpoints)
+        started = time.time()
+        code, text = finish(proc, timeout=240)
+        elapsed = time.time() - started
+    finally:
+        names = sorted(os.listdir(run / "checkpoints"))
+        latest = ckpt.latest_tag_or_none(str(run / "checkpoints"))
+        readable = latest and ckpt.check_readable(str(run / "checkpoints" / latest))
+        unmount()
+    assert code != 0, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("error: rank ")]
+    assert sorted(line[:13] for line in errors) == ["error: rank 0", "error: rank 1"], text[-3000:]
+    assert errors[0][13:] == errors[1][13:]  # the same line on both ranks
+    assert "No space left on device (ENOSPC)" in errors[0] and "was removed and step_" in errors[0], errors[0]
+    assert "PeerLostError" not in text and elapsed < 60, elapsed  # stopped together, not by the timeout
+    assert not [n for n in names if n.startswith(".tmp-")], names
+    assert latest is not None and int(latest[5:]) >= int(good[5:]) and readable is None

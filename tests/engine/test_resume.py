@@ -1,6 +1,7 @@
 """Resume policy (README "Resume policy"): a resume whose config differs from the checkpoint's either
 applies the new value or is refused before DeepSpeed loads anything, as one line naming the key and
-the checkpoint's value. One CPU rank in this process."""
+the checkpoint's value. One CPU rank in this process; its group stays up for the later in-process
+trainer files (test_train.py ends it), as a group ended under DeepSpeed leaves it a stale clone."""
 import os
 
 import pytest
@@ -16,18 +17,6 @@ from tests.engine.trainer_fixtures import tiny_config
 def _keep_kernel_backend():
     with kernels.use_backend(kernels.get_backend()):
         yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_rank_process_group():
-    saved = dict(os.environ)
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def trainer_for(raw):

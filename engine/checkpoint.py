@@ -320,6 +320,7 @@ def agree(problem: str | None) -> str | None:
 RESUME_RULES: dict[str, tuple[str, str]] = {
     "model": ("refuse", "the checkpoint's weights have this model's shapes and meaning"),
     "model.grad_checkpointing": ("apply", "activation memory only"),
+    "model.fused_gelu": ("apply", "a kernel choice (the numbers may differ in rounding)"),
     "transport": ("apply", "the loss weighting and time sampling of the steps from now on"),
     "transport.path": ("refuse", "it defines the velocity the model has learned"),
     "transport.prediction": ("refuse", "it defines what the model has learned to predict"),
@@ -338,6 +339,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "encoders": ("refuse", "the alignment targets the projectors have learned"),
     "encoders.weights_path": ("path", "the same encoder weights at another path"),
     "encoders.autocast_dtype": ("apply", "the encoder's precision on CUDA"),
+    "encoders.fused": ("apply", "the encoder's kernels on CUDA"),
     "latent": ("refuse", "the latent space the model has learned"),
     "latent.path": ("path", "the same latent space at another path"),
     "latent.dtype": ("apply", "the VAE's compute precision"),

@@ -901,7 +901,7 @@ def goal_check(variants: dict, peak_bf16: float) -> list[dict]:
 
 def goal_table(rows: list[dict]) -> list[str]:
     refs = [r for r in GOAL_SPEEDUPS if any(r in row["speedups"] for row in rows)]
-    lines = [f"Goal check (issue 14, modelled): each fused variant's speed-up over "
+    lines = ["Goal check (issue 14, modelled): each fused variant's speed-up over "
              + " and ".join(f"{ref} (goal {GOAL_SPEEDUPS[ref]}x)" for ref in refs)
              + f", and its MFU (goal {GOAL_MFU:.0%} of the dense bf16 peak). Where a goal is not met: the step "
              "time that meets all three (the binding goal named), the time to cut, and the categories standing in "

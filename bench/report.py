@@ -74,7 +74,7 @@ def kernel_table(payload: dict | None) -> str:
             lines.append(f"| {result['op']} | {result['shape']} | {result['mode']} | {v['variant']} | "
                          f"{v['seconds'] * 1e6:.1f} | {ratio} | {rate} | {peak} |")
     if not_run:
-        lines += ["", f"Not run in this call (its time budget ran out): "
+        lines += ["", "Not run in this call (its time budget ran out): "
                       + "; ".join(f"{r['op']} {r['shape']} {r['mode']}" for r in not_run) + "."]
     return "\n".join(lines) + "\n"
 

@@ -89,9 +89,8 @@ class LatentShardWriter:
             os.makedirs(os.path.join(out, "done"), exist_ok=True)
             _write_json(os.path.join(out, INDEX), dict(keys=list(keys), labels=[int(x) for x in labels]))
             for name in ("mean", "std"):
-                arr = np.lib.format.open_memmap(os.path.join(out, f"{name}.npy.tmp"), mode="w+", dtype=dtype,
-                                                shape=(self.num_samples, *self.shape))
-                del arr
+                np.lib.format.open_memmap(os.path.join(out, f"{name}.npy.tmp"), mode="w+", dtype=dtype,
+                                          shape=(self.num_samples, *self.shape))
                 os.replace(os.path.join(out, f"{name}.npy.tmp"), os.path.join(out, f"{name}.npy"))
             _write_json(os.path.join(out, META), want)  # written last: its presence means the files exist
         else:

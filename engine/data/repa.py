@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .index import IMAGE_EXTS, CorruptImageError, SampleIndex, index_folder, refuse_corrupt
+from .index import IMAGE_EXTS, CorruptImageError, index_folder, refuse_corrupt
 
 IMAGES, LATENTS, LABELS = "images", "vae-sd", "dataset.json"
 

@@ -1,7 +1,6 @@
 """Checkpoints are loaded with torch.load(weights_only=True): a file that would run code when
 unpickled is refused naming it, and the code never runs. A config inside a checkpoint may not name a
 module to import unless the user names it too."""
-import os
 
 import pytest
 import torch

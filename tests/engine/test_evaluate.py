@@ -3,7 +3,6 @@ numpy formulas written out here), ADM's .npz batches, and the command line on on
 the random test Inception (its numbers mean nothing; the pipeline around them is what is tested)."""
 import json
 import os
-import zipfile
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ checkpoints (with their argparse options, DDP prefixes and the legacy decoder_bl
 engine.sample and by the trainer's checkpoint.init_weights. The files are written in those releases'
 layouts from our model with the key mapping inverted."""
 import argparse
-import os
 
 import numpy as np
 import pytest

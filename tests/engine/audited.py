@@ -50,8 +50,8 @@ def main() -> None:
 
         step = Trainer.train_step
 
-        def slow_step(self):
-            out = step(self)
+        def slow_step(self, *args, **kwargs):
+            out = step(self, *args, **kwargs)
             time.sleep(delay)
             return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -98,8 +99,9 @@ def check_writes(tmp) -> None:
     assert any(p.startswith("samples_step") for p in written[0]) and "samples.npz" in written[0]
     for path in written[1]:
         parts = path.split("/")
-        assert parts[0] == "checkpoints" and len(parts) >= 2 and (len(parts) == 2 or "rank1" in parts[-1]), \
-            f"rank 1 wrote {path}"
+        # its own files: ours are named rank1, DeepSpeed's ZeRO shards zero_pp_rank_1_...
+        own = len(parts) == 2 or re.search(r"rank_?1(?!\d)", parts[-1]) is not None
+        assert parts[0] == "checkpoints" and len(parts) >= 2 and own, f"rank 1 wrote {path}"
         assert parts[1].startswith((".tmp-step_", "step_")), f"rank 1 wrote {path}"
     for tag in (f"step_{EVERY:08d}", f"step_{STEPS:08d}"):
         files = set(os.listdir(tmp / "run" / "checkpoints" / tag))

@@ -11,6 +11,7 @@ import torch
 
 import kernels
 from kernels import _cuda
+from tests.kernels.csrc_fixtures import csrc_build  # noqa: F401 (autouse: emulator or fatbin)
 from tests.helpers import assert_close, grads, leaf, poisoned_empty
 
 # awkward widths (72: 9 vectors of 8 bf16; 100: the element-load path), SiT-XL's 1152, the widest
@@ -19,16 +20,6 @@ SHAPES = [(2, 3, 72), (2, 5, 100), (2, 33, 1152), (1, 2, 4096), (1, 1, 1152)]
 DTYPES = [torch.float32, torch.bfloat16]
 RESIDUAL_NAMES = ["x_new", "y", "d_x", "d_h", "d_gate", "d_shift", "d_scale"]
 MODULATE_NAMES = ["y", "d_x", "d_shift", "d_scale"]
-
-
-@pytest.fixture(autouse=True)
-def _emulated(monkeypatch, device):
-    if device.type == "cpu":
-        if _cuda.emulator_missing():
-            pytest.skip(_cuda.emulator_missing())
-        monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
-    elif "ALIGNFLOW_CUDA_LIB" not in os.environ and not (_cuda.CSRC / "build" / "libalignflow_cuda.so").exists():
-        _cuda.build_fatbin()
 
 
 def _inputs(shape, dtype, device, mod_dtype=None):

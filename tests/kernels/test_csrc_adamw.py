@@ -8,20 +8,11 @@ import torch
 
 import kernels
 from kernels import _cuda
+from tests.kernels.csrc_fixtures import csrc_build  # noqa: F401 (autouse: emulator or fatbin)
 
 # a 1-element tensor, an odd size (element kernel), exactly one chunk, a chunk and a tail, an
 # unaligned view (element kernel), a weight matrix
 SIZES = [(1,), (7,), (4096,), (4096 + 12,), (3, 5), (64, 72)]
-
-
-@pytest.fixture(autouse=True)
-def _emulated(monkeypatch, device):
-    if device.type == "cpu":
-        if _cuda.emulator_missing():
-            pytest.skip(_cuda.emulator_missing())
-        monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
-    elif "ALIGNFLOW_CUDA_LIB" not in os.environ and not (_cuda.CSRC / "build" / "libalignflow_cuda.so").exists():
-        _cuda.build_fatbin()
 
 
 def _params(device):

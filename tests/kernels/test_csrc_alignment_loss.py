@@ -1,27 +1,17 @@
 """The CUDA C++ alignment loss (csrc/alignment_loss.cu) against reference_alignment_loss, run on the
 CPU by the CUDA emulator (kernels.set_backend("cuda") with ALIGNFLOW_CUEMU=1); on a GPU the real
 kernels. Outputs poisoned (NaN) before the kernels write them."""
-import os
 
 import pytest
 import torch
 
 import kernels
 from kernels import _cuda
+from tests.kernels.csrc_fixtures import csrc_build  # noqa: F401 (autouse: emulator or fatbin)
 from tests.helpers import assert_close, grads, leaf, poisoned_empty
 
 # REPA's DINOv2-B width 768, an odd width (element loads), 1152, 4096, a single token
 SHAPES = [(2, 3, 768), (2, 5, 100), (3, 7, 1152), (1, 2, 4096), (1, 1, 72)]
-
-
-@pytest.fixture(autouse=True)
-def _emulated(monkeypatch, device):
-    if device.type == "cpu":
-        if _cuda.emulator_missing():
-            pytest.skip(_cuda.emulator_missing())
-        monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
-    elif "ALIGNFLOW_CUDA_LIB" not in os.environ and not (_cuda.CSRC / "build" / "libalignflow_cuda.so").exists():
-        _cuda.build_fatbin()
 
 
 def _run(backend, pairs, reduction="none"):

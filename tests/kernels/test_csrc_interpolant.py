@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from kernels import _cuda
+from tests.kernels.csrc_fixtures import csrc_build  # noqa: F401 (autouse: emulator or fatbin)
 from tests.helpers import assert_close, grads, leaf, poisoned_empty
 
 # SiT latents (S = 64), an odd S (element loads), two chunks per row (S = 4096), REG's class token
@@ -21,16 +22,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 # every shape runs every shift form, each path twice
 SHIFTS = [("none", "linear"), ("channel", "cosine"), ("full", "linear"), ("batch", "cosine"),
           ("channel+full", "linear")]
-
-
-@pytest.fixture(autouse=True)
-def _emulated(monkeypatch, device):
-    if device.type == "cpu":
-        if _cuda.emulator_missing():
-            pytest.skip(_cuda.emulator_missing())
-        monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
-    elif "ALIGNFLOW_CUDA_LIB" not in os.environ and not (_cuda.CSRC / "build" / "libalignflow_cuda.so").exists():
-        _cuda.build_fatbin()
 
 
 def _shift(kind, shape, dtype, device):

@@ -141,6 +141,7 @@ void interpolant_forward(const at::Tensor& x, const at::Tensor& noise, const at:
 void interpolant_backward(const Optional& g_xt, const Optional& g_v, const at::Tensor& t, const Optional& dz1_full,
                           const Optional& dz0_full, const Optional& dz1_rows, const Optional& dz0_rows, int64_t B,
                           int64_t C, int64_t S, int64_t path) {
+    TORCH_CHECK(g_xt.has_value() || g_v.has_value(), "interpolant_backward: give g_xt, g_v or both, got neither");
     const at::Tensor& g = g_xt.has_value() ? *g_xt : *g_v;
     TORCH_CHECK(g.is_cuda(), "interpolant_backward: the gradients must be CUDA tensors");
     c10::cuda::CUDAGuard guard(g.device());

@@ -146,6 +146,35 @@ def build_fatbin(output: Path | None = None) -> Path:
     return output
 
 
+EXTENSION_FLAGS = {"cxx": ["-O3", "-Wall", "-Werror"],
+                   "nvcc": ["-O3", "--expt-relaxed-constexpr", "-Werror=all-warnings", "-Xcompiler=-Wall,-Werror"]}
+
+
+def build_extension(arch_list: str = "8.0;9.0a"):
+    """The kernels._csrc extension of setup.py (csrc/bindings.cpp + every csrc/*.cu, setup.py's flags
+    plus warnings as errors) built by torch.utils.cpp_extension for TORCH_CUDA_ARCH_LIST=arch_list,
+    cached by a hash of the sources, flags, nvcc and torch under the cache dir; returns the module.
+    Needs nvcc and a CUDA build of torch, not a GPU."""
+    from torch.utils import cpp_extension
+    sources = [CSRC / "bindings.cpp", *sorted(CSRC.glob("*.cu"))]
+    flags = [arch_list, torch.__version__, *EXTENSION_FLAGS["cxx"], *EXTENSION_FLAGS["nvcc"]]
+    directory = cache_dir() / "extension" / _digest([*sources, *_headers()], flags, nvcc())
+    directory.mkdir(parents=True, exist_ok=True)
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST"), cpp_extension.CUDA_HOME
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    cpp_extension.CUDA_HOME = str(CUDA_HOME)  # else torch guesses it from nvcc's path (/usr/local here)
+    try:
+        return cpp_extension.load("_csrc", [str(p) for p in sources], extra_include_paths=[str(CSRC)],
+                                  extra_cflags=EXTENSION_FLAGS["cxx"], extra_cuda_cflags=EXTENSION_FLAGS["nvcc"],
+                                  build_directory=str(directory))
+    finally:
+        if saved[0] is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved[0]
+        cpp_extension.CUDA_HOME = saved[1]
+
+
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import glob
+import json
 import os
 import shutil
 
@@ -21,12 +22,14 @@ def cuda_extension() -> dict:
 
     # sm_90a as torch writes it ("9.0a" gives -gencode=arch=compute_90a,code=sm_90a; nvcc 13.0's
     # -arch=sm_90a shorthand rejects wgmma)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "csrc", "extension_flags.json")) as f:
+        flags = json.load(f)  # also what kernels._cuda.build_extension builds the test's extension with
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", flags["arch_list"])
     sources = ["csrc/bindings.cpp", *sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cu")))]
     extension = CUDAExtension(
         "kernels._csrc", sources, include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]})
+        extra_compile_args={"cxx": flags["cxx"], "nvcc": flags["nvcc"]})
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import hashlib
+import json
 import logging
 import math
 import os
@@ -146,18 +147,23 @@ def build_fatbin(output: Path | None = None) -> Path:
     return output
 
 
-EXTENSION_FLAGS = {"cxx": ["-O3", "-Wall", "-Werror"],
-                   "nvcc": ["-O3", "--expt-relaxed-constexpr", "-Werror=all-warnings", "-Xcompiler=-Wall,-Werror"]}
+def extension_flags() -> dict:
+    """setup.py's flags for kernels._csrc (csrc/extension_flags.json) plus warnings as errors."""
+    flags = json.loads((CSRC / "extension_flags.json").read_text())
+    return {"arch_list": flags["arch_list"], "cxx": [*flags["cxx"], "-Wall", "-Werror"],
+            "nvcc": [*flags["nvcc"], "-Werror=all-warnings", "-Xcompiler=-Wall,-Werror"]}
 
 
-def build_extension(arch_list: str = "8.0;9.0a"):
+def build_extension(arch_list: str | None = None):
     """The kernels._csrc extension of setup.py (csrc/bindings.cpp + every csrc/*.cu, setup.py's flags
-    plus warnings as errors) built by torch.utils.cpp_extension for TORCH_CUDA_ARCH_LIST=arch_list,
-    cached by a hash of the sources, flags, nvcc and torch under the cache dir; returns the module.
+    plus warnings as errors) built by torch.utils.cpp_extension for TORCH_CUDA_ARCH_LIST=arch_list
+    (default: setup.py's), cached by a hash of the sources, flags, nvcc and torch under the cache dir; returns the module.
     Needs nvcc and a CUDA build of torch, not a GPU."""
     from torch.utils import cpp_extension
+    config = extension_flags()
+    arch_list = arch_list or config["arch_list"]
     sources = [CSRC / "bindings.cpp", *sorted(CSRC.glob("*.cu"))]
-    flags = [arch_list, torch.__version__, *EXTENSION_FLAGS["cxx"], *EXTENSION_FLAGS["nvcc"]]
+    flags = [arch_list, torch.__version__, *config["cxx"], *config["nvcc"]]
     directory = cache_dir() / "extension" / _digest([*sources, *_headers()], flags, nvcc())
     built = directory / "_csrc.so"
     if built.exists():  # by content hash: ninja would rebuild a fresh checkout's newer mtimes
@@ -172,7 +178,7 @@ def build_extension(arch_list: str = "8.0;9.0a"):
     cpp_extension.CUDA_HOME = str(CUDA_HOME)  # else torch guesses it from nvcc's path (/usr/local here)
     try:
         return cpp_extension.load("_csrc", [str(p) for p in sources], extra_include_paths=[str(CSRC)],
-                                  extra_cflags=EXTENSION_FLAGS["cxx"], extra_cuda_cflags=EXTENSION_FLAGS["nvcc"],
+                                  extra_cflags=config["cxx"], extra_cuda_cflags=config["nvcc"],
                                   build_directory=str(directory))
     finally:
         if saved[0] is None:

@@ -18,6 +18,11 @@ itself, over the full gradients that DeepSpeed has already averaged.
 Numerics: the clip is applied as g / d instead of g * (1 / d) (DeepSpeed) or g * (c / (norm + 1e-6))
 (torch), so a clipped step differs from the reference by float rounding of the gradient (one ulp);
 an unclipped step (d = 1) is the same.
+
+bf16 weight copies (`set_bf16_copies`): a bf16 forward that reads a bf16 copy of each fp32 parameter
+hands the optimizer {fp32 param: bf16 tensor}; after every step() each copy holds its parameter
+rounded to bf16 (round to nearest even, as `param.to(torch.bfloat16)`), so the model casts nothing per
+step. torch's kernel path writes them in one `torch._foreach_copy_` after its step.
 """
 from __future__ import annotations
 
@@ -43,7 +48,10 @@ class ClippedAdamW(torch.optim.AdamW):
     global norm of its own gradients (`grad_norm_source`, where given, supplies an already computed
     norm instead). The norm it used is `last_grad_norm` (a device tensor; None when DeepSpeed
     supplied the divisor: DeepSpeed keeps the norm) and, for DeepSpeed's stage-0 engine, which reads
-    it from its optimizer, `_global_grad_norm`."""
+    it from its optimizer, `_global_grad_norm`.
+
+    `set_bf16_copies({param: bf16 tensor})` (None: none) makes every step() also leave each copy equal
+    to its parameter rounded to bf16; `writes_bf16_copies` says whether it does."""
 
     def __init__(self, params, max_norm: float, grad_norm_source: Callable[[], torch.Tensor] | None = None,
                  **adamw_kwargs):
@@ -59,12 +67,43 @@ class ClippedAdamW(torch.optim.AdamW):
         self.last_grad_norm: torch.Tensor | None = None
         self._clip_divisor: torch.Tensor | None = None
         self.divisor_from_deepspeed = False  # set by hand_clipping_to for a ZeRO optimizer
+        self._bf16_copies: dict[torch.Tensor, torch.Tensor] = {}
 
     clips_gradients = True  # bench.train_step.one_step: no clip_grad_norm_ before this optimizer
 
     def set_clip_divisor(self, divisor: torch.Tensor | None) -> None:
         """DeepSpeed's divisor for the next step() (None: do not scale)."""
         self._clip_divisor = divisor
+
+    @property
+    def writes_bf16_copies(self) -> bool:
+        return bool(self._bf16_copies)
+
+    def set_bf16_copies(self, mapping: dict[torch.Tensor, torch.Tensor] | None) -> None:
+        """{fp32 param of this optimizer: bf16 tensor of its shape} that every step() leaves equal to
+        the param rounded to bf16 (written now too); None or {} stops it. Raises ValueError naming a
+        param that is not this optimizer's or a copy of the wrong shape, dtype or device."""
+        mapping = dict(mapping or {})
+        names = {p: f"param_groups[{i}]['params'][{j}]" for i, group in enumerate(self.param_groups)
+                 for j, p in enumerate(group["params"])}
+        for param, copy in mapping.items():
+            if param not in names:
+                raise ValueError(f"set_bf16_copies: a param of shape {tuple(param.shape)} ({param.dtype}) that this "
+                                 "optimizer does not hold; allowed: its param_groups' params")
+            if param.dtype != torch.float32:
+                raise ValueError(f"set_bf16_copies: {names[param]} is {param.dtype}; allowed: float32 params")
+            if not (torch.is_tensor(copy) and copy.dtype == torch.bfloat16 and copy.shape == param.shape
+                    and copy.device == param.device):
+                got = f"{copy.dtype} {tuple(copy.shape)} on {copy.device}" if torch.is_tensor(copy) else type(copy).__name__
+                raise ValueError(f"set_bf16_copies: the copy of {names[param]} is {got}; allowed: torch.bfloat16 "
+                                 f"{tuple(param.shape)} on {param.device}")
+        self._bf16_copies = mapping
+        self._write_bf16_copies()
+
+    @torch.no_grad()
+    def _write_bf16_copies(self) -> None:
+        if self._bf16_copies:
+            torch._foreach_copy_(list(self._bf16_copies.values()), list(self._bf16_copies))
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -85,12 +124,15 @@ class ClippedAdamW(torch.optim.AdamW):
             self.last_grad_norm = self._global_grad_norm = norm
             divisor = clip_divisor(norm, self.max_norm)
         if divisor is None:
-            return super().step()
-        self.grad_scale = torch.as_tensor(divisor, dtype=torch.float32, device=grads[0].device).reshape(1)
-        try:
-            return super().step()
-        finally:
-            del self.grad_scale
+            super().step()
+        else:
+            self.grad_scale = torch.as_tensor(divisor, dtype=torch.float32, device=grads[0].device).reshape(1)
+            try:
+                super().step()
+            finally:
+                del self.grad_scale
+        self._write_bf16_copies()
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

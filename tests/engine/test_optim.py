@@ -127,3 +127,43 @@ def test_deepspeed_keeps_its_clip_setting_under_zero_only(tmp_path):
     cfg = config(tmp_path)  # auto on the CPU: off, DeepSpeed clips as before
     cfg.train.zero_stage = 0
     assert deepspeed_config(cfg, 1, "fp32", "cpu")["gradient_clipping"] == 1.0
+
+
+def poisoned_bf16_copies(ps):
+    return {p: torch.full(p.shape, float("nan"), dtype=torch.bfloat16) for p in ps}
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipping active, inactive
+def test_bf16_copies_are_the_params_rounded_after_every_step(max_norm):
+    ps = params(int(torch.randint(0, 2 ** 31, ())))
+    opt = ClippedAdamW([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}], max_norm=max_norm, **ADAMW)
+    assert not opt.writes_bf16_copies
+    copies = poisoned_bf16_copies(ps[1:])  # one param without a copy
+    opt.set_bf16_copies(copies)
+    assert opt.writes_bf16_copies
+    for p, c in copies.items():  # written when set
+        assert torch.equal(c, p.detach().to(torch.bfloat16))
+    for step in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape)
+        before = [p.detach().clone() for p in ps]
+        opt.step()
+        assert all(not torch.equal(p.detach(), b) for p, b in zip(ps, before))
+        for i, (p, c) in enumerate(copies.items()):
+            assert torch.equal(c, p.detach().to(torch.bfloat16)), f"step {step} copy {i}"
+    opt.set_bf16_copies(None)
+    assert not opt.writes_bf16_copies
+
+
+def test_bf16_copies_refuse_a_wrong_mapping():
+    ps = params(0)
+    opt = ClippedAdamW(ps, max_norm=1.0, **ADAMW)
+    stranger = torch.nn.Parameter(torch.zeros(4, 4))
+    for mapping, message in [
+            ({ps[1]: torch.zeros(1151, dtype=torch.bfloat16)}, r"copy of param_groups\[0\]\['params'\]\[1\] is "
+                                                               r"torch.bfloat16 \(1151,\) on cpu; allowed: torch.bfloat16 \(1152,\)"),
+            ({ps[0]: torch.zeros(72, 5)}, r"copy of param_groups\[0\]\['params'\]\[0\] is torch.float32 \(72, 5\)"),
+            ({stranger: torch.zeros(4, 4, dtype=torch.bfloat16)}, r"a param of shape \(4, 4\) .* does not hold")]:
+        with pytest.raises(ValueError, match=message):
+            opt.set_bf16_copies(mapping)
+        assert not opt.writes_bf16_copies

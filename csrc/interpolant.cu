@@ -259,7 +259,12 @@ inline Layout layout(long long rows, long long S) {
     return l;
 }
 
-inline bool grid_fits(long long rows, const Layout& l) { return rows * l.num_chunks <= 2147483647LL; }
+// The layout of a flow kernel over (B, C, S) on `path`; false where an argument or the grid is out of range.
+inline bool flow_layout(long long B, long long C, long long S, int path, Layout& l) {
+    if (B < 1 || C < 1 || S < 1 || path < 0 || path > 1) return false;
+    l = layout(B * C, S);
+    return B * C * l.num_chunks <= 2147483647LL;
+}
 
 template <class T>
 bool shift_vectorizable(const Shift<T>& s, int vec) {
@@ -323,23 +328,17 @@ AF_C_EXPORT int alignflow_interpolant_forward(const void* x, const void* noise, 
                                               const void* mu1_full, const float* mu1_rows, long long mu1_sb,
                                               long long mu1_sc, void* x_t, void* v, long long B, long long C,
                                               long long S, int path, int dtype, cudaStream_t stream) {
-    if (B < 1 || C < 1 || S < 1 || path < 0 || path > 1) return cudaErrorInvalidValue;
-    const Layout l = layout(B * C, S);
-    if (!grid_fits(B * C, l)) return cudaErrorInvalidValue;
+    Layout l;
+    if (!flow_layout(B, C, S, path, l)) return cudaErrorInvalidValue;
     return dispatch_one(dtype, [&](auto tag) {
         using T = decltype(tag);
         constexpr int kVec = vec_of<T>();
         const Shift<T> mu0 = shift_of<T>(mu0_full, mu0_rows, mu0_sb, mu0_sc);
         const Shift<T> mu1 = shift_of<T>(mu1_full, mu1_rows, mu1_sb, mu1_sc);
         const dim3 grid(unsigned(B * C * l.num_chunks)), block(l.threads);
-        if (S % kVec == 0 && all_aligned({x, noise, x_t, v}) && shift_vectorizable(mu0, kVec) &&
-            shift_vectorizable(mu1, kVec)) {
-            auto kernel = &interpolant_forward_kernel<T, kVec>;
-            return AF_LAUNCH(kernel, grid, block, 0, stream, static_cast<const T*>(x), static_cast<const T*>(noise),
-                             t, mu0, mu1, static_cast<T*>(x_t), static_cast<T*>(v), C, S, l.chunk_size, l.num_chunks,
-                             path);
-        }
-        auto kernel = &interpolant_forward_kernel<T, 1>;
+        const bool vectorized = S % kVec == 0 && all_aligned({x, noise, x_t, v}) && shift_vectorizable(mu0, kVec) &&
+                                shift_vectorizable(mu1, kVec);
+        auto kernel = vectorized ? &interpolant_forward_kernel<T, kVec> : &interpolant_forward_kernel<T, 1>;
         return AF_LAUNCH(kernel, grid, block, 0, stream, static_cast<const T*>(x), static_cast<const T*>(noise), t,
                          mu0, mu1, static_cast<T*>(x_t), static_cast<T*>(v), C, S, l.chunk_size, l.num_chunks, path);
     });
@@ -350,19 +349,14 @@ AF_C_EXPORT int alignflow_interpolant_forward(const void* x, const void* noise, 
 AF_C_EXPORT int alignflow_interpolant_backward(const void* g_xt, const void* g_v, const float* t, float* dz1_full,
                                                float* dz0_full, float* dz1_rows, float* dz0_rows, long long B,
                                                long long C, long long S, int path, int dtype, cudaStream_t stream) {
-    if (B < 1 || C < 1 || S < 1 || path < 0 || path > 1) return cudaErrorInvalidValue;
-    const Layout l = layout(B * C, S);
-    if (!grid_fits(B * C, l)) return cudaErrorInvalidValue;
+    Layout l;
+    if (!flow_layout(B, C, S, path, l)) return cudaErrorInvalidValue;
     return dispatch_one(dtype, [&](auto tag) {
         using T = decltype(tag);
         constexpr int kVec = vec_of<T>();
         const dim3 grid(unsigned(B * C * l.num_chunks)), block(l.threads);
-        if (S % kVec == 0 && all_aligned({g_xt, g_v, dz1_full, dz0_full})) {
-            auto kernel = &interpolant_backward_kernel<T, kVec>;
-            return AF_LAUNCH(kernel, grid, block, 0, stream, static_cast<const T*>(g_xt), static_cast<const T*>(g_v),
-                             t, dz1_full, dz0_full, dz1_rows, dz0_rows, C, S, l.chunk_size, l.num_chunks, path);
-        }
-        auto kernel = &interpolant_backward_kernel<T, 1>;
+        const bool vectorized = S % kVec == 0 && all_aligned({g_xt, g_v, dz1_full, dz0_full});
+        auto kernel = vectorized ? &interpolant_backward_kernel<T, kVec> : &interpolant_backward_kernel<T, 1>;
         return AF_LAUNCH(kernel, grid, block, 0, stream, static_cast<const T*>(g_xt), static_cast<const T*>(g_v), t,
                          dz1_full, dz0_full, dz1_rows, dz0_rows, C, S, l.chunk_size, l.num_chunks, path);
     });
@@ -375,9 +369,8 @@ AF_C_EXPORT int alignflow_velocity_forward(const void* v_pred, const void* x, co
                                            long long mu1_sb, long long mu1_sc, float* partial, long long B,
                                            long long C, long long S, int path, int x_dtype, int v_dtype,
                                            cudaStream_t stream) {
-    if (B < 1 || C < 1 || S < 1 || path < 0 || path > 1) return cudaErrorInvalidValue;
-    const Layout l = layout(B * C, S);
-    if (!grid_fits(B * C, l)) return cudaErrorInvalidValue;
+    Layout l;
+    if (!flow_layout(B, C, S, path, l)) return cudaErrorInvalidValue;
     return dispatch_pair(x_dtype, v_dtype, [&](auto x_tag, auto v_tag) {
         using TX = decltype(x_tag);
         using TV = decltype(v_tag);
@@ -385,14 +378,9 @@ AF_C_EXPORT int alignflow_velocity_forward(const void* v_pred, const void* x, co
         const Shift<TX> mu0 = shift_of<TX>(mu0_full, mu0_rows, mu0_sb, mu0_sc);
         const Shift<TX> mu1 = shift_of<TX>(mu1_full, mu1_rows, mu1_sb, mu1_sc);
         const dim3 grid(unsigned(B * C * l.num_chunks)), block(l.threads);
-        if (S % kVec == 0 && all_aligned({v_pred, x, noise}) && shift_vectorizable(mu0, kVec) &&
-            shift_vectorizable(mu1, kVec)) {
-            auto kernel = &velocity_forward_kernel<TX, TV, kVec>;
-            return AF_LAUNCH(kernel, grid, block, 0, stream, static_cast<const TV*>(v_pred),
-                             static_cast<const TX*>(x), static_cast<const TX*>(noise), t, mu0, mu1, partial, C, S,
-                             l.chunk_size, l.num_chunks, path);
-        }
-        auto kernel = &velocity_forward_kernel<TX, TV, 1>;
+        const bool vectorized = S % kVec == 0 && all_aligned({v_pred, x, noise}) && shift_vectorizable(mu0, kVec) &&
+                                shift_vectorizable(mu1, kVec);
+        auto kernel = vectorized ? &velocity_forward_kernel<TX, TV, kVec> : &velocity_forward_kernel<TX, TV, 1>;
         return AF_LAUNCH(kernel, grid, block, 0, stream, static_cast<const TV*>(v_pred), static_cast<const TX*>(x),
                          static_cast<const TX*>(noise), t, mu0, mu1, partial, C, S, l.chunk_size, l.num_chunks, path);
     });
@@ -406,9 +394,8 @@ AF_C_EXPORT int alignflow_velocity_backward(const void* v_pred, const void* x, c
                                             float* dz1_full, float* dz0_full, float* dz1_rows, float* dz0_rows,
                                             long long B, long long C, long long S, int path, int x_dtype,
                                             int v_dtype, cudaStream_t stream) {
-    if (B < 1 || C < 1 || S < 1 || path < 0 || path > 1) return cudaErrorInvalidValue;
-    const Layout l = layout(B * C, S);
-    if (!grid_fits(B * C, l)) return cudaErrorInvalidValue;
+    Layout l;
+    if (!flow_layout(B, C, S, path, l)) return cudaErrorInvalidValue;
     return dispatch_pair(x_dtype, v_dtype, [&](auto x_tag, auto v_tag) {
         using TX = decltype(x_tag);
         using TV = decltype(v_tag);
@@ -416,15 +403,9 @@ AF_C_EXPORT int alignflow_velocity_backward(const void* v_pred, const void* x, c
         const Shift<TX> mu0 = shift_of<TX>(mu0_full, mu0_rows, mu0_sb, mu0_sc);
         const Shift<TX> mu1 = shift_of<TX>(mu1_full, mu1_rows, mu1_sb, mu1_sc);
         const dim3 grid(unsigned(B * C * l.num_chunks)), block(l.threads);
-        if (S % kVec == 0 && all_aligned({v_pred, x, noise, d_v_pred, dz1_full, dz0_full}) &&
-            shift_vectorizable(mu0, kVec) && shift_vectorizable(mu1, kVec)) {
-            auto kernel = &velocity_backward_kernel<TX, TV, kVec>;
-            return AF_LAUNCH(kernel, grid, block, 0, stream, static_cast<const TV*>(v_pred),
-                             static_cast<const TX*>(x), static_cast<const TX*>(noise), t, mu0, mu1, scale,
-                             static_cast<TV*>(d_v_pred), dz1_full, dz0_full, dz1_rows, dz0_rows, C, S, l.chunk_size,
-                             l.num_chunks, path);
-        }
-        auto kernel = &velocity_backward_kernel<TX, TV, 1>;
+        const bool vectorized = S % kVec == 0 && all_aligned({v_pred, x, noise, d_v_pred, dz1_full, dz0_full}) &&
+                                shift_vectorizable(mu0, kVec) && shift_vectorizable(mu1, kVec);
+        auto kernel = vectorized ? &velocity_backward_kernel<TX, TV, kVec> : &velocity_backward_kernel<TX, TV, 1>;
         return AF_LAUNCH(kernel, grid, block, 0, stream, static_cast<const TV*>(v_pred), static_cast<const TX*>(x),
                          static_cast<const TX*>(noise), t, mu0, mu1, scale, static_cast<TV*>(d_v_pred), dz1_full,
                          dz0_full, dz1_rows, dz0_rows, C, S, l.chunk_size, l.num_chunks, path);

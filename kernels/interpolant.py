@@ -183,6 +183,27 @@ def _interpolant_bwd_kernel(
 
 
 @triton.jit
+def _velocity_error(
+    v_pred_ptr, x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, C, S,
+    stride_v_pred_b, stride_v_pred_c, stride_v_pred_s, stride_x_b, stride_x_c, stride_x_s, stride_noise_b,
+    stride_noise_c, stride_noise_s, stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c,
+    stride_mu1_s,
+    PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """This program's block of one (b, c) row: where it lies (row, block, b, offsets, mask), the path's
+    d_alpha and d_sigma at t[b], and the
+    prediction's error v_pred - v_target (masked lanes hold garbage)."""
+    row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
+    z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
+                     stride_x_b, stride_x_c, stride_x_s, stride_noise_b, stride_noise_c, stride_noise_s,
+                     stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c, stride_mu1_s,
+                     HAS_MU0, HAS_MU1, COMPUTE)
+    v_pred = tl.load(v_pred_ptr + b * stride_v_pred_b + c * stride_v_pred_c + s * stride_v_pred_s,
+                     mask=mask, other=0.0).to(COMPUTE)
+    return row, blk, b, s, mask, d_alpha, d_sigma, v_pred - (d_alpha * z1 + d_sigma * z0)
+
+
+@triton.jit
 def _velocity_loss_fwd_kernel(
     v_pred_ptr, x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, partial_ptr,
     C, S, num_blocks,
@@ -192,14 +213,12 @@ def _velocity_loss_fwd_kernel(
     PATH: tl.constexpr, HAS_MU0: tl.constexpr, HAS_MU1: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
-    z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
-                     stride_x_b, stride_x_c, stride_x_s, stride_noise_b, stride_noise_c, stride_noise_s,
-                     stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c, stride_mu1_s,
-                     HAS_MU0, HAS_MU1, COMPUTE)
-    v_pred = tl.load(v_pred_ptr + b * stride_v_pred_b + c * stride_v_pred_c + s * stride_v_pred_s,
-                     mask=mask, other=0.0).to(COMPUTE)
-    error = tl.where(mask, v_pred - (d_alpha * z1 + d_sigma * z0), 0.0)
+    row, blk, b, s, mask, d_alpha, d_sigma, error = _velocity_error(
+        v_pred_ptr, x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, C, S,
+        stride_v_pred_b, stride_v_pred_c, stride_v_pred_s, stride_x_b, stride_x_c, stride_x_s, stride_noise_b,
+        stride_noise_c, stride_noise_s, stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c,
+        stride_mu1_s, PATH, HAS_MU0, HAS_MU1, COMPUTE, BLOCK_S)
+    error = tl.where(mask, error, 0.0)
     tl.store(partial_ptr + row * num_blocks + blk, tl.sum(error * error, axis=0))
 
 
@@ -215,15 +234,13 @@ def _velocity_loss_bwd_kernel(
     DZ1_FULL: tl.constexpr, DZ0_FULL: tl.constexpr, DZ1_ROWS: tl.constexpr, DZ0_ROWS: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    row, blk, b, c, s, mask, alpha, sigma, d_alpha, d_sigma = _program_rows(t_ptr, C, S, PATH, COMPUTE, BLOCK_S)
-    z1, z0 = _load_z(x_ptr, noise_ptr, mu0_ptr, mu1_ptr, b, c, s, mask,
-                     stride_x_b, stride_x_c, stride_x_s, stride_noise_b, stride_noise_c, stride_noise_s,
-                     stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c, stride_mu1_s,
-                     HAS_MU0, HAS_MU1, COMPUTE)
-    v_pred = tl.load(v_pred_ptr + b * stride_v_pred_b + c * stride_v_pred_c + s * stride_v_pred_s,
-                     mask=mask, other=0.0).to(COMPUTE)
+    row, blk, b, s, mask, d_alpha, d_sigma, error = _velocity_error(
+        v_pred_ptr, x_ptr, noise_ptr, t_ptr, mu0_ptr, mu1_ptr, C, S,
+        stride_v_pred_b, stride_v_pred_c, stride_v_pred_s, stride_x_b, stride_x_c, stride_x_s, stride_noise_b,
+        stride_noise_c, stride_noise_s, stride_mu0_b, stride_mu0_c, stride_mu0_s, stride_mu1_b, stride_mu1_c,
+        stride_mu1_s, PATH, HAS_MU0, HAS_MU1, COMPUTE, BLOCK_S)
     scale = tl.load(scale_ptr + b).to(COMPUTE)  # d loss / d per-sample loss * 2 / (C * S)
-    d_v_pred = scale * (v_pred - (d_alpha * z1 + d_sigma * z0))
+    d_v_pred = scale * error
     if D_V_PRED:
         tl.store(d_v_pred_ptr + row * S + s, d_v_pred.to(d_v_pred_ptr.dtype.element_ty), mask=mask)
     _store_z_grads(-d_alpha * d_v_pred, -d_sigma * d_v_pred, row, blk, s, mask, S, num_blocks,

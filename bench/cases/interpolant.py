@@ -29,53 +29,41 @@ def _shape_cases(device, B, C, H, W, dtype, smoke, label, headline=False):
     def loss_ref():
         return kernels.reference_velocity_loss(v_pred, x, noise, t, "linear", mu0, mu1)
 
-    interp_ours = on("triton", lambda: kernels.interpolant(x, noise, t, "linear", mu0, mu1))
-    loss_ours = on("triton", lambda: kernels.velocity_loss(v_pred, x, noise, t, "linear", mu0, mu1))
-    interp_cuda = on("cuda", lambda: kernels.interpolant(x, noise, t, "linear", mu0, mu1))
-    loss_cuda = on("cuda", lambda: kernels.velocity_loss(v_pred, x, noise, t, "linear", mu0, mu1))
     cuda_reason = _cuda.unavailable("flow", device)
-
-    def cuda_pass(forward, leaves, kind):
-        """forward + backward, both under the "cuda" backend (the backward dispatches when it runs);
-        fails unless both CUDA kernels launched."""
-        run = on("cuda", backward_of(forward, leaves))
-        return _cuda.launched(_cuda.launched(run, f"{kind}_forward"), f"{kind}_backward")
-    interp_compiled, interp_reason = compiled(interp_ref, smoke)
-    loss_compiled, loss_reason = compiled(loss_ref, smoke)
-    leaves_i, leaves_l = [mu0, mu1], [v_pred, mu0, mu1]
 
     def fwd(fn):
         return lambda: (lambda: _no_grad(fn))
 
+    def case(name, reference, op, leaves, kind, bytes_forward, bytes_forward_backward, notes):
+        """The op's reference eager and compiled, Triton and CUDA C++ variants; a CUDA C++ pass fails
+        unless its `kind`_forward (and, with the backward, `kind`_backward) kernel launched."""
+        ours, cuda = on("triton", op), on("cuda", op)
+        reference_compiled, reason = compiled(reference, smoke)
+
+        def cuda_pass():  # forward + backward, both under the "cuda" backend (the backward dispatches when it runs)
+            run = on("cuda", backward_of(op, leaves))
+            return _cuda.launched(_cuda.launched(run, f"{kind}_forward"), f"{kind}_backward")
+        return BenchCase(
+            name, shape,
+            forward=[Variant("reference eager", fwd(reference)),
+                     Variant("reference compiled", fwd(reference_compiled), reason),
+                     Variant("triton", fwd(ours)),
+                     Variant("cuda C++", fwd(_cuda.launched(cuda, f"{kind}_forward")), cuda_reason)],
+            forward_backward=[Variant("reference eager", lambda: backward_of(reference, leaves)),
+                              Variant("reference compiled", lambda: backward_of(reference_compiled, leaves), reason),
+                              Variant("triton", lambda: backward_of(ours, leaves)),
+                              Variant("cuda C++", cuda_pass, cuda_reason)],
+            bytes_forward=bytes_forward, bytes_forward_backward=bytes_forward_backward, notes=notes,
+            headline=headline)
+
     return [
-        BenchCase(
-            "interpolant", shape,
-            forward=[Variant("reference eager", fwd(interp_ref)),
-                     Variant("reference compiled", fwd(interp_compiled), interp_reason),
-                     Variant("triton", fwd(interp_ours)),
-                     Variant("cuda C++", fwd(_cuda.launched(interp_cuda, "interpolant_forward")), cuda_reason)],
-            forward_backward=[Variant("reference eager", lambda: backward_of(interp_ref, leaves_i)),
-                              Variant("reference compiled", lambda: backward_of(interp_compiled, leaves_i), interp_reason),
-                              Variant("triton", lambda: backward_of(interp_ours, leaves_i)),
-                              Variant("cuda C++", lambda: cuda_pass(interp_cuda, leaves_i, "interpolant"),
-                                      cuda_reason)],
-            # forward reads x, noise and writes x_t, v; backward reads both output gradients
-            bytes_forward=4 * numel * size, bytes_forward_backward=6 * numel * size,
-            notes="per-sample per-channel shifts mu0, mu1 (B, C, 1, 1)", headline=headline),
-        BenchCase(
-            "velocity_loss", shape,
-            forward=[Variant("reference eager", fwd(loss_ref)),
-                     Variant("reference compiled", fwd(loss_compiled), loss_reason),
-                     Variant("triton", fwd(loss_ours)),
-                     Variant("cuda C++", fwd(_cuda.launched(loss_cuda, "velocity_forward")), cuda_reason)],
-            forward_backward=[Variant("reference eager", lambda: backward_of(loss_ref, leaves_l)),
-                              Variant("reference compiled", lambda: backward_of(loss_compiled, leaves_l), loss_reason),
-                              Variant("triton", lambda: backward_of(loss_ours, leaves_l)),
-                              Variant("cuda C++", lambda: cuda_pass(loss_cuda, leaves_l, "velocity"),
-                                      cuda_reason)],
-            # forward reads v_pred, x, noise; backward reads them again and writes d_v_pred
-            bytes_forward=3 * numel * size, bytes_forward_backward=7 * numel * size,
-            notes="gradients to v_pred and both shifts", headline=headline),
+        # forward reads x, noise and writes x_t, v; backward reads both output gradients
+        case("interpolant", interp_ref, lambda: kernels.interpolant(x, noise, t, "linear", mu0, mu1), [mu0, mu1],
+             "interpolant", 4 * numel * size, 6 * numel * size, "per-sample per-channel shifts mu0, mu1 (B, C, 1, 1)"),
+        # forward reads v_pred, x, noise; backward reads them again and writes d_v_pred
+        case("velocity_loss", loss_ref, lambda: kernels.velocity_loss(v_pred, x, noise, t, "linear", mu0, mu1),
+             [v_pred, mu0, mu1], "velocity", 3 * numel * size, 7 * numel * size,
+             "gradients to v_pred and both shifts"),
     ]
 
 

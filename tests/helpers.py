@@ -27,6 +27,17 @@ def assert_close(actual, expected, dtype=None, scale=None, name=""):
                                atol=tol["atol"] * scale, rtol=tol["rtol"], msg=lambda m: f"{name}: {m}")
 
 
+def assert_all_close(actual, expected, names, dtype):
+    """assert_close on each (actual, expected) pair, named; where expected is None, actual must be too
+    (a gradient that should not exist); dtype and shape must match exactly."""
+    for name, a, e in zip(names, actual, expected, strict=True):
+        if e is None:
+            assert a is None, name
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, e.dtype, a.shape, e.shape)
+        assert_close(a, e, dtype, name=name)
+
+
 @contextlib.contextmanager
 def poisoned_empty():
     """Make torch.empty / empty_like return NaN-filled tensors (float) or max-filled (int) inside the

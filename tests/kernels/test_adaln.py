@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import kernels
 from kernels import adaln
-from tests.helpers import assert_close, grads, leaf, poisoned_empty
+from tests.helpers import assert_all_close, assert_close, grads, leaf, poisoned_empty
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 # odd widths, SiT-B/XL widths, a single token, N = 257 (REG class token) with several backward tiles
@@ -52,15 +52,6 @@ def _run_modulate(backend, x, shift, scale, dy):
     return [y] + grads([x, shift, scale])
 
 
-def _compare(actual, expected, names, dtype):
-    for name, a, e in zip(names, actual, expected):
-        if e is None:
-            assert a is None, name
-            continue
-        assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, e.dtype, a.shape, e.shape)
-        assert_close(a, e, dtype, name=name)
-
-
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_residual_modulate_matches_reference(dtype, shape, device):
@@ -70,7 +61,7 @@ def test_residual_modulate_matches_reference(dtype, shape, device):
     g_x_new, dy = leaf(shape, dtype, device, False), leaf(shape, dtype, device, False)
     actual = _run_residual("triton", x, h, gate, shift, scale, g_x_new, dy)
     expected = _run_residual("torch", x, h, gate, shift, scale, g_x_new, dy)
-    _compare(actual, expected, RESIDUAL_NAMES, dtype)
+    assert_all_close(actual, expected, RESIDUAL_NAMES, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
@@ -80,7 +71,7 @@ def test_modulate_matches_reference(dtype, shape, device):
     x = leaf(shape, dtype, device)
     _, shift, scale = _modulation(B, D, dtype, device, "flat" if N % 2 else "broadcast")
     dy = leaf(shape, dtype, device, False)
-    _compare(_run_modulate("triton", x, shift, scale, dy), _run_modulate("torch", x, shift, scale, dy),
+    assert_all_close(_run_modulate("triton", x, shift, scale, dy), _run_modulate("torch", x, shift, scale, dy),
              MODULATE_NAMES, dtype)
 
 
@@ -156,7 +147,7 @@ def test_non_contiguous_inputs(dtype, device):
         _assert_ran(backend, y, "AdalnResidualModulate")
         _assert_ran(backend, y2, "AdalnModulate")
         results[backend] = [x_new, y, y2] + grads([x, h_wide, base])
-    _compare(results["triton"], results["torch"], ["x_new", "y", "y (modulate)", "d_x", "d_h", "d_chunks"], dtype)
+    assert_all_close(results["triton"], results["torch"], ["x_new", "y", "y (modulate)", "d_x", "d_h", "d_chunks"], dtype)
 
 
 def test_residual_stream_in_fp32(device):
@@ -171,7 +162,7 @@ def test_residual_stream_in_fp32(device):
     assert actual[0].dtype == torch.float32 and actual[1].dtype == torch.bfloat16
     assert actual[2].dtype == torch.float32 and actual[3].dtype == torch.bfloat16
     assert_close(actual[0], expected[0], torch.float32, name="x_new")  # fp32 sum of bf16 products
-    _compare(actual[1:], expected[1:], RESIDUAL_NAMES[1:], torch.bfloat16)
+    assert_all_close(actual[1:], expected[1:], RESIDUAL_NAMES[1:], torch.bfloat16)
 
 
 @pytest.mark.parametrize("requires", [("x",), ("gate",), ("shift", "scale"), ("h", "scale")])
@@ -186,7 +177,7 @@ def test_partial_requires_grad(requires, device):
     expected = _run_residual("torch", *tensors, g_x_new, dy)
     for name, a in zip(names, actual[2:]):
         assert (a is not None) == (name in requires), name
-    _compare(actual, expected, RESIDUAL_NAMES, torch.float32)
+    assert_all_close(actual, expected, RESIDUAL_NAMES, torch.float32)
 
 
 def test_gradients_match_finite_differences(device):

@@ -2,8 +2,6 @@
 emulator: kernels.set_backend("cuda") with ALIGNFLOW_CUEMU=1 (on a GPU the same tests run the real
 kernels, from the fatbin shared object). Outputs are poisoned (NaN) before the kernels write them."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,8 +9,8 @@ import torch
 
 import kernels
 from kernels import _cuda
-from tests.kernels.csrc_fixtures import csrc_build  # noqa: F401 (autouse: emulator or fatbin)
-from tests.helpers import assert_close, grads, leaf, poisoned_empty
+from tests.kernels.csrc_fixtures import csrc_build, ran_cuda, run_under_asan  # noqa: F401 (csrc_build: autouse)
+from tests.helpers import assert_all_close, assert_close, grads, leaf, poisoned_empty
 
 # awkward widths (72: 9 vectors of 8 bf16; 100: the element-load path), SiT-XL's 1152, the widest
 # row 4096, a single row
@@ -47,27 +45,12 @@ def _modulate(backend, tensors, dy):
     return [y] + grads([x, shift, scale])
 
 
-def _ran_cuda(function):
-    """Run `function` and assert that it launched the CUDA forward and backward (no silent fallback)."""
-    before = dict(_cuda.launches)
-    out = function()
-    for kind in ("adaln_forward", "adaln_backward"):
-        assert _cuda.launches[kind] > before.get(kind, 0), f"{kind} did not run: {_cuda._logged}"
-    return out
-
-
-def _compare(actual, expected, names, dtype):
-    for name, a, e in zip(names, actual, expected):
-        assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, e.dtype, a.shape, e.shape)
-        assert_close(a, e, dtype, name=name)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_residual_modulate(shape, dtype, device):
     tensors, g_x_new, dy = _inputs(shape, dtype, device)
-    actual = _ran_cuda(lambda: _residual("cuda", tensors, g_x_new, dy))
-    _compare(actual, _residual("torch", tensors, g_x_new, dy), RESIDUAL_NAMES, dtype)
+    actual = ran_cuda(("adaln_forward", "adaln_backward"), lambda: _residual("cuda", tensors, g_x_new, dy))
+    assert_all_close(actual, _residual("torch", tensors, g_x_new, dy), RESIDUAL_NAMES, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,19 +58,19 @@ def test_residual_modulate(shape, dtype, device):
 def test_modulate(shape, dtype, device):
     tensors, _, dy = _inputs(shape, dtype, device)
     tensors = [tensors[0], tensors[3], tensors[4]]
-    actual = _ran_cuda(lambda: _modulate("cuda", tensors, dy))
-    _compare(actual, _modulate("torch", tensors, dy), MODULATE_NAMES, dtype)
+    actual = ran_cuda(("adaln_forward", "adaln_backward"), lambda: _modulate("cuda", tensors, dy))
+    assert_all_close(actual, _modulate("torch", tensors, dy), MODULATE_NAMES, dtype)
 
 
 @pytest.mark.parametrize("mod_dtype", [torch.bfloat16, torch.float16])
 def test_residual_stream_in_fp32(mod_dtype, device):
     """x fp32 with bf16/fp16 h and modulation: x_new and d_x fp32, y and d_h in the modulation dtype."""
     tensors, g_x_new, dy = _inputs((2, 7, 1152), torch.float32, device, mod_dtype)
-    actual = _ran_cuda(lambda: _residual("cuda", tensors, g_x_new, dy))
+    actual = ran_cuda(("adaln_forward", "adaln_backward"), lambda: _residual("cuda", tensors, g_x_new, dy))
     expected = _residual("torch", tensors, g_x_new, dy)
     assert [t.dtype for t in actual[:4]] == [torch.float32, mod_dtype, torch.float32, mod_dtype]
     assert_close(actual[0], expected[0], torch.float32, name="x_new")
-    _compare(actual[1:], expected[1:], RESIDUAL_NAMES[1:], mod_dtype)
+    assert_all_close(actual[1:], expected[1:], RESIDUAL_NAMES[1:], mod_dtype)
 
 
 def test_sit_chunked_modulation(device):
@@ -102,8 +85,8 @@ def test_sit_chunked_modulation(device):
         gate, shift, scale = base.chunk(6, dim=1)[:3]
         return _residual(backend, [x, h, gate, shift, scale], g_x_new, dy, leaves=[x, h, base])
 
-    actual = _ran_cuda(lambda: run("cuda"))
-    _compare(actual, run("torch"), ["x_new", "y", "d_x", "d_h", "d_chunks"], torch.bfloat16)
+    actual = ran_cuda(("adaln_forward", "adaln_backward"), lambda: run("cuda"))
+    assert_all_close(actual, run("torch"), ["x_new", "y", "d_x", "d_h", "d_chunks"], torch.bfloat16)
 
 
 def test_thread_order_does_not_change_a_bit(device):
@@ -112,7 +95,7 @@ def test_thread_order_does_not_change_a_bit(device):
     if device.type != "cpu":
         pytest.skip("thread order is an emulator option")
     tensors, g_x_new, dy = _inputs((2, 40, 1152), torch.float32, device)
-    ordered = _ran_cuda(lambda: _residual("cuda", tensors, g_x_new, dy))
+    ordered = ran_cuda(("adaln_forward", "adaln_backward"), lambda: _residual("cuda", tensors, g_x_new, dy))
     lib = _cuda.library("adaln", device)
     lib.alignflow_cuemu_configure(2, int.from_bytes(os.urandom(4), "little"), 0)
     try:
@@ -154,8 +137,4 @@ def test_address_sanitizer_run(tmp_path):
         assert _cuda.launches["adaln_backward"] == 3, _cuda.launches
         print("ok")
     """)
-    env = dict(os.environ, ALIGNFLOW_CUEMU="asan", TRITON_INTERPRET="1", LD_PRELOAD=_cuda.asan_runtime(),
-               ASAN_OPTIONS="detect_leaks=0")
-    _cuda.build_emulated(_cuda.SOURCES["adaln"], asan=True)  # built here, so the child only loads it
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run_under_asan(script, "adaln")

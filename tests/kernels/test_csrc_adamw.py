@@ -1,14 +1,13 @@
 """The CUDA C++ multi-tensor AdamW step (csrc/adamw.cu) against torch.optim.AdamW over several steps,
 run on the CPU by the CUDA emulator (kernels.set_backend("cuda") with ALIGNFLOW_CUEMU=1); on a GPU the
 real kernel, from the fatbin shared object."""
-import os
 
 import pytest
 import torch
 
 import kernels
 from kernels import _cuda
-from tests.kernels.csrc_fixtures import csrc_build  # noqa: F401 (autouse: emulator or fatbin)
+from tests.kernels.csrc_fixtures import csrc_build, run_under_asan  # noqa: F401 (csrc_build: autouse)
 
 # a 1-element tensor, an odd size (element kernel), exactly one chunk, a chunk and a tail, an
 # unaligned view (element kernel), a weight matrix
@@ -77,8 +76,6 @@ def test_other_backends_run_the_reference(device, caplog):
 def test_address_sanitizer_run():
     """Steps over every chunk kind (a 1-element tensor, odd tails, an unaligned view, bf16 grads and
     copies) in an AddressSanitizer build of the emulated kernel: any out-of-bounds access fails."""
-    import subprocess
-    import sys
     import textwrap
 
     if _cuda.emulator_missing():
@@ -96,7 +93,4 @@ def test_address_sanitizer_run():
         assert _cuda.launches["adamw_step"] == 2, _cuda.launches
         print("ok")
     """)
-    env = dict(os.environ, ALIGNFLOW_CUEMU="asan", LD_PRELOAD=_cuda.asan_runtime(), ASAN_OPTIONS="detect_leaks=0")
-    _cuda.build_emulated(_cuda.SOURCES["adamw"], asan=True)  # built here, so the child only loads it
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run_under_asan(script, "adamw")

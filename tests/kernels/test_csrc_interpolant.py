@@ -3,8 +3,6 @@ reference_velocity_loss, run on the CPU by the CUDA emulator (kernels.set_backen
 ALIGNFLOW_CUEMU=1); on a GPU the real kernels, from the fatbin shared object. Outputs are poisoned (NaN)
 before the kernels write them; every input gets its gradient checked."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,8 +10,8 @@ import torch
 
 import kernels
 from kernels import _cuda
-from tests.kernels.csrc_fixtures import csrc_build  # noqa: F401 (autouse: emulator or fatbin)
-from tests.helpers import assert_close, grads, leaf, poisoned_empty
+from tests.kernels.csrc_fixtures import csrc_build, ran_cuda, run_under_asan  # noqa: F401 (csrc_build: autouse)
+from tests.helpers import assert_all_close, assert_close, grads, leaf, poisoned_empty
 
 # SiT latents (S = 64), an odd S (element loads), two chunks per row (S = 4096), REG's class token
 # (rank 2: one channel, S = 1152), a single row of 72
@@ -67,32 +65,14 @@ def _velocity(backend, v_pred, x, noise, t, mu0, mu1, path, reduction="none"):
     return [loss] + grads(leaves)
 
 
-def _ran_cuda(kinds, function):
-    """Run `function`; assert that it launched each CUDA kernel of `kinds` (no silent fallback)."""
-    before = dict(_cuda.launches)
-    out = function()
-    for kind in kinds:
-        assert _cuda.launches[kind] > before.get(kind, 0), f"{kind} did not run: {_cuda._logged}"
-    return out
-
-
-def _compare(actual, expected, names, dtype):
-    for name, a, e in zip(names, actual, expected):
-        if e is None:
-            assert a is None, name
-            continue
-        assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, e.dtype, a.shape, e.shape)
-        assert_close(a, e, dtype, name=name)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_interpolant(shape, dtype, device):
     for kind, path in SHIFTS:
         inputs = _inputs(shape, dtype, device, kind)
-        actual = _ran_cuda(["interpolant_forward", "interpolant_backward"],
+        actual = ran_cuda(["interpolant_forward", "interpolant_backward"],
                            lambda: _interpolant("cuda", *inputs, path))
-        _compare(actual, _interpolant("torch", *inputs, path),
+        assert_all_close(actual, _interpolant("torch", *inputs, path),
                  [f"{kind} {path} {n}" for n in ("x_t", "v", "d_x", "d_noise", "d_mu0", "d_mu1")], dtype)
 
 
@@ -101,8 +81,8 @@ def test_interpolant(shape, dtype, device):
 def test_velocity_loss(shape, dtype, device):
     for kind, path in SHIFTS:
         inputs = _inputs(shape, dtype, device, kind)
-        actual = _ran_cuda(["velocity_forward", "velocity_backward"], lambda: _velocity("cuda", *inputs, path))
-        _compare(actual, _velocity("torch", *inputs, path),
+        actual = ran_cuda(["velocity_forward", "velocity_backward"], lambda: _velocity("cuda", *inputs, path))
+        assert_all_close(actual, _velocity("torch", *inputs, path),
                  [f"{kind} {path} {n}" for n in ("loss", "d_v_pred", "d_x", "d_noise", "d_mu0", "d_mu1")], dtype)
 
 
@@ -116,15 +96,15 @@ def test_training_call(mode, device):
     x.requires_grad_(False)
     noise.requires_grad_(False)
     for path in ("linear", "cosine"):
-        actual = _ran_cuda(["interpolant_forward", "interpolant_backward"],
+        actual = ran_cuda(["interpolant_forward", "interpolant_backward"],
                            lambda: _interpolant("cuda", v_pred, x, noise, t, mu0, mu1, path, only_xt=True))
         expected = _interpolant("torch", v_pred, x, noise, t, mu0, mu1, path, only_xt=True)
-        _compare(actual, expected, ["x_t", "v", "d_x", "d_noise", "d_mu0", "d_mu1"], torch.bfloat16)
-        actual = _ran_cuda(["velocity_forward", "velocity_backward"],
+        assert_all_close(actual, expected, ["x_t", "v", "d_x", "d_noise", "d_mu0", "d_mu1"], torch.bfloat16)
+        actual = ran_cuda(["velocity_forward", "velocity_backward"],
                            lambda: _velocity("cuda", v_pred, x, noise, t, mu0, mu1, path, reduction="mean"))
         expected = _velocity("torch", v_pred, x, noise, t, mu0, mu1, path, reduction="mean")
         assert_close(actual[0], expected[0], torch.float32, name="loss")
-        _compare(actual[1:], expected[1:], ["d_v_pred", "d_x", "d_noise", "d_mu0", "d_mu1"], torch.bfloat16)
+        assert_all_close(actual[1:], expected[1:], ["d_v_pred", "d_x", "d_noise", "d_mu0", "d_mu1"], torch.bfloat16)
 
 
 def test_thread_order_does_not_change_a_bit(device):
@@ -133,7 +113,7 @@ def test_thread_order_does_not_change_a_bit(device):
     if device.type != "cpu":
         pytest.skip("thread order is an emulator option")
     inputs = _inputs((2, 4, 64, 64), torch.float32, device, "channel+channel")
-    ordered = _ran_cuda(["velocity_backward"], lambda: _velocity("cuda", *inputs, "cosine"))
+    ordered = ran_cuda(["velocity_backward"], lambda: _velocity("cuda", *inputs, "cosine"))
     ordered += _interpolant("cuda", *inputs, "linear")
     lib = _cuda.library("flow", device)
     lib.alignflow_cuemu_configure(2, int.from_bytes(os.urandom(4), "little"), 0)
@@ -186,8 +166,4 @@ def test_address_sanitizer_run(tmp_path):
         assert _cuda.launches["velocity_backward"] == 3 and _cuda.launches["interpolant_backward"] == 3, _cuda.launches
         print("ok")
     """)
-    env = dict(os.environ, ALIGNFLOW_CUEMU="asan", TRITON_INTERPRET="1", LD_PRELOAD=_cuda.asan_runtime(),
-               ASAN_OPTIONS="detect_leaks=0")
-    _cuda.build_emulated(_cuda.SOURCES["flow"], asan=True)  # built here, so the child only loads it
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    run_under_asan(script, "flow")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from engine.bf16_copies import concatenated_copies, matmul_weights
 from engine.configurable import FromDict, invalid
 
 LN_EPS = 1e-6
@@ -228,14 +229,17 @@ class LinearGELU(nn.Linear):
     GELU backward's kernel also gives the bias its gradient (kernels.gelu_tanh), instead of nn.Linear's
     backward summing dL/da in a pass of its own. The parameters are nn.Linear's (REPA's fc1 keys)."""
 
+    reads_matmul_weights = True  # engine.bf16_copies: its forward reads the bf16 weight copies itself
+
     def __init__(self, in_features, out_features, fused=True):
         super().__init__(in_features, out_features)
         self.fused = fused
 
     def forward(self, x):
+        weight, bias = matmul_weights(self)  # the parameters, or their bf16 copies (train.bf16_weight_copies)
         if self.fused:
-            return kernels.gelu_tanh(F.linear(x, self.weight, self.bias.detach()), self.bias)
-        return F.gelu(F.linear(x, self.weight, self.bias), approximate="tanh")
+            return kernels.gelu_tanh(F.linear(x, weight, bias.detach()), self.bias)
+        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
 
 class Mlp(nn.Module):
@@ -293,12 +297,15 @@ class FinalLayer(nn.Module):
 
 class _CastConcat(torch.autograd.Function):
     """`tensors` (each (rows_i, ...)) copied into one (sum rows_i, ...) tensor of `dtype`, one copy per
-    tensor: where autocast would cast each weight for its own matmul, the copy is that cast. The backward
-    hands each tensor its rows of the gradient, cast back to its dtype (as autocast's cast does)."""
+    tensor: where autocast would cast each weight for its own matmul, the copy is that cast. With
+    `copied`, that tensor already holds the copies (engine.bf16_copies) and is returned as is. The
+    backward hands each tensor its rows of the gradient, cast back to its dtype (as autocast's cast does)."""
 
     @staticmethod
-    def forward(ctx, dtype, *tensors):
+    def forward(ctx, dtype, copied, *tensors):
         ctx.rows, ctx.dtypes = [t.shape[0] for t in tensors], [t.dtype for t in tensors]
+        if copied is not None:
+            return copied
         out = tensors[0].new_empty((sum(ctx.rows), *tensors[0].shape[1:]), dtype=dtype)
         for part, t in zip(out.split(ctx.rows), tensors):
             part.copy_(t)
@@ -306,7 +313,7 @@ class _CastConcat(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, *(g.to(dtype) for g, dtype in zip(grad.split(ctx.rows), ctx.dtypes)))
+        return (None, None, *(g.to(dtype) for g, dtype in zip(grad.split(ctx.rows), ctx.dtypes)))
 
 
 def build_mlp(hidden_size, projector_dim, z_dim):
@@ -483,15 +490,20 @@ class SiT(nn.Module):
         """Per block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), then the final layer's
         (shift, scale), each (B, D): every adaLN_modulation Linear applied to SiLU(c), one matmul per module,
         or all in one (model.batched_modulation)."""
-        layers = [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
+        layers = self.modulation_layers()
         dtype = self._batched_modulation_dtype(c, layers)
         if dtype is None:
             return [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
-        weight = _CastConcat.apply(dtype, *(layer.weight for layer in layers))       # (sum 6D [+ 2D], D)
-        bias = _CastConcat.apply(dtype, *(layer.bias for layer in layers))
+        weight_copy, bias_copy = concatenated_copies(self, layers[0].weight) or (None, None)
+        weight = _CastConcat.apply(dtype, weight_copy, *(layer.weight for layer in layers))  # (sum 6D [+ 2D], D)
+        bias = _CastConcat.apply(dtype, bias_copy, *(layer.bias for layer in layers))
         chunks = F.linear(F.silu(c), weight, bias).split(c.shape[-1], dim=-1)        # each (B, D)
         depth = len(self.blocks)
         return [chunks[6 * i:6 * i + 6] for i in range(depth)] + [chunks[6 * depth:]]
+
+    def modulation_layers(self):
+        """The adaLN modulation Linears of the blocks and the final layer, in the batched matmul's order."""
+        return [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
 
     def _batched_modulation_dtype(self, c, layers):
         """The dtype of the concatenated modulation weights, or None for one matmul per module."""

@@ -81,6 +81,10 @@ class TrainConfig(FromDict):
     # backward and the fused encoders' forward; ZeRO-0/1/2, one micro-batch a step; opt-in, not measured yet
     cuda_graphs: bool = False
     allow_tf32: bool = True                    # TF32 for matmuls/convolutions left in fp32 (Ampere and newer)
+    # under bf16-mixed: a persistent bf16 copy of every Linear weight and bias, written right after each optimizer
+    # step and read by the matmuls instead of autocast's cast of the fp32 weight at every forward (the same
+    # numbers, engine/bf16_copies.py); auto: on CUDA with ZeRO stage 0, 1 or 2 (ZeRO-3 partitions the weights)
+    bf16_weight_copies: Literal["auto", "true", "false"] = "auto"
     seed: int = 0
     max_nonfinite_in_row: int = 10             # stop after this many skipped steps in a row
     # A collective that waits longer ends the run with an error naming a lost peer (not a hang); it must
@@ -444,6 +448,15 @@ def resolve_fused_clip(cfg: ExperimentConfig, device: str, precision: str) -> bo
     return o.fused_clip == "true"
 
 
+def resolve_bf16_weight_copies(cfg: ExperimentConfig, device: str, precision: str, zero_stage: int) -> bool:
+    """train.bf16_weight_copies: 'auto' is on where autocast casts fp32 weights to bf16 (bf16-mixed), on CUDA
+    (on the CPU the default path stays as it was), with ZeRO stage 0-2 (stage 3 partitions the weights)."""
+    mode = cfg.train.bf16_weight_copies
+    if mode == "auto":
+        return device == "cuda" and precision == "bf16-mixed" and zero_stage in (0, 1, 2)
+    return mode == "true"
+
+
 def grad_accum_steps(cfg: ExperimentConfig, world_size: int) -> int:
     micro = cfg.data.batch_size
     if cfg.train.grad_accum_steps is not None:
@@ -515,6 +528,14 @@ def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | Non
     if t.cuda_graphs and ds["zero_optimization"]["stage"] == 3:
         bad("train.cuda_graphs", True, "false under ZeRO-3 (its parameter-gather hooks run inside the forward "
                                        "and backward, between the graphs)")
+
+    if t.bf16_weight_copies == "true":
+        if resolve_precision(cfg, device) != "bf16-mixed":
+            bad("train.bf16_weight_copies", t.bf16_weight_copies, f"'auto' or 'false' with train.precision "
+                                                    f"{resolve_precision(cfg, device)!r} (the copies stand in for "
+                                                    "bf16-mixed's autocast casts of fp32 weights)")
+        if ds["zero_optimization"]["stage"] == 3:
+            bad("train.bf16_weight_copies", t.bf16_weight_copies, "'auto' or 'false' under ZeRO-3 (its parameters are partitioned)")
 
     m = cfg.model
     if len(cfg.encoders) != len(m.z_dims):

@@ -166,6 +166,8 @@ class Trainer:
 
             how = hand_clipping_to(self.engine.optimizer, optimizer)
             self.monitor.info(f"gradient clipping inside the fused AdamW step (optim.fused_clip): {how}")
+        self.copies_written_by_optimizer = False
+        self.weight_copies = self._weight_copies(optimizer)
         set_collective_timeout(cfg.train.collective_timeout_s)  # DeepSpeed's own groups too
         self.model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self.accum = self.engine.gradient_accumulation_steps()
@@ -205,12 +207,37 @@ class Trainer:
         seed_everything(rank_seed(cfg.train.seed, self.rank))
         self.latent_generator.manual_seed(rank_seed(cfg.train.seed + 1, self.rank))
         self._resume()
+        if self.weight_copies is not None:  # the resumed weights (the initial ones were copied when made)
+            self.weight_copies.refresh()
         self._data_iter = None
         self.evaluator = None
         if cfg.eval.every:
             from engine.evaluate import OnlineEvaluator
             with self.training_rng_untouched():
                 self.evaluator = OnlineEvaluator(self)
+
+    def _weight_copies(self, optimizer):
+        """train.bf16_weight_copies: bf16 copies of the model's Linear weights that its matmuls read in place
+        of autocast's casts (engine/bf16_copies.py), or None. Without ZeRO the optimizer updates the model's
+        own fp32 parameters and, where it can (`set_bf16_copies`), writes the copies in the same pass; under
+        ZeRO-1/2 it updates a flat fp32 partition that DeepSpeed copies back into the parameters and
+        all-gathers inside engine.step(), so train_step refreshes the copies after that."""
+        from engine.config import resolve_bf16_weight_copies
+
+        stage = self.engine.zero_optimization_stage()
+        if not resolve_bf16_weight_copies(self.cfg, self.device.type, self.precision, stage):
+            return None
+        from engine.bf16_copies import WeightCopies
+
+        copies = WeightCopies(self.engine.module)
+        writer = "train_step after each optimizer step"
+        if self.engine.optimizer is optimizer and hasattr(optimizer, "set_bf16_copies"):
+            optimizer.set_bf16_copies(copies.mapping())
+            self.copies_written_by_optimizer = True
+            writer = "the optimizer's step"
+        self.monitor.info(f"bf16 weight copies (train.bf16_weight_copies): {copies.numel() / 1e6:.1f}M weights, "
+                          f"written by {writer}")
+        return copies
 
     def _fused_clip(self) -> bool:
         """optim.fused_clip resolved (engine/optim.py), after the checks that need the DeepSpeed JSON."""
@@ -541,6 +568,8 @@ class Trainer:
             totals += packed[:-1].double() / self.world_size
             done += 1
         self.step += 1
+        if self.weight_copies is not None and not self.copies_written_by_optimizer:
+            self.weight_copies.refresh()  # after the real step only (engine.step() is a no-op between micro-batches)
         self.ema.update()
         out = {k: float(v) / self.accum for k, v in zip(self.TERMS, totals)}
         grad_norm = self.engine.get_global_grad_norm()

@@ -354,6 +354,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "train.seed": ("refuse", "the checkpoint holds the RNG streams; a new seed would be ignored"),
     "train.max_steps": ("apply", "where the run ends (at least the checkpoint's step)"),
     "optim": ("apply", "written into the optimizer and the lr schedule after loading"),
+    "optim.step_kernel": ("apply", "a kernel choice: both keep torch AdamW's state (the numbers may differ in "
+                                   "rounding)"),
     "ema": ("apply", "the EMA decay from the resumed step on"),
     "checkpoint": ("apply", "checkpointing from now on (init_weights is not used by a resume)"),
     "logging": ("apply", "logging from now on"),

@@ -122,6 +122,8 @@ class OptimConfig(FromDict):
     fused: Literal["auto", "true", "false"] = "auto"   # torch's fused AdamW (auto: on CUDA)
     # clipping inside the fused AdamW step, no separate scaling pass (engine/optim.py; auto: on CUDA)
     fused_clip: Literal["auto", "true", "false"] = "auto"
+    # the kernel of that clipped step: torch's fused AdamW, or AlignFlow's CUDA C++ one (csrc/adamw.cu; opt-in)
+    step_kernel: Literal["torch", "alignflow"] = "torch"
 
     def __post_init__(self):
         if not (finite_number(self.lr) and self.lr > 0):
@@ -503,6 +505,14 @@ def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | Non
             bad("optim.fused_clip", o.fused_clip, "'auto' or 'false' with optim.grad_clip 0 (no clipping to fold)")
         if resolve_precision(cfg, device) == "fp16":
             bad("optim.fused_clip", o.fused_clip, "'auto' or 'false' with train.precision fp16")
+    if o.step_kernel == "alignflow":
+        precision = resolve_precision(cfg, device)
+        if precision == "fp16":
+            bad("optim.step_kernel", o.step_kernel, "'torch' with train.precision fp16 (the AlignFlow kernel has no "
+                                                    "skip of overflowed steps)")
+        if not resolve_fused_clip(cfg, device, precision):
+            bad("optim.step_kernel", o.step_kernel, f"'torch' unless optim.fused_clip is on (it is "
+                                                    f"{o.fused_clip!r} on {device}: the kernel runs ClippedAdamW's step)")
 
     micro = cfg.data.batch_size
     if t.cuda_graphs:

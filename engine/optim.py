@@ -22,7 +22,23 @@ an unclipped step (d = 1) is the same.
 bf16 weight copies (`set_bf16_copies`): a bf16 forward that reads a bf16 copy of each fp32 parameter
 hands the optimizer {fp32 param: bf16 tensor}; after every step() each copy holds its parameter
 rounded to bf16 (round to nearest even, as `param.to(torch.bfloat16)`), so the model casts nothing per
-step. torch's kernel path writes them in one `torch._foreach_copy_` after its step.
+step. torch's kernel path writes them in one `torch._foreach_copy_` after its step; the AlignFlow
+kernel writes them in its own pass. `write_bf16_copies()` rewrites them all (after the fp32 params
+were changed outside step(), e.g. loaded from a checkpoint).
+
+The step kernel (`step_kernel`, optim.step_kernel): "torch" runs torch's fused AdamW kernel, "alignflow"
+the CUDA C++ multi-tensor kernel of csrc/adamw.cu (`kernels.adamw_step`, one call per param group and
+gradient dtype; fp32 params, fp32 or bf16 gradients), under the "cuda" kernels backend for that call
+only: on CUDA tensors the built kernel, on CPU tensors the emulator with ALIGNFLOW_CUEMU=1, otherwise
+`kernels.reference_adamw_step` (kernels logs why, once). Both keep torch AdamW's state ({'step': fp32
+scalar tensor, 'exp_avg', 'exp_avg_sq'} per param), so checkpoints load into either and a run may
+switch kernels between resumes. The AlignFlow kernel takes the step count as a host int: a host
+counter per param, read from state['step'] once (again whenever that tensor is replaced, as by
+load_state_dict), while the device step tensors advance with one `torch._foreach_add_` as torch's do.
+Unlike torch's kernel it leaves `.grad` undivided. Nothing reads `.grad` after the step in either path:
+DeepSpeed ZeRO 1/2 and 3 set the flat fp32 partition's `.grad` to None right after the optimizer step
+(stage_1_and_2.py `step`, stage3.py `_release_sub_group`), and without ZeRO the engine zeroes the
+gradients after it (`_take_model_step`); the trainer reads none.
 """
 from __future__ import annotations
 
@@ -30,6 +46,7 @@ from typing import Callable
 
 import torch
 
+STEP_KERNELS = ("torch", "alignflow")
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_ and DeepSpeed: the norm plus this, over max_norm
 
 
@@ -51,17 +68,26 @@ class ClippedAdamW(torch.optim.AdamW):
     it from its optimizer, `_global_grad_norm`.
 
     `set_bf16_copies({param: bf16 tensor})` (None: none) makes every step() also leave each copy equal
-    to its parameter rounded to bf16; `writes_bf16_copies` says whether it does."""
+    to its parameter rounded to bf16; `writes_bf16_copies` says whether it does.
+
+    `step_kernel` "torch" (torch's fused AdamW) or "alignflow" (csrc/adamw.cu; fp32 params, no
+    amsgrad, maximize, capturable or differentiable): see the module docstring."""
 
     def __init__(self, params, max_norm: float, grad_norm_source: Callable[[], torch.Tensor] | None = None,
-                 **adamw_kwargs):
+                 step_kernel: str = "torch", **adamw_kwargs):
         if adamw_kwargs.pop("fused", True) is False:
             raise ValueError("ClippedAdamW runs torch's fused AdamW kernel only (fused=False asked for)")
         if adamw_kwargs.get("foreach"):
             raise ValueError("ClippedAdamW runs torch's fused AdamW kernel, not the foreach one")
+        if step_kernel not in STEP_KERNELS:
+            raise ValueError(f"ClippedAdamW step_kernel {step_kernel!r}: allowed one of {STEP_KERNELS}")
         super().__init__(params, fused=True, **adamw_kwargs)
         if not max_norm > 0:
             raise ValueError(f"ClippedAdamW max_norm {max_norm!r}: allowed a number > 0")
+        self.step_kernel = step_kernel
+        self._host_steps: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}  # param: (its state's step tensor, value)
+        if step_kernel == "alignflow":
+            self._check_alignflow_groups()
         self.max_norm = float(max_norm)
         self.grad_norm_source = grad_norm_source
         self.last_grad_norm: torch.Tensor | None = None
@@ -98,12 +124,24 @@ class ClippedAdamW(torch.optim.AdamW):
                 raise ValueError(f"set_bf16_copies: the copy of {names[param]} is {got}; allowed: torch.bfloat16 "
                                  f"{tuple(param.shape)} on {param.device}")
         self._bf16_copies = mapping
-        self._write_bf16_copies()
+        self.write_bf16_copies()
 
     @torch.no_grad()
-    def _write_bf16_copies(self) -> None:
+    def write_bf16_copies(self) -> None:
+        """Set every bf16 copy to its param rounded to bf16 (step() does this itself)."""
         if self._bf16_copies:
             torch._foreach_copy_(list(self._bf16_copies.values()), list(self._bf16_copies))
+
+    def _check_alignflow_groups(self) -> None:
+        for i, group in enumerate(self.param_groups):
+            for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
+                if group.get(flag):
+                    raise ValueError(f"ClippedAdamW step_kernel 'alignflow' with {flag}=True (param group {i}): "
+                                     "allowed only with step_kernel 'torch'")
+            for j, p in enumerate(group["params"]):
+                if p.dtype != torch.float32:
+                    raise ValueError(f"ClippedAdamW step_kernel 'alignflow': param_groups[{i}]['params'][{j}] is "
+                                     f"{p.dtype}; allowed: float32 params")
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -123,16 +161,79 @@ class ClippedAdamW(torch.optim.AdamW):
             norm = torch.as_tensor(norm, dtype=torch.float32, device=grads[0].device)
             self.last_grad_norm = self._global_grad_norm = norm
             divisor = clip_divisor(norm, self.max_norm)
+        if divisor is not None:
+            divisor = torch.as_tensor(divisor, dtype=torch.float32, device=grads[0].device).reshape(1)
+        if self.step_kernel == "alignflow":
+            self._alignflow_step(divisor)
+        else:
+            self._torch_step(divisor)
+        return None
+
+    def _torch_step(self, divisor: torch.Tensor | None) -> None:
         if divisor is None:
             super().step()
         else:
-            self.grad_scale = torch.as_tensor(divisor, dtype=torch.float32, device=grads[0].device).reshape(1)
+            self.grad_scale = divisor
             try:
                 super().step()
             finally:
                 del self.grad_scale
-        self._write_bf16_copies()
-        return None
+        self.write_bf16_copies()
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        """p's AdamW state, created as torch's fused AdamW creates it."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._host_steps[p] = (state["step"], 0)
+        return state
+
+    def _steps_taken(self, params: list[torch.Tensor]) -> list[int]:
+        """Each param's step count as a host int; read from the device (one sync) only for a param
+        whose state's step tensor is not the one last read (new, or replaced by load_state_dict)."""
+        stale = [p for p in params if self._host_steps.get(p, (None,))[0] is not self.state[p]["step"]]
+        if stale:
+            values = torch.stack([self.state[p]["step"].float() for p in stale]).tolist()
+            for p, value in zip(stale, values):
+                self._host_steps[p] = (self.state[p]["step"], int(value))
+        return [self._host_steps[p][1] for p in params]
+
+    def _alignflow_step(self, divisor: torch.Tensor | None) -> None:
+        import kernels
+
+        self._check_alignflow_groups()  # ZeRO 3 puts its flat partitions into the groups at each step
+        calls: dict[tuple, list[torch.Tensor]] = {}  # (group, grad dtype, steps taken, has a copy): params
+        for i, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                self._state_of(p)
+            for p, taken in zip(params, self._steps_taken(params)):
+                calls.setdefault((i, p.grad.dtype, taken, p in self._bf16_copies), []).append(p)
+        with kernels.use_backend("cuda"):
+            for (i, _, taken, has_copy), params in calls.items():
+                group, states = self.param_groups[i], [self.state[p] for p in params]
+                kernels.adamw_step(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                                   [s["exp_avg_sq"] for s in states], taken + 1, lr=float(group["lr"]),
+                                   betas=tuple(float(b) for b in group["betas"]), eps=group["eps"],
+                                   weight_decay=group["weight_decay"], grad_scale=divisor,
+                                   params_bf16=[self._bf16_copies[p] for p in params] if has_copy else None)
+        params = [p for ps in calls.values() for p in ps]
+        steps = [self.state[p]["step"] for p in params]
+        torch._foreach_add_(steps, 1)
+        for p, step in zip(params, steps):
+            self._host_steps[p] = (step, self._host_steps[p][1] + 1)
+
+
+def describe_step_kernel(step_kernel: str) -> str:
+    """For the log: which kernel ClippedAdamW's step runs."""
+    if step_kernel == "torch":
+        return "torch's fused AdamW"
+    from kernels import _cuda
+
+    cpu = "the emulator" if _cuda.emulating() else "kernels.reference_adamw_step (ALIGNFLOW_CUEMU=1: the emulator)"
+    return f"AlignFlow's CUDA C++ AdamW, csrc/adamw.cu (on CPU tensors {cpu}; kernels logs any fallback)"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ class Trainer:
         if self.fused_clip:
             from engine.optim import ClippedAdamW
 
-            optimizer = ClippedAdamW(params, max_norm=cfg.optim.grad_clip, **adamw)
+            optimizer = ClippedAdamW(params, max_norm=cfg.optim.grad_clip, step_kernel=cfg.optim.step_kernel, **adamw)
         else:
             optimizer = torch.optim.AdamW(params, fused=fused or None, **adamw)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.optim.warmup_steps))
@@ -162,10 +162,11 @@ class Trainer:
             dist_init_required=False)
         self.clip_optimizer = optimizer if self.fused_clip else None
         if self.fused_clip:
-            from engine.optim import hand_clipping_to
+            from engine.optim import describe_step_kernel, hand_clipping_to
 
             how = hand_clipping_to(self.engine.optimizer, optimizer)
-            self.monitor.info(f"gradient clipping inside the fused AdamW step (optim.fused_clip): {how}")
+            self.monitor.info(f"gradient clipping inside the fused AdamW step (optim.fused_clip): {how}; "
+                              f"step kernel (optim.step_kernel): {describe_step_kernel(cfg.optim.step_kernel)}")
         self.copies_written_by_optimizer = False
         self.weight_copies = self._weight_copies(optimizer)
         set_collective_timeout(cfg.train.collective_timeout_s)  # DeepSpeed's own groups too
@@ -251,6 +252,10 @@ class Trainer:
                 raise ConfigError("optim.fused_clip", cfg.optim.fused_clip,
                                   f"'auto' or 'false' with optimizer offload ({offload}) in {cfg.train.deepspeed_config}")
             on = False
+        if cfg.optim.step_kernel == "alignflow" and not on:
+            why = f"optimizer offload ({offload}) turns it off" if offload not in (None, "none") else "it is off"
+            raise ConfigError("optim.step_kernel", cfg.optim.step_kernel,
+                              f"'torch' unless optim.fused_clip is on ({why}: the kernel runs ClippedAdamW's step)")
         return on
 
     def _init_weights(self, model) -> None:

@@ -282,10 +282,14 @@ def _extension():
     return Extension(_csrc)
 
 
+NO_TRITON_KERNEL = ("adamw_step",)  # ops whose caller runs the PyTorch reference where the CUDA kernel does not
+
+
 def _fall_back(op: str, reason: str) -> bool:
     if (op, reason) not in _logged:
         _logged.add((op, reason))
-        log.warning("kernels.%s: the \"cuda\" backend runs the Triton kernel (%s)", op, reason)
+        instead = "the PyTorch reference" if op in NO_TRITON_KERNEL else "the Triton kernel"
+        log.warning("kernels.%s: the \"cuda\" backend runs %s (%s)", op, instead, reason)
     return False
 
 

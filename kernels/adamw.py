@@ -9,8 +9,8 @@ launch only for chunks that cannot take 128-bit loads: odd-sized tails, unaligne
 It is torch.optim.AdamW's update (amsgrad and maximize off, one step count for the list), written in
 `reference_adamw_step`. The CUDA kernel runs under `kernels.set_backend("cuda")` where it is built
 (and on CPU tensors in the emulator, ALIGNFLOW_CUEMU=1); anything else runs the reference, saying once
-why. Nothing in engine/ calls it yet: engine.optim.ClippedAdamW runs torch's fused AdamW kernel, which
-has no hook for another kernel (csrc/README.md).
+why. engine.optim.ClippedAdamW calls it with optim.step_kernel "alignflow" (torch's fused AdamW kernel
+otherwise).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Run under the deepspeed launcher by tests/engine/test_optim.py (two CPU ranks): for each
+"""Run under the deepspeed launcher by tests/engine/test_optim_distributed.py (two CPU ranks): for each
 `--runs stage:precision`, the same fixed-seed run with optim.fused_clip false (DeepSpeed clips) and
-true (the clip inside the fused AdamW step); rank 0 writes both runs' losses, logged gradient norms
-and the largest difference of their gathered fp32 master weights to --out."""
+true (the clip inside the fused AdamW step), or with `--compare step_kernel` both with fused_clip true
+and optim.step_kernel torch and alignflow; rank 0 writes both runs' losses, logged gradient norms and
+the largest difference of their gathered fp32 master weights to --out."""
 from __future__ import annotations
 
 import argparse
@@ -13,14 +14,18 @@ import torch.distributed as dist
 
 def one_run(cfg, steps: int) -> dict:
     from engine.trainer import Trainer
+    from kernels import _cuda
     from tests.engine.dist_worker import full_master_weights
 
     trainer = Trainer(cfg)
     try:
+        before = _cuda.launches["adamw_step"]
         metrics = [trainer.train_step() for _ in range(steps)]
+        launches = _cuda.launches["adamw_step"] - before
         masters = full_master_weights(trainer)
-        return dict(losses=[m["loss"] for m in metrics], grad_norms=[m["grad_norm"] for m in metrics],
-                    masters=masters, fused_clip=trainer.fused_clip, zero_stage=trainer.engine.zero_optimization_stage(),
+        return dict(launches=launches, losses=[m["loss"] for m in metrics], grad_norms=[m["grad_norm"] for m in metrics],
+                    masters=masters, fused_clip=trainer.fused_clip,
+                    step_kernel=getattr(trainer.clip_optimizer, "step_kernel", None), zero_stage=trainer.engine.zero_optimization_stage(),
                     precision=trainer.precision, moved=max(float((masters[k] - trainer.initial_state[k]).abs().max())
                                                            for k in masters))
     finally:
@@ -34,6 +39,7 @@ def main():
     parser.add_argument("--runs", required=True, help="comma-separated stage:precision")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--compare", choices=["fused_clip", "step_kernel"], default="fused_clip")
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     from deepspeed.runtime import torch_autocast
@@ -46,17 +52,20 @@ def main():
     for run in args.runs.split(","):
         stage, precision = run.split(":")
         pair = {}
-        for fused_clip in ("false", "true"):
+        settings = [dict(fused_clip="false"), dict(fused_clip="true")] if args.compare == "fused_clip" else \
+            [dict(fused_clip="true", step_kernel="torch"), dict(fused_clip="true", step_kernel="alignflow")]
+        for i, setting in enumerate(settings):
+            value = setting[args.compare]
             torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
             train = dataclasses.replace(base.train, zero_stage=int(stage), precision=precision,
-                                        output_dir=f"{base.train.output_dir}/{run.replace(':', '-')}-{fused_clip}",
+                                        output_dir=f"{base.train.output_dir}/{run.replace(':', '-')}-{value}",
                                         deepspeed_config=args.zero3_json if stage == "3" else base.train.deepspeed_config)
-            cfg = dataclasses.replace(base, train=train, optim=dataclasses.replace(base.optim, fused_clip=fused_clip))
+            cfg = dataclasses.replace(base, train=train, optim=dataclasses.replace(base.optim, **setting))
             started = time.time()
-            pair[fused_clip] = one_run(cfg, args.steps)
-            print(f"{run} fused_clip={fused_clip}: {time.time() - started:.1f} s", flush=True)
-        a, b = pair["false"], pair["true"]
-        results[run] = dict(
+            pair[i] = one_run(cfg, args.steps)
+            print(f"{run} {args.compare}={value}: {time.time() - started:.1f} s", flush=True)
+        a, b = pair[0], pair[1]
+        results[run] = dict(launches=[a["launches"], b["launches"]], step_kernel=[a["step_kernel"], b["step_kernel"]],
             fused_clip=[a["fused_clip"], b["fused_clip"]], zero_stage=b["zero_stage"], precision=b["precision"],
             losses=[a["losses"], b["losses"]], grad_norms=[a["grad_norms"], b["grad_norms"]], moved=b["moved"],
             master_max_diff=max(float((a["masters"][k] - b["masters"][k]).abs().max()) for k in a["masters"]))

@@ -53,6 +53,8 @@ VALUES = [
     ("optim", "warmup_steps", -1, "optim.warmup_steps", ">= 0"),
     ("optim", "fused", "true", "optim.fused", "on the CPU"),
     ("optim", "fused_clip", "maybe", "optim.fused_clip", "'auto'"),
+    ("optim", "step_kernel", "cutlass", "optim.step_kernel", "'torch'"),
+    ("optim", "step_kernel", "alignflow", "optim.step_kernel", "unless optim.fused_clip is on"),
     ("ema", "decay", 1.0, "ema.decay", "[0, 1)"),
     ("ema", "decay", -0.1, "ema.decay", "[0, 1)"),
     ("ema", "decay", NAN, "ema.decay", "[0, 1)"),

@@ -167,3 +167,19 @@ def test_bf16_copies_refuse_a_wrong_mapping():
         with pytest.raises(ValueError, match=message):
             opt.set_bf16_copies(mapping)
         assert not opt.writes_bf16_copies
+
+
+def test_step_kernel_switch_validates(tmp_path):
+    validate(config(tmp_path, fused_clip="true", step_kernel="alignflow"), cuda_available=False, disk=False)
+    validate(config(tmp_path, step_kernel="alignflow"), cuda_available=True, disk=False)  # auto: on on CUDA
+    for optim, cuda, fragment in [(dict(), False, "unless optim.fused_clip is on \\(it is 'auto' on cpu"),
+                                  (dict(fused_clip="false"), True, "unless optim.fused_clip is on \\(it is 'false'")]:
+        with pytest.raises(ConfigError, match=rf"optim.step_kernel: 'alignflow': 'torch' {fragment}"):
+            validate(config(tmp_path, step_kernel="alignflow", **optim), cuda_available=cuda, disk=False)
+    cfg = from_dict(tiny_config(tmp_path / "run", tmp_path / "data", optim=dict(step_kernel="alignflow"),
+                                train=dict(precision="fp16")))
+    with pytest.raises(ConfigError, match=r"optim.step_kernel: 'alignflow': 'torch' with train.precision fp16"):
+        validate(cfg, cuda_available=True, disk=False)
+    from engine.checkpoint import resume_rule
+
+    assert resume_rule("optim.step_kernel")[0] == "apply"  # both kernels keep torch AdamW's state

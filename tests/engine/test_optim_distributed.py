@@ -6,6 +6,7 @@ active in every step (grad_clip below the norms)."""
 import json
 
 import numpy as np
+import pytest
 
 from tests.engine.trainer_fixtures import launch, tiny_config, write_config, write_zero3_json
 
@@ -36,4 +37,37 @@ def test_fused_clip_matches_deepspeeds_clipping(tmp_path):
         # lr 1e-3 over 3 steps moves the masters by ~3e-3; the two paths agree to float rounding (bf16
         # weights: a master one ulp apart can round its bf16 copy the other way, hence the looser bound)
         assert r["moved"] > 1e-3, run
+        assert r["master_max_diff"] < (1e-6 if precision == "fp32" else 2e-5), (run, r["master_max_diff"])
+
+
+def test_alignflow_step_kernel_matches_torchs_under_zero(tmp_path):
+    """optim.step_kernel alignflow (the CUDA C++ kernel in the emulator) against torch's fused AdamW
+    kernel, both with fused_clip on, under ZeRO 1 (fp32) and 2 (bf16: fp32 master partitions, bf16
+    weights) on two ranks, clipping active in every step."""
+    from kernels import _cuda
+
+    if _cuda.emulator_missing():
+        pytest.skip(_cuda.emulator_missing())
+    _cuda.build_emulated(_cuda.SOURCES["adamw"])  # built here, so the ranks only load it
+    runs = "1:fp32,2:bf16"
+    raw = tiny_config(tmp_path / "run", tmp_path / "data", optim={"lr": 1e-3, "warmup_steps": 0, "grad_clip": CLIP},
+                      train={"debug_fixed_batch": True})
+    out = tmp_path / "result.json"
+    launch(["--config", write_config(raw, tmp_path / "config.yaml"), "--zero3-json",
+            write_zero3_json(tmp_path / "zero3.json"), "--runs", runs, "--steps", "3", "--out", str(out),
+            "--compare", "step_kernel"], module="tests.engine.optim_worker", env_extra={"ALIGNFLOW_CUEMU": "1"})
+    results = json.loads(out.read_text())
+    assert list(results) == runs.split(",")
+    for run, r in results.items():
+        stage, precision = run.split(":")
+        print(run, "launches", r["launches"], "master_max_diff", r["master_max_diff"])
+        assert r["step_kernel"] == ["torch", "alignflow"] and r["zero_stage"] == int(stage), (run, r)
+        assert r["launches"][0] == 0 and r["launches"][1] >= 3, (run, r["launches"])  # the kernel ran every step
+        torch_kernel, alignflow = (np.array(x) for x in r["grad_norms"])
+        assert (alignflow > 2 * CLIP).all(), (run, alignflow)  # every step clipped
+        np.testing.assert_allclose(alignflow, torch_kernel, rtol=1e-5, err_msg=run)
+        np.testing.assert_allclose(r["losses"][1], r["losses"][0], rtol=1e-5, atol=1e-6, err_msg=run)
+        assert r["moved"] > 1e-3, run
+        # the same bounds as the fused_clip comparison above: float rounding (and for bf16 weights a
+        # master one ulp apart rounding its bf16 copy the other way)
         assert r["master_max_diff"] < (1e-6 if precision == "fp32" else 2e-5), (run, r["master_max_diff"])

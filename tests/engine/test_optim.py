@@ -183,3 +183,13 @@ def test_step_kernel_switch_validates(tmp_path):
     from engine.checkpoint import resume_rule
 
     assert resume_rule("optim.step_kernel")[0] == "apply"  # both kernels keep torch AdamW's state
+
+
+def test_the_log_names_the_step_kernel(monkeypatch):
+    from engine.optim import describe_step_kernel
+
+    assert describe_step_kernel("torch") == "torch's fused AdamW"
+    monkeypatch.delenv("ALIGNFLOW_CUEMU", raising=False)
+    assert "csrc/adamw.cu (on CPU tensors kernels.reference_adamw_step" in describe_step_kernel("alignflow")
+    monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
+    assert "csrc/adamw.cu (on CPU tensors the emulator;" in describe_step_kernel("alignflow")

@@ -53,8 +53,9 @@ STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflo
                  "alignflow-graphs")
 # bench.train_step's variants that time engine.trainer.Trainer's own step (DeepSpeed ZeRO-2, one GPU), as
 # modelled here: bench.train_step's step with the fused kernels (the trainer's "auto" backend on a GPU),
-# the given train.precision, DeepSpeed ZeRO-2's flat-buffer copies and the trainer's EMA update; the
-# trainer's finite-loss check and gradient-norm read (host syncs) cost nothing here.
+# the given train.precision, DeepSpeed ZeRO-2's gradient reduction and step as DeepSpeed runs them
+# (_ZeroOptimizer, checked op for op against DeepSpeed by tests/test_bench_model_deepspeed.py) and the
+# trainer's EMA update; the trainer's finite-loss check and gradient-norm read (host syncs) cost nothing here.
 VARIANTS = STEP_VARIANTS + tuple(TRAINER_VARIANTS)
 PRECISIONS = ("bf16-mixed", "bf16")
 
@@ -213,6 +214,12 @@ def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
+def _same_view(a, b) -> bool:
+    """Whether two tensors are the same view of the same storage (copy_ between them moves nothing)."""
+    return (isinstance(b, torch.Tensor) and _storage_key(a) == _storage_key(b) and a.dtype == b.dtype
+            and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
+
+
 def _is_view(func) -> bool:
     schema = func._schema
     return bool(schema.returns) and all(r.alias_info is not None and not r.alias_info.is_write
@@ -356,6 +363,17 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         self._fresh: set = set()  # storages allocated (torch.empty) and not written yet: a launch's outputs
         self._forward_outputs: list = []
         self._opaque = 0  # > 0 inside a registered custom op's implementation (see _run_launcher)
+        self._attributed = None  # a phase: the ops of the ZeRO optimizer's stand-in (category optimizer)
+
+    @contextlib.contextmanager
+    def attributed(self, phase: str):
+        """Ops run inside are the optimizer's (category "optimizer"), in `phase`: "backward" for the
+        ZeRO reduction's work on the whole gradient, "optimizer" for the work on the rank's partition."""
+        saved, self._attributed = self._attributed, phase
+        try:
+            yield
+        finally:
+            self._attributed = saved
 
     # -- Triton launches -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -479,11 +497,15 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         self._keep.extend(t.untyped_storage() for t in _tensors((args, kwargs, out)))
         if name in _FREE or _is_view(func) or func.namespace == "prim":
             return out
+        if name == "copy_" and _same_view(args[0], args[1]):  # aten returns at once: no kernel
+            return out
         stack_category, fused = _stack_context()
         if self.phase == "backward" and stack_category is None:
             meta = self._node_meta()
             stack_category, fused = meta.get("category"), meta.get("fused", False)
         phase = self._phase(stack_category)
+        if self._attributed:
+            phase, stack_category = self._attributed, "optimizer"
         mutated = _mutated_args(func, args, kwargs)
         if name in ("_fused_adamw_", "_fused_adam_") and kwargs.get("grad_scale") is None:
             # its schema lets it unscale the grads in place; without a grad_scale they are only read (with
@@ -544,51 +566,168 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
 # Tracing the training step
 # ----------------------------------------------------------------------------------------------
 
-class _MasterWeightsAdamW:
-    """DeepSpeed's ZeRO-1/2 optimizer (runtime/zero/stage_1_and_2.py) as one rank runs it: the weights
-    (bf16, or fp32 under bf16-mixed) live in one flat buffer; each gradient is copied into the flat reduce
-    buckets as the backward makes it; the step takes the global norm of the gradients, casts the flat
-    gradient to fp32 (bf16 weights), scales it in place by the clip factor (unscale_and_clip_grads; with
-    `fused_clip` the factor goes to the fused AdamW kernel instead, engine.optim.hand_clipping_to), runs
-    AdamW on the flat fp32 master partition and copies the master back into the flat weights; with
-    `ema`, the trainer's EMA update follows. Every one of those passes is traced as an op (DeepSpeed's
-    norm, one vector_norm per gradient, is counted as one foreach norm)."""
+class _Bucket:
+    """One of DeepSpeed's IPG (independent partition gradient) reduce buckets: a flat buffer in the
+    weights' dtype that gradients of one communication dtype are copied into as the backward makes them."""
+
+    def __init__(self, elements: int, dtype: torch.dtype):
+        self.buffer = torch.empty(elements, dtype=dtype)
+        self.params: list = []
+        self.elements = 0
+
+
+class _ZeroOptimizer:
+    """DeepSpeed 0.19's ZeRO-1/2 optimizer (runtime/zero/stage_1_and_2.py, DeepSpeedZeroOptimizer) as one
+    rank runs it under the trainer's configs (configs/deepspeed/zero1.json, zero2.json as
+    engine.config.deepspeed_config completes them: contiguous_gradients, overlap_comm on a GPU,
+    reduce_bucket_size 2e8 elements; train.precision bf16 = DeepSpeed's bf16 mode, bf16 weights and an fp32
+    master partition; bf16-mixed = fp32 weights with DeepSpeed's torch_autocast, which reduces the
+    gradients of Linear/Conv modules in bf16), with optim.fused_clip's hand-over of the clip
+    (engine.optim.hand_clipping_to) and the trainer's EMA (engine/ema.py). Each op below is one that
+    DeepSpeed, torch's fused AdamW or the EMA runs, with the same operands; tests/test_bench_model_deepspeed.py
+    checks them op for op against DeepSpeed itself (the real Trainer on DeepSpeed's CPU accelerator).
+
+    Backward (DeepSpeed's gradient hooks, then the reduction epilogue after the backward), per gradient:
+      1. copied into its bucket (reduce_independent_p_g_buckets_and_remove_grads): read + write;
+      2. each bucket, when the next gradient would overflow it and after the backward (reduce_ipg_grads ->
+         average_tensor): divided in place by the world size (at world size 1 too), all-reduced; a bucket of
+         Linear/Conv gradients under bf16-mixed is cast to bf16 for the all-reduce and copied back into the
+         bucket twice (allreduce_bucket, then allreduce_and_copy_with_multiple_ranks); otherwise the reduced
+         bucket is copied onto itself, which aten skips;
+      3. the gradients of this rank's partition copied out of the bucket into the flat partition gradient
+         (copy_grads_in_partition): read + write.
+    engine.step(), over this rank's partition:
+      4. bf16 only (bf16.check_grad_overflow, on by default): amax and amin of every gradient and the scalar
+         isfinite tests of them (has_inf_or_nan), each its own kernel;
+      5. the global norm (get_grad_norm_direct): every gradient cast to fp64 (DeepSpeed's norm dtype on an
+         accelerator with fp64) and its vector_norm, then a handful of scalar ops;
+      6. the gradients concatenated into one flat gradient (flatten_dense_tensors_aligned) and cast to fp32
+         (a no-op under bf16-mixed);
+      7. the clip: unscale_and_clip_grads scales the flat fp32 gradient in place; with optim.fused_clip it
+         hands its divisor to the fused AdamW kernel instead (no pass);
+      8. torch's fused AdamW on the flat fp32 master (with a divisor, the kernel writes the divided gradient
+         back: 16 bytes read and 16 written a parameter);
+      9. the master copied into the flat weights (bf16, or fp32 under bf16-mixed);
+      10. the all-gather of the updated weights (none at world size 1);
+    then the trainer's 11. EMA update: one _foreach_lerp_ over the master's per-parameter fragments.
+    Collectives are not traced: at world size 1 they move nothing, and the ZeRO projection (zero_projection)
+    models them for more GPUs. With N ranks, 1-2 stay whole on every rank (DeepSpeed all-reduces whole
+    buckets, use_multi_rank_bucket_allreduce, and concatenates the slices of a bucket that spans partitions
+    first) while 3-9 and 11 run over the rank's 1/N partition: so the ops of 1-2 are in the "backward"
+    phase (category optimizer), the rest in the "optimizer" phase, which zero_projection divides by N.
+    ZeRO-1 runs the same ops (on a GPU overlap_comm reduces in the hooks as ZeRO-2 does)."""
 
     clips_gradients = True  # as DeepSpeed does: one_step runs no clip_grad_norm_ before it
 
-    def __init__(self, params, optimizer_cls, ema: bool = False, fused_clip: bool = False, max_norm: float = 1.0):
+    def __init__(self, params, optimizer_cls, ema: bool = False, fused_clip: bool = False, max_norm: float = 1.0,
+                 comm_dtypes: dict | None = None, bucket_elements: int = int(2e8), tracer=None):
         self.params = [p for p in params if p.requires_grad]  # frozen ones (pos_embed) are not the optimizer's
-        self.fused_clip, self.max_norm = fused_clip, max_norm
-        numel = sum(p.numel() for p in self.params)
-        dtype = self.params[0].dtype
-        self.flat_weights = torch.empty(numel, dtype=dtype)
-        self.flat_grads = torch.empty(numel, dtype=dtype)
-        self.master = torch.empty(numel, dtype=torch.float32, requires_grad=True)
+        self.fused_clip, self.max_norm, self.tracer = fused_clip, max_norm, tracer
+        self.dtype = self.params[0].dtype
+        self.offsets, numel = {}, 0
+        for p in self.params:
+            self.offsets[p] = numel
+            numel += p.numel()
+        self.flat_weights = torch.empty(numel, dtype=self.dtype)      # bit16_groups_flat
+        self.partition_grads = torch.empty(numel, dtype=self.dtype)   # grads_in_partition
+        self.master = torch.empty(numel, dtype=torch.float32, requires_grad=True)  # single_partition_of_fp32_groups
         self.inner = optimizer_cls([self.master])
         if fused_clip:
             self.inner.divisor_from_deepspeed = True
-        # the trainer's fp32 EMA of the masters (engine/ema.py: one _foreach_lerp_ over each parameter's
-        # fragment of the flat master)
-        self.fragments = list(self.master.detach().split([p.numel() for p in self.params])) if ema else []
+        comm_dtypes = comm_dtypes or {}
+        self.comm_dtype = {p: comm_dtypes.get(p, self.dtype) for p in self.params}
+        elements = min(bucket_elements, numel)
+        self.bucket_elements = elements
+        self.buckets = {dtype: _Bucket(elements, self.dtype)
+                        for dtype in sorted(set(self.comm_dtype.values()), key=str)}  # sort_dtypes
+        self.waiting = set(self.params)  # gradients the backward has still to make
+        # the trainer's fp32 EMA of the masters (engine/ema.py: each parameter's fragment of the flat master)
+        master = self.master.detach()
+        self.fragments = [master.narrow(0, self.offsets[p], p.numel()) for p in self.params] if ema else []
         self.ema = [torch.empty_like(f) for f in self.fragments]
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._gradient_ready)
+
+    def _attributed(self, phase: str):
+        return self.tracer.attributed(phase) if self.tracer is not None else contextlib.nullcontext()
+
+    # -- the backward: buckets -------------------------------------------------------------------
+    def _gradient_ready(self, p):
+        with self._attributed("backward"):
+            bucket = self.buckets[self.comm_dtype[p]]
+            if bucket.elements + p.numel() > self.bucket_elements:
+                self._reduce(self.comm_dtype[p])
+            view = bucket.buffer.narrow(0, bucket.elements, p.numel())
+            view.copy_(p.grad.view(-1))
+            p.grad = view.view_as(p)
+            bucket.params.append(p)
+            bucket.elements += p.numel()
+        self.waiting.discard(p)
+        if not self.waiting:  # the epilogue
+            for dtype in self.buckets:
+                self._reduce(dtype)
+            self.waiting = set(self.params)
+
+    def _reduce(self, comm_dtype):
+        bucket = self.buckets[comm_dtype]
+        if not bucket.elements:
+            return
+        with self._attributed("backward"):
+            flat = bucket.buffer.narrow(0, 0, bucket.elements)
+            flat.div_(1.0)  # by the world size (1)
+            if comm_dtype != self.dtype:
+                reduced = flat.to(comm_dtype)  # all-reduced in comm_dtype (nothing to move at world size 1)
+                flat.copy_(reduced)
+                flat.copy_(reduced)
+        with self._attributed("optimizer"):
+            for p in bucket.params:
+                view = self.partition_grads.narrow(0, self.offsets[p], p.numel())
+                view.copy_(p.grad.view(-1))
+                p.grad = view.view_as(p)
+        bucket.params, bucket.elements = [], 0
+
+    # -- engine.step() ---------------------------------------------------------------------------
+    @staticmethod
+    def _has_inf_or_nan(x):
+        return torch.isfinite(x.amax()).logical_and(torch.isfinite(x.amin())).logical_not()
 
     def step(self):
+        if self.waiting != set(self.params):  # gradients set without a backward (the untraced first step)
+            for p in [p for p in self.params if p in self.waiting and p.grad is not None]:
+                self._gradient_ready(p)
+            for dtype in self.buckets:
+                self._reduce(dtype)
+            self.waiting = set(self.params)
+        with self._attributed("optimizer"):
+            self._step()
+
+    def _step(self):
         from engine.optim import clip_divisor
 
-        # DeepSpeed's global norm (scaled_global_norm over the partition's gradients, in fp32)
-        norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None], 2, dtype=torch.float32)
-        divisor = clip_divisor(torch.linalg.vector_norm(torch.stack(norms)), self.max_norm)
-        offset = 0
-        for p in self.params:  # the backward's bucket copies (DeepSpeed's IPG buckets)
-            if p.grad is not None:
-                self.flat_grads[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
-            offset += p.numel()
-        self.master.grad = self.flat_grads.float()  # no op when the weights are fp32 (bf16-mixed)
-        if self.fused_clip:
-            self.inner.set_clip_divisor(divisor)
-        else:
-            self.master.grad.mul_(1.0 / divisor)  # unscale_and_clip_grads
+        grads = [self.partition_grads.narrow(0, self.offsets[p], p.numel()) for p in self.params]
+        if self.dtype == torch.bfloat16:  # has_overflow_partitioned_grads_serial
+            invalid = torch.zeros([1], dtype=torch.float32)
+            for g in grads:
+                invalid += self._has_inf_or_nan(g)
+            invalid.bool().byte()  # all-reduced (MAX) and read on the host
+        norms = [torch.linalg.vector_norm(g.to(torch.float64), ord=2.0) for g in grads]  # get_grad_norm_direct
+        total = torch.stack(norms).pow(2.0).sum().float().pow(1.0 / 2.0)  # all-reduced (SUM) before the root
+        total.masked_fill_(total.isnan().logical_or(total.isinf()), torch.tensor(-1.0))
+        stacked = torch.stack([total])  # combine_grad_norm_groups
+        invalid = (~torch.isfinite(stacked) | (stacked < 0)).any()
+        norm = torch.where(invalid, torch.full_like(stacked[0], float("inf")), torch.linalg.vector_norm(stacked, ord=2))
+        (~torch.isfinite(norm) | (norm < 0)).any()  # is_invalid_grad_norm (read on the host)
+        norm / 1.0  # _global_grad_norm: over the loss scale
+        flat = torch.cat(grads)  # flatten_dense_tensors_aligned
+        self.master.grad = flat.to(torch.float32)
+        if self.fused_clip:  # engine.optim.hand_clipping_to's unscale_and_clip_grads
+            norm = torch.where(norm < 0, torch.full_like(norm, float("inf")), norm)
+            self.inner.set_clip_divisor(clip_divisor(norm, self.max_norm, 1.0))
+        else:  # unscale_and_clip_grads
+            clip = torch.clamp(((norm / 1.0) + 1e-6) / self.max_norm, min=1.0)
+            self.master.grad.mul_(1.0 / (clip * 1.0))
         self.inner.step()
+        self.master.grad = None
         self.flat_weights.copy_(self.master.detach())
         if self.ema:
             torch._foreach_lerp_(self.ema, self.fragments, 1.0 - 0.9999)
@@ -597,6 +736,24 @@ class _MasterWeightsAdamW:
         for p in self.params:
             p.grad = None
         self.master.grad = None
+
+
+_LOWER_PRECISION_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # torch_autocast's
+TRAINER_DEEPSPEED_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                      "deepspeed", "zero2.json")  # train.deepspeed_config's default
+
+
+def _autocast_reduced(model) -> list:
+    """The trainable parameters whose gradients DeepSpeed's torch_autocast (bf16-mixed) reduces in bf16: those
+    of modules whose class is one of its lower-precision-safe classes (exactly: not a subclass)."""
+    return [p for m in model.modules() if type(m) in _LOWER_PRECISION_MODULES
+            for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+def zero_bucket_elements(path: str = TRAINER_DEEPSPEED_JSON) -> int:
+    """The reduce bucket size (elements) of the trainer's DeepSpeed JSON (DeepSpeed's default 5e8 without one)."""
+    with open(path) as f:
+        return int(float(json.load(f).get("zero_optimization", {}).get("reduce_bucket_size", 5e8)))
 
 
 def _patched_foreach():
@@ -647,7 +804,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         if precision == "bf16":
             sit.to(torch.bfloat16)  # on meta: fake parameters cannot be swapped for other dtypes later
     model_flops = sit.flops_per_sample()
-    linear_params = sum(m.weight.numel() for m in sit.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    # DeepSpeed's torch_autocast (bf16-mixed) reduces the gradients of these modules' parameters in bf16
+    linear_params = sum(p.numel() for p in _autocast_reduced(sit))
     params = sum(p.numel() for p in sit.parameters() if p.requires_grad)  # what the optimizer and ZeRO shard
     tracer = Tracer()
     tracer.recording = False
@@ -662,8 +820,10 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
                                            weight_decay=0.0)
         else:
             fused = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)  # noqa: E731
-        optimizer = (_MasterWeightsAdamW(sit.parameters(), fused, ema=trainer, fused_clip=fused_clip,
-                                         max_norm=train_step.CLIP)
+        comm_dtypes = {p: torch.bfloat16 for p in _autocast_reduced(sit)} if precision == "bf16-mixed" else {}
+        optimizer = (_ZeroOptimizer(sit.parameters(), fused, ema=trainer, fused_clip=fused_clip,
+                                    max_norm=train_step.CLIP, comm_dtypes=comm_dtypes,
+                                    bucket_elements=zero_bucket_elements(), tracer=tracer)
                      if precision == "bf16" or trainer else fused(sit.parameters()))
         latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
         images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
@@ -1006,10 +1166,15 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         "others the fused one (Linear/Conv weights cast to bf16 once, attention on kernels.attention_qkv)",
         f"precision {precision}: " + ("fp32 weights, bf16 autocast (traced with CPU autocast, whose op lists "
                                       "follow CUDA's for matmuls/convolutions), fused AdamW" if precision == "bf16-mixed"
-                                      else "bf16 weights and gradients; DeepSpeed ZeRO-1/2's flat-buffer copies "
-                                      "traced explicitly: each gradient copied into the reduce bucket, the flat "
-                                      "gradient cast to fp32, fused AdamW on the fp32 master, master copied back "
-                                      "into the bf16 weights"),
+                                      else "bf16 weights and gradients under DeepSpeed ZeRO-1/2's bf16 mode"),
+        "trainer-* rows (and --precision bf16): DeepSpeed ZeRO-2's passes as one rank runs them (bench.model."
+        "_ZeroOptimizer; tests/test_bench_model_deepspeed.py checks them op for op against DeepSpeed 0.19 on the "
+        "CPU): in the backward each gradient copied into a reduce bucket and each bucket divided by the world "
+        "size (bf16-mixed: Linear/Conv buckets cast to bf16 for the all-reduce and copied back twice); in the "
+        "step the copy into the partition, the overflow check (bf16: amax and amin per gradient), the norm (an "
+        "fp64 cast and a vector_norm per gradient), the flat concatenation and its fp32 cast, fused AdamW on "
+        "the fp32 master, the master copied into the weights, the trainer's EMA lerp; collectives not traced "
+        "(none at one GPU; the ZeRO projection models them)",
         "clip_grad_norm_ and AdamW run their multi-tensor (foreach / fused) CUDA paths; launches as CUDA's "
         "multi_tensor_apply chunks them",
         "optimizer clipping: reference-* and alignflow-separate-clip run clip_grad_norm_ (a norm pass, then an "
@@ -1017,8 +1182,7 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         "(optim.fused_clip, on on a GPU) take the norm in one pass and fused AdamW divides by the clip factor "
         "as it reads each gradient (torch's grad_scale, which writes the divided gradient back: 4 bytes a "
         "parameter); the trainer-* rows (and --precision bf16) model DeepSpeed's clipping: its norm of the "
-        "gradients (one foreach norm here; DeepSpeed runs one vector_norm per gradient) and, without "
-        "fused_clip, its in-place scaling of the flat fp32 gradient",
+        "gradients and, without fused_clip, its in-place scaling of the flat fp32 gradient",
         "MFU: the analytic model FLOPs (SiT.flops_per_sample x 3 + the encoder's forward, bench/flops.py) over "
         "the datasheet bf16 peak; Amdahl: the step if every op inside a `kernels` op (the fused kernels, or the "
         "reference paths they replace) took no time; ideal: matmul and attention FLOPs at the datasheet peak, "

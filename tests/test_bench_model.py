@@ -385,20 +385,40 @@ def test_the_guard_names_the_ops_that_grew(fused_step_ops):
     assert not model.compare_to_baseline(fused_step_ops, dict(baseline, bytes=total_bytes * 0.99))
 
 
-def test_bf16_mode_traces_deepspeeds_master_copies():
-    """--precision bf16: bf16 weights; the gradients copied into the flat bucket (2 + 2 bytes a
-    parameter), the flat gradient cast to fp32 (2 + 4), fused AdamW on the fp32 master, the master copied
-    back into the bf16 weights (4 + 2)."""
+def _zero_passes(trace):
+    """The ZeRO stand-in's ops: (backward ones, step ones), and sums of bytes by op name."""
+    ops = [op for op in trace["ops"] if op.category == "optimizer"]
+    backward = [op for op in ops if op.phase == "backward"]
+    step = [op for op in ops if op.phase == "optimizer"]
+    assert backward and step and all(op.step_phase == "backward" for op in backward)
+    return backward, step
+
+
+def _sums(ops, name, where=lambda op: True):
+    chosen = [op for op in ops if op.name == name and where(op)]
+    return sum(op.read for op in chosen), sum(op.written for op in chosen)
+
+
+def test_bf16_mode_traces_deepspeeds_zero2_passes():
+    """--precision bf16 (DeepSpeed's bf16 mode, bench.model._ZeroOptimizer's docstring), by hand, bytes a
+    parameter: in the backward each bf16 gradient copied into its bucket (2 + 2) and the bucket divided by
+    the world size (2 + 2); in the step the copy into the partition (2 + 2), the overflow check's amax and
+    amin (2 + 2), the norm's fp64 cast (2 + 8) and vector_norm (8), the flat concatenation (2 + 2), its fp32
+    cast (2 + 4), the clip's scaling (4 + 4), fused AdamW on the fp32 master, the master copied back into
+    the bf16 weights (4 + 2)."""
     trace = model.trace_step(backend="triton", **dict(SMALL, precision="bf16"))
     P = trace["params"]
-    optimizer = [op for op in trace["ops"] if op.phase == "optimizer"]
-    buckets = [op for op in optimizer if op.name == "copy_" and op.read == op.written]
-    assert sum(op.read for op in buckets) == 2 * P and sum(op.written for op in buckets) == 2 * P
-    cast = [op for op in optimizer if op.name == "_to_copy"]
-    assert [(op.read, op.written) for op in cast] == [(2 * P, 4 * P)]
-    back = [op for op in optimizer if op.name == "copy_" and op.read == 4 * P]
-    assert [op.written for op in back] == [2 * P]
-    adam = next(op for op in optimizer if op.name == "_fused_adamw_")
+    backward, step = _zero_passes(trace)
+    assert _sums(backward, "copy_") == (2 * P, 2 * P) and _sums(backward, "div_") == (2 * P, 2 * P)
+    assert _sums(step, "copy_", lambda op: op.read == op.written) == (2 * P, 2 * P)
+    assert _sums(step, "copy_", lambda op: op.read != op.written) == (4 * P, 2 * P)
+    assert _sums(step, "amax")[0] == 2 * P and _sums(step, "amin")[0] == 2 * P
+    assert _sums(step, "_to_copy", lambda op: op.written == 4 * op.read) == (2 * P, 8 * P)
+    assert 8 * P <= _sums(step, "linalg_vector_norm")[0] <= 8 * P + 64
+    assert _sums(step, "cat") == (2 * P, 2 * P)
+    assert _sums(step, "_to_copy", lambda op: op.written == 2 * op.read) == (2 * P, 4 * P)
+    assert _sums(step, "mul_") == (4 * P + 4, 4 * P)
+    adam = next(op for op in step if op.name == "_fused_adamw_")
     assert adam.read == 4 * 4 * P + 4 and adam.written == 3 * 4 * P  # master, grad, m, v, step read; master, m, v
     matmuls = [op for op in trace["ops"] if op.flops and op.phase in ("forward", "backward")]
     assert matmuls and all(op.matmul_dtype == "bf16" for op in matmuls)
@@ -437,17 +457,25 @@ def test_a_fused_op_reached_as_its_custom_op_is_costed_by_its_real_launches(monk
                                                                         "triton:_adaln_bwd_kernel"]
 
 
-def test_trainer_variant_adds_zero2_copies_and_the_ema_update():
-    """The trainer's step under bf16-mixed: fp32 gradients copied into the flat buckets (4 + 4 bytes a
-    parameter), no cast, the master copied back into the fp32 weights (4 + 4), and the EMA's one
-    _foreach_lerp_ over the masters (reads EMA and master, writes the EMA: 8 + 4)."""
+def test_trainer_variant_adds_zero2_passes_and_the_ema_update():
+    """The trainer's step under bf16-mixed (fp32 weights, DeepSpeed's torch_autocast), bytes a parameter:
+    the fp32 gradients copied into the buckets (4 + 4) and divided (4 + 4); the buckets of Linear/Conv
+    gradients (L of the P parameters) cast to bf16 for the all-reduce (4 + 2) and copied back twice (2 + 4
+    each); in the step the copy into the partition (4 + 4), the fp64 norm cast (4 + 8), no overflow check and
+    no fp32 cast, the concatenation (4 + 4), the master copied into the fp32 weights (4 + 4) and the EMA's
+    one _foreach_lerp_ over the masters (reads EMA and master, writes the EMA: 8 + 4)."""
     trace = model.trace_step(backend="triton", trainer=True, **SMALL)
-    P = trace["params"]
-    optimizer = [op for op in trace["ops"] if op.phase == "optimizer"]
-    assert not [op for op in optimizer if op.name == "_to_copy"]
-    copies = [op for op in optimizer if op.name == "copy_"]
-    assert sum(op.read for op in copies) == 2 * 4 * P and sum(op.written for op in copies) == 2 * 4 * P
-    (ema,) = [op for op in optimizer if op.name == "_foreach_lerp_"]
+    P, L = trace["params"], trace["linear_params"]
+    assert 0 < L < P
+    backward, step = _zero_passes(trace)
+    assert _sums(backward, "div_") == (4 * P, 4 * P)
+    assert _sums(backward, "_to_copy") == (4 * L, 2 * L)
+    assert _sums(backward, "copy_") == (4 * P + 2 * 2 * L, 4 * P + 2 * 4 * L)
+    assert not [op for op in step if op.name in ("amax", "amin")]
+    assert _sums(step, "_to_copy", lambda op: op.written == 2 * op.read) == (4 * P, 8 * P)  # the norm's fp64 casts
+    assert _sums(step, "cat") == (4 * P, 4 * P)
+    assert _sums(step, "copy_") == (2 * 4 * P, 2 * 4 * P)
+    (ema,) = [op for op in step if op.name == "_foreach_lerp_"]
     assert ema.read == 8 * P and ema.written == 4 * P
 
 
@@ -474,9 +502,10 @@ def test_fused_clip_folds_the_scaling_pass_into_adamw(trainer):
     _, fused = optimizer_ops(True)
     names = [op.name for op in fused]
     scaling = "mul_" if trainer else "_foreach_mul_"  # DeepSpeed scales the flat fp32 gradient; torch each one
+    norm = "linalg_vector_norm" if trainer else "_foreach_norm"  # DeepSpeed's norm: one per gradient
     (scale,) = [op for op in separate if op.name == scaling]
     assert scale.written == 4 * P and scaling not in names
-    assert names.count("_foreach_norm") == 1 and names.count("_fused_adamw_") == 1
+    assert names.count(norm) == [op.name for op in separate].count(norm) >= 1 and names.count("_fused_adamw_") == 1
     adam = next(op for op in fused if op.name == "_fused_adamw_")
     reference = next(op for op in separate if op.name == "_fused_adamw_")
     assert adam.written == reference.written + 4 * P  # the divided gradients

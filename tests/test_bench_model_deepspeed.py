@@ -1,0 +1,153 @@
+"""bench.model's stand-in for DeepSpeed's ZeRO-2 optimizer (bench.model._ZeroOptimizer, the trainer-* rows)
+against DeepSpeed itself: the real Trainer (one CPU rank, DeepSpeed's CPU accelerator, gloo) takes one
+step under bench.model's Tracer, and the ops that DeepSpeed's ZeRO optimizer, torch's fused AdamW (through
+engine.optim.ClippedAdamW) and the trainer's EMA run in the backward and in the step must be, op for op,
+the ones the stand-in runs for the same parameters: the same aten op, phase, bytes read and written.
+
+Exceptions (stated, not compared):
+  - collectives (gloo here, NCCL on a GPU): at world size 1 they move nothing on a GPU; the ZeRO projection
+    (bench.model.zero_projection) models them for more GPUs;
+  - DeepSpeed's scaling of the loss by its loss scale (one scalar multiply before the backward, no bytes).
+What the CPU run cannot show and the stand-in assumes as on a GPU: overlap_comm (the trainer turns it off on
+the CPU) changes which stream reduces, not the ops; norms in fp64 as on CUDA (DeepSpeed's get_norm_dtype)."""
+import collections
+import os
+import sys
+
+import pytest
+import torch
+
+import bench.model as bm
+from engine.config import from_dict
+from tests.engine.trainer_fixtures import tiny_config
+
+COLLECTIVES = {"allreduce_", "allgather_", "_allgather_base_", "allgather_into_tensor_coalesced_", "reduce_scatter_",
+               "_reduce_scatter_base_", "broadcast_", "barrier", "reduce_"}
+_DEEPSPEED = os.path.dirname(os.path.dirname(os.path.abspath(__import__("deepspeed").__file__)))
+OWNERS = (os.path.join(_DEEPSPEED, "deepspeed", "runtime", "zero") + os.sep,
+          os.path.join(_DEEPSPEED, "deepspeed", "runtime", "utils.py"),
+          os.path.join(_DEEPSPEED, "deepspeed", "runtime", "base_optimizer.py"),
+          os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine", "ema.py"),
+          os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine", "optim.py"))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _owner_is_the_optimizer() -> bool:
+    """Whether the innermost frame outside torch (and this recorder) is DeepSpeed's ZeRO optimizer, its
+    helpers, engine.optim or engine.ema."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if not path.startswith(_TORCH) and path != bm.__file__ and path != __file__:
+            return path.startswith(OWNERS)
+        frame = frame.f_back
+    return False
+
+
+class OwnedTracer(bm.Tracer):
+    """bench.model's Tracer that marks each op with whether the optimizer's code ran it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        count = len(self.ops)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        owned = _owner_is_the_optimizer()
+        for op in self.ops[count:]:
+            op.fused_region = owned  # reused as the mark: nothing in this test reads it otherwise
+        return out
+
+
+def _signature(ops) -> collections.Counter:
+    return collections.Counter((op.step_phase, op.name, op.read, op.written, op.launches) for op in ops
+                               if op.name not in COLLECTIVES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_rank_process_group():
+    saved = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def deepspeed_step_ops(tmp_path, precision: str, monkeypatch):
+    """The real trainer (ZeRO-2, optim.fused_clip as on a GPU, one micro-batch a step): the ops of its
+    second step that the optimizer runs."""
+    from deepspeed.runtime import torch_autocast
+
+    from engine.trainer import Trainer
+
+    # DeepSpeed marks its autocast set up process-wide; no engine before or after this one may inherit it
+    monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_INITIALIZED", False)
+    monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_DTYPE", None)
+    raw = tiny_config(tmp_path / "run", tmp_path / "data",
+                      train={"precision": precision, "global_batch_size": 4, "max_steps": 2},
+                      optim={"fused_clip": "true"})
+    trainer = Trainer(from_dict(raw))
+    assert type(trainer.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer" and trainer.fused_clip
+    assert trainer.engine.zero_optimization_stage() == 2 and trainer.accum == 1
+    trainer.train_step()  # creates the optimizer state
+    tracer = OwnedTracer()
+    after = {"data": "encoder", "encoder": "forward", "forward": "backward", "backward": "optimizer",
+             "optimizer": "done"}
+    tracer.phase = "data"
+
+    def mark(phase):
+        tracer.phase = after[phase]
+
+    with tracer:
+        trainer.train_step(mark=mark)
+    return trainer, [op for op in tracer.ops if op.fused_region and op.step_phase in ("backward", "optimizer")]
+
+
+def standin_step_ops(trainer, precision: str):
+    """bench.model's stand-in over parameters of the trainer's shapes and dtypes: a backward that makes
+    every gradient (in reverse order, as a backward does), then its step; its optimizer ops."""
+    from engine.optim import ClippedAdamW
+
+    module = trainer.engine.module
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params = [torch.nn.Parameter(torch.randn(p.shape).to(p.dtype)) for _, p in named]
+    reduced = {id(p) for p in bm._autocast_reduced(module)}
+    comm_dtypes = ({q: torch.bfloat16 for (_, p), q in zip(named, params) if id(p) in reduced}
+                   if precision == "bf16-mixed" else {})
+    bucket = int(float(trainer.ds_config["zero_optimization"]["reduce_bucket_size"]))
+    tracer = bm.Tracer()
+    optimizer = bm._ZeroOptimizer(params, lambda p: ClippedAdamW(p, max_norm=1.0, lr=1e-4), ema=True,
+                                  fused_clip=True, max_norm=1.0, comm_dtypes=comm_dtypes, bucket_elements=bucket,
+                                  tracer=tracer)
+    for step in range(2):  # the first creates the AdamW state, unrecorded
+        tracer.recording = step == 1
+        with tracer:
+            tracer.phase = "backward"
+            torch.autograd.backward(params[::-1], [torch.randn_like(p) for p in params[::-1]])
+            tracer.phase = "optimizer"
+            optimizer.step()
+            optimizer.zero_grad()
+    return [op for op in tracer.ops if op.category == "optimizer"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_zero_standin_runs_deepspeeds_ops(tmp_path, precision, monkeypatch):
+    trainer, real = deepspeed_step_ops(tmp_path, precision, monkeypatch)
+    try:
+        modelled = standin_step_ops(trainer, precision)
+    finally:
+        trainer.engine.destroy()
+    params = sum(p.numel() for p in trainer.engine.module.parameters() if p.requires_grad)
+    real_sig, modelled_sig = _signature(real), _signature(modelled)
+    only_real, only_modelled = real_sig - modelled_sig, modelled_sig - real_sig
+    assert not only_real and not only_modelled, (
+        f"{precision}: ops (phase, op, read, written, launches) x calls that DeepSpeed runs and the stand-in "
+        f"does not: {sorted(only_real.items())[:12]}; the stand-in's extra: {sorted(only_modelled.items())[:12]}")
+    # the figure that matters, per parameter: the optimizer's bytes in the backward and in the step
+    per_param = {phase: sum(op.bytes for op in real if op.step_phase == phase) / params
+                 for phase in ("backward", "optimizer")}
+    expected = {"bf16": {"backward": 12.0, "optimizer": 82.0},
+                "bf16-mixed": {"backward": None, "optimizer": 80.0}}[precision]
+    assert per_param["optimizer"] == pytest.approx(expected["optimizer"], abs=0.5), per_param
+    if expected["backward"] is not None:
+        assert per_param["backward"] == pytest.approx(expected["backward"], abs=0.5), per_param

@@ -389,10 +389,13 @@ def launched(fn, kind: str):
     return run
 
 
-def supports_adaln(op, x, h, gate, shift, scale) -> bool:
-    """`takes` plus the kernel's own limits: one modulation dtype, a supported dtype pair."""
+def supports_adaln(op, x, h, gate, shift, scale, bias=None) -> bool:
+    """`takes` plus the kernel's own limits: one modulation dtype, a supported dtype pair, no bias."""
     if not takes(op, (x, h, gate, shift, scale), contiguous=(x, h)):
         return False
+    if bias is not None:
+        return _fall_back(op, "a bias (the Linear's, for its gradient in this pass): the CUDA C++ kernel "
+                              "takes none")
     lib = library("adaln", x.device)
     mod_dtype = torch.promote_types(shift.dtype, scale.dtype)
     if any(t is not None and t.dtype != mod_dtype for t in (h, gate, shift, scale)):

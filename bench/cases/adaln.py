@@ -13,8 +13,15 @@ modulation elements (both of element size s) and 4-byte mean and rstd per token:
     residual_modulate  forward  x, h, x_new, y                4 E s +  3 V s +  8 B N
                        fwd+bwd  + x_new, h, dy, g_x_new, dx, dh; gate, scale, d_gate, d_shift,
                                 d_scale; mean, rstd          10 E s +  8 V s + 16 B N
-The kernel's fp32 per-tile partial sums of d_shift/d_scale/d_gate are not counted (overhead, see
-kernels.adaln._backward_tiles).
+    residual_modulate  with the Linear's bias (D elements of size s; model.fused_bias_grad): + bias read
+    + bias             in the forward and the backward, d_bias written
+                                                             + 3 D s (either pass: + D s forward)
+The kernel's fp32 per-tile partial sums of d_shift/d_scale/d_gate (and d_bias) are not counted (overhead,
+see kernels.adaln._backward_tiles).
+
+The bias case's reference is SiT's eager code with nn.Linear's bias (h + bias, its gradient summed over
+all rows); beside it the Triton kernel with the bias inside ("triton") and the Triton kernel without it,
+the bias gradient summed over dL/dh by torch as nn.Linear's backward does ("triton + torch bias sum").
 """
 import torch
 import torch.nn as nn
@@ -22,6 +29,7 @@ import torch.nn as nn
 import kernels
 from kernels import _cuda
 from bench.common import BenchCase, Variant, compiled
+from kernels.gelu import _BiasGradient  # identity forward; backward: nn.Linear's bias sum over the rows
 
 
 HEADLINE = "SiT-XL/2 256px"
@@ -111,6 +119,20 @@ def _shape_cases(device, B, N, D, dtype, smoke, label):
         with kernels.use_backend("cuda"):
             return kernels.adaln_residual_modulate(x, h, gate, shift, scale)
 
+    bias = (0.5 * torch.randn(D, device=device, dtype=dtype)).requires_grad_()
+
+    def eager_residual_bias():
+        x_new = x + gate.unsqueeze(1) * (h + bias)
+        return x_new, _modulate(norm(x_new), shift, scale)
+
+    def triton_residual_bias():
+        with kernels.use_backend("triton"):
+            return kernels.adaln_residual_modulate(x, h, gate, shift, scale, bias=bias)
+
+    def triton_residual_torch_bias_sum():  # h stands for the matmul output with its bias already added
+        with kernels.use_backend("triton"):
+            return kernels.adaln_residual_modulate(x, _BiasGradient.apply(h, bias), gate, shift, scale)
+
     cuda_reason = _cuda.unavailable("adaln", device)
     cases = []
     for op, impls, leaves, grad_outputs, bytes_fwd, bytes_fwd_bwd in (
@@ -136,6 +158,20 @@ def _shape_cases(device, B, N, D, dtype, smoke, label):
             bytes_forward=bytes_fwd, bytes_forward_backward=bytes_fwd_bwd,
             notes="bytes: unavoidable traffic of the fused op (see bench/cases/adaln.py)",
             headline=label == HEADLINE))
+    bias_variants = (("eager (SiT, nn.Linear bias)", eager_residual_bias, None),
+                     ("eager compiled", *compiled(eager_residual_bias, smoke)),
+                     ("triton", triton_residual_bias, triton_reason),
+                     ("triton + torch bias sum", triton_residual_torch_bias_sum, triton_reason))
+    bias_leaves = [x, h, gate, shift, scale, bias]
+    cases.append(BenchCase(
+        "adaln_residual_modulate+bias", shape,
+        forward=[Variant(name, _no_grad(fn), reason) for name, fn, reason in bias_variants],
+        forward_backward=[Variant(name, _forward_backward(fn, bias_leaves, (g_x_new, dy)), reason)
+                          for name, fn, reason in bias_variants],
+        bytes_forward=4 * E * s + 3 * V * s + 8 * B * N + D * s,
+        bytes_forward_backward=10 * E * s + 8 * V * s + 16 * B * N + 3 * D * s,
+        notes="bytes: unavoidable traffic of the fused op with the bias (see bench/cases/adaln.py)",
+        headline=label == HEADLINE))
     return cases
 
 

@@ -19,6 +19,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 # odd widths, SiT-B/XL widths, a single token, N = 257 (REG class token) with several backward tiles
 SHAPES = [(2, 1, 72), (3, 5, 100), (2, 257, 100), (2, 6, 384), (2, 3, 768), (3, 2, 1152)]
 RESIDUAL_NAMES = ["x_new", "y", "d_x", "d_h", "d_gate", "d_shift", "d_scale"]
+BIAS_NAMES = RESIDUAL_NAMES + ["d_bias"]
 MODULATE_NAMES = ["y", "d_x", "d_shift", "d_scale"]
 
 
@@ -34,10 +35,11 @@ def _assert_ran(backend, y, function):
         assert type(y.grad_fn).__name__ == f"{function}Backward", y.grad_fn
 
 
-def _run_residual(backend, x, h, gate, shift, scale, g_x_new, dy):
-    leaves = [x, h, gate, shift, scale]
+def _run_residual(backend, x, h, gate, shift, scale, g_x_new, dy, bias=None):
+    """[x_new, y, d_x, d_h, d_gate, d_shift, d_scale] (+ [d_bias] with a bias)."""
+    leaves = [x, h, gate, shift, scale] + ([bias] if bias is not None else [])
     with kernels.use_backend(backend), poisoned_empty():
-        x_new, y = kernels.adaln_residual_modulate(x, h, gate, shift, scale)
+        x_new, y = kernels.adaln_residual_modulate(x, h, gate, shift, scale, bias=bias)
         _assert_ran(backend, y, "AdalnResidualModulate")
         pairs = [(out, g) for out, g in ((x_new, g_x_new), (y, dy)) if out.requires_grad]
         torch.autograd.backward(*zip(*pairs))
@@ -62,6 +64,31 @@ def test_residual_modulate_matches_reference(dtype, shape, device):
     actual = _run_residual("triton", x, h, gate, shift, scale, g_x_new, dy)
     expected = _run_residual("torch", x, h, gate, shift, scale, g_x_new, dy)
     assert_all_close(actual, expected, RESIDUAL_NAMES, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_residual_modulate_with_bias_matches_reference(dtype, shape, device):
+    """x_new = x + gate * (h + bias): every gradient, d_bias (summed over all B * N rows) included."""
+    B, N, D = shape
+    x, h, bias = leaf(shape, dtype, device), leaf(shape, dtype, device), leaf((D,), dtype, device)
+    gate, shift, scale = _modulation(B, D, dtype, device, "flat" if N % 2 else "broadcast")
+    g_x_new, dy = leaf(shape, dtype, device, False), leaf(shape, dtype, device, False)
+    actual = _run_residual("triton", x, h, gate, shift, scale, g_x_new, dy, bias)
+    expected = _run_residual("torch", x, h, gate, shift, scale, g_x_new, dy, bias)
+    assert_all_close(actual, expected, BIAS_NAMES, dtype)
+
+
+def test_bias_is_the_linear_bias_it_replaces(device):
+    """The specification with a bias equals the op fed the Linear's output with its bias included."""
+    B, N, D = 2, 3, 40
+    x, h, bias = torch.randn(B, N, D, dtype=torch.float64), torch.randn(B, N, D, dtype=torch.float64), \
+        torch.randn(D, dtype=torch.float64)
+    gate, shift, scale = (torch.randn(B, D, dtype=torch.float64) for _ in range(3))
+    with_bias = kernels.reference_adaln_residual_modulate(x, h, gate, shift, scale, bias=bias)
+    added = kernels.reference_adaln_residual_modulate(x, h + bias, gate, shift, scale)
+    for a, e in zip(with_bias, added):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
@@ -111,15 +138,16 @@ def test_samples_use_their_own_modulation(D, device):
 
 
 def test_deterministic(device):
-    """Two backward passes give bitwise-equal gradients (several tiles per sample here)."""
+    """Two backward passes give bitwise-equal gradients (several tiles per sample here), d_bias too."""
     B, N, D = 2, 257, 100
     assert adaln._backward_tiles(B, N, adaln._tile(N, D)[0])[0] > 1
     tensors = [leaf((B, N, D), torch.float32, device), leaf((B, N, D), torch.float32, device)]
     tensors += [leaf((B, D), torch.float32, device) for _ in range(3)]
     g_x_new, dy = torch.randn(B, N, D, device=device), torch.randn(B, N, D, device=device)
-    first = _run_residual("triton", *tensors, g_x_new, dy)
-    second = _run_residual("triton", *tensors, g_x_new, dy)
-    for name, a, b in zip(RESIDUAL_NAMES, first, second):
+    bias = leaf((D,), torch.float32, device)
+    first = _run_residual("triton", *tensors, g_x_new, dy, bias)
+    second = _run_residual("triton", *tensors, g_x_new, dy, bias)
+    for name, a, b in zip(BIAS_NAMES, first, second):
         assert torch.equal(a, b), name
 
 
@@ -150,19 +178,24 @@ def test_non_contiguous_inputs(dtype, device):
     assert_all_close(results["triton"], results["torch"], ["x_new", "y", "y (modulate)", "d_x", "d_h", "d_chunks"], dtype)
 
 
-def test_residual_stream_in_fp32(device):
-    """x (the residual stream) fp32, everything else bf16: x_new and d_x are fp32, y and d_h bf16."""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_residual_stream_in_fp32(with_bias, device):
+    """x (the residual stream) fp32, everything else bf16: x_new and d_x are fp32, y and d_h bf16. With
+    a bias as SiT under autocast hands it over (the fp32 parameter, h the bf16 matmul): d_bias fp32."""
     B, N, D = 2, 5, 100
     x = leaf((B, N, D), torch.float32, device)
     h = leaf((B, N, D), torch.bfloat16, device)
     gate, shift, scale = (leaf((B, 1, D), torch.bfloat16, device, scale=0.5) for _ in range(3))
+    bias = leaf((D,), torch.float32, device) if with_bias else None
     g_x_new, dy = torch.randn(B, N, D, device=device), torch.randn(B, N, D, device=device).bfloat16()
-    actual = _run_residual("triton", x, h, gate, shift, scale, g_x_new, dy)
-    expected = _run_residual("torch", x, h, gate, shift, scale, g_x_new, dy)
+    actual = _run_residual("triton", x, h, gate, shift, scale, g_x_new, dy, bias)
+    expected = _run_residual("torch", x, h, gate, shift, scale, g_x_new, dy, bias)
     assert actual[0].dtype == torch.float32 and actual[1].dtype == torch.bfloat16
     assert actual[2].dtype == torch.float32 and actual[3].dtype == torch.bfloat16
     assert_close(actual[0], expected[0], torch.float32, name="x_new")  # fp32 sum of bf16 products
-    assert_all_close(actual[1:], expected[1:], RESIDUAL_NAMES[1:], torch.bfloat16)
+    assert_all_close(actual[1:], expected[1:], (BIAS_NAMES if with_bias else RESIDUAL_NAMES)[1:], torch.bfloat16)
+    if with_bias:
+        assert actual[-1].dtype == torch.float32
 
 
 @pytest.mark.parametrize("requires", [("x",), ("gate",), ("shift", "scale"), ("h", "scale")])
@@ -180,13 +213,31 @@ def test_partial_requires_grad(requires, device):
     assert_all_close(actual, expected, RESIDUAL_NAMES, torch.float32)
 
 
+@pytest.mark.parametrize("requires", [("bias",), ("bias", "gate"), ("bias", "h", "shift")])
+def test_partial_requires_grad_with_bias(requires, device):
+    """d_bias alone, or with others: each gradient asked for, right; none other computed."""
+    B, N, D = 2, 5, 72
+    names = ("x", "h", "gate", "shift", "scale", "bias")
+    shapes = {"x": (B, N, D), "h": (B, N, D), "gate": (B, D), "shift": (B, D), "scale": (B, D), "bias": (D,)}
+    tensors = [leaf(shapes[n], torch.float32, device, requires_grad=n in requires) for n in names]
+    g_x_new, dy = torch.randn(B, N, D, device=device), torch.randn(B, N, D, device=device)
+    actual = _run_residual("triton", *tensors[:5], g_x_new, dy, tensors[5])
+    expected = _run_residual("torch", *tensors[:5], g_x_new, dy, tensors[5])
+    for name, a in zip(names, actual[2:]):
+        assert (a is not None) == (name in requires), name
+    assert_all_close(actual, expected, BIAS_NAMES, torch.float32)
+
+
 def test_gradients_match_finite_differences(device):
-    """The kernel's fp64 backward against finite differences of its forward."""
+    """The kernel's fp64 backward against finite differences of its forward (with and without a bias)."""
     B, N, D = 2, 3, 5
     tensors = [leaf((B, N, D), torch.float64, device), leaf((B, N, D), torch.float64, device)]
     tensors += [leaf((B, 1, D), torch.float64, device) for _ in range(3)]
+    bias = leaf((D,), torch.float64, device)
     with kernels.use_backend("triton"):
         assert torch.autograd.gradcheck(kernels.adaln_residual_modulate, tuple(tensors), fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda *t: kernels.adaln_residual_modulate(*t[:5], bias=t[5]), (*tensors, bias), fast_mode=True)
         assert torch.autograd.gradcheck(kernels.adaln_modulate, (tensors[0], tensors[3], tensors[4]),
                                         fast_mode=True)
 
@@ -204,6 +255,8 @@ def test_bad_inputs_raise(device):
         kernels.adaln_residual_modulate(x, x[:, :2], v, v, v)
     with pytest.raises(ValueError, match="gate must be"):
         kernels.adaln_residual_modulate(x, x, torch.randn(2, 3, 8, device=device), v, v)
+    with pytest.raises(ValueError, match=r"adaln_residual_modulate: bias must be \(D,\) = \(8,\), got \(2, 8\)"):
+        kernels.adaln_residual_modulate(x, x, v, v, v, bias=v)
 
 
 def test_too_wide_rows_fall_back_with_a_reason(device):

@@ -14,11 +14,12 @@ adaln_module = importlib.import_module("kernels.adaln")
 attention_module = importlib.import_module("kernels.attention")
 
 
-def _step(v_pred, x, noise, t, mu0, mu1, z_pred, z_target, h, modulation):
+def _step(v_pred, x, noise, t, mu0, mu1, z_pred, z_target, h, modulation, bias):
     x_t, _ = kernels.interpolant(x, noise, t, "linear", mu0, mu1)
     loss = kernels.velocity_loss(v_pred, x, noise, t, "linear", mu0, mu1)
     gate, shift, scale = modulation.chunk(3, dim=1)
     x_new, y = kernels.adaln_residual_modulate(z_pred, h, gate, shift, scale)
+    x_new, y = kernels.adaln_residual_modulate(x_new, y, gate, shift, scale, bias=bias)
     y2 = kernels.adaln_modulate(y, shift, scale)
     y2 = y2 + kernels.attention_qkv(torch.cat([y2, y, x_new], dim=-1), num_heads=2)
     return (loss + 0.5 * kernels.alignment_loss(z_pred, z_target) + x_t.square().mean()
@@ -35,7 +36,8 @@ def test_compiled_fullgraph_matches_eager(device):
                   z_pred=torch.randn(2, 5, 72, device=device, requires_grad=True),
                   z_target=torch.randn(2, 5, 72, device=device),
                   h=torch.randn(2, 5, 72, device=device, requires_grad=True),
-                  modulation=torch.randn(2, 3 * 72, device=device, requires_grad=True))
+                  modulation=torch.randn(2, 3 * 72, device=device, requires_grad=True),
+                  bias=torch.randn(72, device=device, requires_grad=True))
     leaves = [v for v in inputs.values() if v.requires_grad]
     results = []
     with kernels.use_backend("triton"):
@@ -49,7 +51,7 @@ def test_compiled_fullgraph_matches_eager(device):
 
 
 @pytest.mark.parametrize("case", ["interpolant", "velocity_loss", "alignment", "adaln", "adaln_residual",
-                                  "attention", "attention_qkv_norm"])
+                                  "adaln_residual_bias", "attention", "attention_qkv_norm"])
 def test_opcheck(case, device):
     shape = (2, 3, 4, 4)
     x, noise = torch.randn(shape, device=device), torch.randn(shape, device=device)
@@ -78,4 +80,6 @@ def test_opcheck(case, device):
             torch.library.opcheck(adaln_module._adaln_modulate.op, (tokens, shift, scale, 1e-6))
         else:
             h = torch.randn(2, 5, 40, device=device, requires_grad=True)
-            torch.library.opcheck(adaln_module._adaln_residual_modulate.op, (tokens, h, gate, shift, scale, 1e-6))
+            bias = torch.randn(40, device=device, requires_grad=True) if case == "adaln_residual_bias" else None
+            torch.library.opcheck(adaln_module._adaln_residual_modulate.op,
+                                  (tokens, h, gate, shift, scale, bias, 1e-6))

@@ -118,6 +118,25 @@ def test_fallback_is_named_once(device, caplog):
                         'torch.float64 is not supported by the CUDA kernel)'], messages
 
 
+def test_bias_runs_the_triton_kernel_and_says_so_once(device, caplog):
+    """The CUDA C++ kernel takes no bias (model.fused_bias_grad): with one the "cuda" backend runs the
+    Triton kernel, right (d_bias included), and logs the reason once; no CUDA launch."""
+    B, N, D = 2, 3, 72
+    tensors, g_x_new, dy = _inputs((B, N, D), torch.float32, device)
+    bias = leaf((D,), torch.float32, device)
+    _cuda._logged.clear()
+    before = dict(_cuda.launches)
+    with caplog.at_level("WARNING", logger="kernels"):
+        for _ in range(2):
+            actual = _residual("cuda", [*tensors, 1e-6, bias], g_x_new, dy, leaves=[*tensors, bias])
+    assert dict(_cuda.launches) == before
+    expected = _residual("torch", [*tensors, 1e-6, bias], g_x_new, dy, leaves=[*tensors, bias])
+    assert_all_close(actual, expected, RESIDUAL_NAMES + ["d_bias"], torch.float32)
+    messages = [r.getMessage() for r in caplog.records if "CUDA C++ kernel" in r.getMessage()]
+    assert messages == ['kernels.adaln_residual_modulate: the "cuda" backend runs the Triton kernel (a bias (the '
+                        "Linear's, for its gradient in this pass): the CUDA C++ kernel takes none)"], messages
+
+
 def test_address_sanitizer_run(tmp_path):
     """The residual op forward and backward in an AddressSanitizer build of the emulated kernels: any
     out-of-bounds access of the kernels fails the run (the process preloads libasan)."""

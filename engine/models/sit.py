@@ -80,6 +80,13 @@ class ModelConfig(FromDict):
     # CPU default path keeps its numerics bitwise) and not under ZeRO-3 (its hooks gather one module at
     # a time); true: also otherwise (one extra copy of the weights); false: one matmul per block
     batched_modulation: bool | str = "auto"
+    # attn.proj's and mlp.fc2's biases added inside the adaLN residual kernel that reads their output,
+    # which then also sums their gradients (the per-row dL/dh it forms anyway), instead of nn.Linear's
+    # backward summing dL/dh over all B * N rows in a pass of its own. "auto": on CUDA with the Triton
+    # kernels (not on the CPU, whose default path stays bitwise, nor on the "cuda" backend, whose CUDA C++
+    # kernel takes no bias); true: wherever the fused ops run (the torch backend adds the bias in fp32
+    # in the reference); false: nn.Linear's own bias
+    fused_bias_grad: bool | str = "auto"
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -130,6 +137,8 @@ class ModelConfig(FromDict):
             bad("fused_gelu", self.fused_gelu, "true or false")
         if not (isinstance(self.batched_modulation, bool) or self.batched_modulation == "auto"):
             bad("batched_modulation", self.batched_modulation, "auto, true or false")
+        if not (isinstance(self.fused_bias_grad, bool) or self.fused_bias_grad == "auto"):
+            bad("fused_bias_grad", self.fused_bias_grad, "auto, true or false")
 
 
     @property
@@ -200,8 +209,41 @@ class LabelEmbedder(nn.Module):
 # Block and final layer
 # ----------------------------------------------------------------------------------------------
 
+class LinearBiasHandedOn(nn.Linear):
+    """nn.Linear (REPA's proj/fc2 keys) whose output feeds kernels.adaln_residual_modulate. The forward
+    returns (x @ W^T, bias) when model.fused_bias_grad is on for x, so that the kernel adds the bias and
+    sums its gradient in its own backward pass; otherwise (x @ W^T + b, None). The weight is used inside
+    this forward (DeepSpeed ZeRO-3 gathers a module's parameters around its forward); a ZeRO-3 bias is
+    handed on as a copy, which outlives the release of the gathered parameter after the forward."""
+
+    reads_matmul_weights = True  # engine.bf16_copies: its forward reads the bf16 weight copies itself
+
+    def __init__(self, in_features, out_features, fused_bias_grad: bool | str = "auto"):
+        super().__init__(in_features, out_features)
+        self.fused_bias_grad = fused_bias_grad
+
+    def hands_on_bias(self, x) -> bool:
+        if self.fused_bias_grad == "auto":
+            return x.device.type == "cuda" and kernels.get_backend() == "triton"
+        return self.fused_bias_grad
+
+    def forward(self, x):
+        weight, bias = matmul_weights(self)  # the parameters, or their bf16 copies (train.bf16_weight_copies)
+        if not self.hands_on_bias(x):
+            return F.linear(x, weight, bias), None
+        # the parameter itself, not a bf16 copy: the kernel adds it and sums its gradient in fp32
+        return F.linear(x, weight), self.bias.clone() if hasattr(self.bias, "ds_id") else self.bias
+
+
+def add_bias(h, bias):
+    """h + bias where a LinearBiasHandedOn handed its bias on (for a residual outside the fused kernel)."""
+    return h if bias is None else h + bias
+
+
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qk_norm=False):
+    """Returns (proj output, proj bias or None): see LinearBiasHandedOn."""
+
+    def __init__(self, dim, num_heads, qk_norm=False, fused_bias_grad: bool | str = "auto"):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -210,7 +252,7 @@ class Attention(nn.Module):
         if qk_norm:
             self.q_norm = nn.LayerNorm(self.head_dim, eps=QK_NORM_EPS)
             self.k_norm = nn.LayerNorm(self.head_dim, eps=QK_NORM_EPS)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = LinearBiasHandedOn(dim, dim, fused_bias_grad)
 
     def forward(self, x):
         qkv = self.qkv(x)                                   # (B, N, 3D)
@@ -243,12 +285,13 @@ class LinearGELU(nn.Linear):
 
 
 class Mlp(nn.Module):
-    """fc2(GELU_tanh(fc1(x))); fc1 holds the GELU (LinearGELU)."""
+    """fc2(GELU_tanh(fc1(x))); fc1 holds the GELU (LinearGELU). Returns (fc2 output, fc2 bias or None):
+    see LinearBiasHandedOn."""
 
-    def __init__(self, dim, hidden, fused_gelu=True):
+    def __init__(self, dim, hidden, fused_gelu=True, fused_bias_grad: bool | str = "auto"):
         super().__init__()
         self.fc1 = LinearGELU(dim, hidden, fused=fused_gelu)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = LinearBiasHandedOn(hidden, dim, fused_bias_grad)
 
     def forward(self, x):
         return self.fc2(self.fc1(x))
@@ -257,10 +300,11 @@ class Mlp(nn.Module):
 class SiTBlock(nn.Module):
     """adaLN-Zero block. Its LayerNorms have no parameters; they run inside kernels.adaln_*."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_gelu=True):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_gelu=True,
+                 fused_bias_grad: bool | str = "auto"):
         super().__init__()
-        self.attn = Attention(hidden_size, num_heads, qk_norm)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), fused_gelu)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, fused_bias_grad)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), fused_gelu, fused_bias_grad)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def modulation(self, c):
@@ -270,17 +314,21 @@ class SiTBlock(nn.Module):
     def step(self, residual, h, gate_msa, shift_mlp, scale_mlp, gate_mlp, next_shift, next_scale):
         """The block inside the model's fused chain. h = modulate(LN(residual)) for this block's attention
         comes in; (residual after the block, modulate(LN(residual)) for the next block or the final layer
-        with next_shift / next_scale) goes out. Each residual add is fused with the LayerNorm after it."""
-        residual, h = kernels.adaln_residual_modulate(residual, self.attn(h), gate_msa, shift_mlp, scale_mlp,
-                                                      LN_EPS)
-        return kernels.adaln_residual_modulate(residual, self.mlp(h), gate_mlp, next_shift, next_scale, LN_EPS)
+        with next_shift / next_scale) goes out. Each residual add is fused with the LayerNorm after it (and
+        with attn.proj's and mlp.fc2's bias where they hand it on)."""
+        out, bias = self.attn(h)
+        residual, h = kernels.adaln_residual_modulate(residual, out, gate_msa, shift_mlp, scale_mlp, LN_EPS,
+                                                      bias=bias)
+        out, bias = self.mlp(h)
+        return kernels.adaln_residual_modulate(residual, out, gate_mlp, next_shift, next_scale, LN_EPS, bias=bias)
 
     def forward(self, x, c):
         """One block on its own: x + gate * attn(modulate(LN x)), then the same with the MLP."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
         h = kernels.adaln_modulate(x, shift_msa, scale_msa, LN_EPS)
-        x, h = kernels.adaln_residual_modulate(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, LN_EPS)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(h)
+        out, bias = self.attn(h)
+        x, h = kernels.adaln_residual_modulate(x, out, gate_msa, shift_mlp, scale_mlp, LN_EPS, bias=bias)
+        return x + gate_mlp.unsqueeze(1) * add_bias(*self.mlp(h))
 
 
 class FinalLayer(nn.Module):
@@ -360,8 +408,8 @@ class SiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
         num_tokens = self.x_embedder.num_patches + int(cfg.reg)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, D), requires_grad=False)
-        self.blocks = nn.ModuleList([SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.fused_gelu)
-                                     for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.fused_gelu,
+                                              cfg.fused_bias_grad) for _ in range(cfg.depth)])
         self.projectors = nn.ModuleList([build_mlp(D, cfg.projector_dim, z) for z in cfg.z_dims])
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels, self.cls_dim)
         if cfg.reg:

@@ -91,12 +91,15 @@ def sit_step(model, inputs, seed_grads):
     return outputs, torch.autograd.grad(loss, params)
 
 
-@pytest.mark.parametrize("batched_modulation", [False, True])
-@pytest.mark.parametrize("fused_gelu", [True, False])
-def test_sit_with_copies_is_autocast_bitwise(batched_modulation, fused_gelu):
+@pytest.mark.parametrize("batched_modulation, fused_gelu, fused_bias_grad",
+                         [(False, True, "auto"), (True, True, "auto"), (False, False, "auto"), (True, False, "auto"),
+                          (True, True, True)])
+def test_sit_with_copies_is_autocast_bitwise(batched_modulation, fused_gelu, fused_bias_grad):
     # Every Linear of the model (blocks, modulations, final layer, projectors, embedders, REG, CAR-Flow)
     # and the patch embedding read their copies; outputs and every parameter's gradient are autocast's.
-    reference, model = sit_pair(batched_modulation=batched_modulation, fused_gelu=fused_gelu)
+    # With model.fused_bias_grad attn.proj and mlp.fc2 read their weight copies and hand on the fp32 bias.
+    reference, model = sit_pair(batched_modulation=batched_modulation, fused_gelu=fused_gelu,
+                                fused_bias_grad=fused_bias_grad)
     with poisoned_empty():
         copies = WeightCopies(model)
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]

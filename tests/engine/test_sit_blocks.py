@@ -1,6 +1,8 @@
 """The SiT block's speed switches (engine.models.sit) against the reference path they replace: the same
 loss, every gradient and the weights after a few optimizer steps; bitwise where the switch keeps the torch
 backend's fp32 path."""
+import types
+
 import pytest
 import torch
 
@@ -55,6 +57,19 @@ def _batched_calls(monkeypatch):
     return calls
 
 
+def _handed_on_biases(monkeypatch):
+    """Records, per call of attn.proj / mlp.fc2, whether it handed its bias on to the adaLN kernel."""
+    calls = []
+    original = sit.LinearBiasHandedOn.forward
+
+    def forward(self, x):
+        out, bias = original(self, x)
+        calls.append(bias is not None)
+        return out, bias
+    monkeypatch.setattr(sit.LinearBiasHandedOn, "forward", forward)
+    return calls
+
+
 # Each switch on against off: the kernel path under bf16 autocast (the trainer's bf16-mixed), the torch
 # path in fp32 (the CPU default). bitwise: the switch leaves the torch fp32 path as it was.
 CASES = [
@@ -63,6 +78,11 @@ CASES = [
     (dict(batched_modulation="auto"), dict(batched_modulation=False), "torch", False, True),
     (dict(batched_modulation=True), dict(batched_modulation=False), "torch", False, False),
     (dict(batched_modulation="auto"), dict(batched_modulation=False), "triton", True, False),
+    (dict(fused_bias_grad="auto"), dict(fused_bias_grad=False), "torch", False, True),  # auto: off on the CPU
+    (dict(fused_bias_grad="auto"), dict(fused_bias_grad=False), "triton", False, True),
+    (dict(fused_bias_grad=True), dict(fused_bias_grad=False), "torch", False, False),
+    (dict(fused_bias_grad=True), dict(fused_bias_grad=False), "triton", False, False),
+    (dict(fused_bias_grad=True), dict(fused_bias_grad=False), "triton", True, False),
 ]
 
 
@@ -71,18 +91,26 @@ def test_switch_trains_as_the_reference_path(on, off, backend, autocast, bitwise
     first, second = _pair(device, on, off)
     batch = _batch(device)
     calls = _batched_calls(monkeypatch)
+    handed_on = _handed_on_biases(monkeypatch)
 
     def batches(switches):  # "auto" batches only where autocast casts the fp32 weights, with the kernels
         mode = switches.get("batched_modulation", "auto")
         return mode is True or (mode == "auto" and autocast and backend != "torch")
 
+    def hands_on(switches):  # "auto": only on CUDA, so never here
+        return switches.get("fused_bias_grad", "auto") is True
+
     losses, grads, weights = _train(first, batch, backend, steps=2, autocast=autocast)
     assert bool(calls) == batches(on)
+    assert handed_on and set(handed_on) == {hands_on(on)}
     calls.clear()
+    handed_on.clear()
     ref_losses, ref_grads, ref_weights = _train(second, batch, backend, steps=2, autocast=autocast)
     assert bool(calls) == batches(off)
+    assert handed_on and set(handed_on) == {hands_on(off)}
     assert grads.keys() == ref_grads.keys() and {"blocks.0.mlp.fc1.bias", "blocks.0.adaLN_modulation.1.weight",
-                                                 "final_layer.adaLN_modulation.1.bias"} <= grads.keys()
+                                                 "final_layer.adaLN_modulation.1.bias", "blocks.0.attn.proj.bias",
+                                                 "blocks.0.mlp.fc2.bias"} <= grads.keys()
     if bitwise:
         assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
         assert all(torch.equal(grads[n], g) for n, g in ref_grads.items())
@@ -116,11 +144,59 @@ def test_batched_modulation_gives_every_module_its_own_chunks():
     assert model._batched_modulation_dtype(c, layers) is None
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_block_on_its_own_with_fused_bias_grad(backend):
+    """SiTBlock.forward (outside the model's fused chain: its MLP residual is a plain add) with the
+    biases handed on against nn.Linear's own: output and every parameter gradient, fp32."""
+    torch.manual_seed(0)
+    on, off = (sit.SiTBlock(32, 2, fused_bias_grad=mode) for mode in (True, False))
+    off.load_state_dict(randomize(on, scale=0.3).state_dict(), strict=True)
+    x, c, grad = torch.randn(2, 5, 32), torch.randn(2, 32), torch.randn(2, 5, 32)
+    results = []
+    for block in (on, off):
+        with kernels.use_backend(backend):
+            out = block(x, c)
+            out.backward(grad)
+        results.append((out.detach(), {n: p.grad.clone() for n, p in block.named_parameters()}))
+    assert_close(results[0][0], results[1][0], torch.float32, name="block output")
+    assert results[0][1].keys() == results[1][1].keys() and "attn.proj.bias" in results[0][1]
+    for name, g in results[1][1].items():
+        assert_close(results[0][1][name], g, torch.float32, name=name)
+
+
+def test_fused_bias_grad_auto_is_on_only_on_cuda_with_triton():
+    layer = sit.LinearBiasHandedOn(4, 4)
+    on_cuda, on_cpu = (types.SimpleNamespace(device=torch.device(d)) for d in ("cuda", "cpu"))
+    for backend, expected in (("triton", True), ("cuda", False), ("torch", False)):
+        with kernels.use_backend(backend):
+            assert layer.hands_on_bias(on_cuda) is expected, backend
+            assert layer.hands_on_bias(on_cpu) is False, backend
+    layer.fused_bias_grad = True
+    assert layer.hands_on_bias(on_cpu) is True
+
+
 @pytest.mark.parametrize("key, bad", [("fused_gelu", "yes"), ("batched_modulation", "always"),
-                                      ("batched_modulation", 1)])
+                                      ("batched_modulation", 1), ("fused_bias_grad", "on"),
+                                      ("fused_bias_grad", 0)])
 def test_switch_keeps_state_dict_keys_and_is_validated(key, bad):
-    on, off = (tiny_model(fused_gelu=v, batched_modulation=v) for v in (True, False))
+    on, off = (tiny_model(fused_gelu=v, batched_modulation=v, fused_bias_grad=v) for v in (True, False))
     assert on.state_dict().keys() == off.state_dict().keys()
     with pytest.raises(ValueError) as info:
         tiny_config(**{key: bad})
     assert str(info.value).startswith(f"{key}: {bad!r}: ")
+
+
+def test_zero3_bias_is_handed_on_as_a_copy():
+    """A ZeRO-3 parameter (a `ds_id` attribute) is released after its module's forward: the kernel gets
+    a copy made inside the forward, whose gradient still reaches the parameter."""
+    layer = sit.LinearBiasHandedOn(4, 3, fused_bias_grad=True)
+    x = torch.randn(2, 4)
+    out, bias = layer(x)
+    assert bias is layer.bias
+    torch.testing.assert_close(out, x @ layer.weight.T, rtol=0, atol=0)
+    layer.bias.ds_id = 3
+    out, bias = layer(x)
+    assert bias is not layer.bias and bias.data_ptr() != layer.bias.data_ptr()
+    torch.testing.assert_close(bias, layer.bias, rtol=0, atol=0)
+    (bias * torch.arange(3.0)).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.arange(3.0), rtol=0, atol=0)

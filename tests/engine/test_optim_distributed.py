@@ -42,14 +42,15 @@ def test_fused_clip_matches_deepspeeds_clipping(tmp_path):
 
 def test_alignflow_step_kernel_matches_torchs_under_zero(tmp_path):
     """optim.step_kernel alignflow (the CUDA C++ kernel in the emulator) against torch's fused AdamW
-    kernel, both with fused_clip on, under ZeRO 1 (fp32) and 2 (bf16: fp32 master partitions, bf16
-    weights) on two ranks, clipping active in every step."""
+    kernel, both with fused_clip on, on two ranks, clipping active in every step: without ZeRO under
+    bf16-mixed with train.bf16_weight_copies (the kernel writes the copies the forward reads), ZeRO 1
+    (fp32), 2 and 3 (bf16: fp32 master partitions, bf16 weights)."""
     from kernels import _cuda
 
     if _cuda.emulator_missing():
         pytest.skip(_cuda.emulator_missing())
     _cuda.build_emulated(_cuda.SOURCES["adamw"])  # built here, so the ranks only load it
-    runs = "1:fp32,2:bf16"
+    runs = "0:bf16-mixed:copies,1:fp32,2:bf16,3:bf16"
     raw = tiny_config(tmp_path / "run", tmp_path / "data", optim={"lr": 1e-3, "warmup_steps": 0, "grad_clip": CLIP},
                       train={"debug_fixed_batch": True})
     out = tmp_path / "result.json"
@@ -59,8 +60,11 @@ def test_alignflow_step_kernel_matches_torchs_under_zero(tmp_path):
     results = json.loads(out.read_text())
     assert list(results) == runs.split(",")
     for run, r in results.items():
-        stage, precision = run.split(":")
-        print(run, "launches", r["launches"], "master_max_diff", r["master_max_diff"])
+        stage, precision, *copies = run.split(":")
+        print(run, "launches", r["launches"], "master_max_diff", r["master_max_diff"], "copies", r["copies"])
+        if copies:  # each copy its master rounded, written in the optimizer's step by either kernel
+            assert r["copies"][0] == r["copies"][1] > 0 and r["copies_by_optimizer"] == [True, True], (run, r)
+            assert r["copies_equal"] == [True, True], (run, r)
         assert r["step_kernel"] == ["torch", "alignflow"] and r["zero_stage"] == int(stage), (run, r)
         assert r["launches"][0] == 0 and r["launches"][1] >= 3, (run, r["launches"])  # the kernel ran every step
         torch_kernel, alignflow = (np.array(x) for x in r["grad_norms"])

@@ -552,7 +552,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             op.anchor = True
         if op.flops:
             op.shapes = " x ".join(f"{tuple(t.shape)}" for t in inputs[:3])
-        op.compiled = self._compiled_op(phase)
+        op.compiled = self._compiled_op(phase) and not self._attributed  # DeepSpeed's hooks run eagerly
         op.step_phase = self.phase
         self.ops.append(op)
         if self.phase == "forward":  # autograd gives the outputs their grad_fn after this returns
@@ -1027,12 +1027,61 @@ GOAL_SPEEDUPS = {"reference-eager": 1.8, "reference-compiled": 1.3}  # the fused
 GOAL_MFU = 0.5  # model FLOPs per second over the dense bf16 peak
 
 
-def goal_check(variants: dict, peak_bf16: float) -> list[dict]:
+def optimizer_floor_bytes(precision: str, trainer: bool) -> int:
+    """Bytes a parameter that one optimizer step must move at the least: the fp32 master and both AdamW
+    moments read and written (24), the gradient read once (bf16 under bf16 weights, else fp32), the bf16
+    weights written (bf16 weights), and the trainer's fp32 EMA read and written (8; it shares the
+    master's read when fused into the same kernel)."""
+    bf16 = precision == "bf16"
+    return 24 + (2 if bf16 else 4) + (2 if bf16 else 0) + (8 if trainer else 0)
+
+
+_MEMORY_BOUND = ("norm/modulate", "pointwise", "casts/copies", "reductions", "losses")
+
+
+def floor_legend() -> dict:
+    """Per category: what its floor is, why it cannot go below it and what would move it (goal_table)."""
+    memory = ("no FLOPs, floor 0: moved only by fusing its bytes and launches into the matmul/attention kernels "
+              "beside it")
+    return {
+        "matmul": (f"floor = its executed FLOPs at the dense bf16 peak (TF32 matmuls too); modelled at "
+                   f"{MATMUL_EFFICIENCY:.0%} of the peak, so only a faster GEMM or fewer executed FLOPs move it"),
+        "attention": (f"floor = its executed FLOPs (head-dim padding, backward recompute) at the dense peak; "
+                      f"modelled at {ATTENTION_EFFICIENCY:.0%} of it: a faster kernel, less padding or recompute"),
+        "optimizer": ("floor = the bytes its step must move at the modelled bandwidth: the fp32 master and both "
+                      "moments read and written (24 B a parameter), the gradient read (2 or 4), the bf16 weights "
+                      "written (bf16 weights: 2), the EMA read and written (trainer-* rows: 8); above it are "
+                      "extra passes over the state (DeepSpeed's bucket copies, division, overflow check, fp64 norm "
+                      "casts, concatenation and cast) and per-gradient launches: one fused pass moves it"),
+        "encoder": ("floor = its matmul/attention FLOPs at the dense peak, its memory-bound ops free: fusing them, "
+                    "or fewer encoder FLOPs, move it"),
+        **{c: memory for c in _MEMORY_BOUND},
+    }
+
+
+def category_floor(category: str, v: dict, peak_bf16: float, bandwidth: float | None) -> tuple[float, str]:
+    """(floor seconds, a note on this variant's figures) of one category of a variant's modelled step:
+    its executed FLOPs at the dense bf16 peak; for the optimizer, the larger of that and the bytes its step
+    must move (optimizer_floor_bytes a parameter) at the modelled `bandwidth`. floor_legend says why."""
+    counts = v["counts"][category]
+    floor = counts.get("flops", 0.0) / peak_bf16
+    launches = counts.get("launches", 0)
+    if category == "optimizer" and v.get("params") and bandwidth:
+        per_param, params = v["optimizer_floor_bytes_per_param"], v["params"]
+        floor = max(floor, per_param * params / bandwidth)
+        return floor, f"{counts.get('bytes', 0.0) / params:.0f} B a parameter vs {per_param}, {launches} launches"
+    if counts.get("flops"):
+        return floor, f"{counts['flops'] / 1e12:.1f} TFLOP"
+    return floor, f"{counts.get('bytes', 0.0) / 1e9:.1f} GB, {launches} launches"
+
+
+def goal_check(variants: dict, peak_bf16: float, bandwidth: float | None = None) -> list[dict]:
     """For every non-reference variant: its speed-up over each reference variant modelled beside it and
     its MFU, against GOAL_SPEEDUPS and GOAL_MFU; the step time that meets all of them (the strictest
     target names the goal that binds); and, where the step is slower, the categories that stand in the
     way: each category's modelled time above its ideal (its matmul/attention FLOPs at the dense peak,
-    everything else free), largest first, as many as it takes to cover the time to cut."""
+    everything else free), largest first, as many as it takes to cover the time to cut, each with its
+    floor (category_floor: the time it cannot go below at `bandwidth` and the peak, and what moves it)."""
     rows = []
     for name, v in variants.items():
         if name in GOAL_SPEEDUPS:
@@ -1049,7 +1098,9 @@ def goal_check(variants: dict, peak_bf16: float) -> list[dict]:
         for category, excess in sorted(above_ideal.items(), key=lambda kv: -kv[1]):
             if covered >= cut or excess <= 0:
                 break
-            in_the_way.append({"category": category, "above_ideal_s": excess})
+            floor, note = category_floor(category, v, peak_bf16, bandwidth)
+            in_the_way.append({"category": category, "above_ideal_s": excess, "modelled_s": v["categories"][category],
+                               "floor_s": floor, "note": note})
             covered += excess
         rows.append({"variant": name, "step_s": step,
                      "speedups": {ref: variants[ref]["step_s"] / step for ref in GOAL_SPEEDUPS if ref in variants},
@@ -1066,19 +1117,29 @@ def goal_table(rows: list[dict]) -> list[str]:
              + f", and its MFU (goal {GOAL_MFU:.0%} of the dense bf16 peak). Where a goal is not met: the step "
              "time that meets all three (the binding goal named), the time to cut, and the categories standing in "
              "the way, each with its modelled time above its ideal (matmul/attention FLOPs at the dense peak, the "
-             "rest free), largest first, until they cover the cut.", "",
+             "rest free), largest first, until they cover the cut; then each of them as modelled ms / floor ms "
+             "(the time it cannot go below; below the table: why, and what would move it).", "",
              "| variant | " + " | ".join(f"vs {ref} (goal {GOAL_SPEEDUPS[ref]}x)" for ref in refs)
-             + f" | MFU (goal {GOAL_MFU:.0%}) | goal met | goal step ms (binding) | to cut ms | standing in the way (ms above ideal) |",
-             "|---|" + "---|" * len(refs) + "---|---|---|---|---|"]
+             + f" | MFU (goal {GOAL_MFU:.0%}) | goal met | goal step ms (binding) | to cut ms | standing in the way "
+             "(ms above ideal) | modelled ms / floor ms |",
+             "|---|" + "---|" * len(refs) + "---|---|---|---|---|---|"]
+    named = []
     for row in rows:
         way = ", ".join(f"{w['category']} {_ms(w['above_ideal_s'])}" for w in row["in_the_way"])
         if row["in_the_way"] and row["ideal_step_s"] > row["goal_step_s"]:
             way += (f"; even the ideal step ({_ms(row['ideal_step_s'])} ms: executed FLOPs with padding and "
                     "recompute at the peak) misses the goal")
+        floors = "; ".join(f"{w['category']} {_ms(w['modelled_s'])} / {_ms(w['floor_s'])} ({w['note']})"
+                           for w in row["in_the_way"] if "floor_s" in w)
+        named += [w["category"] for w in row["in_the_way"] if w["category"] not in named]
         lines.append(f"| {row['variant']} | "
                      + " | ".join(f"{row['speedups'][ref]:.2f}x" if ref in row["speedups"] else "-" for ref in refs)
                      + f" | {100 * row['mfu']:.1f}% | {'yes' if row['met'] else 'no'} | "
-                     f"{_ms(row['goal_step_s'])} ({row['binding']}) | {_ms(row['to_cut_s'])} | {way or '-'} |")
+                     f"{_ms(row['goal_step_s'])} ({row['binding']}) | {_ms(row['to_cut_s'])} | {way or '-'} | "
+                     f"{floors or '-'} |")
+    legend = floor_legend()
+    if named:
+        lines += ["", "Floors:", ""] + [f"- {c}: {legend[c]}" for c in CATEGORIES if c in named]
     return lines
 
 
@@ -1283,6 +1344,11 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
         if compiled == "reduce-overhead":
             ops = capture_graphs(ops)
         out[name] = summarize(ops, ceilings, args_dict["batch"], trace["model_flops"], launch_s)
+        trainer = name in TRAINER_VARIANTS
+        precision = TRAINER_VARIANTS[name][0] if trainer else args_dict.get("precision", "bf16-mixed")
+        out[name].update(params=trace["params"], optimizer_floor_ema=trainer,
+                         optimizer_floor_bf16_copy=precision == "bf16",
+                         optimizer_floor_bytes_per_param=optimizer_floor_bytes(precision, trainer))
     return out, traces
 
 
@@ -1427,7 +1493,7 @@ def model_payload(preset, config, variants, gpu_counts, args, traces) -> dict:
                "analytic": {k: trace[k] for k in ("model_flops", "sit_flops_per_sample", "encoder_flops_per_image",
                                                   "params")},
                "assumptions": assumptions(ceilings, config["precision"], launch_s),
-               "goal": goal_check(results, ceilings["peak_bf16"])}
+               "goal": goal_check(results, ceilings["peak_bf16"], ceilings["bandwidth"])}
     if gpu_counts:
         # the trainer's step is what runs data-parallel under ZeRO; else the fused step
         variant = next((v for v in ("trainer-bf16", "alignflow") if v in results), variants[0])

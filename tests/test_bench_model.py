@@ -292,11 +292,11 @@ def _summary(step, categories, flops, mfu):
 
 
 def test_goal_check_names_the_binding_goal_and_the_categories_in_the_way():
-    """Hand-made variants (peak 1 PFLOP/s): the fused step at 60 ms against a 100 ms eager and a 70 ms
+    """Hand-made variants (peak 1 PFLOP/s, 1 TB/s): the fused step at 60 ms against a 100 ms eager and a 70 ms
     compiled reference, MFU 30%: the targets are 55.6 ms (1.8x eager), 53.8 ms (1.3x compiled) and 36 ms
     (MFU 50% = 0.3 x 60 / 0.5): MFU binds and 24 ms must go. Above the ideal: optimizer 15, matmul
     30 - 20 = 10, pointwise 5: the optimizer and the matmuls cover the 24 ms, the pointwise ops are not
-    needed. A variant that meets every goal lists nothing."""
+    needed; each comes with its floor. A variant that meets every goal lists nothing."""
     peak = 1e15
     variants = {
         "reference-eager": _summary(0.100, {"matmul": 0.100}, {"matmul": 20e12}, 0.18),
@@ -305,7 +305,11 @@ def test_goal_check_names_the_binding_goal_and_the_categories_in_the_way():
                               {"matmul": 20e12, "attention": 10e12}, 0.30),
         "fast": _summary(0.030, {"matmul": 0.030}, {"matmul": 20e12}, 0.6),
     }
-    rows = {r["variant"]: r for r in model.goal_check(variants, peak)}
+    # 200M parameters, 28 bytes a parameter at the least (fp32 weights: 24 + a 4-byte gradient read), 40 modelled
+    floor_bytes = model.optimizer_floor_bytes("bf16-mixed", False)
+    variants["alignflow"].update(params=200e6, optimizer_floor_bytes_per_param=floor_bytes)
+    variants["alignflow"]["counts"]["optimizer"].update(bytes=8e9, launches=70)
+    rows = {r["variant"]: r for r in model.goal_check(variants, peak, bandwidth=1e12)}
     assert set(rows) == {"alignflow", "fast"}
     row = rows["alignflow"]
     assert row["speedups"] == pytest.approx({"reference-eager": 100 / 60, "reference-compiled": 70 / 60})
@@ -314,10 +318,17 @@ def test_goal_check_names_the_binding_goal_and_the_categories_in_the_way():
     assert row["binding"] == "MFU 50%" and not row["met"] and row["to_cut_s"] == pytest.approx(0.024)
     assert [w["category"] for w in row["in_the_way"]] == ["optimizer", "matmul"]
     assert [w["above_ideal_s"] for w in row["in_the_way"]] == pytest.approx([0.015, 0.010])
+    # the floors: the optimizer's 28 B x 200M at 1 TB/s = 5.6 ms; the matmuls' 20 TFLOP at 1 PFLOP/s = 20 ms
+    assert [w["floor_s"] for w in row["in_the_way"]] == pytest.approx([0.0056, 0.020])
+    assert [w["modelled_s"] for w in row["in_the_way"]] == pytest.approx([0.015, 0.030])
+    assert [w["note"] for w in row["in_the_way"]] == ["40 B a parameter vs 28, 70 launches", "20.0 TFLOP"]
     assert row["above_ideal_s"]["attention"] == pytest.approx(0.0)
     assert rows["fast"]["met"] and rows["fast"]["in_the_way"] == [] and rows["fast"]["to_cut_s"] == 0
     table = "\n".join(model.goal_table(list(rows.values())))
-    assert "| alignflow | 1.67x | 1.17x | 30.0% | no | 36.0 (MFU 50%) | 24.0 | optimizer 15.0, matmul 10.0 |" in table
+    assert ("| alignflow | 1.67x | 1.17x | 30.0% | no | 36.0 (MFU 50%) | 24.0 | optimizer 15.0, matmul 10.0 | "
+            "optimizer 15.0 / 5.6 (40 B a parameter vs 28, 70 launches); matmul 30.0 / 20.0 (20.0 TFLOP) |") in table
+    assert "- matmul: floor = its executed FLOPs at the dense bf16 peak" in table
+    assert "- optimizer: floor = the bytes its step must move" in table and "- pointwise" not in table
     assert "| fast | 3.33x | 2.33x | 60.0% | yes |" in table
 
 

@@ -122,10 +122,11 @@ def _constexpr_names(fn) -> set:
 
 def launch_spec(name: str, launch: Launch, **options) -> AotSpec:
     """The AOT build of one recorded launch, typed as Triton's JIT types it: a tensor is a pointer to
-    its dtype, an int an i32 (i64 beyond int32; an int equal to 1, like a unit stride, a constant, as
-    the JIT specialises it; one not a multiple of 16 loses the divisibility hint), a float an fp32, a
-    bool an i1; constexprs and num_warps/num_stages as passed. `options`: the other AotSpec fields
-    (require_ptx, min_load_bits). Refuses a launch that does not bind every kernel argument once."""
+    its dtype (without the 16-byte alignment hint where its data_ptr is off 16 bytes: a meta tensor's
+    is its byte offset), an int an i32 (i64 beyond int32; an int equal to 1, like a unit stride, a
+    constant, as the JIT specialises it; one not a multiple of 16 loses the divisibility hint), a float
+    an fp32, a bool an i1; constexprs and num_warps/num_stages as passed. `options`: the other AotSpec
+    fields (require_ptx, min_load_bits). Refuses a launch that does not bind every kernel argument once."""
     fn = launch.fn
     names = list(fn.arg_names)
     options = dict(options)
@@ -149,6 +150,8 @@ def launch_spec(name: str, launch: Launch, **options) -> AotSpec:
             constexprs[arg] = value
         elif isinstance(value, torch.Tensor):
             signature[arg] = f"*{TRITON_TYPES[value.dtype]}"
+            if value.data_ptr() % 16:
+                not_divisible.append(arg)
         elif isinstance(value, bool):
             signature[arg] = "i1"
         elif isinstance(value, int):

@@ -30,7 +30,9 @@ combination runs the reference (logged once).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -41,7 +43,7 @@ from torch import Tensor
 
 from ._autograd import fused_op
 from ._backend import fallback, get_backend, interpreting, resolve
-from ._util import AotSpec, compute_dtype, tl_dtype
+from ._util import TRITON_TYPES, compute_dtype, launch_spec, recorded_launches, tl_dtype
 
 LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -474,9 +476,10 @@ def _gpu_config(kernel: str, table: str, qk_norm: bool = False):
     return entries.get(f"{kernel}_qk_norm", entries[kernel]) if qk_norm else entries[kernel]
 
 
-def _launch_config(kernel: str, q, meta: dict, qk_norm: bool = False):
-    """(BLOCK_M, BLOCK_N, launch options) of `kernel` for inputs like `q` built with `meta`."""
-    if interpreting():
+def _launch_config(kernel: str, q, meta: dict, qk_norm: bool = False, target: str | None = None):
+    """(BLOCK_M, BLOCK_N, launch options) of `kernel` for inputs like `q` built with `meta`, launched for
+    `target` (by default where a launch on q runs now)."""
+    if (target or launch_target(q)) == "interpret":
         return _INTERPRET_BLOCK, _INTERPRET_BLOCK, {}
     table = _config_table(q.dtype != torch.float32, meta["PRECISION"])
     block_m, block_n, num_warps, num_stages = _gpu_config(kernel, table, qk_norm)
@@ -491,23 +494,40 @@ def _alignment(*tensors) -> int:
     return 8 if aligned else 1
 
 
-def _kernel_meta(q):
+# Where the launches run, which picks their tiles and matmul precision: "interpret" (Triton's CPU
+# interpreter), "gpu", or "gpu_tf32" (a GPU with PyTorch's TF32 matmul flag on). The launchers take
+# it as an argument, so that aot_specs() can ask for a GPU's launches on a machine without one.
+TARGETS = ("interpret", "gpu", "gpu_tf32")
+
+
+def launch_target(q) -> str:
+    """The target of a launch on q made now: the interpreter under TRITON_INTERPRET=1, else (q on a
+    GPU) "gpu_tf32" where PyTorch's TF32 flag for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32)
+    is on, "gpu" where it is off."""
+    if interpreting():
+        return "interpret"
+    return "gpu_tf32" if q.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "gpu"
+
+
+def _kernel_meta(q, target: str):
+    if target not in TARGETS:
+        raise ValueError(f"attention target must be one of {', '.join(TARGETS)}, got {target!r}")
     B, H, N, d = q.shape
     d0, d1 = head_tiles(d)
     compute = compute_dtype(q)
     # The interpreter computes bf16/fp16 wrongly, so it runs the matmuls on fp32 copies of the tiles.
-    dot = compute if (interpreting() or q.dtype in (torch.float32, torch.float64)) else q.dtype
+    dot = compute if (target == "interpret" or q.dtype in (torch.float32, torch.float64)) else q.dtype
     return dict(HEAD_DIM=d, D0=d0, D1=d1, DOT=tl_dtype(dot), COMPUTE=tl_dtype(compute),
-                PRECISION=_dot_precision(q, dot)), compute
+                PRECISION=_dot_precision(q, dot, target)), compute
 
 
-def _dot_precision(q, dot: torch.dtype) -> str:
+def _dot_precision(q, dot: torch.dtype, target: str | None = None) -> str:
     """"tf32" for fp32 tiles on a GPU where PyTorch's matmuls may use TF32 (as the trainer and the
     sampler set it: torch.backends.cuda.matmul.allow_tf32), like the model's Linear layers then; exact
     "ieee" otherwise (the interpreter, fp64, or TF32 off). bf16/fp16 tiles ignore it. Single-pass TF32 is
     less exact than PyTorch's fp32 SDPA, whose memory-efficient kernel keeps near-fp32 accuracy
-    whatever the flag says."""
-    if dot == torch.float32 and q.is_cuda and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+    whatever the flag says. `target`: as launch_target(q) by default."""
+    if dot == torch.float32 and (target or launch_target(q)) == "gpu_tf32":
         return "tf32"
     return "ieee" if dot in (torch.float32, torch.float64) else "tf32"
 
@@ -523,13 +543,13 @@ def _norm_args(q, norm):
     return norm[:4], norm[4], True
 
 
-def _forward(q, k, v, o, scale, norm=None):
-    """Fill o (B, H, N, d) and return the base-2 log-sum-exp (B * H, N)."""
+def _forward(q, k, v, o, scale, norm, target):
+    """Fill o (B, H, N, d) and return the base-2 log-sum-exp (B * H, N), launched for `target`."""
     B, H, N, d = q.shape
-    meta, compute = _kernel_meta(q)
+    meta, compute = _kernel_meta(q, target)
     lse = torch.empty((B * H, N), dtype=compute, device=q.device)
     weights, eps, qk_norm = _norm_args(q, norm)
-    block_m, block_n, launch = _launch_config("fwd", q, meta, qk_norm)
+    block_m, block_n, launch = _launch_config("fwd", q, meta, qk_norm, target)
     _attn_fwd_kernel[(triton.cdiv(N, block_m), B * H)](
         q, k, v, o, lse, *weights, N, H, scale * LOG2E, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
@@ -538,11 +558,11 @@ def _forward(q, k, v, o, scale, norm=None):
     return lse
 
 
-def _backward(q, k, v, o, lse, do, dq, dk, dv, scale, norm=None):
-    """Fill dq, dk, dv (B, H, N, d) from dO; with qk-norm, return the gradients of its q weight, q bias,
-    k weight and k bias (each summed from per-block partials: deterministic)."""
+def _backward(q, k, v, o, lse, do, dq, dk, dv, scale, norm, target):
+    """Fill dq, dk, dv (B, H, N, d) from dO, launched for `target`; with qk-norm, return the gradients of
+    its q weight, q bias, k weight and k bias (each summed from per-block partials: deterministic)."""
     B, H, N, d = q.shape
-    meta, compute = _kernel_meta(q)
+    meta, compute = _kernel_meta(q, target)
     delta = torch.empty((B * H, N), dtype=compute, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK), B * H)](
         o, do, delta, N, H, *_strides3(o), *_strides3(do), ALIGN=_alignment(o, do), BLOCK_M=_DELTA_BLOCK,
@@ -555,13 +575,13 @@ def _backward(q, k, v, o, lse, do, dq, dk, dv, scale, norm=None):
             return delta, delta
         return tuple(torch.empty((B * H * blocks, d), dtype=compute, device=q.device) for _ in range(2))
 
-    block_m, block_n, launch = _launch_config("dkdv", q, meta, qk_norm)
+    block_m, block_n, launch = _launch_config("dkdv", q, meta, qk_norm, target)
     dkw, dkb = partials(triton.cdiv(N, block_n))
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, *weights, dkw, dkb, N, H, scale * LOG2E, scale, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, QK_NORM=qk_norm, **meta, **launch)
-    block_m, block_n, launch = _launch_config("dq", q, meta, qk_norm)
+    block_m, block_n, launch = _launch_config("dq", q, meta, qk_norm, target)
     dqw, dqb = partials(triton.cdiv(N, block_m))
     _attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
         q, k, v, do, lse, delta, dq, *weights, dqw, dqb, N, H, scale * LOG2E, scale, eps,
@@ -595,7 +615,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, q_weight: 
                        eps: float) -> tuple[Tensor, Tensor]:
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, H, N, d)
-    lse = _forward(q, k, v, o, scale, _pack_norm((q_weight, q_bias, k_weight, k_bias), eps))
+    lse = _forward(q, k, v, o, scale, _pack_norm((q_weight, q_bias, k_weight, k_bias), eps), launch_target(q))
     return o, lse
 
 
@@ -603,7 +623,8 @@ def _attention_backward(saved, grads, needs, scale, eps):
     q, k, v, o, lse, *weights = saved
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    d_norm = _backward(q, k, v, o, lse, _unit_last_stride(grads[0]), dq, dk, dv, scale, _pack_norm(weights, eps))
+    d_norm = _backward(q, k, v, o, lse, _unit_last_stride(grads[0]), dq, dk, dv, scale, _pack_norm(weights, eps),
+                       launch_target(q))
     return [dq, dk, dv, *d_norm]
 
 
@@ -619,24 +640,36 @@ _attention = fused_op(
     fake_backward=lambda saved, grads, needs, scale, eps: _fake_grads((*saved[:3], *saved[5:])))
 
 
+def _qkv_forward(qkv, num_heads, scale, norm, target):
+    """o (B, N, H * d) and the lse of packed `qkv` (B, N, 3 * H * d) with unit stride along its width:
+    the kernels read q, k, v as strided views into qkv and write o in the layout the projection reads."""
+    B, N, width = qkv.shape
+    o = torch.empty((B, N, width // 3), dtype=qkv.dtype, device=qkv.device)  # (B, N, H * d)
+    lse = _forward(*split_qkv(qkv, num_heads), _heads(o, num_heads), scale, norm, target)
+    return o, lse
+
+
+def _qkv_backward(qkv, o, lse, do, num_heads, scale, norm, target):
+    """d_qkv in the packed layout of `qkv`, and the qk-norm gradients, from dO (B, N, H * d)."""
+    d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, N, 3 * H * d)
+    d_norm = _backward(*split_qkv(qkv, num_heads), _heads(o, num_heads), lse, _heads(do, num_heads),
+                       *split_qkv(d_qkv, num_heads), scale, norm, target)
+    return d_qkv, d_norm
+
+
 def _attention_qkv_forward(qkv: Tensor, num_heads: int, scale: float, q_weight: Optional[Tensor],
                            q_bias: Optional[Tensor], k_weight: Optional[Tensor], k_bias: Optional[Tensor],
                            eps: float) -> tuple[Tensor, Tensor]:
+    norm = _pack_norm((q_weight, q_bias, k_weight, k_bias), eps)
     qkv = _unit_last_stride(qkv)
-    B, N, width = qkv.shape
-    o = torch.empty((B, N, width // 3), dtype=qkv.dtype, device=qkv.device)  # (B, N, H * d)
-    lse = _forward(*split_qkv(qkv, num_heads), _heads(o, num_heads), scale,  # q, k, v: strided views into qkv
-                   _pack_norm((q_weight, q_bias, k_weight, k_bias), eps))
-    return o, lse
+    return _qkv_forward(qkv, num_heads, scale, norm, launch_target(qkv))
 
 
 def _attention_qkv_backward(saved, grads, needs, num_heads, scale, eps):
     qkv, o, lse, *weights = saved
     qkv = _unit_last_stride(qkv)
-    d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (B, N, 3 * H * d)
-    d_norm = _backward(*split_qkv(qkv, num_heads), _heads(o, num_heads), lse,
-                       _heads(_unit_last_stride(grads[0]), num_heads), *split_qkv(d_qkv, num_heads), scale,
-                       _pack_norm(weights, eps))
+    d_qkv, d_norm = _qkv_backward(qkv, o, lse, _unit_last_stride(grads[0]), num_heads, scale, _pack_norm(weights, eps),
+                                  launch_target(qkv))
     return [d_qkv, *d_norm]
 
 
@@ -740,65 +773,48 @@ def attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=No
 # Ahead-of-time compile specs (python -m kernels.aot --only attention)
 # ----------------------------------------------------------------------------------------------
 
-def _stride_args(*names):
-    return {f"stride_{name}_{axis}": "i32" for name in names for axis in "bhn"}
+# (dtype, head dim, heads, tokens, qk-norm, target, forward only) of the attention_qkv calls built
+_AOT_CASES = (
+    (torch.bfloat16, 72, 16, 256, False, "gpu_tf32", False),  # SiT-XL/2
+    (torch.bfloat16, 72, 16, 257, False, "gpu_tf32", False),  # SiT-XL/2 with REG's class token
+    (torch.bfloat16, 72, 16, 256, True, "gpu_tf32", False),   # SiT-XL/2, REPA's --qk-norm
+    (torch.bfloat16, 64, 12, 256, False, "gpu_tf32", False),  # SiT-B/2
+    (torch.bfloat16, 64, 12, 257, False, "gpu_tf32", True),   # the DINOv2-B encoder (no_grad)
+    (torch.bfloat16, 128, 8, 256, False, "gpu_tf32", False),  # a wide head (no SiT preset)
+    (torch.float32, 72, 16, 256, False, "gpu", False),        # fp32, TF32 off: exact CUDA-core matmuls
+    (torch.float32, 72, 16, 256, False, "gpu_tf32", False),
+    (torch.float32, 72, 16, 256, True, "gpu_tf32", False),
+    (torch.float32, 64, 12, 256, False, "gpu_tf32", False),
+)
+_AOT_KERNELS = ("attention_fwd", "attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq")
 
 
 def aot_specs():
-    """bf16 forward and backward at d = 64, 72, 128 (and the forward at d = 64, N = 257: the encoder); with
-    fused qk-norm at d = 72 (SiT-XL); and the
-    fp32 path at d = 72, exact (CUDA-core matmuls, so no wgmma), and with TF32 tensor cores at d = 72
-    (also with qk-norm) and 64."""
-    specs = []
-    norm = {"qw_ptr": "*fp32", "qb_ptr": "*fp32", "kw_ptr": "*fp32", "kb_ptr": "*fp32"}
-    # N = 257 (REG's class token; the frozen DINOv2-B encoder's 256 patches + class token at d = 64, forward
-    # only: it runs under no_grad) loses the JIT's divisibility-by-16 specialisation of N
-    for dtype, head_dim, qk_norm, odd_n, precision, forward_only in (
-            ("bf16", 64, False, False, "tf32", False), ("bf16", 72, False, False, "tf32", False),
-            ("bf16", 72, False, True, "tf32", False), ("bf16", 64, False, True, "tf32", True),
-            ("bf16", 128, False, False, "tf32", False), ("bf16", 72, True, False, "tf32", False),
-            ("fp32", 72, False, False, "ieee", False), ("fp32", 72, False, False, "tf32", False),
-            ("fp32", 72, True, False, "tf32", False), ("fp32", 64, False, False, "tf32", False)):
-        d0, d1 = head_tiles(head_dim)
-        half = dtype == "bf16"
-        tag = (f"{dtype},d={head_dim}" + ("" if half else f",{precision}") + (",qk_norm" if qk_norm else "")
-               + (",N=257" if odd_n else ""))
+    """The launches of attention_qkv (the packed layout SiT and the encoder call), recorded from the
+    launchers on meta tensors at the real shapes (batch 32) for a GPU target (_AOT_CASES): forward and
+    backward in bf16 at d = 72, 64, 128 (with N = 257 and with fused qk-norm at d = 72); fp32 at d = 72
+    exact (TF32 off: CUDA-core matmuls, so no wgmma) and with TF32 tensor cores (also with qk-norm), and
+    at d = 64 with TF32. Tensor-core builds must show mma.sync on sm_80 and wgmma on sm_90. A build
+    already listed (the delta kernel of a qk-norm or TF32 variant) is listed once."""
+    module = sys.modules[__name__]
+    specs, builds = [], set()
+    for dtype, head_dim, heads, N, qk_norm, target, forward_only in _AOT_CASES:
+        qkv = torch.empty(32, N, 3 * heads * head_dim, dtype=dtype, device="meta")
+        norm = (*(torch.empty(head_dim, device="meta") for _ in range(4)), 1e-5) if qk_norm else None
+        scale = head_dim ** -0.5
+        with recorded_launches(module) as launches:
+            o, lse = _qkv_forward(qkv, heads, scale, norm, target)
+            if not forward_only:
+                _qkv_backward(qkv, o, lse, torch.empty_like(o), heads, scale, norm, target)
+        precision = launches[0].kwargs["PRECISION"]
+        tag = (f"{TRITON_TYPES[dtype]},d={head_dim}" + ("" if dtype != torch.float32 else f",{precision}")
+               + (",qk_norm" if qk_norm else "") + (f",N={N}" if N % 16 else ""))
         tensor_cores = {80: ("mma.sync.aligned",), 90: ("wgmma",)} if precision == "tf32" else {}
-        table = _config_table(half, precision)
-        odd = ("N",) if odd_n else ()
-        meta = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, ALIGN=8, COMPUTE=tl.float32)
-        matmul = dict(meta, DOT=tl.bfloat16 if half else tl.float32, PRECISION=precision, QK_NORM=qk_norm)
-        t = f"*{dtype}"
-        block_m, block_n, num_warps, num_stages = _gpu_config("fwd", table, qk_norm)
-        specs.append(AotSpec(
-            f"attention_fwd[{tag}]", _attn_fwd_kernel,
-            {"q_ptr": t, "k_ptr": t, "v_ptr": t, "o_ptr": t, "lse_ptr": "*fp32", **norm,
-             "N": "i32", "H": "i32", "qk_scale": "fp32", "eps": "fp32", **_stride_args("q", "k", "v", "o")},
-            dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=not odd_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx=tensor_cores, not_divisible=odd))
-        if forward_only:
-            continue
-        if not qk_norm:
-            specs.append(AotSpec(
-                f"attention_bwd_delta[{tag}]", _attn_bwd_delta_kernel,
-                {"o_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "N": "i32", "H": "i32", **_stride_args("o", "do")},
-                dict(meta, BLOCK_M=_DELTA_BLOCK), not_divisible=odd))
-        block_m, block_n, num_warps, num_stages = _gpu_config("dkdv", table, qk_norm)
-        specs.append(AotSpec(
-            f"attention_bwd_dkdv[{tag}]", _attn_bwd_dkdv_kernel,
-            {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-             "dk_ptr": t, "dv_ptr": t, **norm, "dkw_ptr": "*fp32", "dkb_ptr": "*fp32",
-             "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
-             **_stride_args("q", "k", "v", "do", "dk", "dv")},
-            dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx=tensor_cores, not_divisible=odd))
-        block_m, block_n, num_warps, num_stages = _gpu_config("dq", table, qk_norm)
-        specs.append(AotSpec(
-            f"attention_bwd_dq[{tag}]", _attn_bwd_dq_kernel,
-            {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-             "dq_ptr": t, **norm, "dqw_ptr": "*fp32", "dqb_ptr": "*fp32",
-             "N": "i32", "H": "i32", "qk_scale": "fp32", "scale": "fp32", "eps": "fp32",
-             **_stride_args("q", "k", "v", "do", "dq")},
-            dict(matmul, BLOCK_M=block_m, BLOCK_N=block_n),
-            num_warps=num_warps, num_stages=num_stages, require_ptx=tensor_cores, not_divisible=odd))
+        for kernel, launch in zip(_AOT_KERNELS[:1] if forward_only else _AOT_KERNELS, launches, strict=True):
+            spec = launch_spec(f"{kernel}[{tag}]", launch,
+                               require_ptx={} if kernel == "attention_bwd_delta" else tensor_cores)
+            build = repr(dataclasses.replace(spec, name=""))
+            if build not in builds:
+                builds.add(build)
+                specs.append(spec)
     return specs

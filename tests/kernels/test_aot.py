@@ -94,15 +94,16 @@ def test_every_spec_names_each_kernel_argument_once():
 
 
 def test_specs_are_the_launchers_own_launches():
-    """The adaLN, interpolant and alignment-loss specs are recorded from their launchers (kernels._util
-    .recorded_launches), so a launcher and its build cannot disagree: every kernel of those modules is
-    built by some spec, and a launch that does not bind its kernel's arguments is refused, naming them."""
+    """The adaLN, interpolant, alignment-loss and attention specs are recorded from their launchers
+    (kernels._util.recorded_launches), so a launcher and its build cannot disagree: every kernel of those
+    modules is built by some spec, and a launch that does not bind its kernel's arguments is refused,
+    naming them."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     from kernels._util import Launch, launch_spec
 
-    for name in ("adaln", "interpolant", "alignment_loss"):
+    for name in ("adaln", "interpolant", "alignment_loss", "attention"):
         module = importlib.import_module(f"kernels.{name}")
         jitted = {fn for key, fn in vars(module).items()
                   if key.endswith("_kernel") and isinstance(fn, (JITFunction, InterpretedFunction))}
@@ -117,3 +118,61 @@ def test_specs_are_the_launchers_own_launches():
                                                                                      BLOCK_R=4, BLOCK_D=1024)))
     with pytest.raises(ValueError, match=r"unknown: \['BLOCK_K'\]"):
         launch_spec("x", Launch(fn, (1,), (), dict(BLOCK_K=1)))
+
+
+def _build(spec):
+    return (spec.fn, spec.signature, spec.constexprs, spec.num_warps, spec.num_stages, sorted(spec.not_divisible))
+
+
+def test_attention_specs_build_what_the_public_op_launches(monkeypatch):
+    """SiT-XL/2's attention_qkv call (bf16, d = 72, 16 heads, N = 256), made through the public op on a
+    GPU target (the launchers take it as an argument), launches exactly the builds aot_specs() lists:
+    the packed layout's head stride 72 (not a multiple of 16) without the divisibility hint, unused
+    qk-norm pointers typed as q, the bf16 tiles of _GPU_CONFIGS."""
+    import torch
+    import triton.language as tl
+
+    from kernels._util import launch_spec, recorded_launches
+
+    module = importlib.import_module("kernels.attention")
+    monkeypatch.setattr(module, "launch_target", lambda q: "gpu_tf32")
+    qkv = torch.empty(32, 256, 3 * 16 * 72, dtype=torch.bfloat16, requires_grad=True)
+    with recorded_launches(module) as launches:
+        o = kernels.attention_qkv(qkv, 16)
+        o.backward(torch.empty_like(o))
+    specs = {spec.name: spec for spec in module.aot_specs()}
+    assert len(launches) == len(module._AOT_KERNELS)
+    for kernel, launch in zip(module._AOT_KERNELS, launches):
+        expected = specs[f"{kernel}[bf16,d=72]"]
+        assert _build(launch_spec(kernel, launch)) == _build(expected), kernel
+    fwd = specs["attention_fwd[bf16,d=72]"]
+    assert fwd.signature["qw_ptr"] == "*bf16" and {"stride_q_h", "stride_o_h"} <= set(fwd.not_divisible)
+    assert "stride_q_n" not in fwd.not_divisible and fwd.constexprs["DOT"] == tl.bfloat16
+    block_m, block_n, num_warps, num_stages = module._GPU_CONFIGS["half"]["fwd"]
+    assert (fwd.constexprs["BLOCK_M"], fwd.constexprs["BLOCK_N"], fwd.num_warps, fwd.num_stages) == (
+        block_m, block_n, num_warps, num_stages)
+
+
+def test_attention_target_follows_the_interpreter_and_the_tf32_flag(monkeypatch):
+    """The JIT call's target: the interpreter under TRITON_INTERPRET=1, else a GPU whose fp32 matmuls run
+    TF32 where PyTorch's flag allows it; the fp32 specs ask for both, and a bad target is named."""
+    import torch
+
+    module = importlib.import_module("kernels.attention")
+
+    class OnGPU:
+        is_cuda = True
+
+    assert module.launch_target(OnGPU()) == "interpret"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.backends.cuda.matmul.allow_tf32 = True  # the conftest restores the flags after each test
+    assert module.launch_target(OnGPU()) == "gpu_tf32"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert module.launch_target(OnGPU()) == "gpu"
+    specs = {spec.name: spec for spec in module.aot_specs()}
+    assert specs["attention_fwd[fp32,d=72,ieee]"].constexprs["PRECISION"] == "ieee"
+    assert specs["attention_fwd[fp32,d=72,tf32]"].constexprs["PRECISION"] == "tf32"
+    assert specs["attention_bwd_dq[fp32,d=72,tf32]"].num_warps == module._GPU_CONFIGS["tf32"]["dq"][2]
+    assert specs["attention_bwd_dq[fp32,d=72,ieee]"].num_warps == module._GPU_CONFIGS["fp32"]["dq"][2]
+    with pytest.raises(ValueError, match="attention target must be one of interpret, gpu, gpu_tf32, got 'gpu-tf32'"):
+        module._qkv_forward(torch.empty(1, 16, 3 * 64, device="meta"), 1, 0.125, None, "gpu-tf32")

@@ -126,8 +126,8 @@ def test_fp32_attention_under_tf32(N, qk_norm):
     grad_out = torch.randn(B, N, num_heads * head_dim, device=DEVICE)
     precisions, real = [], attention._dot_precision
 
-    def spy(q, dot):
-        precisions.append(real(q, dot))
+    def spy(q, dot, target=None):
+        precisions.append(real(q, dot, target))
         return precisions[-1]
 
     def run(backend, dtype):

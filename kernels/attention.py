@@ -773,34 +773,45 @@ def attention_qkv(qkv, num_heads, scale=None, q_norm_weight=None, q_norm_bias=No
 # Ahead-of-time compile specs (python -m kernels.aot --only attention)
 # ----------------------------------------------------------------------------------------------
 
-# (dtype, head dim, heads, tokens, qk-norm, target, forward only) of the attention_qkv calls built
+# (dtype, head dim, heads, tokens, qk-norm weights' dtype or None, target, forward only) of the
+# attention_qkv calls built
 _AOT_CASES = (
-    (torch.bfloat16, 72, 16, 256, False, "gpu_tf32", False),  # SiT-XL/2
-    (torch.bfloat16, 72, 16, 257, False, "gpu_tf32", False),  # SiT-XL/2 with REG's class token
-    (torch.bfloat16, 72, 16, 256, True, "gpu_tf32", False),   # SiT-XL/2, REPA's --qk-norm
-    (torch.bfloat16, 64, 12, 256, False, "gpu_tf32", False),  # SiT-B/2
-    (torch.bfloat16, 64, 12, 257, False, "gpu_tf32", True),   # the DINOv2-B encoder (no_grad)
-    (torch.bfloat16, 128, 8, 256, False, "gpu_tf32", False),  # a wide head (no SiT preset)
-    (torch.float32, 72, 16, 256, False, "gpu", False),        # fp32, TF32 off: exact CUDA-core matmuls
-    (torch.float32, 72, 16, 256, False, "gpu_tf32", False),
-    (torch.float32, 72, 16, 256, True, "gpu_tf32", False),
-    (torch.float32, 64, 12, 256, False, "gpu_tf32", False),
+    (torch.bfloat16, 72, 16, 256, None, "gpu_tf32", False),           # SiT-XL/2
+    (torch.bfloat16, 72, 16, 257, None, "gpu_tf32", False),           # SiT-XL/2 with REG's class token
+    (torch.bfloat16, 72, 16, 256, torch.float32, "gpu_tf32", False),  # REPA's --qk-norm, bf16-mixed
+    (torch.bfloat16, 72, 16, 256, torch.bfloat16, "gpu_tf32", False),  # the same, train.precision bf16
+    (torch.bfloat16, 64, 12, 256, None, "gpu_tf32", False),           # SiT-B/2
+    (torch.bfloat16, 64, 12, 257, None, "gpu_tf32", True),            # the DINOv2-B encoder (no_grad)
+    (torch.bfloat16, 128, 8, 256, None, "gpu_tf32", False),           # a wide head (no SiT preset)
+    (torch.float32, 72, 16, 256, None, "gpu", False),                 # TF32 off: exact CUDA-core matmuls
+    (torch.float32, 72, 16, 256, None, "gpu_tf32", False),
+    (torch.float32, 72, 16, 256, torch.float32, "gpu_tf32", False),
+    (torch.float32, 64, 12, 256, None, "gpu_tf32", False),
 )
 _AOT_KERNELS = ("attention_fwd", "attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq")
+
+
+def _qk_norm_tag(norm_dtype) -> str:
+    if norm_dtype is None:
+        return ""
+    return ",qk_norm" if norm_dtype == torch.float32 else f",qk_norm_{TRITON_TYPES[norm_dtype]}"
 
 
 def aot_specs():
     """The launches of attention_qkv (the packed layout SiT and the encoder call), recorded from the
     launchers on meta tensors at the real shapes (batch 32) for a GPU target (_AOT_CASES): forward and
-    backward in bf16 at d = 72, 64, 128 (with N = 257 and with fused qk-norm at d = 72); fp32 at d = 72
+    backward in bf16 at d = 72, 64, 128 (with N = 257, and with fused qk-norm at d = 72, its weights fp32
+    as under bf16 autocast and bf16 as in a bf16 model: tagged qk_norm and qk_norm_bf16); fp32 at d = 72
     exact (TF32 off: CUDA-core matmuls, so no wgmma) and with TF32 tensor cores (also with qk-norm), and
     at d = 64 with TF32. Tensor-core builds must show mma.sync on sm_80 and wgmma on sm_90. A build
     already listed (the delta kernel of a qk-norm or TF32 variant) is listed once."""
     module = sys.modules[__name__]
     specs, builds = [], set()
-    for dtype, head_dim, heads, N, qk_norm, target, forward_only in _AOT_CASES:
+    for dtype, head_dim, heads, N, norm_dtype, target, forward_only in _AOT_CASES:
         qkv = torch.empty(32, N, 3 * heads * head_dim, dtype=dtype, device="meta")
-        norm = (*(torch.empty(head_dim, device="meta") for _ in range(4)), 1e-5) if qk_norm else None
+        norm = None
+        if norm_dtype is not None:
+            norm = (*(torch.empty(head_dim, dtype=norm_dtype, device="meta") for _ in range(4)), 1e-5)
         scale = head_dim ** -0.5
         with recorded_launches(module) as launches:
             o, lse = _qkv_forward(qkv, heads, scale, norm, target)
@@ -808,7 +819,7 @@ def aot_specs():
                 _qkv_backward(qkv, o, lse, torch.empty_like(o), heads, scale, norm, target)
         precision = launches[0].kwargs["PRECISION"]
         tag = (f"{TRITON_TYPES[dtype]},d={head_dim}" + ("" if dtype != torch.float32 else f",{precision}")
-               + (",qk_norm" if qk_norm else "") + (f",N={N}" if N % 16 else ""))
+               + _qk_norm_tag(norm_dtype) + (f",N={N}" if N % 16 else ""))
         tensor_cores = {80: ("mma.sync.aligned",), 90: ("wgmma",)} if precision == "tf32" else {}
         for kernel, launch in zip(_AOT_KERNELS[:1] if forward_only else _AOT_KERNELS, launches, strict=True):
             spec = launch_spec(f"{kernel}[{tag}]", launch,

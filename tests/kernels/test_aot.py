@@ -124,11 +124,13 @@ def _build(spec):
     return (spec.fn, spec.signature, spec.constexprs, spec.num_warps, spec.num_stages, sorted(spec.not_divisible))
 
 
-def test_attention_specs_build_what_the_public_op_launches(monkeypatch):
-    """SiT-XL/2's attention_qkv call (bf16, d = 72, 16 heads, N = 256), made through the public op on a
-    GPU target (the launchers take it as an argument), launches exactly the builds aot_specs() lists:
-    the packed layout's head stride 72 (not a multiple of 16) without the divisibility hint, unused
-    qk-norm pointers typed as q, the bf16 tiles of _GPU_CONFIGS."""
+@pytest.mark.parametrize("norm_dtype, tag", [(None, ""), ("float32", ",qk_norm"), ("bfloat16", ",qk_norm_bf16")])
+def test_attention_specs_build_what_the_public_op_launches(monkeypatch, norm_dtype, tag):
+    """SiT-XL/2's attention_qkv call (bf16, d = 72, 16 heads, N = 256; qk-norm weights fp32 under
+    autocast, bf16 in a bf16 model), made through the public op on a GPU target (the launchers take it
+    as an argument), launches exactly the builds aot_specs() lists: the packed layout's head stride 72
+    (not a multiple of 16) without the divisibility hint, unused qk-norm pointers typed as q, the bf16
+    tiles of _GPU_CONFIGS. (A qk-norm variant's delta kernel is the plain one's build, listed once.)"""
     import torch
     import triton.language as tl
 
@@ -137,18 +139,23 @@ def test_attention_specs_build_what_the_public_op_launches(monkeypatch):
     module = importlib.import_module("kernels.attention")
     monkeypatch.setattr(module, "launch_target", lambda q: "gpu_tf32")
     qkv = torch.empty(32, 256, 3 * 16 * 72, dtype=torch.bfloat16, requires_grad=True)
+    norms = {}
+    if norm_dtype is not None:
+        names = ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias")
+        norms = {name: torch.randn(72, dtype=getattr(torch, norm_dtype)) for name in names}
     with recorded_launches(module) as launches:
-        o = kernels.attention_qkv(qkv, 16)
+        o = kernels.attention_qkv(qkv, 16, **norms)
         o.backward(torch.empty_like(o))
     specs = {spec.name: spec for spec in module.aot_specs()}
     assert len(launches) == len(module._AOT_KERNELS)
     for kernel, launch in zip(module._AOT_KERNELS, launches):
-        expected = specs[f"{kernel}[bf16,d=72]"]
+        expected = specs[f"{kernel}[bf16,d=72{'' if kernel == 'attention_bwd_delta' else tag}]"]
         assert _build(launch_spec(kernel, launch)) == _build(expected), kernel
-    fwd = specs["attention_fwd[bf16,d=72]"]
-    assert fwd.signature["qw_ptr"] == "*bf16" and {"stride_q_h", "stride_o_h"} <= set(fwd.not_divisible)
+    fwd = specs[f"attention_fwd[bf16,d=72{tag}]"]
+    assert fwd.signature["qw_ptr"] == {None: "*bf16", "float32": "*fp32", "bfloat16": "*bf16"}[norm_dtype]
+    assert {"stride_q_h", "stride_o_h"} <= set(fwd.not_divisible)
     assert "stride_q_n" not in fwd.not_divisible and fwd.constexprs["DOT"] == tl.bfloat16
-    block_m, block_n, num_warps, num_stages = module._GPU_CONFIGS["half"]["fwd"]
+    block_m, block_n, num_warps, num_stages = module._gpu_config("fwd", "half", norm_dtype is not None)
     assert (fwd.constexprs["BLOCK_M"], fwd.constexprs["BLOCK_N"], fwd.num_warps, fwd.num_stages) == (
         block_m, block_n, num_warps, num_stages)
 

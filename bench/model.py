@@ -193,7 +193,7 @@ _SDPA = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_atten
          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
 _SDPA_BACKWARD = {n + "_backward" for n in _SDPA}
 _NORMS = {"native_layer_norm", "native_layer_norm_backward", "native_group_norm", "native_group_norm_backward"}
-_COPIES = {"_to_copy", "copy_", "clone", "cat", "stack", "contiguous", "_unsafe_view", "index_select",
+_COPIES = {"_to_copy", "copy_", "clone", "cat", "stack", "contiguous", "index_select",
            "embedding", "embedding_dense_backward", "upsample_bicubic2d", "constant_pad_nd", "repeat"}
 _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "linalg_vector_norm", "norm", "var_mean", "var",
                "std", "_foreach_norm", "prod", "cumsum", "logsumexp", "_softmax", "_log_softmax"}
@@ -205,7 +205,8 @@ _FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided
          "lift_fresh", "lift_fresh_copy", "detach", "alias", "set_", "resize_", "_record_function_enter_new",
          "_record_function_exit", "device", "is_same_size", "sym_size", "sym_stride", "sym_numel",
          "sym_storage_offset", "_has_compatible_shallow_copy_type", "record_stream", "_assert_async",
-         "_to_copy_meta"}
+         "_to_copy_meta",
+         "_unsafe_view"}  # a view that autograd does not track as one (matmul's fold of mm's output): no copy
 _ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 _FA2_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)   # FlashAttention-2's kernel instantiations
 

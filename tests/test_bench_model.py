@@ -113,6 +113,19 @@ def test_fused_adaln_bytes_include_statistics_and_scratch():
     assert sums and sums[0].read == B * tiles * 3 * D * 4  # the partials, read back once
 
 
+def test_linear_without_bias_on_tokens_is_one_matmul():
+    """F.linear on (B, N, K) without a bias runs mm on the (B*N, K) view and folds the output back with
+    _unsafe_view, which shares mm's storage: one launch, no copy."""
+    B, N, K, M = 2, 6, 40, 24
+
+    def run():
+        torch.nn.functional.linear(torch.empty(B, N, K, dtype=torch.bfloat16), torch.empty(M, K, dtype=torch.bfloat16))
+
+    ops = _trace(run)
+    assert [op.name for op in ops] == ["mm"]
+    assert ops[0].read == 2 * (B * N * K + M * K) and ops[0].written == 2 * B * N * M
+
+
 def test_fused_gelu_backward_carries_the_bias_gradient_counted_by_hand():
     """SiT's fc1 + GELU with kernels.gelu_tanh: the backward's one launch reads the GELU input a and dL/dg
     (bf16) and writes dL/da plus its fp32 bias partial sums (tiles, N), which one small reduction reads;

@@ -801,6 +801,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
             encoder_module = train_step.reference_encoder(encoder_module)
         encoder_module.low_precision_devices = ("cuda", "cpu")  # its CUDA path (bf16), on fake CPU tensors
         encoder_module.cast_weights(torch.bfloat16)  # the fused encoder's one-time cast (on meta: see below)
+        if backend == "triton" and cfg.fused_bias_grad == "auto":
+            cfg.fused_bias_grad = True  # its 'auto' on a GPU with the Triton kernels (the trace's tensors: CPU)
         sit = build_model(cfg)
         if precision == "bf16":
             sit.to(torch.bfloat16)  # on meta: fake parameters cannot be swapped for other dtypes later

@@ -126,6 +126,54 @@ def test_linear_without_bias_on_tokens_is_one_matmul():
     assert ops[0].read == 2 * (B * N * K + M * K) and ops[0].written == 2 * B * N * M
 
 
+def test_adaln_bias_gradient_comes_out_of_the_backward_counted_by_hand():
+    """adaln_residual_modulate with the Linear's bias (model.fused_bias_grad): the forward also reads the
+    bias; the backward's one launch writes a fourth row of fp32 partials (B, tiles, 4, D), summed over the
+    tiles, then d_bias's row over the samples: two small reductions, none over the (B, N, D) dL/dh, whose
+    bias sum nn.Linear's backward would run. Under SiT's autocast the bias is the fp32 parameter."""
+    B, N, D = 2, 16, 72
+    adaln = importlib.import_module("kernels.adaln")
+
+    def run():
+        x = torch.randn(B, N, D, dtype=torch.float32, requires_grad=True)
+        h = torch.randn(B, N, D, dtype=torch.bfloat16, requires_grad=True)
+        gate, shift, scale = (torch.randn(B, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        bias = torch.randn(D, dtype=torch.float32, requires_grad=True)
+        with kernels.use_backend("triton"):
+            x_new, y = kernels.adaln_residual_modulate(x, h, gate, shift, scale, bias=bias)
+            torch.autograd.backward([x_new, y], [torch.randn_like(x_new), torch.randn_like(y)])
+
+    ops = _trace(run)
+    fwd = next(op for op in ops if op.name == "triton:_adaln_fwd_kernel")
+    assert fwd.read == B * N * D * (4 + 2) + 3 * B * D * 2 + D * 4
+    bwd = next(op for op in ops if op.name == "triton:_adaln_bwd_kernel")
+    tiles, _ = adaln._backward_tiles(B, N, adaln._tile(N, D)[0])
+    reads = B * N * D * (4 + 2) + 2 * B * D * 2 + D * 4 + 2 * B * N * 4 + B * N * D * (2 + 4)
+    assert bwd.read == reads  # x_new h gate scale bias stats dy g_x_new
+    assert bwd.written == B * N * D * (4 + 2) + B * tiles * 4 * D * 4  # dx, dh, partial sums
+    sums = [op for op in ops if op.name == "sum"]
+    assert [op.read for op in sums] == [B * tiles * 4 * D * 4, B * D * 4]
+
+
+def test_alignflow_trace_hands_the_block_biases_to_the_adaln_kernel():
+    """The Triton trace models a GPU run, where model.fused_bias_grad 'auto' is on: attn.proj and mlp.fc2
+    run bias-free matmuls (mm, not addmm) and nn.Linear's backward sums of their (B, N, D) output
+    gradient are gone, against the same trace with the switch off."""
+    depth = SMALL["model_overrides"]["depth"]
+    B, D = SMALL["batch"], SMALL["model_overrides"]["hidden_size"]
+    counts = {}
+    for switch in ("auto", False):
+        overrides = dict(SMALL["model_overrides"], fused_bias_grad=switch)
+        ops = model.trace_step(backend="triton", **dict(SMALL, model_overrides=overrides))["ops"]
+        forward = [op.name for op in ops if op.phase == "forward"]
+        bias_sums = [op for op in ops if op.phase == "backward" and op.name == "sum" and op.category == "reductions"
+                     and op.read == B * 256 * D * 2]  # a bf16 (B, 256 tokens, D) gradient summed to (D,)
+        counts[switch] = forward.count("mm"), forward.count("addmm"), len(bias_sums)
+    assert counts["auto"][0] == counts[False][0] + 2 * depth
+    assert counts["auto"][1] == counts[False][1] - 2 * depth
+    assert counts[False][2] == 2 * depth and counts["auto"][2] == 0
+
+
 def test_fused_gelu_backward_carries_the_bias_gradient_counted_by_hand():
     """SiT's fc1 + GELU with kernels.gelu_tanh: the backward's one launch reads the GELU input a and dL/dg
     (bf16) and writes dL/da plus its fp32 bias partial sums (tiles, N), which one small reduction reads;

@@ -1165,18 +1165,21 @@ def collective_seconds(nbytes: float, gpus: int, nvlink_bytes_per_s: float) -> f
 
 
 def zero_projection(summary: dict, params: int, linear_params: int, precision: str, gpus: int, stage: int,
-                    nvlink_bytes_per_s: float, overlap: bool, micro_batch: int) -> dict:
+                    nvlink_bytes_per_s: float, overlap: bool, micro_batch: int, bandwidth: float | None = None) -> dict:
     """Per-GPU step of data-parallel training on `gpus` under ZeRO `stage`, from one GPU's modelled
-    step at `micro_batch`. Volumes per step as DeepSpeed documents them: stage 1 reduce-scatters the
-    gradients and all-gathers the updated parameters, 1x plain data parallelism (DeepSpeed blog
-    2020-03-17, "ZeRO stage 1 with reduced communication": reduce-scatter instead of all-reduce, 1.5x
-    -> 1x); stage 2 the same (ZeRO paper, Rajbhandari et al. 2020, sec. 7.2.1: 2 x params); stage 3
-    all-gathers the parameters in the forward and again in the backward and reduce-scatters the
-    gradients (sec. 7.2.2: 3 x params, 1.5x data parallelism). Gradient bytes:
-    bf16 (bf16 mode; under bf16-mixed DeepSpeed reduces Linear/Conv gradients in bf16, the rest fp32);
-    parameter bytes: the weights' dtype. Each rank runs 1/gpus of the optimizer step. With overlap the
-    gradient reduce-scatter (and stage 3's backward all-gather) hides under the backward and stage 3's
-    forward all-gather under the forward; stages 1-2 all-gather after the step, exposed. Contention of
+    step at `micro_batch`. Stages 1-2 as DeepSpeed 0.19 runs them under the trainer's configs
+    (use_multi_rank_bucket_allreduce, its default; tests/test_bench_model_deepspeed.py sees it on two
+    ranks): each reduce bucket is concatenated (its slices span partitions) and all-reduced whole, then
+    each rank keeps its partition, and the updated parameters are all-gathered: a ring all-reduce moves
+    twice a reduce-scatter, so 2 x gradients + 1 x parameters, not the 2 x params of ZeRO paper sec.
+    7.2.1. Stage 3 as documented (sec. 7.2.2): all-gathers the parameters in the forward and again in the
+    backward and reduce-scatters the gradients (3 x params). Gradient bytes: bf16 (bf16 mode; under
+    bf16-mixed DeepSpeed reduces exact nn.Linear/Conv modules' gradients in bf16, the rest fp32);
+    parameter bytes: the weights' dtype. Each rank runs 1/gpus of the optimizer phase (the step's
+    passes over its partition), the whole backward phase (the bucket copies and division included) and,
+    stages 1-2 with `bandwidth`, the buckets' concatenation (read + write of the flat gradient). With
+    overlap the gradient reduction (and stage 3's backward all-gather) hides under the backward and stage
+    3's forward all-gather under the forward; stages 1-2 all-gather after the step, exposed. Contention of
     communication with compute for memory bandwidth and SMs is not modelled."""
     grad_bytes = 2 * params if precision == "bf16" else 2 * linear_params + 4 * (params - linear_params)
     param_bytes = (2 if precision == "bf16" else 4) * params
@@ -1187,13 +1190,17 @@ def zero_projection(summary: dict, params: int, linear_params: int, precision: s
     backward = phases.get("backward", 0)
     optimizer = phases.get("optimizer", 0) / gpus
     compute = forward + backward + optimizer
-    volume = grad_bytes + param_bytes * (2 if stage == 3 else 1)
     if stage == 3:
+        volume = grad_bytes + 2 * param_bytes
         comm = reduce_scatter + 2 * gather
         exposed = (max(0.0, gather - forward) + max(0.0, reduce_scatter + gather - backward)) if overlap else comm
     else:
-        comm = reduce_scatter + gather
-        exposed = (max(0.0, reduce_scatter - backward) + gather) if overlap else comm
+        volume = 2 * grad_bytes + param_bytes
+        all_reduce = 2 * reduce_scatter  # a ring all-reduce: a reduce-scatter, then an all-gather
+        comm = all_reduce + gather
+        exposed = (max(0.0, all_reduce - backward) + gather) if overlap else comm
+        if gpus > 1 and bandwidth:
+            compute += 2 * param_bytes / bandwidth  # the buckets concatenated before their all-reduce
     step = compute + exposed
     return {"gpus": gpus, "stage": stage, "overlap": overlap, "micro_batch": micro_batch,
             "step_s": step, "img_per_s_per_gpu": micro_batch / step, "img_per_s": gpus * micro_batch / step,
@@ -1304,17 +1311,19 @@ def zero_table(payload: dict) -> str:
         lines.append(f"| {r['gpus']} | {r['micro_batch']} | {r['stage']} | {'yes' if r['overlap'] else 'no'} | "
                      f"{_ms(r['step_s'])} | {r['img_per_s_per_gpu']:.0f} | {r['img_per_s']:.0f} | "
                      f"{r['comm_bytes'] / 1e9:.2f} | {_ms(r['exposed_comm_s'])} | {100 * r['comm_share']:.0f}% |")
-    lines += ["", "ZeRO volumes per step as DeepSpeed documents them (ZeRO paper sec. 7.2; DeepSpeed's 2020 "
-              "reduce-scatter stage 1): stages 1-2 reduce-scatter the gradients and all-gather the parameters "
-              "(2 x params, as plain data parallelism), stage 3 all-gathers the parameters twice (forward, "
-              "backward) and reduce-scatters the gradients (3 x params); gradients in bf16 for Linear/Conv "
-              "weights (DeepSpeed's torch_autocast) and fp32 otherwise under bf16-mixed, parameters in their "
-              "dtype; ring collectives at the link rate (NCCL's efficiency below it is not modelled), "
-              "hierarchical across nodes (NVLink inside, then the 1/8 shard over each GPU's own InfiniBand "
-              "link); the optimizer step is sharded (1/N per GPU); with overlap the gradient reduction hides "
-              "under the backward and stage 3's forward all-gather under the forward, while stages 1-2's "
-              "parameter all-gather after the step stays exposed; communication/compute contention and "
-              "stage 3's per-module gather latency are not modelled."]
+    lines += ["", "ZeRO volumes per step: stages 1-2 as DeepSpeed 0.19 runs them (use_multi_rank_bucket_allreduce, "
+              "its default: each reduce bucket concatenated and all-reduced whole, then the updated parameters "
+              "all-gathered: 2 x gradients + 1 x parameters, more than the ZeRO paper's reduce-scatter, sec. 7.2.1), "
+              "stage 3 as documented (sec. 7.2.2: the parameters all-gathered twice, forward and backward, the "
+              "gradients reduce-scattered: 3 x params); gradients in bf16 for exact nn.Linear/Conv modules "
+              "(DeepSpeed's torch_autocast) and fp32 otherwise under bf16-mixed, parameters in their dtype; ring "
+              "collectives at the link rate (NCCL's efficiency below it is not modelled), hierarchical across "
+              "nodes (NVLink inside, then the 1/8 shard over each GPU's own InfiniBand link); the optimizer phase "
+              "is sharded (1/N per GPU), the backward's bucket passes are not, and stages 1-2 add the buckets' "
+              "concatenation; with overlap the gradient reduction hides under the backward and stage 3's forward "
+              "all-gather under the forward, while stages 1-2's parameter all-gather after the step stays "
+              "exposed; communication/compute contention and stage 3's per-module gather latency are not "
+              "modelled."]
     return "\n".join(lines) + "\n"
 
 
@@ -1510,7 +1519,7 @@ def model_payload(preset, config, variants, gpu_counts, args, traces) -> dict:
             for stage in (1, 2, 3):
                 for overlap in (False, True):
                     rows.append(zero_projection(summary, trace["params"], trace["linear_params"], precision,
-                                                g, stage, nvlink, overlap, micro))
+                                                g, stage, nvlink, overlap, micro, ceilings["bandwidth"]))
         payload["zero"] = {"variant": variant, "precision": precision, "global_batch": args.global_batch,
                            "nvlink_gb_per_s": nvlink / 1e9, "rows": rows}
     return payload

@@ -3,6 +3,7 @@ against DeepSpeed itself: the real Trainer (one CPU rank, DeepSpeed's CPU accele
 step under bench.model's Tracer, and the ops that DeepSpeed's ZeRO optimizer, torch's fused AdamW (through
 engine.optim.ClippedAdamW) and the trainer's EMA run in the backward and in the step must be, op for op,
 the ones the stand-in runs for the same parameters: the same aten op, phase, bytes read and written.
+On two CPU ranks, the collectives and the sharding that the ZeRO projection assumes.
 
 Exceptions (stated, not compared):
   - collectives (gloo here, NCCL on a GPU): at world size 1 they move nothing on a GPU; the ZeRO projection
@@ -11,6 +12,7 @@ Exceptions (stated, not compared):
 What the CPU run cannot show and the stand-in assumes as on a GPU: overlap_comm (the trainer turns it off on
 the CPU) changes which stream reduces, not the ops; norms in fp64 as on CUDA (DeepSpeed's get_norm_dtype)."""
 import collections
+import json
 import os
 import sys
 
@@ -87,9 +89,16 @@ def deepspeed_step_ops(tmp_path, precision: str, monkeypatch):
                       train={"precision": precision, "global_batch_size": 4, "max_steps": 2},
                       optim={"fused_clip": "true"})
     trainer = Trainer(from_dict(raw))
+    ops = traced_step(trainer)
+    return trainer, [op for op in ops if op.fused_region]
+
+
+def traced_step(trainer):
+    """The ops of the trainer's second step (the first creates the optimizer state) in its backward and
+    optimizer phases, each marked (fused_region) with whether the optimizer ran it."""
     assert type(trainer.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer" and trainer.fused_clip
     assert trainer.engine.zero_optimization_stage() == 2 and trainer.accum == 1
-    trainer.train_step()  # creates the optimizer state
+    trainer.train_step()
     tracer = OwnedTracer()
     after = {"data": "encoder", "encoder": "forward", "forward": "backward", "backward": "optimizer",
              "optimizer": "done"}
@@ -100,7 +109,7 @@ def deepspeed_step_ops(tmp_path, precision: str, monkeypatch):
 
     with tracer:
         trainer.train_step(mark=mark)
-    return trainer, [op for op in tracer.ops if op.fused_region and op.step_phase in ("backward", "optimizer")]
+    return [op for op in tracer.ops if op.step_phase in ("backward", "optimizer")]
 
 
 def standin_step_ops(trainer, precision: str):
@@ -151,3 +160,28 @@ def test_zero_standin_runs_deepspeeds_ops(tmp_path, precision, monkeypatch):
     assert per_param["optimizer"] == pytest.approx(expected["optimizer"], abs=0.5), per_param
     if expected["backward"] is not None:
         assert per_param["backward"] == pytest.approx(expected["backward"], abs=0.5), per_param
+
+
+def test_two_ranks_all_reduce_whole_buckets_and_shard_the_step(tmp_path):
+    """The ZeRO projection's assumptions (bench.model.zero_projection) on two CPU ranks, bf16: every rank
+    copies and divides its whole gradient into the buckets (2 + 2 bytes a parameter each), concatenates
+    the bucket slices (2 + 2) and all-reduces the whole bf16 gradient (DeepSpeed's default
+    use_multi_rank_bucket_allreduce: not a reduce-scatter); the step's passes run over the rank's
+    partition (fused AdamW's 16 bytes a parameter read split between the ranks), then the bf16
+    parameters are all-gathered."""
+    from tests.engine.trainer_fixtures import run_ranks
+
+    outputs = run_ranks("tests.zero_ops_worker", ["--dir", str(tmp_path)], world_size=2, timeout=240)
+    ranks = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
+             if line.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1], outputs
+    params = ranks[0]["params"]
+    for r in ranks:
+        assert r["world"] == 2 and r["accum"] == 1
+        b = r["bytes"]
+        assert b["backward allreduce_"] == [2 * params, 2 * params], (r["rank"], b)  # the whole bf16 gradient
+        assert b["backward div_"] == [2 * params, 2 * params] and b["backward cat"] == [2 * params, 2 * params]
+        assert "optimizer _allgather_base_" in b and "optimizer reduce_scatter_" not in b
+        assert "backward reduce_scatter_" not in b and "backward _reduce_scatter_base_" not in b
+    adam = [r["bytes"]["optimizer _fused_adamw_"][0] for r in ranks]
+    assert sum(adam) == pytest.approx(16 * params, rel=0.01) and max(adam) < 0.75 * 16 * params  # sharded

@@ -32,7 +32,7 @@ def stub_launches():
     import importlib
 
     # (kernels.attention etc. are the public functions; the modules are reached by their full names)
-    for name in ("adaln", "alignment_loss", "attention", "interpolant"):
+    for name in ("adaln", "alignment_loss", "attention", "gelu", "interpolant"):
         module = importlib.import_module(f"kernels.{name}")
         for name, value in vars(module).items():
             if isinstance(value, (JITFunction, InterpretedFunction)) and name.endswith("_kernel"):
@@ -50,6 +50,7 @@ def cases():
     lat, noise, t = torch.randn(B, 4, 4, 4), torch.randn(B, 4, 4, 4), torch.rand(B)
     mu0, mu1 = torch.randn(B, 4, 1, 1), torch.randn(B, 4, 1, 1)
     z_pred, z_enc = torch.randn(B, N, D), torch.randn(B, N, D)
+    fc1_out, fc1_bias = torch.randn(B, N, 4 * D), torch.randn(4 * D)
     return t, {
         "adaln_modulate": (kernels.adaln_modulate, (x, shift, scale)),
         "adaln_residual_modulate": (lambda *a: kernels.adaln_residual_modulate(*a)[1], (x, h, gate, shift, scale)),
@@ -59,6 +60,7 @@ def cases():
         "velocity_loss": (lambda v_pred, *a: kernels.velocity_loss(v_pred, *a, source_shift=mu0, target_shift=mu1),
                           (lat, lat, noise, t)),
         "alignment_loss": (kernels.alignment_loss, (z_pred, z_enc)),
+        "gelu_tanh": (kernels.gelu_tanh, (fc1_out, fc1_bias)),
     }
 
 

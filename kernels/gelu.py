@@ -21,7 +21,9 @@ once per (tile, column) to a buffer that torch sums over the tiles: no atomics, 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from ._autograd import fused_op
 from ._backend import fallback, resolve
-from ._util import AotSpec, compute_dtype, next_power_of_2, tl_dtype
+from ._util import TRITON_TYPES, compute_dtype, launch_spec, next_power_of_2, recorded_launches, tl_dtype
 
 _BETA = math.sqrt(2.0 / math.pi)  # torch's kBeta = M_SQRT2 * M_2_SQRTPI * 0.5
 _KAPPA = 0.044715
@@ -79,7 +81,7 @@ def reference_gelu_tanh_backward(a, dg):
 @triton.jit
 def _gelu_bwd_kernel(
     a_ptr, dg_ptr, da_ptr, partial_ptr,
-    M, N, rows_per_tile, stride_a_m, stride_dg_m,
+    M, N, rows_per_tile, stride_a_row, stride_dg_row,
     BIAS_GRAD: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -89,8 +91,8 @@ def _gelu_bwd_kernel(
     for i in range(0, rows_per_tile, BLOCK_M):
         rows = (tile * rows_per_tile + i + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask = (rows < M)[:, None] & col_mask[None, :]
-        x = tl.load(a_ptr + rows[:, None] * stride_a_m + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-        dy = tl.load(dg_ptr + rows[:, None] * stride_dg_m + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(a_ptr + rows[:, None] * stride_a_row + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+        dy = tl.load(dg_ptr + rows[:, None] * stride_dg_row + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         e = tl.exp(-2.0 * tl.abs(inner))
         t = (1.0 - e) / (1.0 + e)
@@ -188,15 +190,29 @@ def gelu_tanh(a, bias=None):
 # Ahead-of-time compile specs (python -m kernels.aot)
 # ----------------------------------------------------------------------------------------------
 
+# fc1's output width N = 4 x hidden (mlp_ratio 4) of the SiT models whose GELU backward is built
+_AOT_WIDTHS = {"SiT-B/2": 3072, "SiT-XL/2": 4608}
+
+
 def aot_specs():
-    """The instances SiT's MLP launches (N = 4 x D: 3072 for SiT-B, 4608 for SiT-XL; BLOCK_N 128)."""
-    specs = []
-    for dtype in ("bf16", "fp32"):
+    """The GELU backward launches of a SiT training step (batch 32 x 256 tokens), recorded from the
+    launcher on meta tensors: fc1's output at SiT-B/2's and SiT-XL/2's widths, bf16 and fp32, with the
+    bias gradient (SiT's fc1) and without (a bias that needs none). Both widths give one build (M, N,
+    the rows per tile and the row strides all multiples of 16; BLOCK_N 128), listed once. A pass that
+    streams two tensors in and one out asks for 16-byte loads."""
+    module = sys.modules[__name__]
+    specs, builds = [], set()
+    for dtype in (torch.bfloat16, torch.float32):
         for bias_grad in (True, False):
-            signature = {"a_ptr": f"*{dtype}", "dg_ptr": f"*{dtype}", "da_ptr": f"*{dtype}",
-                         "partial_ptr": "*fp32" if bias_grad else f"*{dtype}", "M": "i32", "N": "i32",
-                         "rows_per_tile": "i32", "stride_a_m": "i32", "stride_dg_m": "i32"}
-            specs.append(AotSpec(f"gelu_tanh_bwd[{dtype}, bias_grad={bias_grad}]", _gelu_bwd_kernel, signature,
-                                 dict(BIAS_GRAD=bias_grad, COMPUTE=tl.float32, BLOCK_M=_BLOCK_M, BLOCK_N=128),
-                                 num_warps=4, min_load_bits=128))
+            for N in _AOT_WIDTHS.values():
+                a = torch.empty(32, 256, N, dtype=dtype, device="meta")
+                with recorded_launches(module) as launches:
+                    _backward_launch(a, torch.empty_like(a), bias_grad)
+                (launch,) = launches
+                spec = launch_spec(f"gelu_tanh_bwd[{TRITON_TYPES[dtype]}, bias_grad={bias_grad}]", launch,
+                                   min_load_bits=128)
+                build = repr(dataclasses.replace(spec, name=""))
+                if build not in builds:
+                    builds.add(build)
+                    specs.append(spec)
     return specs

@@ -94,7 +94,7 @@ def test_every_spec_names_each_kernel_argument_once():
 
 
 def test_specs_are_the_launchers_own_launches():
-    """The adaLN, interpolant, alignment-loss and attention specs are recorded from their launchers
+    """The adaLN, interpolant, alignment-loss, attention and GELU specs are recorded from their launchers
     (kernels._util.recorded_launches), so a launcher and its build cannot disagree: every kernel of those
     modules is built by some spec, and a launch that does not bind its kernel's arguments is refused,
     naming them."""
@@ -103,7 +103,7 @@ def test_specs_are_the_launchers_own_launches():
 
     from kernels._util import Launch, launch_spec
 
-    for name in ("adaln", "interpolant", "alignment_loss", "attention"):
+    for name in ("adaln", "interpolant", "alignment_loss", "attention", "gelu"):
         module = importlib.import_module(f"kernels.{name}")
         jitted = {fn for key, fn in vars(module).items()
                   if key.endswith("_kernel") and isinstance(fn, (JITFunction, InterpretedFunction))}
@@ -159,6 +159,32 @@ def test_attention_specs_build_what_the_public_op_launches(monkeypatch, norm_dty
     assert (fwd.constexprs["BLOCK_M"], fwd.constexprs["BLOCK_N"], fwd.num_warps, fwd.num_stages) == (
         block_m, block_n, num_warps, num_stages)
 
+
+
+@pytest.mark.parametrize("bias_grad", [True, False])
+@pytest.mark.parametrize("width", [3072, 4608])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gelu_specs_build_what_the_public_op_launches(dtype, width, bias_grad):
+    """SiT's fc1 GELU (batch 32 x 256 tokens, N = 4 x hidden: SiT-B/2's 3072, SiT-XL/2's 4608) in bf16
+    and fp32, with fc1's bias given its gradient and without a bias, made through the public op,
+    launches exactly the build aot_specs() lists for its dtype and bias gradient: the backward's one
+    kernel (the forward is torch's F.gelu), every integer argument a multiple of 16 at both widths."""
+    import torch
+
+    from kernels._util import launch_spec, recorded_launches
+
+    module = importlib.import_module("kernels.gelu")
+    a = torch.empty(32, 256, width, dtype=getattr(torch, dtype), requires_grad=True)
+    bias = torch.zeros(width, requires_grad=True) if bias_grad else None
+    with recorded_launches(module) as launches:
+        g = kernels.gelu_tanh(a, bias)
+        g.backward(torch.empty_like(g))
+    specs = {spec.name: spec for spec in module.aot_specs()}
+    (launch,) = launches
+    expected = specs[f"gelu_tanh_bwd[{'bf16' if dtype == 'bfloat16' else 'fp32'}, bias_grad={bias_grad}]"]
+    assert _build(launch_spec("gelu_tanh_bwd", launch)) == _build(expected)
+    assert expected.signature["partial_ptr"] == ("*fp32" if bias_grad else expected.signature["da_ptr"])
+    assert expected.not_divisible == () and expected.min_load_bits == 128
 
 def test_attention_target_follows_the_interpreter_and_the_tf32_flag(monkeypatch):
     """The JIT call's target: the interpreter under TRITON_INTERPRET=1, else a GPU whose fp32 matmuls run

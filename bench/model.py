@@ -598,8 +598,9 @@ class _ZeroOptimizer:
       3. the gradients of this rank's partition copied out of the bucket into the flat partition gradient
          (copy_grads_in_partition): read + write.
     engine.step(), over this rank's partition:
-      4. bf16 only (bf16.check_grad_overflow, on by default): amax and amin of every gradient and the scalar
-         isfinite tests of them (has_inf_or_nan), each its own kernel;
+      4. bf16 only, with bf16.check_grad_overflow (`check_overflow`; DeepSpeed's default, the trainer's JSONs
+         keep it): amax and amin of every gradient and the scalar isfinite tests of them (has_inf_or_nan),
+         each its own kernel;
       5. the global norm (get_grad_norm_direct): every gradient cast to fp64 (DeepSpeed's norm dtype on an
          accelerator with fp64) and its vector_norm, then a handful of scalar ops;
       6. the gradients concatenated into one flat gradient (flatten_dense_tensors_aligned) and cast to fp32
@@ -621,9 +622,11 @@ class _ZeroOptimizer:
     clips_gradients = True  # as DeepSpeed does: one_step runs no clip_grad_norm_ before it
 
     def __init__(self, params, optimizer_cls, ema: bool = False, fused_clip: bool = False, max_norm: float = 1.0,
-                 comm_dtypes: dict | None = None, bucket_elements: int = int(2e8), tracer=None):
+                 comm_dtypes: dict | None = None, bucket_elements: int = int(2e8), tracer=None,
+                 check_overflow: bool = True):
         self.params = [p for p in params if p.requires_grad]  # frozen ones (pos_embed) are not the optimizer's
         self.fused_clip, self.max_norm, self.tracer = fused_clip, max_norm, tracer
+        self.check_overflow = check_overflow
         self.dtype = self.params[0].dtype
         self.offsets, numel = {}, 0
         for p in self.params:
@@ -706,7 +709,8 @@ class _ZeroOptimizer:
         from engine.optim import clip_divisor
 
         grads = [self.partition_grads.narrow(0, self.offsets[p], p.numel()) for p in self.params]
-        if self.dtype == torch.bfloat16:  # has_overflow_partitioned_grads_serial
+        bf16 = self.dtype == torch.bfloat16
+        if bf16 and self.check_overflow:  # has_overflow_partitioned_grads_serial
             invalid = torch.zeros([1], dtype=torch.float32)
             for g in grads:
                 invalid += self._has_inf_or_nan(g)
@@ -717,7 +721,8 @@ class _ZeroOptimizer:
         stacked = torch.stack([total])  # combine_grad_norm_groups
         invalid = (~torch.isfinite(stacked) | (stacked < 0)).any()
         norm = torch.where(invalid, torch.full_like(stacked[0], float("inf")), torch.linalg.vector_norm(stacked, ord=2))
-        (~torch.isfinite(norm) | (norm < 0)).any()  # is_invalid_grad_norm (read on the host)
+        if not bf16 or self.check_overflow:
+            (~torch.isfinite(norm) | (norm < 0)).any()  # is_invalid_grad_norm (read on the host)
         norm / 1.0  # _global_grad_norm: over the loss scale
         flat = torch.cat(grads)  # flatten_dense_tensors_aligned
         self.master.grad = flat.to(torch.float32)
@@ -755,6 +760,12 @@ def zero_bucket_elements(path: str = TRAINER_DEEPSPEED_JSON) -> int:
     """The reduce bucket size (elements) of the trainer's DeepSpeed JSON (DeepSpeed's default 5e8 without one)."""
     with open(path) as f:
         return int(float(json.load(f).get("zero_optimization", {}).get("reduce_bucket_size", 5e8)))
+
+
+def zero_checks_grad_overflow(path: str = TRAINER_DEEPSPEED_JSON) -> bool:
+    """bf16.check_grad_overflow of the trainer's DeepSpeed JSON (DeepSpeed's default: true)."""
+    with open(path) as f:
+        return bool(json.load(f).get("bf16", {}).get("check_grad_overflow", True))
 
 
 def _patched_foreach():
@@ -826,7 +837,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         comm_dtypes = {p: torch.bfloat16 for p in _autocast_reduced(sit)} if precision == "bf16-mixed" else {}
         optimizer = (_ZeroOptimizer(sit.parameters(), fused, ema=trainer, fused_clip=fused_clip,
                                     max_norm=train_step.CLIP, comm_dtypes=comm_dtypes,
-                                    bucket_elements=zero_bucket_elements(), tracer=tracer)
+                                    bucket_elements=zero_bucket_elements(), tracer=tracer,
+                                    check_overflow=zero_checks_grad_overflow())
                      if precision == "bf16" or trainer else fused(sit.parameters()))
         latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
         images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)

@@ -12,6 +12,8 @@ A process learns its place in a run from its launcher's environment:
 
 The local rank, never the global one, picks the GPU (cuda:LOCAL_RANK). Collectives time out after
 `timeout_s` on every process group, so a lost peer ends the run with an error instead of a hang.
+`run_on_main` (work done once, on rank 0, its result or error on every rank) and `gather_sorted` (a
+list from every rank) are the two collectives the commands share.
 """
 from __future__ import annotations
 
@@ -275,3 +277,36 @@ def command_process(device: str, *, local_rank: Optional[int] = None, timeout_s:
     finally:
         if info.owns_group:
             dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives the commands share
+# ----------------------------------------------------------------------------------------------
+
+def run_on_main(info: DistInfo, fn):
+    """fn() on rank 0 only (creating a directory, resolving "latest"); every rank gets its result, or
+    raises its error, so that no rank waits forever for one that failed. Collective where
+    `info.world_size` > 1."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - passed on to every rank, then raised
+            error = exc
+    if info.world_size > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def gather_sorted(info: DistInfo, values: list) -> list:
+    """The `values` of every rank, concatenated and sorted; the same list on every rank (collective
+    where `info.world_size` > 1)."""
+    if info.world_size == 1:
+        return sorted(values)
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, values)
+    return sorted(v for part in gathered for v in part)

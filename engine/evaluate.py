@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.distributed import command_process, gather_sorted, run_on_main
+
 log = logging.getLogger("engine.evaluate")
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -350,7 +352,6 @@ def extract_features(images: NpzImages, model: InceptionFeatures, parts_dir: str
     """Features of every image, batch b on rank b % world; each batch written to `parts_dir` (a rerun
     skips those that load). Rank 0 returns them in image order, other ranks None."""
     from engine.images import write_atomic
-    from engine.sample import _all_ranks_concat, _on_main
 
     n = len(images)
     num_batches = math.ceil(n / batch_size)
@@ -371,9 +372,9 @@ def extract_features(images: NpzImages, model: InceptionFeatures, parts_dir: str
         if not os.path.exists(meta_path):
             write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
-    _on_main(info, prepare)
-    missing = _all_ranks_concat(info, [b for b in range(info.rank, num_batches, info.world_size)
-                                       if not _part_ok(part(b), rows(b))])
+    run_on_main(info, prepare)
+    missing = gather_sorted(info, [b for b in range(info.rank, num_batches, info.world_size)
+                                   if not _part_ok(part(b), rows(b))])
     todo = missing[info.rank::info.world_size]
     if info.is_main:
         log.info("%s: %d images in %d batches of %d over %d rank(s); %d batches already extracted", meta["source"],
@@ -407,8 +408,6 @@ def set_statistics(path: str, model: InceptionFeatures, out_dir: str, batch_size
     """The FeatureStats of the images in `path` (collective): from `OUT/<name>_inception.npz` where it was
     made from this very file with these weights, else extracted (resumably) and written there. Rank 0
     returns them, other ranks None."""
-    from engine.sample import _on_main
-
     name = os.path.splitext(os.path.basename(path))[0]
     stats_path = os.path.join(out_dir, f"{name}_inception.npz")
     parts_dir = os.path.join(out_dir, "inception_parts", name)
@@ -428,12 +427,12 @@ def set_statistics(path: str, model: InceptionFeatures, out_dir: str, batch_size
         return stats if same else None
 
     box = {}
-    if _on_main(info, lambda: box.setdefault("stats", cached()) is not None):  # only rank 0 holds them
+    if run_on_main(info, lambda: box.setdefault("stats", cached()) is not None):  # only rank 0 holds them
         if info.is_main:
             log.info("%s: statistics from %s", path, stats_path)
         return box.get("stats")
     if overwrite:
-        _on_main(info, lambda: shutil.rmtree(parts_dir, ignore_errors=True))
+        run_on_main(info, lambda: shutil.rmtree(parts_dir, ignore_errors=True))
     features = extract_features(images, model, parts_dir, batch_size, meta, info, progress)
 
     def finish():
@@ -446,7 +445,7 @@ def set_statistics(path: str, model: InceptionFeatures, out_dir: str, batch_size
             pass
         log.info("%s: statistics written to %s", path, stats_path)
 
-    _on_main(info, finish)
+    run_on_main(info, finish)
     return box.get("stats")
 
 
@@ -680,8 +679,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """Every rank extracts its share; rank 0 prints, writes and returns the metrics (others {})."""
-    from engine.distributed import command_process
-
     args = parse_args(argv)
     # ranks wait at the barrier for the slowest one's last batch: allow long batches
     with command_process(args.device, local_rank=args.local_rank, timeout_s=EXTRACTION_TIMEOUT_S) as info:

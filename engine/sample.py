@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.distributed import DistInfo, command_process
+from engine.distributed import DistInfo, command_process, gather_sorted, run_on_main
 from engine.images import generate, load_for_sampling, save_grid, write_atomic
 
 log = logging.getLogger("engine.sample")
@@ -48,35 +48,6 @@ META_KEYS = ("ckpt", "config", "num_images", "batch_size", "seed", "num_steps", 
 # Parts written before a setting existed were made with its default.
 META_DEFAULTS = {"guidance_low": 0.0, "guidance_high": 1.0}
 PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes
-# ----------------------------------------------------------------------------------------------
-
-def _on_main(info: DistInfo, fn):
-    """fn() on rank 0; every rank gets its result, or raises its error (so no rank waits forever)."""
-    result, error = None, None
-    if info.is_main:
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - passed on to every rank, then raised
-            error = exc
-    if info.world_size > 1:
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if error is not None:
-        raise error
-    return result
-
-
-def _all_ranks_concat(info: DistInfo, values: list) -> list:
-    if info.world_size == 1:
-        return sorted(values)
-    gathered = [None] * info.world_size
-    dist.all_gather_object(gathered, values)
-    return sorted(v for part in gathered for v in part)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +228,7 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
     if args.latent_module:
         overrides.append(f"latent.path={args.latent_module}")
     # Rank 0 resolves "latest" once, so that every rank (and a restart) samples the same weights.
-    ckpt = _on_main(info, lambda: resolve_weights(args.ckpt))
+    ckpt = run_on_main(info, lambda: resolve_weights(args.ckpt))
     cfg, model, latent_space = load_for_sampling(ckpt, info.device, overrides, args.config)
     s = cfg.sample
     if s.num_images < 1:
@@ -272,7 +243,7 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
 
     parts_dir = os.path.join(args.out, PARTS_DIR)
-    _on_main(info, lambda: prepare_parts(parts_dir, meta, args.overwrite))
+    run_on_main(info, lambda: prepare_parts(parts_dir, meta, args.overwrite))
 
     num_batches = math.ceil(s.num_images / s.batch_size)
     labels_of = lambda b: batch_labels(b, s.batch_size, s.num_images, cfg.model.num_classes)  # noqa: E731
@@ -284,7 +255,7 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
             if problem != "missing":
                 corrupt.append(batch)
                 log.warning("%s %s; regenerating it", part_path(parts_dir, batch), problem)
-    missing, corrupt = _all_ranks_concat(info, missing), _all_ranks_concat(info, corrupt)
+    missing, corrupt = gather_sorted(info, missing), gather_sorted(info, corrupt)
     # Fresh run: rank r takes batches b % world == r. Resumed run: the missing ones, dealt out evenly.
     todo = missing[info.rank::info.world_size]
     remaining = sum(len(labels_of(b)) for b in missing)

@@ -79,6 +79,22 @@ def reference_gelu_tanh_backward(a, dg):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def gelu_tanh_inner(x):
+    """tanh(sqrt(2/pi) (x + 0.044715 x^3)), torch's GELU(tanh) inner tanh, stable for large |x|.
+    GELU_tanh(x) = 0.5 x (1 + gelu_tanh_inner(x)). Shared with kernels.linear_gelu's epilogues."""
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    e = tl.exp(-2.0 * tl.abs(inner))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(inner < 0, -t, t)
+
+
+@triton.jit
+def gelu_tanh_derivative(x, t):
+    """d GELU_tanh / dx at x, given t = gelu_tanh_inner(x) (torch's formula)."""
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+
+
+@triton.jit
 def _gelu_bwd_kernel(
     a_ptr, dg_ptr, da_ptr, partial_ptr,
     M, N, rows_per_tile, stride_a_row, stride_dg_row,
@@ -93,11 +109,7 @@ def _gelu_bwd_kernel(
         mask = (rows < M)[:, None] & col_mask[None, :]
         x = tl.load(a_ptr + rows[:, None] * stride_a_row + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         dy = tl.load(dg_ptr + rows[:, None] * stride_dg_row + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        e = tl.exp(-2.0 * tl.abs(inner))
-        t = (1.0 - e) / (1.0 + e)
-        t = tl.where(inner < 0, -t, t)  # tanh(inner), stable for large |inner|
-        dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x))
+        dx = dy * gelu_tanh_derivative(x, gelu_tanh_inner(x))
         stored = dx.to(da_ptr.dtype.element_ty)
         tl.store(da_ptr + rows[:, None] * N + cols[None, :], stored, mask=mask)
         if BIAS_GRAD:  # sums dL/da as stored, as the reference sums it

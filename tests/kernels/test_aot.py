@@ -94,7 +94,7 @@ def test_every_spec_names_each_kernel_argument_once():
 
 
 def test_specs_are_the_launchers_own_launches():
-    """The adaLN, interpolant, alignment-loss, attention and GELU specs are recorded from their launchers
+    """The adaLN, interpolant, alignment-loss, attention, GELU and MLP specs are recorded from their launchers
     (kernels._util.recorded_launches), so a launcher and its build cannot disagree: every kernel of those
     modules is built by some spec, and a launch that does not bind its kernel's arguments is refused,
     naming them."""
@@ -103,7 +103,7 @@ def test_specs_are_the_launchers_own_launches():
 
     from kernels._util import Launch, launch_spec
 
-    for name in ("adaln", "interpolant", "alignment_loss", "attention", "gelu"):
+    for name in ("adaln", "interpolant", "alignment_loss", "attention", "gelu", "linear_gelu"):
         module = importlib.import_module(f"kernels.{name}")
         jitted = {fn for key, fn in vars(module).items()
                   if key.endswith("_kernel") and isinstance(fn, (JITFunction, InterpretedFunction))}

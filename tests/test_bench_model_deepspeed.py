@@ -12,6 +12,7 @@ Exceptions (stated, not compared):
 What the CPU run cannot show and the stand-in assumes as on a GPU: overlap_comm (the trainer turns it off on
 the CPU) changes which stream reduces, not the ops; norms in fp64 as on CUDA (DeepSpeed's get_norm_dtype)."""
 import collections
+import importlib.util
 import json
 import os
 import sys
@@ -25,7 +26,8 @@ from tests.engine.trainer_fixtures import tiny_config
 
 COLLECTIVES = {"allreduce_", "allgather_", "_allgather_base_", "allgather_into_tensor_coalesced_", "reduce_scatter_",
                "_reduce_scatter_base_", "broadcast_", "barrier", "reduce_"}
-_DEEPSPEED = os.path.dirname(os.path.dirname(os.path.abspath(__import__("deepspeed").__file__)))
+# found, not imported: the trainer picks DeepSpeed's accelerator before deepspeed is first imported
+_DEEPSPEED = os.path.dirname(os.path.dirname(os.path.abspath(importlib.util.find_spec("deepspeed").origin)))
 OWNERS = (os.path.join(_DEEPSPEED, "deepspeed", "runtime", "zero") + os.sep,
           os.path.join(_DEEPSPEED, "deepspeed", "runtime", "utils.py"),
           os.path.join(_DEEPSPEED, "deepspeed", "runtime", "base_optimizer.py"),

@@ -19,7 +19,8 @@ which are then used as ADM uses them. Definitions (ADM's):
   precision is the fraction of samples inside the reference manifold, recall the converse.
 
 Feature extraction is spread over the ranks the launcher starts (batch b on rank b % world), each
-batch's features are written to `OUT/inception_parts/<name>/` so a rerun after a crash continues, and
+batch's features are written to `OUT/inception_parts/<name>/` (`engine.parts`: a cache, deleted where
+it was made from another file, other weights or batch size) so a rerun after a crash continues, and
 the statistics of each set (mu, sigma, mu_s, sigma_s, the pool_3 features and the Inception Score)
 go to `OUT/<name>_inception.npz`, so a second comparison against either set is instant. The metrics
 are printed and written to `OUT/evaluation.json` (OUT: `--out`, default the samples' directory).
@@ -45,7 +46,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.distributed import command_process, gather_sorted, run_on_main
+from engine.distributed import command_process, run_on_main
+from engine.parts import open_parts, parts_to_make, read_parts, write_part
 
 log = logging.getLogger("engine.evaluate")
 
@@ -339,54 +341,34 @@ def source_meta(path: str, model: InceptionFeatures, num_images: int, batch_size
             "num_images": num_images, "batch_size": batch_size, "inception": model.weights_id}
 
 
-def _part_ok(path: str, rows: int) -> bool:
-    try:
-        with np.load(path) as part:
-            return all(k in part and len(part[k]) == rows for k in FEATURE_KEYS)
-    except Exception:  # noqa: BLE001 - truncated or corrupt part: extract it again
-        return False
+def features_problem(part, rows: int) -> str | None:
+    """None when a part holds `rows` rows of every feature; otherwise what it lacks."""
+    lacking = [k for k in FEATURE_KEYS if k not in part or len(part[k]) != rows]
+    return f"lacks {rows} rows of {', '.join(lacking)}" if lacking else None
 
 
 def extract_features(images: NpzImages, model: InceptionFeatures, parts_dir: str, batch_size: int, meta: dict,
-                     info, progress: bool = True) -> dict[str, np.ndarray] | None:
-    """Features of every image, batch b on rank b % world; each batch written to `parts_dir` (a rerun
-    skips those that load). Rank 0 returns them in image order, other ranks None."""
-    from engine.images import write_atomic
-
+                     info, progress: bool = True, overwrite: bool = False) -> dict[str, np.ndarray] | None:
+    """Features of every image, batch b on rank b % world; each batch written to `parts_dir`, an
+    internal cache (engine.parts): a rerun skips the parts that load, and parts made with another
+    `meta` (another file, other weights or batch size) are deleted, as with `overwrite`. Rank 0
+    returns the features in image order, other ranks None."""
     n = len(images)
     num_batches = math.ceil(n / batch_size)
-    part = lambda b: os.path.join(parts_dir, f"batch_{b:06d}.npz")  # noqa: E731
     rows = lambda b: min(batch_size, n - b * batch_size)  # noqa: E731
-
-    def prepare():
-        meta_path = os.path.join(parts_dir, "meta.json")
-        if os.path.isdir(parts_dir):
-            try:
-                with open(meta_path) as f:
-                    old = json.load(f)
-            except (OSError, ValueError):
-                old = None
-            if old != meta:  # another file, other weights or batch size: the parts are of no use
-                shutil.rmtree(parts_dir)
-        os.makedirs(parts_dir, exist_ok=True)
-        if not os.path.exists(meta_path):
-            write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-
-    run_on_main(info, prepare)
-    missing = gather_sorted(info, [b for b in range(info.rank, num_batches, info.world_size)
-                                   if not _part_ok(part(b), rows(b))])
-    todo = missing[info.rank::info.world_size]
+    run_on_main(info, lambda: open_parts(parts_dir, meta, stale="delete", overwrite=overwrite))
+    parts = parts_to_make(info, parts_dir, num_batches, lambda part, b: features_problem(part, rows(b)))
+    todo = parts.mine
     if info.is_main:
         log.info("%s: %d images in %d batches of %d over %d rank(s); %d batches already extracted", meta["source"],
-                 n, num_batches, batch_size, info.world_size, num_batches - len(missing))
+                 n, num_batches, batch_size, info.world_size, num_batches - len(parts.missing))
     bar = None
     if progress and info.is_main and todo:
         from tqdm import tqdm
         bar = tqdm(total=len(todo) * batch_size, desc="inception features (rank 0)", unit="img", file=sys.stderr)
     for b in todo:
         features = model(images.batch(b * batch_size, b * batch_size + rows(b)))
-        arrays = {k: v.cpu().numpy() for k, v in features.items()}
-        write_atomic(part(b), lambda f: np.savez(f, **arrays))
+        write_part(parts_dir, b, **{k: v.cpu().numpy() for k, v in features.items()})
         if bar is not None:
             bar.update(rows(b))
     if bar is not None:
@@ -396,10 +378,9 @@ def extract_features(images: NpzImages, model: InceptionFeatures, parts_dir: str
     if not info.is_main:
         return None
     out = {k: [] for k in FEATURE_KEYS}
-    for b in range(num_batches):
-        with np.load(part(b)) as p:
-            for k in FEATURE_KEYS:
-                out[k].append(p[k])
+    for part in read_parts(parts_dir, num_batches, FEATURE_KEYS):
+        for k in FEATURE_KEYS:
+            out[k].append(part[k])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -431,9 +412,7 @@ def set_statistics(path: str, model: InceptionFeatures, out_dir: str, batch_size
         if info.is_main:
             log.info("%s: statistics from %s", path, stats_path)
         return box.get("stats")
-    if overwrite:
-        run_on_main(info, lambda: shutil.rmtree(parts_dir, ignore_errors=True))
-    features = extract_features(images, model, parts_dir, batch_size, meta, info, progress)
+    features = extract_features(images, model, parts_dir, batch_size, meta, info, progress, overwrite)
 
     def finish():
         box["stats"] = FeatureStats.from_features(features)

@@ -12,9 +12,10 @@ trainer uses too, is `engine.images`; the ODE/SDE samplers are `engine.samplers`
 latest, resolved once at the start), or a REPA / REG / SiT checkpoint with `--config YAML` for the
 latent space, transport and sampling settings it does not carry (engine.models.pretrained). Image i has label i % num_classes; global batch b (of
 sample.batch_size images) is sampled with seed sample.seed + b, so the images do not depend on the
-number of processes. Each finished batch is written atomically to `OUT/parts/batch_<b>.npz`; a rerun
-of the same command skips the parts that load and regenerates missing or corrupt ones (the settings
-in `OUT/parts/meta.json` must match; `--overwrite` starts afresh). At the end rank 0 writes
+number of processes. Each finished batch is written atomically to `OUT/parts/batch_<b>.npz`
+(`engine.parts`); a rerun of the same command skips the parts that load and regenerates missing or
+corrupt ones (the settings in `OUT/parts/meta.json` must match, else a one-line error names those
+that differ; `--overwrite` starts afresh). At the end rank 0 writes
 `OUT/samples.npz` (`arr_0` (N, H, W, 3) uint8, the layout of the ADM / REPA evaluation suite, and
 `labels`) and `OUT/samples.png`, then deletes the parts unless `--keep-parts`. OUT must be shared
 by all processes.
@@ -22,7 +23,6 @@ by all processes.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -34,17 +34,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.distributed import DistInfo, command_process, gather_sorted, run_on_main
+from engine.distributed import DistInfo, command_process, run_on_main
 from engine.images import generate, load_for_sampling, save_grid, write_atomic
+from engine.parts import open_parts, part_path, parts_to_make, read_parts, write_part
 
 log = logging.getLogger("engine.sample")
 
 PARTS_DIR = "parts"
 SAMPLING_TIMEOUT_S = 2 * 3600
-META_FILE = "meta.json"
-# Settings that change the images; a restart must match them all to reuse the parts.
-META_KEYS = ("ckpt", "config", "num_images", "batch_size", "seed", "num_steps", "method", "cfg_scale", "resolution",
-             "precision", "guidance_low", "guidance_high")
 # Parts written before a setting existed were made with its default.
 META_DEFAULTS = {"guidance_low": 0.0, "guidance_high": 1.0}
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -60,55 +57,15 @@ def batch_labels(batch: int, batch_size: int, num_images: int, num_classes: int)
     return torch.arange(start, min(start + batch_size, num_images)) % num_classes
 
 
-def part_path(parts_dir: str, batch: int) -> str:
-    return os.path.join(parts_dir, f"batch_{batch:06d}.npz")
-
-
-def check_part(path: str, labels: torch.Tensor, resolution: int) -> str | None:
-    """None when `path` holds the batch for `labels`; otherwise what is wrong ("missing" or worse)."""
-    if not os.path.exists(path):
-        return "missing"
-    try:
-        with np.load(path) as part:
-            images, part_labels = part["images"], part["labels"]
-    except Exception as error:  # noqa: BLE001 - truncated zip, bad CRC, missing key ...
-        return f"unreadable ({type(error).__name__}: {error})"
+def check_images(part, labels: torch.Tensor, resolution: int) -> str | None:
+    """None when the part holds the batch for `labels`; otherwise what is wrong."""
+    images, part_labels = part["images"], part["labels"]
     expected = (len(labels), resolution, resolution, 3)
     if images.dtype != np.uint8 or images.shape != expected:
         return f"holds {images.dtype} images of shape {images.shape}, expected uint8 {expected}"
     if not np.array_equal(part_labels, labels.numpy()):
         return "holds other labels"
     return None
-
-
-def prepare_parts(parts_dir: str, meta: dict, overwrite: bool) -> None:
-    """Create `parts_dir` with `meta.json`, or check that the parts already there were made with `meta`."""
-    if overwrite and os.path.isdir(parts_dir):
-        shutil.rmtree(parts_dir)
-    if os.path.exists(parts_dir) and not os.path.isdir(parts_dir):
-        raise ValueError(f"{parts_dir} is a file; it must be the directory of sample parts")
-    os.makedirs(parts_dir, exist_ok=True)
-    meta_path = os.path.join(parts_dir, META_FILE)
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{meta_path} is unreadable ({error}); pass --overwrite to delete the parts") from error
-        there = {key: old.get(key, META_DEFAULTS.get(key)) for key in META_KEYS}
-        differing = [key for key in META_KEYS if there[key] != meta[key]]
-        if differing:
-            details = "; ".join(f"{key}: {there[key]!r} there, {meta[key]!r} now" for key in differing)
-            raise ValueError(f"{parts_dir} holds samples made with other settings ({details}). Rerun with the "
-                             f"same settings to resume, or pass --overwrite to delete them")
-    else:
-        if any(name.startswith("batch_") for name in os.listdir(parts_dir)):
-            raise ValueError(f"{parts_dir} holds sample parts but no {META_FILE} (their settings are unknown); "
-                             "pass --overwrite to delete them")
-        write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    for name in os.listdir(parts_dir):  # left by a process killed while writing
-        if ".tmp-" in name:
-            os.remove(os.path.join(parts_dir, name))
 
 
 def write_samples_npz(parts_dir: str, num_batches: int, meta: dict, path: str, keep: int) -> np.ndarray:
@@ -126,9 +83,8 @@ def write_samples_npz(parts_dir: str, num_batches: int, meta: dict, path: str, k
                     entry, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                             "shape": (n, res, res, 3)})
                 start = 0
-                for batch in range(num_batches):
-                    with np.load(part_path(parts_dir, batch)) as part:
-                        images, part_labels = part["images"], part["labels"]
+                for batch, part in enumerate(read_parts(parts_dir, num_batches, ("images", "labels"))):
+                    images, part_labels = part["images"], part["labels"]
                     stop = start + len(images)
                     if images.dtype != np.uint8 or images.shape[1:] != (res, res, 3) or stop > n:
                         raise ValueError(f"{part_path(parts_dir, batch)}: unexpected {images.dtype} {images.shape}")
@@ -236,6 +192,7 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
     if s.batch_size < 1 or s.num_steps < 1:
         raise ValueError(f"sample.batch_size={s.batch_size}, sample.num_steps={s.num_steps} in {ckpt}; need >= 1")
     resolution = cfg.model.input_size * latent_space.downsample
+    # The settings that change the images: a restart must match them all to reuse the parts.
     meta = dict(ckpt=ckpt, config=args.config and os.path.abspath(args.config), num_images=s.num_images, batch_size=s.batch_size, seed=s.seed, num_steps=s.num_steps,
                 method=s.method, cfg_scale=s.cfg_scale, resolution=resolution, precision=args.precision,
                 guidance_low=s.guidance_low, guidance_high=s.guidance_high)
@@ -243,21 +200,14 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
 
     parts_dir = os.path.join(args.out, PARTS_DIR)
-    run_on_main(info, lambda: prepare_parts(parts_dir, meta, args.overwrite))
+    run_on_main(info, lambda: open_parts(parts_dir, meta, stale="refuse", overwrite=args.overwrite,
+                                         defaults=META_DEFAULTS))
 
     num_batches = math.ceil(s.num_images / s.batch_size)
     labels_of = lambda b: batch_labels(b, s.batch_size, s.num_images, cfg.model.num_classes)  # noqa: E731
-    missing, corrupt = [], []
-    for batch in range(info.rank, num_batches, info.world_size):  # each rank checks a share of the parts
-        problem = check_part(part_path(parts_dir, batch), labels_of(batch), resolution)
-        if problem is not None:
-            missing.append(batch)
-            if problem != "missing":
-                corrupt.append(batch)
-                log.warning("%s %s; regenerating it", part_path(parts_dir, batch), problem)
-    missing, corrupt = gather_sorted(info, missing), gather_sorted(info, corrupt)
-    # Fresh run: rank r takes batches b % world == r. Resumed run: the missing ones, dealt out evenly.
-    todo = missing[info.rank::info.world_size]
+    parts = parts_to_make(info, parts_dir, num_batches,
+                          lambda part, batch: check_images(part, labels_of(batch), resolution))
+    missing, corrupt, todo = parts.missing, parts.corrupt, parts.mine
     remaining = sum(len(labels_of(b)) for b in missing)
     already = s.num_images - remaining
     if info.is_main:
@@ -274,8 +224,7 @@ def _sample(args: argparse.Namespace, info: DistInfo) -> dict:
         if tuple(images.shape[1:]) != (resolution, resolution, 3):
             raise RuntimeError(f"the model made images of shape {tuple(images.shape[1:])}, expected "
                                f"{(resolution, resolution, 3)}")
-        write_atomic(part_path(parts_dir, batch),
-                      lambda f: np.savez(f, images=images.numpy(), labels=labels.numpy()))
+        write_part(parts_dir, batch, images=images.numpy(), labels=labels.numpy())
         generated += len(labels)
         if info.is_main:
             rate = generated / max(time.time() - start_time, 1e-9)

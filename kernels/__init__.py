@@ -6,6 +6,7 @@ from .adaln import (adaln_modulate, adaln_residual_modulate, reference_adaln_mod
                     reference_adaln_residual_modulate)
 from .alignment_loss import alignment_loss, reference_alignment_loss
 from .gelu import gelu_tanh, reference_gelu_tanh
+from .linear_gelu import mlp_gelu, reference_mlp_gelu
 from .attention import attention, attention_qkv, reference_attention, reference_attention_qkv
 from .interpolant import (PATHS, interpolant, path_coefficients, reference_interpolant, reference_velocity_loss,
                           velocity_loss)
@@ -17,5 +18,6 @@ __all__ = [
     "adaln_modulate", "reference_adaln_modulate", "adaln_residual_modulate", "reference_adaln_residual_modulate",
     "attention", "reference_attention", "attention_qkv", "reference_attention_qkv",
     "gelu_tanh", "reference_gelu_tanh",
+    "mlp_gelu", "reference_mlp_gelu",
     "adamw_step", "reference_adamw_step",
 ]

@@ -1,11 +1,12 @@
-"""kernels.linear_gelu (SiT's MLP with the GELU in fc1's matmul epilogue) against its reference
-(CPU: Triton interpreter)."""
+"""kernels.linear_gelu (SiT's MLP with the GELU in fc1's forward and fc2's backward matmul epilogues)
+against its reference (CPU: Triton interpreter)."""
 import importlib
 
 import pytest
 import torch
 
-from tests.helpers import assert_close, leaf, poisoned_empty
+import kernels
+from tests.helpers import assert_close, grads, leaf, poisoned_empty
 
 module = importlib.import_module("kernels.linear_gelu")
 
@@ -45,13 +46,111 @@ def test_aot_specs_cover_both_tables():
     multiples of 16), the tiles of _GPU_CONFIGS."""
     specs = module.aot_specs()
     names = {s.name for s in specs}
-    assert names == {f"linear_gelu_fwd[{t}, sm_{a}0 table]" for t in ("bf16", "fp32") for a in (8, 9)}
+    assert names == {f"linear_gelu_{k}[{t}, sm_{a}0 table]" for k in ("fwd", "bwd") for t in ("bf16", "fp32")
+                     for a in (8, 9)}
     for spec in specs:
         assert spec.not_divisible == (), spec.name
         arch = 9 if "sm_90" in spec.name else 8
-        table = "half" if "bf16" in spec.name else "fp32"
-        block_m, block_n, block_k, num_warps, num_stages = module._GPU_CONFIGS[arch][table]
+        dtype = torch.bfloat16 if "bf16" in spec.name else torch.float32
+        kernel = "bwd" if "bwd" in spec.name else "fwd"
+        block_m, block_n, block_k, num_warps, num_stages = module.gpu_config(arch, dtype, kernel)
         c = spec.constexprs
         assert (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], spec.num_warps, spec.num_stages) == (
             block_m, block_n, block_k, num_warps, num_stages), spec.name
         assert c["PRECISION"] == "tf32"
+
+
+# (rows, D, H, D_out): tails in every dimension of the 32 x 32 x 32 interpreter tiles, one row,
+# SiT's H = 4 D at an awkward width (72 -> 288), fc2's outputs narrower than its inputs
+MLP_SHAPES = [((2, 5), 72, 288, 72), ((1,), 40, 33, 24), ((70,), 48, 100, 36)]
+
+
+def _mlp_grads(backend, inputs, dy):
+    with kernels.use_backend(backend), poisoned_empty():
+        y = kernels.mlp_gelu(*inputs)
+        y.backward(dy)
+    return [y] + grads(inputs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, D, H, D_out", MLP_SHAPES)
+@pytest.mark.parametrize("fc2_bias", [True, False])
+def test_mlp_forward_and_every_gradient_match_reference(dtype, rows, D, H, D_out, fc2_bias, device):
+    x = leaf((*rows, D), dtype, device)
+    w1 = leaf((H, D), dtype, device, scale=2 * D ** -0.5)  # a of scale ~2: GELU's curve, not its tails
+    b1 = leaf((H,), dtype, device)
+    w2 = leaf((D_out, H), dtype, device, scale=H ** -0.5)
+    b2 = leaf((D_out,), dtype, device) if fc2_bias else None
+    dy = torch.randn((*rows, D_out), device=device).to(dtype)
+    inputs = [x, w1, b1, w2, b2]
+    ours, expected = _mlp_grads("triton", inputs, dy), _mlp_grads("torch", inputs, dy)
+    assert ours[0].grad_fn is not None and "MlpGelu" in type(ours[0].grad_fn).__name__
+    for name, a, e in zip(["y", "d_x", "d_w1", "d_b1", "d_w2", "d_b2"], ours, expected, strict=True):
+        if e is None:
+            assert a is None, name
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert not a.isnan().any(), name
+        assert_close(a, e, dtype, name=name)
+
+
+def test_mlp_gradients_only_where_asked(device):
+    x = leaf((3, 40), torch.float32, device, requires_grad=False)
+    w1, w2 = leaf((64, 40), torch.float32, device), leaf((40, 64), torch.float32, device, requires_grad=False)
+    b1 = torch.randn(64, device=device)
+    with kernels.use_backend("triton"):
+        kernels.mlp_gelu(x, w1, b1, w2).sum().backward()
+    assert w1.grad is not None and b1.grad is None and w2.grad is None
+
+
+def test_mlp_bias_gradient_is_deterministic(device):
+    """Two backwards give bitwise the same gradients (per-tile partial sums, no atomics)."""
+    inputs = [leaf((130, 48), torch.float32, device), leaf((96, 48), torch.float32, device),
+              leaf((96,), torch.float32, device), leaf((48, 96), torch.float32, device), None]
+    dy = torch.randn(130, 48, device=device)
+    first, second = (_mlp_grads("triton", inputs, dy) for _ in range(2))
+    for a, b in zip(first[:4], second[:4]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(w1=(64, 41)), r"mlp_gelu: fc1_weight must be \(H, 40\)"),
+    (dict(w2=(40, 63)), r"mlp_gelu: fc2_weight must be \(D_out, 64\)"),
+    (dict(b1=(63,)), r"mlp_gelu: fc1_bias must be \(64,\), got \(63,\)"),
+])
+def test_bad_shapes_are_one_clear_error(bad, match, device):
+    shapes = dict(w1=(64, 40), b1=(64,), w2=(40, 64)) | bad
+    with pytest.raises(ValueError, match=match):
+        kernels.mlp_gelu(torch.randn(2, 40, device=device), *(torch.randn(shapes[k], device=device)
+                                                               for k in ("w1", "b1", "w2")))
+
+
+def test_unsupported_dtype_runs_the_reference(device):
+    inputs = [torch.randn(s, dtype=torch.float64, device=device) for s in ((3, 16), (24, 16), (24,), (16, 24))]
+    with kernels.use_backend("triton"):
+        y = kernels.mlp_gelu(*inputs)
+    torch.testing.assert_close(y, module.reference_mlp_gelu(*inputs), atol=0, rtol=0)
+
+
+def test_compiled_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    inputs = [leaf((2, 5, 24), torch.float32, device), leaf((48, 24), torch.float32, device),
+              leaf((48,), torch.float32, device), leaf((24, 48), torch.float32, device),
+              leaf((24,), torch.float32, device)]
+
+    def loss(*inputs):
+        return kernels.mlp_gelu(*inputs).square().mean()
+
+    results = []
+    with kernels.use_backend("triton"):
+        for fn in (loss, torch.compile(loss, fullgraph=True)):
+            value = fn(*inputs)
+            results.append((value, torch.autograd.grad(value, inputs)))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for eager, compiled in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(eager, compiled)
+
+
+def test_opcheck(device):
+    inputs = [torch.randn(s, device=device, requires_grad=True) for s in ((2, 5, 24), (40, 24), (40,), (16, 40))]
+    torch.library.opcheck(module._mlp_gelu.op, (*inputs, None))

@@ -575,8 +575,7 @@ class OnlineEvaluator:
     def sample_features(self, model) -> dict | None:
         """Features of the `eval.num_images` samples of `model` (collective); rank 0 gets them in image
         order with the labels, other ranks None."""
-        from engine.images import generate
-        from engine.sample import batch_labels
+        from engine.images import batch_labels, generate
 
         t, e, info = self.trainer, self.cfg, self.trainer.dist
         cfg = self._sampling_cfg()

@@ -1,7 +1,8 @@
 """Images from a model, the library behind the sampling command (`engine.sample`), the trainer's
 grids and final samples, and evaluation: `generate` (uint8 images for labels, through the ODE/SDE
-samplers of `engine.samplers` and the latent space's decoder), `save_grid` (a PNG), `save_npz` (the
-ADM / REPA evaluation layout), `write_atomic`, and `load_for_sampling` (a model from a checkpoint).
+samplers of `engine.samplers` and the latent space's decoder), `batch_labels` (the labels of a
+global batch), `save_grid` (a PNG), `save_npz` (the ADM / REPA evaluation layout), `write_atomic`,
+and `load_for_sampling` (a model from a checkpoint).
 """
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ log = logging.getLogger("engine.images")
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def batch_labels(batch: int, batch_size: int, num_images: int, num_classes: int) -> torch.Tensor:
+    """Labels of global batch `batch`: image i has label i % num_classes (class-balanced)."""
+    start = batch * batch_size
+    return torch.arange(start, min(start + batch_size, num_images)) % num_classes
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from engine.distributed import DistInfo, command_process, run_on_main
-from engine.images import generate, load_for_sampling, save_grid, write_atomic
+from engine.images import batch_labels, generate, load_for_sampling, save_grid, write_atomic
 from engine.parts import open_parts, part_path, parts_to_make, read_parts, write_part
 
 log = logging.getLogger("engine.sample")
@@ -50,12 +50,6 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 # ----------------------------------------------------------------------------------------------
 # Parts: one npz per global batch
 # ----------------------------------------------------------------------------------------------
-
-def batch_labels(batch: int, batch_size: int, num_images: int, num_classes: int) -> torch.Tensor:
-    """Labels of global batch `batch`: image i has label i % num_classes (class-balanced)."""
-    start = batch * batch_size
-    return torch.arange(start, min(start + batch_size, num_images)) % num_classes
-
 
 def check_images(part, labels: torch.Tensor, resolution: int) -> str | None:
     """None when the part holds the batch for `labels`; otherwise what is wrong."""

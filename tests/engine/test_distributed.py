@@ -196,3 +196,37 @@ def test_a_command_destroys_only_the_group_it_created_even_on_error(monkeypatch,
             raise KeyError("boom")
     assert asked == [("cpu", {"local_rank": 0, "timeout_s": 5.0})]
     assert destroyed == ([True] if owns_group else [])
+
+
+def _collectives_rank(rank: int, init_file: str, results: str) -> None:
+    """One of two gloo ranks for test_run_on_main_and_gather_sorted_agree_on_every_rank."""
+    import json
+
+    import torch.distributed as dist
+
+    from engine.distributed import DistInfo, gather_sorted, run_on_main
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    info = DistInfo(rank, rank, 2, torch.device("cpu"))
+    out = {"result": run_on_main(info, lambda: [rank, "made on rank 0"]),
+           "gathered": gather_sorted(info, [10 * rank + 3, rank])}
+    try:
+        run_on_main(info, lambda: 1 / 0)
+    except ZeroDivisionError as error:
+        out["error"] = str(error)
+    dist.destroy_process_group()
+    with open(f"{results}.{rank}", "w") as f:
+        json.dump(out, f)
+
+
+def test_run_on_main_and_gather_sorted_agree_on_every_rank(tmp_path):
+    """run_on_main: rank 0's result, or its error, on every rank (so none waits for a rank that
+    failed); gather_sorted: every rank's values, sorted, on every rank."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert out == {"result": [0, "made on rank 0"], "gathered": [0, 1, 3, 13], "error": "division by zero"}

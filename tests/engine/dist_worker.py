@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 
 import torch.distributed as dist
+
+from tests.engine.worker_results import write_on_rank0
 
 
 def full_master_weights(trainer) -> dict:
@@ -89,10 +90,7 @@ def main():
 
     cfg = load_config(args.config)
     result = run_ema(cfg) if args.mode == "ema" else run_resume(cfg)
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(result, f)
-    dist.barrier()
+    write_on_rank0(args.out, result)
 
 
 if __name__ == "__main__":

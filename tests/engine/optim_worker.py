@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import torch
-import torch.distributed as dist
+
+from tests.engine.worker_results import write_on_rank0
 
 
 def one_run(cfg, steps: int) -> dict:
@@ -76,10 +76,7 @@ def main():
             fused_clip=[a["fused_clip"], b["fused_clip"]], zero_stage=b["zero_stage"], precision=b["precision"],
             losses=[a["losses"], b["losses"]], grad_norms=[a["grad_norms"], b["grad_norms"]], moved=b["moved"],
             master_max_diff=max(float((a["masters"][k] - b["masters"][k]).abs().max()) for k in a["masters"]))
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
+    write_on_rank0(args.out, results)
 
 
 if __name__ == "__main__":

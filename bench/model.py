@@ -49,8 +49,8 @@ from bench.train_step import TRAINER_VARIANTS, add_step_arguments  # TRAINER_VAR
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
-STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-separate-clip", "alignflow-compiled",
-                 "alignflow-graphs")
+STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-separate-clip",
+                 "alignflow-bf16-copies", "alignflow-compiled", "alignflow-graphs")
 # bench.train_step's variants that time engine.trainer.Trainer's own step (DeepSpeed ZeRO-2, one GPU), as
 # modelled here: bench.train_step's step with the fused kernels (the trainer's "auto" backend on a GPU),
 # the given train.precision, DeepSpeed ZeRO-2's gradient reduction and step as DeepSpeed runs them
@@ -514,7 +514,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             grads = {id(t) for t in args[1]}
             mutated = [t for t in mutated if id(t) not in grads]
         mutated_keys = {_storage_key(t) for t in mutated}
-        if name == "copy_":  # reads its source only
+        if name in ("copy_", "_foreach_copy_"):  # reads its sources only
             inputs = list(_tensors(args[1]))
         else:
             inputs = [] if name in _WRITE_ONLY else list(_tensors((args, kwargs)))
@@ -611,7 +611,10 @@ class _ZeroOptimizer:
          back: 16 bytes read and 16 written a parameter);
       9. the master copied into the flat weights (bf16, or fp32 under bf16-mixed);
       10. the all-gather of the updated weights (none at world size 1);
-    then the trainer's 11. EMA update: one _foreach_lerp_ over the master's per-parameter fragments.
+    then the trainer's 11. EMA update: one _foreach_lerp_ over the master's per-parameter fragments, and with
+    `weight_copies` (bf16-mixed: train.bf16_weight_copies, 'auto' on a GPU) the trainer's 12. refresh of the
+    bf16 weight copies after engine.step() (one _foreach_copy_ over the whole weights, on every rank, which
+    zero_projection would divide by N with the step: it projects trainer-bf16, which has no copies).
     Collectives are not traced: at world size 1 they move nothing, and the ZeRO projection (zero_projection)
     models them for more GPUs. With N ranks, 1-2 stay whole on every rank (DeepSpeed all-reduces whole
     buckets, use_multi_rank_bucket_allreduce, and concatenates the slices of a bucket that spans partitions
@@ -623,8 +626,9 @@ class _ZeroOptimizer:
 
     def __init__(self, params, optimizer_cls, ema: bool = False, fused_clip: bool = False, max_norm: float = 1.0,
                  comm_dtypes: dict | None = None, bucket_elements: int = int(2e8), tracer=None,
-                 check_overflow: bool = True):
+                 check_overflow: bool = True, weight_copies=None):
         self.params = [p for p in params if p.requires_grad]  # frozen ones (pos_embed) are not the optimizer's
+        self.weight_copies = weight_copies  # engine.bf16_copies.WeightCopies of the model, or None
         self.fused_clip, self.max_norm, self.tracer = fused_clip, max_norm, tracer
         self.check_overflow = check_overflow
         self.dtype = self.params[0].dtype
@@ -737,6 +741,8 @@ class _ZeroOptimizer:
         self.flat_weights.copy_(self.master.detach())
         if self.ema:
             torch._foreach_lerp_(self.ema, self.fragments, 1.0 - 0.9999)
+        if self.weight_copies is not None:  # Trainer.train_step, after engine.step()
+            self.weight_copies.refresh()
 
     def zero_grad(self, set_to_none=True):
         for p in self.params:
@@ -785,12 +791,16 @@ def _patched_foreach():
 
 def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", encoder_depth=8, reg=False,
                car_flow="none", precision="bf16-mixed", backend="triton", model_overrides=None,
-               trainer: bool = False, fused_clip: bool = False) -> dict:
+               trainer: bool = False, fused_clip: bool = False, bf16_copies: bool | None = None) -> dict:
     """Trace one training step of bench.train_step (build + one_step) on fake tensors; `trainer`: with
     DeepSpeed ZeRO-2's flat-buffer optimizer and the trainer's EMA update (see TRAINER_VARIANTS);
     `fused_clip`: the clip inside the fused AdamW step (engine.optim.ClippedAdamW; under `trainer`,
-    DeepSpeed's norm and its divisor handed over), else clip_grad_norm_ then AdamW; returns
-    {"ops": [Op], "model_flops": analytic step FLOPs, "params": count, "linear_params": count}."""
+    DeepSpeed's norm and its divisor handed over), else clip_grad_norm_ then AdamW; `bf16_copies`: the
+    matmuls read bf16 copies of the weights written after the optimizer step (engine/bf16_copies.py; by
+    ClippedAdamW itself, or under `trainer` after DeepSpeed's step) instead of autocast's casts (None: as
+    the trainer's train.bf16_weight_copies 'auto' on a GPU for `trainer`, else off); returns
+    {"ops": [Op], "model_flops": analytic step FLOPs, "params": count, "linear_params": count,
+    "bf16_copied_params": count}."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from bench import train_step
@@ -827,6 +837,15 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         encoder_module.to_empty(device="cpu")
         tracer.encoder_compiled = encoder_module.cfg.fused  # compiled variants compile the fused encoder
         sit.to_empty(device="cpu").train()
+        if bf16_copies is None:
+            bf16_copies = trainer and precision == "bf16-mixed"  # the trainer's auto on a GPU (ZeRO-2)
+        if bf16_copies and precision != "bf16-mixed":
+            raise ValueError(f"bf16 weight copies under --precision {precision!r}: allowed under bf16-mixed only")
+        copies = None
+        if bf16_copies:
+            from engine.bf16_copies import WeightCopies
+
+            copies = WeightCopies(sit)
         if fused_clip:
             from engine.optim import ClippedAdamW
 
@@ -838,8 +857,12 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         optimizer = (_ZeroOptimizer(sit.parameters(), fused, ema=trainer, fused_clip=fused_clip,
                                     max_norm=train_step.CLIP, comm_dtypes=comm_dtypes,
                                     bucket_elements=zero_bucket_elements(), tracer=tracer,
-                                    check_overflow=zero_checks_grad_overflow())
+                                    check_overflow=zero_checks_grad_overflow(), weight_copies=copies)
                      if precision == "bf16" or trainer else fused(sit.parameters()))
+        if copies is not None and not isinstance(optimizer, _ZeroOptimizer):
+            if not fused_clip:
+                raise ValueError("bf16 weight copies without ZeRO are written by ClippedAdamW: pass fused_clip=True")
+            optimizer.set_bf16_copies(copies.mapping())
         latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
         images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
         labels = torch.randint(0, cfg.num_classes, (batch,))
@@ -881,7 +904,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
             train_step.one_step(*step_inputs, mark=mark)
     return {"ops": tracer.ops, "model_flops": training_step_flops(model_flops, batch, encoder_flops),
             "sit_flops_per_sample": model_flops, "encoder_flops_per_image": encoder_flops, "params": params,
-            "linear_params": linear_params, "num_patches": cfg.num_patches}
+            "linear_params": linear_params, "num_patches": cfg.num_patches,
+            "bf16_copied_params": copies.numel() if copies is not None else 0}
 
 
 def _build_small(args, overrides):
@@ -1356,13 +1380,13 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
                                          **dict(args_dict, precision=precision))
             compiled = TRAINER_VARIANTS[name][1]
         else:
-            from bench.train_step import FUSED_CLIP_VARIANTS, VARIANTS as BENCH_VARIANTS
+            from bench.train_step import BF16_COPIES_VARIANTS, FUSED_CLIP_VARIANTS, VARIANTS as BENCH_VARIANTS
 
             backend, compiled = BENCH_VARIANTS[name]  # (kernels backend, torch.compile), as bench.train_step runs it
-            fused_clip = name in FUSED_CLIP_VARIANTS
-            key = backend + ("+fused-clip" if fused_clip else "")
+            fused_clip, bf16_copies = name in FUSED_CLIP_VARIANTS, name in BF16_COPIES_VARIANTS
+            key = backend + ("+fused-clip" if fused_clip else "") + ("+bf16-copies" if bf16_copies else "")
             if key not in traces:
-                traces[key] = trace_step(backend=backend, fused_clip=fused_clip, **args_dict)
+                traces[key] = trace_step(backend=backend, fused_clip=fused_clip, bf16_copies=bf16_copies, **args_dict)
         trace = traces[key]
         ops = fuse_compiled(trace["ops"]) if compiled else trace["ops"]
         if compiled == "reduce-overhead":

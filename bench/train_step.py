@@ -14,7 +14,9 @@ weights, fused AdamW: REPA's, and the trainer's `train.precision: bf16-mixed`) f
                          the encoder's forward, the SiT's forward and its backward (opt-in)
   alignflow and alignflow compiled clip the gradients inside the fused AdamW step (the trainer's
   optim.fused_clip, engine/optim.py); alignflow-separate-clip is alignflow with the reference's
-  clip_grad_norm_ then AdamW, so the pair measures that switch alone
+  clip_grad_norm_ then AdamW, so the pair measures that switch alone; alignflow-bf16-copies is
+  alignflow whose matmuls read bf16 copies of the weights that the optimizer writes after its step
+  (the trainer's train.bf16_weight_copies) instead of autocast's casts at every forward
 and the trainer's own step, `engine.trainer.Trainer.train_step` as `deepspeed --num_gpus 1 --module
 engine.train` runs it: the DeepSpeed engine with configs/deepspeed/zero2.json (ZeRO-2), its AdamW,
 gradient clipping and EMA update, the finite-loss all-reduce and host sync, its loader over the same
@@ -65,19 +67,24 @@ from bench.flops import training_step_flops, vit_forward_flops
 # the benchmark's own step: name -> (kernels backend, torch.compile: False, True or its mode)
 GRAPHS = "reduce-overhead"  # torch.compile's mode with Inductor's CUDA graphs (train.cuda_graphs)
 VARIANTS = {"reference-eager": ("torch", False), "alignflow": ("triton", False),
-            "alignflow-separate-clip": ("triton", False),
+            "alignflow-separate-clip": ("triton", False), "alignflow-bf16-copies": ("triton", False),
             "reference-compiled": ("torch", True), "alignflow-compiled": ("triton", True),
             "alignflow-graphs": ("triton", GRAPHS)}
 # the benchmark's variants whose optimizer clips inside the fused AdamW step (engine.optim.ClippedAdamW,
 # the trainer's optim.fused_clip); the others run REPA's clip_grad_norm_ then fused AdamW.
 # alignflow-separate-clip is alignflow with the reference optimizer: the pair measures the switch
-FUSED_CLIP_VARIANTS = ("alignflow", "alignflow-compiled", "alignflow-graphs")
+FUSED_CLIP_VARIANTS = ("alignflow", "alignflow-compiled", "alignflow-graphs", "alignflow-bf16-copies")
+# the benchmark's variants whose matmuls read persistent bf16 copies of the weights, written by ClippedAdamW in
+# its step, instead of autocast's casts (engine/bf16_copies.py, the trainer's train.bf16_weight_copies): with
+# alignflow the pair measures that switch alone
+BF16_COPIES_VARIANTS = ("alignflow-bf16-copies",)
 # the trainer's step: name -> (train.precision, train.compile, or GRAPHS for train.cuda_graphs too); its kernels
 # backend is the trainer's "auto"
 TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
                     "trainer-bf16-compiled": ("bf16", True), "trainer-bf16-graphs": ("bf16", GRAPHS)}
 # the order in which they run: eager first (each compile of SiT-XL/2 takes minutes), the opt-in CUDA graphs last
-ORDER = ["reference-eager", "alignflow", "alignflow-separate-clip", "trainer-bf16", "trainer-bf16-mixed",
+ORDER = ["reference-eager", "alignflow", "alignflow-separate-clip", "alignflow-bf16-copies", "trainer-bf16",
+         "trainer-bf16-mixed",
          "reference-compiled", "alignflow-compiled", "trainer-bf16-compiled", "alignflow-graphs", "trainer-bf16-graphs"]
 
 
@@ -245,6 +252,10 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
     optimizer = make_optimizer(model.parameters(), name in FUSED_CLIP_VARIANTS, device)
+    if name in BF16_COPIES_VARIANTS:
+        from engine.bf16_copies import WeightCopies
+
+        optimizer.set_bf16_copies(WeightCopies(model).mapping())
     forward = torch.compile(model, **_compile_mode(use_compile)) if use_compile else model
     latents = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device)
     batches = _batches(loader, epoch, args, device)

@@ -591,3 +591,29 @@ def test_fused_clip_folds_the_scaling_pass_into_adamw(trainer):
     saved = sum(op.bytes for op in separate) - sum(op.bytes for op in fused)
     assert abs(saved - 4 * P) <= 1024  # the scaling pass (8P) less the write-back (4P), up to scalar ops
     assert sum(op.launches for op in fused) <= sum(op.launches for op in separate)  # 112 -> 79 at SiT-XL/2
+
+
+@pytest.mark.parametrize("trainer", [False, True])
+def test_bf16_copies_move_the_weight_casts_into_one_refresh_after_the_step(trainer):
+    """train.bf16_weight_copies (the alignflow-bf16-copies variant; the trainer's bf16-mixed step, where
+    'auto' is on): the forward casts no weight or bias (read 4 + write 2 bytes each, one launch each,
+    the batched modulation's concatenating copies included); one _foreach_copy_ after the optimizer step
+    writes the copies instead (read 4 + write 2, multi-tensor launches); nothing else moves."""
+    def trace(bf16_copies):
+        return model.trace_step(backend="triton", trainer=trainer, fused_clip=True, bf16_copies=bf16_copies, **SMALL)
+
+    plain, copied = trace(False), trace(True)
+    N = copied["bf16_copied_params"]  # every Linear's and the patch embedding's weight and bias
+    assert plain["bf16_copied_params"] == 0 and copied["linear_params"] < N < copied["params"]
+    # attn.proj's and mlp.fc2's biases go to the adaLN kernel in fp32 (model.fused_bias_grad, as on a GPU):
+    # never cast, so their copies (written all the same) replace no cast
+    handed_on = 2 * SMALL["model_overrides"]["depth"] * SMALL["model_overrides"]["hidden_size"]
+    before, after = model.baseline_counts(plain["ops"]), model.baseline_counts(copied["ops"])
+    moved = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    casts = ("forward | casts/copies | _to_copy", "forward | casts/copies | copy_")
+    assert moved == {*casts, "optimizer | optimizer | _foreach_copy_"}, moved
+    saved = sum(before[k]["bytes"] for k in casts) - sum(after.get(k, {"bytes": 0})["bytes"] for k in casts)
+    assert saved == 6 * (N - handed_on)
+    (refresh,) = [op for op in copied["ops"] if op.name == "_foreach_copy_"]
+    assert refresh.step_phase == "optimizer" and refresh.read == 4 * N and refresh.written == 2 * N
+    assert sum(c["launches"] for c in after.values()) < sum(c["launches"] for c in before.values())

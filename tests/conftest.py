@@ -54,7 +54,7 @@ SLOW_LAST = ["test_csrc_emulator.py", "test_csrc_adaln.py", "test_csrc_alignment
              "test_aot.py", "test_compile.py",
              "test_bench_smoke.py", "test_bench_model.py", "test_bench_model_deepspeed.py", "test_evaluate.py",
              "test_data_repa.py", "test_pretrained.py",
-             "test_wandb.py", "test_resume.py", "test_train.py",
+             "test_wandb.py", "test_resume.py", "test_train_bf16_copies.py", "test_train.py",
              "test_train_distributed.py", "test_optim_distributed.py", "test_faults.py", "test_numerics_frozen.py",
              "test_multinode.py"]
 

@@ -1,8 +1,8 @@
 """train.bf16_weight_copies in the trainer (one CPU rank in this process): under bf16-mixed the steps
 with the copies are the steps without them, bit for bit, under ZeRO 0 and 2 with gradient accumulation;
-the copies follow the weights after every step and after a resume; the config refuses what cannot work."""
-import os
-
+the copies follow the weights after every step and after a resume; the config refuses what cannot work.
+Its process group stays up for the later in-process trainer files (test_train.py ends it), as a group
+ended under DeepSpeed leaves it a stale clone."""
 import pytest
 import torch
 
@@ -25,21 +25,12 @@ def _keep_kernel_backend_and_autocast_flag(monkeypatch):
     # DeepSpeed marks its autocast set up process-wide; later engines in this process must not see it
     monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_INITIALIZED", False)
     monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_DTYPE", None)
+    # a ZeRO-3 engine built earlier in this process (test_resume.py) leaves DeepSpeed's own
+    # torch.nn.functional.linear in place ("this will persist unless manually reset"), which adds an fp32
+    # bias to the bf16 matmul itself where autocast would have cast it: torch's linear for these runs
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
     with kernels.use_backend(kernels.get_backend()):
         yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_rank_process_group():
-    """The trainer joins a one-rank gloo group in this process; leave no group or env behind."""
-    saved = dict(os.environ)
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def config(run_dir, data_root, copies, **train):

@@ -123,3 +123,24 @@ def test_main_job_short(tmp_path, data_root):
     done = [line for line in proc.stdout.splitlines() if line.startswith("done: ")]
     assert len(done) == 1 and json.loads(done[0][6:])["step"] == 4
     assert json.loads(done[0][6:])["eval"]["fid"] == evals[-1]["fid"]
+
+
+def test_zero2_two_ranks_with_bf16_weight_copies_steps_as_without(tmp_path, data_root):
+    """train.bf16_weight_copies under ZeRO-2 on two ranks, bf16-mixed, 2 micro-batches a step and the
+    clip inside ClippedAdamW (optim.fused_clip, as on a GPU): DeepSpeed updates each rank's flat fp32
+    partition and all-gathers the weights inside engine.step(); the copies refreshed after it equal the
+    weights rounded to bf16 on both ranks after every step, and the run's losses and weights are the run
+    without copies, bit for bit."""
+    raw = tiny_config(tmp_path / "run", data_root,
+                      train=dict(max_steps=3, global_batch_size=16, precision="bf16-mixed"),
+                      optim=dict(fused_clip="true"))
+    out = tmp_path / "result.json"
+    launch(["--config", write_config(raw, tmp_path / "config.yaml"), "--out", str(out)],
+           module="tests.engine.bf16_copies_worker")
+    result = json.loads(out.read_text())
+    without, with_copies = result["without"], result["with_copies"]
+    assert with_copies["with_copies"] and not without["with_copies"] and not with_copies["written_by_optimizer"]
+    assert with_copies["world_size"] == 2 and with_copies["zero_stage"] == 2 and with_copies["accum"] == 2
+    assert with_copies["fresh"] == [True] * 3
+    assert with_copies["losses"] == without["losses"] and len(without["losses"]) == 3
+    assert result["weights_differ"] == [], result["weights_max_difference"]

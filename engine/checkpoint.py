@@ -323,6 +323,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "model.fused_gelu": ("apply", "a kernel choice (the numbers may differ in rounding)"),
     "model.batched_modulation": ("apply", "a kernel choice (the numbers may differ in rounding)"),
     "model.fused_bias_grad": ("apply", "a kernel choice (the numbers may differ in rounding)"),
+    "model.mlp_kernel": ("apply", "a kernel choice (the numbers may differ in rounding)"),
     "transport": ("apply", "the loss weighting and time sampling of the steps from now on"),
     "transport.path": ("refuse", "it defines the velocity the model has learned"),
     "transport.prediction": ("refuse", "it defines what the model has learned to predict"),

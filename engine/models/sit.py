@@ -33,6 +33,7 @@ LN_EPS = 1e-6
 QK_NORM_EPS = 1e-5  # nn.LayerNorm's default, which timm's Attention (used by REPA) builds for qk-norm
 CAR_FLOW_MODES = ("none", "source", "target", "joint")
 CAR_FLOW_SHAPES = ("full", "channel")
+MLP_KERNELS = ("torch", "triton")
 
 # name -> (depth, hidden_size, num_heads, patch_size)
 PRESETS = {
@@ -73,6 +74,12 @@ class ModelConfig(FromDict):
     # the MLP's GELU backward also sums fc1's bias gradient (kernels.gelu_tanh), saving torch's separate
     # pass over dL/da; false: nn.Linear's bias sum. The same numbers either way (torch backend: bitwise)
     fused_gelu: bool = True
+    # the MLP as one op (kernels.mlp_gelu): fc1's Triton matmul writes GELU(a) and a in its epilogue,
+    # fc2's input-gradient Triton matmul applies GELU'(a) in its own and sums fc1's bias gradient; the
+    # weight gradients stay cuBLAS. "torch": cuBLAS fc1 + kernels.gelu_tanh + cuBLAS fc2. Opt-in: not
+    # measured on a GPU (it becomes the default only once a GPU shows it at least as fast as cuBLAS).
+    # Under ZeRO-3 (parameters gathered one module at a time) the MLP runs the "torch" path
+    mlp_kernel: str = "torch"
     # the 28 blocks' (and the final layer's) adaLN modulation Linears, which all read SiLU(c), as one
     # matmul over their weights concatenated at forward time (state_dict keys unchanged). "auto": where
     # the concatenation costs nothing, i.e. where autocast casts the fp32 weights anyway (the copy into
@@ -135,6 +142,8 @@ class ModelConfig(FromDict):
             bad("learn_sigma", self.learn_sigma, "true or false")
         if not isinstance(self.fused_gelu, bool):
             bad("fused_gelu", self.fused_gelu, "true or false")
+        if self.mlp_kernel not in MLP_KERNELS:
+            bad("mlp_kernel", self.mlp_kernel, f"one of {', '.join(MLP_KERNELS)}")
         if not (isinstance(self.batched_modulation, bool) or self.batched_modulation == "auto"):
             bad("batched_modulation", self.batched_modulation, "auto, true or false")
         if not (isinstance(self.fused_bias_grad, bool) or self.fused_bias_grad == "auto"):
@@ -286,25 +295,40 @@ class LinearGELU(nn.Linear):
 
 class Mlp(nn.Module):
     """fc2(GELU_tanh(fc1(x))); fc1 holds the GELU (LinearGELU). Returns (fc2 output, fc2 bias or None):
-    see LinearBiasHandedOn."""
+    see LinearBiasHandedOn. With kernel "triton" (model.mlp_kernel) the whole MLP is one op,
+    kernels.mlp_gelu, reading fc1's and fc2's parameters (or their bf16 copies) here."""
 
-    def __init__(self, dim, hidden, fused_gelu=True, fused_bias_grad: bool | str = "auto"):
+    def __init__(self, dim, hidden, fused_gelu=True, fused_bias_grad: bool | str = "auto", kernel: str = "torch"):
         super().__init__()
         self.fc1 = LinearGELU(dim, hidden, fused=fused_gelu)
         self.fc2 = LinearBiasHandedOn(hidden, dim, fused_bias_grad)
+        self.kernel = kernel
 
     def forward(self, x):
+        # ZeRO-3 gathers each Linear's parameters around its own forward only: those run per layer
+        if self.kernel == "triton" and not any(hasattr(p, "ds_id") for p in self.parameters()):
+            return self.fused_forward(x)
         return self.fc2(self.fc1(x))
+
+    def fused_forward(self, x):
+        (w1, b1), (w2, b2) = matmul_weights(self.fc1), matmul_weights(self.fc2)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # autocast does not reach a custom op: cast as F.linear would
+            dtype = torch.get_autocast_dtype(device)
+            x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+        if self.fc2.hands_on_bias(x):
+            return kernels.mlp_gelu(x, w1, b1, w2), self.fc2.bias
+        return kernels.mlp_gelu(x, w1, b1, w2, b2), None
 
 
 class SiTBlock(nn.Module):
     """adaLN-Zero block. Its LayerNorms have no parameters; they run inside kernels.adaln_*."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_gelu=True,
-                 fused_bias_grad: bool | str = "auto"):
+                 fused_bias_grad: bool | str = "auto", mlp_kernel: str = "torch"):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, qk_norm, fused_bias_grad)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), fused_gelu, fused_bias_grad)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), fused_gelu, fused_bias_grad, mlp_kernel)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def modulation(self, c):
@@ -409,7 +433,7 @@ class SiT(nn.Module):
         num_tokens = self.x_embedder.num_patches + int(cfg.reg)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, D), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.fused_gelu,
-                                              cfg.fused_bias_grad) for _ in range(cfg.depth)])
+                                              cfg.fused_bias_grad, cfg.mlp_kernel) for _ in range(cfg.depth)])
         self.projectors = nn.ModuleList([build_mlp(D, cfg.projector_dim, z) for z in cfg.z_dims])
         self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels, self.cls_dim)
         if cfg.reg:

@@ -41,8 +41,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------
 
 def reference_linear_gelu(x, weight, bias=None):
-    """(g, a): a = F.linear(x, weight, bias), g = F.gelu(a, approximate="tanh")."""
-    a = F.linear(x, weight, bias)
+    """(g, a): a = F.linear(x, weight, bias), g = F.gelu(a, approximate="tanh"). An fp32 bias with
+    lower-precision x and weight (a bf16-mixed model's parameter) is cast to x's dtype, as autocast
+    casts it."""
+    a = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
     return F.gelu(a, approximate="tanh"), a
 
 
@@ -88,8 +90,9 @@ def _linear_gelu_fwd_kernel(
         w = tl.load(w_ptr + cols[None, :] * stride_w_row + kk[:, None],
                     mask=col_mask[None, :] & (kk < K)[:, None], other=0.0)               # (BLOCK_K, BLOCK_N) of W^T
         acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:  # an fp32 bias with bf16 operands is rounded to bf16 first, as autocast's F.linear rounds it
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(a_ptr.dtype.element_ty)
+        acc += bias.to(tl.float32)[None, :]
     a = acc.to(a_ptr.dtype.element_ty)
     pre = a.to(tl.float32)  # GELU of a as stored, as F.gelu reads fc1's output
     g = 0.5 * pre * (1.0 + gelu_tanh_inner(pre))
@@ -281,7 +284,9 @@ _mlp_gelu = fused_op(
 
 def mlp_gelu(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias=None):
     """fc2(GELU_tanh(fc1(x))): x (..., D), fc1_weight (H, D), fc1_bias (H,) or None, fc2_weight (D_out, H),
-    fc2_bias (D_out,) or None. All of one dtype (autocast does not reach a custom op: cast before)."""
+    fc2_bias (D_out,) or None. All of one dtype (autocast does not reach a custom op: cast before), except
+    that fc1_bias may be fp32 with bf16 operands: added rounded to bf16, as autocast's cast rounds it, its
+    gradient summed and returned in fp32 (no cast and no bf16 rounding of the sum, as kernels.gelu_tanh)."""
     tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     H = fc1_weight.shape[0]
     if fc1_weight.dim() != 2 or fc1_weight.shape[1] != x.shape[-1]:
@@ -292,7 +297,8 @@ def mlp_gelu(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias=None):
     for name, bias, width in (("fc1_bias", fc1_bias, H), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
         if bias is not None and tuple(bias.shape) != (width,):
             raise ValueError(f"mlp_gelu: {name} must be ({width},), got {tuple(bias.shape)}")
-    dtypes = {t.dtype for t in tensors if t is not None}
+    fp32_bias = fc1_bias is not None and fc1_bias.dtype == torch.float32
+    dtypes = {t.dtype for t in tensors if t is not None and not (t is fc1_bias and fp32_bias)}
     if len(dtypes) > 1:
         backend = fallback("mlp_gelu", f"mixed dtypes {sorted(map(str, dtypes))}")
     elif x.numel() == 0:

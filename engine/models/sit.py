@@ -315,7 +315,8 @@ class Mlp(nn.Module):
         device = x.device.type
         if torch.is_autocast_enabled(device):  # autocast does not reach a custom op: cast as F.linear would
             dtype = torch.get_autocast_dtype(device)
-            x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+            x, w1, w2, b2 = (t.to(dtype) for t in (x, w1, w2, b2))
+            b1 = self.fc1.bias  # the fp32 parameter: the op rounds it as the cast would, its gradient stays fp32
         if self.fc2.hands_on_bias(x):
             return kernels.mlp_gelu(x, w1, b1, w2), self.fc2.bias
         return kernels.mlp_gelu(x, w1, b1, w2, b2), None

@@ -154,3 +154,17 @@ def test_compiled_fullgraph_matches_eager(device):
 def test_opcheck(device):
     inputs = [torch.randn(s, device=device, requires_grad=True) for s in ((2, 5, 24), (40, 24), (40,), (16, 40))]
     torch.library.opcheck(module._mlp_gelu.op, (*inputs, None))
+
+
+def test_fp32_fc1_bias_with_bf16_operands(device):
+    """A bf16-mixed model's fp32 fc1 bias: added as autocast's bf16 cast of it, its gradient in fp32 and
+    as exact as an fp32 sum of the bf16 dL/da (the reference's bf16-rounded sum is within bf16 tolerance)."""
+    x, w1 = leaf((3, 40, 48), torch.bfloat16, device), leaf((100, 48), torch.bfloat16, device, scale=0.3)
+    b1, w2 = leaf((100,), torch.float32, device), leaf((36, 100), torch.bfloat16, device, scale=0.1)
+    dy = torch.randn(3, 40, 36, device=device).to(torch.bfloat16)
+    inputs = [x, w1, b1, w2, None]
+    ours, expected = _mlp_grads("triton", inputs, dy), _mlp_grads("torch", inputs, dy)
+    assert "MlpGelu" in type(ours[0].grad_fn).__name__  # the kernel ran, not the mixed-dtype fallback
+    assert ours[3].dtype == torch.float32
+    for name, a, e in zip(["y", "d_x", "d_w1", "d_b1", "d_w2"], ours, expected):
+        assert_close(a, e, torch.bfloat16, name=name)

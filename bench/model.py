@@ -57,6 +57,10 @@ STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflo
 # (_ZeroOptimizer, checked op for op against DeepSpeed by tests/test_bench_model_deepspeed.py) and the
 # trainer's EMA update; the trainer's finite-loss check and gradient-norm read (host syncs) cost nothing here.
 VARIANTS = STEP_VARIANTS + tuple(TRAINER_VARIANTS)
+# opt-in variants, modelled only when --variants names them (not in the baseline or the README tables):
+# name -> (the variant it changes, model config overrides). alignflow-mlp-triton: alignflow with
+# model.mlp_kernel: triton (kernels.mlp_gelu's Triton matmuls, not measured on a GPU)
+OPT_IN_VARIANTS = {"alignflow-mlp-triton": ("alignflow", {"mlp_kernel": "triton"})}
 PRECISIONS = ("bf16-mixed", "bf16")
 
 
@@ -297,6 +301,23 @@ def _triton_attention_flops(kernel: str, q: torch.Tensor, qk_norm: bool) -> tupl
     return executed, 2.0 * useful_gemms * B * H * N * N * d
 
 
+_TRITON_MATMULS = {"_linear_gelu_fwd_kernel": "fwd", "_linear_gelu_bwd_kernel": "bwd"}
+
+
+def _triton_matmul_flops(kernel: str, args: tuple) -> tuple[float, float]:
+    """(executed, useful) FLOPs of one of our Triton matmul launches (kernels.linear_gelu: the MLP's fc1
+    with the GELU epilogue, fc2's dL/dg with GELU'): 2 M N K, M, N and K padded to the GPU tiles that
+    kernels.linear_gelu.gpu_config gives an H100 (the trace itself runs the interpreter's)."""
+    import importlib
+
+    linear_gelu = importlib.import_module("kernels.linear_gelu")
+    M, N, K = args[5:8]  # both kernels: (5 pointers, M, N, K, ...)
+    dtype = next(_tensors(args)).dtype
+    block_m, block_n, block_k = linear_gelu.gpu_config(9, dtype, _TRITON_MATMULS[kernel])[:3]
+    executed = 2.0 * _round_up(M, block_m) * _round_up(N, block_n) * _round_up(K, block_k)
+    return executed, 2.0 * M * N * K
+
+
 def op_category(name: str, phase: str, stack_category: str | None) -> str:
     if phase in ("encoder", "optimizer"):
         return phase
@@ -322,7 +343,7 @@ def op_category(name: str, phase: str, stack_category: str | None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 _KERNEL_MODULES = {"adaln.py": "norm/modulate", "attention.py": "attention", "interpolant.py": "losses",
-                   "alignment_loss.py": "losses", "gelu.py": "pointwise"}
+                   "alignment_loss.py": "losses", "gelu.py": "pointwise", "linear_gelu.py": "matmul"}
 _KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 
 
@@ -420,6 +441,10 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             op.flops, op.model_flops = _triton_attention_flops(name, q, qk_norm)
             op.matmul_dtype = "fp32" if q.dtype == torch.float32 else "bf16"
             op.shapes = f"q {tuple(q.shape)} {str(q.dtype).replace('torch.', '')}"
+        if name in _TRITON_MATMULS:
+            op.flops, op.model_flops = _triton_matmul_flops(name, args)
+            op.matmul_dtype = "fp32" if next(_tensors(args)).dtype == torch.float32 else "bf16"
+            op.shapes = "M N K " + " ".join(str(int(v)) for v in args[5:8])
         op.category = op_category(op.name, op.phase, category)
         op.compiled = self._compiled_op(op.phase)
         op.step_phase = self.phase
@@ -791,14 +816,16 @@ def _patched_foreach():
 
 def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", encoder_depth=8, reg=False,
                car_flow="none", precision="bf16-mixed", backend="triton", model_overrides=None,
-               trainer: bool = False, fused_clip: bool = False, bf16_copies: bool | None = None) -> dict:
+               trainer: bool = False, fused_clip: bool = False, bf16_copies: bool | None = None,
+               model_config: dict | None = None) -> dict:
     """Trace one training step of bench.train_step (build + one_step) on fake tensors; `trainer`: with
     DeepSpeed ZeRO-2's flat-buffer optimizer and the trainer's EMA update (see TRAINER_VARIANTS);
     `fused_clip`: the clip inside the fused AdamW step (engine.optim.ClippedAdamW; under `trainer`,
     DeepSpeed's norm and its divisor handed over), else clip_grad_norm_ then AdamW; `bf16_copies`: the
     matmuls read bf16 copies of the weights written after the optimizer step (engine/bf16_copies.py; by
     ClippedAdamW itself, or under `trainer` after DeepSpeed's step) instead of autocast's casts (None: as
-    the trainer's train.bf16_weight_copies 'auto' on a GPU for `trainer`, else off); returns
+    the trainer's train.bf16_weight_copies 'auto' on a GPU for `trainer`, else off); `model_config`: SiT
+    config keys set over the built config (OPT_IN_VARIANTS); returns
     {"ops": [Op], "model_flops": analytic step FLOPs, "params": count, "linear_params": count,
     "bf16_copied_params": count}."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -824,6 +851,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         encoder_module.cast_weights(torch.bfloat16)  # the fused encoder's one-time cast (on meta: see below)
         if backend == "triton" and cfg.fused_bias_grad == "auto":
             cfg.fused_bias_grad = True  # its 'auto' on a GPU with the Triton kernels (the trace's tensors: CPU)
+        if model_config:
+            cfg = dataclasses.replace(cfg, **model_config)
         sit = build_model(cfg)
         if precision == "bf16":
             sit.to(torch.bfloat16)  # on meta: fake parameters cannot be swapped for other dtypes later
@@ -1382,11 +1411,14 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
         else:
             from bench.train_step import BF16_COPIES_VARIANTS, FUSED_CLIP_VARIANTS, VARIANTS as BENCH_VARIANTS
 
-            backend, compiled = BENCH_VARIANTS[name]  # (kernels backend, torch.compile), as bench.train_step runs it
-            fused_clip, bf16_copies = name in FUSED_CLIP_VARIANTS, name in BF16_COPIES_VARIANTS
-            key = backend + ("+fused-clip" if fused_clip else "") + ("+bf16-copies" if bf16_copies else "")
+            base, overrides = OPT_IN_VARIANTS.get(name, (name, {}))
+            backend, compiled = BENCH_VARIANTS[base]  # (kernels backend, torch.compile), as bench.train_step runs it
+            fused_clip, bf16_copies = base in FUSED_CLIP_VARIANTS, base in BF16_COPIES_VARIANTS
+            key = (backend + ("+fused-clip" if fused_clip else "") + ("+bf16-copies" if bf16_copies else "")
+                   + "".join(f"+{k}={v}" for k, v in overrides.items()))
             if key not in traces:
-                traces[key] = trace_step(backend=backend, fused_clip=fused_clip, bf16_copies=bf16_copies, **args_dict)
+                traces[key] = trace_step(backend=backend, fused_clip=fused_clip, bf16_copies=bf16_copies,
+                                         model_config=overrides, **args_dict)
         trace = traces[key]
         ops = fuse_compiled(trace["ops"]) if compiled else trace["ops"]
         if compiled == "reduce-overhead":
@@ -1495,9 +1527,9 @@ def main(argv=None) -> int:
     if unknown or not presets:
         parser.error(f"--device-preset: unknown {unknown or args.device_preset!r}; allowed: {sorted(PRESETS)} or all")
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(variants) - set(VARIANTS) - set(OPT_IN_VARIANTS))
     if unknown:
-        parser.error(f"--variants: unknown {unknown}; allowed: {list(VARIANTS)}")
+        parser.error(f"--variants: unknown {unknown}; allowed: {list(VARIANTS) + list(OPT_IN_VARIANTS)}")
     try:
         gpu_counts = [int(g) for g in args.zero_gpus.split(",") if g]
     except ValueError:

@@ -207,6 +207,40 @@ def test_fused_gelu_backward_carries_the_bias_gradient_counted_by_hand():
     assert forward_gelu.anchor and forward_gelu.read == forward_gelu.written == M * N * 2
 
 
+def test_mlp_kernel_matmuls_counted_by_hand():
+    """kernels.mlp_gelu's two Triton matmuls carry their FLOPs (2 M N K, padded to the H100 tiles of
+    kernels.linear_gelu.gpu_config; useful: unpadded) and bytes: the forward reads x, W1 and the bias
+    and writes g and a; the backward reads dL/dy, W2 and a and writes dL/da and fc1's fp32 bias partials.
+    No GELU pass and no dL/dg matmul through aten remain; fc2 and the weight gradients stay aten mm."""
+    M, D, H = 200, 64, 300
+    linear_gelu = importlib.import_module("kernels.linear_gelu")
+
+    def run():
+        x = torch.randn(M, D, dtype=torch.bfloat16, requires_grad=True)
+        w1 = torch.randn(H, D, dtype=torch.bfloat16, requires_grad=True)
+        b1 = torch.randn(H, dtype=torch.float32, requires_grad=True)
+        w2 = torch.randn(D, H, dtype=torch.bfloat16, requires_grad=True)
+        with kernels.use_backend("triton"):
+            y = kernels.mlp_gelu(x, w1, b1, w2)
+        y.backward(torch.randn_like(y))
+
+    ops = _trace(run)
+    fwd, bwd = (next(op for op in ops if op.name == f"triton:_linear_gelu_{k}_kernel") for k in ("fwd", "bwd"))
+    bm, bn, bk = linear_gelu.gpu_config(9, torch.bfloat16, "fwd")[:3]
+    assert fwd.flops == 2.0 * math.ceil(M / bm) * bm * math.ceil(H / bn) * bn * math.ceil(D / bk) * bk
+    bm, bn, bk = linear_gelu.gpu_config(9, torch.bfloat16, "bwd")[:3]
+    assert bwd.flops == 2.0 * math.ceil(M / bm) * bm * math.ceil(H / bn) * bn * math.ceil(D / bk) * bk
+    assert fwd.model_flops == bwd.model_flops == 2.0 * M * D * H
+    assert fwd.matmul_dtype == bwd.matmul_dtype == "bf16" and fwd.category == bwd.category == "matmul"
+    assert fwd.read == (M * D + H * D) * 2 + H * 4 and fwd.written == 2 * M * H * 2
+    tiles = math.ceil(M / 32)  # the trace runs the interpreter's 32-row tiles
+    assert bwd.read == (M * D + D * H + M * H) * 2 and bwd.written == M * H * 2 + tiles * H * 4
+    names = [op.name for op in ops]
+    assert "gelu" not in names and "gelu_backward" not in names
+    assert [n for n in names if n in ("addmm", "mm")] == ["mm", "mm", "mm", "mm"]  # fc2; dW2, dx, dW1
+    assert sum(op.model_flops for op in ops) == pytest.approx(3 * 2 * (2.0 * M * D * H))
+
+
 def test_attention_flops_with_head_dim_padding_and_recompute():
     """Our kernel at head dim 72 runs 64 + 16 = 80 wide GEMMs: 2 forward, 4 (dK, dV) + 3 (dQ) backward;
     PyTorch's flash SDPA (FlashAttention-2) pads 72 to 96 and runs 2.5x its forward backward."""

@@ -6,8 +6,10 @@
 //   p = p - (lr / bias1) m / (sqrt(v) / sqrt(bias2) + eps)      [p_bf16 = bf16(p) where given]
 //
 // p, m, v fp32; g fp32 or bf16. The .grad is not written back (torch's fused kernel writes g / scale
-// there; nothing of ours reads it after the step), and no inf/NaN check skips the step (GradScaler's
-// found_inf: fp16 training is not this kernel's). Every tensor of a list in one table (TensorEntry, device memory) and
+// there; nothing of ours reads it after the step). A non-finite *grad_scale skips the step: every block
+// returns before it writes (engine.optim hands an inf divisor for a non-finite gradient norm, so
+// params, moments and bf16 copies stay as they were; the step counts are the caller's, see
+// ClippedAdamW). Every tensor of a list in one table (TensorEntry, device memory) and
 // one list of (tensor, chunk) pairs: one block per chunk of kChunk elements. A chunk whose tensor's
 // pointers are 16-byte aligned and whose length is a multiple of VEC runs in the VEC kernel (128-bit
 // loads), the others (tails of odd sizes, unaligned views) in the element kernel: the launcher gives
@@ -45,6 +47,7 @@ adamw_kernel(const TensorEntry* __restrict__ tensors, const int* __restrict__ pa
     const long long begin = (long long)chunk * kChunk;
     const int size = int(min(e.numel - begin, (long long)kChunk));
     const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
+    if (!(fabsf(scale) <= 3.4028234663852886e38f)) return;  // not finite (inf, NaN): the step is skipped
     const TG* grad = static_cast<const TG*>(e.grad) + begin;
     float* param = e.param + begin;
     float* exp_avg = e.exp_avg + begin;

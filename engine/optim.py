@@ -15,6 +15,14 @@ in-place `unscale_and_clip_grads` by one that passes DeepSpeed's combined diviso
 clip factor) to this optimizer's next step. Without ZeRO (stage 0) the optimizer takes the norm
 itself, over the full gradients that DeepSpeed has already averaged.
 
+Non-finite gradients: a non-finite norm (or DeepSpeed's -1 sentinel for one) gives a non-finite
+divisor, and a non-finite divisor skips the step on the device, with no host sync: params, moments,
+bf16 copies and state['step'] stay as they were, and the next step is taken as if the skipped one
+never happened. torch's kernel takes `found_inf` (1 where the divisor is not finite) as GradScaler
+hands it; the AlignFlow kernel returns before writing when *grad_scale is not finite. So DeepSpeed's
+own bf16 overflow check (13 kernels per gradient and a host sync) is redundant with this optimizer:
+engine.config turns it off (bf16.check_grad_overflow) where optim.fused_clip is on.
+
 Numerics: the clip is applied as g / d instead of g * (1 / d) (DeepSpeed) or g * (c / (norm + 1e-6))
 (torch), so a clipped step differs from the reference by float rounding of the gradient (one ulp);
 an unclipped step (d = 1) is the same.
@@ -34,7 +42,11 @@ only: on CUDA tensors the built kernel, on CPU tensors the emulator with ALIGNFL
 scalar tensor, 'exp_avg', 'exp_avg_sq'} per param), so checkpoints load into either and a run may
 switch kernels between resumes. The AlignFlow kernel takes the step count as a host int: a host
 counter per param, read from state['step'] once (again whenever that tensor is replaced, as by
-load_state_dict), while the device step tensors advance with one `torch._foreach_add_` as torch's do.
+load_state_dict), while the device step tensors advance with one `torch._foreach_add_` as torch's do
+(by isfinite(divisor): 0 for a skipped step). Whether a step with a divisor was skipped reaches the
+host counters late, without a sync: the flag is copied to pinned host memory after the step and read
+at the next step, after that copy's event (by then long complete: the trainer reads the gradient norm,
+a host sync, after every step).
 Unlike torch's kernel it leaves `.grad` undivided. Nothing reads `.grad` after the step in either path:
 DeepSpeed ZeRO 1/2 and 3 set the flat fp32 partition's `.grad` to None right after the optimizer step
 (stage_1_and_2.py `step`, stage3.py `_release_sub_group`), and without ZeRO the engine zeroes the
@@ -86,6 +98,7 @@ class ClippedAdamW(torch.optim.AdamW):
             raise ValueError(f"ClippedAdamW max_norm {max_norm!r}: allowed a number > 0")
         self.step_kernel = step_kernel
         self._host_steps: dict[torch.Tensor, tuple[torch.Tensor, int]] = {}  # param: (its state's step tensor, value)
+        self._pending_finite = None  # (params, host flag, event or None) of the last step with a divisor
         if step_kernel == "alignflow":
             self._check_alignflow_groups()
         self.max_norm = float(max_norm)
@@ -169,15 +182,21 @@ class ClippedAdamW(torch.optim.AdamW):
             self._torch_step(divisor)
         return None
 
+    @staticmethod
+    def _found_inf(divisor: torch.Tensor) -> torch.Tensor:
+        """1.0 where the divisor is not finite (the step is skipped), else 0.0: GradScaler's found_inf.
+        Two scalar launches: d * 0 is 0 for a finite divisor (>= 1) and NaN for inf or NaN."""
+        return (divisor * 0.0).nan_to_num_(nan=1.0).reshape(())
+
     def _torch_step(self, divisor: torch.Tensor | None) -> None:
         if divisor is None:
             super().step()
         else:
-            self.grad_scale = divisor
+            self.grad_scale, self.found_inf = divisor, self._found_inf(divisor)
             try:
                 super().step()
             finally:
-                del self.grad_scale
+                del self.grad_scale, self.found_inf
         self.write_bf16_copies()
 
     def _state_of(self, p: torch.Tensor) -> dict:
@@ -193,6 +212,7 @@ class ClippedAdamW(torch.optim.AdamW):
     def _steps_taken(self, params: list[torch.Tensor]) -> list[int]:
         """Each param's step count as a host int; read from the device (one sync) only for a param
         whose state's step tensor is not the one last read (new, or replaced by load_state_dict)."""
+        self._resolve_pending_finite()
         stale = [p for p in params if self._host_steps.get(p, (None,))[0] is not self.state[p]["step"]]
         if stale:
             values = torch.stack([self.state[p]["step"].float() for p in stale]).tolist()
@@ -221,9 +241,39 @@ class ClippedAdamW(torch.optim.AdamW):
                                    params_bf16=[self._bf16_copies[p] for p in params] if has_copy else None)
         params = [p for ps in calls.values() for p in ps]
         steps = [self.state[p]["step"] for p in params]
-        torch._foreach_add_(steps, 1)
-        for p, step in zip(params, steps):
-            self._host_steps[p] = (step, self._host_steps[p][1] + 1)
+        if divisor is None:
+            torch._foreach_add_(steps, 1)
+            for p, step in zip(params, steps):
+                self._host_steps[p] = (step, self._host_steps[p][1] + 1)
+        else:  # the kernel skipped a step with a non-finite divisor: the counts advance by isfinite(divisor)
+            finite = 1.0 - self._found_inf(divisor)
+            torch._foreach_add_(steps, finite)
+            self._pending_finite = (params, *self._to_host_later(finite))
+
+    @staticmethod
+    def _to_host_later(flag: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """(a host copy of `flag`, the event after which it holds it): no sync now."""
+        if flag.device.type != "cuda":
+            return flag.clone(), None
+        host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def _resolve_pending_finite(self) -> None:
+        """Advance the host counters of the last step with a divisor by whether it was taken."""
+        if self._pending_finite is None:
+            return
+        params, host, event = self._pending_finite
+        self._pending_finite = None
+        if event is not None:
+            event.synchronize()
+        taken = int(host.item())
+        for p in params:
+            step, value = self._host_steps[p]
+            if step is self.state[p]["step"]:  # else replaced since (load_state_dict): read again anyway
+                self._host_steps[p] = (step, value + taken)
 
 
 def describe_step_kernel(step_kernel: str) -> str:
@@ -261,7 +311,8 @@ def hand_clipping_to(ds_optimizer, optimizer: ClippedAdamW) -> str:
             loss_scale = float(ds_optimizer.loss_scale)
             if ds_optimizer.clip_grad > 0.0:
                 norm = total_norm if torch.is_tensor(total_norm) else torch.tensor(float(total_norm))
-                # -1 is DeepSpeed's sentinel for an invalid norm (no host sync to test for it)
+                # -1 is DeepSpeed's sentinel for an invalid norm (no host sync to test for it); an inf
+                # or NaN divisor skips the step inside the optimizer
                 norm = torch.where(norm < 0, torch.full_like(norm, float("inf")), norm)
                 optimizer.set_clip_divisor(clip_divisor(norm, ds_optimizer.clip_grad, loss_scale))
             elif loss_scale != 1.0:

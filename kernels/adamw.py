@@ -9,7 +9,8 @@ launch only for chunks that cannot take 128-bit loads: odd-sized tails, unaligne
 It is torch.optim.AdamW's update (amsgrad and maximize off, one step count for the list), written in
 `reference_adamw_step`. The CUDA kernel runs under `kernels.set_backend("cuda")` where it is built
 (and on CPU tensors in the emulator, ALIGNFLOW_CUEMU=1); anything else runs the reference, saying once
-why. engine.optim.ClippedAdamW calls it with optim.step_kernel "alignflow" (torch's fused AdamW kernel
+why. A non-finite `grad_scale` skips the step on the device: nothing is written (engine.optim hands an
+inf divisor for a non-finite gradient norm; it keeps the step count). engine.optim.ClippedAdamW calls it with optim.step_kernel "alignflow" (torch's fused AdamW kernel
 otherwise).
 """
 from __future__ import annotations
@@ -27,7 +28,9 @@ def reference_adamw_step(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: fl
                          params_bf16=None):
     """torch.optim.AdamW's step `step` (counted from 1) on each tensor, in place, in its order of
     operations; the gradients divided by `grad_scale` first where given, `params_bf16[i]` (where a list
-    is given) set to params[i] rounded to bf16."""
+    is given) set to params[i] rounded to bf16. A non-finite `grad_scale` changes nothing."""
+    if grad_scale is not None and not bool(torch.isfinite(grad_scale).all()):
+        return
     beta1, beta2 = betas
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)

@@ -621,10 +621,12 @@ def test_fused_clip_folds_the_scaling_pass_into_adamw(trainer):
     adam = next(op for op in fused if op.name == "_fused_adamw_")
     reference = next(op for op in separate if op.name == "_fused_adamw_")
     assert adam.written == reference.written + 4 * P  # the divided gradients
-    assert adam.read == reference.read + 4  # the divisor
+    assert adam.read == reference.read + 8  # the divisor and found_inf (1.0 skips a non-finite step)
     saved = sum(op.bytes for op in separate) - sum(op.bytes for op in fused)
     assert abs(saved - 4 * P) <= 1024  # the scaling pass (8P) less the write-back (4P), up to scalar ops
-    assert sum(op.launches for op in fused) <= sum(op.launches for op in separate)  # 112 -> 79 at SiT-XL/2
+    # less the non-finite skip's launches (found_inf: mul, nan_to_num_; the step counts' _foreach_sub_)
+    skip = 2 + sum(op.launches for op in fused if op.name == "_foreach_sub_")
+    assert sum(op.launches for op in fused) - skip <= sum(op.launches for op in separate)  # 112 -> 79 at SiT-XL/2
 
 
 @pytest.mark.parametrize("trainer", [False, True])

@@ -178,3 +178,73 @@ def test_bad_arguments():
         ClippedAdamW([p], max_norm=1.0, step_kernel="alignflow", amsgrad=True)
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is torch.bfloat16; allowed: float32"):
         ClippedAdamW([torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))], max_norm=1.0, step_kernel="alignflow")
+
+
+def snapshot(opt, param_lists, copies):
+    params = sum(param_lists, [])
+    return ([p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params],
+            [c.clone() for c in copies.values()])
+
+
+def assert_bitwise(a, b, what: str):
+    for kind, xs, ys in zip(("param", "state", "bf16 copy"), a, b):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            pairs = x.items() if isinstance(x, dict) else [("", x)]
+            for key, value in pairs:
+                other = y[key] if key else y
+                assert torch.equal(value, other), f"{what}: {kind} {i} {key} differs"
+
+
+def zero_optimizer_handing(opt):
+    """A stand-in for DeepSpeed's ZeRO optimizer (its class name, loss scale and clip) whose
+    unscale_and_clip_grads hand_clipping_to replaces."""
+    from engine.optim import hand_clipping_to
+
+    ds = type("DeepSpeedZeroOptimizer", (), dict(loss_scale=1.0, clip_grad=MAX_NORM, unscale_and_clip_grads=None))()
+    hand_clipping_to(ds, opt)
+    return ds
+
+
+@pytest.mark.parametrize("kernel", ["torch", "alignflow"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "deepspeed -1", "own norm nan"])
+def test_a_non_finite_gradient_skips_the_step(kernel, bad):
+    """A NaN or inf in one gradient (or DeepSpeed's -1 sentinel for an invalid norm, or the
+    optimizer's own norm of a NaN gradient): params, moments, step counts and bf16 copies bitwise as
+    before; the steps after it bitwise those of a run that never saw it."""
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    steps = make_grads(seed, 4, 1.0)
+    runs = {}
+    for run in ("clean", "skipping"):
+        ps = make_params(seed)
+        copies = {p: torch.full(p.shape, float("nan"), dtype=torch.bfloat16) for p in ps[0][1:] + ps[1]}
+        opt = make_optimizer(ps, kernel, copies)
+        ds = zero_optimizer_handing(opt) if bad == "deepspeed -1" else None
+        opt.divisor_from_deepspeed = bad != "own norm nan"
+        for i, grads in enumerate(steps):
+            if run == "skipping" and i == 2:
+                before = snapshot(opt, ps, copies)
+                bad_grads = [[g.clone() for g in gs] for gs in steps[1]]
+                bad_grads[1][0].view(-1)[3] = float("inf") if bad == "inf" else float("nan")
+                for p_list, gs in zip(ps, bad_grads):
+                    for p, g in zip(p_list, gs):
+                        if kernel == "torch":
+                            g = g.float()
+                        else:
+                            p.grad_dtype = None
+                        p.grad = g
+                if ds is not None:
+                    ds.unscale_and_clip_grads(None, torch.tensor(-1.0))
+                elif opt.divisor_from_deepspeed:
+                    opt.set_clip_divisor(divisor_of(bad_grads))
+                launched = _cuda.launches["adamw_step"]
+                opt.step()
+                assert _cuda.launches["adamw_step"] - launched == (CALLS_PER_STEP if kernel == "alignflow" else 0), \
+                    _cuda._logged
+                assert_bitwise(snapshot(opt, ps, copies), before, f"{kernel} {bad}: the skipped step")
+            if opt.divisor_from_deepspeed:
+                take_step(opt, ps, grads, "clipped")
+            else:
+                take_step(opt, ps, grads, "none")  # set_clip_divisor(None): the optimizer takes the norm
+        runs[run] = snapshot(opt, ps, copies)
+        assert all(float(opt.state[p]["step"]) == 4 for p in sum(ps, []))
+    assert_bitwise(runs["skipping"], runs["clean"], f"{kernel} {bad}: the steps after the skipped one")

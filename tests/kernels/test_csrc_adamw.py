@@ -51,6 +51,31 @@ def test_matches_torch_adamw(grad_dtype, weight_decay, scaled, device):
             assert torch.equal(copies[i], a.to(torch.bfloat16)), f"bf16 copy of param {i}"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_a_non_finite_grad_scale_writes_nothing(bad, grad_dtype, device):
+    """A non-finite divisor (engine.optim's for a non-finite gradient norm) skips the step: params,
+    moments and bf16 copies bitwise as they were, in the kernel and in the reference alike."""
+    torch.manual_seed(0)
+    params = _params(device)
+    m = [torch.randn_like(p).abs() for p in params]
+    v = [torch.randn_like(p).abs() for p in params]
+    copies = [torch.randn(p.shape, device=device).to(torch.bfloat16) for p in params]
+    grads = [torch.randn(p.shape, device=device).to(grad_dtype) for p in params]
+    before = [[t.clone() for t in ts] for ts in (params, m, v, copies)]
+    for backend in ("cuda", "torch"):
+        launched = _cuda.launches["adamw_step"]
+        with kernels.use_backend(backend):
+            kernels.adamw_step(params, grads, m, v, 3, lr=1e-3, weight_decay=0.05,
+                               grad_scale=torch.tensor([bad], device=device), params_bf16=copies)
+        assert _cuda.launches["adamw_step"] == launched + (backend == "cuda"), _cuda._logged
+        for name, ts, old in zip(("param", "exp_avg", "exp_avg_sq", "bf16 copy"), (params, m, v, copies), before):
+            for i, (t, o) in enumerate(zip(ts, old)):
+                assert torch.equal(t, o), f"{backend}: {name} {i} written"
+    kernels.adamw_step(params, grads, m, v, 3, lr=1e-3, grad_scale=torch.tensor([2.0], device=device))
+    assert not torch.equal(params[-1], before[0][-1])  # a finite divisor steps
+
+
 def test_chunk_tables_split_vector_and_element_chunks():
     """Aligned chunks whose length is a multiple of the vector go to the 128-bit kernel, the rest
     (odd tails, an unaligned view) to the element kernel; every chunk exactly once."""

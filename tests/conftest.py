@@ -51,7 +51,7 @@ def _matmul_precision():
 # Fast tests first: the files below start processes (DeepSpeed ranks, the AOT compiler), compile with
 # torch.compile or with g++/nvcc (csrc), or train; they run after everything else, in this order.
 SLOW_LAST = ["test_csrc_emulator.py", "test_csrc_adaln.py", "test_csrc_alignment_loss.py", "test_csrc_nvcc.py",
-             "test_aot.py", "test_compile.py",
+             "test_aot.py", "test_compile.py", "test_bf16_copies_compile.py",
              "test_bench_smoke.py", "test_bench_model.py", "test_bench_model_deepspeed.py", "test_evaluate.py",
              "test_data_repa.py", "test_pretrained.py",
              "test_wandb.py", "test_resume.py", "test_train_bf16_copies.py", "test_train.py",

@@ -36,7 +36,7 @@ def _no_fallback():
         return "torch"
 
     with contextlib.ExitStack() as stack:
-        for name in ("_backend", "adaln", "alignment_loss", "attention"):
+        for name in ("_backend", "adaln", "alignment_loss", "attention", "linear_gelu"):
             module = importlib.import_module(f"kernels.{name}")
             stack.enter_context(mock.patch.object(module, "fallback", record))
         yield
@@ -98,6 +98,15 @@ def test_adaln():
     _check(kernels.adaln_residual_modulate, [x, h, gate, shift, scale], [True] * 5)
 
 
+def test_mlp_gelu():
+    """SiT's MLP (model.mlp_kernel: triton): the Triton fc1 matmul with the GELU epilogue and the dL/dg
+    matmul with GELU' at the real widths (D, 4 D), every input's gradient."""
+    H = 4 * D
+    inputs = [_randn(B, T, D), _randn(H, D, scale=D ** -0.5), _randn(H, scale=0.1), _randn(D, H, scale=H ** -0.5),
+              _randn(D, scale=0.1)]
+    _check(kernels.mlp_gelu, inputs, [True] * 5)
+
+
 @pytest.mark.parametrize("N, num_heads, head_dim", ATTENTION)
 def test_attention_qkv(N, num_heads, head_dim):
     _check(lambda qkv: kernels.attention_qkv(qkv, num_heads), [_randn(B, N, 3 * num_heads * head_dim)], [True])
@@ -154,7 +163,7 @@ def test_the_jit_builds_of_these_runs_do_not_spill():
     """Runs last in this file: every kernel variant that the real-size runs above compiled, read back
     from Triton's cache. The AOT check predicts this; here the GPU's own builds confirm it."""
     builds = []
-    for name in ("interpolant", "alignment_loss", "adaln", "attention"):
+    for name in ("interpolant", "alignment_loss", "adaln", "attention", "linear_gelu"):
         module = importlib.import_module(f"kernels.{name}")
         for attribute, fn in vars(module).items():
             for caches in getattr(fn, "device_caches", {}).values():

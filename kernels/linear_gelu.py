@@ -1,4 +1,4 @@
-"""SiT's MLP, y = fc2(GELU_tanh(fc1(x))), with the GELU in fc1's and fc2's backward matmul epilogues.
+"""SiT's MLP, y = fc2(GELU_tanh(fc1(x))): the GELU in fc1's matmul epilogue, GELU' in dL/dg's.
 
     mlp_gelu(x, W1, b1, W2, b2)      a = x @ W1^T + b1,  g = GELU_tanh(a),  y = g @ W2^T (+ b2)
 
@@ -144,8 +144,8 @@ def _linear_gelu_bwd_kernel(
 # accumulators a thread, room left for the GELU epilogue) are the tile Triton's own matmul tutorial and
 # cuBLAS pick for M, N in the thousands; BLOCK_K 64 for bf16 (one 128-byte line a row) and 32 for
 # tf32/fp32 (the same bytes). Stages: A100's 164 KB of shared memory fits 3 stages of 32 KB ((128 + 128)
-# x 64 x 2 B bf16, x 32 x 4 B fp32), H100's 228 KB 4. At SiT-XL/2 (M = 8192, N = 4608) that is 64 x 36 = 2304 tiles,
-# 17 waves of H100's 132 SMs. A "<table>_bwd" entry, where there is one, serves the backward kernel:
+# x 64 x 2 B bf16, x 32 x 4 B fp32), H100's 228 KB 4. At SiT-XL/2 (M = 8192, N = 4608) that is 64 x 36
+# = 2304 tiles, 17 waves of H100's 132 SMs. A "<table>_bwd" entry, where there is one, serves the backward kernel:
 # its fp32 epilogue (the a tile loaded beside the accumulator) spills 136 bytes on sm_90 under Triton 3.8
 # at 128 x 128 (kernels.aot), so it takes 128 x 64 tiles.
 _GPU_CONFIGS = {
@@ -324,9 +324,10 @@ _AOT_SHAPES = {"SiT-B/2": (768, 3072), "SiT-XL/2": (1152, 4608)}
 
 def aot_specs():
     """The MLP kernels' launches of a SiT training step (batch 32 x 256 tokens; the backward with fc1's
-    bias gradient), recorded from the launchers on meta tensors for sm_80's and sm_90's tables: bf16 (bf16-mixed training) and fp32 with
-    TF32 (an fp32 run with PyTorch's TF32 flag on, as the trainer sets it). Both models' shapes give the
-    same build (every size and stride a multiple of 16), listed once."""
+    bias gradient), recorded from the launchers on meta tensors for sm_80's and sm_90's tables: bf16
+    (bf16-mixed training) and fp32 with TF32 (an fp32 run with PyTorch's TF32 flag on, as the trainer
+    sets it). Both models' shapes give the same build (every size and stride a multiple of 16), listed
+    once."""
     module = sys.modules[__name__]
     specs, builds = [], set()
     for arch in (8, 9):
@@ -336,10 +337,10 @@ def aot_specs():
                 w1 = torch.empty(H, D, dtype=dtype, device="meta")
                 b1 = torch.empty(H, dtype=dtype, device="meta")
                 w2 = torch.empty(D, H, dtype=dtype, device="meta")
+                a = torch.empty(32, 256, H, dtype=dtype, device="meta")
                 with recorded_launches(module) as launches:
                     linear_gelu_forward(x, w1, b1, target, arch)
-                    linear_gelu_backward(torch.empty_like(x), w2, torch.empty(32, 256, H, dtype=dtype, device="meta"),
-                                         True, target, arch)
+                    linear_gelu_backward(torch.empty_like(x), w2, a, True, target, arch)
                 for launch in launches:
                     kernel = launch.fn.__name__.removeprefix("_").removesuffix("_kernel")
                     spec = launch_spec(f"{kernel}[{TRITON_TYPES[dtype]}, sm_{arch}0 table]", launch,

@@ -10,7 +10,7 @@ import torch
 import kernels
 from engine.bf16_copies import WeightCopies
 from engine.models import sit
-from tests.engine.common import tiny_config, tiny_model
+from tests.engine.common import randomize, tiny_config, tiny_model
 from tests.engine.test_sit_blocks import _batch, _pair, _train
 from tests.helpers import assert_close
 
@@ -89,3 +89,31 @@ def test_mlp_kernel_is_validated_and_keeps_the_state_dict_keys():
     with pytest.raises(ValueError) as info:
         tiny_config(mlp_kernel="cublas")
     assert str(info.value).startswith("mlp_kernel: 'cublas': ") and "torch, triton" in str(info.value)
+
+
+def test_triton_mlp_compiles_to_one_graph_with_eagers_numbers():
+    """train.compile with model.mlp_kernel: triton: SiT's fused MLP path (its autocast cast, the custom op)
+    traces into one graph (fullgraph) whose outputs and gradients are the eager model's, under bf16
+    autocast as the trainer runs it."""
+    torch._dynamo.reset()
+    model = randomize(tiny_model(mlp_kernel="triton", z_dims=[8], hidden_size=32, num_heads=2, input_size=4,
+                                 depth=1, encoder_depth=1, projector_dim=16), scale=0.1)
+    inputs = (torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 7]))
+    seeds = [torch.randn(2, 4, 4, 4), torch.randn(2, 4, 8)]
+
+    def step(forward):
+        with kernels.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+            velocity, zs = forward(*inputs)
+        loss = sum((o.float() * s).sum() for o, s in zip([velocity, *zs], seeds))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        return [velocity, *zs], {n: g for (n, _), g in zip(named, grads) if g is not None}
+
+    got_outputs, got_grads = step(torch.compile(model, fullgraph=True))
+    want_outputs, want_grads = step(model)
+    for i, (a, e) in enumerate(zip(got_outputs, want_outputs)):
+        assert_close(a, e, dtype=torch.bfloat16, name=f"output {i}")
+    assert got_grads.keys() == want_grads.keys() and "blocks.0.mlp.fc1.bias" in got_grads
+    for name, grad in got_grads.items():
+        assert_close(grad, want_grads[name], dtype=torch.bfloat16, name=f"grad {name}")
+    torch._dynamo.reset()

@@ -22,7 +22,7 @@ import torch
 
 import bench.model as bm
 from engine.config import from_dict
-from tests.engine.trainer_fixtures import tiny_config
+from tests.engine.trainer_fixtures import leave_no_process_group, tiny_config
 
 COLLECTIVES = {"allreduce_", "allgather_", "_allgather_base_", "allgather_into_tensor_coalesced_", "reduce_scatter_",
                "_reduce_scatter_base_", "broadcast_", "barrier", "reduce_"}
@@ -69,10 +69,7 @@ def _signature(ops) -> collections.Counter:
 def _single_rank_process_group():
     saved = dict(os.environ)
     yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_no_process_group()
     os.environ.clear()
     os.environ.update(saved)
 

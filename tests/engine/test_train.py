@@ -11,7 +11,7 @@ import torch
 import kernels
 from engine import checkpoint as ckpt
 from engine.config import from_dict
-from tests.engine.trainer_fixtures import tiny_config
+from tests.engine.trainer_fixtures import leave_no_process_group, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,7 @@ def _single_rank_process_group():
     """The trainer joins a one-rank gloo group in this process; leave no group or env behind."""
     saved = dict(os.environ)
     yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_no_process_group()
     os.environ.clear()
     os.environ.update(saved)
 

@@ -47,6 +47,24 @@ def tiny_config(run_dir, data_root, **sections) -> dict:
     return raw
 
 
+def leave_no_process_group() -> None:
+    """Destroy this process's one-rank group after in-process Trainer tests, through DeepSpeed where it
+    made the group: DeepSpeed keeps references to the group (deepspeed.utils.groups), and a later
+    Trainer in this process would reuse them ("Group ... is not registered") after a plain
+    torch.distributed.destroy_process_group()."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None and comm.cdb is not None:
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 def write_config(raw: dict, path) -> str:
     path = str(path)
     with open(path, "w") as f:

@@ -631,7 +631,7 @@ def _check_disk(cfg: ExperimentConfig) -> None:
     elif not os.path.isdir(d.root):
         raise ConfigError("data.root", d.root, "an existing directory (root/<class>/<image>)")
     if d.latents_root is not None:
-        from engine.data.latents import META
+        from engine.data.latent_shards import META
 
         if not os.path.isfile(os.path.join(d.latents_root, META)):
             raise ConfigError("data.latents_root", d.latents_root,
@@ -676,7 +676,7 @@ def check_latent_grid(cfg: ExperimentConfig, channels: int | None, downsample: i
     d, m = cfg.data, cfg.model
     kind = f"latent.kind={cfg.latent.kind!r}"
     if d.latents_root is not None:
-        from engine.data.latents import read_meta
+        from engine.data.latent_shards import read_meta
 
         meta = read_meta(d.latents_root)
         shard_channels, side = meta["shape"][:2]

@@ -1,4 +1,4 @@
-"""Encode a data set into pre-extracted latent shards (engine.data.latents).
+"""Encode a data set into pre-extracted latent shards (engine.data.latent_shards).
 
     python -m engine.preprocess --data-root data/imagenet/train --out latents/sdvae-256 \
         --latent-space sd-vae-ft-ema --resolution 256
@@ -25,7 +25,7 @@ import torch
 
 from engine.data.config import DataConfig
 from engine.data.index import CorruptImageError
-from engine.data.latents import RAW, LatentShardWriter
+from engine.data.latent_shards import RAW, LatentShardWriter
 from engine.data.loader import build_index
 from engine.data.transforms import decode_pil
 

@@ -274,7 +274,7 @@ class Trainer:
         cfg, space = self.cfg, self.latent_space
         check_latent_grid(cfg, space.channels, space.downsample)
         if cfg.data.latents_root is not None:
-            from engine.data.latents import holds_raw_moments, read_meta
+            from engine.data.latent_shards import holds_raw_moments, read_meta
 
             meta = read_meta(cfg.data.latents_root)
             channels = meta["shape"][0]

@@ -2,7 +2,7 @@
 from .builtin import make_builtin_dataset
 from .config import DataConfig
 from .index import CorruptImageError, SampleIndex
-from .latents import LatentShards, LatentShardWriter, read_meta
+from .latent_shards import LatentShards, LatentShardWriter, read_meta
 from .loader import Loader, build_index, build_loader
 
 __all__ = ["DataConfig", "build_loader", "build_index", "Loader", "SampleIndex", "CorruptImageError",

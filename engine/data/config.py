@@ -34,7 +34,7 @@ class DataConfig(FromDict):
                      at `latents_root` (same as folder + latents_root);
       repa           REPA's preprocessed layout at `root` (images/, vae-sd/ with dataset.json), read as it
                      is (engine.data.repa): its SD-VAE moments come with each batch, random_flip false.
-    `latents_root` with any image source reads latent shards (engine.data.latents) in step with the
+    `latents_root` with any image source reads latent shards (engine.data.latent_shards) in step with the
     images: each batch also carries "latent_mean" / "latent_std".
     """
 

@@ -223,7 +223,7 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, device) -> Loader:
         index, latents, latent_rows = indexed()
 
     if cfg.latents_root is not None:
-        from .latents import LatentShards
+        from .latent_shards import LatentShards
 
         latents = LatentShards(cfg.latents_root)
         if latents.meta.get("resolution", cfg.resolution) != cfg.resolution:

@@ -1,4 +1,4 @@
-"""engine.data.latents and engine.preprocess: shard write/read round trip, statistics, loading latents
+"""engine.data.latent_shards and engine.preprocess: shard write/read round trip, statistics, loading latents
 in step with images, resumable multi-rank preprocessing, the CLI. A 4x4 average pool stands in for the
 VAE encoder so the latents of an image are known exactly."""
 from __future__ import annotations

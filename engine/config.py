@@ -716,6 +716,16 @@ def deepspeed_config_path(cfg: ExperimentConfig) -> str:
     return os.path.join(REPO_ROOT, path)
 
 
+def checks_grad_overflow(ds_bf16: dict, fused_clip: bool) -> bool:
+    """bf16.check_grad_overflow of the trainer's DeepSpeed JSON, given its file's bf16 section: the
+    file's value where it sets one (true keeps DeepSpeed's check beside ClippedAdamW's: the same step
+    is skipped, at DeepSpeed's cost); else off with optim.fused_clip, whose ClippedAdamW skips a step
+    with non-finite gradients on the device (engine/optim.py), and DeepSpeed's default (true) without."""
+    if "check_grad_overflow" in ds_bf16:
+        return bool(ds_bf16["check_grad_overflow"])
+    return not fused_clip
+
+
 def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str, device_type: str = "cuda") -> dict:
     """The DeepSpeed JSON the trainer runs with: the file `train.deepspeed_config` with the experiment's
     batch sizes, precision, clipping and ZeRO stage (the experiment config owns those)."""
@@ -746,7 +756,9 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str, dev
                               "'auto' or leave it out")
         ds[name] = value
     ds["gradient_clipping"] = cfg.optim.grad_clip
-    ds["bf16"] = dict(ds.get("bf16", {}), enabled=precision == "bf16")
+    fused_clip = resolve_fused_clip(cfg, device_type, precision)
+    ds["bf16"] = dict(ds.get("bf16", {}), enabled=precision == "bf16",
+                      check_grad_overflow=checks_grad_overflow(ds.get("bf16", {}), fused_clip))
     ds["fp16"] = dict(ds.get("fp16", {}), enabled=precision == "fp16")
     if precision == "bf16-mixed" or "torch_autocast" in ds:  # DeepSpeed's autocast around the model's forward
         ds["torch_autocast"] = dict(ds.get("torch_autocast", {}), enabled=precision == "bf16-mixed",
@@ -761,7 +773,7 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, precision: str, dev
     if device_type == "cpu":  # no streams to overlap with on the CPU; gloo then runs one collective at a time
         zero["overlap_comm"] = False
     ds["zero_optimization"] = zero
-    if zero["stage"] == 0 and resolve_fused_clip(cfg, device_type, precision):
+    if zero["stage"] == 0 and fused_clip:
         ds["gradient_clipping"] = 0.0  # without ZeRO the optimizer clips (engine/optim.py); ZeRO hands it its norm
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, wrapped by the ZeRO optimizer
     ds.setdefault("steps_per_print", 10 ** 9)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import os
 import random
 import time
@@ -532,6 +533,7 @@ class Trainer:
         lr = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else self.cfg.optim.lr  # this step's
         totals = torch.zeros(len(self.TERMS), dtype=torch.float64)
         done = 0
+        skipped_before = self.engine.skipped_steps
         while done < self.accum:
             batch = self.next_batch()
             mark("data")
@@ -581,10 +583,33 @@ class Trainer:
         if grad_norm is None and self.clip_optimizer is not None:  # no ZeRO: the optimizer took the norm
             grad_norm = self.clip_optimizer.last_grad_norm
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        if self.engine.skipped_steps > skipped_before or self._optimizer_skipped(out["grad_norm"]):
+            out["grad_norm"] = float("inf")  # DeepSpeed's report of an overflow
+            self.monitor.warn(f"step {self.step}: non-finite gradients; optimizer step skipped "
+                              f"({self.engine.skipped_steps} in total)")
         out["lr"] = lr
         out["nonfinite_total"] = self.nonfinite_total
+        out["optimizer_skipped_total"] = self.engine.skipped_steps
         mark("optimizer")
         return out
+
+    def _optimizer_skipped(self, grad_norm: float) -> bool:
+        """Whether ClippedAdamW skipped this step on the device (a non-finite norm, or DeepSpeed's -1
+        sentinel for one, with DeepSpeed's bf16 overflow check off: engine.config). DeepSpeed then took
+        it for a step: it is told as its own check would have told it (skipped_steps, the lr schedule
+        not advanced), so the run goes on as under DeepSpeed's check."""
+        if self.clip_optimizer is None or (math.isfinite(grad_norm) and grad_norm >= 0):
+            return False
+        self.engine.skipped_steps += 1
+        scheduler = self.scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.last_epoch -= 1
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        elif scheduler is not None:
+            raise TypeError(f"a skipped optimizer step with lr scheduler {type(scheduler).__name__} (known: LambdaLR)")
+        return True
 
     # -- the run ------------------------------------------------------------------------------
 

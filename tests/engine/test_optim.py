@@ -129,6 +129,28 @@ def test_deepspeed_keeps_its_clip_setting_under_zero_only(tmp_path):
     assert deepspeed_config(cfg, 1, "fp32", "cpu")["gradient_clipping"] == 1.0
 
 
+def test_deepspeed_config_leaves_the_overflow_check_to_the_fused_clip(tmp_path):
+    """bf16.check_grad_overflow: off where optim.fused_clip is on (ClippedAdamW skips a non-finite step),
+    DeepSpeed's default (on) where it is off, and a DeepSpeed JSON's own value either way."""
+    import json
+
+    for stage in (0, 1, 2, 3):
+        cfg = config(tmp_path, fused_clip="true")
+        cfg.train.zero_stage = stage
+        assert deepspeed_config(cfg, 1, "bf16", "cpu")["bf16"]["check_grad_overflow"] is False
+        cfg = config(tmp_path, fused_clip="false")
+        cfg.train.zero_stage = stage
+        assert deepspeed_config(cfg, 1, "bf16", "cpu")["bf16"]["check_grad_overflow"] is True
+    assert deepspeed_config(config(tmp_path), 1, "bf16", "cpu")["bf16"]["check_grad_overflow"] is True  # auto: off
+    for explicit in (True, False):
+        path = tmp_path / f"zero2_{explicit}.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"check_grad_overflow": explicit}}))
+        for fused_clip in ("true", "false"):
+            cfg = config(tmp_path, fused_clip=fused_clip)
+            cfg.train.deepspeed_config = str(path)
+            assert deepspeed_config(cfg, 1, "bf16", "cpu")["bf16"]["check_grad_overflow"] is explicit
+
+
 def poisoned_bf16_copies(ps):
     return {p: torch.full(p.shape, float("nan"), dtype=torch.bfloat16) for p in ps}
 

@@ -75,3 +75,30 @@ def test_alignflow_step_kernel_matches_torchs_under_zero(tmp_path):
         # the same bounds as the fused_clip comparison above: float rounding (and for bf16 weights a
         # master one ulp apart rounding its bf16 copy the other way)
         assert r["master_max_diff"] < (1e-6 if precision == "fp32" else 2e-5), (run, r["master_max_diff"])
+
+
+def test_a_nan_gradient_is_skipped_as_deepspeeds_overflow_check_skips_it(tmp_path):
+    """ZeRO 1 and 2, bf16, two ranks, a NaN put into one gradient at step 2 of 4 (the loss finite), lr in
+    warmup: with DeepSpeed's bf16 overflow check (bf16.check_grad_overflow true in the JSON) and without
+    it (as engine.config generates it with optim.fused_clip: ClippedAdamW skips the step on the device),
+    the same step is skipped, logged and counted, the lr schedule holds, and the masters, losses and
+    optimizer step counts are bitwise the same."""
+    runs = "1:bf16,2:bf16"
+    raw = tiny_config(tmp_path / "run", tmp_path / "data", optim={"lr": 1e-3, "warmup_steps": 3, "grad_clip": CLIP},
+                      train={"debug_fixed_batch": True})
+    out = tmp_path / "result.json"
+    launch(["--config", write_config(raw, tmp_path / "config.yaml"), "--zero3-json",
+            write_zero3_json(tmp_path / "zero3.json"), "--runs", runs, "--steps", "4", "--out", str(out),
+            "--compare", "overflow_check", "--nan-step", "1"], module="tests.engine.optim_worker")
+    results = json.loads(out.read_text())
+    assert list(results) == runs.split(",")
+    for run, r in results.items():
+        assert r["check_grad_overflow"] == [True, False] and r["fused_clip"] == [True, True], (run, r)
+        for grad_norms in r["grad_norms"]:  # the second step's: DeepSpeed's inf for an overflow
+            assert np.isinf(grad_norms[1]) and np.isfinite(np.delete(grad_norms, 1)).all(), (run, grad_norms)
+        assert r["grad_norms"][0] == r["grad_norms"][1], run
+        assert r["skipped"] == [[0, 1, 1, 1]] * 2, (run, r["skipped"])
+        assert r["lrs"][0] == r["lrs"][1] and r["lrs"][0][1] == r["lrs"][0][2], (run, r["lrs"])  # held at the skip
+        assert r["optimizer_steps"] == [[3.0], [3.0]], (run, r["optimizer_steps"])
+        assert r["losses"][0] == r["losses"][1], run
+        assert r["moved"] > 1e-4 and r["masters_equal"], (run, r["master_max_diff"])

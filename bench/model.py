@@ -623,8 +623,8 @@ class _ZeroOptimizer:
       3. the gradients of this rank's partition copied out of the bucket into the flat partition gradient
          (copy_grads_in_partition): read + write.
     engine.step(), over this rank's partition:
-      4. bf16 only, with bf16.check_grad_overflow (`check_overflow`; DeepSpeed's default, the trainer's JSONs
-         keep it): amax and amin of every gradient and the scalar isfinite tests of them (has_inf_or_nan),
+      4. bf16 only, with bf16.check_grad_overflow (`check_overflow`; DeepSpeed's default, which the trainer
+         turns off with optim.fused_clip: ClippedAdamW skips a non-finite step itself): amax and amin of every gradient and the scalar isfinite tests of them (has_inf_or_nan),
          each its own kernel;
       5. the global norm (get_grad_norm_direct): every gradient cast to fp64 (DeepSpeed's norm dtype on an
          accelerator with fp64) and its vector_norm, then a handful of scalar ops;
@@ -793,10 +793,13 @@ def zero_bucket_elements(path: str = TRAINER_DEEPSPEED_JSON) -> int:
         return int(float(json.load(f).get("zero_optimization", {}).get("reduce_bucket_size", 5e8)))
 
 
-def zero_checks_grad_overflow(path: str = TRAINER_DEEPSPEED_JSON) -> bool:
-    """bf16.check_grad_overflow of the trainer's DeepSpeed JSON (DeepSpeed's default: true)."""
+def zero_checks_grad_overflow(fused_clip: bool, path: str = TRAINER_DEEPSPEED_JSON) -> bool:
+    """bf16.check_grad_overflow as the trainer generates it from its DeepSpeed JSON (engine.config: off
+    with optim.fused_clip, where ClippedAdamW skips a non-finite step, unless the file sets it)."""
+    from engine.config import checks_grad_overflow
+
     with open(path) as f:
-        return bool(json.load(f).get("bf16", {}).get("check_grad_overflow", True))
+        return checks_grad_overflow(json.load(f).get("bf16", {}), fused_clip)
 
 
 def _patched_foreach():
@@ -886,7 +889,7 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         optimizer = (_ZeroOptimizer(sit.parameters(), fused, ema=trainer, fused_clip=fused_clip,
                                     max_norm=train_step.CLIP, comm_dtypes=comm_dtypes,
                                     bucket_elements=zero_bucket_elements(), tracer=tracer,
-                                    check_overflow=zero_checks_grad_overflow(), weight_copies=copies)
+                                    check_overflow=zero_checks_grad_overflow(fused_clip), weight_copies=copies)
                      if precision == "bf16" or trainer else fused(sit.parameters()))
         if copies is not None and not isinstance(optimizer, _ZeroOptimizer):
             if not fused_clip:
@@ -1307,7 +1310,8 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         "_ZeroOptimizer; tests/test_bench_model_deepspeed.py checks them op for op against DeepSpeed 0.19 on the "
         "CPU): in the backward each gradient copied into a reduce bucket and each bucket divided by the world "
         "size (bf16-mixed: Linear/Conv buckets cast to bf16 for the all-reduce and copied back twice); in the "
-        "step the copy into the partition, the overflow check (bf16: amax and amin per gradient), the norm (an "
+        "step the copy into the partition, the overflow check (bf16 with bf16.check_grad_overflow, off in the "
+        "trainer's generated JSON with optim.fused_clip: amax and amin per gradient), the norm (an "
         "fp64 cast and a vector_norm per gradient), the flat concatenation and its fp32 cast, fused AdamW on "
         "the fp32 master, the master copied into the weights, the trainer's EMA lerp; collectives not traced "
         "(none at one GPU; the ZeRO projection models them)",

@@ -591,6 +591,28 @@ def test_trainer_variant_adds_zero2_passes_and_the_ema_update():
     assert ema.read == 8 * P and ema.written == 4 * P
 
 
+def test_the_trainer_rows_follow_the_generated_overflow_check(tmp_path):
+    """The stand-in runs DeepSpeed's bf16 overflow check (amax and amin per gradient) as engine.config
+    generates bf16.check_grad_overflow: off with optim.fused_clip (ClippedAdamW skips instead), on
+    without, and a JSON's own value either way."""
+    import json
+
+    assert model.zero_checks_grad_overflow(True) is False and model.zero_checks_grad_overflow(False) is True
+    for explicit in (True, False):
+        path = tmp_path / f"zero2_{explicit}.json"
+        path.write_text(json.dumps({"bf16": {"check_grad_overflow": explicit}}))
+        assert model.zero_checks_grad_overflow(True, str(path)) is model.zero_checks_grad_overflow(False, str(path)) \
+            is explicit
+
+    def overflow_check_ops(fused_clip):
+        trace = model.trace_step(backend="triton", trainer=True, precision="bf16", fused_clip=fused_clip, **SMALL)
+        _, step = _zero_passes(trace)
+        return [op for op in step if op.name in ("amax", "amin")]
+
+    assert not overflow_check_ops(True)
+    assert len(overflow_check_ops(False)) >= 2
+
+
 def test_the_modelled_compiled_step_is_deterministic():
     """Storage keys are addresses: the tracer keeps every tensor alive so that none is reused by a later
     tensor, which would make a freed intermediate look read after its fused run."""

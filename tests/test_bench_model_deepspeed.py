@@ -145,7 +145,7 @@ def standin_step_ops(trainer, precision: str, check_overflow: bool):
 
 @pytest.mark.parametrize("precision, check_overflow", [("bf16", True), ("bf16", False), ("bf16-mixed", True)])
 def test_zero_standin_runs_deepspeeds_ops(tmp_path, precision, check_overflow, monkeypatch):
-    """bf16.check_grad_overflow false (not the trainer's JSONs' setting) drops the overflow check's 4 bytes
+    """bf16.check_grad_overflow false (what the trainer generates with optim.fused_clip) drops the overflow check's 4 bytes
     a parameter and 13 kernels a gradient, in DeepSpeed and in the stand-in alike."""
     trainer, real = deepspeed_step_ops(tmp_path, precision, check_overflow, monkeypatch)
     try:

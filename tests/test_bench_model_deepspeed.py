@@ -22,7 +22,7 @@ import torch
 
 import bench.model as bm
 from engine.config import from_dict
-from tests.engine.trainer_fixtures import leave_no_process_group, tiny_config
+from tests.engine.trainer_fixtures import in_process_trainers, tiny_config
 
 COLLECTIVES = {"allreduce_", "allgather_", "_allgather_base_", "allgather_into_tensor_coalesced_", "reduce_scatter_",
                "_reduce_scatter_base_", "broadcast_", "barrier", "reduce_"}
@@ -67,11 +67,8 @@ def _signature(ops) -> collections.Counter:
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_rank_process_group():
-    saved = dict(os.environ)
-    yield
-    leave_no_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+    with in_process_trainers():
+        yield
 
 
 def deepspeed_step_ops(tmp_path, precision: str, check_overflow: bool, monkeypatch):

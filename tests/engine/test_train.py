@@ -11,7 +11,7 @@ import torch
 import kernels
 from engine import checkpoint as ckpt
 from engine.config import from_dict
-from tests.engine.trainer_fixtures import leave_no_process_group, tiny_config
+from tests.engine.trainer_fixtures import in_process_trainers, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,8 @@ def _keep_kernel_backend():
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_rank_process_group():
-    """The trainer joins a one-rank gloo group in this process; leave no group or env behind."""
-    saved = dict(os.environ)
-    yield
-    leave_no_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+    with in_process_trainers():
+        yield
 
 
 def make_trainer(tmp_path, data_root, **sections):

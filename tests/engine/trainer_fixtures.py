@@ -1,6 +1,7 @@
 """Tiny experiment configs and launch helpers shared by the trainer tests."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -63,6 +64,19 @@ def leave_no_process_group() -> None:
         deepspeed.comm.destroy_process_group()
     else:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def in_process_trainers():
+    """For a test module whose Trainers join a one-rank gloo group in this process (a module-scoped
+    autouse fixture wraps its tests in this): leave no group and no launcher environment behind."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        leave_no_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def write_config(raw: dict, path) -> str:

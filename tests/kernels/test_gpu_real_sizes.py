@@ -23,7 +23,11 @@ DEVICE = "cuda" if GPU else "cpu"
 B, T, D, S, DZ = (32, 256, 1152, 32, 768) if GPU else (2, 16, 72, 4, 64)
 ATTENTION = ([(256, 16, 72), (257, 16, 72), (1024, 16, 72), (256, 12, 64)] if GPU else
              [(16, 2, 72), (17, 2, 72), (16, 2, 64)])
-FACTOR, ULP, FLOOR = 2.0, 2.0 ** -7, 1e-3
+# Triton's CPU interpreter (3.8) truncates fp32 -> bf16 where a GPU rounds to nearest: measured on 1024
+# normal samples, a mean error of 2.2e-3 against round-to-nearest's 1.1e-3. An op that stores two bf16
+# intermediates (the MLP: a and GELU(a)) then lands at up to 2.4x PyTorch's bf16 error on the CPU
+# (every output and gradient, three draws), against the GPU's factor 2: the interpreter's runs get twice it.
+FACTOR, ULP, FLOOR = (2.0 if GPU else 4.0), 2.0 ** -7, 1e-3
 
 
 @contextlib.contextmanager

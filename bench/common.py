@@ -194,6 +194,16 @@ class Deadline:
         return f"not run: the time budget ran out ({max(self.left(), 0.0):.0f} s left, {needed_s:.0f} s needed)"
 
 
+def forward_only(fn: Callable[[], object]) -> Callable[[], Callable[[], object]]:
+    """A Variant factory timing `fn` under torch.no_grad (the forward pass alone)."""
+
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return lambda: run
+
+
 def backward_of(forward: Callable[[], object], leaves: list[torch.Tensor]) -> Callable[[], object]:
     """forward + backward of a scalar (or summed) output, clearing the leaves' grads each call."""
 

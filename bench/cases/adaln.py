@@ -28,7 +28,7 @@ import torch.nn as nn
 
 import kernels
 from kernels import _cuda
-from bench.common import BenchCase, Variant, compiled
+from bench.common import BenchCase, Variant, compiled, forward_only
 from kernels.gelu import _BiasGradient  # identity forward; backward: nn.Linear's bias sum over the rows
 
 
@@ -54,13 +54,6 @@ def _triton_reason(device):
     if device.type == "cuda" or kernels.interpreting():
         return None
     return "Triton needs CUDA or TRITON_INTERPRET=1"
-
-
-def _no_grad(fn):
-    def run():
-        with torch.no_grad():
-            return fn()
-    return lambda: run
 
 
 def _forward_backward(fn, leaves, grad_outputs):
@@ -151,7 +144,7 @@ def _shape_cases(device, B, N, D, dtype, smoke, label):
                                                   "adaln_forward"), "adaln_backward")
         cases.append(BenchCase(
             op, shape,
-            forward=[Variant(name, _no_grad(fn), reason) for name, fn, reason in variants],
+            forward=[Variant(name, forward_only(fn), reason) for name, fn, reason in variants],
             forward_backward=[Variant(name, _forward_backward(fn, leaves, grad_outputs), reason)
                               for name, fn, reason in variants[:-1]]
                              + [Variant("cuda C++", lambda: cuda_pass, cuda_reason)],
@@ -165,7 +158,7 @@ def _shape_cases(device, B, N, D, dtype, smoke, label):
     bias_leaves = [x, h, gate, shift, scale, bias]
     cases.append(BenchCase(
         "adaln_residual_modulate+bias", shape,
-        forward=[Variant(name, _no_grad(fn), reason) for name, fn, reason in bias_variants],
+        forward=[Variant(name, forward_only(fn), reason) for name, fn, reason in bias_variants],
         forward_backward=[Variant(name, _forward_backward(fn, bias_leaves, (g_x_new, dy)), reason)
                           for name, fn, reason in bias_variants],
         bytes_forward=4 * E * s + 3 * V * s + 8 * B * N + D * s,

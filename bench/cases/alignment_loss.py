@@ -4,7 +4,7 @@ import torch
 
 import kernels
 from kernels import _cuda
-from bench.common import BenchCase, Variant, backward_of, compiled
+from bench.common import BenchCase, Variant, backward_of, compiled, forward_only
 
 
 def _shape_case(device, B, N, D, dtype, smoke, label, headline=False):
@@ -32,16 +32,10 @@ def _shape_case(device, B, N, D, dtype, smoke, label, headline=False):
 
     cuda_pass = _cuda.launched(cuda_pass, "alignment_backward")
 
-    def fwd(fn):
-        def run():
-            with torch.no_grad():
-                return fn()
-        return lambda: run
-
     return BenchCase(
         "alignment_loss", f"{B}x{N}x{D} {str(dtype)[6:]} {label}",
-        forward=[Variant("reference eager", fwd(ref)), Variant("reference compiled", fwd(ref_compiled), reason),
-                 Variant("triton", fwd(ours)), Variant("cuda C++", fwd(cuda_ours), cuda_reason)],
+        forward=[Variant("reference eager", forward_only(ref)), Variant("reference compiled", forward_only(ref_compiled), reason),
+                 Variant("triton", forward_only(ours)), Variant("cuda C++", forward_only(cuda_ours), cuda_reason)],
         forward_backward=[Variant("reference eager", lambda: backward_of(ref, [z_pred])),
                           Variant("reference compiled", lambda: backward_of(ref_compiled, [z_pred]), reason),
                           Variant("triton", lambda: backward_of(ours, [z_pred])),

@@ -13,7 +13,7 @@ bytes moved, E = B*N*4D elements of size s: forward a, g (2 E s); forward+backwa
 import torch
 
 import kernels
-from bench.common import BenchCase, Variant, compiled
+from bench.common import BenchCase, Variant, compiled, forward_only
 
 
 def _triton_reason(device):
@@ -36,12 +36,6 @@ def _shape_cases(device, M, N, dtype, smoke, label, headline=False):
         with kernels.use_backend("triton"):
             return kernels.gelu_tanh(a, bias)
 
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                return fn()
-        return lambda: run
-
     def forward_backward(fn):
         return lambda: (lambda: torch.autograd.grad(fn(), [a, bias], dg))
 
@@ -51,7 +45,7 @@ def _shape_cases(device, M, N, dtype, smoke, label, headline=False):
                 ("triton", ours, _triton_reason(device)))
     return [BenchCase(
         "gelu_tanh", f"{M}x{N} {str(dtype)[6:]} {label}",
-        forward=[Variant(name, no_grad(fn), reason) for name, fn, reason in variants],
+        forward=[Variant(name, forward_only(fn), reason) for name, fn, reason in variants],
         forward_backward=[Variant(name, forward_backward(fn), reason) for name, fn, reason in variants],
         bytes_forward=2 * E * s, bytes_forward_backward=5 * E * s + 4 * N,
         notes="fc1 output a (B*N, 4D); backward gives dL/da and fc1's bias gradient", headline=headline)]

@@ -5,7 +5,7 @@ import torch
 
 import kernels
 from kernels import _cuda
-from bench.common import BenchCase, Variant, backward_of, compiled
+from bench.common import BenchCase, Variant, backward_of, compiled, forward_only
 
 
 def _shape_cases(device, B, C, H, W, dtype, smoke, label, headline=False):
@@ -31,9 +31,6 @@ def _shape_cases(device, B, C, H, W, dtype, smoke, label, headline=False):
 
     cuda_reason = _cuda.unavailable("flow", device)
 
-    def fwd(fn):
-        return lambda: (lambda: _no_grad(fn))
-
     def case(name, reference, op, leaves, kind, bytes_forward, bytes_forward_backward, notes):
         """The op's reference eager and compiled, Triton and CUDA C++ variants; a CUDA C++ pass fails
         unless its `kind`_forward (and, with the backward, `kind`_backward) kernel launched."""
@@ -45,10 +42,10 @@ def _shape_cases(device, B, C, H, W, dtype, smoke, label, headline=False):
             return _cuda.launched(_cuda.launched(run, f"{kind}_forward"), f"{kind}_backward")
         return BenchCase(
             name, shape,
-            forward=[Variant("reference eager", fwd(reference)),
-                     Variant("reference compiled", fwd(reference_compiled), reason),
-                     Variant("triton", fwd(ours)),
-                     Variant("cuda C++", fwd(_cuda.launched(cuda, f"{kind}_forward")), cuda_reason)],
+            forward=[Variant("reference eager", forward_only(reference)),
+                     Variant("reference compiled", forward_only(reference_compiled), reason),
+                     Variant("triton", forward_only(ours)),
+                     Variant("cuda C++", forward_only(_cuda.launched(cuda, f"{kind}_forward")), cuda_reason)],
             forward_backward=[Variant("reference eager", lambda: backward_of(reference, leaves)),
                               Variant("reference compiled", lambda: backward_of(reference_compiled, leaves), reason),
                               Variant("triton", lambda: backward_of(ours, leaves)),
@@ -65,11 +62,6 @@ def _shape_cases(device, B, C, H, W, dtype, smoke, label, headline=False):
              [v_pred, mu0, mu1], "velocity", 3 * numel * size, 7 * numel * size,
              "gradients to v_pred and both shifts"),
     ]
-
-
-def _no_grad(fn):
-    with torch.no_grad():
-        return fn()
 
 
 def cases(device, smoke):

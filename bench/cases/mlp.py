@@ -14,7 +14,7 @@ writes dL/da (the one intermediate it needs), dL/dx, dW1, dW2 and the biases' gr
 import torch
 
 import kernels
-from bench.common import BenchCase, Variant, compiled
+from bench.common import BenchCase, Variant, compiled, forward_only
 
 
 def _triton_reason(device):
@@ -41,12 +41,6 @@ def _shape_cases(device, M, D, dtype, smoke, label, headline=False):
         with kernels.use_backend("triton"):
             return kernels.mlp_gelu(*inputs)
 
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                return fn()
-        return lambda: run
-
     def forward_backward(fn):
         return lambda: (lambda: torch.autograd.grad(fn(), inputs, dy))
 
@@ -59,7 +53,7 @@ def _shape_cases(device, M, D, dtype, smoke, label, headline=False):
     bytes_backward = (3 * M * D + 3 * E + 2 * weights + H + D) * s
     return [BenchCase(
         "mlp_gelu", f"{M}x{D}->{H} {str(dtype)[6:]} {label}",
-        forward=[Variant(name, no_grad(fn), reason) for name, fn, reason in variants],
+        forward=[Variant(name, forward_only(fn), reason) for name, fn, reason in variants],
         forward_backward=[Variant(name, forward_backward(fn), reason) for name, fn, reason in variants],
         bytes_forward=bytes_forward, bytes_forward_backward=bytes_forward + bytes_backward,
         flops_forward=4.0 * M * D * H, flops_forward_backward=12.0 * M * D * H,

@@ -44,19 +44,27 @@ def main(argv=None) -> dict:
 
         trainer = Trainer(cfg)  # validates the config, then checks it against the data and models it builds
     except ConfigError as error:
-        print(f"config error: {locate(error, cfg)}", file=sys.stderr)
+        _error_line(f"config error: {locate(error, cfg)}")
         raise SystemExit(2)
     except CorruptCheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _error_line(f"error: {error}")
         raise SystemExit(1)
     try:
         results = trainer.fit()
     except (CheckpointWriteError, NonFiniteLossError) as error:  # one line; the trainer logged the rest
-        print(f"error: rank {trainer.rank}: {error}", file=sys.stderr, flush=True)
+        _error_line(f"error: rank {trainer.rank}: {error}")
         raise SystemExit(1)
     if trainer.is_main:
         print("done: " + json.dumps(results), flush=True)
     return results
+
+
+
+def _error_line(text: str) -> None:
+    """One write of the line and its newline: print() writes them apart on stderr, so another rank's log
+    line could land between them, on the same line."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -166,3 +167,22 @@ def test_a_full_disk_stops_both_ranks_with_one_error_and_no_hang(tmp_path, data_
     assert "PeerLostError" not in text and "lost a peer" not in text, text[-3000:]
     assert not [n for n in names if n.startswith(".tmp-")], names
     assert latest is not None and int(latest[5:]) >= int(good[5:]) and readable is None
+
+
+def test_an_error_line_is_one_write(monkeypatch):
+    """engine.train's one-line errors reach stderr in one write, newline included: two ranks share the
+    stream, and print()'s separate newline let another rank's log line land on the same line."""
+    from engine import train
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    train._error_line("error: rank 1: No space left on device")
+    assert writes == ["error: rank 1: No space left on device\n"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import time
@@ -55,35 +56,132 @@ def _flush_l2() -> None:
     _L2_FLUSH["buffer"].zero_()
 
 
+@dataclass
+class Timing:
+    """What `time_call` measured, in seconds per call: `seconds` (median), `seconds_p20` and
+    `seconds_p80` of the device's time on a GPU; `host_seconds` (median) of the host's."""
+
+    seconds: float
+    seconds_p20: float
+    seconds_p80: float
+    host_seconds: float
+
+
+SPIN_MARGIN_S = 50e-6  # beyond twice the host's time of a call: Python and driver jitter
+MAX_SPIN_S = 0.05  # a call whose host time needs more is timed with this spin (the window may then hold idle time)
+
+
+def spin_seconds(host_seconds: float) -> float:
+    """The GPU spin that holds the start event until the host has queued the whole call: twice the
+    host's time of the call plus a margin, at most MAX_SPIN_S."""
+    return min(2.0 * host_seconds + SPIN_MARGIN_S, MAX_SPIN_S)
+
+
+class CudaClock:
+    """The GPU side of `time_call`: the L2 flush, the spin (torch.cuda._sleep, in clock cycles, its rate
+    timed once per process with events, before any sample), events on the current stream."""
+
+    _cycles_per_second: float | None = None
+
+    def __init__(self):
+        if CudaClock._cycles_per_second is None:
+            cycles = 1 << 21  # about 1 ms at 2 GHz
+            for _ in range(2):  # the first also loads the kernel
+                start = self.record()
+                torch.cuda._sleep(cycles)
+                elapsed = self.elapsed(start, self.record())
+            CudaClock._cycles_per_second = cycles / elapsed
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def flush_l2(self) -> None:
+        _flush_l2()
+
+    def spin(self, seconds: float) -> None:
+        torch.cuda._sleep(max(1, math.ceil(seconds * CudaClock._cycles_per_second)))
+
+    def record(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed(self, start, end) -> float:
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def _device_clock() -> CudaClock | None:
+    return CudaClock() if torch.cuda.is_available() else None
+
+
 def time_call(fn: Callable[[], object], warmup: int = 3, min_time: float = 0.2, max_iters: int = 1000,
-              flush_l2: bool = True, spread: bool = False):
-    """Median seconds per call: CUDA events around the call alone on a GPU (the L2 flushed before each
-    call unless `flush_l2` is off), perf_counter on the CPU. With `spread`, (median, 20th, 80th
-    percentile)."""
+              flush_l2: bool = True) -> Timing:
+    """Seconds per call of `fn`, on the device and on the host (a `Timing`).
+
+    On a GPU, two loops after the warm-up:
+    - host: `perf_counter` around each call, the GPU idle before it (synchronised), so the figure is
+      the host's own time to run the call and queue its kernels (plus any wait of the call's own
+      synchronisations): what an eager training step pays per call; the median of calls for about a
+      quarter of `min_time`.
+    - device: CUDA events around the call with the L2 flushed before it (unless `flush_l2` is off),
+      and between the flush and the start event a GPU spin (`torch.cuda._sleep`, `spin_seconds` of the
+      host time: twice it plus a margin), so that the start event fires only once the host has queued
+      the whole call: the window holds the GPU's work alone, not its wait for a host slower than the
+      kernels (without the spin, a call whose host time exceeds the flush's is timed at the host's
+      speed). A sample whose queuing outlasted its spin is dropped and the spin regrown from it (at most
+      3 times, then kept: a call that synchronises itself waits out any spin). The median and 20th/80th
+      percentiles of samples for `min_time` (at least 5, at most `max_iters`).
+    On the CPU: perf_counter around each call, the same figure for both."""
+    clock = _device_clock()
     for _ in range(warmup):
         fn()
-    synchronize()
+    if clock is None:
+        samples = _samples(fn, min_time, max_iters)
+        return _timing(samples, samples)
+    clock.synchronize()
+    host = []
+    deadline = time.perf_counter() + min_time / 4
+    while len(host) < 5 or (time.perf_counter() < deadline and len(host) < max_iters):
+        clock.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+    clock.synchronize()
+    spin = spin_seconds(sorted(host)[len(host) // 2])
+    samples, regrown = [], 0
+    deadline = time.perf_counter() + min_time
+    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < max_iters):
+        if flush_l2:
+            clock.flush_l2()
+        t0 = time.perf_counter()
+        clock.spin(spin)
+        start = clock.record()
+        fn()
+        end = clock.record()
+        queued = time.perf_counter() - t0
+        seconds = clock.elapsed(start, end)
+        if queued > spin and spin < MAX_SPIN_S and regrown < 3:  # the GPU may have waited inside the window
+            spin, regrown = spin_seconds(queued), regrown + 1
+            continue
+        samples.append(seconds)
+    return _timing(samples, host)
+
+
+def _samples(fn, min_time: float, max_iters: int) -> list[float]:
     samples = []
     deadline = time.perf_counter() + min_time
     while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < max_iters):
-        if torch.cuda.is_available():
-            if flush_l2:
-                _flush_l2()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    samples.sort()
-    median = samples[len(samples) // 2]
-    if spread:
-        return median, samples[len(samples) // 5], samples[(4 * len(samples)) // 5]
-    return median
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def _timing(device: list[float], host: list[float]) -> Timing:
+    device, host = sorted(device), sorted(host)
+    return Timing(seconds=device[len(device) // 2], seconds_p20=device[len(device) // 5],
+                  seconds_p80=device[(4 * len(device)) // 5], host_seconds=host[len(host) // 2])
 
 
 def peak_memory(fn: Callable[[], object]) -> int | None:
@@ -102,7 +200,7 @@ def measure_copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     n = nbytes // 4 if device.type == "cuda" else (64 << 20) // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    seconds = time_call(lambda: dst.copy_(src), flush_l2=False)
+    seconds = time_call(lambda: dst.copy_(src), flush_l2=False).seconds
     return 2 * n * 4 / seconds
 
 
@@ -112,7 +210,7 @@ def measure_matmul_flops(device, dtype=torch.bfloat16, n: int = 8192) -> float:
         n, dtype = 512, torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = time_call(lambda: a @ b, flush_l2=False)
+    seconds = time_call(lambda: a @ b, flush_l2=False).seconds
     return 2 * n ** 3 / seconds
 
 

@@ -3,9 +3,11 @@
     python -m bench.kernels [--op NAME] [--budget-s S] [--smoke] [--out DIR]
 
 For each case (op x shape) and variant (reference eager, reference under torch.compile, peers where
-installed, ours): median time forward and forward+backward (CUDA events around each call, the L2
-flushed before it, 20th/80th percentiles kept to tell noise from a difference), achieved GB/s (memory-bound ops) or
-TFLOP/s (attention), the fraction of the device's copy bandwidth or bf16 matmul rate measured in the
+installed, ours): median time forward and forward+backward on the device (CUDA events around each
+call, the L2 flushed before it and the GPU held by a spin until the host has queued the whole call,
+20th/80th percentiles kept to tell noise from a difference) and on the host (what an eager step pays per
+call; bench.common.time_call says how each is taken), achieved GB/s (memory-bound ops) or
+TFLOP/s (attention), from the device time, the fraction of the device's copy bandwidth or bf16 matmul rate measured in the
 same run, the speed-up over the reference (the first variant), and peak memory. Results are written as
 JSON keyed by device, torch/Triton versions and date, rewritten after every case and pass so that a run
 cut short keeps what it measured. The SiT-XL/2 256 px cases run first; with a time budget (`--budget-s`,
@@ -42,19 +44,30 @@ def load_cases(device, smoke: bool, only: str | None = None) -> list[BenchCase]:
     return sorted(cases, key=lambda case: not case.headline)  # stable: the headline shapes first, by op
 
 
+# seconds of device-timed calls per variant (the host-timed ones take a quarter of it more): hundreds of
+# samples at these sizes; 0.2 s, not 0.5 s, so that the SiT-XL/2 256 px cases fit the kernels stage of
+# bench/gpu_all.sh (its budget arithmetic is there)
+MIN_TIME_S = 0.2
+# the least time left in the stage to start a case's pass: its compiles, warm-ups and timed calls (the
+# first H200 run took 222 s for 53 passes at 0.5 s a variant, 4 s a pass on average; this leaves room for
+# the longer ones, whose compiles dominate)
+PASS_NEEDS_S = 15.0
+
+
 def run_variant(variant, smoke: bool) -> dict:
     if variant.available is not None:
         return {"variant": variant.name, "skipped": variant.available}
     try:
         fn = variant.make()
-        seconds, p20, p80 = time_call(fn, warmup=1 if smoke else 5, min_time=0.0 if smoke else 0.5,
-                                      max_iters=3 if smoke else 1000, spread=True)
+        timing = time_call(fn, warmup=1 if smoke else 5, min_time=0.0 if smoke else MIN_TIME_S,
+                           max_iters=3 if smoke else 1000)
         memory = peak_memory(fn)
     except Exception as error:  # a peer or compile path that fails is reported, not fatal
         return {"variant": variant.name, "skipped": f"failed: {type(error).__name__}: {str(error)[:200]}"}
-    # p20/p80 tell noise from a difference between variants
-    return {"variant": variant.name, "seconds": seconds, "seconds_p20": p20, "seconds_p80": p80,
-            "peak_memory_bytes": memory}
+    # seconds: the device's time; host_seconds: the host's per call (bench.common.time_call); p20/p80 tell
+    # noise from a difference between variants
+    return {"variant": variant.name, "seconds": timing.seconds, "seconds_p20": timing.seconds_p20,
+            "seconds_p80": timing.seconds_p80, "host_seconds": timing.host_seconds, "peak_memory_bytes": memory}
 
 
 def _annotate(rows, nbytes, flops, ceilings):
@@ -99,9 +112,9 @@ def main(argv=None) -> int:
                 ("forward_backward", case.forward_backward, case.bytes_forward_backward, case.flops_forward_backward)):
             if not variants:
                 continue
-            # a case's pass is started whole or not at all (a ratio needs its reference beside it): 30 s
-            # covers its compiles, warm-ups and 0.5 s of calls per variant; the stage's timeout is the backstop
-            late = deadline.out_of_time(needed_s=0.0 if args.smoke else 30.0)
+            # a case's pass is started whole or not at all (a ratio needs its reference beside it); the
+            # stage's timeout is the backstop
+            late = deadline.out_of_time(needed_s=0.0 if args.smoke else PASS_NEEDS_S)
             rows = ([{"variant": v.name, "skipped": late} for v in variants] if late else
                     [run_variant(v, args.smoke) for v in variants])
             _annotate(rows, nbytes, flops, ceilings)
@@ -112,7 +125,8 @@ def main(argv=None) -> int:
                              f"{r['tflop_per_s']:8.1f} TFLOP/s {100 * r['fraction_of_matmul_peak']:5.1f}% mm" if flops else "")
                     ratio = r.get("speedup_vs_reference", float("nan"))
                     print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} "
-                          f"{r['seconds'] * 1e6:10.1f} us  x{ratio:5.2f}  {extra}", flush=True)
+                          f"{r['seconds'] * 1e6:10.1f} us  host {r['host_seconds'] * 1e6:8.1f} us  x{ratio:5.2f}  {extra}",
+                          flush=True)
                 else:
                     print(f"{case.op:<18} {case.shape:<28} {mode:<16} {r['variant']:<24} skipped: {r['skipped']}")
             if not args.smoke:

@@ -54,8 +54,17 @@ def kernel_table(payload: dict | None) -> str:
              f"copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s, bf16 matmul "
              f"{ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s"
              + (f" ({os.path.basename(payload['_path'])})." if "_path" in payload else "."), "",
-             "| op | shape | pass | variant | time (us) | vs reference | GB/s or TFLOP/s | of peak |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| op | shape | pass | variant | device us | host us | vs reference | GB/s or TFLOP/s | of peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    measured = [v for r in payload["results"] for v in r["variants"] if "seconds" in v]
+    if measured and not any("host_seconds" in v for v in measured):
+        lines[1:1] = ["", "Timed before host and device were told apart: each time is CUDA events around the call "
+                          "alone, which for a call that the host queues more slowly than the GPU runs the L2 flush "
+                          "before it is the host's time, not the device's (host us: not kept then)."]
+        lines[-2] = lines[-2].replace("| device us | host us |", "| time (us) | host us |")
+    else:
+        lines[0] += (" Device us: the GPU's time per call (ratios and rates are of it); host us: the host's "
+                     "(bench.common.time_call).")
     def was_run(result):
         return not all(v.get("skipped", "").startswith("not run") for v in result["variants"])
 
@@ -64,15 +73,16 @@ def kernel_table(payload: dict | None) -> str:
         for v in result["variants"]:
             if "seconds" not in v:
                 lines.append(f"| {result['op']} | {result['shape']} | {result['mode']} | {v['variant']} | "
-                             f"skipped: {v['skipped']} | | | |")
+                             f"skipped: {v['skipped']} | | | | |")
                 continue
             rate, peak = ((f"{v['gb_per_s']:.0f} GB/s", f"{100 * v['fraction_of_copy_bandwidth']:.0f}%")
                           if "gb_per_s" in v else
                           (f"{v['tflop_per_s']:.0f} TFLOP/s", f"{100 * v['fraction_of_matmul_peak']:.0f}%")
                           if "tflop_per_s" in v else ("", ""))
             ratio = f"{v['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in v else "-"  # no reference ran
+            host = f"{v['host_seconds'] * 1e6:.1f}" if "host_seconds" in v else "-"  # results before it was kept
             lines.append(f"| {result['op']} | {result['shape']} | {result['mode']} | {v['variant']} | "
-                         f"{v['seconds'] * 1e6:.1f} | {ratio} | {rate} | {peak} |")
+                         f"{v['seconds'] * 1e6:.1f} | {host} | {ratio} | {rate} | {peak} |")
     if not_run:
         lines += ["", "Not run in this call (its time budget ran out): "
                       + "; ".join(f"{r['op']} {r['shape']} {r['mode']}" for r in not_run) + "."]

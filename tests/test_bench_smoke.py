@@ -126,14 +126,87 @@ def test_ratios_only_against_the_reference_measured_beside_them():
     """A kernel case whose reference variant did not run gets no speed-up figures (the table shows '-'),
     instead of ratios against whichever variant ran first."""
     rows = [{"variant": "reference eager", "skipped": "failed: out of memory"},
-            {"variant": "triton", "seconds": 1e-4}, {"variant": "reference compiled", "seconds": 2e-4}]
+            {"variant": "triton", "seconds": 1e-4, "host_seconds": 3e-5},
+            {"variant": "reference compiled", "seconds": 2e-4, "host_seconds": 5e-5}]
     bench_kernels._annotate(rows, 1e9, 0, {"copy_bytes_per_s": 4e12, "matmul_flop_per_s": 8e14})
     assert all("speedup_vs_reference" not in r for r in rows) and rows[1]["gb_per_s"] == 1e4
     payload = {"environment": {"device": "gpu", "torch": "t", "triton": "t", "date": "d"},
                "ceilings": {"copy_bytes_per_s": 4e12, "matmul_flop_per_s": 8e14},
                "results": [{"op": "adaln_modulate", "shape": "s", "mode": "forward", "variants": rows}]}
     table = importlib.import_module("bench.report").kernel_table(payload)
-    assert "| adaln_modulate | s | forward | triton | 100.0 | - | 10000 GB/s | 250% |" in table
+    assert "| adaln_modulate | s | forward | triton | 100.0 | 30.0 | - | 10000 GB/s | 250% |" in table
+
+
+class _FakeStream:
+    """A GPU stream on the host's clock, for `bench.common.time_call`'s device path on the CPU: work queued
+    at host time h starts at max(h, when the stream is free); an event fires when the stream reaches it;
+    a synchronisation sleeps until the stream is idle. `spin=False` makes the spin do nothing."""
+
+    def __init__(self, spin=True):
+        self.free_at, self.spin_works, self.spins = 0.0, spin, []
+
+    def queue(self, seconds):
+        self.free_at = max(time.perf_counter(), self.free_at) + seconds
+
+    def synchronize(self):
+        time.sleep(max(0.0, self.free_at - time.perf_counter()))
+
+    def flush_l2(self):
+        self.queue(1e-4)
+
+    def spin(self, seconds):
+        self.spins.append(seconds)
+        self.queue(seconds if self.spin_works else 0.0)
+
+    def record(self):
+        self.free_at = max(time.perf_counter(), self.free_at)
+        return self.free_at
+
+    def elapsed(self, start, end):
+        self.synchronize()
+        return end - start
+
+
+def _host_bound_call(stream, host_s, device_s, slower_once_spun=1.0):
+    """A call whose host takes `host_s` to queue one kernel of `device_s` (x `slower_once_spun` for the
+    host after the first spin, i.e. in time_call's device loop)."""
+
+    def call():
+        time.sleep(host_s * (slower_once_spun if stream.spins else 1.0))
+        stream.queue(device_s)
+
+    return call
+
+
+@pytest.mark.parametrize("slower_once_spun", [1.0, 4.0])
+def test_time_call_holds_the_gpu_until_the_call_is_queued(monkeypatch, slower_once_spun):
+    """A call that the host queues in 1-2 ms and the GPU runs in 0.2 ms (adaln_modulate's case on the
+    H200: events around the call alone timed the host): the device time is the kernel's and the host time
+    the host's. With a host that turns slower than the spin was sized for, the late samples are dropped
+    and the spin regrown. The fake stream reproduces the fault: with a spin that does nothing, the window
+    holds the host's time."""
+    common = importlib.import_module("bench.common")
+    host_s, device_s = 0.002 if slower_once_spun == 1.0 else 0.001, 2e-4
+    stream = _FakeStream(spin=False)
+    monkeypatch.setattr(common, "_device_clock", lambda: stream)
+    assert common.time_call(_host_bound_call(stream, host_s, device_s), warmup=1, min_time=0.04).seconds > host_s
+
+    stream = _FakeStream()
+    timing = common.time_call(_host_bound_call(stream, host_s, device_s, slower_once_spun), warmup=1, min_time=0.04)
+    assert timing.seconds == pytest.approx(device_s, abs=1e-9) and timing.seconds_p20 == pytest.approx(device_s, abs=1e-9)
+    assert host_s <= timing.host_seconds < 3 * host_s  # the host loop's figure (before the call turned slower)
+    assert stream.spins[0] == pytest.approx(common.spin_seconds(timing.host_seconds))
+    if slower_once_spun > 1.0:
+        assert max(stream.spins) >= common.spin_seconds(slower_once_spun * host_s)
+
+
+def test_spin_sizing_and_the_cpu_path():
+    common = importlib.import_module("bench.common")
+    assert common.spin_seconds(1e-4) == pytest.approx(2e-4 + common.SPIN_MARGIN_S)
+    assert common.spin_seconds(10.0) == common.MAX_SPIN_S
+    if not torch.cuda.is_available():  # on the CPU both figures are perf_counter's, of the same calls
+        timing = common.time_call(lambda: time.sleep(0.002), warmup=0, min_time=0.0)
+        assert 0.002 <= timing.seconds == timing.host_seconds and timing.seconds_p20 <= timing.seconds <= timing.seconds_p80
 
 
 def test_results_are_replaced_whole(tmp_path):
@@ -156,8 +229,9 @@ def test_report_fills_the_gpu_tables_and_draws_the_charts(tmp_path):
 
     bench_report = importlib.import_module("bench.report")
     env = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-12-02"}
-    rows = [{"variant": "eager (SiT)", "seconds": 4e-5}, {"variant": "eager compiled", "seconds": 2e-5},
-            {"variant": "triton", "seconds": 1e-5}]
+    rows = [{"variant": "eager (SiT)", "seconds": 4e-5, "host_seconds": 8e-5},
+            {"variant": "eager compiled", "seconds": 2e-5, "host_seconds": 2e-5},
+            {"variant": "triton", "seconds": 1e-5, "host_seconds": 6e-5}]
     bench_kernels._annotate(rows, 4e7, 0, {"copy_bytes_per_s": 4e12, "matmul_flop_per_s": 8e14})
     kernels_payload = {"environment": env, "ceilings": {"copy_bytes_per_s": 4e12, "matmul_flop_per_s": 8e14},
                        "results": [{"op": "adaln_modulate", "shape": "32x256x1152 bf16 SiT-XL/2 256px",
@@ -177,7 +251,8 @@ def test_report_fills_the_gpu_tables_and_draws_the_charts(tmp_path):
                                         "model-zero-results")))
     assert bench_report.main(["--results", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "| adaln_modulate | 32x256x1152 bf16 SiT-XL/2 256px | forward | triton | 10.0 | 4.00x | 4000 GB/s | 100% |" in text
+    assert ("| adaln_modulate | 32x256x1152 bf16 SiT-XL/2 256px | forward | triton | 10.0 | 60.0 | 4.00x | 4000 GB/s "
+            "| 100% |") in text  # the ratio is of device time
     assert "| alignflow | 640.0 | - | 50.0 | 10.0 |" in text and "images from the pil loader" in text
     for name in ("kernels-NVIDIA-H200-2026-12-02", "train_step-NVIDIA-H200-2026-12-02"):
         assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

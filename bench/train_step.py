@@ -41,8 +41,9 @@ files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
 
 Writes bench/results/train_step-<device>-<date>.json (rewritten after every variant, so a run cut short
 keeps what it measured) and prints its table (`python -m bench.report` writes it beside the JSON). The
-eager pair runs first, then the trainer's eager steps, then the compiled variants (each compile of
-SiT-XL/2 takes minutes); with a time
+variants run most informative first (ORDER): the eager pair, the compiled pair and alignflow-graphs
+(each compile of SiT-XL/2 takes a minute or more), the trainer's steps, then the variants that differ
+from alignflow by one switch; with a time
 budget (`--budget-s`, or ALIGNFLOW_DEADLINE from bench/gpu_all.sh) a variant that would start after it
 is recorded as skipped. `--smoke` runs a tiny model for two steps on the CPU so CI keeps the harness
 working; its numbers mean nothing.
@@ -82,10 +83,12 @@ BF16_COPIES_VARIANTS = ("alignflow-bf16-copies",)
 # backend is the trainer's "auto"
 TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
                     "trainer-bf16-compiled": ("bf16", True), "trainer-bf16-graphs": ("bf16", GRAPHS)}
-# the order in which they run: eager first (each compile of SiT-XL/2 takes minutes), the opt-in CUDA graphs last
-ORDER = ["reference-eager", "alignflow", "alignflow-separate-clip", "alignflow-bf16-copies", "trainer-bf16",
-         "trainer-bf16-mixed",
-         "reference-compiled", "alignflow-compiled", "trainer-bf16-compiled", "alignflow-graphs", "trainer-bf16-graphs"]
+# the order in which they run, most informative first (a time budget skips the tail): the eager pair, the
+# compiled pair and CUDA graphs (the first H200 run's old order ran out of time before alignflow-compiled),
+# the trainer's step, then the variants that differ from alignflow by one switch
+ORDER = ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs",
+         "trainer-bf16", "trainer-bf16-mixed", "trainer-bf16-compiled", "trainer-bf16-graphs",
+         "alignflow-separate-clip", "alignflow-bf16-copies"]
 
 
 def _compile_mode(use_compile) -> dict:
@@ -544,7 +547,7 @@ def main(argv=None) -> int:
                "step_flops": step_flops, "matmul_flop_per_s": matmul, "variants": rows, "data": [],
                "loader": "none (one fixed batch)" if loader is None else loader.backend.name}
     latents_root = None
-    for epoch, name in enumerate(sorted(args.variants.split(","), key=ORDER.index)):  # eager first
+    for epoch, name in enumerate(sorted(args.variants.split(","), key=ORDER.index)):
         trainer = name in TRAINER_VARIANTS
         backend, use_compile = TRAINER_VARIANTS[name] if trainer else VARIANTS[name]
         # the trainer builds its DeepSpeed engine, loader and encoder first (and, once, the latent shards)

@@ -57,6 +57,16 @@ def test_timed_steps_splits_each_step_into_its_phases():
     assert phases["data"] > phases["optimizer"] >= 0.001 and row["img_per_s"] == 8 / row["seconds_per_step"]
 
 
+def test_train_step_runs_the_most_informative_variants_first():
+    """A time budget skips the tail of ORDER: the compiled pair and CUDA graphs come right after the eager
+    pair, the trainer's rows after them, the variants one switch away from alignflow last; each once."""
+    order = bench_train_step.ORDER
+    assert sorted(order) == sorted([*bench_train_step.VARIANTS, *bench_train_step.TRAINER_VARIANTS])
+    assert order[:5] == ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs"]
+    assert all(name.startswith("trainer-") for name in order[5:-2])
+    assert order[-2:] == ["alignflow-separate-clip", "alignflow-bf16-copies"]
+
+
 def test_data_benchmark_smoke(capsys):
     """The PIL and DALI CPU loaders both decode the same JPEG files (a skipped one fails the smoke run)."""
     bench_data = importlib.import_module("bench.data")

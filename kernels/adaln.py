@@ -39,7 +39,7 @@ from torch import Tensor
 from . import _cuda
 from ._autograd import fused_op
 from ._backend import fallback, resolve
-from ._util import TRITON_TYPES, compute_dtype, launch_spec, next_power_of_2, recorded_launches, tl_dtype
+from ._util import TRITON_TYPES, cdiv, compute_dtype, launch_spec, next_power_of_2, recorded_launches, tl_dtype
 
 # Widest row kept in registers; wider rows would spill, so they fall back to the reference
 # (kernels/TUNING.md).
@@ -218,10 +218,10 @@ def _backward_tiles(B: int, N: int, block_r: int):
     4 row blocks per tile: the fp32 partial sums (write + read: 24 B * tiles * D bytes per sample)
     cost 2 * tiles / N of the bf16 backward's 12 * N * D bytes per sample, 7% at SiT-XL/2 (9 tiles,
     N = 256) and 2% at 512 px. A starting point to sweep on a GPU, not a measured optimum."""
-    blocks = triton.cdiv(N, block_r)
-    tiles = max(1, min(triton.cdiv(_BACKWARD_PROGRAMS, B), blocks // 4))
-    blocks_per_tile = triton.cdiv(blocks, tiles)
-    return triton.cdiv(blocks, blocks_per_tile), blocks_per_tile
+    blocks = cdiv(N, block_r)
+    tiles = max(1, min(cdiv(_BACKWARD_PROGRAMS, B), blocks // 4))
+    blocks_per_tile = cdiv(blocks, tiles)
+    return cdiv(blocks, blocks_per_tile), blocks_per_tile
 
 
 def _as_rows(v: torch.Tensor, B: int, D: int) -> torch.Tensor:
@@ -246,7 +246,7 @@ def _forward(x, h, gate, shift, scale, eps, bias=None):
     rstd = torch.empty((B, N), dtype=compute, device=x.device)
     shift2, scale2 = _as_rows(shift, B, D), _as_rows(scale, B, D)
     gate2 = _as_rows(gate, B, D) if residual else scale2
-    _adaln_fwd_kernel[(B, triton.cdiv(N, block_r))](
+    _adaln_fwd_kernel[(B, cdiv(N, block_r))](
         x, h if residual else x, gate2, shift2, scale2, bias if bias is not None else scale2,
         x_new if residual else y, y, mean, rstd,
         N, D, eps,
@@ -399,7 +399,7 @@ def _backend(op, x, tensors):
         return fallback(op, "empty input")
     if x.shape[-1] > MAX_D:
         return fallback(op, f"D = {x.shape[-1]} exceeds the kernel's row width {MAX_D}")
-    if triton.cdiv(x.shape[1], _tile(x.shape[1], x.shape[-1])[0]) > 65535:
+    if cdiv(x.shape[1], _tile(x.shape[1], x.shape[-1])[0]) > 65535:
         return fallback(op, f"N = {x.shape[1]} needs more than 65535 row blocks per sample (grid limit)")
     return resolve(op, tensors, dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
 

@@ -20,8 +20,8 @@ from torch import Tensor
 from . import _cuda
 from ._autograd import fused_op
 from ._backend import fallback, resolve
-from ._util import (TRITON_TYPES, compute_dtype, launch_spec, next_power_of_2, recorded_launches, reduce_per_sample,
-                    tl_dtype)
+from ._util import (TRITON_TYPES, cdiv, compute_dtype, launch_spec, next_power_of_2, recorded_launches,
+                    reduce_per_sample, tl_dtype)
 
 EPS = 1e-12
 
@@ -137,7 +137,7 @@ def _alignment_forward(p, q):
     compute = compute_dtype(p, q)
     stats = torch.empty((3, B * N), dtype=compute, device=p.device)
     block_r, block_d = _blocks(D)
-    _alignment_fwd_kernel[(triton.cdiv(B * N, block_r),)](
+    _alignment_fwd_kernel[(cdiv(B * N, block_r),)](
         p2, q2, stats, B * N, D, *p2.stride(), *q2.stride(),
         EPS_=EPS, COMPUTE=tl_dtype(compute), BLOCK_R=block_r, BLOCK_D=block_d)
     return stats[0].view(B, N).clone(), stats
@@ -152,7 +152,7 @@ def _alignment_backward(g_cos, p, q, stats, need_dq: bool):
     dp = torch.empty((B, N, D), dtype=p.dtype, device=p.device)
     dq = torch.empty((B, N, D), dtype=q.dtype, device=q.device) if need_dq else None
     block_r, block_d = _blocks(D)
-    _alignment_bwd_kernel[(triton.cdiv(B * N, block_r),)](
+    _alignment_bwd_kernel[(cdiv(B * N, block_r),)](
         p2, q2, stats, g_rows, dp, dq if need_dq else dp, B * N, D, *p2.stride(), *q2.stride(),
         EPS_=EPS, D_Q=need_dq, COMPUTE=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_D=block_d)
     return dp, dq

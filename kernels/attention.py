@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ._autograd import fused_op
 from ._backend import fallback, get_backend, interpreting, resolve
-from ._util import TRITON_TYPES, compute_dtype, launch_spec, recorded_launches, tl_dtype
+from ._util import TRITON_TYPES, cdiv, compute_dtype, launch_spec, next_power_of_2, recorded_launches, tl_dtype
 
 LOG2E = math.log2(math.e)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -448,7 +448,7 @@ def head_tiles(head_dim: int) -> tuple[int, int]:
     covering the rest. 64 -> (64, 0), 72 -> (64, 16), 96 -> (64, 32), 128 -> (128, 0)."""
     d0 = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - d0
-    return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+    return d0, (max(16, next_power_of_2(rest)) if rest else 0)
 
 
 # Launch configurations per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) (for dkdv, BLOCK_M is the
@@ -550,7 +550,7 @@ def _forward(q, k, v, o, scale, norm, target):
     lse = torch.empty((B * H, N), dtype=compute, device=q.device)
     weights, eps, qk_norm = _norm_args(q, norm)
     block_m, block_n, launch = _launch_config("fwd", q, meta, qk_norm, target)
-    _attn_fwd_kernel[(triton.cdiv(N, block_m), B * H)](
+    _attn_fwd_kernel[(cdiv(N, block_m), B * H)](
         q, k, v, o, lse, *weights, N, H, scale * LOG2E, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
         ALIGN=_alignment(q, k, v, o), BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=N % block_n == 0,
@@ -564,7 +564,7 @@ def _backward(q, k, v, o, lse, do, dq, dk, dv, scale, norm, target):
     B, H, N, d = q.shape
     meta, compute = _kernel_meta(q, target)
     delta = torch.empty((B * H, N), dtype=compute, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK), B * H)](
+    _attn_bwd_delta_kernel[(cdiv(N, _DELTA_BLOCK), B * H)](
         o, do, delta, N, H, *_strides3(o), *_strides3(do), ALIGN=_alignment(o, do), BLOCK_M=_DELTA_BLOCK,
         HEAD_DIM=meta["HEAD_DIM"], D0=meta["D0"], D1=meta["D1"], COMPUTE=meta["COMPUTE"])
     align = _alignment(q, k, v, do, dq, dk, dv)
@@ -576,14 +576,14 @@ def _backward(q, k, v, o, lse, do, dq, dk, dv, scale, norm, target):
         return tuple(torch.empty((B * H * blocks, d), dtype=compute, device=q.device) for _ in range(2))
 
     block_m, block_n, launch = _launch_config("dkdv", q, meta, qk_norm, target)
-    dkw, dkb = partials(triton.cdiv(N, block_n))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
+    dkw, dkb = partials(cdiv(N, block_n))
+    _attn_bwd_dkdv_kernel[(cdiv(N, block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, *weights, dkw, dkb, N, H, scale * LOG2E, scale, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, QK_NORM=qk_norm, **meta, **launch)
     block_m, block_n, launch = _launch_config("dq", q, meta, qk_norm, target)
-    dqw, dqb = partials(triton.cdiv(N, block_m))
-    _attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
+    dqw, dqb = partials(cdiv(N, block_m))
+    _attn_bwd_dq_kernel[(cdiv(N, block_m), B * H)](
         q, k, v, do, lse, delta, dq, *weights, dqw, dqb, N, H, scale * LOG2E, scale, eps,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
         ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, QK_NORM=qk_norm, **meta, **launch)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ._autograd import fused_op
 from ._backend import fallback, resolve
-from ._util import TRITON_TYPES, compute_dtype, launch_spec, next_power_of_2, recorded_launches, tl_dtype
+from ._util import TRITON_TYPES, cdiv, compute_dtype, launch_spec, next_power_of_2, recorded_launches, tl_dtype
 
 _BETA = math.sqrt(2.0 / math.pi)  # torch's kBeta = M_SQRT2 * M_2_SQRTPI * 0.5
 _KAPPA = 0.044715
@@ -128,10 +128,10 @@ def _tiles(M: int, N: int):
     tensor with 4 warps), at least 4 iterations per tile, so the fp32 partial sums (4 B per tile and
     column, written and read) stay under 1/(4 x 16 x bf16 bytes) of the 6 B per element the pass moves."""
     block_n = min(128, next_power_of_2(N))
-    col_blocks = triton.cdiv(N, block_n)
-    tiles = max(1, min(triton.cdiv(_PROGRAMS, col_blocks), triton.cdiv(M, 4 * _BLOCK_M), 65535))
-    rows_per_tile = triton.cdiv(triton.cdiv(M, tiles), _BLOCK_M) * _BLOCK_M
-    return block_n, col_blocks, triton.cdiv(M, rows_per_tile), rows_per_tile
+    col_blocks = cdiv(N, block_n)
+    tiles = max(1, min(cdiv(_PROGRAMS, col_blocks), cdiv(M, 4 * _BLOCK_M), 65535))
+    rows_per_tile = cdiv(cdiv(M, tiles), _BLOCK_M) * _BLOCK_M
+    return block_n, col_blocks, cdiv(M, rows_per_tile), rows_per_tile
 
 
 def _rows(t: Tensor) -> Tensor:

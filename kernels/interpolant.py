@@ -27,8 +27,8 @@ from torch import Tensor
 from . import _cuda
 from ._autograd import fused_op
 from ._backend import resolve
-from ._util import (TRITON_TYPES, compute_dtype, launch_spec, next_power_of_2, recorded_launches, reduce_per_sample,
-                    tl_dtype)
+from ._util import (TRITON_TYPES, cdiv, compute_dtype, launch_spec, next_power_of_2, recorded_launches,
+                    reduce_per_sample, tl_dtype)
 
 # The flow paths by name: the one list the engine's configs, transport and samplers check against.
 PATHS = ("linear", "cosine")
@@ -272,7 +272,7 @@ def _strides(tensor):
 def _block_s(rows: int, S: int) -> int:
     # At least ~1024 programs so that small latents still fill an H100's 132 SMs; at most 1024 lanes.
     block = min(1024, next_power_of_2(S))
-    while block > 128 and rows * triton.cdiv(S, block) < 1024:
+    while block > 128 and rows * cdiv(S, block) < 1024:
         block //= 2
     return block
 
@@ -321,7 +321,7 @@ def _interpolant_forward(x, noise, t, source_shift, target_shift, path):
     x_t = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     v = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block = _block_s(B * C, S)
-    _interpolant_fwd_kernel[(B * C, triton.cdiv(S, block))](
+    _interpolant_fwd_kernel[(B * C, cdiv(S, block))](
         x3, n3, t, mu0 if mu0 is not None else x3, mu1 if mu1 is not None else x3, x_t, v, C, S,
         *x3.stride(), *n3.stride(), *_strides(mu0), *_strides(mu1),
         PATH=_PATH_CODES[path], HAS_MU0=mu0 is not None, HAS_MU1=mu1 is not None,
@@ -334,7 +334,7 @@ def _interpolant_backward(g_xt, g_v, t, x, noise, source_shift, target_shift, pa
     B, C, S = _rows_view(x)
     cuda = _cuda.supports_interpolant_backward(g_xt, g_v)  # set_backend("cuda")
     block = _block_s(B * C, S)
-    num_blocks = _cuda.flow_chunks(x.device, B * C, S) if cuda else triton.cdiv(S, block)
+    num_blocks = _cuda.flow_chunks(x.device, B * C, S) if cuda else cdiv(S, block)
     compute = compute_dtype(x, noise, source_shift, target_shift)
     z1 = _ShiftGrads(x, target_shift, needs[0], needs[3], num_blocks, compute)
     z0 = _ShiftGrads(noise, source_shift, needs[1], needs[2], num_blocks, compute)
@@ -369,7 +369,7 @@ def _velocity_loss_forward(v_pred, x, noise, t, source_shift, target_shift, path
     v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
     mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)
     block = _block_s(B * C, S)
-    num_blocks = triton.cdiv(S, block)
+    num_blocks = cdiv(S, block)
     compute = compute_dtype(v_pred, x, noise, source_shift, target_shift)
     partial = torch.empty((B * C, num_blocks), dtype=compute, device=x.device)
     _velocity_loss_fwd_kernel[(B * C, num_blocks)](
@@ -386,7 +386,7 @@ def _velocity_loss_backward(g_loss, v_pred, x, noise, t, source_shift, target_sh
     B, C, S = rows_view = _rows_view(x)
     cuda = _cuda.supports_flow("velocity_loss", x, noise, t, source_shift, target_shift, v_pred)
     block = _block_s(B * C, S)
-    num_blocks = _cuda.flow_chunks(x.device, B * C, S) if cuda else triton.cdiv(S, block)
+    num_blocks = _cuda.flow_chunks(x.device, B * C, S) if cuda else cdiv(S, block)
     compute = compute_dtype(v_pred, x, noise, source_shift, target_shift)
     v3, x3, n3 = v_pred.reshape(rows_view), x.reshape(rows_view), noise.reshape(rows_view)
     mu0, mu1 = _as_rows(source_shift, x.shape, rows_view), _as_rows(target_shift, x.shape, rows_view)

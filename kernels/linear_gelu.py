@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._autograd import fused_op
 from ._backend import fallback, resolve
-from ._util import TRITON_TYPES, launch_spec, recorded_launches, tl_dtype
+from ._util import TRITON_TYPES, cdiv, launch_spec, recorded_launches, tl_dtype
 from .attention import launch_target
 from .gelu import gelu_tanh_derivative, gelu_tanh_inner
 
@@ -208,7 +208,7 @@ def linear_gelu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, target: 
     g = torch.empty((M, N), dtype=x.dtype, device=x.device)
     a = torch.empty((M, N), dtype=x.dtype, device=x.device)
     block_m, block_n, block_k, options = _launch_config(x, "fwd", target, arch)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    grid = (cdiv(M, block_m) * cdiv(N, block_n),)
     _linear_gelu_fwd_kernel[grid](
         x2, w, bias if bias is not None else w, g, a, M, N, K, x2.stride(0), w.stride(0), N,
         HAS_BIAS=bias is not None, **_dot_meta(x, target), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -227,8 +227,8 @@ def linear_gelu_backward(dy: Tensor, weight: Tensor, a: Tensor, need_bias: bool,
     K = w.shape[0]
     block_m, block_n, block_k, options = _launch_config(a, "bwd", target, arch)
     da = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    partial = torch.empty((triton.cdiv(M, block_m), N), dtype=torch.float32, device=a.device) if need_bias else da
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    partial = torch.empty((cdiv(M, block_m), N), dtype=torch.float32, device=a.device) if need_bias else da
+    grid = (cdiv(M, block_m) * cdiv(N, block_n),)
     _linear_gelu_bwd_kernel[grid](
         dy2, w, a2, da, partial, M, N, K, dy2.stride(0), w.stride(0), a2.stride(0),
         BIAS_GRAD=need_bias, **_dot_meta(a, target), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

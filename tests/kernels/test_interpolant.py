@@ -1,4 +1,6 @@
 """kernels.interpolant and kernels.velocity_loss against their references (CPU: Triton interpreter)."""
+import re
+
 import pytest
 import torch
 
@@ -167,3 +169,26 @@ def test_t_with_grad_falls_back_to_reference(caplog):
         x_t, _ = kernels.interpolant(x, noise, t)
     x_t.sum().backward()
     torch.testing.assert_close(t.grad, (noise - x).sum((1, 2, 3)))
+
+
+def test_shift_shape_check_broadcasts_as_torch_does():
+    """The shift shape check's plain-Python broadcast agrees with torch.broadcast_shapes on random
+    shape pairs, those that do not broadcast included."""
+    from kernels.interpolant import _broadcast_shape
+
+    rng = torch.Generator().manual_seed(torch.seed())
+    for _ in range(2000):
+        a, b = (tuple(torch.randint(1, 4, (int(torch.randint(0, 5, (), generator=rng)),), generator=rng).tolist())
+                for _ in range(2))
+        try:
+            want = tuple(torch.broadcast_shapes(a, b))
+        except RuntimeError:
+            want = None
+        assert _broadcast_shape(a, b) == want, (a, b)
+
+
+@pytest.mark.parametrize("shape, message", [((2, 5, 1, 1), "does not broadcast"), ((3, 2, 4, 1, 1), "would enlarge")])
+def test_a_bad_shift_shape_is_named(shape, message):
+    x, noise, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.rand(2)
+    with pytest.raises(ValueError, match=re.escape(f"source_shift shape {tuple(shape)} {message}")):
+        kernels.interpolant(x, noise, t, "linear", torch.randn(shape))

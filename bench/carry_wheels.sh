@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Bring DeepSpeed and DALI (with what they need that the GPU image lacks) to the GPU machine.
 #
-# DeepSpeed and its missing needs are small (~5 MB): `small` puts them in .whl/, which travels with
-# the one call of bench/gpu_all.sh (carry: [".whl"]) and is installed there to /tmp/site.
+# DeepSpeed and its missing needs are small (~5 MB), and so is torch-fidelity (85 KB): `small` puts
+# them in .whl/, which travels with the one call of bench/gpu_all.sh (carry: [".whl"]) and is
+# installed there to /tmp/site.
 #
 # DALI's CUDA 13 wheel alone is ~190 MiB and one device call carries at most 64 MiB, so the wheels
 # travel as one tar cut into parts of PART_MIB (default 56) MiB, one part per call, into the warm
@@ -20,9 +21,15 @@ cd "$(dirname "$0")/.."
 PART_MIB=${PART_MIB:-56}
 # DeepSpeed's sdist is built into a wheel here; the rest come from the registry as cp312 manylinux wheels.
 DEEPSPEED_NEEDS=(hjson pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection "typing-extensions>=4.16")
+# The evaluation metrics (engine.evaluate; the main job's encoder figure is its Frechet distance, and
+# validation refuses an evaluating run without it). Pure Python, --no-deps: importing any of it runs the
+# package's __init__, which imports torchvision, PIL and tqdm (in the image: timm needs the first two,
+# DeepSpeed and huggingface_hub the third); its FID is numpy's eigvals, so no scipy (scipy is only the
+# reference sqrtm of tests/engine/test_evaluate.py, which skips without it: ~35 MB, not carried).
+EVAL_NEEDS=(torch-fidelity==0.4.0)
 WHEELS=(nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvcomp-cu13==5.3.0.16
         "nvidia-nvjpeg>=13,<14" astunparse==1.6.3 gast==0.7.0 libcst==1.9.0 makefun nvtx optree
-        "${DEEPSPEED_NEEDS[@]}")
+        "${DEEPSPEED_NEEDS[@]}" "${EVAL_NEEDS[@]}")
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64)
 
@@ -42,7 +49,7 @@ case "${1:-}" in
   small)
     rm -rf .whl && mkdir -p .whl && ignore "/.whl/"
     python3 -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
-    download .whl "${DEEPSPEED_NEEDS[@]}"
+    download .whl "${DEEPSPEED_NEEDS[@]}" "${EVAL_NEEDS[@]}"
     echo "$(ls .whl | wc -l) wheels in .whl ($(du -sh .whl | cut -f1)): carry [\".whl\"] with bench/gpu_all.sh"
     ;;
   prepare)
@@ -74,7 +81,7 @@ case "${1:-}" in
     tar -xf /tmp/carry/wheels.tar -C /tmp/carry
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       /tmp/carry/wheels/*.whl
-    PYTHONPATH=/tmp/site python3 -c "import deepspeed, nvidia.dali as dali; print('deepspeed', deepspeed.__version__, 'dali', dali.__version__)"
+    PYTHONPATH=/tmp/site python3 -c "import deepspeed, nvidia.dali as dali, torch_fidelity as tf; print('deepspeed', deepspeed.__version__, 'dali', dali.__version__, 'torch-fidelity', tf.__version__)"
     ;;
   *)
     sed -n '2,17p' "$0"; exit 2 ;;

@@ -89,6 +89,7 @@ stage() {
       # optional packages: their absence is reported, not a failure
       python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1 || true
       python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>&1 | tail -1 || true
+      python3 -c "import torch_fidelity as t; print('torch-fidelity', t.__version__)" 2>&1 | tail -1 || true
       return 0 ;;
     real)
       # One process: its last test reads the spills of the JIT builds the real-size runs made.

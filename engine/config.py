@@ -572,10 +572,10 @@ def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | Non
 
 
 def _validate_eval(cfg: ExperimentConfig, disk: bool) -> None:
-    """The `eval` section against the others and the disk: a missing reference batch or Inception
-    weights stops the run now, not at the first evaluation."""
-    import importlib.util
-
+    """The `eval` section against the others, the installed packages and the disk: a missing metrics
+    package, reference batch or Inception weights stops the run now, not at the first evaluation (after
+    the encoder bootstrap and the first training steps). A metric that is on is required: no setting
+    here is 'auto', so none is dropped with a warning."""
     e = cfg.eval
     if not e.every:
         return
@@ -585,13 +585,24 @@ def _validate_eval(cfg: ExperimentConfig, disk: bool) -> None:
     if e.encoder_metrics and not cfg.encoders:
         raise ConfigError("eval.encoder_metrics", True, "false without encoders (the figure is measured in "
                           "encoders[0]'s features)")
+    if e.encoder_metrics:
+        from engine.evaluate import metrics_library_problem
+
+        problem = metrics_library_problem()
+        if problem is not None:
+            raise ConfigError("eval.encoder_metrics", True, f"false, or install torch-fidelity (pip install -e "
+                              f"\".[eval]\"), whose Frechet distance the encoder figure uses: {problem}")
     if e.ref is None or not disk:
         return
     if not os.path.isfile(e.ref):
         raise ConfigError("eval.ref", e.ref, "an existing ADM reference batch (.npz with arr_0), e.g. "
                           "VIRTUAL_imagenet256_labeled.npz")
-    if importlib.util.find_spec("torch_fidelity") is None:
-        raise ConfigError("eval.ref", e.ref, "null without torch-fidelity installed (pip install -e \".[eval]\")")
+    from engine.evaluate import metrics_library_problem
+
+    problem = metrics_library_problem()
+    if problem is not None:
+        raise ConfigError("eval.ref", e.ref, f"null, or install torch-fidelity (pip install -e \".[eval]\"), whose "
+                          f"Inception network and metrics it needs: {problem}")
     if not e.random_inception:
         from engine.evaluate import resolve_inception_weights
 

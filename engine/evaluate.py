@@ -97,6 +97,18 @@ def _torch_fidelity():
     return module
 
 
+def metrics_library_problem() -> str | None:
+    """Why torch-fidelity (every metric here, the encoder figure's Frechet distance included) cannot be
+    imported on this machine, or None. Config validation asks before any work, so a missing package
+    stops a run at its start, not at its first evaluation. The import is the real one: the package's
+    __init__ loads all its modules, which need torchvision, PIL and tqdm besides torch and numpy."""
+    try:
+        import torch_fidelity.metric_fid  # noqa: F401
+    except ImportError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 class InceptionFeatures(nn.Module):
     """uint8 (B, H, W, 3) images -> {"pool": (B, 2048) pool_3, "spatial": (B, 2023) mixed_6/conv[..., :7]
     in TF's (H, W, C) order, "logits": (B, 1008) unbiased logits}, all float32. The network resizes

@@ -14,6 +14,8 @@ from engine.config import (ConfigError, apply_overrides, from_dict, grad_accum_s
 from tests.engine.trainer_fixtures import REPO, env, tiny_config
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+# builtin_cpu.yaml evaluates (eval.encoder_metrics), and validation requires the metrics package then
+METRICS_SKIP = "torch-fidelity is not installed (pip install -e \".[eval]\"): configs that evaluate do not validate"
 
 
 def tiny(tmp_path, **sections):
@@ -23,6 +25,8 @@ def tiny(tmp_path, **sections):
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
+    if cfg.eval.every:
+        pytest.importorskip("torch_fidelity", reason=METRICS_SKIP)
     world = 2 if "builtin" in path else 8
     validate(cfg, world_size=world, cuda_available="builtin" not in path, disk="builtin" in path)
     assert world * cfg.data.batch_size * grad_accum_steps(cfg, world) == cfg.train.global_batch_size
@@ -33,6 +37,7 @@ def test_shipped_configs_validate(path):
 
 
 def test_builtin_config_is_the_main_job():
+    pytest.importorskip("torch_fidelity", reason=METRICS_SKIP)
     cfg = load_config(os.path.join(REPO, "configs", "builtin_cpu.yaml"))
     assert cfg.model.reg and cfg.model.car_flow == "joint" and cfg.model.z_dims
     assert cfg.data.source == "builtin" and cfg.train.bootstrap_encoder
@@ -116,8 +121,66 @@ def test_eval_section_is_checked_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     on_disk(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "ref.npz")}), "eval.inception_weights",
             "eval.ref is set but", "weights-inception-2015-12-05", "torch-fidelity/releases")
+    pytest.importorskip("torch_fidelity", reason=METRICS_SKIP)
     validate(from_dict(tiny(tmp_path, eval={"every": 10, "ref": str(tmp_path / "ref.npz"), "random_inception": True})))
     validate(from_dict(tiny(tmp_path, eval={"every": 10})))  # the encoder figure alone
+
+
+def hide_torch_fidelity(monkeypatch, how: str) -> None:
+    """This process as on a machine without torch-fidelity ("missing"), or with one whose import fails
+    on a dependency of its own ("broken": torch-fidelity imports torchvision, PIL and tqdm)."""
+    import builtins
+
+    if how == "missing":
+        for name in ["torch_fidelity", "torch_fidelity.metric_fid",
+                     *(n for n in list(sys.modules) if n.startswith("torch_fidelity."))]:
+            monkeypatch.setitem(sys.modules, name, None)  # `import` raises ModuleNotFoundError
+        return
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name.startswith("torch_fidelity"):
+            raise ImportError("cannot import name 'InterpolationMode' from 'torchvision.transforms' (simulated)")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+
+
+@pytest.mark.parametrize("how, cause", [("missing", "ModuleNotFoundError: import of torch_fidelity"),
+                                        ("broken", "ImportError: cannot import name 'InterpolationMode'")])
+def test_missing_metrics_package_stops_the_run_before_any_work(tmp_path, monkeypatch, capsys, how, cause):
+    """The main job evaluates (eval.encoder_metrics: the Frechet distance is torch-fidelity's): without
+    that package importable, validation stops it at the start in one line naming the package, the pip
+    extra, the config key that turns the metric off and the import's own error, instead of an
+    ImportError at the first evaluation after the encoder bootstrap (the H200 run of 2026-12-04). The
+    metrics are on only where the config turns them on, so none is skipped with a warning instead."""
+    import numpy as np
+
+    from engine.train import main
+
+    hide_torch_fidelity(monkeypatch, how)
+    config = os.path.join(REPO, "configs", "builtin_cpu.yaml")
+    args = ["--config", config, "--validate-only", f"train.output_dir={tmp_path / 'run'}",
+            f"data.root={tmp_path / 'data'}"]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    stderr = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(stderr.splitlines()) == 1, stderr
+    for fragment in (f"config error: {config}:", "eval.encoder_metrics: true: false, or install torch-fidelity",
+                     'pip install -e ".[eval]"', cause):
+        assert fragment in stderr, (fragment, stderr)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+    # the Inception metrics (eval.ref) name their own key
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(ConfigError) as error:
+        validate(from_dict(tiny(tmp_path, eval={"every": 10, "encoder_metrics": False, "ref": str(tmp_path / "ref.npz"),
+                                                "random_inception": True})), cuda_available=False)
+    assert str(error.value).startswith(f"eval.ref: '{tmp_path / 'ref.npz'}': null, or install torch-fidelity")
+    assert cause in str(error.value)
+    # with the metrics off (eval.encoder_metrics: false and no eval.ref, or eval.every: 0) nothing needs it
+    validate(from_dict(tiny(tmp_path, eval={"every": 0})), cuda_available=False, disk=False)
+    main([*args, "eval.every=0"])
+    assert capsys.readouterr().out.strip() == f"{config}: ok"
 
 
 def test_component_errors_carry_their_section(tmp_path):

@@ -263,6 +263,8 @@ def test_builtin_figure_ranks_a_trained_sit_above_a_random_one(tmp_path):
     the class-token features of the bootstrapped encoder) of the EMA model at step 0 (a random SiT) and
     after FIGURE_STEPS steps: training lowers the encoder FD clearly and lifts the class accuracy from
     chance to most samples recognised; the margins come from the spread measured above."""
+    pytest.importorskip("torch_fidelity", reason="the encoder figure's Frechet distance is torch-fidelity's "
+                        "(pip install -e \".[eval]\"); without it the run stops at validation")
     trainer = make_trainer(
         tmp_path, tmp_path / "data", data={"builtin_images_per_class": 16},
         encoders=[{"name": "test_vit", "pretrained": True, "resolution": 16, "image_size": 64}],

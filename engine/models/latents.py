@@ -80,10 +80,15 @@ def _per_channel(value, channels: int, key: str) -> torch.Tensor:
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 in [-1, 1]."""
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1], p / 127.5 - 1 correctly rounded, the same bits on every
+    device: latent shards written on one device train like online encoding on another."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images (B, 3, H, W), got shape {tuple(images.shape)}")
-    return images.float() / 127.5 - 1.0
+    pixels = images.float()
+    # The divisor is a tensor on the images' device, not a Python number: CUDA divides by a CPU scalar
+    # as a multiplication by its float32 reciprocal, 1 ulp off the quotient for 111 of the 256 values
+    # (seen on the H200, 2026-12-04), where the CPU divides exactly; both divide exactly by a tensor.
+    return pixels / torch.full((), 127.5, device=pixels.device) - 1.0
 
 
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

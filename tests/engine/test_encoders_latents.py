@@ -83,6 +83,65 @@ def test_missing_weights_are_a_clear_error(tmp_path):
         build_encoder(EncoderConfig(name="not-a-model", pretrained=False))
 
 
+def correctly_rounded_unit_range() -> torch.Tensor:
+    """p / 127.5 - 1 for p = 0..255: the float32 nearest the exact quotient (ties to even), minus 1."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    out = []
+    for p in range(256):
+        exact = Fraction(2 * p, 255)
+        near = np.float32(float(exact))
+        candidates = [np.nextafter(near, np.float32(-1)), near, np.nextafter(near, np.float32(3))]
+        best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - exact), int(np.float32(c).view(np.int32)) & 1))
+        out.append(best)
+    return torch.from_numpy(np.array(out, np.float32)) - 1.0  # one float32 subtraction, exact on every device
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unit_range_is_correctly_rounded_on_every_device(device):
+    """Raw latent shards (engine.preprocess, on whatever device ran it) must hold the bits that online
+    encoding computes on the training device: on CUDA a Python-number divisor became a multiplication by
+    float32(1 / 127.5), 1 ulp off for 111 of the 256 values (H200, 2026-12-04), and raw shards written on
+    the CPU differed from online encoding in 20% of the pixels."""
+    from engine.models.latents import to_unit_range
+
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    got = to_unit_range(pixels.to(device)).cpu()
+    want = correctly_rounded_unit_range().view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    # the reciprocal form CUDA used is what this test tells apart (so it is not vacuous on the CPU)
+    reciprocal = (pixels.float() * torch.tensor(1 / 127.5, dtype=torch.float64).float() - 1.0).view(torch.int32)
+    assert (reciprocal != want.view(torch.int32)).sum() == 2 * 3 * 111
+    # the same bits as the division by a number on the CPU, where that is exact (frozen CPU numerics)
+    assert torch.equal(got.view(torch.int32), (pixels.float() / 127.5 - 1.0).view(torch.int32))
+
+
+def test_unit_range_divides_by_a_tensor_on_the_images_device():
+    """The CPU cannot run CUDA's scalar-divisor path, so the call itself is checked: the divisor of
+    to_unit_range's division is a tensor on the images' device, never a Python number or CPU scalar."""
+    from torch.overrides import TorchFunctionMode
+
+    from engine.models.latents import to_unit_range
+
+    divisions = []
+
+    class RecordDivisions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.__truediv__, torch.Tensor.div, torch.div, torch.true_divide):
+                divisions.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    with RecordDivisions():
+        to_unit_range(images(1, 4))
+    assert len(divisions) == 1 and isinstance(divisions[0], torch.Tensor), divisions
+    assert divisions[0].device == images(1, 4).device and divisions[0].dim() == 0
+
+
 def test_identity_latent_space_round_trip():
     space = build_latent_space(LatentConfig(kind="identity", scale=2.0, shift=[0.1, 0.0, -0.1]))
     batch = images()

@@ -4,7 +4,7 @@
 # rest of the GPU tests, the trainer on the GPU, and the data loaders. Results go to $OUT (default
 # bench/results/); commit them and run `python -m bench.report` to regenerate the README tables.
 #
-#   bash bench/carry_wheels.sh small        # here, once: DeepSpeed and what it needs into .whl/ (~5 MB)
+#   bash bench/carry_wheels.sh small        # here, once: DeepSpeed, torch-fidelity and what they need into .whl/ (~5 MB)
 #   bash bench/gpu_all.sh [STAGE ...]       # device tool: carry [".whl"], timeout_s 600
 #
 # Stages, in order of value (default: all): env real train kernels tests sanitize engine data

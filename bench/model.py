@@ -5,6 +5,7 @@ training step, counted on fake tensors on the CPU, turned into a modelled time o
                           [--reg] [--car-flow none] [--precision bf16-mixed|bf16] [--variants ...]
                           [--device-preset h100-sxm] [--zero-gpus 8,64] [--out bench/results]
     python -m bench.model --write-baseline     # the regression guard's baseline (see tests/test_bench_model.py)
+    python -m bench.model --fit-host           # refit HOST_COSTS to the newest measured step in --results
 
 The step is `bench.train_step.one_step` itself (its `build` too), run once to create the optimizer
 state and once more recorded, under FakeTensorMode: no tensor has data, every aten op is recorded by a
@@ -26,7 +27,12 @@ module (SiT's forward and its backward, and the fused encoder's forward; the ref
 and optimizer stay eager, as in bench.train_step), each maximal run of pointwise/reduction/copy ops between anchors (matmuls,
 convolutions, attention, Triton kernels) becomes one kernel that reads the tensors it takes from
 outside the run and writes the tensors read after it.
-Time per op = max(FLOPs / (matmul peak x efficiency), bytes / bandwidth) + launches x launch cost.
+Time per op = max(FLOPs / (matmul peak x efficiency), bytes / bandwidth) + launches x launch cost: the
+device lane. The host lane counts the calls the host makes in each phase of bench.train_step's breakdown
+(HOST_KINDS: aten ops dispatched eagerly, our `kernels` ops' eager calls, autograd nodes, DeepSpeed's
+per-parameter hooks, multi-tensor calls; in compiled regions Inductor's launch per kernel, or one CUDA-graph
+replay) at a cost per kind (HOST_COSTS, fitted to a measured step: fit_host_costs, `--fit-host`); each phase
+takes the longer of the two lanes (compose_phases), the step their sum.
 """
 from __future__ import annotations
 
@@ -168,6 +174,17 @@ class Op:
         return self.read + self.written
 
 
+@dataclass
+class HostCall:
+    """One call the host makes in the step, for the host lane (see HOST_KINDS): what kind of call, the
+    part of bench.train_step's breakdown it falls in, and whether it is inside a compiled region (SiT's
+    forward and backward, the fused encoder's forward), where the compiled variants replace it."""
+    kind: str
+    step_phase: str
+    compiled: bool = False
+    name: str = ""
+
+
 def _storage_key(t: torch.Tensor):
     return t.untyped_storage()._cdata
 
@@ -211,6 +228,11 @@ _FREE = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided
          "sym_storage_offset", "_has_compatible_shallow_copy_type", "record_stream", "_assert_async",
          "_to_copy_meta",
          "_unsafe_view"}  # a view that autograd does not track as one (matmul's fold of mm's output): no copy
+# dispatched on fake tensors but attribute reads or bookkeeping on a CUDA tensor: no host call of their own
+# (detach: autograd's own, of the tensors it saves and accumulates)
+_NO_HOST_CALL = {"detach", "device", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "promote_types",
+                 "_has_compatible_shallow_copy_type", "_record_function_enter_new", "_record_function_exit",
+                 "is_same_size", "_to_copy_meta", "_local_scalar_dense"}
 _ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 _FA2_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)   # FlashAttention-2's kernel instantiations
 
@@ -386,6 +408,9 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         self._forward_outputs: list = []
         self._opaque = 0  # > 0 inside a registered custom op's implementation (see _run_launcher)
         self._attributed = None  # a phase: the ops of the ZeRO optimizer's stand-in (category optimizer)
+        self.host: list[HostCall] = []  # the host lane's calls (count_host)
+        self._nodes: dict = {}  # id -> autograd node, each counted once (kept alive: ids are addresses)
+        self._graph_roots: list = []  # (tensor, in_model): the outputs of eager `kernels` op calls
 
     @contextlib.contextmanager
     def attributed(self, phase: str):
@@ -400,9 +425,13 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
     # -- Triton launches -------------------------------------------------------------------------
     @contextlib.contextmanager
     def intercept_triton(self):
+        """Triton launches recorded instead of run; each eager call of a `kernels` op (its FusedOp) counted
+        for the host lane."""
         from triton.runtime.jit import KernelInterface
 
-        original = KernelInterface.__getitem__
+        from kernels._autograd import FusedOp
+
+        original, original_call = KernelInterface.__getitem__, FusedOp.__call__
         tracer = self
 
         def getitem(kernel, grid):
@@ -410,11 +439,27 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
                 tracer.record_triton(kernel, args, kwargs)
             return launch
 
-        KernelInterface.__getitem__ = getitem
+        def call(op, *inputs):
+            if tracer.recording and not torch.compiler.is_compiling():
+                tracer.host_call("kernels_op", tracer._compiled_op(tracer._phase(None)), op.name)
+            out = original_call(op, *inputs)
+            if tracer.recording and tracer.phase == "forward":  # its backward node: a root of the graph walk
+                tracer._graph_roots.extend((t, tracer.in_model) for t in _tensors(out))
+            return out
+
+        KernelInterface.__getitem__, FusedOp.__call__ = getitem, call
         try:
             yield
         finally:
-            KernelInterface.__getitem__ = original
+            KernelInterface.__getitem__, FusedOp.__call__ = original, original_call
+
+    def host_call(self, kind: str, compiled: bool = False, name: str = ""):
+        if self.recording:
+            self.host.append(HostCall(kind, self.phase, compiled, name))
+
+    def _dispatch_compiled(self) -> bool:
+        """Whether an aten op dispatched now is inside a compiled region (as Op.compiled is)."""
+        return self._compiled_op(self._phase(None)) and not self._attributed
 
     def record_triton(self, kernel, args, kwargs):
         if not self.recording:
@@ -487,7 +532,35 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
                 continue
             if node is not None and "phase" not in node.metadata:
                 node.metadata.update(phase=phase, category=category, fused=fused, model=in_model)
+        self._count_backward_nodes()
         self._forward_outputs.clear()
+
+    def _count_backward_nodes(self):
+        """The host lane's autograd nodes: every node of the graph the forward built (walked from the
+        recorded outputs' grad_fn), each run once by the backward. A node inside SiT (its tagged model flag,
+        or for an untagged node such as a view's that of the node it was reached from) is in the compiled
+        region, except AccumulateGrad, which runs eagerly after a compiled backward too; the backward node of
+        a `kernels` op (its FusedOp's autograd.Function) also counts as that op's eager call."""
+        stack = []
+        for out, in_model in [(o[0], o[4]) for o in self._forward_outputs] + self._graph_roots:
+            try:
+                stack.append((out.grad_fn, in_model))
+            except RuntimeError:
+                continue
+        self._graph_roots.clear()
+        while stack:
+            node, model_flag = stack.pop()
+            if node is None or id(node) in self._nodes:
+                continue
+            self._nodes[id(node)] = node
+            model_flag = node.metadata.get("model", model_flag)
+            accumulate = node.name().endswith("AccumulateGrad")
+            compiled = bool(model_flag) and not accumulate
+            self.host.append(HostCall("autograd_node", "backward", compiled, node.name()))
+            forward_cls = getattr(node, "_forward_cls", None)
+            if forward_cls is not None and forward_cls.__module__ == "kernels._autograd":
+                self.host.append(HostCall("kernels_op", "backward", compiled, node.name()))
+            stack.extend((n, model_flag) for n, _ in node.next_functions)
 
     def _run_launcher(self, func, args, kwargs):
         """A fused op reached as its registered custom op (under torch.compile, or an eager path that
@@ -496,6 +569,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         from torch._library.custom_ops import OPDEFS
 
         implementation = OPDEFS[func._schema.name]._init_fn
+        self.host_call("kernels_op", self._dispatch_compiled(), func._schema.name)
         self._opaque += 1  # the aten ops a custom op runs inside are not Inductor's to fuse
         try:
             with self:
@@ -522,8 +596,11 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
             self._fresh.update(_storage_key(t) for t in _tensors(out))
         self._keep.extend(t.untyped_storage() for t in _tensors((args, kwargs, out)))
         if name in _FREE or _is_view(func) or func.namespace == "prim":
+            if name not in _NO_HOST_CALL and func.namespace != "prim":
+                self.host_call("aten_view", self._dispatch_compiled(), name)
             return out
         if name == "copy_" and _same_view(args[0], args[1]):  # aten returns at once: no kernel
+            self.host_call("aten_view", self._dispatch_compiled(), name)
             return out
         stack_category, fused = _stack_context()
         if self.phase == "backward" and stack_category is None:
@@ -558,6 +635,8 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
                 writes.append((_storage_key(t), _footprint(t)))
                 self._fresh.discard(_storage_key(t))
         if not writes:  # a scalar or dtype answer (promote_types, is_nonzero, ...): no kernel
+            if name not in _NO_HOST_CALL:
+                self.host_call("aten_view", self._dispatch_compiled(), name)
             return out
         op = Op(name, phase, op_category(name, phase, stack_category), read=sum(b for _, b in reads),
                 written=sum(b for _, b in writes), launches=1, fused_region=fused, reads=reads, writes=writes)
@@ -581,6 +660,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         op.compiled = self._compiled_op(phase) and not self._attributed  # DeepSpeed's hooks run eagerly
         op.step_phase = self.phase
         self.ops.append(op)
+        self.host_call("multi_tensor" if name.startswith(("_foreach_", "_fused_")) else "aten", op.compiled, name)
         if self.phase == "forward":  # autograd gives the outputs their grad_fn after this returns
             for t in _tensors(out):
                 if t.is_floating_point():
@@ -686,6 +766,8 @@ class _ZeroOptimizer:
 
     # -- the backward: buckets -------------------------------------------------------------------
     def _gradient_ready(self, p):
+        if self.tracer is not None:
+            self.tracer.host_call("zero_hook", False, "DeepSpeed gradient hook")
         with self._attributed("backward"):
             bucket = self.buckets[self.comm_dtype[p]]
             if bucket.elements + p.numel() > self.bucket_elements:
@@ -934,7 +1016,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
             optimizer.zero_grad(set_to_none=True)
             tracer.phase, tracer.recording = "encoder", True
             train_step.one_step(*step_inputs, mark=mark)
-    return {"ops": tracer.ops, "model_flops": training_step_flops(model_flops, batch, encoder_flops),
+    return {"ops": tracer.ops, "host": tracer.host,
+            "model_flops": training_step_flops(model_flops, batch, encoder_flops),
             "sit_flops_per_sample": model_flops, "encoder_flops_per_image": encoder_flops, "params": params,
             "linear_params": linear_params, "num_patches": cfg.num_patches,
             "bf16_copied_params": copies.numel() if copies is not None else 0}
@@ -1030,6 +1113,145 @@ def capture_graphs(ops: list[Op]) -> list[Op]:
 
 
 # ----------------------------------------------------------------------------------------------
+# The host lane
+# ----------------------------------------------------------------------------------------------
+
+STEP_PHASES = ("encoder", "forward", "backward", "optimizer")  # bench.train_step's breakdown (its fwd+loss: forward)
+# The calls the host makes, by kind: each costs the host HOST_COSTS[kind] seconds, whatever the GPU does.
+HOST_KINDS = {
+    "aten": "an aten op that launches a kernel, dispatched eagerly (Python, dispatcher, allocator, the launch)",
+    "aten_view": "an aten op dispatched eagerly that launches nothing (a view, an allocation, an aliasing copy_)",
+    "kernels_op": "one of our `kernels` ops called eagerly, forward or backward (its autograd.Function, checks "
+                  "and Triton launch(es); the aten ops it runs are counted as such), or called as its custom op "
+                  "by Inductor's wrapper",
+    "autograd_node": "an autograd node run by the backward engine (every node of the forward's graph, "
+                     "AccumulateGrad included; inside a compiled region none: its backward is one compiled call)",
+    "zero_hook": "DeepSpeed's per-parameter gradient hook in the trainer-* rows' backward (its bucket copies are "
+                 "counted as aten ops)",
+    "multi_tensor": "a fused or foreach (multi-tensor) call: the optimizer's AdamW, norms, EMA lerp",
+    "inductor_launch": "a kernel launched by Inductor's compiled wrapper (one per kernel of a compiled region)",
+    "graph_replay": "a CUDA graph replayed (torch.compile mode reduce-overhead): one launch for the region",
+}
+# Seconds per call, fitted by fit_host_costs to the measured H200 step and the host counts of the model's
+# result beside it (model-h200-2026-12-04.json): non-negative least squares on the relative error over the
+# host-bound phases (`python -m bench.model --fit-host` reruns it; tests/test_bench_model.py checks these
+# are its answer, to 0.01 us). HOST_PRIORS' kinds are not fitted. autograd_node came out 0: in these rows its
+# count moves with the aten ops' (each node runs some), so the fit cannot separate the two and gives the
+# aten ops the whole cost. kernels_op's 132 us agrees with the kernel benchmark's per-call host-bound
+# times on the same machine (triton adaln_modulate forward 132 us).
+HOST_COSTS_SOURCE = "fitted to train_step-NVIDIA-H200-2026-12-04.json"
+HOST_COSTS = {"aten": 30.25e-6, "aten_view": 6.41e-6, "kernels_op": 132.49e-6, "autograd_node": 0.0,
+              "zero_hook": 23.25e-6, "multi_tensor": 100e-6, "inductor_launch": 64.47e-6, "graph_replay": 10e-6}
+HOST_PRIORS = {  # kinds not fitted: (cost, why)
+    "graph_replay": (10e-6, "assumed (cudaGraphLaunch's host cost), not fitted: no *-graphs variant was measured"),
+    "multi_tensor": (100e-6, "assumed (one multi_tensor_apply call over a few hundred tensors), not fitted: no phase "
+                             "that such calls bound was measured; the optimizer phases' excess over the device lane "
+                             "is the device's or noise (the same ops measured 8.0 to 11.9 ms across variants)"),
+}
+HOST_FIT_MARGIN = 0.10  # a measured phase more than this above its device lane is host-bound: the fit's rows
+
+
+def count_host(calls: list[HostCall], ops: list[Op], compiled: bool = False) -> dict:
+    """{step phase: {host kind: calls}} of one variant: the traced eager calls; in a compiled variant the
+    calls inside compiled regions are replaced by one Inductor launch per kernel of the region (`ops`
+    after fuse_compiled), our kernels' own Triton launches excepted (their custom op's Python launcher
+    runs as in eager: its kernels_op call stays); with CUDA graphs (`ops` after capture_graphs) by one
+    replay per graph, the kernels_op calls inside it too."""
+    counts = {sp: dict.fromkeys(HOST_KINDS, 0) for sp in STEP_PHASES}
+    graphs = any(op.graph for op in ops)
+    for call in calls:
+        if compiled and call.compiled and (call.kind != "kernels_op" or graphs):
+            continue
+        counts[call.step_phase][call.kind] += 1
+    if compiled:
+        for op in ops:
+            if not op.compiled or not op.launches:
+                continue
+            if op.graph:
+                counts[op.step_phase]["graph_replay"] += int(op.graph_start)
+            elif not op.name.startswith("triton:"):
+                counts[op.step_phase]["inductor_launch"] += op.launches
+    return counts
+
+
+def host_seconds(counts: dict, costs: dict | None = None) -> dict:
+    """{step phase: host seconds}: each call at its kind's cost."""
+    costs = HOST_COSTS if costs is None else costs
+    return {sp: sum(n * costs[kind] for kind, n in c.items()) for sp, c in counts.items()}
+
+
+def compose_phases(device: dict, host: dict) -> tuple[dict, dict]:
+    """({step phase: seconds}, {step phase: "host" or "device"}): each phase takes the longer of its two
+    lanes. The assumption: inside a phase the host enqueues ahead of the GPU, overlapping fully (the GPU
+    never waits while the host is ahead, the host never waits on the GPU: no host sync), and no backlog
+    carries from one phase into the next."""
+    phases = {sp: max(device.get(sp, 0.0), host.get(sp, 0.0)) for sp in STEP_PHASES}
+    bound = {sp: "host" if host.get(sp, 0.0) > device.get(sp, 0.0) else "device" for sp in STEP_PHASES}
+    return phases, bound
+
+
+def host_fit_rows(step_payload: dict, model_payload: dict) -> list[dict]:
+    """One row per (measured variant, step phase) that the model has host counts for: measured and
+    device-lane seconds and the host counts."""
+    rows = []
+    for r in step_payload["variants"]:
+        v = model_payload["variants"].get(r["variant"])
+        if "seconds_per_step" not in r or not v or "host_counts" not in v:
+            continue
+        for sp in STEP_PHASES:
+            rows.append({"variant": r["variant"], "phase": sp, "measured_s": r["breakdown_seconds"][sp],
+                         "device_s": v["breakdown_seconds"].get(sp, 0.0), "counts": v["host_counts"][sp]})
+    return rows
+
+
+def fit_host_costs(rows: list[dict], margin: float = HOST_FIT_MARGIN, priors: dict | None = None) -> dict:
+    """The host costs that best explain the host-bound phases. The fit's rows: those whose measured time
+    is more than `margin` above the device lane (the host lane must carry them); non-negative least
+    squares on the relative error (count . cost - measured) / measured over them, for every kind counted
+    in them (the `priors`' kinds, HOST_PRIORS by default, keep their cost); then the rows whose fitted
+    host lane stays below their device lane (the fit says the device bounds them: their excess is not
+    the host's) leave the fit, which is rerun until no row leaves. Returns {"costs", "fitted" (kinds),
+    "rows" (each with its host and composed seconds, its error with and without the host lane and
+    whether it was in the fit), "rms_error" (composed, over every row)}."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    priors = {k: v for k, (v, _) in (HOST_PRIORS if priors is None else priors).items()}
+    costs = {k: 0.0 for k in HOST_KINDS}
+    costs.update(priors)
+
+    def host(r):
+        return sum(n * costs[k] for k, n in r["counts"].items())
+
+    bound = [r for r in rows if r["measured_s"] > (1 + margin) * r["device_s"]]
+    kinds = []
+    while bound:
+        kinds = [k for k in HOST_KINDS if k not in priors and any(r["counts"].get(k, 0) for r in bound)]
+        if not kinds:
+            break
+        a = np.array([[r["counts"].get(k, 0) / r["measured_s"] for k in kinds] for r in bound])
+        b = np.array([1.0 - sum(r["counts"].get(k, 0) * v for k, v in priors.items()) / r["measured_s"]
+                      for r in bound])
+        solution, _ = nnls(a, b)
+        costs.update({k: float(x) for k, x in zip(kinds, solution)})
+        kept = [r for r in bound if host(r) >= r["device_s"]]
+        if len(kept) == len(bound):
+            break
+        bound = kept
+    out, errors = [], []
+    for r in rows:
+        host_s = host(r)
+        composed = max(host_s, r["device_s"])
+        error = (composed - r["measured_s"]) / r["measured_s"]
+        errors.append(error)
+        out.append(dict(r, host_s=host_s, composed_s=composed, error=error,
+                        device_error=(r["device_s"] - r["measured_s"]) / r["measured_s"],
+                        in_fit=any(r is b for b in bound)))
+    return {"costs": costs, "fitted": kinds, "rows": out,
+            "rms_error": math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else None}
+
+
+# ----------------------------------------------------------------------------------------------
 # Time
 # ----------------------------------------------------------------------------------------------
 
@@ -1045,9 +1267,13 @@ def op_seconds(op: Op, ceilings: dict, launch_s: float = LAUNCH_S, matmul_scale:
 
 
 def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, launch_s: float = LAUNCH_S,
-              top: int = 12) -> dict:
+              top: int = 12, host_counts: dict | None = None, host_costs: dict | None = None) -> dict:
+    """The modelled step: the device lane (every op's time, summed: categories, phases, breakdown_seconds,
+    device_step_s) and, with `host_counts` (count_host), the host lane per step phase (host_seconds) and
+    each phase as the longer of the two (phase_seconds, bound_by: compose_phases); step_s is their sum
+    (without host counts: the device lane's)."""
     times = [op_seconds(op, ceilings, launch_s) for op in ops]
-    step = sum(times)
+    device_step = sum(times)
     categories = {c: 0.0 for c in CATEGORIES}
     counts = {c: {"bytes": 0.0, "flops": 0.0, "launches": 0} for c in CATEGORIES}
     for op, s in zip(ops, times):
@@ -1074,11 +1300,19 @@ def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, lau
                                                       f * ceilings["peak_bf16"] / ceilings["bf16"]) for op in ops)
                            for f in (0.6, 0.8, 1.0)},
     }
-    phases, breakdown = defaultdict(float), {k: 0.0 for k in ("encoder", "forward", "backward", "optimizer")}
+    phases, breakdown = defaultdict(float), {k: 0.0 for k in STEP_PHASES}
     for op, s in zip(ops, times):
         phases[op.phase] += s
         breakdown[op.step_phase] = breakdown.get(op.step_phase, 0.0) + s
-    return {"step_s": step, "img_per_s": batch / step, "mfu": model_flops / step / peak,
+    lanes = {}
+    step = device_step
+    if host_counts is not None:
+        host = host_seconds(host_counts, host_costs)
+        composed, bound = compose_phases(breakdown, host)
+        step = sum(composed.values())
+        lanes = {"host_counts": host_counts, "host_seconds": host, "phase_seconds": composed, "bound_by": bound}
+    return {"step_s": step, "device_step_s": device_step, **lanes,
+            "img_per_s": batch / step, "mfu": model_flops / step / peak,
             "categories": categories, "counts": counts, "phases": dict(phases),
             "breakdown_seconds": breakdown,  # bench.train_step's columns (its fwd+loss is "forward")
             "bytes": sum(op.bytes for op in ops), "launches": sum(op.launches for op in ops),
@@ -1127,6 +1361,9 @@ def floor_legend() -> dict:
         "encoder": ("floor = its matmul/attention FLOPs at the dense peak, its memory-bound ops free: fusing them, "
                     "or fewer encoder FLOPs, move it"),
         **{c: memory for c in _MEMORY_BOUND},
+        "host": ("the host lane's time above the device lane in the phases it bounds (host-bound phases: the GPU "
+                 "waits on the host's calls); floor 0: fewer calls (fused kernels, torch.compile) or one replay "
+                 "per region (CUDA graphs) move it"),
     }
 
 
@@ -1134,6 +1371,9 @@ def category_floor(category: str, v: dict, peak_bf16: float, bandwidth: float | 
     """(floor seconds, a note on this variant's figures) of one category of a variant's modelled step:
     its executed FLOPs at the dense bf16 peak; for the optimizer, the larger of that and the bytes its step
     must move (optimizer_floor_bytes a parameter) at the modelled `bandwidth`. floor_legend says why."""
+    if category == "host":
+        bound = [sp for sp, lane in v.get("bound_by", {}).items() if lane == "host"]
+        return 0.0, f"host-bound: {', '.join(bound) or 'none'}"
     counts = v["counts"][category]
     floor = counts.get("flops", 0.0) / peak_bf16
     launches = counts.get("launches", 0)
@@ -1164,14 +1404,15 @@ def goal_check(variants: dict, peak_bf16: float, bandwidth: float | None = None)
         binding = min(targets, key=targets.get)
         goal_s = targets[binding]
         above_ideal = {c: v["categories"][c] - v["counts"][c]["flops"] / peak_bf16 for c in CATEGORIES}
+        above_ideal["host"] = step - v.get("device_step_s", step)  # the host lane's excess in host-bound phases
         cut = step - goal_s
         in_the_way, covered = [], 0.0
         for category, excess in sorted(above_ideal.items(), key=lambda kv: -kv[1]):
             if covered >= cut or excess <= 0:
                 break
             floor, note = category_floor(category, v, peak_bf16, bandwidth)
-            in_the_way.append({"category": category, "above_ideal_s": excess, "modelled_s": v["categories"][category],
-                               "floor_s": floor, "note": note})
+            in_the_way.append({"category": category, "above_ideal_s": excess,
+                               "modelled_s": v["categories"].get(category, excess), "floor_s": floor, "note": note})
             covered += excess
         rows.append({"variant": name, "step_s": step,
                      "speedups": {ref: variants[ref]["step_s"] / step for ref in GOAL_SPEEDUPS if ref in variants},
@@ -1210,7 +1451,7 @@ def goal_table(rows: list[dict]) -> list[str]:
                      f"{floors or '-'} |")
     legend = floor_legend()
     if named:
-        lines += ["", "Floors:", ""] + [f"- {c}: {legend[c]}" for c in CATEGORIES if c in named]
+        lines += ["", "Floors:", ""] + [f"- {c}: {legend[c]}" for c in (*CATEGORIES, "host") if c in named]
     return lines
 
 
@@ -1288,6 +1529,13 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         f"TF32 rate; attention at {ATTENTION_EFFICIENCY:.0%} of the bf16 peak",
         f"bandwidth {ceilings['bandwidth'] / 1e12:.2f} TB/s ({ceilings['bandwidth_from']})",
         f"launch cost {launch_s * 1e6:.0f} us per kernel",
+        "two lanes per phase of bench.train_step's breakdown (encoder, fwd+loss, backward, optimizer): the device "
+        "lane (the ops' times above, summed) and the host lane (the calls the host makes, each at its kind's cost); "
+        "a phase takes the longer of the two (the host enqueues ahead of the GPU and the two overlap fully inside "
+        "a phase; no host sync, no backlog carried into the next phase); the step is the sum of its phases",
+        "host cost per call (" + HOST_COSTS_SOURCE + "; the same host CPU assumed for every preset): "
+        + "; ".join(f"{kind} {HOST_COSTS[kind] * 1e6:.1f} us ({HOST_KINDS[kind]}"
+                    + (f"; {HOST_PRIORS[kind][1]}" if kind in HOST_PRIORS else "") + ")" for kind in HOST_KINDS),
         f"*-graphs variants (torch.compile mode reduce-overhead, train.cuda_graphs): each run of compiled ops of "
         f"one phase (the fused encoder's forward, SiT's forward, its backward) is one CUDA graph: one launch "
         f"({launch_s * 1e6:.0f} us) per graph, {GRAPH_NODE_S * 1e6:.0f} us per kernel inside it (assumed: the "
@@ -1348,7 +1596,21 @@ def markdown(payload: dict, top_ops: bool = True, zero: bool = True) -> str:
                      f"{v['bytes'] / 1e9:.1f} | {v['launches']} | {v.get('graph_launches', 0)} | "
                      f"{_ms(v['amdahl_step_s'])} | {_ms(v['ideal_step_s'])} | "
                      + " | ".join(_ms(v["categories"][c]) for c in CATEGORIES) + " |")
-    lines += ["", "Sensitivity of the step (ms): launch cost 0 / 2 / 4 / 6 us; matmul at 60 / 80 / 100% of peak.", "",
+    if any("phase_seconds" in v for v in variants.values()):
+        lines += ["", "Lanes per phase (ms): device lane / host lane, and the lane that bounds the phase (the phase "
+                      "takes the longer; host costs " + HOST_COSTS_SOURCE + ").", "",
+                  "| variant | step ms | device lane ms | host lane ms | "
+                  + " | ".join({"forward": "fwd+loss"}.get(sp, sp) for sp in STEP_PHASES) + " |",
+                  "|---|---|---|---|" + "---|" * len(STEP_PHASES)]
+        for name, v in variants.items():
+            if "phase_seconds" not in v:
+                continue
+            cells = [f"{_ms(v['breakdown_seconds'].get(sp, 0.0))} / {_ms(v['host_seconds'][sp])} {v['bound_by'][sp]}"
+                     for sp in STEP_PHASES]
+            lines.append(f"| {name} | {_ms(v['step_s'])} | {_ms(v['device_step_s'])} | "
+                         f"{_ms(sum(v['host_seconds'].values()))} | " + " | ".join(cells) + " |")
+    lines += ["", "Sensitivity of the device lane (ms): launch cost 0 / 2 / 4 / 6 us; matmul at 60 / 80 / 100% of "
+                  "peak.", "",
               "| variant | 0 us | 2 us | 4 us | 6 us | 60% | 80% | 100% |", "|---|---|---|---|---|---|---|---|"]
     for name, v in variants.items():
         s = v["sensitivity_step_s"]
@@ -1392,7 +1654,7 @@ def zero_table(payload: dict) -> str:
               "concatenation; with overlap the gradient reduction hides under the backward and stage 3's forward "
               "all-gather under the forward, while stages 1-2's parameter all-gather after the step stays "
               "exposed; communication/compute contention and stage 3's per-module gather latency are not "
-              "modelled."]
+              "modelled; the per-GPU compute is the device lane's (the host lane is not projected)."]
     return "\n".join(lines) + "\n"
 
 
@@ -1400,7 +1662,8 @@ def zero_table(payload: dict) -> str:
 # Entry points
 # ----------------------------------------------------------------------------------------------
 
-def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNCH_S, traces=None) -> dict:
+def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNCH_S, traces=None,
+               host_costs: dict | None = None) -> dict:
     """Trace (once per backend) and model each variant; returns {variant: summary} and the traces."""
     traces = {} if traces is None else traces
     out = {}
@@ -1427,7 +1690,9 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
         ops = fuse_compiled(trace["ops"]) if compiled else trace["ops"]
         if compiled == "reduce-overhead":
             ops = capture_graphs(ops)
-        out[name] = summarize(ops, ceilings, args_dict["batch"], trace["model_flops"], launch_s)
+        counts = count_host(trace["host"], ops, bool(compiled))
+        out[name] = summarize(ops, ceilings, args_dict["batch"], trace["model_flops"], launch_s, host_counts=counts,
+                              host_costs=host_costs)
         trainer = name in TRAINER_VARIANTS
         precision = TRAINER_VARIANTS[name][0] if trainer else args_dict.get("precision", "bf16-mixed")
         out[name].update(params=trace["params"], optimizer_floor_ema=trainer,
@@ -1506,6 +1771,35 @@ def compare_to_baseline(ops: list[Op], baseline: dict, tolerance: float = 0.02) 
     return problems
 
 
+def host_fit_from(results_dir: str) -> tuple[dict, dict, dict]:
+    """(fit, measured step payload, model payload): fit_host_costs over the newest train_step-*.json in
+    `results_dir` and the newest bench.model result of its device preset there."""
+    from bench.report import newest, prediction_for
+
+    step = newest(results_dir, "train_step")
+    prediction = prediction_for(results_dir, step)
+    if step is None or prediction is None:
+        raise SystemExit(f"--fit-host: needs a train_step-*.json and the bench.model result of its device in "
+                         f"{results_dir} (`python -m bench.predict {results_dir}`)")
+    return fit_host_costs(host_fit_rows(step, prediction)), step, prediction
+
+
+def print_host_fit(results_dir: str) -> int:
+    fit, step, prediction = host_fit_from(results_dir)
+    print(f"host costs fitted to {os.path.basename(step['_path'])} with the counts of "
+          f"{os.path.basename(prediction['_path'])} (fitted: {', '.join(fit['fitted'])}):")
+    for kind, cost in fit["costs"].items():
+        print(f"  {kind}: {cost * 1e6:.2f} us{'' if kind in fit['fitted'] else ' (not fitted)'}")
+    print("| variant | phase | measured ms | device ms | host ms | composed ms | error before | error after | in fit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in fit["rows"]:
+        print(f"| {r['variant']} | {r['phase']} | {_ms(r['measured_s'])} | {_ms(r['device_s'])} | {_ms(r['host_s'])} | "
+              f"{_ms(r['composed_s'])} | {100 * r['device_error']:+.0f}% | {100 * r['error']:+.0f}% | "
+              f"{'yes' if r['in_fit'] else 'no'} |")
+    print(f"rms relative error over the phases: {100 * fit['rms_error']:.1f}%")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_step_arguments(parser)
@@ -1520,12 +1814,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--write-baseline", action="store_true", help="rewrite bench/results/model-baseline.json")
+    parser.add_argument("--fit-host", action="store_true",
+                        help="fit the host lane's costs to the newest measured step in --results and the model's "
+                             "host counts beside it (print only: HOST_COSTS holds the constants)")
     parser.add_argument("--smoke", action="store_true", help="a narrow 2-block SiT at batch 2 (CI keeps the tool "
                                                              "working; its figures mean nothing)")
     args = parser.parse_args(argv)
     if args.write_baseline:
         print(f"wrote {write_baseline()}")
         return 0
+    if args.fit_host:
+        return print_host_fit(args.results)
     presets = sorted(PRESETS) if args.device_preset == "all" else [p for p in args.device_preset.split(",") if p]
     unknown = sorted(set(presets) - set(PRESETS))
     if unknown or not presets:
@@ -1576,6 +1875,7 @@ def model_payload(preset, config, variants, gpu_counts, args, traces) -> dict:
                "device": ceilings, "config": config, "variants": results,
                "analytic": {k: trace[k] for k in ("model_flops", "sit_flops_per_sample", "encoder_flops_per_image",
                                                   "params")},
+               "host_costs": HOST_COSTS, "host_costs_source": HOST_COSTS_SOURCE,
                "assumptions": assumptions(ceilings, config["precision"], launch_s),
                "goal": goal_check(results, ceilings["peak_bf16"], ceilings["bandwidth"])}
     if gpu_counts:

@@ -277,10 +277,14 @@ def model_error_table(step_payload: dict | None, prediction: dict | None) -> str
              f"matmul {prediction['device'].get('bf16_from', '?')}) beside the step measured above, less its data "
              "wait (the model has no loader), and per phase: "
              + ", ".join(f"{COLUMN_NAMES[k]} vs modelled {' + '.join(v)}" for k, v in MEASURED_VS_MODELLED.items())
-             + f". Errors beyond {flag} are marked !: the model's assumptions need correcting.", "",
-             "| variant | measured ms | modelled ms | error | "
+             + f". Errors beyond {flag} are marked !: the model's assumptions need correcting. Each phase is the "
+             "longer of the device lane and the host lane (the lane named beside it); 'device lane alone' is the "
+             "step's error without the host lane. "
+             + (f"The host lane's costs were {prediction['host_costs_source']}: so the errors here are that fit's "
+                "residual, not a validation." if prediction.get("host_costs_source") else ""), "",
+             "| variant | measured ms | modelled ms | error | device lane alone | "
              + " | ".join(COLUMN_NAMES[k] for k in MEASURED_VS_MODELLED) + " |",
-             "|---|---|---|---|" + "---|" * len(MEASURED_VS_MODELLED)]
+             "|---|---|---|---|---|" + "---|" * len(MEASURED_VS_MODELLED)]
     other = {k: (prediction["config"].get(k), step_payload.get(k)) for k in ("model", "batch", "resolution")
              if prediction["config"].get(k) != step_payload.get(k)}
     if other:  # e.g. a smoke prediction: the errors then say nothing about the model
@@ -292,27 +296,39 @@ def model_error_table(step_payload: dict | None, prediction: dict | None) -> str
             return "-"
         return f"{100 * error:+.0f}%" + (" !" if abs(error) > MODEL_ERROR_LIMIT else "")
 
-    off = []
+    off, all_errors = [], []
     for row in step_payload["variants"]:
         if "seconds_per_step" not in row:
             continue
         modelled = prediction["variants"].get(row["variant"])
         if modelled is None:
-            lines.append(f"| {row['variant']} | not modelled | | |" + " |" * len(MEASURED_VS_MODELLED))
+            lines.append(f"| {row['variant']} | not modelled | | | |" + " |" * len(MEASURED_VS_MODELLED))
             continue
         measured = row["breakdown_seconds"]
         measured_step = row["seconds_per_step"] - measured.get("data", 0.0)
         step_error = _error(modelled["step_s"], measured_step)
-        phases = modelled.get("phases", {})
-        errors = {k: _error(sum(phases[p] for p in v), measured[k]) if all(p in phases for p in v) and k in measured
-                  else None for k, v in MEASURED_VS_MODELLED.items()}
+        if "phase_seconds" in modelled:  # two lanes: each of bench.train_step's phases, the lane that bounds it
+            composed, bound = modelled["phase_seconds"], modelled["bound_by"]
+            errors = {k: _error(composed[k], measured[k]) if k in measured else None for k in MEASURED_VS_MODELLED}
+            lanes = {k: f" ({bound[k]})" for k in MEASURED_VS_MODELLED}
+        else:  # a result without the host lane: the device lane's phases
+            phases = modelled.get("phases", {})
+            errors = {k: _error(sum(phases[p] for p in v), measured[k]) if all(p in phases for p in v) and k in measured
+                      else None for k, v in MEASURED_VS_MODELLED.items()}
+            lanes = dict.fromkeys(MEASURED_VS_MODELLED, "")
+        before = _error(modelled.get("device_step_s", modelled["step_s"]), measured_step)
+        all_errors += [e for e in [step_error, *errors.values()] if e is not None]
         lines.append(f"| {row['variant']} | {1e3 * measured_step:.1f} | {1e3 * modelled['step_s']:.1f} | "
-                     f"{cell(step_error)} | " + " | ".join(cell(e) for e in errors.values()) + " |")
+                     f"{cell(step_error)} | {cell(before)} | "
+                     + " | ".join(cell(e) + lanes[k] for k, e in errors.items()) + " |")
         bad = [f"step {100 * step_error:+.0f}%"] if step_error is not None and abs(step_error) > MODEL_ERROR_LIMIT else []
         bad += [f"{COLUMN_NAMES[k]} {100 * e:+.0f}%" for k, e in errors.items()
                 if e is not None and abs(e) > MODEL_ERROR_LIMIT]
         if bad:
             off.append(f"{row['variant']} ({', '.join(bad)})")
+    if all_errors:
+        rms = (sum(e * e for e in all_errors) / len(all_errors)) ** 0.5
+        lines += ["", f"RMS of the errors above (steps and phases): {100 * rms:.1f}%."]
     if off:
         lines += ["", f"Off by more than {flag}: " + "; ".join(off) + ". The model's assumptions need correcting "
                   "(bench/model.py: efficiencies, launch cost, byte counts; its assumptions are listed with its result)."]

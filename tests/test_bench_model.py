@@ -352,11 +352,18 @@ def test_smoke_run_writes_the_result_and_bench_report_renders_it(tmp_path, capsy
     assert set(payload["variants"]) == set(model.VARIANTS) and payload["assumptions"]
     for v in payload["variants"].values():
         assert set(v["categories"]) == set(model.CATEGORIES)
-        assert math.isclose(sum(v["categories"].values()), v["step_s"], rel_tol=1e-9)
+        assert math.isclose(sum(v["categories"].values()), v["device_step_s"], rel_tol=1e-9)  # the device lane
         assert v["img_per_s"] == pytest.approx(2 / v["step_s"])
-        assert v["ideal_step_s"] < v["amdahl_step_s"] <= v["step_s"]
-        assert math.isclose(sum(v["breakdown_seconds"].values()), v["step_s"], rel_tol=1e-9)
-        assert set(v["breakdown_seconds"]) == {"encoder", "forward", "backward", "optimizer"}
+        assert v["ideal_step_s"] < v["amdahl_step_s"] <= v["device_step_s"] <= v["step_s"]
+        assert math.isclose(sum(v["breakdown_seconds"].values()), v["device_step_s"], rel_tol=1e-9)
+        assert set(v["breakdown_seconds"]) == set(v["phase_seconds"]) == {"encoder", "forward", "backward", "optimizer"}
+        # each phase the longer of its device and host lanes, the step their sum
+        for sp, seconds in v["phase_seconds"].items():
+            lanes = {"device": v["breakdown_seconds"][sp], "host": v["host_seconds"][sp]}
+            assert seconds == max(lanes.values()) and lanes[v["bound_by"][sp]] == seconds
+        assert math.isclose(sum(v["phase_seconds"].values()), v["step_s"], rel_tol=1e-9)
+    assert "Lanes per phase (ms)" in printed and payload["host_costs"] == model.HOST_COSTS
+    assert any("fitted to train_step-NVIDIA-H200-2026-12-04.json" in a for a in payload["assumptions"])
     eager, compiled = payload["variants"]["reference-eager"], payload["variants"]["reference-compiled"]
     assert compiled["launches"] < eager["launches"] and compiled["bytes"] < eager["bytes"]
     # CUDA graphs: the compiled step's kernels, the encoder's forward and SiT's forward and backward replayed

@@ -30,7 +30,9 @@ Reported per variant: steady-state img/s, the step split into data / encoder / f
 optimizer (CUDA events; the trainer's fwd+loss includes its finite-loss check, its optimizer the
 EMA update and the gradient-norm read), peak memory, the host syncs of one step (torch's sync debug mode), model
 TFLOP/s from the analytic counts (`SiT.flops_per_sample`, and bench/flops.py for the encoder) and MFU
-against the bf16 matmul rate measured in the same run.
+against the bf16 matmul rate measured in the same run; on a GPU also one more step under torch.profiler
+(bench/profile.py: how long the GPU was busy and idle in it, device time per kind of kernel;
+`--no-profile` leaves it out).
 
 Images and labels come from the trainer's own loader (`--loader`, by default the trainer's `auto`:
 DALI nvJPEG on a GPU where installed, else the PIL DataLoader) over JPEG files of the built-in set at
@@ -63,6 +65,7 @@ import torch
 from bench.common import Deadline, environment, measure_matmul_flops, write_json, write_results
 from bench.data import loader_rows, loader_table
 from bench.flops import training_step_flops, vit_forward_flops
+from bench.profile import markdown_rows, profile_step
 
 
 # the benchmark's own step: name -> (kernels backend, torch.compile: False, True or its mode)
@@ -284,7 +287,19 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
 
     host_syncs = (_count_host_syncs(counted_step)
                   if device.type == "cuda" else None)
-    return {"variant": name, **row, "host_syncs_per_step": host_syncs, "final_loss": float(losses["loss"].detach())}
+    return {"variant": name, **row, "host_syncs_per_step": host_syncs, "final_loss": float(losses["loss"].detach()),
+            **_device_profile(counted_step, args)}
+
+
+def _device_profile(step, args) -> dict:
+    """{"device_profile": bench.profile's summary of one more step} on a GPU unless --no-profile; a
+    profile that fails is reported, the timed row kept."""
+    if not args.profile or not torch.cuda.is_available():
+        return {}
+    try:
+        return {"device_profile": profile_step(step)}
+    except Exception as error:
+        return {"device_profile_error": f"{type(error).__name__}: {str(error)[:200]}"}
 
 
 def pool_autoencoder(cfg):
@@ -388,6 +403,7 @@ def run_trainer_variant(name, precision, use_compile, args, device, parts, laten
         try:  # the steps below are those of Trainer.fit, without its logging and checkpoints
             row, metrics = timed_steps(trainer.train_step, args, device)
             host_syncs = _count_host_syncs(trainer.train_step) if device.type == "cuda" else None
+            profiled = _device_profile(trainer.train_step, args)
             facts = {"precision": trainer.precision, "zero_stage": trainer.engine.zero_optimization_stage(),
                      "kernels_backend": __import__("kernels").get_backend(), "loader": trainer.loader.backend.name,
                      "latents": "shards"}
@@ -397,7 +413,8 @@ def run_trainer_variant(name, precision, use_compile, args, device, parts, laten
             gc.collect()
     if not math.isfinite(metrics["loss"]):
         raise RuntimeError(f"{name}: non-finite loss {metrics['loss']}")
-    return {"variant": name, **row, "host_syncs_per_step": host_syncs, "final_loss": metrics["loss"], **facts}
+    return {"variant": name, **row, "host_syncs_per_step": host_syncs, "final_loss": metrics["loss"], **facts,
+            **profiled}
 
 
 def one_step(model, forward, optimizer, encoder, transport, latents, model_cfg, autocast, backend, images, labels,
@@ -484,6 +501,9 @@ def markdown(payload) -> str:
                       "one GPU (DeepSpeed ZeRO-2, the named `train.precision`, EMA update, the finite-loss check and "
                       "its host sync; latents read from shards by the trainer's loader); the others time the "
                       "benchmark's own step (fp32 weights under bf16 autocast, torch's fused AdamW)."]
+    profiled = markdown_rows(rows)
+    if profiled:
+        lines += [""] + profiled
     if payload["data"]:
         lines += [""] + loader_table(payload["data"])
     return "\n".join(lines) + "\n"
@@ -511,6 +531,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--budget-s", type=float, help="start no variant after this many seconds")
     parser.add_argument("--skip-data", action="store_true", help="leave out the data-loader rows")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="leave out the profiled step per variant (bench/profile.py; GPU only)")
     parser.add_argument("--trainer-fused-clip", default="auto", choices=["auto", "true", "false"],
                         help="the trainer variants' optim.fused_clip (auto: on on a GPU)")
     parser.add_argument("--loader", default="auto", choices=["auto", "pil", "dali", "none"],

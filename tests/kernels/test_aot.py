@@ -124,8 +124,17 @@ def _build(spec):
     return (spec.fn, spec.signature, spec.constexprs, spec.num_warps, spec.num_stages, sorted(spec.not_divisible))
 
 
+@pytest.fixture
+def interpreter_on(monkeypatch):
+    """The public ops hand CPU tensors to their Triton launchers only under the interpreter
+    (kernels._backend.interpreting() reads TRITON_INTERPRET when called). The CPU session sets it, the GPU
+    machine does not; the tests below record the launches instead of running them, so they set it
+    themselves and check the same builds on both."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 @pytest.mark.parametrize("norm_dtype, tag", [(None, ""), ("float32", ",qk_norm"), ("bfloat16", ",qk_norm_bf16")])
-def test_attention_specs_build_what_the_public_op_launches(monkeypatch, norm_dtype, tag):
+def test_attention_specs_build_what_the_public_op_launches(monkeypatch, interpreter_on, norm_dtype, tag):
     """SiT-XL/2's attention_qkv call (bf16, d = 72, 16 heads, N = 256; qk-norm weights fp32 under
     autocast, bf16 in a bf16 model), made through the public op on a GPU target (the launchers take it
     as an argument), launches exactly the builds aot_specs() lists: the packed layout's head stride 72
@@ -164,7 +173,7 @@ def test_attention_specs_build_what_the_public_op_launches(monkeypatch, norm_dty
 @pytest.mark.parametrize("bias_grad", [True, False])
 @pytest.mark.parametrize("width", [3072, 4608])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_gelu_specs_build_what_the_public_op_launches(dtype, width, bias_grad):
+def test_gelu_specs_build_what_the_public_op_launches(interpreter_on, dtype, width, bias_grad):
     """SiT's fc1 GELU (batch 32 x 256 tokens, N = 4 x hidden: SiT-B/2's 3072, SiT-XL/2's 4608) in bf16
     and fp32, with fc1's bias given its gradient and without a bias, made through the public op,
     launches exactly the build aot_specs() lists for its dtype and bias gradient: the backward's one
@@ -186,6 +195,7 @@ def test_gelu_specs_build_what_the_public_op_launches(dtype, width, bias_grad):
     assert expected.signature["partial_ptr"] == ("*fp32" if bias_grad else expected.signature["da_ptr"])
     assert expected.not_divisible == () and expected.min_load_bits == 128
 
+
 def test_attention_target_follows_the_interpreter_and_the_tf32_flag(monkeypatch):
     """The JIT call's target: the interpreter under TRITON_INTERPRET=1, else a GPU whose fp32 matmuls run
     TF32 where PyTorch's flag allows it; the fp32 specs ask for both, and a bad target is named."""
@@ -196,6 +206,7 @@ def test_attention_target_follows_the_interpreter_and_the_tf32_flag(monkeypatch)
     class OnGPU:
         is_cuda = True
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set here: the GPU machine runs without it
     assert module.launch_target(OnGPU()) == "interpret"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.backends.cuda.matmul.allow_tf32 = True  # the conftest restores the flags after each test

@@ -31,6 +31,7 @@ combination runs the reference (logged once).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from typing import Optional
@@ -718,13 +719,25 @@ def _backend_for(op, tensors, head_dim, batch_heads, norms):
                    dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
 
 
+def _torch_layer_norm(x, weight, bias, eps):
+    """F.layer_norm over the last dim, computed in the dtype that x's and the parameters' dtypes promote
+    to and returned in x's: bf16 activations with fp32 weights (mixed precision) normalise in fp32, as
+    autocast's layer_norm does. Written out because CUDA's layer_norm refuses mixed dtypes, and CPU's,
+    which takes bf16 with fp32 weights, rounds the weight and bias gradients to bf16."""
+    params = [p for p in (weight, bias) if p is not None]
+    dtype = functools.reduce(torch.promote_types, [p.dtype for p in params], x.dtype)
+    if all(p.dtype == x.dtype for p in params):
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    weight, bias = (None if p is None else p.to(dtype) for p in (weight, bias))
+    return F.layer_norm(x.to(dtype), (x.shape[-1],), weight, bias, eps).to(x.dtype)
+
+
 def _pytorch_attention(q, k, v, scale, norms, eps):
     """The "torch" backend: PyTorch's fused SDPA (as the public SiT/REPA code calls it), with qk-norm
     applied first. Same math as `reference_attention`, which stays the specification."""
     if norms["q_norm_weight"] is not None or norms["k_norm_weight"] is not None:
-        d = q.shape[-1]
-        q = F.layer_norm(q, (d,), norms["q_norm_weight"], norms["q_norm_bias"], eps).to(v.dtype)
-        k = F.layer_norm(k, (d,), norms["k_norm_weight"], norms["k_norm_bias"], eps).to(v.dtype)
+        q = _torch_layer_norm(q, norms["q_norm_weight"], norms["q_norm_bias"], eps).to(v.dtype)
+        k = _torch_layer_norm(k, norms["k_norm_weight"], norms["k_norm_bias"], eps).to(v.dtype)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 

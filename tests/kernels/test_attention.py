@@ -299,6 +299,38 @@ def test_qk_norm_bf16(device):
              torch.bfloat16, zero_grads=(4,))
 
 
+def test_torch_backend_qk_norm_bf16_with_fp32_norms(monkeypatch, device):
+    """The torch backend (test_qk_norm_bf16's reference) with bf16 activations and fp32 norm parameters
+    normalises in fp32: CUDA's layer_norm refuses mixed dtypes ("expected scalar type BFloat16 but found
+    Float", the H200 run of 2026-12-04), so here a layer_norm that refuses them as CUDA's does stands in
+    for the CPU's, which takes them. Output and every gradient against the fp32 specification; k's bias
+    gradient is exactly 0 in exact arithmetic (see test_qk_norm_packed), so only its noise is compared."""
+    layer_norm = torch.nn.functional.layer_norm
+
+    def refusing_mixed_dtypes(x, shape, weight=None, bias=None, eps=1e-5):
+        for p in (weight, bias):
+            if p is not None and p.dtype != x.dtype:
+                raise RuntimeError(f"expected scalar type {x.dtype} but found {p.dtype}")
+        return layer_norm(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", refusing_mixed_dtypes)
+    qkv = leaf((2, 33, 3 * 2 * 72), torch.bfloat16, device)
+    inputs = [qkv] + _norm_leaves(72, torch.float32, device)
+    g = torch.randn(2, 33, 2 * 72, dtype=torch.float64, device=device).to(torch.bfloat16)
+    results = []
+    for run in (lambda *x: _with_norms(kernels.attention_qkv, 2)(*x),
+                lambda *x: _with_norms(kernels.reference_attention_qkv, 2)(*x)):
+        with kernels.use_backend("torch"), poisoned_empty():
+            out = run(*inputs)
+        out.backward(g)
+        results.append([out] + grads(inputs))
+    actual, expected = results
+    largest = max(float(x.abs().max()) for x in expected[1:])
+    for i, name in enumerate(["o", "qkv", "q weight", "q bias", "k weight", "k bias"]):
+        assert actual[i].dtype == expected[i].dtype == (torch.bfloat16 if i < 2 else torch.float32), name
+        assert_close(actual[i], expected[i], torch.bfloat16, name=name, scale=max(1.0, largest) if i == 5 else None)
+
+
 def test_qk_norm_matches_timm_block(device):
     """End to end against timm's Attention(qk_norm=True): attention_qkv on its qkv projection, its
     norms' parameters, then its output projection."""

@@ -113,6 +113,20 @@ def asan_runtime(compiler: str = "g++") -> str:
                                    check=True).stdout.strip() for name in ("libasan.so", "libstdc++.so.6"))
 
 
+# AddressSanitizer's run-time options for every process that loads an ASan build, fixed rather than
+# left to the runtime's defaults, which differ between releases: detect_stack_use_after_return is off
+# in GCC 12's libasan and on in GCC 13's (the GPU image's), and the emulator's fiber switches must
+# hold under both. No leak check (Python and torch keep allocations to exit); protect_shadow_gap=0
+# because the CUDA driver maps memory in ASan's shadow gap (cuInit fails otherwise).
+ASAN_OPTIONS = "detect_leaks=0:detect_stack_use_after_return=1:protect_shadow_gap=0"
+
+
+def asan_env(compiler: str = "g++", **variables: str) -> dict:
+    """The environment of a child process that loads an ASan build: this one's, plus the runtime
+    preloaded (asan_runtime), ASAN_OPTIONS, and `variables`."""
+    return dict(os.environ, LD_PRELOAD=asan_runtime(compiler), ASAN_OPTIONS=ASAN_OPTIONS, **variables)
+
+
 def nvcc() -> str:
     found = shutil.which("nvcc") or str(CUDA_HOME / "bin" / "nvcc")
     if not Path(found).exists():

@@ -203,8 +203,9 @@ inline void leave(Fiber& f) {
 #if CUEMU_ASAN
     __sanitizer_start_switch_fiber(nullptr, b.sched_stack, b.sched_stack_size);
 #endif
-    void* dead;
-    switch_stack(&dead, b.sched_sp);
+    // The dead fiber's sp goes to its Fiber, not to a local: under detect_stack_use_after_return an
+    // address-taken local lives in the fiber's fake stack, which the call above has just unmapped.
+    switch_stack(&f.sp, b.sched_sp);
     __builtin_unreachable();
 }
 

@@ -34,8 +34,7 @@ def ran_cuda(kinds, function):
 def run_under_asan(script: str, family: str) -> None:
     """Run `script` in a child process with the AddressSanitizer build of csrc family `family` (the child
     preloads libasan; an out-of-bounds access fails it); the script prints "ok" last on success."""
-    env = dict(os.environ, ALIGNFLOW_CUEMU="asan", TRITON_INTERPRET="1", LD_PRELOAD=_cuda.asan_runtime(),
-               ASAN_OPTIONS="detect_leaks=0")
+    env = _cuda.asan_env(ALIGNFLOW_CUEMU="asan", TRITON_INTERPRET="1")
     _cuda.build_emulated(_cuda.SOURCES[family], asan=True)  # built here, so the child only loads it
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -1,7 +1,6 @@
 """The CUDA emulator (csrc/common/cuemu.h) on its own cases (csrc/tests/emulator_cases.cu): a legal
 partial-warp kernel it must run clean in any thread order, and planted bugs it must report."""
 import ctypes
-import os
 import subprocess
 import sys
 import textwrap
@@ -115,7 +114,7 @@ def test_address_sanitizer_names_the_kernel_line():
         values, out = torch.zeros(32), torch.zeros(32)
         lib.case_out_of_bounds(ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(out.data_ptr()), 1, 32)
     """)
-    env = dict(os.environ, LD_PRELOAD=_cuda.asan_runtime(), ASAN_OPTIONS="detect_leaks=0")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_cuda.asan_env(),
+                         timeout=300)
     assert run.returncode != 0
     assert "heap-buffer-overflow" in run.stderr and f"emulator_cases.cu:{line}" in run.stderr, run.stderr[-3000:]

@@ -85,6 +85,33 @@ def resource_usage(cubin: bytes) -> dict:
     return {key: int(value) for key, value in fields.items()}
 
 
+def build_usage(compiled, arch: int) -> dict:
+    """Registers, spill bytes (ptxas's spill stores + loads on its PTX, plus cuobjdump's LOCAL), stack
+    frame and shared memory of one compiled kernel: an AOT build here, or a JIT build read back from
+    Triton's cache on a GPU (both are CompiledKernels holding their PTX and cubin)."""
+    usage = resource_usage(compiled.asm["cubin"])
+    spills = spill_report(compiled.asm["ptx"], arch)
+    return dict(registers=usage.get("REG"), spill_bytes=spills["spill"] + usage.get("LOCAL", 0),
+                stack_bytes=spills["stack"], shared_bytes=compiled.metadata.shared)
+
+
+def jit_build_problem(compiled, local_bytes: int) -> str | None:
+    """Why a JIT build fails the AOT check's measure, or None. `local_bytes`: the local memory per
+    thread that the driver reports for the loaded kernel (Triton's `n_spills` is that divided by 4, not
+    a count of spills: a kernel calling libdevice's sin or cos keeps a 32-byte frame for the slow
+    argument reduction, spills nothing, and reads "8 spills"). A problem is a spill store or load in
+    the build's PTX, or local memory beyond the stack frame that ptxas gives it."""
+    usage = build_usage(compiled, compiled.metadata.target.arch)
+    problems = []
+    if usage["spill_bytes"]:
+        problems.append(f"spills {usage['spill_bytes']} bytes")
+    if local_bytes > usage["stack_bytes"]:
+        problems.append(f"{local_bytes} bytes of local memory, {usage['stack_bytes']} of them its stack frame")
+    if not problems:
+        return None
+    return f"{', '.join(problems)} ({usage['registers']} registers)"
+
+
 def widest_access(ptx: str, op: str) -> int:
     """Bits moved by the widest `ld.global` / `st.global` instruction in the PTX (0 if none)."""
     widest = 0
@@ -109,15 +136,12 @@ def compile_spec(spec, arch: int) -> AotResult:
         compiled = triton.compile(ASTSource(spec.fn, signature, spec.constexprs, specialization(spec)),
                                   target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
-        usage = resource_usage(compiled.asm["cubin"])
-        spills = spill_report(compiled.asm["ptx"], arch)
+        usage = build_usage(compiled, arch)
     except Exception as error:  # report every kernel, then fail
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error) else ''}"
         return result
-    result.registers = usage.get("REG")
-    result.spill_bytes = spills["spill"] + usage.get("LOCAL", 0)
-    result.stack_bytes = spills["stack"]
-    result.shared_bytes = compiled.metadata.shared
+    result.registers, result.spill_bytes = usage["registers"], usage["spill_bytes"]
+    result.stack_bytes, result.shared_bytes = usage["stack_bytes"], usage["shared_bytes"]
     result.load_bits = widest_access(compiled.asm["ptx"], "ld")
     result.store_bits = widest_access(compiled.asm["ptx"], "st")
     problems = []

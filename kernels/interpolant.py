@@ -79,6 +79,9 @@ def reference_velocity_loss(v_pred, x, noise, t, path="linear", source_shift=Non
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 
+# The cosine path's tl.cos / tl.sin (libdevice) give their kernels a 32-byte stack frame for the slow
+# argument reduction (|angle| > 105615, never taken at t in [0, 1]); nothing spills, but Triton's
+# `n_spills` (local memory / 4) reads 8 for it: kernels.aot.jit_build_problem tells the two apart.
 @triton.jit
 def _path_coefficients(t, PATH: tl.constexpr):
     if PATH == 0:

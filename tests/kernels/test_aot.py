@@ -17,16 +17,23 @@ import triton
 import kernels
 
 
-@pytest.fixture(scope="module", params=["installed", "extra"])
-def aot_results(request, tmp_path_factory):
+def _compiler_env(release: str) -> dict:
+    """The environment of a child that compiles with the installed Triton or ("extra") the one that
+    ALIGNFLOW_EXTRA_TRITON names (skipped where it is not set)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if request.param == "extra":
+    if release == "extra":
         extra = os.environ.get("ALIGNFLOW_EXTRA_TRITON")
         if not extra:
             pytest.skip("ALIGNFLOW_EXTRA_TRITON is not set (CI sets it to a Triton 3.6 folder)")
         if not os.path.isdir(os.path.join(extra, "triton")):
             pytest.fail(f"ALIGNFLOW_EXTRA_TRITON={extra} holds no triton package")
         env["PYTHONPATH"] = os.pathsep.join([extra, os.getcwd(), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="module", params=["installed", "extra"])
+def aot_results(request, tmp_path_factory):
+    env = _compiler_env(request.param)
     path = tmp_path_factory.mktemp("aot") / "aot.json"
     run = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", str(path)], env=env,
                          capture_output=True, text=True, timeout=1200)
@@ -55,6 +62,50 @@ def test_every_kernel_module_has_specs(aot_results):
             specs = getattr(module, "aot_specs", lambda: [])()
             assert specs, f"kernels/{info.name}.py has Triton kernels but no aot_specs()"
             assert {s.name.split("[")[0] for s in specs} <= compiled_kernels
+
+
+_JIT_MEASURE = """
+import importlib, json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.aot import jit_build_problem, specialization
+
+spec = next(s for s in importlib.import_module("kernels.interpolant").aot_specs()
+            if s.name == "velocity_loss_fwd[bf16,path=1]")
+
+
+def build(num_warps=spec.num_warps, **overrides):
+    options = dict(num_warps=num_warps, num_stages=spec.num_stages)
+    if "maxnreg" in overrides:
+        options["maxnreg"] = overrides.pop("maxnreg")
+    signature = {**spec.signature, **{name: "constexpr" for name in spec.constexprs}}
+    return triton.compile(ASTSource(spec.fn, signature, {**spec.constexprs, **overrides}, specialization(spec)),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+h200 = build()
+capped = build(num_warps=1, BLOCK_S=1024, maxnreg=24)
+print(json.dumps({"triton": triton.__version__, "h200": jit_build_problem(h200, 32),
+                  "beyond_frame": jit_build_problem(h200, 36), "capped": jit_build_problem(capped, 0)}))
+"""
+
+
+@pytest.mark.parametrize("release", ["installed", "extra"])
+def test_jit_builds_are_judged_by_the_aot_measure(release):
+    """test_gpu_real_sizes judges the GPU's JIT builds by kernels.aot.jit_build_problem. The H200 run of
+    2026-12-04 (Triton 3.6) read "8 spills, 32 registers" from Triton for velocity_loss_fwd (bf16, the
+    cosine path): Triton's n_spills is the kernel's local memory in 4-byte words, and those 32 bytes are
+    the stack frame libdevice's sin/cos keep for the slow argument reduction; nothing spills (the AOT
+    check's measure). The same build, compiled here for sm_90, passes at 32 bytes; local memory beyond
+    its frame, or a build capped to 24 registers that spills, is named."""
+    run = subprocess.run([sys.executable, "-c", _JIT_MEASURE], env=_compiler_env(release), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert release == "installed" or found["triton"] != triton.__version__, "the extra Triton was not the one used"
+    assert found["h200"] is None, found
+    assert found["beyond_frame"].startswith("36 bytes of local memory, 32 of them its stack frame"), found
+    assert found["capped"].startswith("spills ") and "(24 registers)" in found["capped"], found
 
 
 @pytest.mark.parametrize("ptx, op, bits", [
@@ -194,6 +245,35 @@ def test_gelu_specs_build_what_the_public_op_launches(interpreter_on, dtype, wid
     assert _build(launch_spec("gelu_tanh_bwd", launch)) == _build(expected)
     assert expected.signature["partial_ptr"] == ("*fp32" if bias_grad else expected.signature["da_ptr"])
     assert expected.not_divisible == () and expected.min_load_bits == 128
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_flow_specs_build_what_the_real_size_runs_launch(interpreter_on, path):
+    """test_gpu_real_sizes' interpolant and velocity-loss calls (SiT-XL/2 latents 32 x 4 x 32 x 32 in
+    bf16, t in fp32, CAR-Flow's per-channel source shift and a full target shift, gradients for v_pred
+    and both shifts), made through the public ops, launch exactly the builds aot_specs() lists: the AOT
+    check compiles what the GPU's JIT compiles there (the H200's velocity-loss "spills" were in these
+    builds: see test_jit_builds_are_judged_by_the_aot_measure)."""
+    import torch
+
+    from kernels._util import launch_spec, recorded_launches
+
+    module = importlib.import_module("kernels.interpolant")
+    x, noise, v_pred, mu1 = (torch.empty(32, 4, 32, 32, dtype=torch.bfloat16) for _ in range(4))
+    mu0 = torch.empty(32, 4, 1, 1, dtype=torch.bfloat16, requires_grad=True)
+    v_pred.requires_grad_()
+    mu1.requires_grad_()
+    t = torch.rand(32)
+    with recorded_launches(module) as launches:
+        x_t, v = kernels.interpolant(x, noise, t, path, mu0, mu1)
+        torch.autograd.backward((x_t, v), (torch.empty_like(x_t), torch.empty_like(v)))
+        kernels.velocity_loss(v_pred, x, noise, t, path, mu0, mu1).backward()
+    specs = {spec.name: spec for spec in module.aot_specs()}
+    names = ("interpolant_fwd", "interpolant_bwd", "velocity_loss_fwd", "velocity_loss_bwd")
+    assert len(launches) == len(names)
+    for name, launch in zip(names, launches):
+        expected = specs[f"{name}[bf16,path={module._PATH_CODES[path]}]"]
+        assert _build(launch_spec(name, launch)) == _build(expected), name
 
 
 def test_attention_target_follows_the_interpreter_and_the_tf32_flag(monkeypatch):

@@ -99,12 +99,15 @@ def _compile_mode(use_compile) -> dict:
 PHASES = ("data", "encoder", "forward", "backward", "optimizer")
 
 
-def build(args, device):
+def build(args, device, model_overrides=None):
+    """The step's parts: (encoder, SiT config, transport, encoder FLOPs per image). `model_overrides`: SiT
+    config keys set over the preset's (bench.trainer_host: SiT-XL/2's depth and heads at a tiny width;
+    --smoke: a narrow 2-block SiT); --smoke (or `model_overrides`) takes a tiny random-weight encoder."""
     from engine.models import ModelConfig
     from engine.models.encoders import EncoderConfig, build_encoder
     from engine.transport import Transport, TransportConfig
 
-    if args.smoke:
+    if args.smoke or model_overrides is not None:
         encoder_cfg = EncoderConfig(name="vit_tiny_patch16_224", pretrained=False, resolution=args.resolution,
                                     image_size=32)
     else:
@@ -114,7 +117,7 @@ def build(args, device):
                            device=device)  # only to count the encoder's tokens
     with torch.no_grad():
         tokens, _ = encoder(images)
-    overrides = dict(hidden_size=64, depth=2, num_heads=2) if args.smoke else {}
+    overrides = dict(model_overrides or (dict(hidden_size=64, depth=2, num_heads=2) if args.smoke else {}))
     model_cfg = ModelConfig(name=args.model, input_size=args.resolution // 8, num_classes=1000,
                             encoder_depth=min(args.encoder_depth, overrides.get("depth", 99)),
                             z_dims=[encoder.embed_dim], reg=args.reg, car_flow=args.car_flow, **overrides)
@@ -178,25 +181,30 @@ def _elapsed(device, a, b) -> float:
     return b - a
 
 
-def timed_steps(step, args, device):
+def timed_steps(step, args, device, clock=None):
     """Run `step(mark)` args.warmup + args.steps times; `step` calls `mark(phase)` as each of PHASES
     ends (a phase marked twice in a step, as with gradient accumulation, is summed). Returns the row's
     timing fields (medians over the timed steps, the peak memory since the first step) and the last
-    step's return value."""
+    step's return value. Phases are timed on the device (CUDA events; wall time on the CPU), or with
+    `clock` (seconds, e.g. time.process_time: bench.trainer_host's host time) where given."""
+    if clock is None:
+        timer, elapsed = (lambda: _timer(device)), (lambda a, b: _elapsed(device, a, b))
+    else:
+        timer, elapsed = clock, (lambda a, b: b - a)
     timings = {k: [] for k in PHASES + ("step",)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(args.warmup + args.steps):
-        marks = [(None, _timer(device))]
-        out = step(lambda phase: marks.append((phase, _timer(device))))
+        marks = [(None, timer())]
+        out = step(lambda phase: marks.append((phase, timer())))
         if i < args.warmup:
             continue
         spent = dict.fromkeys(PHASES, 0.0)
         for (_, a), (phase, b) in zip(marks, marks[1:]):
-            spent[phase] += _elapsed(device, a, b)
+            spent[phase] += elapsed(a, b)
         for phase in PHASES:
             timings[phase].append(spent[phase])
-        timings["step"].append(_elapsed(device, marks[0][1], marks[-1][1]))
+        timings["step"].append(elapsed(marks[0][1], marks[-1][1]))
     median = {k: sorted(v)[len(v) // 2] for k, v in timings.items()}
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return {"seconds_per_step": median["step"], "breakdown_seconds": median, "img_per_s": args.batch / median["step"],
@@ -339,10 +347,12 @@ def latent_shards(args, device) -> str:
     return out
 
 
-def trainer_config(args, parts, precision: str, use_compile: bool, output_dir: str, latents_root: str):
+def trainer_config(args, parts, precision: str, use_compile: bool, output_dir: str, latents_root: str,
+                   zero_stage: int | None = None):
     """The ExperimentConfig of a trainer variant: the benchmark's model, encoder and data (with latent
-    shards), configs/deepspeed/zero2.json on one rank, the global batch one micro-batch; nothing
-    written during the steps (no checkpoints, samples or logs) and nothing resumed."""
+    shards), configs/deepspeed/zero2.json on one rank (`zero_stage`: train.zero_stage over its stage 2),
+    the global batch one micro-batch; nothing written during the steps (no checkpoints, samples or logs)
+    and nothing resumed."""
     import dataclasses
 
     from engine.config import from_dict
@@ -354,7 +364,8 @@ def trainer_config(args, parts, precision: str, use_compile: bool, output_dir: s
         "latent": {"kind": "module", "path": POOL_LATENTS, "scale": 1.0, "shift": 0.0},
         "transport": transport.cfg,
         "train": {"output_dir": output_dir, "max_steps": 10 ** 9, "global_batch_size": args.batch,
-                  "deepspeed_config": "configs/deepspeed/zero2.json", "precision": precision, "compile": bool(use_compile),
+                  "deepspeed_config": "configs/deepspeed/zero2.json", "zero_stage": zero_stage,
+                  "precision": precision, "compile": bool(use_compile),
                   "cuda_graphs": use_compile == GRAPHS,
                   "debug_fixed_batch": args.loader == "none", "seed": 0},
         "optim": {"fused_clip": args.trainer_fused_clip},
@@ -392,25 +403,33 @@ def _trainer_process_state():
         os.environ.update(environ)
 
 
-def run_trainer_variant(name, precision, use_compile, args, device, parts, latents_root):
-    """`Trainer.train_step` timed as `run_variant` times the benchmark's step (the same phases)."""
+@contextlib.contextmanager
+def trainer_variant(args, parts, precision, use_compile, latents_root, zero_stage=None):
+    """A Trainer of `trainer_config` in a scratch run directory, torn down afterwards (`_trainer_process_state`);
+    its steps are those of Trainer.fit, without its logging and checkpoints."""
     import gc
 
     with _trainer_process_state(), tempfile.TemporaryDirectory(prefix="alignflow-bench-trainer-") as run_dir:
         from engine.trainer import Trainer
 
-        trainer = Trainer(trainer_config(args, parts, precision, use_compile, run_dir, latents_root))
-        try:  # the steps below are those of Trainer.fit, without its logging and checkpoints
-            row, metrics = timed_steps(trainer.train_step, args, device)
-            host_syncs = _count_host_syncs(trainer.train_step) if device.type == "cuda" else None
-            profiled = _device_profile(trainer.train_step, args)
-            facts = {"precision": trainer.precision, "zero_stage": trainer.engine.zero_optimization_stage(),
-                     "kernels_backend": __import__("kernels").get_backend(), "loader": trainer.loader.backend.name,
-                     "latents": "shards"}
+        trainer = Trainer(trainer_config(args, parts, precision, use_compile, run_dir, latents_root, zero_stage))
+        try:
+            yield trainer
         finally:
             trainer.engine.destroy()
             del trainer
             gc.collect()
+
+
+def run_trainer_variant(name, precision, use_compile, args, device, parts, latents_root):
+    """`Trainer.train_step` timed as `run_variant` times the benchmark's step (the same phases)."""
+    with trainer_variant(args, parts, precision, use_compile, latents_root) as trainer:
+        row, metrics = timed_steps(trainer.train_step, args, device)
+        host_syncs = _count_host_syncs(trainer.train_step) if device.type == "cuda" else None
+        profiled = _device_profile(trainer.train_step, args)
+        facts = {"precision": trainer.precision, "zero_stage": trainer.engine.zero_optimization_stage(),
+                 "kernels_backend": __import__("kernels").get_backend(), "loader": trainer.loader.backend.name,
+                 "latents": "shards"}
     if not math.isfinite(metrics["loss"]):
         raise RuntimeError(f"{name}: non-finite loss {metrics['loss']}")
     return {"variant": name, **row, "host_syncs_per_step": host_syncs, "final_loss": metrics["loss"], **facts,

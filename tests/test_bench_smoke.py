@@ -36,6 +36,34 @@ def test_train_step_benchmark_smoke(capsys):
     assert "| pil |" in out
 
 
+def test_trainer_host_benchmark_smoke(capsys, tmp_path):
+    """bench.trainer_host times the plain eager step and the trainer's step at ZeRO 0/1/2 in bf16 and bf16-mixed
+    on the CPU (host time: no number is asserted), each row under the stage and optimizer it names, and reports
+    the one configuration the trainer does not run (bf16 weights without ZeRO) with DeepSpeed's reason. It leaves
+    no process group or launch environment behind."""
+    import os
+    import re
+
+    import torch.distributed as dist
+
+    bench_trainer_host = importlib.import_module("bench.trainer_host")
+    launch_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+    environ, had_group = {k: os.environ.get(k) for k in launch_keys}, dist.is_initialized()
+    assert bench_trainer_host.main(["--smoke", "--out", str(tmp_path)]) == 1  # a row did not run: bf16 ZeRO-0
+    out = capsys.readouterr().out
+    assert dist.is_initialized() == had_group and {k: os.environ.get(k) for k in launch_keys} == environ
+    rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ") and " | " in line}
+    zero = "DeepSpeedZeroOptimizer"
+    optimizers = {"eager": "none", "trainer-bf16-zero1": zero, "trainer-bf16-zero2": zero,
+                  "trainer-bf16-mixed-zero0": "ClippedAdamW", "trainer-bf16-mixed-zero1": zero,
+                  "trainer-bf16-mixed-zero2": zero}
+    for name, optimizer in optimizers.items():
+        assert re.fullmatch(rf"\| {name}( \| \d+\.\d){{5}} \| {optimizer} \|", rows[name]), rows[name]
+    assert "skipped: TypeError: DeepSpeed optimizer FP16_UnfusedOptimizer" in rows["trainer-bf16-zero0"]
+    assert set(rows) == {*optimizers, "trainer-bf16-zero0", "row"} and "Not a GPU measurement" in out
+    assert not list(tmp_path.iterdir())  # a smoke run writes no result
+
+
 def test_timed_steps_splits_each_step_into_its_phases():
     """Each phase is the time from the previous mark to its own (a phase marked twice in a step is
     summed), so the phases of a step add up to the step; medians are taken over the timed steps."""

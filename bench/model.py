@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.train_step import TRAINER_VARIANTS, add_step_arguments  # TRAINER_VARIANTS: name -> (precision, compile)
+# TRAINER_VARIANTS: name -> (precision, compile); TRAINER_ZERO_STAGES: those at another stage than 2
+from bench.train_step import TRAINER_VARIANTS, TRAINER_ZERO_STAGES, add_step_arguments
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
@@ -62,7 +63,8 @@ STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflo
 # the given train.precision, DeepSpeed ZeRO-2's gradient reduction and step as DeepSpeed runs them
 # (_ZeroOptimizer, checked op for op against DeepSpeed by tests/test_bench_model_deepspeed.py) and the
 # trainer's EMA update; the trainer's finite-loss check and gradient-norm read (host syncs) cost nothing here.
-VARIANTS = STEP_VARIANTS + tuple(TRAINER_VARIANTS)
+# (Those at another ZeRO stage, TRAINER_ZERO_STAGES, are measured only: their device work is not modelled.)
+VARIANTS = STEP_VARIANTS + tuple(name for name in TRAINER_VARIANTS if name not in TRAINER_ZERO_STAGES)
 # opt-in variants, modelled only when --variants names them (not in the baseline or the README tables):
 # name -> (the variant it changes, model config overrides). alignflow-mlp-triton: alignflow with
 # model.mlp_kernel: triton (kernels.mlp_gelu's Triton matmuls, not measured on a GPU)

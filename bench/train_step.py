@@ -24,8 +24,11 @@ JPEG files with pre-extracted latent shards (random-weight encoder as above; the
 average pool of each image, written once by engine.preprocess: SD-VAE's 4 x H/8 x W/8 grid):
   6. trainer-bf16            train.precision bf16: bf16 weights, fp32 masters in the ZeRO optimizer
   7. trainer-bf16-mixed      train.precision bf16-mixed: fp32 weights, the model under bf16 autocast
-  8. trainer-bf16-compiled   trainer-bf16 with train.compile (DeepSpeed's engine.compile, inductor)
-  9. trainer-bf16-graphs     trainer-bf16-compiled with train.cuda_graphs (opt-in)
+  8. trainer-bf16-mixed-zero0  trainer-bf16-mixed with train.zero_stage 0 (no ZeRO: the optimizer is the
+                             trainer's own ClippedAdamW, no gradient hooks or flat buffers; TRAINER_ZERO_STAGES)
+  9. trainer-bf16-zero1      trainer-bf16 with train.zero_stage 1 (the trainer runs bf16 weights under ZeRO only)
+ 10. trainer-bf16-compiled   trainer-bf16 with train.compile (DeepSpeed's engine.compile, inductor)
+ 11. trainer-bf16-graphs     trainer-bf16-compiled with train.cuda_graphs (opt-in)
 Reported per variant: steady-state img/s, the step split into data / encoder / forward+loss / backward /
 optimizer (CUDA events; the trainer's fwd+loss includes its finite-loss check, its optimizer the
 EMA update and the gradient-norm read), peak memory, the host syncs of one step (torch's sync debug mode), model
@@ -85,12 +88,19 @@ BF16_COPIES_VARIANTS = ("alignflow-bf16-copies",)
 # the trainer's step: name -> (train.precision, train.compile, or GRAPHS for train.cuda_graphs too); its kernels
 # backend is the trainer's "auto"
 TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
+                    "trainer-bf16-mixed-zero0": ("bf16-mixed", False), "trainer-bf16-zero1": ("bf16", False),
                     "trainer-bf16-compiled": ("bf16", True), "trainer-bf16-graphs": ("bf16", GRAPHS)}
+# the trainer's variants at another train.zero_stage than zero2.json's 2: name -> stage. At world size 1 ZeRO
+# partitions nothing, and bench.trainer_host measured its host work (SiT-XL/2's parameter tensors at a tiny
+# width, on the CPU): ZeRO-0 (bf16-mixed; bf16 weights do not run without ZeRO) and ZeRO-1 (bf16) issue less
+# than ZeRO-2; these measure it on a GPU (bench.model models ZeRO-2 only)
+TRAINER_ZERO_STAGES = {"trainer-bf16-mixed-zero0": 0, "trainer-bf16-zero1": 1}
 # the order in which they run, most informative first (a time budget skips the tail): the eager pair, the
 # compiled pair and CUDA graphs (the first H200 run's old order ran out of time before alignflow-compiled),
 # the trainer's step, then the variants that differ from alignflow by one switch
 ORDER = ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs",
-         "trainer-bf16", "trainer-bf16-mixed", "trainer-bf16-compiled", "trainer-bf16-graphs",
+         "trainer-bf16", "trainer-bf16-mixed", "trainer-bf16-mixed-zero0", "trainer-bf16-zero1",
+         "trainer-bf16-compiled", "trainer-bf16-graphs",
          "alignflow-separate-clip", "alignflow-bf16-copies"]
 
 
@@ -423,7 +433,7 @@ def trainer_variant(args, parts, precision, use_compile, latents_root, zero_stag
 
 def run_trainer_variant(name, precision, use_compile, args, device, parts, latents_root):
     """`Trainer.train_step` timed as `run_variant` times the benchmark's step (the same phases)."""
-    with trainer_variant(args, parts, precision, use_compile, latents_root) as trainer:
+    with trainer_variant(args, parts, precision, use_compile, latents_root, TRAINER_ZERO_STAGES.get(name)) as trainer:
         row, metrics = timed_steps(trainer.train_step, args, device)
         host_syncs = _count_host_syncs(trainer.train_step) if device.type == "cuda" else None
         profiled = _device_profile(trainer.train_step, args)
@@ -517,7 +527,8 @@ def markdown(payload) -> str:
                      f"{100 * r['mfu']:.1f}% | {'-' if r.get('host_syncs_per_step') is None else r['host_syncs_per_step']} |")
     if any(r["variant"] in TRAINER_VARIANTS for r in rows):
         lines += ["", "trainer-* rows time `engine.trainer.Trainer.train_step` as the `deepspeed` launcher runs it on "
-                      "one GPU (DeepSpeed ZeRO-2, the named `train.precision`, EMA update, the finite-loss check and "
+                      "one GPU (DeepSpeed ZeRO-2, or the stage a -zero<N> name gives as `train.zero_stage`; the named "
+                      "`train.precision`, EMA update, the finite-loss check and "
                       "its host sync; latents read from shards by the trainer's loader); the others time the "
                       "benchmark's own step (fp32 weights under bf16 autocast, torch's fused AdamW)."]
     profiled = markdown_rows(rows)
@@ -559,7 +570,8 @@ def main(argv=None) -> int:
                              "(auto: DALI nvJPEG on a GPU where installed, else PIL), or none (one fixed batch)")
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s)
-    args.variants = args.variants or ("reference-eager,alignflow,trainer-bf16,trainer-bf16-mixed" if args.smoke
+    args.variants = args.variants or ("reference-eager,alignflow,trainer-bf16,trainer-bf16-mixed,"
+                                      "trainer-bf16-mixed-zero0" if args.smoke
                                       else ",".join(ORDER))
     unknown = sorted(set(args.variants.split(",")) - set(ORDER))
     if unknown:

@@ -31,6 +31,8 @@ def test_train_step_benchmark_smoke(capsys):
     out = capsys.readouterr().out
     assert "| reference-eager |" in out and "| alignflow |" in out
     assert "| trainer-bf16 |" in out and "| trainer-bf16-mixed |" in out and "trainer-* rows time" in out
+    # trainer-bf16-mixed-zero0's train.zero_stage reached DeepSpeed (the one row at stage 0)
+    assert "| trainer-bf16-mixed-zero0 |" in out and out.count("'zero_stage': 0") == 1
     assert dist.is_initialized() == had_group and {k: os.environ.get(k) for k in launch_keys} == environ
     assert "images from the pil loader" in out and "| data | encoder |" in out  # the trainer's own loader
     assert "| pil |" in out

@@ -225,8 +225,24 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "date": datetime.date.today().isoformat(),
         "cpu_cores": os.cpu_count(),
+        # the host that queues the kernels: a host-bound step's time depends on it (the first H200 run's
+        # eager steps were host-bound)
+        "cpu": _cpu_model(),
+        "kernel": platform.release(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_json(kind: str, payload: dict, directory: str = "bench/results") -> str:

@@ -85,6 +85,8 @@ stage() {
   case "$1" in
     env)
       nvidia-smi
+      # the host that queues the kernels (eager steps were host-bound on the first H200 run) and the runtime
+      echo "host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(nproc) cores, kernel $(uname -r)"
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
       # optional packages: their absence is reported, not a failure
       python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1 || true

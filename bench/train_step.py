@@ -508,7 +508,8 @@ def _compare(rows) -> None:
 def markdown(payload) -> str:
     env, rows = payload["environment"], payload["variants"]
     lines = [f"{payload['model']} batch {payload['batch']} at {payload['resolution']} px on {env['device']} "
-             f"(torch {env['torch']}, Triton {env['triton']}, {env['date']}); bf16 matmul ceiling "
+             f"(torch {env['torch']}, Triton {env['triton']}, {env['date']}"
+             f"{'; host ' + env['cpu'] + ', ' + str(env['cpu_cores']) + ' cores' if 'cpu' in env else ''}); bf16 matmul ceiling "
              f"{payload['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s measured in the same run; images from the "
              f"{payload.get('loader', 'none (one fixed batch)')} loader, times in ms.", "",
              "| variant | img/s | vs reference eager | step ms | data | encoder | fwd+loss | backward | optimizer | peak GiB | TFLOP/s | MFU | host syncs |",

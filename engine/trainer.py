@@ -162,6 +162,7 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         self.clip_optimizer = optimizer if self.fused_clip else None
+        self._skip_identity_allreduce()
         if self.fused_clip:
             from engine.optim import describe_step_kernel, hand_clipping_to
 
@@ -217,6 +218,20 @@ class Trainer:
             from engine.evaluate import OnlineEvaluator
             with self.training_rng_untouched():
                 self.evaluator = OnlineEvaluator(self)
+
+    def _skip_identity_allreduce(self) -> None:
+        """One rank without ZeRO, the optimizer torch's own (not DeepSpeed's stage-0 bf16/fp16 wrappers):
+        DeepSpeed's gradient all-reduce after the backward is then the identity, but it still flattens the
+        gradients into buckets, scales them by 1 / world size, all-reduces and copies them back, two
+        passes over every gradient in each direction. Skipped (engine.enable_backward_allreduce), the
+        gradients are bitwise what they were (tests/engine/test_train.py)."""
+        engine = self.engine
+        if (self.world_size == 1 and engine.zero_optimization_stage() == 0 and engine.enable_backward_allreduce
+                and isinstance(engine.optimizer, torch.optim.Optimizer)  # DeepSpeed's wrappers are not
+                and engine.communication_data_type == torch.float32):
+            engine.enable_backward_allreduce = False
+            self.monitor.info("one rank without ZeRO: DeepSpeed's gradient all-reduce (the identity here: flatten, "
+                              "scale by 1, all-reduce, copy back) is skipped")
 
     def _weight_copies(self, optimizer):
         """train.bf16_weight_copies: bf16 copies of the model's Linear weights that its matmuls read in place

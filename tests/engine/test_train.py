@@ -329,6 +329,39 @@ def test_bf16_mixed_takes_zero2s_steps_without_zero(tmp_path, data_root, monkeyp
         torch.testing.assert_close(ema0[name], value, rtol=0, atol=4e-6, msg=name)
 
 
+def test_one_rank_without_zero_skips_the_identity_allreduce(tmp_path, data_root, monkeypatch):
+    """On one rank without ZeRO (the one-GPU recommendation: bf16-mixed, train.zero_stage 0, the clip in
+    the fused AdamW step) DeepSpeed's gradient all-reduce is skipped: it never runs, and the steps give
+    the same fp32 master weights and EMA, bitwise, as with it (where it runs once a step)."""
+    from deepspeed.runtime import torch_autocast
+
+    from engine.trainer import Trainer
+
+    runs = {}
+    for skip in (True, False):
+        monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_INITIALIZED", False)
+        monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_DTYPE", None)
+        if not skip:
+            monkeypatch.setattr(Trainer, "_skip_identity_allreduce", lambda self: None)
+        trainer = make_trainer(tmp_path / str(skip), data_root,
+                               train={"precision": "bf16-mixed", "zero_stage": 0, "max_steps": 3,
+                                      "debug_fixed_batch": True},
+                               optim={"fused_clip": "true", "grad_clip": 0.05, "warmup_steps": 0})
+        assert trainer.engine.enable_backward_allreduce is not skip
+        calls = []
+        allreduce = trainer.engine.allreduce_gradients
+        monkeypatch.setattr(trainer.engine, "allreduce_gradients", lambda *a, **k: calls.append(1) or allreduce(*a, **k))
+        before = master_weights(trainer)
+        losses = [trainer.train_step()["loss"] for _ in range(3)]
+        assert len(calls) == 0 if skip else len(calls) >= 3  # once per micro-batch (it reduces at the boundary)
+        runs[skip] = losses, master_weights(trainer), trainer.ema.full_state_dict()
+        assert max(float((runs[skip][1][k] - before[k]).abs().max()) for k in before) > 1e-3  # the steps moved it
+    assert runs[True][0] == runs[False][0]
+    for with_skip, without in ((runs[True][1], runs[False][1]), (runs[True][2], runs[False][2])):
+        for name, value in without.items():
+            torch.testing.assert_close(with_skip[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_compiled_model_trains_like_eager(tmp_path, data_root):
     """train.compile runs the model through torch.compile (DeepSpeed's engine.compile) and takes the
     same steps as eager within fp32 reordering error; checkpoints keep the plain state_dict keys.

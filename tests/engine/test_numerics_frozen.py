@@ -49,11 +49,27 @@ OVERRIDES = [
 ]
 
 
+# Packages whose versions go into the record beside torch's and DeepSpeed's: on 2026-12-04 a fresh
+# environment (same torch, DeepSpeed and ISA) moved the encoder terms of step 1 at the code that had
+# matched the record on 2026-12-03, so one of the others had changed, and the record did not say which.
+PACKAGES = ("timm", "numpy", "pillow", "torchvision", "diffusers", "safetensors")
+
+
 def environment() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
     import deepspeed
 
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            **{name: installed(name) for name in PACKAGES}}
 
 
 def run(nproc: int, tmp_path, data_root) -> dict:

@@ -78,16 +78,16 @@ def resolve(op: str, tensors: Iterable[torch.Tensor | None], dtypes=TRITON_DTYPE
     if get_backend() == "cuda" and op not in CUDA_OPS and ("cuda", op) not in _logged:
         _logged.add(("cuda", op))
         log.warning("kernels.%s: no CUDA C++ kernel yet; the \"cuda\" backend runs the Triton kernel", op)
-    tensors = [x for x in tensors if x is not None]
+    devices = set()  # one pass, each tensor's device read once: this runs at every eager call (host time)
     for x in tensors:
+        if x is None:
+            continue
         if x.dtype not in dtypes:
             return fallback(op, f"dtype {x.dtype} is not supported by the Triton kernel")
-        if x.device.type == "cuda":
-            continue
-        if x.device.type == "cpu" and interpreting():
-            continue
-        return fallback(op, f"device {x.device} needs CUDA or TRITON_INTERPRET=1")
-    devices = {x.device for x in tensors}
+        device = x.device
+        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+            return fallback(op, f"device {device} needs CUDA or TRITON_INTERPRET=1")
+        devices.add(device)
     if len(devices) > 1:
         return fallback(op, f"inputs on several devices {sorted(map(str, devices))}")
     return "triton"

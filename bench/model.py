@@ -63,8 +63,11 @@ STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflo
 # the given train.precision, DeepSpeed ZeRO-2's gradient reduction and step as DeepSpeed runs them
 # (_ZeroOptimizer, checked op for op against DeepSpeed by tests/test_bench_model_deepspeed.py) and the
 # trainer's EMA update; the trainer's finite-loss check and gradient-norm read (host syncs) cost nothing here.
-# (Those at another ZeRO stage, TRAINER_ZERO_STAGES, are measured only: their device work is not modelled.)
-VARIANTS = STEP_VARIANTS + tuple(name for name in TRAINER_VARIANTS if name not in TRAINER_ZERO_STAGES)
+# Those at another ZeRO stage (TRAINER_ZERO_STAGES): stage 0 (trainer-bf16-mixed-zero0) as DeepSpeed's engine
+# without ZeRO runs it (_StageZeroEngine, checked the same way); the others are measured only.
+MODELLED_ZERO_STAGES = (0, 2)
+VARIANTS = STEP_VARIANTS + tuple(name for name in TRAINER_VARIANTS
+                                 if TRAINER_ZERO_STAGES.get(name, 2) in MODELLED_ZERO_STAGES)
 # opt-in variants, modelled only when --variants names them (not in the baseline or the README tables):
 # name -> (the variant it changes, model config overrides). alignflow-mlp-triton: alignflow with
 # model.mlp_kernel: triton (kernels.mlp_gelu's Triton matmuls, not measured on a GPU)
@@ -859,6 +862,65 @@ class _ZeroOptimizer:
         self.master.grad = None
 
 
+class _StageZeroEngine:
+    """DeepSpeed 0.19's engine without ZeRO (train.zero_stage 0) as one rank runs the trainer's step under
+    bf16-mixed: no ZeRO optimizer, so no gradient hooks, bucket copies or flat buffers; engine.step() calls
+    the trainer's own optimizer (engine.optim.ClippedAdamW with optim.fused_clip: its own norm of the full
+    gradients, torch's fused AdamW over the model's fp32 parameters and, with train.bf16_weight_copies, the
+    bf16 copies written in its step), then sets the gradients to None (launches nothing); then the trainer's
+    EMA update (engine/ema.py at stage 0: one _foreach_lerp_ over the fp32 parameters themselves).
+    tests/test_bench_model_deepspeed.py checks these ops against the real trainer at stage 0.
+
+    `allreduce`: DeepSpeed's gradient all-reduce after the backward, which the trainer skips on one rank
+    (Trainer._skip_identity_allreduce: the identity there); with it, buffered_allreduce_fallback's work at
+    the end of the backward (run here once the backward has made every gradient): the fp32 gradients
+    flattened into buckets of `bucket_elements` (MEMORY_OPT_ALLREDUCE_SIZE, 5e8: a bucket closes once it
+    holds more), each all-reduced (not traced; fp32 communication, at world size 1 no scaling) and copied
+    back into the gradients, per bucket a cat and a copy_ per gradient: 16 bytes a parameter."""
+
+    clips_gradients = True  # ClippedAdamW clips: one_step runs no clip_grad_norm_ before it
+
+    def __init__(self, params, optimizer, ema: bool = True, allreduce: bool = False,
+                 bucket_elements: int = 500000000, tracer=None):
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer, self.allreduce, self.bucket_elements, self.tracer = optimizer, allreduce, bucket_elements, tracer
+        self.sources = [p.detach().view(-1) for p in self.params] if ema else []  # EMA._source of a "full" param
+        self.ema = [s.clone() for s in self.sources]
+        self.waiting = set(self.params)
+        if allreduce:  # to run it where engine.backward does, once the backward has made every gradient
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._gradient_ready)
+
+    def _attributed(self, phase: str):
+        return self.tracer.attributed(phase) if self.tracer is not None else contextlib.nullcontext()
+
+    def _gradient_ready(self, p):  # not a host call: DeepSpeed registers no such hook
+        self.waiting.discard(p)
+        if not self.waiting:  # engine.backward's epilogue: allreduce_no_retain over the module's gradients
+            self.waiting = set(self.params)
+            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+            with self._attributed("backward"):
+                bucket, numel = [], 0
+                for q in self.params:
+                    bucket.append(q.grad)
+                    numel += q.numel()
+                    if numel > self.bucket_elements or q is self.params[-1]:
+                        flat = _flatten_dense_tensors(bucket)  # all-reduced in place (the identity at world size 1)
+                        for grad, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                            grad.copy_(synced)
+                        bucket, numel = [], 0
+
+    def step(self):
+        with self._attributed("optimizer"):
+            self.optimizer.step()
+            if self.ema:  # Trainer.train_step, after engine.step()
+                torch._foreach_lerp_(self.ema, self.sources, 1.0 - 0.9999)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=True)  # engine.zero_grad: every gradient set to None
+
+
 _LOWER_PRECISION_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # torch_autocast's
 TRAINER_DEEPSPEED_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                       "deepspeed", "zero2.json")  # train.deepspeed_config's default
@@ -904,9 +966,11 @@ def _patched_foreach():
 def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", encoder_depth=8, reg=False,
                car_flow="none", precision="bf16-mixed", backend="triton", model_overrides=None,
                trainer: bool = False, fused_clip: bool = False, bf16_copies: bool | None = None,
-               model_config: dict | None = None) -> dict:
+               model_config: dict | None = None, zero_stage: int = 2, allreduce: bool = False) -> dict:
     """Trace one training step of bench.train_step (build + one_step) on fake tensors; `trainer`: with
-    DeepSpeed ZeRO-2's flat-buffer optimizer and the trainer's EMA update (see TRAINER_VARIANTS);
+    DeepSpeed ZeRO-2's flat-buffer optimizer and the trainer's EMA update (see TRAINER_VARIANTS), or at
+    `zero_stage` 0 (bf16-mixed, `fused_clip`) DeepSpeed's engine without ZeRO (_StageZeroEngine: the
+    trainer's ClippedAdamW and EMA; `allreduce`: with the gradient all-reduce the trainer skips);
     `fused_clip`: the clip inside the fused AdamW step (engine.optim.ClippedAdamW; under `trainer`,
     DeepSpeed's norm and its divisor handed over), else clip_grad_norm_ then AdamW; `bf16_copies`: the
     matmuls read bf16 copies of the weights written after the optimizer step (engine/bf16_copies.py; by
@@ -923,6 +987,14 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
 
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: allowed {list(PRECISIONS)}")
+    if trainer and zero_stage not in MODELLED_ZERO_STAGES:
+        raise ValueError(f"the trainer at ZeRO stage {zero_stage!r}: modelled at {list(MODELLED_ZERO_STAGES)}")
+    stage_zero = trainer and zero_stage == 0
+    if stage_zero and not (precision == "bf16-mixed" and fused_clip):
+        raise ValueError(f"the trainer at ZeRO stage 0 under --precision {precision!r}, fused_clip={fused_clip}: "
+                         "modelled under bf16-mixed with fused_clip only (the trainer's one-GPU recommendation)")
+    if allreduce and not stage_zero:
+        raise ValueError("allreduce: DeepSpeed's stage-0 gradient all-reduce, modelled with trainer=True, zero_stage=0")
     os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels pick their Triton path for CPU (fake) tensors
     args = argparse.Namespace(smoke=False, encoder=encoder, resolution=resolution, batch=batch, model=model,
                               encoder_depth=encoder_depth, reg=reg, car_flow=car_flow)
@@ -954,7 +1026,7 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
         tracer.encoder_compiled = encoder_module.cfg.fused  # compiled variants compile the fused encoder
         sit.to_empty(device="cpu").train()
         if bf16_copies is None:
-            bf16_copies = trainer and precision == "bf16-mixed"  # the trainer's auto on a GPU (ZeRO-2)
+            bf16_copies = trainer and precision == "bf16-mixed"  # the trainer's auto on a GPU (ZeRO 0-2)
         if bf16_copies and precision != "bf16-mixed":
             raise ValueError(f"bf16 weight copies under --precision {precision!r}: allowed under bf16-mixed only")
         copies = None
@@ -974,11 +1046,13 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
                                     max_norm=train_step.CLIP, comm_dtypes=comm_dtypes,
                                     bucket_elements=zero_bucket_elements(), tracer=tracer,
                                     check_overflow=zero_checks_grad_overflow(fused_clip), weight_copies=copies)
-                     if precision == "bf16" or trainer else fused(sit.parameters()))
+                     if precision == "bf16" or (trainer and not stage_zero) else fused(sit.parameters()))
         if copies is not None and not isinstance(optimizer, _ZeroOptimizer):
             if not fused_clip:
                 raise ValueError("bf16 weight copies without ZeRO are written by ClippedAdamW: pass fused_clip=True")
             optimizer.set_bf16_copies(copies.mapping())
+        if stage_zero:
+            optimizer = _StageZeroEngine(sit.parameters(), optimizer, ema=True, allreduce=allreduce, tracer=tracer)
         latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
         images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
         labels = torch.randint(0, cfg.num_classes, (batch,))
@@ -1556,7 +1630,7 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         f"precision {precision}: " + ("fp32 weights, bf16 autocast (traced with CPU autocast, whose op lists "
                                       "follow CUDA's for matmuls/convolutions), fused AdamW" if precision == "bf16-mixed"
                                       else "bf16 weights and gradients under DeepSpeed ZeRO-1/2's bf16 mode"),
-        "trainer-* rows (and --precision bf16): DeepSpeed ZeRO-2's passes as one rank runs them (bench.model."
+        "trainer-* rows at ZeRO-2 (and --precision bf16): DeepSpeed ZeRO-2's passes as one rank runs them (bench.model."
         "_ZeroOptimizer; tests/test_bench_model_deepspeed.py checks them op for op against DeepSpeed 0.19 on the "
         "CPU): in the backward each gradient copied into a reduce bucket and each bucket divided by the world "
         "size (bf16-mixed: Linear/Conv buckets cast to bf16 for the all-reduce and copied back twice); in the "
@@ -1565,13 +1639,19 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         "fp64 cast and a vector_norm per gradient), the flat concatenation and its fp32 cast, fused AdamW on "
         "the fp32 master, the master copied into the weights, the trainer's EMA lerp; collectives not traced "
         "(none at one GPU; the ZeRO projection models them)",
+        "trainer-bf16-mixed-zero0 (train.zero_stage 0): DeepSpeed's engine without ZeRO as one rank runs it "
+        "(bench.model._StageZeroEngine, checked the same way): alignflow-bf16-copies' step (ClippedAdamW's own norm "
+        "of the full fp32 gradients, fused AdamW over the fp32 weights writing their bf16 copies) and the "
+        "trainer's EMA lerp over the fp32 weights; no gradient hook, bucket or flat buffer, and no gradient "
+        "all-reduce (the trainer skips DeepSpeed's, the identity on one rank, which would flatten every gradient "
+        "into buckets and copy it back: 16 bytes a parameter more in the backward)",
         "clip_grad_norm_ and AdamW run their multi-tensor (foreach / fused) CUDA paths; launches as CUDA's "
         "multi_tensor_apply chunks them",
         "optimizer clipping: reference-* and alignflow-separate-clip run clip_grad_norm_ (a norm pass, then an "
         "in-place scaling pass) before fused AdamW; alignflow, alignflow-compiled and the trainer-* rows "
         "(optim.fused_clip, on on a GPU) take the norm in one pass and fused AdamW divides by the clip factor "
         "as it reads each gradient (torch's grad_scale, which writes the divided gradient back: 4 bytes a "
-        "parameter); the trainer-* rows (and --precision bf16) model DeepSpeed's clipping: its norm of the "
+        "parameter); the trainer-* rows at ZeRO-2 (and --precision bf16) model DeepSpeed's clipping: its norm of the "
         "gradients and, without fused_clip, its in-place scaling of the flat fp32 gradient",
         "MFU: the analytic model FLOPs (SiT.flops_per_sample x 3 + the encoder's forward, bench/flops.py) over "
         "the datasheet bf16 peak; Amdahl: the step if every op inside a `kernels` op (the fused kernels, or the "
@@ -1671,10 +1751,10 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
     out = {}
     for name in variants:
         if name in TRAINER_VARIANTS:
-            precision = TRAINER_VARIANTS[name][0]
-            key = f"trainer-{precision}"
+            precision, stage = TRAINER_VARIANTS[name][0], TRAINER_ZERO_STAGES.get(name, 2)
+            key = f"trainer-{precision}" + (f"-zero{stage}" if stage != 2 else "")
             if key not in traces:  # the trainer's optim.fused_clip 'auto': on on a GPU
-                traces[key] = trace_step(backend="triton", trainer=True, fused_clip=True,
+                traces[key] = trace_step(backend="triton", trainer=True, fused_clip=True, zero_stage=stage,
                                          **dict(args_dict, precision=precision))
             compiled = TRAINER_VARIANTS[name][1]
         else:

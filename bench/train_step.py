@@ -93,7 +93,7 @@ TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf1
 # the trainer's variants at another train.zero_stage than zero2.json's 2: name -> stage. At world size 1 ZeRO
 # partitions nothing, and bench.trainer_host measured its host work (SiT-XL/2's parameter tensors at a tiny
 # width, on the CPU): ZeRO-0 (bf16-mixed; bf16 weights do not run without ZeRO) and ZeRO-1 (bf16) issue less
-# than ZeRO-2; these measure it on a GPU (bench.model models ZeRO-2 only)
+# than ZeRO-2; these measure it on a GPU (bench.model models ZeRO-2 and, for trainer-bf16-mixed-zero0, stage 0)
 TRAINER_ZERO_STAGES = {"trainer-bf16-mixed-zero0": 0, "trainer-bf16-zero1": 1}
 # the order in which they run, most informative first (a time budget skips the tail): the eager pair, the
 # compiled pair and CUDA graphs (the first H200 run's old order ran out of time before alignflow-compiled),

@@ -682,3 +682,45 @@ def test_bf16_copies_move_the_weight_casts_into_one_refresh_after_the_step(train
     (refresh,) = [op for op in copied["ops"] if op.name == "_foreach_copy_"]
     assert refresh.step_phase == "optimizer" and refresh.read == 4 * N and refresh.written == 2 * N
     assert sum(c["launches"] for c in after.values()) < sum(c["launches"] for c in before.values())
+
+
+def test_trainer_at_stage_zero_is_the_fused_step_with_the_ema_update():
+    """trainer-bf16-mixed-zero0 (DeepSpeed's engine without ZeRO, _StageZeroEngine): the benchmark's fused
+    step with the bf16 weight copies written by ClippedAdamW (alignflow-bf16-copies) plus the trainer's EMA,
+    one _foreach_lerp_ over the fp32 parameters (8 + 4 bytes a parameter, one multi-tensor host call),
+    and no DeepSpeed hook; with DeepSpeed's gradient all-reduce (which the trainer skips on one rank) the
+    backward also flattens every gradient into buckets and copies it back (4 + 4 each)."""
+    common = dict(SMALL, backend="triton", fused_clip=True)
+    fused = model.trace_step(bf16_copies=True, **common)
+    zero0 = model.trace_step(trainer=True, zero_stage=0, **common)
+    P = zero0["params"]
+    assert zero0["bf16_copied_params"] == fused["bf16_copied_params"] > 0
+    before, after = model.baseline_counts(fused["ops"]), model.baseline_counts(zero0["ops"])
+    moved = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert moved == {"optimizer | optimizer | _foreach_lerp_"}, moved
+    (ema,) = [op for op in zero0["ops"] if op.name == "_foreach_lerp_"]
+    assert ema.step_phase == "optimizer" and ema.read == 8 * P and ema.written == 4 * P
+    hosts = {name: model.count_host(t["host"], t["ops"]) for name, t in (("fused", fused), ("zero0", zero0))}
+    assert hosts["zero0"]["optimizer"]["multi_tensor"] == hosts["fused"]["optimizer"]["multi_tensor"] + 1
+    assert all(c["zero_hook"] == 0 for c in hosts["zero0"].values())
+    assert {sp: c for sp, c in hosts["zero0"].items() if sp != "optimizer"} == \
+        {sp: c for sp, c in hosts["fused"].items() if sp != "optimizer"}
+
+    reduced = model.trace_step(trainer=True, zero_stage=0, allreduce=True, **common)
+    added = [op for op in reduced["ops"] if op.step_phase == "backward" and op.category == "optimizer"]
+    assert {op.name for op in added} == {"cat", "copy_"}
+    assert _sums(added, "cat") == (4 * P, 4 * P) and _sums(added, "copy_") == (4 * P, 4 * P)
+    assert [op.name for op in added].count("cat") == 1  # one bucket: fewer than 5e8 elements
+    ids = {id(op) for op in added}
+    assert model.baseline_counts([op for op in reduced["ops"] if id(op) not in ids]) == \
+        model.baseline_counts(zero0["ops"])  # the rest as with the skip
+
+
+def test_the_trainer_is_modelled_at_stages_zero_and_two_only():
+    with pytest.raises(ValueError, match="ZeRO stage 1"):
+        model.trace_step(backend="triton", trainer=True, fused_clip=True, zero_stage=1, **SMALL)
+    with pytest.raises(ValueError, match="stage 0 under --precision 'bf16'"):
+        model.trace_step(backend="triton", trainer=True, fused_clip=True, zero_stage=0, **dict(SMALL, precision="bf16"))
+    with pytest.raises(ValueError, match="allreduce"):
+        model.trace_step(backend="triton", trainer=True, fused_clip=True, allreduce=True, **SMALL)
+    assert "trainer-bf16-mixed-zero0" in model.VARIANTS and "trainer-bf16-zero1" not in model.VARIANTS

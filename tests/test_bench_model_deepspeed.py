@@ -1,14 +1,17 @@
 """bench.model's stand-in for DeepSpeed's ZeRO-2 optimizer (bench.model._ZeroOptimizer, the trainer-* rows)
-against DeepSpeed itself: the real Trainer (one CPU rank, DeepSpeed's CPU accelerator, gloo) takes one
+and for its engine without ZeRO (bench.model._StageZeroEngine, trainer-bf16-mixed-zero0) against DeepSpeed itself: the real Trainer (one CPU rank, DeepSpeed's CPU accelerator, gloo) takes one
 step under bench.model's Tracer, and the ops that DeepSpeed's ZeRO optimizer, torch's fused AdamW (through
 engine.optim.ClippedAdamW) and the trainer's EMA run in the backward and in the step must be, op for op,
 the ones the stand-in runs for the same parameters: the same aten op, phase, bytes read and written.
+At stage 0 the same for DeepSpeed's engine (its step and, where the trainer does not skip it, its gradient
+all-reduce), ClippedAdamW with the bf16 weight copies and the EMA over the fp32 parameters.
 On two CPU ranks, the collectives and the sharding that the ZeRO projection assumes.
 
 Exceptions (stated, not compared):
   - collectives (gloo here, NCCL on a GPU): at world size 1 they move nothing on a GPU; the ZeRO projection
     (bench.model.zero_projection) models them for more GPUs;
-  - DeepSpeed's scaling of the loss by its loss scale (one scalar multiply before the backward, no bytes).
+  - DeepSpeed's scaling of the loss by its loss scale and by the accumulation steps (scalar ops before the
+    backward).
 What the CPU run cannot show and the stand-in assumes as on a GPU: overlap_comm (the trainer turns it off on
 the CPU) changes which stream reduces, not the ops; norms in fp64 as on CUDA (DeepSpeed's get_norm_dtype)."""
 import collections
@@ -33,17 +36,22 @@ OWNERS = (os.path.join(_DEEPSPEED, "deepspeed", "runtime", "zero") + os.sep,
           os.path.join(_DEEPSPEED, "deepspeed", "runtime", "base_optimizer.py"),
           os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine", "ema.py"),
           os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine", "optim.py"))
+# DeepSpeed's engine: the functions of its step and of its gradient all-reduce (stage 0 runs them itself)
+ENGINE = os.path.join(_DEEPSPEED, "deepspeed", "runtime", "engine.py")
+ENGINE_OWNED = {"_take_model_step", "zero_grad", "allreduce_gradients", "buffered_allreduce_fallback",
+                "_get_gradients_for_reduction", "_reduce_non_expert_gradients", "allreduce_no_retain",
+                "allreduce_and_copy", "allreduce_bucket"}
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def _owner_is_the_optimizer() -> bool:
     """Whether the innermost frame outside torch (and this recorder) is DeepSpeed's ZeRO optimizer, its
-    helpers, engine.optim or engine.ema."""
+    helpers, its engine's step or gradient all-reduce, engine.optim or engine.ema."""
     frame = sys._getframe(2)
     while frame is not None:
         path = frame.f_code.co_filename
         if not path.startswith(_TORCH) and path != bm.__file__ and path != __file__:
-            return path.startswith(OWNERS)
+            return path.startswith(OWNERS) or (path == ENGINE and frame.f_code.co_name in ENGINE_OWNED)
         frame = frame.f_back
     return False
 
@@ -90,6 +98,8 @@ def deepspeed_step_ops(tmp_path, precision: str, check_overflow: bool, monkeypat
                              "deepspeed_config": str(tmp_path / "zero2.json")},
                       optim={"fused_clip": "true"})
     trainer = Trainer(from_dict(raw))
+    assert type(trainer.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer"
+    assert trainer.engine.zero_optimization_stage() == 2
     ops = traced_step(trainer)
     return trainer, [op for op in ops if op.fused_region]
 
@@ -97,8 +107,7 @@ def deepspeed_step_ops(tmp_path, precision: str, check_overflow: bool, monkeypat
 def traced_step(trainer):
     """The ops of the trainer's second step (the first creates the optimizer state) in its backward and
     optimizer phases, each marked (fused_region) with whether the optimizer ran it."""
-    assert type(trainer.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer" and trainer.fused_clip
-    assert trainer.engine.zero_optimization_stage() == 2 and trainer.accum == 1
+    assert trainer.fused_clip and trainer.accum == 1
     trainer.train_step()
     tracer = OwnedTracer()
     after = {"data": "encoder", "encoder": "forward", "forward": "backward", "backward": "optimizer",
@@ -111,6 +120,20 @@ def traced_step(trainer):
     with tracer:
         trainer.train_step(mark=mark)
     return [op for op in tracer.ops if op.step_phase in ("backward", "optimizer")]
+
+
+def _standin_ops(params, optimizer, tracer):
+    """A backward that makes every gradient of `params` (in reverse order, as a backward does), then
+    `optimizer`'s step, twice (the first creates the AdamW state, unrecorded): the second's optimizer ops."""
+    for step in range(2):
+        tracer.recording = step == 1
+        with tracer:
+            tracer.phase = "backward"
+            torch.autograd.backward(params[::-1], [torch.randn_like(p) for p in params[::-1]])
+            tracer.phase = "optimizer"
+            optimizer.step()
+            optimizer.zero_grad()
+    return [op for op in tracer.ops if op.category == "optimizer"]
 
 
 def standin_step_ops(trainer, precision: str, check_overflow: bool):
@@ -129,15 +152,7 @@ def standin_step_ops(trainer, precision: str, check_overflow: bool):
     optimizer = bm._ZeroOptimizer(params, lambda p: ClippedAdamW(p, max_norm=1.0, lr=1e-4), ema=True,
                                   fused_clip=True, max_norm=1.0, comm_dtypes=comm_dtypes, bucket_elements=bucket,
                                   tracer=tracer, check_overflow=check_overflow)
-    for step in range(2):  # the first creates the AdamW state, unrecorded
-        tracer.recording = step == 1
-        with tracer:
-            tracer.phase = "backward"
-            torch.autograd.backward(params[::-1], [torch.randn_like(p) for p in params[::-1]])
-            tracer.phase = "optimizer"
-            optimizer.step()
-            optimizer.zero_grad()
-    return [op for op in tracer.ops if op.category == "optimizer"]
+    return _standin_ops(params, optimizer, tracer)
 
 
 @pytest.mark.parametrize("precision, check_overflow", [("bf16", True), ("bf16", False), ("bf16-mixed", True)])
@@ -150,11 +165,7 @@ def test_zero_standin_runs_deepspeeds_ops(tmp_path, precision, check_overflow, m
     finally:
         trainer.engine.destroy()
     params = sum(p.numel() for p in trainer.engine.module.parameters() if p.requires_grad)
-    real_sig, modelled_sig = _signature(real), _signature(modelled)
-    only_real, only_modelled = real_sig - modelled_sig, modelled_sig - real_sig
-    assert not only_real and not only_modelled, (
-        f"{precision}: ops (phase, op, read, written, launches) x calls that DeepSpeed runs and the stand-in "
-        f"does not: {sorted(only_real.items())[:12]}; the stand-in's extra: {sorted(only_modelled.items())[:12]}")
+    assert_same_ops(real, modelled, precision)
     # the figure that matters, per parameter: the optimizer's bytes in the backward and in the step
     per_param = {phase: sum(op.bytes for op in real if op.step_phase == phase) / params
                  for phase in ("backward", "optimizer")}
@@ -163,6 +174,75 @@ def test_zero_standin_runs_deepspeeds_ops(tmp_path, precision, check_overflow, m
     assert per_param["optimizer"] == pytest.approx(expected["optimizer"], abs=0.5), per_param
     if expected["backward"] is not None:
         assert per_param["backward"] == pytest.approx(expected["backward"], abs=0.5), per_param
+
+
+def assert_same_ops(real, modelled, what: str):
+    real_sig, modelled_sig = _signature(real), _signature(modelled)
+    only_real, only_modelled = real_sig - modelled_sig, modelled_sig - real_sig
+    assert not only_real and not only_modelled, (
+        f"{what}: ops (phase, op, read, written, launches) x calls that DeepSpeed runs and the stand-in "
+        f"does not: {sorted(only_real.items())[:12]}; the stand-in's extra: {sorted(only_modelled.items())[:12]}")
+
+
+def stage_zero_step_ops(tmp_path, skip_allreduce: bool, monkeypatch):
+    """The real trainer without ZeRO as on one GPU (bf16-mixed, train.zero_stage 0, optim.fused_clip, the bf16
+    weight copies), with its skip of DeepSpeed's gradient all-reduce or without: the ops of its second step
+    that DeepSpeed's engine, the optimizer and the EMA run."""
+    from deepspeed.runtime import torch_autocast
+
+    from engine.trainer import Trainer
+
+    monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_INITIALIZED", False)
+    monkeypatch.setattr(torch_autocast, "TORCH_AUTOCAST_DTYPE", None)
+    if not skip_allreduce:
+        monkeypatch.setattr(Trainer, "_skip_identity_allreduce", lambda self: None)
+    raw = tiny_config(tmp_path / "run", tmp_path / "data",
+                      train={"precision": "bf16-mixed", "zero_stage": 0, "global_batch_size": 4, "max_steps": 2,
+                             "bf16_weight_copies": "true"},  # its 'auto' on a GPU
+                      optim={"fused_clip": "true"})
+    trainer = Trainer(from_dict(raw))
+    engine = trainer.engine
+    assert engine.zero_optimization_stage() == 0 and engine.optimizer is trainer.clip_optimizer
+    assert trainer.copies_written_by_optimizer and engine.enable_backward_allreduce is not skip_allreduce
+    ops = traced_step(trainer)
+    return trainer, [op for op in ops if op.fused_region]
+
+
+def stage_zero_standin_ops(trainer, allreduce: bool):
+    """bench.model's stand-in (_StageZeroEngine over ClippedAdamW writing the bf16 copies of the trainer's
+    copied weights) over parameters of the trainer's shapes: its optimizer ops."""
+    from engine.optim import ClippedAdamW
+
+    real = [p for p in trainer.engine.module.parameters() if p.requires_grad]
+    params = [torch.nn.Parameter(torch.randn(p.shape)) for p in real]
+    copied = {id(p) for p in trainer.weight_copies.mapping()}
+    optimizer = ClippedAdamW(params, max_norm=1.0, lr=1e-4)
+    optimizer.set_bf16_copies({q: torch.empty(q.shape, dtype=torch.bfloat16)
+                               for p, q in zip(real, params) if id(p) in copied})
+    tracer = bm.Tracer()
+    engine = bm._StageZeroEngine(params, optimizer, ema=True, allreduce=allreduce, tracer=tracer)
+    return _standin_ops(params, engine, tracer)
+
+
+@pytest.mark.parametrize("skip_allreduce", [True, False])
+def test_stage_zero_standin_runs_the_trainers_ops(tmp_path, skip_allreduce, monkeypatch):
+    """trainer-bf16-mixed-zero0: per parameter, the step's norm (4 bytes), fused AdamW with the clip divisor
+    (16 read, 16 written), the EMA lerp over the fp32 parameters (8 read, 4 written) and the bf16 copies
+    (4 read, 2 written a copied weight); in the backward nothing, or without the trainer's skip DeepSpeed's
+    flatten into buckets and copy back (16)."""
+    trainer, real = stage_zero_step_ops(tmp_path, skip_allreduce, monkeypatch)
+    try:
+        modelled = stage_zero_standin_ops(trainer, allreduce=not skip_allreduce)
+        params = sum(p.numel() for p in trainer.engine.module.parameters() if p.requires_grad)
+        copied = trainer.weight_copies.numel()
+    finally:
+        trainer.engine.destroy()
+    assert_same_ops(real, modelled, f"stage 0, all-reduce {'skipped' if skip_allreduce else 'run'}")
+    per_param = {phase: sum(op.bytes for op in real if op.step_phase == phase) / params
+                 for phase in ("backward", "optimizer")}
+    assert 0 < copied < params
+    assert per_param["optimizer"] == pytest.approx(4 + 32 + 12 + 6 * copied / params, abs=0.05), per_param
+    assert per_param["backward"] == pytest.approx(0.0 if skip_allreduce else 16.0, abs=0.05), per_param
 
 
 def test_two_ranks_all_reduce_whole_buckets_and_shard_the_step(tmp_path):

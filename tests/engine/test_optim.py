@@ -55,8 +55,10 @@ def test_clipped_adamw_takes_the_reference_steps(grad_scale, max_norm, clipped):
                 torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{shape}")
             else:  # g / d against g * (1 / d): one rounding of the gradient apart
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{shape}")
+    # the steps moved every tensor; a one-element tensor's Adam steps on random-sign gradients can cancel
+    # (seen at 3e-5 over 5 steps; 17 of 800 seeds fell under 1e-3), so it is held to moving at all
     start = params(seed)
-    assert all((a - s).abs().max() > 1e-3 for a, s in zip(fused, start))  # the steps moved every tensor
+    assert all((a - s).abs().max() > (1e-3 if s.numel() > 1 else 0) for a, s in zip(fused, start))
 
 
 def test_the_divisor_is_torchs_and_deepspeeds_clip():

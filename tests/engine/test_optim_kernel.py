@@ -116,7 +116,10 @@ def test_alignflow_kernel_takes_torchs_steps(divisor_kind, grad_scale):
                 assert torch.equal(c, p.detach().to(torch.bfloat16)), f"{kernel} step {i} copy {j}"
         runs[kernel] = opt, ps
     start = make_params(seed)
-    assert all((p - s).abs().max() > 1e-3 for p, s in zip(sum(runs["alignflow"][1], []), sum(start, [])))
+    # every tensor moved (a one-element tensor only at all: its Adam steps on random-sign gradients can
+    # cancel, as tests/engine/test_optim.py measured)
+    assert all((p - s).abs().max() > (1e-3 if s.numel() > 1 else 0)
+               for p, s in zip(sum(runs["alignflow"][1], []), sum(start, [])))
     divisors = torch.stack([divisor_of(grads) for grads in steps])
     if divisor_kind != "none":
         assert bool((divisors > 1).all() if divisor_kind == "clipped" else (divisors == 1).all()), divisors

@@ -319,14 +319,18 @@ def test_bf16_mixed_takes_zero2s_steps_without_zero(tmp_path, data_root, monkeyp
         assert max(float((runs[stage][1][k] - before[k]).abs().max()) for k in before) > 1e-3  # the steps moved it
     (zero0, weights0, ema0), (zero2, weights2, ema2) = runs[0], runs[2]
     assert all(m["grad_norm"] > 2 * clip for m in zero0 + zero2)  # every step clipped
+    # Tolerances: ZeRO-2's bf16 rounding of the Linear gradients moves the later steps. In one process
+    # measured 2026-12-04 here: losses 1e-5 apart; in CI's full run (other tests first in the process) the
+    # alignment term (|x| ~ 0.09) 6.7e-6 apart, so the terms get an absolute bound at the loss's scale;
+    # a 2% lr change moves the masters 1.9e-4 apart, which the weights' bound still refuses.
     for a, b in zip(zero0, zero2):
         for key in ("loss", "velocity", "alignment", "cls", "lr"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=5e-5), (key, a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-3)
     for name, value in weights2.items():
-        torch.testing.assert_close(weights0[name], value, rtol=0, atol=4e-5, msg=name)
+        torch.testing.assert_close(weights0[name], value, rtol=0, atol=8e-5, msg=name)
     for name, value in ema2.items():
-        torch.testing.assert_close(ema0[name], value, rtol=0, atol=4e-6, msg=name)
+        torch.testing.assert_close(ema0[name], value, rtol=0, atol=8e-6, msg=name)
 
 
 def test_one_rank_without_zero_skips_the_identity_allreduce(tmp_path, data_root, monkeypatch):

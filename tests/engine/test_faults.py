@@ -106,8 +106,12 @@ def test_kill_9_at_random_points_then_restart_is_bitwise_the_uninterrupted_run(t
     time.sleep(rng.uniform(0.0, 0.5))
     kill(proc)
     # 2: in the middle of a checkpoint write (its .tmp- directory exists), a random number of saves in
-    seen = {ckpt.latest_tag_or_none(checkpoints)}
-    skip = rng.randint(0, 1)
+    latest = ckpt.latest_tag_or_none(checkpoints)
+    seen = {latest}
+    # saves still to come: a loaded machine can run a step or two past the kill point drawn above (CI,
+    # 2026-12-04: killed after step 5's save, so only step 6's was left for a draw that skipped one)
+    to_come = STEPS - (int(latest[5:]) if latest else 0)
+    skip = min(rng.randint(0, 1), max(to_come - 1, 0))
 
     def mid_save():
         if not os.path.isdir(checkpoints):

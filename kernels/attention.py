@@ -720,16 +720,12 @@ def _backend_for(op, tensors, head_dim, batch_heads, norms):
 
 
 def _torch_layer_norm(x, weight, bias, eps):
-    """F.layer_norm over the last dim, computed in the dtype that x's and the parameters' dtypes promote
-    to and returned in x's: bf16 activations with fp32 weights (mixed precision) normalise in fp32, as
-    autocast's layer_norm does. Written out because CUDA's layer_norm refuses mixed dtypes, and CPU's,
-    which takes bf16 with fp32 weights, rounds the weight and bias gradients to bf16."""
-    params = [p for p in (weight, bias) if p is not None]
-    dtype = functools.reduce(torch.promote_types, [p.dtype for p in params], x.dtype)
-    if all(p.dtype == x.dtype for p in params):
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    weight, bias = (None if p is None else p.to(dtype) for p in (weight, bias))
-    return F.layer_norm(x.to(dtype), (x.shape[-1],), weight, bias, eps).to(x.dtype)
+    """The reference's `_layer_norm` in the dtype that x's and the parameters' dtypes promote to, returned
+    in x's: bf16 activations with fp32 weights (mixed precision) normalise in fp32, as autocast's
+    layer_norm does (CUDA's layer_norm refuses mixed dtypes; CPU's, which takes them, rounds the weight
+    and bias gradients to bf16). With one dtype throughout, the same F.layer_norm call."""
+    dtype = functools.reduce(torch.promote_types, [p.dtype for p in (weight, bias) if p is not None], x.dtype)
+    return _layer_norm(x.to(dtype), weight, bias, eps).to(x.dtype)
 
 
 def _pytorch_attention(q, k, v, scale, norms, eps):

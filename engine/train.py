@@ -59,7 +59,6 @@ def main(argv=None) -> dict:
     return results
 
 
-
 def _error_line(text: str) -> None:
     """One write of the line and its newline: print() writes them apart on stderr, so another rank's log
     line could land between them, on the same line."""

@@ -51,6 +51,40 @@ def test_matches_torch_adamw(grad_dtype, weight_decay, scaled, device):
             assert torch.equal(copies[i], a.to(torch.bfloat16)), f"bf16 copy of param {i}"
 
 
+def test_steps_over_the_same_tensors_build_their_chunk_tables_once(device):
+    """The chunk tables are cached by every address and size: three steps over the same tensors build
+    them once and step exactly as torch.optim.AdamW; a gradient at a new address (or a bf16 copy list
+    added) builds new ones, and the steps stay exact."""
+    torch.manual_seed(0)
+    ours = _params(device)
+    theirs = [p.clone().requires_grad_() for p in ours]
+    reference = torch.optim.AdamW(theirs, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False)
+    m, v = [torch.zeros_like(p) for p in ours], [torch.zeros_like(p) for p in ours]
+    grads = [torch.full(p.shape, float("nan"), device=device) for p in ours]
+    copies = None
+    builds = _cuda.adamw_table_builds[device.type]
+    for step, new_tables in ((1, 1), (2, 0), (3, 0), (4, 1), (5, 1), (6, 0)):
+        if step == 4:  # one gradient moves to a new tensor
+            keep = grads[2]
+            grads[2] = torch.empty_like(keep)
+        if step == 5:
+            copies = [torch.full(p.shape, float("nan"), dtype=torch.bfloat16, device=device) for p in ours]
+        for g in grads:
+            g.copy_(torch.randn(g.shape, device=device))
+        with kernels.use_backend("cuda"):
+            kernels.adamw_step(ours, grads, m, v, step, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, params_bf16=copies)
+        assert _cuda.adamw_table_builds[device.type] == builds + new_tables, f"step {step}"
+        builds += new_tables
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        reference.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-6, msg=lambda s: f"step {step} param {i}: {s}")
+            torch.testing.assert_close(v[i], reference.state[b]["exp_avg_sq"], atol=1e-9, rtol=1e-6)
+            if copies is not None:
+                assert torch.equal(copies[i], a.to(torch.bfloat16)), f"step {step}: bf16 copy of param {i}"
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_a_non_finite_grad_scale_writes_nothing(bad, grad_dtype, device):

@@ -97,6 +97,8 @@ stage() {
       # One process: its last test reads the spills of the JIT builds the real-size runs made.
       python3 -m pytest -q tests/kernels/test_gpu_real_sizes.py ;;
     train)
+      # the AdamW-kernel variants (alignflow-graphs-all, alignflow-adamw-kernel) load csrc's fatbin object
+      [ -e csrc/build/libalignflow_cuda.so ] || python3 -m kernels.cuda_build --fatbin || true
       python3 -m bench.train_step --skip-data --out "$OUT" ;;
     kernels)
       # the "cuda C++" variants need csrc's fatbin object: built here where nvcc is, else carried (csrc/README.md)

@@ -57,7 +57,8 @@ from bench.train_step import TRAINER_VARIANTS, TRAINER_ZERO_STAGES, add_step_arg
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
 STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-separate-clip",
-                 "alignflow-bf16-copies", "alignflow-compiled", "alignflow-graphs")
+                 "alignflow-bf16-copies", "alignflow-adamw-kernel", "alignflow-compiled", "alignflow-graphs",
+                 "alignflow-graphs-all")
 # bench.train_step's variants that time engine.trainer.Trainer's own step (DeepSpeed ZeRO-2, one GPU), as
 # modelled here: bench.train_step's step with the fused kernels (the trainer's "auto" backend on a GPU),
 # the given train.precision, DeepSpeed ZeRO-2's gradient reduction and step as DeepSpeed runs them
@@ -458,6 +459,53 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         finally:
             KernelInterface.__getitem__, FusedOp.__call__ = original, original_call
 
+    @contextlib.contextmanager
+    def intercept_cuda_adamw(self):
+        """kernels.adamw_step's CUDA C++ launch (csrc/adamw.cu, ClippedAdamW's optim.step_kernel alignflow)
+        recorded instead of run: one op reading every param, gradient, moment and the divisor, writing the
+        params, moments and bf16 copies (the gradients only read); one launch, a second where some chunk
+        cannot take 128-bit loads (a size off the vector width or a view off 16 bytes, as csrc/adamw.cu
+        sorts them; storages taken as aligned); its chunk tables cached (no copy: the steady
+        state). Its host call is a multi-tensor one; the launcher's Python (checks, table lookup) measured
+        0.8-1.6 ms a call over SiT-XL/2's 298 tensors on the 2-core CI CPU with the launch stubbed."""
+        from kernels import _cuda
+
+        tracer = self
+        original = _cuda.supports_adamw, _cuda.adamw_step
+
+        def launch(params, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_decay, grad_scale,
+                   params_bf16):
+            if not tracer.recording:
+                return
+            vec = 4 if grads[0].dtype == torch.float32 else 8  # alignflow_adamw_vec
+            read = [*params, *grads, *exp_avgs, *exp_avg_sqs] + ([grad_scale] if grad_scale is not None else [])
+            written = [*params, *exp_avgs, *exp_avg_sqs, *(params_bf16 or [])]
+            for t in read + written:
+                tracer._keep.append(t.untyped_storage())
+            reads = [(_storage_key(t), _footprint(t)) for t in read]
+            writes = [(_storage_key(t), _footprint(t)) for t in written]
+            chunk = 4096  # csrc/adamw.cu's kChunk
+            ragged = any((row[0].numel() % chunk or chunk) % vec  # a last chunk off the vector width, or a view
+                         or any(t.storage_offset() * t.element_size() % 16 for t in row if t is not None)  # off 16 B
+                         for row in zip(params, grads, exp_avgs, exp_avg_sqs, params_bf16 or [None] * len(params)))
+            op = Op("cuda:adamw_step", tracer.phase, "optimizer", read=sum(b for _, b in reads),
+                    written=sum(b for _, b in writes), launches=1 + ragged, anchor=True, reads=reads, writes=writes)
+            op.step_phase = tracer.phase
+            tracer.ops.append(op)
+            tracer.host_call("multi_tensor", False, "cuda:adamw_step")
+
+        def foreach_add(tensors, other, **kwargs):  # ClippedAdamW's step counts += isfinite(divisor): a device
+            if isinstance(other, torch.Tensor):      # scalar on CUDA; on CPU the binding would .item() it
+                return torch.ops.aten._foreach_add_.Tensor(tensors, other, **kwargs)
+            return original_add(tensors, other, **kwargs)
+
+        original_add = torch._foreach_add_
+        _cuda.supports_adamw, _cuda.adamw_step, torch._foreach_add_ = (lambda *args: True), launch, foreach_add
+        try:
+            yield
+        finally:
+            (_cuda.supports_adamw, _cuda.adamw_step), torch._foreach_add_ = original, original_add
+
     def host_call(self, kind: str, compiled: bool = False, name: str = ""):
         if self.recording:
             self.host.append(HostCall(kind, self.phase, compiled, name))
@@ -593,7 +641,10 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "alignflow" and self.recording:
             return self._run_launcher(func, args, kwargs)
-        out = func(*args, **kwargs)
+        if func is torch.ops.aten._foreach_add_.Tensor:
+            out = None  # in place (see intercept_cuda_adamw); its CPU kernel would .item() the scalar tensor
+        else:
+            out = func(*args, **kwargs)
         if not self.recording:
             return out
         name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
@@ -966,7 +1017,8 @@ def _patched_foreach():
 def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b", encoder_depth=8, reg=False,
                car_flow="none", precision="bf16-mixed", backend="triton", model_overrides=None,
                trainer: bool = False, fused_clip: bool = False, bf16_copies: bool | None = None,
-               model_config: dict | None = None, zero_stage: int = 2, allreduce: bool = False) -> dict:
+               model_config: dict | None = None, zero_stage: int = 2, allreduce: bool = False,
+               step_kernel: str = "torch") -> dict:
     """Trace one training step of bench.train_step (build + one_step) on fake tensors; `trainer`: with
     DeepSpeed ZeRO-2's flat-buffer optimizer and the trainer's EMA update (see TRAINER_VARIANTS), or at
     `zero_stage` 0 (bf16-mixed, `fused_clip`) DeepSpeed's engine without ZeRO (_StageZeroEngine: the
@@ -975,7 +1027,9 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
     DeepSpeed's norm and its divisor handed over), else clip_grad_norm_ then AdamW; `bf16_copies`: the
     matmuls read bf16 copies of the weights written after the optimizer step (engine/bf16_copies.py; by
     ClippedAdamW itself, or under `trainer` after DeepSpeed's step) instead of autocast's casts (None: as
-    the trainer's train.bf16_weight_copies 'auto' on a GPU for `trainer`, else off); `model_config`: SiT
+    the trainer's train.bf16_weight_copies 'auto' on a GPU for `trainer`, else off); `step_kernel`:
+    ClippedAdamW's (with `fused_clip`, not under `trainer`): torch's fused AdamW or "alignflow", the CUDA
+    C++ kernel of csrc/adamw.cu (Tracer.intercept_cuda_adamw); `model_config`: SiT
     config keys set over the built config (OPT_IN_VARIANTS); returns
     {"ops": [Op], "model_flops": analytic step FLOPs, "params": count, "linear_params": count,
     "bf16_copied_params": count}."""
@@ -993,6 +1047,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
     if stage_zero and not (precision == "bf16-mixed" and fused_clip):
         raise ValueError(f"the trainer at ZeRO stage 0 under --precision {precision!r}, fused_clip={fused_clip}: "
                          "modelled under bf16-mixed with fused_clip only (the trainer's one-GPU recommendation)")
+    if step_kernel != "torch" and (trainer or not fused_clip):
+        raise ValueError(f"step_kernel {step_kernel!r}: modelled in ClippedAdamW (fused_clip) outside the trainer")
     if allreduce and not stage_zero:
         raise ValueError("allreduce: DeepSpeed's stage-0 gradient all-reduce, modelled with trainer=True, zero_stage=0")
     os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels pick their Triton path for CPU (fake) tensors
@@ -1038,7 +1094,7 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
             from engine.optim import ClippedAdamW
 
             fused = lambda p: ClippedAdamW(p, max_norm=train_step.CLIP, lr=1e-4, betas=(0.9, 0.999),  # noqa: E731
-                                           weight_decay=0.0)
+                                           weight_decay=0.0, step_kernel=step_kernel)
         else:
             fused = lambda p: torch.optim.AdamW(p, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True)  # noqa: E731
         comm_dtypes = {p: torch.bfloat16 for p in _autocast_reduced(sit)} if precision == "bf16-mixed" else {}
@@ -1084,12 +1140,15 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
 
         step_inputs = (sit, forward, optimizer, encode, transport, latents, cfg, autocast, backend,
                        images, labels)
-        with tracer, tracer.intercept_triton(), _patched_foreach(), warnings.catch_warnings():
+        with tracer, tracer.intercept_triton(), tracer.intercept_cuda_adamw(), _patched_foreach(), \
+                warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             for p in sit.parameters():  # an unrecorded optimizer step creates the optimizer state
                 p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if step_kernel != "torch":  # a fake flag has no value to read back: the unrecorded step counts as taken
+                optimizer._pending_finite = None
             tracer.phase, tracer.recording = "encoder", True
             train_step.one_step(*step_inputs, mark=mark)
     return {"ops": tracer.ops, "host": tracer.host,
@@ -1651,7 +1710,10 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         "in-place scaling pass) before fused AdamW; alignflow, alignflow-compiled and the trainer-* rows "
         "(optim.fused_clip, on on a GPU) take the norm in one pass and fused AdamW divides by the clip factor "
         "as it reads each gradient (torch's grad_scale, which writes the divided gradient back: 4 bytes a "
-        "parameter); the trainer-* rows at ZeRO-2 (and --precision bf16) model DeepSpeed's clipping: its norm of the "
+        "parameter); alignflow-adamw-kernel and alignflow-graphs-all (optim.step_kernel alignflow) step with "
+        "csrc/adamw.cu instead: it divides as it reads and writes no gradient back, and writes the bf16 weight "
+        "copies in the same pass (one launch per call, its chunk tables cached on the device: no copy); the "
+        "trainer-* rows at ZeRO-2 (and --precision bf16) model DeepSpeed's clipping: its norm of the "
         "gradients and, without fused_clip, its in-place scaling of the flat fp32 gradient",
         "MFU: the analytic model FLOPs (SiT.flops_per_sample x 3 + the encoder's forward, bench/flops.py) over "
         "the datasheet bf16 peak; Amdahl: the step if every op inside a `kernels` op (the fused kernels, or the "
@@ -1758,16 +1820,19 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
                                          **dict(args_dict, precision=precision))
             compiled = TRAINER_VARIANTS[name][1]
         else:
-            from bench.train_step import BF16_COPIES_VARIANTS, FUSED_CLIP_VARIANTS, VARIANTS as BENCH_VARIANTS
+            from bench.train_step import (ADAMW_KERNEL_VARIANTS, BF16_COPIES_VARIANTS, FUSED_CLIP_VARIANTS,
+                                          VARIANTS as BENCH_VARIANTS)
 
             base, overrides = OPT_IN_VARIANTS.get(name, (name, {}))
             backend, compiled = BENCH_VARIANTS[base]  # (kernels backend, torch.compile), as bench.train_step runs it
             fused_clip, bf16_copies = base in FUSED_CLIP_VARIANTS, base in BF16_COPIES_VARIANTS
+            step_kernel = "alignflow" if base in ADAMW_KERNEL_VARIANTS else "torch"
             key = (backend + ("+fused-clip" if fused_clip else "") + ("+bf16-copies" if bf16_copies else "")
+                   + ("+adamw-kernel" if step_kernel != "torch" else "")
                    + "".join(f"+{k}={v}" for k, v in overrides.items()))
             if key not in traces:
                 traces[key] = trace_step(backend=backend, fused_clip=fused_clip, bf16_copies=bf16_copies,
-                                         model_config=overrides, **args_dict)
+                                         model_config=overrides, step_kernel=step_kernel, **args_dict)
         trace = traces[key]
         ops = fuse_compiled(trace["ops"]) if compiled else trace["ops"]
         if compiled == "reduce-overhead":

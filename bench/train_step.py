@@ -46,9 +46,9 @@ files (DALI GPU and CPU decode, PIL DataLoader): img/s and CPU cores used.
 
 Writes bench/results/train_step-<device>-<date>.json (rewritten after every variant, so a run cut short
 keeps what it measured) and prints its table (`python -m bench.report` writes it beside the JSON). The
-variants run most informative first (ORDER): the eager pair, the compiled pair and alignflow-graphs
-(each compile of SiT-XL/2 takes a minute or more), the trainer's steps, then the variants that differ
-from alignflow by one switch; with a time
+variants run most informative first (ORDER): the eager pair, the compiled pair, alignflow-graphs and
+alignflow-graphs-all (each compile of SiT-XL/2 takes a minute or more), the trainer's steps, then the
+variants that differ from alignflow by one switch; with a time
 budget (`--budget-s`, or ALIGNFLOW_DEADLINE from bench/gpu_all.sh) a variant that would start after it
 is recorded as skipped. `--smoke` runs a tiny model for two steps on the CPU so CI keeps the harness
 working; its numbers mean nothing.
@@ -75,16 +75,23 @@ from bench.profile import markdown_rows, profile_step
 GRAPHS = "reduce-overhead"  # torch.compile's mode with Inductor's CUDA graphs (train.cuda_graphs)
 VARIANTS = {"reference-eager": ("torch", False), "alignflow": ("triton", False),
             "alignflow-separate-clip": ("triton", False), "alignflow-bf16-copies": ("triton", False),
+            "alignflow-adamw-kernel": ("triton", False),
             "reference-compiled": ("torch", True), "alignflow-compiled": ("triton", True),
-            "alignflow-graphs": ("triton", GRAPHS)}
+            "alignflow-graphs": ("triton", GRAPHS), "alignflow-graphs-all": ("triton", GRAPHS)}
 # the benchmark's variants whose optimizer clips inside the fused AdamW step (engine.optim.ClippedAdamW,
 # the trainer's optim.fused_clip); the others run REPA's clip_grad_norm_ then fused AdamW.
 # alignflow-separate-clip is alignflow with the reference optimizer: the pair measures the switch
-FUSED_CLIP_VARIANTS = ("alignflow", "alignflow-compiled", "alignflow-graphs", "alignflow-bf16-copies")
+FUSED_CLIP_VARIANTS = ("alignflow", "alignflow-compiled", "alignflow-graphs", "alignflow-bf16-copies",
+                       "alignflow-adamw-kernel", "alignflow-graphs-all")
 # the benchmark's variants whose matmuls read persistent bf16 copies of the weights, written by ClippedAdamW in
 # its step, instead of autocast's casts (engine/bf16_copies.py, the trainer's train.bf16_weight_copies): with
 # alignflow the pair measures that switch alone
-BF16_COPIES_VARIANTS = ("alignflow-bf16-copies",)
+BF16_COPIES_VARIANTS = ("alignflow-bf16-copies", "alignflow-graphs-all")
+# the benchmark's variants whose ClippedAdamW steps with AlignFlow's CUDA C++ AdamW kernel (csrc/adamw.cu, the
+# trainer's optim.step_kernel alignflow: no gradient written back, the bf16 copies written in its own pass)
+# instead of torch's fused one; a variant whose kernel is not built is skipped, saying so. alignflow-graphs-all
+# is alignflow-graphs with every switch on (bf16 copies, this kernel): the step bench.model ranks fastest
+ADAMW_KERNEL_VARIANTS = ("alignflow-adamw-kernel", "alignflow-graphs-all")
 # the trainer's step: name -> (train.precision, train.compile, or GRAPHS for train.cuda_graphs too); its kernels
 # backend is the trainer's "auto"
 TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
@@ -99,9 +106,10 @@ TRAINER_ZERO_STAGES = {"trainer-bf16-mixed-zero0": 0, "trainer-bf16-zero1": 1}
 # compiled pair and CUDA graphs (the first H200 run's old order ran out of time before alignflow-compiled),
 # the trainer's step, then the variants that differ from alignflow by one switch
 ORDER = ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs",
+         "alignflow-graphs-all",
          "trainer-bf16", "trainer-bf16-mixed", "trainer-bf16-mixed-zero0", "trainer-bf16-zero1",
          "trainer-bf16-compiled", "trainer-bf16-graphs",
-         "alignflow-separate-clip", "alignflow-bf16-copies"]
+         "alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel"]
 
 
 def _compile_mode(use_compile) -> dict:
@@ -250,18 +258,29 @@ def variant_encoder(encoder, backend, use_compile):
         encoder.compile_features(False)
 
 
-def make_optimizer(params, fused_clip: bool, device):
+def make_optimizer(params, fused_clip: bool, device, step_kernel: str = "torch"):
     """The step's optimizer: REPA's AdamW (fused on CUDA; clip_grad_norm_ before it in one_step), or
-    with `fused_clip` engine.optim.ClippedAdamW (the same kernel, the clip inside it)."""
+    with `fused_clip` engine.optim.ClippedAdamW (the clip inside the step; `step_kernel`: torch's fused
+    AdamW kernel or "alignflow", csrc/adamw.cu)."""
     adamw = dict(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
     if fused_clip:
         from engine.optim import ClippedAdamW
 
-        return ClippedAdamW(params, max_norm=CLIP, **adamw)
+        return ClippedAdamW(params, max_norm=CLIP, step_kernel=step_kernel, **adamw)
     return torch.optim.AdamW(params, fused=device.type == "cuda", **adamw)
 
 
 CLIP = 1.0  # max gradient norm, REPA's
+
+
+def _require_adamw_kernel(device) -> None:
+    """Raise, naming why, where csrc/adamw.cu cannot run on `device` (the variant is then skipped)."""
+    from kernels import _cuda
+
+    try:
+        _cuda.library("adamw", device)
+    except (RuntimeError, OSError) as error:
+        raise RuntimeError(f"the CUDA AdamW kernel is not available: {str(error).splitlines()[0]}") from None
 
 
 def run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
@@ -271,11 +290,17 @@ def run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
 
 def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
     from engine.models import build_model
+    from kernels import _cuda
 
     encoder, model_cfg, transport, _ = parts
+    adamw_kernel = name in ADAMW_KERNEL_VARIANTS
+    if adamw_kernel:
+        _require_adamw_kernel(device)
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
-    optimizer = make_optimizer(model.parameters(), name in FUSED_CLIP_VARIANTS, device)
+    optimizer = make_optimizer(model.parameters(), name in FUSED_CLIP_VARIANTS, device,
+                               step_kernel="alignflow" if adamw_kernel else "torch")
+    launched = _cuda.launches["adamw_step"]
     if name in BF16_COPIES_VARIANTS:
         from engine.bf16_copies import WeightCopies
 
@@ -298,6 +323,8 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
     row, losses = timed_steps(step, args, device)
     if not torch.isfinite(losses["loss"]):
         raise RuntimeError(f"{name}: non-finite loss {losses['loss'].item()}")
+    if adamw_kernel and _cuda.launches["adamw_step"] == launched:
+        raise RuntimeError(f"{name}: the CUDA AdamW kernel never ran (kernels fell back: {sorted(_cuda._logged)})")
     def counted_step():
         if use_compile == GRAPHS:
             torch.compiler.cudagraph_mark_step_begin()

@@ -684,6 +684,49 @@ def test_bf16_copies_move_the_weight_casts_into_one_refresh_after_the_step(train
     assert sum(c["launches"] for c in after.values()) < sum(c["launches"] for c in before.values())
 
 
+@pytest.mark.parametrize("bf16_copies", [False, True])
+def test_adamw_kernel_reads_each_gradient_once_and_writes_the_copies_in_its_pass(bf16_copies):
+    """optim.step_kernel alignflow (alignflow-adamw-kernel; with the copies alignflow-graphs-all's step):
+    torch's fused AdamW (which writes the divided gradients back) and the copies' _foreach_copy_ (read
+    4 + write 2) give way to one csrc/adamw.cu launch reading param, gradient and moments (16 bytes a
+    parameter and the divisor) and writing param and moments (12) and the bf16 copies (2); the norm and
+    everything before the optimizer stay as they were; the step counts advance by isfinite(divisor)."""
+    def trace(step_kernel):
+        return model.trace_step(backend="triton", fused_clip=True, bf16_copies=bf16_copies, step_kernel=step_kernel,
+                                **SMALL)
+
+    torch_step, ours = trace("torch"), trace("alignflow")
+    P, N = ours["params"], ours["bf16_copied_params"]
+    assert (N > 0) == bf16_copies
+    before, after = model.baseline_counts(torch_step["ops"]), model.baseline_counts(ours["ops"])
+    moved = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    # torch's kernel and its step counts' correction for a skipped step (_foreach_sub_ of found_inf) ...
+    replaced = {"optimizer | optimizer | _fused_adamw_", "optimizer | optimizer | _foreach_sub_"}
+    replaced |= {"optimizer | optimizer | _foreach_copy_"} if bf16_copies else set()
+    # ... give way to ours and the step counts advanced by isfinite(divisor) (1 - found_inf), the flag kept for the host
+    added = {"optimizer | optimizer | cuda:adamw_step", "optimizer | optimizer | _foreach_add_",
+             "optimizer | optimizer | rsub", "optimizer | optimizer | clone"}
+    assert replaced <= set(before) and not replaced & set(after) and moved <= replaced | added, moved
+    # one call per kind of parameter: with copies (every Linear's and the patch embedding's) and without
+    adams = [op for op in ours["ops"] if op.name == "cuda:adamw_step"]
+    assert len(adams) == 1 + bf16_copies and {op.step_phase for op in adams} == {"optimizer"}
+    assert all(op.launches == 1 for op in adams)  # every traced size a multiple of the vector width
+    assert sum(op.read for op in adams) == 16 * P + 4 * len(adams) and sum(op.written for op in adams) == 12 * P + 2 * N
+    torch_adam = next(op for op in torch_step["ops"] if op.name == "_fused_adamw_")
+    assert torch_adam.written == 16 * P  # param, moments and the divided gradients
+    saved = sum(op.bytes for op in torch_step["ops"]) - sum(op.bytes for op in ours["ops"])
+    assert abs(saved - (4 * P + 4 * N)) <= 1024  # the write-back and the copies' fp32 read, up to scalar ops
+    # no more launches (at SiT-XL/2 the optimizer's 86 -> 50: torch's kernel takes one per chunk of tensors)
+    assert sum(c["launches"] for c in after.values()) <= sum(c["launches"] for c in before.values())
+
+
+def test_the_adamw_kernel_is_modelled_in_clipped_adamw_only():
+    with pytest.raises(ValueError, match="step_kernel 'alignflow': modelled in ClippedAdamW"):
+        model.trace_step(backend="triton", fused_clip=False, step_kernel="alignflow", **SMALL)
+    with pytest.raises(ValueError, match="step_kernel 'alignflow': modelled in ClippedAdamW"):
+        model.trace_step(backend="triton", trainer=True, fused_clip=True, step_kernel="alignflow", **SMALL)
+
+
 def test_trainer_at_stage_zero_is_the_fused_step_with_the_ema_update():
     """trainer-bf16-mixed-zero0 (DeepSpeed's engine without ZeRO, _StageZeroEngine): the benchmark's fused
     step with the bf16 weight copies written by ClippedAdamW (alignflow-bf16-copies) plus the trainer's EMA,

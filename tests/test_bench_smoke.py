@@ -92,9 +92,27 @@ def test_train_step_runs_the_most_informative_variants_first():
     pair, the trainer's rows after them, the variants one switch away from alignflow last; each once."""
     order = bench_train_step.ORDER
     assert sorted(order) == sorted([*bench_train_step.VARIANTS, *bench_train_step.TRAINER_VARIANTS])
-    assert order[:5] == ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs"]
-    assert all(name.startswith("trainer-") for name in order[5:-2])
-    assert order[-2:] == ["alignflow-separate-clip", "alignflow-bf16-copies"]
+    assert order[:6] == ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs",
+                         "alignflow-graphs-all"]
+    assert all(name.startswith("trainer-") for name in order[6:-3])
+    assert order[-3:] == ["alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel"]
+
+
+def test_train_step_adamw_kernel_variant_runs_the_kernel_or_is_skipped(monkeypatch, capsys):
+    """alignflow-adamw-kernel steps with csrc/adamw.cu (here in the emulator) and reports its row; where the
+    kernel cannot run (no emulator asked for) the row is skipped naming why, never timed on a fallback."""
+    from kernels import _cuda
+
+    monkeypatch.delenv("ALIGNFLOW_CUEMU", raising=False)
+    assert bench_train_step.main(["--smoke", "--skip-data", "--variants", "alignflow-adamw-kernel"]) == 1
+    assert "skipped: RuntimeError: the CUDA AdamW kernel is not available: CPU tensors" in capsys.readouterr().out
+    if _cuda.emulator_missing():
+        pytest.skip(_cuda.emulator_missing())
+    monkeypatch.setenv("ALIGNFLOW_CUEMU", "1")
+    launched = _cuda.launches["adamw_step"]
+    assert bench_train_step.main(["--smoke", "--skip-data", "--variants", "alignflow-adamw-kernel"]) == 0
+    assert "| alignflow-adamw-kernel | " in capsys.readouterr().out
+    assert _cuda.launches["adamw_step"] >= launched + 3  # warm-up and timed steps, one call per step
 
 
 def test_data_benchmark_smoke(capsys):

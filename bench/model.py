@@ -71,8 +71,10 @@ VARIANTS = STEP_VARIANTS + tuple(name for name in TRAINER_VARIANTS
                                  if TRAINER_ZERO_STAGES.get(name, 2) in MODELLED_ZERO_STAGES)
 # opt-in variants, modelled only when --variants names them (not in the baseline or the README tables):
 # name -> (the variant it changes, model config overrides). alignflow-mlp-triton: alignflow with
-# model.mlp_kernel: triton (kernels.mlp_gelu's Triton matmuls, not measured on a GPU)
-OPT_IN_VARIANTS = {"alignflow-mlp-triton": ("alignflow", {"mlp_kernel": "triton"})}
+# model.mlp_kernel: triton (kernels.mlp_gelu's Triton matmuls, not measured on a GPU); alignflow-graphs-all-mlp-triton:
+# alignflow-graphs-all with it (the most the model sees with every kernel of ours on)
+OPT_IN_VARIANTS = {"alignflow-mlp-triton": ("alignflow", {"mlp_kernel": "triton"}),
+                   "alignflow-graphs-all-mlp-triton": ("alignflow-graphs-all", {"mlp_kernel": "triton"})}
 PRECISIONS = ("bf16-mixed", "bf16")
 
 

@@ -12,6 +12,8 @@ A process learns its place in a run from its launcher's environment:
 
 The local rank, never the global one, picks the GPU (cuda:LOCAL_RANK). Collectives time out after
 `timeout_s` on every process group, so a lost peer ends the run with an error instead of a hang.
+DeepSpeed's CPU accelerator leaves a 69 MB shared-memory buffer per rank in /dev/shm; the trainer
+unlinks its own once every rank has mapped it (`release_shm_buffer`, see that section).
 `run_on_main` (work done once, on rank 0, its result or error on every rank) and `gather_sorted` (a
 list from every rank) are the two collectives the commands share.
 """
@@ -23,6 +25,7 @@ import os
 import re
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator, Mapping, Optional
@@ -277,6 +280,79 @@ def command_process(device: str, *, local_rank: Optional[int] = None, timeout_s:
     finally:
         if info.owns_group:
             dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed's shared-memory all-reduce buffers (CPU accelerator)
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed's CPU accelerator (0.19.8) gives each rank of a one-machine run (LOCAL_SIZE == world size,
+# which the deepspeed launcher sets) a 69 MB POSIX shared-memory buffer for its shm all-reduce, made
+# when deepspeed.initialize / deepspeed.init_distributed builds its backend (comm/torch.py,
+# TorchBackend.__init__) and named by ops/csrc/cpu/comm/shm.cpp, shm_initialize:
+# /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>. DeepSpeed never
+# unlinks it (shared_close is never called), so every run, finished or killed, left its buffers in
+# /dev/shm, which is RAM: 140 of them (9 GB) made later runs on a 24 GB machine crash. The trainer
+# unlinks its rank's buffer once every rank has mapped every other's (`release_shm_buffer`); the
+# mappings stay valid until the processes exit, so the all-reduce is unchanged (our training does not
+# even use it: only DeepSpeed's inference_all_reduce does).
+
+SHM_DIR = "/dev/shm"
+SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_buffer_path(rank: int, master_addr: str, master_port, uid: Optional[int] = None) -> str:
+    """The path of rank `rank`'s DeepSpeed shm all-reduce buffer in the run whose rendezvous is
+    `master_addr`:`master_port`, of the user `uid` (this process's by default)."""
+    uid = os.getuid() if uid is None else uid
+    return os.path.join(SHM_DIR, f"{SHM_BUFFER_PREFIX}_{uid}_{master_addr}_{master_port}_{rank}")
+
+
+def release_shm_buffer(info: DistInfo) -> Optional[str]:
+    """Unlink this rank's DeepSpeed shm all-reduce buffer, after a barrier by which every rank has mapped
+    every other's (DeepSpeed maps them all before its backend exists); returns the path removed, None
+    where there was none (a GPU run, a run across machines, a launcher without LOCAL_SIZE). Call it on
+    every rank after deepspeed.initialize; the buffer then goes when the processes do, even on SIGKILL."""
+    if info.device.type != "cpu":
+        return None
+    if info.world_size > 1:
+        dist.barrier()
+    path = shm_buffer_path(info.rank, os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""))
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    return path
+
+
+def _mapped_by_a_live_process(path: str) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if any(line.rstrip("\n").endswith(" " + path) for line in f):
+                    return True
+        except OSError:  # gone, or another user's (whose buffers carry another uid)
+            continue
+    return False
+
+
+def remove_shm_buffers(master_addr: str, master_port, world_size: int, wait_s: float = 10.0) -> list[str]:
+    """Remove the DeepSpeed shm buffers a run that has ended left behind (ranks killed before
+    `release_shm_buffer`, other commands that use DeepSpeed): only the names of that run (this user,
+    `master_addr`:`master_port`, ranks 0..world_size-1), and none that a live process still maps (a
+    rank still exiting: waited for up to `wait_s` s; a new run that took the port since: left alone).
+    Returns the paths removed."""
+    removed = []
+    for rank in range(world_size):
+        path = shm_buffer_path(rank, master_addr, master_port)
+        deadline = time.monotonic() + wait_s
+        while os.path.exists(path) and _mapped_by_a_live_process(path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not os.path.exists(path) or _mapped_by_a_live_process(path):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt
-from engine.distributed import (PeerLostError, init_distributed, is_collective_failure, set_collective_timeout,
-                                world_size_from_env)
+from engine.distributed import (PeerLostError, init_distributed, is_collective_failure, release_shm_buffer,
+                                set_collective_timeout, world_size_from_env)
 from engine.config import (ConfigError, ExperimentConfig, check_latent_grid, deepspeed_config, resolve_device,
                            resolve_precision, validate)
 
@@ -161,6 +161,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        release_shm_buffer(self.dist)  # DeepSpeed leaves its CPU all-reduce buffer in /dev/shm otherwise
         self.clip_optimizer = optimizer if self.fused_clip else None
         self._skip_identity_allreduce()
         if self.fused_clip:

@@ -125,10 +125,18 @@ RUNTIME_ABORT = "terminate called without an active exception"
 def launch(args: list[str], nproc: int = 2, module: str = "engine.train", timeout: int = 300,
            env_extra: dict | None = None):
     """Run `module args` on `nproc` CPU ranks with the deepspeed launcher (`env_extra` added to the
-    environment); returns the CompletedProcess."""
+    environment); returns the CompletedProcess. DeepSpeed shm buffers its ranks left (a crash before the
+    trainer released them) are removed."""
+    from engine.distributed import remove_shm_buffers
+
     for attempt in (1, 2):
-        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", module, *args]
-        proc = subprocess.run(cmd, cwd=REPO, env=env(env_extra), capture_output=True, text=True, timeout=timeout)
+        port = free_port()
+        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), "--module", module, *args]
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env(env_extra), capture_output=True, text=True,
+                                  timeout=timeout)
+        finally:
+            remove_shm_buffers("127.0.0.1", port, nproc)
         if proc.returncode == 0 or RUNTIME_ABORT not in proc.stderr or attempt == 2:
             break
         print(f"retrying once: a rank aborted in the C++ runtime ({RUNTIME_ABORT!r}): {' '.join(cmd)}")

@@ -1030,7 +1030,7 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
     matmuls read bf16 copies of the weights written after the optimizer step (engine/bf16_copies.py; by
     ClippedAdamW itself, or under `trainer` after DeepSpeed's step) instead of autocast's casts (None: as
     the trainer's train.bf16_weight_copies 'auto' on a GPU for `trainer`, else off); `step_kernel`:
-    ClippedAdamW's (with `fused_clip`, not under `trainer`): torch's fused AdamW or "alignflow", the CUDA
+    ClippedAdamW's (with `fused_clip`, outside `trainer` or at its stage 0): torch's fused AdamW or "alignflow", the CUDA
     C++ kernel of csrc/adamw.cu (Tracer.intercept_cuda_adamw); `model_config`: SiT
     config keys set over the built config (OPT_IN_VARIANTS); returns
     {"ops": [Op], "model_flops": analytic step FLOPs, "params": count, "linear_params": count,
@@ -1049,8 +1049,9 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
     if stage_zero and not (precision == "bf16-mixed" and fused_clip):
         raise ValueError(f"the trainer at ZeRO stage 0 under --precision {precision!r}, fused_clip={fused_clip}: "
                          "modelled under bf16-mixed with fused_clip only (the trainer's one-GPU recommendation)")
-    if step_kernel != "torch" and (trainer or not fused_clip):
-        raise ValueError(f"step_kernel {step_kernel!r}: modelled in ClippedAdamW (fused_clip) outside the trainer")
+    if step_kernel != "torch" and not (fused_clip and (stage_zero or not trainer)):
+        raise ValueError(f"step_kernel {step_kernel!r}: modelled in ClippedAdamW (fused_clip), outside the trainer "
+                         "or in it at ZeRO stage 0")
     if allreduce and not stage_zero:
         raise ValueError("allreduce: DeepSpeed's stage-0 gradient all-reduce, modelled with trainer=True, zero_stage=0")
     os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels pick their Triton path for CPU (fake) tensors
@@ -1150,7 +1151,7 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step_kernel != "torch":  # a fake flag has no value to read back: the unrecorded step counts as taken
-                optimizer._pending_finite = None
+                getattr(optimizer, "optimizer", optimizer)._pending_finite = None  # ClippedAdamW, or inside _StageZeroEngine
             tracer.phase, tracer.recording = "encoder", True
             train_step.one_step(*step_inputs, mark=mark)
     return {"ops": tracer.ops, "host": tracer.host,
@@ -1705,7 +1706,9 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         "of the full fp32 gradients, fused AdamW over the fp32 weights writing their bf16 copies) and the "
         "trainer's EMA lerp over the fp32 weights; no gradient hook, bucket or flat buffer, and no gradient "
         "all-reduce (the trainer skips DeepSpeed's, the identity on one rank, which would flatten every gradient "
-        "into buckets and copy it back: 16 bytes a parameter more in the backward)",
+        "into buckets and copy it back: 16 bytes a parameter more in the backward); "
+        "trainer-bf16-mixed-zero0-graphs-all: the same with train.compile, train.cuda_graphs and "
+        "optim.step_kernel alignflow (alignflow-graphs-all's step and the EMA lerp)",
         "clip_grad_norm_ and AdamW run their multi-tensor (foreach / fused) CUDA paths; launches as CUDA's "
         "multi_tensor_apply chunks them",
         "optimizer clipping: reference-* and alignflow-separate-clip run clip_grad_norm_ (a norm pass, then an "
@@ -1816,10 +1819,14 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
     for name in variants:
         if name in TRAINER_VARIANTS:
             precision, stage = TRAINER_VARIANTS[name][0], TRAINER_ZERO_STAGES.get(name, 2)
-            key = f"trainer-{precision}" + (f"-zero{stage}" if stage != 2 else "")
+            from bench.train_step import ADAMW_KERNEL_VARIANTS
+
+            step_kernel = "alignflow" if name in ADAMW_KERNEL_VARIANTS else "torch"
+            key = (f"trainer-{precision}" + (f"-zero{stage}" if stage != 2 else "")
+                   + ("+adamw-kernel" if step_kernel != "torch" else ""))
             if key not in traces:  # the trainer's optim.fused_clip 'auto': on on a GPU
                 traces[key] = trace_step(backend="triton", trainer=True, fused_clip=True, zero_stage=stage,
-                                         **dict(args_dict, precision=precision))
+                                         step_kernel=step_kernel, **dict(args_dict, precision=precision))
             compiled = TRAINER_VARIANTS[name][1]
         else:
             from bench.train_step import (ADAMW_KERNEL_VARIANTS, BF16_COPIES_VARIANTS, FUSED_CLIP_VARIANTS,

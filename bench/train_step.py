@@ -90,24 +90,28 @@ BF16_COPIES_VARIANTS = ("alignflow-bf16-copies", "alignflow-graphs-all")
 # the benchmark's variants whose ClippedAdamW steps with AlignFlow's CUDA C++ AdamW kernel (csrc/adamw.cu, the
 # trainer's optim.step_kernel alignflow: no gradient written back, the bf16 copies written in its own pass)
 # instead of torch's fused one; a variant whose kernel is not built is skipped, saying so. alignflow-graphs-all
-# is alignflow-graphs with every switch on (bf16 copies, this kernel): the step bench.model ranks fastest
-ADAMW_KERNEL_VARIANTS = ("alignflow-adamw-kernel", "alignflow-graphs-all")
+# is alignflow-graphs with every switch on (bf16 copies, this kernel): the step bench.model ranks fastest;
+# trainer-bf16-mixed-zero0-graphs-all the trainer's one-GPU run with every switch on (ZeRO-0, train.cuda_graphs,
+# its 'auto' bf16 copies, optim.step_kernel alignflow)
+ADAMW_KERNEL_VARIANTS = ("alignflow-adamw-kernel", "alignflow-graphs-all", "trainer-bf16-mixed-zero0-graphs-all")
 # the trainer's step: name -> (train.precision, train.compile, or GRAPHS for train.cuda_graphs too); its kernels
 # backend is the trainer's "auto"
 TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
-                    "trainer-bf16-mixed-zero0": ("bf16-mixed", False), "trainer-bf16-zero1": ("bf16", False),
+                    "trainer-bf16-mixed-zero0": ("bf16-mixed", False),
+                    "trainer-bf16-mixed-zero0-graphs-all": ("bf16-mixed", GRAPHS), "trainer-bf16-zero1": ("bf16", False),
                     "trainer-bf16-compiled": ("bf16", True), "trainer-bf16-graphs": ("bf16", GRAPHS)}
 # the trainer's variants at another train.zero_stage than zero2.json's 2: name -> stage. At world size 1 ZeRO
 # partitions nothing, and bench.trainer_host measured its host work (SiT-XL/2's parameter tensors at a tiny
 # width, on the CPU): ZeRO-0 (bf16-mixed; bf16 weights do not run without ZeRO) and ZeRO-1 (bf16) issue less
 # than ZeRO-2; these measure it on a GPU (bench.model models ZeRO-2 and, for trainer-bf16-mixed-zero0, stage 0)
-TRAINER_ZERO_STAGES = {"trainer-bf16-mixed-zero0": 0, "trainer-bf16-zero1": 1}
+TRAINER_ZERO_STAGES = {"trainer-bf16-mixed-zero0": 0, "trainer-bf16-mixed-zero0-graphs-all": 0, "trainer-bf16-zero1": 1}
 # the order in which they run, most informative first (a time budget skips the tail): the eager pair, the
 # compiled pair and CUDA graphs (the first H200 run's old order ran out of time before alignflow-compiled),
 # the trainer's step, then the variants that differ from alignflow by one switch
 ORDER = ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs",
          "alignflow-graphs-all",
-         "trainer-bf16", "trainer-bf16-mixed", "trainer-bf16-mixed-zero0", "trainer-bf16-zero1",
+         "trainer-bf16", "trainer-bf16-mixed", "trainer-bf16-mixed-zero0", "trainer-bf16-mixed-zero0-graphs-all",
+         "trainer-bf16-zero1",
          "trainer-bf16-compiled", "trainer-bf16-graphs",
          "alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel"]
 
@@ -385,7 +389,7 @@ def latent_shards(args, device) -> str:
 
 
 def trainer_config(args, parts, precision: str, use_compile: bool, output_dir: str, latents_root: str,
-                   zero_stage: int | None = None):
+                   zero_stage: int | None = None, step_kernel: str = "torch"):
     """The ExperimentConfig of a trainer variant: the benchmark's model, encoder and data (with latent
     shards), configs/deepspeed/zero2.json on one rank (`zero_stage`: train.zero_stage over its stage 2),
     the global batch one micro-batch; nothing written during the steps (no checkpoints, samples or logs)
@@ -405,7 +409,7 @@ def trainer_config(args, parts, precision: str, use_compile: bool, output_dir: s
                   "precision": precision, "compile": bool(use_compile),
                   "cuda_graphs": use_compile == GRAPHS,
                   "debug_fixed_batch": args.loader == "none", "seed": 0},
-        "optim": {"fused_clip": args.trainer_fused_clip},
+        "optim": {"fused_clip": args.trainer_fused_clip, "step_kernel": step_kernel},
         "checkpoint": {"every": 0, "resume": "none"},
         "logging": {"progress_bar": False, "tensorboard": False, "sample_every": 0},
         "sample": {"num_images": 0},
@@ -441,7 +445,7 @@ def _trainer_process_state():
 
 
 @contextlib.contextmanager
-def trainer_variant(args, parts, precision, use_compile, latents_root, zero_stage=None):
+def trainer_variant(args, parts, precision, use_compile, latents_root, zero_stage=None, step_kernel="torch"):
     """A Trainer of `trainer_config` in a scratch run directory, torn down afterwards (`_trainer_process_state`);
     its steps are those of Trainer.fit, without its logging and checkpoints."""
     import gc
@@ -449,7 +453,8 @@ def trainer_variant(args, parts, precision, use_compile, latents_root, zero_stag
     with _trainer_process_state(), tempfile.TemporaryDirectory(prefix="alignflow-bench-trainer-") as run_dir:
         from engine.trainer import Trainer
 
-        trainer = Trainer(trainer_config(args, parts, precision, use_compile, run_dir, latents_root, zero_stage))
+        trainer = Trainer(trainer_config(args, parts, precision, use_compile, run_dir, latents_root, zero_stage,
+                                         step_kernel))
         try:
             yield trainer
         finally:
@@ -460,8 +465,17 @@ def trainer_variant(args, parts, precision, use_compile, latents_root, zero_stag
 
 def run_trainer_variant(name, precision, use_compile, args, device, parts, latents_root):
     """`Trainer.train_step` timed as `run_variant` times the benchmark's step (the same phases)."""
-    with trainer_variant(args, parts, precision, use_compile, latents_root, TRAINER_ZERO_STAGES.get(name)) as trainer:
+    from kernels import _cuda
+
+    adamw_kernel = name in ADAMW_KERNEL_VARIANTS
+    if adamw_kernel:
+        _require_adamw_kernel(device)
+    launched = _cuda.launches["adamw_step"]
+    with trainer_variant(args, parts, precision, use_compile, latents_root, TRAINER_ZERO_STAGES.get(name),
+                         "alignflow" if adamw_kernel else "torch") as trainer:
         row, metrics = timed_steps(trainer.train_step, args, device)
+        if adamw_kernel and _cuda.launches["adamw_step"] == launched:
+            raise RuntimeError(f"{name}: the CUDA AdamW kernel never ran (kernels fell back: {sorted(_cuda._logged)})")
         host_syncs = _count_host_syncs(trainer.train_step) if device.type == "cuda" else None
         profiled = _device_profile(trainer.train_step, args)
         facts = {"precision": trainer.precision, "zero_stage": trainer.engine.zero_optimization_stage(),

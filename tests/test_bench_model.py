@@ -684,16 +684,18 @@ def test_bf16_copies_move_the_weight_casts_into_one_refresh_after_the_step(train
     assert sum(c["launches"] for c in after.values()) < sum(c["launches"] for c in before.values())
 
 
-@pytest.mark.parametrize("bf16_copies", [False, True])
-def test_adamw_kernel_reads_each_gradient_once_and_writes_the_copies_in_its_pass(bf16_copies):
-    """optim.step_kernel alignflow (alignflow-adamw-kernel; with the copies alignflow-graphs-all's step):
+@pytest.mark.parametrize("trainer,bf16_copies", [(False, False), (False, True), (True, True)])
+def test_adamw_kernel_reads_each_gradient_once_and_writes_the_copies_in_its_pass(trainer, bf16_copies):
+    """optim.step_kernel alignflow (alignflow-adamw-kernel; with the copies alignflow-graphs-all's step, and
+    in the trainer at ZeRO-0 trainer-bf16-mixed-zero0-graphs-all's, its EMA update unchanged):
     torch's fused AdamW (which writes the divided gradients back) and the copies' _foreach_copy_ (read
     4 + write 2) give way to one csrc/adamw.cu launch reading param, gradient and moments (16 bytes a
     parameter and the divisor) and writing param and moments (12) and the bf16 copies (2); the norm and
     everything before the optimizer stay as they were; the step counts advance by isfinite(divisor)."""
     def trace(step_kernel):
+        stage = dict(trainer=True, zero_stage=0) if trainer else {}
         return model.trace_step(backend="triton", fused_clip=True, bf16_copies=bf16_copies, step_kernel=step_kernel,
-                                **SMALL)
+                                **stage, **SMALL)
 
     torch_step, ours = trace("torch"), trace("alignflow")
     P, N = ours["params"], ours["bf16_copied_params"]
@@ -724,7 +726,7 @@ def test_the_adamw_kernel_is_modelled_in_clipped_adamw_only():
     with pytest.raises(ValueError, match="step_kernel 'alignflow': modelled in ClippedAdamW"):
         model.trace_step(backend="triton", fused_clip=False, step_kernel="alignflow", **SMALL)
     with pytest.raises(ValueError, match="step_kernel 'alignflow': modelled in ClippedAdamW"):
-        model.trace_step(backend="triton", trainer=True, fused_clip=True, step_kernel="alignflow", **SMALL)
+        model.trace_step(backend="triton", trainer=True, fused_clip=True, step_kernel="alignflow", **SMALL)  # ZeRO-2
 
 
 def test_trainer_at_stage_zero_is_the_fused_step_with_the_ema_update():

@@ -98,6 +98,30 @@ def test_train_step_runs_the_most_informative_variants_first():
     assert order[-3:] == ["alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel"]
 
 
+def test_every_trainer_variant_is_a_valid_config_on_a_gpu(tmp_path):
+    """Each trainer-* row's ExperimentConfig (bench.train_step.trainer_config: its precision, ZeRO stage,
+    compile, CUDA graphs and AdamW kernel) passes engine.config.validate for one GPU, so a GPU call is
+    not spent on a config error; the switches are the ones the name says."""
+    import argparse
+
+    from engine.config import validate
+
+    parser = argparse.ArgumentParser()
+    bench_train_step.add_step_arguments(parser)
+    args = parser.parse_args(["--model", "SiT-S/2", "--batch", "2", "--resolution", "32", "--encoder-depth", "1"])
+    args.smoke, args.steps, args.warmup, args.loader, args.trainer_fused_clip = True, 2, 1, "pil", "auto"
+    parts = bench_train_step.build(args, torch.device("cpu"))
+    for name, (precision, use_compile) in bench_train_step.TRAINER_VARIANTS.items():
+        cfg = bench_train_step.trainer_config(
+            args, parts, precision, use_compile, str(tmp_path / name), str(tmp_path / "latents"),
+            bench_train_step.TRAINER_ZERO_STAGES.get(name),
+            "alignflow" if name in bench_train_step.ADAMW_KERNEL_VARIANTS else "torch")
+        validate(cfg, world_size=1, cuda_available=True, disk=False)
+        assert cfg.train.cuda_graphs == name.endswith(("-graphs", "-graphs-all")), name
+        assert (cfg.optim.step_kernel == "alignflow") == name.endswith("-all"), name
+        assert cfg.train.zero_stage == bench_train_step.TRAINER_ZERO_STAGES.get(name), name
+
+
 def test_train_step_adamw_kernel_variant_runs_the_kernel_or_is_skipped(monkeypatch, capsys):
     """alignflow-adamw-kernel steps with csrc/adamw.cu (here in the emulator) and reports its row; where the
     kernel cannot run (no emulator asked for) the row is skipped naming why, never timed on a fallback."""

@@ -3,6 +3,8 @@ the key, the value and what is allowed, before any work starts."""
 import glob
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -34,6 +36,23 @@ def test_shipped_configs_validate(path):
         assert (cfg.optim.lr, cfg.optim.betas, cfg.train.global_batch_size, cfg.optim.grad_clip, cfg.ema.decay) \
             == (1e-4, [0.9, 0.999], 256, 1.0, 0.9999)
         assert cfg.model.class_dropout_prob == 0.1 and cfg.transport.proj_coeff == 0.5
+
+
+def test_readme_training_commands_validate():
+    """Every `--module engine.train` command in the README's Training block is a valid config for its
+    GPU count (one GPU with every step-speed switch on included)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read().replace("\\\n", " ")
+    commands = re.findall(r"^deepspeed --num_gpus (\d+) --module engine\.train (--config \S+(?: +[a-z_]+\.[a-z_.]+=\S+)*)",
+                          text, flags=re.M)
+    assert any(gpus == "1" and "train.cuda_graphs=true" in rest for gpus, rest in commands), commands
+    for gpus, rest in commands:
+        words = shlex.split(rest)
+        cfg = load_config(os.path.join(REPO, words[1]), words[2:])
+        if cfg.eval.every:
+            pytest.importorskip("torch_fidelity", reason=METRICS_SKIP)
+        gpu = "builtin" not in words[1]
+        validate(cfg, world_size=int(gpus), cuda_available=gpu, disk=not gpu)
 
 
 def test_builtin_config_is_the_main_job():

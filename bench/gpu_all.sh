@@ -5,12 +5,14 @@
 # bench/results/); commit them and run `python -m bench.report` to regenerate the README tables.
 #
 #   bash bench/carry_wheels.sh small        # here, once: DeepSpeed, torch-fidelity and what they need into .whl/ (~5 MB)
-#   bash bench/gpu_all.sh [STAGE ...]       # device tool: carry [".whl"], timeout_s 600
+#   python -m kernels.cuda_build --fatbin   # here, once (nvcc, 24 s): csrc's sm_80 + sm_90a object, 18.5 s less there
+#   bash bench/gpu_all.sh [STAGE ...]       # device tool: carry [".whl", "csrc/build"], timeout_s 600
 #
 # Stages, in order of value (default: all): env real train kernels tests sanitize engine data
 #   env      nvidia-smi, versions                        real     every fused op at SiT-XL/2 sizes in bf16
 #   train    bench.train_step: eager pair, compiled pair, kernels  bench.kernels, SiT-XL/2 256 px cases first
-#            CUDA graphs, the trainer's own step (DeepSpeed ZeRO-2; needs the carried DeepSpeed), one-switch variants
+#            CUDA graphs (alone, then with every switch), the trainer's own step (DeepSpeed; needs the carried
+#            DeepSpeed), one-switch variants
 #   tests    the other kernel and model tests on the GPU (the csrc tests among them, on CUDA tensors)
 #   sanitize compute-sanitizer memcheck, racecheck, synccheck over every CUDA C++ launcher (bench/csrc_sanitize.py)
 #   engine   the trainer's tests and the main job (2 min)

@@ -1,7 +1,9 @@
-"""Shared benchmark tools: timing, device ceilings (copy bandwidth, bf16 matmul), result records."""
+"""Shared benchmark tools: timing, device ceilings (copy bandwidth, bf16 matmul), result records (written
+and read back)."""
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import math
 import os
@@ -267,6 +269,44 @@ def write_results(kind: str, payload: dict, directory: str = "bench/results", ta
     if table is not None:
         print(table() if callable(table) else table)
     return path
+
+
+def _load_all(results_dir: str, kind: str) -> list[dict]:
+    """Every `kind-*.json` result, oldest first by its recorded date (file times do not survive a clone)."""
+    payloads = []
+    for path in glob.glob(os.path.join(results_dir, f"{kind}-*.json")):
+        with open(path) as f:
+            payload = json.load(f)
+        payload["_path"] = path
+        payloads.append(payload)
+    return sorted(payloads, key=lambda p: (p["environment"]["date"], os.path.getmtime(p["_path"])))
+
+
+def newest(results_dir: str, kind: str) -> dict | None:
+    payloads = _load_all(results_dir, kind)
+    return payloads[-1] if payloads else None
+
+
+def newest_per_device(results_dir: str, kind: str) -> list[dict]:
+    """The newest result of `kind` for each device, by device name."""
+    per_device = {p["environment"]["device"]: p for p in _load_all(results_dir, kind)}
+    return [per_device[device] for device in sorted(per_device)]
+
+
+def model_payloads(results_dir: str) -> list[dict]:
+    """The newest modelled result (`python -m bench.model`: model-<preset>-<date>.json) of each device
+    preset, oldest preset name first; the regression guard's model-baseline.json is not one."""
+    per_preset = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, "model-*.json"))):
+        with open(path) as f:
+            payload = json.load(f)
+        if payload.get("kind") != "model":
+            continue
+        payload["_path"] = path
+        current = per_preset.get(payload["device_preset"])
+        if current is None or payload["date"] >= current["date"]:
+            per_preset[payload["device_preset"]] = payload
+    return [per_preset[k] for k in sorted(per_preset)]
 
 
 def compiled(fn: Callable, smoke: bool):

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.common import model_payloads, newest
 # TRAINER_VARIANTS: name -> (precision, compile); TRAINER_ZERO_STAGES: those at another stage than 2
 from bench.train_step import TRAINER_VARIANTS, TRAINER_ZERO_STAGES, add_step_arguments
 
@@ -107,6 +108,14 @@ PRESETS = {
                    "NVIDIA HGX B200 datasheet (per GPU: FP16/BF16 4.5 PFLOPS and TF32 2.2 PFLOPS with sparsity, "
                    "HBM3e 8 TB/s, NVLink 5 1.8 TB/s)", ("B200",)),
 }
+
+
+def preset_for(device_name: str) -> str | None:
+    """The preset a measured device is (its `match` substrings in the CUDA device name), or None for a
+    device without one."""
+    found = [name for name, device in PRESETS.items() if device.match and all(m in device_name for m in device.match)]
+    return found[0] if len(found) == 1 else None
+
 
 # Fractions of the datasheet peaks that the model assumes a kernel reaches (printed with every result).
 MATMUL_EFFICIENCY = 0.75      # large bf16 GEMMs on H100 reach ~700-750 of 989 TFLOP/s
@@ -1927,11 +1936,18 @@ def compare_to_baseline(ops: list[Op], baseline: dict, tolerance: float = 0.02) 
     return problems
 
 
+def prediction_for(results_dir: str, step_payload: dict | None) -> dict | None:
+    """bench.model's newest result (`model_payloads`) for the device preset of the measured
+    `step_payload` (bench.predict writes it beside the measurement), or None."""
+    if step_payload is None:
+        return None
+    preset = preset_for(step_payload["environment"]["device"])
+    return next((p for p in model_payloads(results_dir) if p["device_preset"] == preset), None)
+
+
 def host_fit_from(results_dir: str) -> tuple[dict, dict, dict]:
     """(fit, measured step payload, model payload): fit_host_costs over the newest train_step-*.json in
     `results_dir` and the newest bench.model result of its device preset there."""
-    from bench.report import newest, prediction_for
-
     step = newest(results_dir, "train_step")
     prediction = prediction_for(results_dir, step)
     if step is None or prediction is None:

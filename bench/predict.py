@@ -3,7 +3,7 @@
     python -m bench.predict [DIR] [--smoke]        # DIR: bench/results; bench/gpu_all.sh runs it on $OUT
 
 Reads the newest train_step-*.json in DIR, picks the device preset of bench.model whose name the measured
-device has (`preset_for`), and runs `python -m bench.model` for the same model, batch, resolution,
+device has (bench.model's `preset_for`), and runs `python -m bench.model` for the same model, batch, resolution,
 encoder, REG and CAR-Flow, with the ceilings measured in DIR replacing the datasheet's (bench.model's
 `--results`), for the variants that were measured (`--every-variant`: all of bench.model's), each under
 its own name (bench.model models the trainer-* variants at their train.precision):
@@ -17,33 +17,23 @@ import argparse
 import os
 import sys
 
-
-def preset_for(device_name: str) -> str | None:
-    """The bench.model preset a measured device is (its `match` substrings in the CUDA device name), or
-    None for a device without one."""
-    from bench.model import PRESETS
-
-    found = [name for name, device in PRESETS.items() if device.match and all(m in device_name for m in device.match)]
-    return found[0] if len(found) == 1 else None
+from bench import model
+from bench.common import newest
 
 
 def newest_step_result(results_dir: str) -> dict | None:
-    from bench.report import newest
-
     return newest(results_dir, "train_step")
 
 
 def model_run(step: dict, results_dir: str, smoke: bool = False, every: bool = False) -> list[str] | None:
     """bench.model's arguments for the measured result `step`: its measured (not skipped) variants that
     bench.model knows (with `every`, all of them: the result may still be growing); None if none."""
-    from bench.model import PRESETS, VARIANTS
-
-    preset = preset_for(step["environment"]["device"])
+    preset = model.preset_for(step["environment"]["device"])
     if preset is None:
         raise SystemExit(f"no bench.model preset for the measured device {step['environment']['device']!r}; "
-                         f"presets: {sorted(PRESETS)} (add one to bench/model.py PRESETS)")
+                         f"presets: {sorted(model.PRESETS)} (add one to bench/model.py PRESETS)")
     measured = {r["variant"] for r in step["variants"] if "seconds_per_step" in r}
-    variants = [v for v in VARIANTS if every or v in measured]
+    variants = [v for v in model.VARIANTS if every or v in measured]
     if not variants:
         return None
     args = ["--device-preset", preset, "--variants", ",".join(variants), "--results", results_dir,
@@ -73,8 +63,6 @@ def main(argv=None) -> int:
     if step is None:
         print(f"no train_step-*.json in {args.results}: nothing measured to model", file=sys.stderr)
         return 1
-    from bench import model
-
     run = model_run(step, args.results, args.smoke, args.every_variant)
     if run is None:
         print(f"{os.path.basename(step['_path'])} has no measured variant that bench.model models: nothing to do")

@@ -9,32 +9,12 @@ Each table names its device, versions and date; where no result exists the READM
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import re
 
-
-def _load_all(results_dir: str, kind: str) -> list[dict]:
-    """Every `kind-*.json` result, oldest first by its recorded date (file times do not survive a clone)."""
-    payloads = []
-    for path in glob.glob(os.path.join(results_dir, f"{kind}-*.json")):
-        with open(path) as f:
-            payload = json.load(f)
-        payload["_path"] = path
-        payloads.append(payload)
-    return sorted(payloads, key=lambda p: (p["environment"]["date"], os.path.getmtime(p["_path"])))
-
-
-def newest(results_dir: str, kind: str) -> dict | None:
-    payloads = _load_all(results_dir, kind)
-    return payloads[-1] if payloads else None
-
-
-def newest_per_device(results_dir: str, kind: str) -> list[dict]:
-    """The newest result of `kind` for each device, by device name."""
-    per_device = {p["environment"]["device"]: p for p in _load_all(results_dir, kind)}
-    return [per_device[device] for device in sorted(per_device)]
+from bench.common import model_payloads, newest, newest_per_device
+from bench.model import CATEGORIES, prediction_for, zero_table
+from bench.model import markdown as model_markdown
 
 
 def data_tables(payloads: list[dict]) -> str:
@@ -162,36 +142,18 @@ def kernel_chart(payload: dict | None) -> str | None:
     return _save(plt, fig, payload)
 
 
-def model_payloads(results_dir: str) -> list[dict]:
-    """The newest modelled result (`python -m bench.model`: model-<preset>-<date>.json) of each device
-    preset, oldest preset name first; the regression guard's model-baseline.json is not one."""
-    per_preset = {}
-    for path in sorted(glob.glob(os.path.join(results_dir, "model-*.json"))):
-        with open(path) as f:
-            payload = json.load(f)
-        if payload.get("kind") != "model":
-            continue
-        payload["_path"] = path
-        current = per_preset.get(payload["device_preset"])
-        if current is None or payload["date"] >= current["date"]:
-            per_preset[payload["device_preset"]] = payload
-    return [per_preset[k] for k in sorted(per_preset)]
-
-
 def model_sections(payloads: list[dict], readme_preset: str = "h100-sxm") -> dict:
     """The README's modelled sections (the `readme_preset` result: its step table, sensitivity and
     assumptions; its ZeRO projection), each result's full table beside its JSON, and its chart."""
-    from bench.model import markdown, zero_table
-
     for payload in payloads:
-        write_table(payload, markdown(payload))
+        write_table(payload, model_markdown(payload))
         model_chart(payload)
     chosen = next((p for p in payloads if p["device_preset"] == readme_preset), payloads[-1] if payloads else None)
     if chosen is None:
         missing = "Not modelled yet (`python -m bench.model`).\n"
         return {"model-results": missing, "model-zero-results": missing}
     source = f"\n({os.path.basename(chosen['_path'])}; top ops per variant in the .md beside it)\n"
-    return {"model-results": markdown(chosen, top_ops=False, zero=False) + source + model_presets_table(payloads),
+    return {"model-results": model_markdown(chosen, top_ops=False, zero=False) + source + model_presets_table(payloads),
             "model-zero-results": (zero_table(chosen) if chosen.get("zero") else "No ZeRO projection in "
                                    "this result (`python -m bench.model --zero-gpus 8,64`).\n") + source}
 
@@ -215,8 +177,6 @@ def model_presets_table(payloads: list[dict]) -> str:
 
 def model_chart(payload: dict) -> str | None:
     """The modelled step of each variant as bars stacked by category, a PNG beside the result."""
-    from bench.model import CATEGORIES
-
     plt = _pyplot()
     if plt is None or not payload.get("variants"):
         return None
@@ -243,17 +203,6 @@ MEASURED_VS_MODELLED = {"encoder": ("encoder",), "forward": ("forward", "loss"),
                         "optimizer": ("optimizer",)}
 COLUMN_NAMES = {"encoder": "encoder", "forward": "fwd+loss", "backward": "backward", "optimizer": "optimizer"}
 MODEL_ERROR_LIMIT = 0.20  # beyond it, the model's assumptions need correcting (issue 13)
-
-
-def prediction_for(results_dir: str, step_payload: dict | None) -> dict | None:
-    """bench.model's newest result (`model_payloads`) for the device preset of the measured
-    `step_payload` (bench.predict writes it beside the measurement), or None."""
-    if step_payload is None:
-        return None
-    from bench.predict import preset_for
-
-    preset = preset_for(step_payload["environment"]["device"])
-    return next((p for p in model_payloads(results_dir) if p["device_preset"] == preset), None)
 
 
 def _error(modelled: float, measured: float) -> float | None:

@@ -379,6 +379,9 @@ def test_report_gives_the_models_error_per_variant_and_phase(tmp_path):
     end-to-end test below has bench.report print it and put it under the measured table.)"""
     import json
 
+    from bench.common import newest
+    from bench.model import prediction_for
+
     bench_report = importlib.import_module("bench.report")
     env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-12-02"}
     rows = [{"variant": "reference-eager", "skipped": "out of memory"},
@@ -395,8 +398,8 @@ def test_report_gives_the_models_error_per_variant_and_phase(tmp_path):
         "trainer-bf16": dict(encoder=0.005, forward=0.006, loss=0.002, backward=0.010, optimizer=0.012)}
     (results / "model-h100-sxm-2026-12-02.json").write_text(json.dumps(_modelled_payload(modelled)))
     (results / "model-h200-2026-12-02.json").write_text(json.dumps(dict(_modelled_payload({}), device_preset="h200")))
-    step = bench_report.newest(str(results), "train_step")
-    prediction = bench_report.prediction_for(str(results), step)
+    step = newest(str(results), "train_step")
+    prediction = prediction_for(str(results), step)
     assert prediction["device_preset"] == "h100-sxm"  # the measured device's, not another preset's
     printed = bench_report.model_error_table(step, prediction)
     assert "| alignflow | 50.0 | 55.0 | +10% | +10% | +10% | +0% | +40% ! | -35% ! |" in printed  # one lane: the same
@@ -415,8 +418,8 @@ def test_predict_models_each_measured_variant(tmp_path):
     import bench.model as model
 
     predict = importlib.import_module("bench.predict")
-    assert predict.preset_for("NVIDIA H100 80GB HBM3") == "h100-sxm" and predict.preset_for("NVIDIA H200") == "h200"
-    assert predict.preset_for("NVIDIA A100-SXM4-80GB") == "a100-80gb" and predict.preset_for("Tesla T4") is None
+    assert model.preset_for("NVIDIA H100 80GB HBM3") == "h100-sxm" and model.preset_for("NVIDIA H200") == "h200"
+    assert model.preset_for("NVIDIA A100-SXM4-80GB") == "a100-80gb" and model.preset_for("Tesla T4") is None
     env = {"device": "NVIDIA H200", "date": "2026-12-02"}
     rows = [_measured_row(v, 0.05) for v in ("trainer-bf16", "alignflow")]
     rows.append({"variant": "reference-eager", "skipped": "not run: the time budget ran out"})

@@ -20,6 +20,7 @@ import yaml
 
 from engine.configurable import ConfigError, FromDict, finite_number, invalid
 from engine.data import DataConfig
+from engine.metrics_library import metrics_library_problem, resolve_inception_weights
 from engine.models import ModelConfig
 from engine.models.encoders import EncoderConfig
 from engine.models.latents import LatentConfig
@@ -586,8 +587,6 @@ def _validate_eval(cfg: ExperimentConfig, disk: bool) -> None:
         raise ConfigError("eval.encoder_metrics", True, "false without encoders (the figure is measured in "
                           "encoders[0]'s features)")
     if e.encoder_metrics:
-        from engine.evaluate import metrics_library_problem
-
         problem = metrics_library_problem()
         if problem is not None:
             raise ConfigError("eval.encoder_metrics", True, f"false, or install torch-fidelity (pip install -e "
@@ -597,15 +596,11 @@ def _validate_eval(cfg: ExperimentConfig, disk: bool) -> None:
     if not os.path.isfile(e.ref):
         raise ConfigError("eval.ref", e.ref, "an existing ADM reference batch (.npz with arr_0), e.g. "
                           "VIRTUAL_imagenet256_labeled.npz")
-    from engine.evaluate import metrics_library_problem
-
     problem = metrics_library_problem()
     if problem is not None:
         raise ConfigError("eval.ref", e.ref, f"null, or install torch-fidelity (pip install -e \".[eval]\"), whose "
                           f"Inception network and metrics it needs: {problem}")
     if not e.random_inception:
-        from engine.evaluate import resolve_inception_weights
-
         try:
             resolve_inception_weights(e.inception_weights)
         except FileNotFoundError as error:

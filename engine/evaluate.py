@@ -46,13 +46,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.atomic_files import write_atomic
 from engine.distributed import command_process, run_on_main
+from engine.images import batch_labels, generate
+from engine.metrics_library import default_inception_weights, resolve_inception_weights
 from engine.parts import open_parts, parts_to_make, read_parts, write_part
 
 log = logging.getLogger("engine.evaluate")
 
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")  # torch_fidelity.feature_extractor_inceptionv3
 EXTRACTION_TIMEOUT_S = 2 * 3600
 IS_SPLIT_SIZE = 5000          # ADM: consecutive splits of 5000 images
 PR_NEIGHBOURS = 3             # ADM's ManifoldEstimator nhood_sizes=(3,)
@@ -69,44 +70,12 @@ RANDOM_INPUT_SIZE = 75
 # The Inception network (torch-fidelity's port of the TF graph ADM uses)
 # ----------------------------------------------------------------------------------------------
 
-def default_inception_weights() -> str:
-    """Where torch-fidelity keeps (and would download) its Inception weights: the torch hub cache."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
-
-
-def resolve_inception_weights(path: str | None) -> str:
-    """The Inception weights file to load; a one-line error where it is missing (nothing downloads)."""
-    if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Inception weights {path!r} do not exist; allowed: the file torch-fidelity "
-                                    f"fetches from {INCEPTION_URL}")
-        return path
-    cached = default_inception_weights()
-    if not os.path.isfile(cached):
-        raise FileNotFoundError(f"Inception weights not found at {cached}: put the file torch-fidelity fetches "
-                                f"from {INCEPTION_URL} there, or pass its path (--inception-weights PATH, "
-                                f"eval.inception_weights); nothing is downloaded here")
-    return cached
-
-
 def _torch_fidelity():
     try:
         import torch_fidelity.feature_extractor_inceptionv3 as module
     except ImportError as error:
         raise ImportError(f"Inception metrics need torch-fidelity ({error}); pip install -e \".[eval]\"") from None
     return module
-
-
-def metrics_library_problem() -> str | None:
-    """Why torch-fidelity (every metric here, the encoder figure's Frechet distance included) cannot be
-    imported on this machine, or None. Config validation asks before any work, so a missing package
-    stops a run at its start, not at its first evaluation. The import is the real one: the package's
-    __init__ loads all its modules, which need torchvision, PIL and tqdm besides torch and numpy."""
-    try:
-        import torch_fidelity.metric_fid  # noqa: F401
-    except ImportError as error:
-        return f"{type(error).__name__}: {error}"
-    return None
 
 
 class InceptionFeatures(nn.Module):
@@ -230,8 +199,6 @@ class FeatureStats:
                    inception_score=inception_score(features["logits"]))
 
     def save(self, path: str, meta: dict) -> str:
-        from engine.images import write_atomic
-
         arrays = {k: getattr(self, k) for k in self.KEYS}
         if self.pool is not None:
             arrays["pool"] = self.pool
@@ -335,8 +302,6 @@ def use_stored_statistics(ref: FeatureStats, stored: FeatureStats | None) -> Fea
 
 def write_reference_batch(path: str, images: np.ndarray, stats: FeatureStats | None = None) -> str:
     """An ADM-style reference batch: arr_0 and, with `stats`, mu, sigma, mu_s, sigma_s."""
-    from engine.images import write_atomic
-
     arrays = {"arr_0": images}
     if stats is not None:
         arrays.update({k: getattr(stats, k) for k in FeatureStats.KEYS})
@@ -587,8 +552,6 @@ class OnlineEvaluator:
     def sample_features(self, model) -> dict | None:
         """Features of the `eval.num_images` samples of `model` (collective); rank 0 gets them in image
         order with the labels, other ranks None."""
-        from engine.images import batch_labels, generate
-
         t, e, info = self.trainer, self.cfg, self.trainer.dist
         cfg = self._sampling_cfg()
         num_batches = math.ceil(e.num_images / e.batch_size)
@@ -696,7 +659,6 @@ def _evaluate(args: argparse.Namespace, info) -> dict:
     if args.random_inception:
         result["warning"] = RANDOM_WARNING
     path = os.path.join(out_dir, "evaluation.json")
-    from engine.images import write_atomic
     write_atomic(path, lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(format_metrics(metrics) + f"  ({samples.num_images} samples vs {ref.num_images} reference images; "
           f"{path})", flush=True)

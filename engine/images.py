@@ -1,8 +1,8 @@
 """Images from a model, the library behind the sampling command (`engine.sample`), the trainer's
 grids and final samples, and evaluation: `generate` (uint8 images for labels, through the ODE/SDE
 samplers of `engine.samplers` and the latent space's decoder), `batch_labels` (the labels of a
-global batch), `save_grid` (a PNG), `save_npz` (the ADM / REPA evaluation layout), `write_atomic`,
-and `load_for_sampling` (a model from a checkpoint).
+global batch), `save_grid` (a PNG), `save_npz` (the ADM / REPA evaluation layout) and
+`load_for_sampling` (a model from a checkpoint).
 """
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ import os
 
 import numpy as np
 import torch
+
+from engine.atomic_files import write_atomic
+from engine.config import apply_overrides, from_dict, load_raw
+from engine.configurable import ConfigError
+from engine.models import build_model
+from engine.models.latents import build_latent_space
+from engine.models.pretrained import load_pretrained
 
 log = logging.getLogger("engine.images")
 
@@ -67,24 +74,6 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None, pad: int
     return path
 
 
-def write_atomic(path: str, write) -> str:
-    """write(file) into a temporary file beside `path`, then rename it to `path`: readers see the old
-    file or the whole new one, never a partial one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str) -> str:
     return write_atomic(path, lambda f: np.savez(f, arr_0=images.numpy(), labels=labels.cpu().numpy()))
 
@@ -93,8 +82,6 @@ def guard_imports(raw: dict, overrides, source: str, user_raw: dict | None = Non
     """A config read from a checkpoint may not name a module to import (latent.kind: module) unless the
     user names it too (the --config YAML or an override): a checkpoint from elsewhere must not pick code
     to run."""
-    from engine.config import ConfigError
-
     latent = raw.get("latent") or {}
     if latent.get("kind") == "module":
         mine = {item.split("=", 1)[0].strip(): item.split("=", 1)[1].strip() for item in overrides if "=" in item}
@@ -108,11 +95,6 @@ def guard_imports(raw: dict, overrides, source: str, user_raw: dict | None = Non
 def load_for_sampling(path: str, device, overrides: list[str] = (), config: str | None = None):
     """(config, fp32 EMA model, latent space) from an EMA export, a checkpoint directory, or a REPA / REG /
     SiT checkpoint (engine.models.pretrained) with `config`, a YAML for what the checkpoint lacks."""
-    from engine.config import apply_overrides, from_dict, load_raw
-    from engine.models import build_model
-    from engine.models.latents import build_latent_space
-    from engine.models.pretrained import load_pretrained
-
     user_raw = load_raw(config) if config else None
     raw, state, _, source = load_pretrained(path, user_raw)
     raw = apply_overrides(raw, list(overrides))

@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from engine.atomic_files import write_atomic
 from engine.distributed import DistInfo, gather_sorted
-from engine.images import write_atomic
 
 log = logging.getLogger("engine.parts")
 

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.atomic_files import write_atomic
 from engine.distributed import DistInfo, command_process, run_on_main
-from engine.images import batch_labels, generate, load_for_sampling, save_grid, write_atomic
+from engine.images import batch_labels, generate, load_for_sampling, save_grid
 from engine.parts import open_parts, part_path, parts_to_make, read_parts, write_part
 
 log = logging.getLogger("engine.sample")
@@ -148,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{key.replace('_', '-')} must be in [0, 1] (t = 0 data, t = 1 noise), got {value}")
     if args.guidance_low is not None and args.guidance_high is not None and args.guidance_low > args.guidance_high:
         parser.error(f"--guidance-low {args.guidance_low} must be <= --guidance-high {args.guidance_high}")
-    from engine.models.hub import is_hub_reference
+    from engine.models.hub_layout import is_hub_reference  # huggingface_hub: the train extra
 
     if not os.path.exists(args.ckpt) and not is_hub_reference(args.ckpt):
         raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist (nor is it a Hub repo id user/name)")

@@ -225,7 +225,7 @@ def resolve_weights(path: str) -> str:
     """The one file (or Hub folder, or Hub repo id) that `path` names; a checkpoint directory resolves to
     its latest export."""
     from engine.checkpoint import ema_export_path
-    from .hub import is_hub_folder, is_hub_reference
+    from .hub_layout import is_hub_folder, is_hub_reference  # huggingface_hub: the train extra
 
     if is_hub_folder(path):
         return os.path.abspath(path)
@@ -242,7 +242,7 @@ def load_pretrained(path: str, config_raw: dict | None = None) -> tuple[dict, di
     A file without our config needs `config_raw` (a YAML's mapping: its latent, transport and sample
     sections are used); its model section is replaced by what the checkpoint's tensors and options fix
     (logged)."""
-    from .hub import is_hub_reference, load_hub
+    from .hub_layout import is_hub_reference, load_hub  # huggingface_hub: the train extra
 
     file = resolve_weights(path)
     if is_hub_reference(file):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import evaluate as ev
+from engine.metrics_library import INCEPTION_URL, resolve_inception_weights
 from tests.engine.trainer_fixtures import run_ranks
 
 pytest.importorskip("torch_fidelity")
@@ -204,12 +205,12 @@ def test_npz_errors_name_the_problem(tmp_path):
 def test_missing_inception_weights_is_one_line_naming_place_and_url(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError) as error:
-        ev.resolve_inception_weights(None)
+        resolve_inception_weights(None)
     message = str(error.value)
-    assert "\n" not in message and ev.INCEPTION_URL in message
+    assert "\n" not in message and INCEPTION_URL in message
     assert str(tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth") in message
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        ev.resolve_inception_weights(str(tmp_path / "nope.pth"))
+        resolve_inception_weights(str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="Inception weights not found"):
         ev.InceptionFeatures()
 

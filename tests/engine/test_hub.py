@@ -1,6 +1,7 @@
-"""The Hugging Face Hub layout (engine.models.hub), offline: export of an EMA checkpoint to config.json +
-model.safetensors through PyTorchModelHubMixin, SiTForHub.from_pretrained, and engine.sample --ckpt on
-the folder (the same images as from the export it came from). push_to_hub needs network: not run here."""
+"""The Hugging Face Hub layout (engine.models.hub_layout; engine.models.hub exports to it), offline:
+export of an EMA checkpoint to config.json + model.safetensors through PyTorchModelHubMixin,
+SiTForHub.from_pretrained, and engine.sample --ckpt on the folder (the same images as from the export
+it came from). push_to_hub needs network: not run here."""
 import json
 import os
 
@@ -13,7 +14,8 @@ import kernels
 from engine import checkpoint as ckpt
 from engine.config import from_dict
 from engine.models import build_model
-from engine.models.hub import HUB_CONFIG, HUB_WEIGHTS, SiTForHub, export, main as hub_main
+from engine.models.hub import export, main as hub_main
+from engine.models.hub_layout import HUB_CONFIG, HUB_WEIGHTS, SiTForHub
 from engine.sample import main as sample_main
 from tests.engine.common import randomize
 from tests.engine.trainer_fixtures import tiny_config

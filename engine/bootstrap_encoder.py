@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.atomic_files import write_atomic
+
 
 def bootstrap_path(output_dir: str, index: int, name: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -96,9 +98,7 @@ def ensure_encoder_weights(cfg, index: int, rank: int, device, train_loader, mon
         loader = Loader(data_cfg, train_loader.index, 0, 1, train_loader.device, train_loader.backend)
         state, accuracy = train_encoder(enc_cfg, loader, cfg.model.num_classes, cfg.train.bootstrap_encoder_steps,
                                         device, cfg.train.seed, monitor.info)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"model": state, "accuracy": accuracy}, path + ".partial")
-        os.replace(path + ".partial", path)
+        write_atomic(path, lambda f: torch.save({"model": state, "accuracy": accuracy}, f))
         monitor.info(f"bootstrapped encoder {enc_cfg.name!r}: class accuracy {accuracy:.1%} on its last "
                      f"training batches; saved {path}")
     if dist.is_initialized():

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from engine.atomic_files import write_atomic
+
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d+)$")
 EMA_FILE = "ema_fp32.pt"
@@ -155,29 +157,11 @@ def _barrier() -> None:
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    partial = path + ".partial"
-    with open(partial, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    try:  # make the rename itself durable
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------------------------

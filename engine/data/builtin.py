@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageDraw
 
+from engine.atomic_files import write_atomic
+
 FAMILIES = ("discs", "squares", "triangles", "hstripes", "vstripes", "dstripes", "checkers", "rings",
             "crosses", "blobs")
 MANIFEST = "manifest.json"
@@ -157,8 +159,5 @@ def make_builtin_dataset(root: str, num_classes: int = 10, images_per_class: int
                                                         quality), range(num_classes))
             files = [rel for rels in per_class for rel in rels]
         manifest = dict(params=params, classes=names, files=files)
-        tmp = manifest_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-        os.replace(tmp, manifest_path)
+        write_atomic(manifest_path, lambda f: f.write(json.dumps(manifest).encode()))
         return manifest

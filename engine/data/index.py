@@ -29,6 +29,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from engine.atomic_files import write_atomic
+
 log = logging.getLogger("engine.data")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -206,11 +208,9 @@ def _save_cache(path: str, entries: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     files = list(entries)
     cols = list(zip(*entries.values())) if entries else [[], [], [], [], []]
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, files=np.array(files, dtype=str), size=np.array(cols[0], np.int64),
-             mtime=np.array(cols[1], np.int64), width=np.array(cols[2], np.int32),
-             height=np.array(cols[3], np.int32), reason=np.array(cols[4], dtype=str))
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new cache
+    write_atomic(path, lambda f: np.savez(  # a concurrent reader sees the old or the new cache
+        f, files=np.array(files, dtype=str), size=np.array(cols[0], np.int64), mtime=np.array(cols[1], np.int64),
+        width=np.array(cols[2], np.int32), height=np.array(cols[3], np.int32), reason=np.array(cols[4], dtype=str)))
 
 
 def _scan_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -350,11 +350,7 @@ def index_webdataset(root: str, validate: str, on_corrupt: str, cache_dir: Optio
         if entries is None:
             entries = _index_shard(shard, full, num_threads)
             try:
-                os.makedirs(cache_dir, exist_ok=True)
-                tmp = f"{cache_file}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
-                    json.dump(dict(stamp=stamp, entries=entries), f)
-                os.replace(tmp, cache_file)
+                write_atomic(cache_file, lambda f: f.write(json.dumps(dict(stamp=stamp, entries=entries)).encode()))
             except OSError as error:
                 log.warning("could not write the data index cache %s: %s", cache_file, error)
         shard_name = os.path.basename(shard)

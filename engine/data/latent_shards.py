@@ -29,6 +29,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.atomic_files import write_atomic
+
 META, INDEX, STATS = "meta.json", "index.json", "stats.json"
 DTYPES = ("float16", "float32")
 RAW = "raw"  # meta.json "moments" of shards that hold the posterior before latent.scale / latent.shift
@@ -57,10 +59,7 @@ def read_meta(root: str, missing_ok: bool = False) -> Optional[dict]:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(json.dumps(obj).encode()))
 
 
 class LatentShardWriter:

@@ -98,15 +98,18 @@ ADAMW_KERNEL_VARIANTS = ("alignflow-adamw-kernel", "alignflow-graphs-all", "trai
 # backend is the trainer's "auto"
 TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
                     "trainer-bf16-mixed-zero0": ("bf16-mixed", False),
-                    "trainer-bf16-mixed-zero0-graphs-all": ("bf16-mixed", GRAPHS), "trainer-bf16-zero1": ("bf16", False),
+                    "trainer-bf16-mixed-zero0-graphs-all": ("bf16-mixed", GRAPHS),
+                    "trainer-bf16-zero1": ("bf16", False),
                     "trainer-bf16-compiled": ("bf16", True), "trainer-bf16-graphs": ("bf16", GRAPHS)}
 # the trainer's variants at another train.zero_stage than zero2.json's 2: name -> stage. At world size 1 ZeRO
 # partitions nothing, and bench.trainer_host measured its host work (SiT-XL/2's parameter tensors at a tiny
 # width, on the CPU): ZeRO-0 (bf16-mixed; bf16 weights do not run without ZeRO) and ZeRO-1 (bf16) issue less
-# than ZeRO-2; these measure it on a GPU (bench.model models ZeRO-2 and, for trainer-bf16-mixed-zero0, stage 0)
-TRAINER_ZERO_STAGES = {"trainer-bf16-mixed-zero0": 0, "trainer-bf16-mixed-zero0-graphs-all": 0, "trainer-bf16-zero1": 1}
+# than ZeRO-2; these measure it on a GPU (bench.model models ZeRO-2 and, for the two -zero0 rows, stage 0)
+TRAINER_ZERO_STAGES = {"trainer-bf16-mixed-zero0": 0, "trainer-bf16-mixed-zero0-graphs-all": 0,
+                       "trainer-bf16-zero1": 1}
 # the order in which they run, most informative first (a time budget skips the tail): the eager pair, the
-# compiled pair and CUDA graphs (the first H200 run's old order ran out of time before alignflow-compiled),
+# compiled pair and CUDA graphs, alone and with every switch (the first H200 run's old order ran out of time
+# before alignflow-compiled),
 # the trainer's step, then the variants that differ from alignflow by one switch
 ORDER = ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs",
          "alignflow-graphs-all",

@@ -53,7 +53,7 @@ import torch
 
 from bench.common import model_payloads, newest
 # TRAINER_VARIANTS: name -> (precision, compile); TRAINER_ZERO_STAGES: those at another stage than 2
-from bench.train_step import TRAINER_VARIANTS, TRAINER_ZERO_STAGES, add_step_arguments
+from bench.train_step import SWITCH_OFF_VARIANTS, TRAINER_VARIANTS, TRAINER_ZERO_STAGES, add_step_arguments
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
@@ -70,12 +70,14 @@ STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflo
 MODELLED_ZERO_STAGES = (0, 2)
 VARIANTS = STEP_VARIANTS + tuple(name for name in TRAINER_VARIANTS
                                  if TRAINER_ZERO_STAGES.get(name, 2) in MODELLED_ZERO_STAGES)
-# opt-in variants, modelled only when --variants names them (not in the baseline or the README tables):
+# variants modelled only when --variants names them (not in the baseline or the README tables):
 # name -> (the variant it changes, model config overrides). alignflow-mlp-triton: alignflow with
 # model.mlp_kernel: triton (kernels.mlp_gelu's Triton matmuls, not measured on a GPU); alignflow-graphs-all-mlp-triton:
-# alignflow-graphs-all with it (the most the model sees with every kernel of ours on)
+# alignflow-graphs-all with it (the most the model sees with every kernel of ours on); and bench.train_step's
+# SWITCH_OFF_VARIANTS, alignflow with one SiT switch off (bench.predict models those it finds measured)
 OPT_IN_VARIANTS = {"alignflow-mlp-triton": ("alignflow", {"mlp_kernel": "triton"}),
-                   "alignflow-graphs-all-mlp-triton": ("alignflow-graphs-all", {"mlp_kernel": "triton"})}
+                   "alignflow-graphs-all-mlp-triton": ("alignflow-graphs-all", {"mlp_kernel": "triton"}),
+                   **{name: ("alignflow", overrides) for name, overrides in SWITCH_OFF_VARIANTS.items()}}
 PRECISIONS = ("bf16-mixed", "bf16")
 
 

@@ -5,7 +5,8 @@
 Reads the newest train_step-*.json in DIR, picks the device preset of bench.model whose name the measured
 device has (bench.model's `preset_for`), and runs `python -m bench.model` for the same model, batch, resolution,
 encoder, REG and CAR-Flow, with the ceilings measured in DIR replacing the datasheet's (bench.model's
-`--results`), for the variants that were measured (`--every-variant`: all of bench.model's), each under
+`--results`), for the variants that were measured (`--every-variant`: all of bench.model's and the
+switch-off ones of bench.train_step), each under
 its own name (bench.model models the trainer-* variants at their train.precision):
 DIR/model-<preset>-<date>.json. `python -m bench.report` then prints the model's error per variant and
 phase. `--smoke` models bench.model's narrow smoke step instead (CI runs the whole chain on the CPU;
@@ -34,6 +35,7 @@ def model_run(step: dict, results_dir: str, smoke: bool = False, every: bool = F
                          f"presets: {sorted(model.PRESETS)} (add one to bench/model.py PRESETS)")
     measured = {r["variant"] for r in step["variants"] if "seconds_per_step" in r}
     variants = [v for v in model.VARIANTS if every or v in measured]
+    variants += [v for v in model.SWITCH_OFF_VARIANTS if every or v in measured]  # modelled only when named
     if not variants:
         return None
     args = ["--device-preset", preset, "--variants", ",".join(variants), "--results", results_dir,

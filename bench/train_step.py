@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -78,11 +79,17 @@ VARIANTS = {"reference-eager": ("torch", False), "alignflow": ("triton", False),
             "alignflow-adamw-kernel": ("triton", False),
             "reference-compiled": ("torch", True), "alignflow-compiled": ("triton", True),
             "alignflow-graphs": ("triton", GRAPHS), "alignflow-graphs-all": ("triton", GRAPHS)}
+# the benchmark's variants that turn one of alignflow's SiT switches off (config key: value), so that each
+# switch is measured against alignflow in the same run
+SWITCH_OFF_VARIANTS = {"alignflow-no-batched-modulation": {"batched_modulation": False},
+                       "alignflow-no-fused-bias-grad": {"fused_bias_grad": False},
+                       "alignflow-no-fused-gelu": {"fused_gelu": False}}
+VARIANTS.update(dict.fromkeys(SWITCH_OFF_VARIANTS, ("triton", False)))
 # the benchmark's variants whose optimizer clips inside the fused AdamW step (engine.optim.ClippedAdamW,
 # the trainer's optim.fused_clip); the others run REPA's clip_grad_norm_ then fused AdamW.
 # alignflow-separate-clip is alignflow with the reference optimizer: the pair measures the switch
 FUSED_CLIP_VARIANTS = ("alignflow", "alignflow-compiled", "alignflow-graphs", "alignflow-bf16-copies",
-                       "alignflow-adamw-kernel", "alignflow-graphs-all")
+                       "alignflow-adamw-kernel", "alignflow-graphs-all", *SWITCH_OFF_VARIANTS)
 # the benchmark's variants whose matmuls read persistent bf16 copies of the weights, written by ClippedAdamW in
 # its step, instead of autocast's casts (engine/bf16_copies.py, the trainer's train.bf16_weight_copies): with
 # alignflow the pair measures that switch alone
@@ -116,7 +123,7 @@ ORDER = ["reference-eager", "alignflow", "reference-compiled", "alignflow-compil
          "trainer-bf16", "trainer-bf16-mixed", "trainer-bf16-mixed-zero0", "trainer-bf16-mixed-zero0-graphs-all",
          "trainer-bf16-zero1",
          "trainer-bf16-compiled", "trainer-bf16-graphs",
-         "alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel"]
+         "alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel", *SWITCH_OFF_VARIANTS]
 
 
 def _compile_mode(use_compile) -> dict:
@@ -239,8 +246,6 @@ def timed_steps(step, args, device, clock=None):
 def reference_encoder(encoder):
     """The reference variants' encoder: REPA's path (`fused: false`: fp32 weights cast by autocast on every
     call, timm's SDPA attention) with `encoder`'s weights, on its device."""
-    import dataclasses
-
     from engine.models.encoders import build_encoder
 
     reference = build_encoder(dataclasses.replace(encoder.cfg, fused=False), device=encoder.mean.device)
@@ -303,6 +308,7 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
     adamw_kernel = name in ADAMW_KERNEL_VARIANTS
     if adamw_kernel:
         _require_adamw_kernel(device)
+    model_cfg = dataclasses.replace(model_cfg, **SWITCH_OFF_VARIANTS.get(name, {}))
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
     optimizer = make_optimizer(model.parameters(), name in FUSED_CLIP_VARIANTS, device,
@@ -397,8 +403,6 @@ def trainer_config(args, parts, precision: str, use_compile: bool, output_dir: s
     shards), configs/deepspeed/zero2.json on one rank (`zero_stage`: train.zero_stage over its stage 2),
     the global batch one micro-batch; nothing written during the steps (no checkpoints, samples or logs)
     and nothing resumed."""
-    import dataclasses
-
     from engine.config import from_dict
 
     encoder, model_cfg, transport, _ = parts

@@ -722,6 +722,36 @@ def test_adamw_kernel_reads_each_gradient_once_and_writes_the_copies_in_its_pass
     assert sum(c["launches"] for c in after.values()) <= sum(c["launches"] for c in before.values())
 
 
+def test_switch_off_variants_undo_their_switch_alone():
+    """bench.train_step's alignflow-no-* variants (modelled when named, and by bench.predict where measured)
+    trace alignflow with one SiT switch off: without batched modulation one modulation matmul per block
+    comes back, without the fused bias gradient nn.Linear's bias sums, without the fused GELU torch's
+    GELU backward instead of the Triton one; the optimizer does not move."""
+    from bench.train_step import SWITCH_OFF_VARIANTS
+
+    def counts(overrides):
+        return model.baseline_counts(model.trace_step(backend="triton", fused_clip=True, model_config=overrides,
+                                                      **SMALL)["ops"])
+
+    base = counts({})
+    blocks = SMALL["model_overrides"]["depth"]
+    for name, overrides in SWITCH_OFF_VARIANTS.items():
+        assert model.OPT_IN_VARIANTS[name] == ("alignflow", overrides)
+        off = counts(overrides)
+        moved = {k for k in set(base) | set(off) if base.get(k) != off.get(k)}
+        assert moved and not any(k.startswith("optimizer") for k in moved), (name, moved)
+        if "batched_modulation" in overrides:
+            key = "forward | matmul | addmm"
+            assert off[key]["launches"] == base[key]["launches"] + blocks, (name, base[key], off[key])
+        if "fused_bias_grad" in overrides:
+            key = "backward | reductions | sum"
+            assert off[key]["launches"] > base.get(key, {"launches": 0})["launches"], name
+        if "fused_gelu" in overrides:
+            assert "backward | pointwise | triton:_gelu_bwd_kernel" in base
+            assert "backward | pointwise | triton:_gelu_bwd_kernel" not in off
+            assert off["backward | pointwise | gelu_backward"]["launches"] == blocks
+
+
 def test_the_adamw_kernel_is_modelled_in_clipped_adamw_only():
     with pytest.raises(ValueError, match="step_kernel 'alignflow': modelled in ClippedAdamW"):
         model.trace_step(backend="triton", fused_clip=False, step_kernel="alignflow", **SMALL)

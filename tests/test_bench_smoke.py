@@ -94,8 +94,10 @@ def test_train_step_runs_the_most_informative_variants_first():
     assert sorted(order) == sorted([*bench_train_step.VARIANTS, *bench_train_step.TRAINER_VARIANTS])
     assert order[:6] == ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs",
                          "alignflow-graphs-all"]
-    assert all(name.startswith("trainer-") for name in order[6:-3])
-    assert order[-3:] == ["alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel"]
+    switches = list(bench_train_step.SWITCH_OFF_VARIANTS)
+    assert all(name.startswith("trainer-") for name in order[6:-3 - len(switches)])
+    assert order[-3 - len(switches):] == ["alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel",
+                                          *switches]
 
 
 def test_every_trainer_variant_is_a_valid_config_on_a_gpu(tmp_path):
@@ -421,15 +423,16 @@ def test_predict_models_each_measured_variant(tmp_path):
     assert model.preset_for("NVIDIA H100 80GB HBM3") == "h100-sxm" and model.preset_for("NVIDIA H200") == "h200"
     assert model.preset_for("NVIDIA A100-SXM4-80GB") == "a100-80gb" and model.preset_for("Tesla T4") is None
     env = {"device": "NVIDIA H200", "date": "2026-12-02"}
-    rows = [_measured_row(v, 0.05) for v in ("trainer-bf16", "alignflow")]
+    rows = [_measured_row(v, 0.05) for v in ("trainer-bf16", "alignflow", "alignflow-no-fused-gelu")]
     rows.append({"variant": "reference-eager", "skipped": "not run: the time budget ran out"})
     run = predict.model_run(_measured_step_payload(env, rows), str(tmp_path))
-    assert run == ["--device-preset", "h200", "--variants", "alignflow,trainer-bf16", "--results", str(tmp_path),
+    assert run == ["--device-preset", "h200", "--variants", "alignflow,trainer-bf16,alignflow-no-fused-gelu",
+                   "--results", str(tmp_path),
                    "--out", str(tmp_path), "--zero-gpus", "", "--model", "SiT-XL/2", "--batch", "32",
                    "--resolution", "256", "--encoder", "dinov2-vit-b", "--encoder-depth", "8", "--car-flow", "none"]
     every = predict.model_run(_measured_step_payload(env, rows), str(tmp_path), every=True)
-    assert every[every.index("--variants") + 1] == ",".join(model.VARIANTS)
-    assert predict.model_run(_measured_step_payload(env, rows[2:]), str(tmp_path)) is None
+    assert every[every.index("--variants") + 1] == ",".join([*model.VARIANTS, *model.SWITCH_OFF_VARIANTS])
+    assert predict.model_run(_measured_step_payload(env, rows[3:]), str(tmp_path)) is None
     with pytest.raises(SystemExit, match="no bench.model preset for the measured device 'Tesla T4'"):
         predict.model_run(_measured_step_payload({"device": "Tesla T4", "date": "d"}, rows), str(tmp_path))
 

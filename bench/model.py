@@ -481,6 +481,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         sorts them; storages taken as aligned); its chunk tables cached (no copy: the steady
         state). Its host call is a multi-tensor one; the launcher's Python (checks, table lookup) measured
         0.8-1.6 ms a call over SiT-XL/2's 298 tensors on the 2-core CI CPU with the launch stubbed."""
+        from engine.optim import ClippedAdamW
         from kernels import _cuda
 
         tracer = self
@@ -512,12 +513,16 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
                 return torch.ops.aten._foreach_add_.Tensor(tensors, other, **kwargs)
             return original_add(tensors, other, **kwargs)
 
-        original_add = torch._foreach_add_
+        # ClippedAdamW reads back, at its next step, whether the last one was taken: a fake flag has no
+        # value, so the traced steps count as taken
+        original_add, original_resolve = torch._foreach_add_, ClippedAdamW._resolve_pending_finite
         _cuda.supports_adamw, _cuda.adamw_step, torch._foreach_add_ = (lambda *args: True), launch, foreach_add
+        ClippedAdamW._resolve_pending_finite = lambda optimizer: setattr(optimizer, "_pending_finite", None)
         try:
             yield
         finally:
             (_cuda.supports_adamw, _cuda.adamw_step), torch._foreach_add_ = original, original_add
+            ClippedAdamW._resolve_pending_finite = original_resolve
 
     def host_call(self, kind: str, compiled: bool = False, name: str = ""):
         if self.recording:
@@ -654,10 +659,7 @@ class Tracer(torch.utils._python_dispatch.TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "alignflow" and self.recording:
             return self._run_launcher(func, args, kwargs)
-        if func is torch.ops.aten._foreach_add_.Tensor:
-            out = None  # in place (see intercept_cuda_adamw); its CPU kernel would .item() the scalar tensor
-        else:
-            out = func(*args, **kwargs)
+        out = func(*args, **kwargs)
         if not self.recording:
             return out
         name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
@@ -1161,8 +1163,6 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
                 p.grad = torch.zeros_like(p)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if step_kernel != "torch":  # a fake flag has no value to read back: the unrecorded step counts as taken
-                getattr(optimizer, "optimizer", optimizer)._pending_finite = None  # ClippedAdamW, or inside _StageZeroEngine
             tracer.phase, tracer.recording = "encoder", True
             train_step.one_step(*step_inputs, mark=mark)
     return {"ops": tracer.ops, "host": tracer.host,

@@ -53,7 +53,8 @@ import torch
 
 from bench.common import model_payloads, newest
 # TRAINER_VARIANTS: name -> (precision, compile); TRAINER_ZERO_STAGES: those at another stage than 2
-from bench.train_step import SWITCH_OFF_VARIANTS, TRAINER_VARIANTS, TRAINER_ZERO_STAGES, add_step_arguments
+from bench.train_step import (ADAMW_KERNEL_VARIANTS, BF16_COPIES_VARIANTS, FUSED_CLIP_VARIANTS, SWITCH_OFF_VARIANTS,
+                              TRAINER_VARIANTS, TRAINER_ZERO_STAGES, VARIANTS as BENCH_VARIANTS, add_step_arguments)
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
@@ -1828,28 +1829,21 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
     traces = {} if traces is None else traces
     out = {}
     for name in variants:
+        base, overrides = OPT_IN_VARIANTS.get(name, (name, {}))
+        step_kernel = "alignflow" if base in ADAMW_KERNEL_VARIANTS else "torch"
+        kernel_key = "+adamw-kernel" if step_kernel != "torch" else ""
         if name in TRAINER_VARIANTS:
             precision, stage = TRAINER_VARIANTS[name][0], TRAINER_ZERO_STAGES.get(name, 2)
-            from bench.train_step import ADAMW_KERNEL_VARIANTS
-
-            step_kernel = "alignflow" if name in ADAMW_KERNEL_VARIANTS else "torch"
-            key = (f"trainer-{precision}" + (f"-zero{stage}" if stage != 2 else "")
-                   + ("+adamw-kernel" if step_kernel != "torch" else ""))
+            key = f"trainer-{precision}" + (f"-zero{stage}" if stage != 2 else "") + kernel_key
             if key not in traces:  # the trainer's optim.fused_clip 'auto': on on a GPU
                 traces[key] = trace_step(backend="triton", trainer=True, fused_clip=True, zero_stage=stage,
                                          step_kernel=step_kernel, **dict(args_dict, precision=precision))
             compiled = TRAINER_VARIANTS[name][1]
         else:
-            from bench.train_step import (ADAMW_KERNEL_VARIANTS, BF16_COPIES_VARIANTS, FUSED_CLIP_VARIANTS,
-                                          VARIANTS as BENCH_VARIANTS)
-
-            base, overrides = OPT_IN_VARIANTS.get(name, (name, {}))
             backend, compiled = BENCH_VARIANTS[base]  # (kernels backend, torch.compile), as bench.train_step runs it
             fused_clip, bf16_copies = base in FUSED_CLIP_VARIANTS, base in BF16_COPIES_VARIANTS
-            step_kernel = "alignflow" if base in ADAMW_KERNEL_VARIANTS else "torch"
             key = (backend + ("+fused-clip" if fused_clip else "") + ("+bf16-copies" if bf16_copies else "")
-                   + ("+adamw-kernel" if step_kernel != "torch" else "")
-                   + "".join(f"+{k}={v}" for k, v in overrides.items()))
+                   + kernel_key + "".join(f"+{k}={v}" for k, v in overrides.items()))
             if key not in traces:
                 traces[key] = trace_step(backend=backend, fused_clip=fused_clip, bf16_copies=bf16_copies,
                                          model_config=overrides, step_kernel=step_kernel, **args_dict)

@@ -285,14 +285,32 @@ def make_optimizer(params, fused_clip: bool, device, step_kernel: str = "torch")
 CLIP = 1.0  # max gradient norm, REPA's
 
 
-def _require_adamw_kernel(device) -> None:
-    """Raise, naming why, where csrc/adamw.cu cannot run on `device` (the variant is then skipped)."""
+def _step_kernel(name, device) -> str:
+    """The variant's optim.step_kernel: "alignflow" for ADAMW_KERNEL_VARIANTS, where it raises, naming why,
+    if csrc/adamw.cu cannot run on `device` (the variant is then skipped); else "torch"."""
+    if name not in ADAMW_KERNEL_VARIANTS:
+        return "torch"
     from kernels import _cuda
 
     try:
         _cuda.library("adamw", device)
     except (RuntimeError, OSError) as error:
         raise RuntimeError(f"the CUDA AdamW kernel is not available: {str(error).splitlines()[0]}") from None
+    return "alignflow"
+
+
+def _adamw_launches() -> int:
+    from kernels import _cuda
+
+    return _cuda.launches["adamw_step"]
+
+
+def _check_kernel_ran(name, step_kernel, launched) -> None:
+    """Raise where an AdamW-kernel variant's steps never launched the kernel: a fallback is not timed as it."""
+    from kernels import _cuda
+
+    if step_kernel == "alignflow" and _adamw_launches() == launched:
+        raise RuntimeError(f"{name}: the CUDA AdamW kernel never ran (kernels fell back: {sorted(_cuda._logged)})")
 
 
 def run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
@@ -302,18 +320,14 @@ def run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
 
 def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch):
     from engine.models import build_model
-    from kernels import _cuda
 
     encoder, model_cfg, transport, _ = parts
-    adamw_kernel = name in ADAMW_KERNEL_VARIANTS
-    if adamw_kernel:
-        _require_adamw_kernel(device)
+    step_kernel = _step_kernel(name, device)
     model_cfg = dataclasses.replace(model_cfg, **SWITCH_OFF_VARIANTS.get(name, {}))
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device).train()
-    optimizer = make_optimizer(model.parameters(), name in FUSED_CLIP_VARIANTS, device,
-                               step_kernel="alignflow" if adamw_kernel else "torch")
-    launched = _cuda.launches["adamw_step"]
+    optimizer = make_optimizer(model.parameters(), name in FUSED_CLIP_VARIANTS, device, step_kernel)
+    launched = _adamw_launches()
     if name in BF16_COPIES_VARIANTS:
         from engine.bf16_copies import WeightCopies
 
@@ -336,8 +350,8 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
     row, losses = timed_steps(step, args, device)
     if not torch.isfinite(losses["loss"]):
         raise RuntimeError(f"{name}: non-finite loss {losses['loss'].item()}")
-    if adamw_kernel and _cuda.launches["adamw_step"] == launched:
-        raise RuntimeError(f"{name}: the CUDA AdamW kernel never ran (kernels fell back: {sorted(_cuda._logged)})")
+    _check_kernel_ran(name, step_kernel, launched)
+
     def counted_step():
         if use_compile == GRAPHS:
             torch.compiler.cudagraph_mark_step_begin()
@@ -472,17 +486,11 @@ def trainer_variant(args, parts, precision, use_compile, latents_root, zero_stag
 
 def run_trainer_variant(name, precision, use_compile, args, device, parts, latents_root):
     """`Trainer.train_step` timed as `run_variant` times the benchmark's step (the same phases)."""
-    from kernels import _cuda
-
-    adamw_kernel = name in ADAMW_KERNEL_VARIANTS
-    if adamw_kernel:
-        _require_adamw_kernel(device)
-    launched = _cuda.launches["adamw_step"]
+    step_kernel, launched = _step_kernel(name, device), _adamw_launches()
     with trainer_variant(args, parts, precision, use_compile, latents_root, TRAINER_ZERO_STAGES.get(name),
-                         "alignflow" if adamw_kernel else "torch") as trainer:
+                         step_kernel) as trainer:
         row, metrics = timed_steps(trainer.train_step, args, device)
-        if adamw_kernel and _cuda.launches["adamw_step"] == launched:
-            raise RuntimeError(f"{name}: the CUDA AdamW kernel never ran (kernels fell back: {sorted(_cuda._logged)})")
+        _check_kernel_ran(name, step_kernel, launched)
         host_syncs = _count_host_syncs(trainer.train_step) if device.type == "cuda" else None
         profiled = _device_profile(trainer.train_step, args)
         facts = {"precision": trainer.precision, "zero_stage": trainer.engine.zero_optimization_stage(),

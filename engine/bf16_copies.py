@@ -17,6 +17,17 @@ while autocast is on with their dtype; anywhere else the layer computes as befor
 The model's adaLN modulation Linears (`SiT.modulation_layers`) get their copies as row blocks of one
 concatenated buffer, so SiT's batched modulation matmul (`model.batched_modulation`) reads it as is,
 with no copy into a concatenated buffer at every forward.
+
+bf16 weight gradients (`grads=True`, train.bf16_weight_grads): the copies themselves are the autograd
+leaves that the matmuls' weight and bias gradients land on, in bf16 as the matmuls produce them,
+instead of being cast to fp32 into each parameter's `.grad` (autocast's cast backward: 2 bytes read
+and 4 written per parameter, and later 2 bytes more read by the norm and the optimizer each). The
+values are the same (bf16 to fp32 is exact); `gradients()` hands them to an optimizer that reads bf16
+gradients (engine.optim.ClippedAdamW with step_kernel "alignflow"), `clear_gradients()` drops them.
+With gradients, the modulation copies are one leaf, read by the batched matmul only: where the model
+runs its modulation Linears one by one (`model.batched_modulation: false`) each gets a leaf of its own;
+where the batched matmul does not run ('auto' off), those layers read their fp32 parameters as without
+copies. Parameters a copy does not reach keep their fp32 `.grad`.
 """
 from __future__ import annotations
 
@@ -60,6 +71,8 @@ def matmul_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     copy = layer._buffers.get(WEIGHT_COPY)
     if not _copy_in_use(copy, weight):
         return weight, bias
+    if copy.requires_grad:  # the copies are the gradients' leaves (grads=True)
+        return copy, layer._buffers[BIAS_COPY] if bias is not None else None
     if bias is not None:
         bias = CopyIsCast.apply(bias, layer._buffers[BIAS_COPY])
     return CopyIsCast.apply(weight, copy), bias
@@ -87,60 +100,92 @@ def _uses_matmul_weights(layer: nn.Module) -> bool:
     return getattr(type(layer), "reads_matmul_weights", False)
 
 
+def _modulates_one_by_one(model: nn.Module) -> bool:
+    """Whether the model's config turns its batched modulation matmul off (model.batched_modulation false)."""
+    return getattr(getattr(model, "cfg", None), "batched_modulation", "auto") is False
+
+
 class WeightCopies:
     """The bf16 copies of every nn.Linear (and zero-padded nn.Conv2d) of `model`, made now from its
     current weights. Attach after the model is on its device and in its final dtype (fp32), and after
     DeepSpeed has built its engine (ZeRO-1/2 re-point the parameters into flat buffers; the copies follow
     the parameter objects). ZeRO-3 partitions the parameters: not supported (the trainer refuses it).
+    With `grads` the copies take the matmuls' gradients in bf16 (see the module docstring).
 
     The layers' classes are unchanged (DeepSpeed's autocast picks the gradient reduction dtype by
     module class): a plain nn.Linear / nn.Conv2d gets an instance `forward` reading its copies;
     a layer that reads them itself (`reads_matmul_weights`) keeps its own."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
-        self.dtype = dtype
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, grads: bool = False):
+        self.dtype, self.grads = dtype, grads
         self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)
                        or (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros")]
         if any(hasattr(p, "ds_id") for layer in self.layers for p in layer.parameters()):
             raise ValueError("bf16 weight copies of ZeRO-3-partitioned parameters: not supported")
-        concatenated = list(getattr(model, "modulation_layers", lambda: [])())
-        if concatenated:
-            self._concatenate(model, concatenated)
-        grouped = {id(layer) for layer in concatenated}
+        self._leaves: list[tuple[torch.Tensor, list[torch.Tensor], list[int] | None]] = []  # (leaf, params, rows)
+        modulation = list(getattr(model, "modulation_layers", lambda: [])())
+        grouped = self._concatenate(model, modulation) if modulation and not (
+            grads and _modulates_one_by_one(model)) else {}
+        self.params, self.copies = [], []
         for layer in self.layers:
-            if id(layer) not in grouped:
-                layer.register_buffer(WEIGHT_COPY, self._empty(layer.weight), persistent=False)
-                if layer.bias is not None:
-                    layer.register_buffer(BIAS_COPY, self._empty(layer.bias), persistent=False)
+            for name, copy_name in (("weight", WEIGHT_COPY), ("bias", BIAS_COPY)):
+                param = getattr(layer, name)
+                if param is None:
+                    continue
+                copy = grouped[id(layer)][name] if id(layer) in grouped else self._own_copy(layer, param, copy_name)
+                self.params.append(param)
+                self.copies.append(copy)
             if not _uses_matmul_weights(layer):
                 forward = _linear_forward if isinstance(layer, nn.Linear) else _conv_forward
                 layer.forward = functools.partial(forward, layer)
-        self.params, self.copies = [], []
-        for layer in self.layers:
-            for name, copy_name in ((("weight", WEIGHT_COPY), ("bias", BIAS_COPY))):
-                if getattr(layer, name) is not None:
-                    self.params.append(getattr(layer, name))
-                    self.copies.append(layer._buffers[copy_name])
         self.refresh()
 
     def _empty(self, param: torch.Tensor) -> torch.Tensor:
         return torch.empty(param.shape, dtype=self.dtype, device=param.device)
 
-    def _concatenate(self, model: nn.Module, layers: list[nn.Linear]) -> None:
-        """One (sum rows, in) weight buffer and one (sum rows,) bias buffer on `model`, each layer's
-        copies its rows of them."""
+    def _own_copy(self, layer: nn.Module, param: torch.Tensor, name: str) -> torch.Tensor:
+        copy = self._empty(param)
+        layer.register_buffer(name, copy, persistent=False)
+        if self.grads:
+            self._leaves.append((copy.requires_grad_(), [param], None))
+        return copy
+
+    def _concatenate(self, model: nn.Module, layers: list[nn.Linear]) -> dict[int, dict[str, torch.Tensor]]:
+        """One (sum rows, in) weight buffer and one (sum rows,) bias buffer on `model`; returns {id(layer):
+        {"weight": its rows, "bias": its rows}}. Without gradients each layer reads its rows where it runs
+        alone; with them the buffers are the leaves and only the batched matmul reads them."""
+        rows = [layer.weight.shape[0] for layer in layers]
+        grouped = {id(layer): {} for layer in layers}
         for name, copy_name, concat_name in (("weight", WEIGHT_COPY, CONCAT_WEIGHT_COPY),
                                              ("bias", BIAS_COPY, CONCAT_BIAS_COPY)):
             params = [getattr(layer, name) for layer in layers]
-            buffer = torch.empty((sum(p.shape[0] for p in params), *params[0].shape[1:]), dtype=self.dtype,
-                                 device=params[0].device)
+            buffer = torch.empty((sum(rows), *params[0].shape[1:]), dtype=self.dtype, device=params[0].device)
             model.register_buffer(concat_name, buffer, persistent=False)
-            for layer, rows in zip(layers, buffer.split([p.shape[0] for p in params])):
-                layer.register_buffer(copy_name, rows, persistent=False)
+            if self.grads:
+                self._leaves.append((buffer.requires_grad_(), params, rows))
+            for layer, part in zip(layers, buffer.detach().split(rows)):
+                grouped[id(layer)][name] = part
+                if not self.grads:
+                    layer.register_buffer(copy_name, part, persistent=False)
+        return grouped
 
     def mapping(self) -> dict[torch.Tensor, torch.Tensor]:
         """{fp32 parameter: its bf16 copy}, for an optimizer that writes the copies in its step."""
         return dict(zip(self.params, self.copies))
+
+    def gradients(self) -> dict[torch.Tensor, torch.Tensor]:
+        """{fp32 parameter: the bf16 gradient its copy took in the backward} (grads=True; copies that took
+        none are left out: their parameters have their own `.grad`)."""
+        out = {}
+        for leaf, params, rows in self._leaves:
+            if leaf.grad is not None:
+                out.update(zip(params, leaf.grad.split(rows) if rows else [leaf.grad]))
+        return out
+
+    def clear_gradients(self) -> None:
+        """Drop the copies' gradients (after the optimizer step read them)."""
+        for leaf, _, _ in self._leaves:
+            leaf.grad = None
 
     @torch.no_grad()
     def refresh(self) -> None:

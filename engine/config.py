@@ -86,6 +86,10 @@ class TrainConfig(FromDict):
     # step and read by the matmuls instead of autocast's cast of the fp32 weight at every forward (the same
     # numbers, engine/bf16_copies.py); auto: on CUDA with ZeRO stage 0, 1 or 2 (ZeRO-3 partitions the weights)
     bf16_weight_copies: Literal["auto", "true", "false"] = "auto"
+    # with the copies: the matmuls' weight gradients stay bf16 on the copies (no fp32 .grad; the same numbers,
+    # engine/bf16_copies.py), read by optim.step_kernel alignflow; auto: on where every condition holds (the
+    # copies, that kernel, ZeRO-0 on one rank, one micro-batch a step)
+    bf16_weight_grads: Literal["auto", "true", "false"] = "auto"
     seed: int = 0
     max_nonfinite_in_row: int = 10             # stop after this many skipped steps in a row
     # A collective that waits longer ends the run with an error naming a lost peer (not a hang); it must
@@ -460,6 +464,35 @@ def resolve_bf16_weight_copies(cfg: ExperimentConfig, device: str, precision: st
     return mode == "true"
 
 
+def bf16_weight_grads_blocker(cfg: ExperimentConfig, device: str, precision: str, zero_stage: int, world_size: int,
+                              accum: int) -> str | None:
+    """Why train.bf16_weight_grads cannot be on here, or None where it can."""
+    if not resolve_bf16_weight_copies(cfg, device, precision, zero_stage):
+        return "train.bf16_weight_copies off (the gradients land on the copies)"
+    if cfg.optim.step_kernel != "alignflow":
+        return f"optim.step_kernel {cfg.optim.step_kernel!r} (torch's fused AdamW takes fp32 gradients of fp32 params)"
+    if zero_stage != 0:
+        return f"ZeRO stage {zero_stage} (its gradient hooks and buckets read each parameter's .grad)"
+    if world_size != 1:
+        return f"world size {world_size} (DeepSpeed's gradient all-reduce reads each parameter's .grad)"
+    if accum != 1:
+        return f"{accum} micro-batches a step (bf16 gradients would be summed in bf16)"
+    return None
+
+
+def resolve_bf16_weight_grads(cfg: ExperimentConfig, device: str, precision: str, zero_stage: int, world_size: int,
+                              accum: int) -> bool:
+    """train.bf16_weight_grads: 'auto' is on where nothing blocks it; 'true' where something does raises
+    ConfigError naming it."""
+    mode = cfg.train.bf16_weight_grads
+    if mode == "false":
+        return False
+    blocker = bf16_weight_grads_blocker(cfg, device, precision, zero_stage, world_size, accum)
+    if mode == "true" and blocker:
+        raise ConfigError("train.bf16_weight_grads", mode, f"'auto' or 'false' with {blocker}")
+    return blocker is None
+
+
 def grad_accum_steps(cfg: ExperimentConfig, world_size: int) -> int:
     micro = cfg.data.batch_size
     if cfg.train.grad_accum_steps is not None:
@@ -547,6 +580,8 @@ def _validate(cfg: ExperimentConfig, world_size: int, cuda_available: bool | Non
                                                     "bf16-mixed's autocast casts of fp32 weights)")
         if ds["zero_optimization"]["stage"] == 3:
             bad("train.bf16_weight_copies", t.bf16_weight_copies, "'auto' or 'false' under ZeRO-3 (its parameters are partitioned)")
+    resolve_bf16_weight_grads(cfg, device, resolve_precision(cfg, device), ds["zero_optimization"]["stage"], world_size,
+                              grad_accum_steps(cfg, world_size))  # 'true' where it cannot run: ConfigError
 
     m = cfg.model
     if len(cfg.encoders) != len(m.z_dims):

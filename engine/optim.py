@@ -47,6 +47,11 @@ load_state_dict), while the device step tensors advance with one `torch._foreach
 host counters late, without a sync: the flag is copied to pinned host memory after the step and read
 at the next step, after that copy's event (by then long complete: the trainer reads the gradient norm,
 a host sync, after every step).
+bf16 weight gradients (`set_gradient_source`, train.bf16_weight_grads; step_kernel "alignflow" only): a
+source (engine.bf16_copies.WeightCopies with grads) supplies {fp32 param: bf16 gradient} for the params
+whose bf16 copies took the matmuls' gradients in the backward instead of their `.grad` (no fp32
+gradient is made for them). The norm reads them in bf16 and sums in fp32 (`total_norm`), the kernel
+reads them in bf16 and upcasts them exactly, and step() (and zero_grad()) drops them after.
 Unlike torch's kernel it leaves `.grad` undivided. Nothing reads `.grad` after the step in either path:
 DeepSpeed ZeRO 1/2 and 3 set the flat fp32 partition's `.grad` to None right after the optimizer step
 (stage_1_and_2.py `step`, stage3.py `_release_sub_group`), and without ZeRO the engine zeroes the
@@ -54,7 +59,8 @@ gradients after it (`_take_model_step`); the trainer reads none.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections import defaultdict
+from typing import Callable, Protocol
 
 import torch
 
@@ -70,6 +76,30 @@ def clip_divisor(total_norm: torch.Tensor, max_norm: float, loss_scale: float = 
     return torch.clamp(clip, min=1.0) * loss_scale
 
 
+class GradientSource(Protocol):
+    """Where params' gradients live when not in `.grad` (engine.bf16_copies.WeightCopies with grads)."""
+
+    def gradients(self) -> dict[torch.Tensor, torch.Tensor]: ...
+
+    def clear_gradients(self) -> None: ...
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of `grads` as torch.nn.utils.get_total_norm takes it (each tensor's norm, in
+    their order, then the norm of those), each tensor's norm summed in fp32 whatever its dtype: bf16
+    gradients are read as they are, with no fp32 copy made."""
+    if all(g.dtype == torch.float32 for g in grads):
+        return torch.nn.utils.get_total_norm(grads, 2.0)
+    norms: list[torch.Tensor | None] = [None] * len(grads)
+    by_dtype = defaultdict(list)
+    for i, g in enumerate(grads):
+        by_dtype[g.dtype].append(i)
+    for indices in by_dtype.values():
+        for i, norm in zip(indices, torch._foreach_norm([grads[i] for i in indices], 2.0, dtype=torch.float32)):
+            norms[i] = norm
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+
+
 class ClippedAdamW(torch.optim.AdamW):
     """torch's fused AdamW that clips the global gradient norm to `max_norm` inside its kernel.
 
@@ -80,7 +110,8 @@ class ClippedAdamW(torch.optim.AdamW):
     it from its optimizer, `_global_grad_norm`.
 
     `set_bf16_copies({param: bf16 tensor})` (None: none) makes every step() also leave each copy equal
-    to its parameter rounded to bf16; `writes_bf16_copies` says whether it does.
+    to its parameter rounded to bf16; `writes_bf16_copies` says whether it does. `set_gradient_source`
+    (step_kernel "alignflow") takes params' bf16 gradients from a GradientSource instead of `.grad`.
 
     `step_kernel` "torch" (torch's fused AdamW) or "alignflow" (csrc/adamw.cu; fp32 params, no
     amsgrad, maximize, capturable or differentiable): see the module docstring."""
@@ -107,6 +138,7 @@ class ClippedAdamW(torch.optim.AdamW):
         self._clip_divisor: torch.Tensor | None = None
         self.divisor_from_deepspeed = False  # set by hand_clipping_to for a ZeRO optimizer
         self._bf16_copies: dict[torch.Tensor, torch.Tensor] = {}
+        self._gradient_source: GradientSource | None = None
 
     clips_gradients = True  # bench.train_step.one_step: no clip_grad_norm_ before this optimizer
 
@@ -139,6 +171,21 @@ class ClippedAdamW(torch.optim.AdamW):
         self._bf16_copies = mapping
         self.write_bf16_copies()
 
+    def set_gradient_source(self, source: GradientSource | None) -> None:
+        """Take the gradients of the params that `source.gradients()` names from it (bf16) rather than from
+        `.grad`, and drop them (`source.clear_gradients()`) after each step; None: `.grad` only. Raises
+        ValueError unless step_kernel is "alignflow" (torch's fused kernel takes gradients of the params'
+        dtype only)."""
+        if source is not None and self.step_kernel != "alignflow":
+            raise ValueError(f"ClippedAdamW.set_gradient_source with step_kernel {self.step_kernel!r}: allowed "
+                             "with step_kernel 'alignflow' only (torch's fused AdamW takes fp32 gradients of fp32 params)")
+        self._gradient_source = source
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._gradient_source is not None:
+            self._gradient_source.clear_gradients()
+
     @torch.no_grad()
     def write_bf16_copies(self) -> None:
         """Set every bf16 copy to its param rounded to bf16 (step() does this itself)."""
@@ -156,28 +203,41 @@ class ClippedAdamW(torch.optim.AdamW):
                     raise ValueError(f"ClippedAdamW step_kernel 'alignflow': param_groups[{i}]['params'][{j}] is "
                                      f"{p.dtype}; allowed: float32 params")
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+    def _grads_of(self) -> dict[torch.Tensor, torch.Tensor]:
+        """{param: its gradient} in param-group order: `.grad`, else the gradient source's."""
+        supplied = self._gradient_source.gradients() if self._gradient_source is not None else {}
+        grads = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p in supplied:
+                    raise ValueError(f"ClippedAdamW: a param of shape {tuple(p.shape)} has both a .grad and a gradient "
+                                     "from its gradient source (its bf16 copy and the param itself were both used)")
+                grad = p.grad if p.grad is not None else supplied.get(p)
+                if grad is not None:
+                    grads[p] = grad
+        return grads
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise NotImplementedError("ClippedAdamW.step takes no closure")
-        grads = self._grads()
-        if not grads:
+        grads_of = self._grads_of()
+        if not grads_of:
             return None
+        grads = list(grads_of.values())
         if self.divisor_from_deepspeed:
             divisor, self._clip_divisor = self._clip_divisor, None
         else:
-            norm = self.grad_norm_source() if self.grad_norm_source is not None else \
-                torch.nn.utils.get_total_norm(grads, 2.0)
+            norm = self.grad_norm_source() if self.grad_norm_source is not None else total_norm(grads)
             norm = torch.as_tensor(norm, dtype=torch.float32, device=grads[0].device)
             self.last_grad_norm = self._global_grad_norm = norm
             divisor = clip_divisor(norm, self.max_norm)
         if divisor is not None:
             divisor = torch.as_tensor(divisor, dtype=torch.float32, device=grads[0].device).reshape(1)
         if self.step_kernel == "alignflow":
-            self._alignflow_step(divisor)
+            self._alignflow_step(divisor, grads_of)
+            if self._gradient_source is not None:
+                self._gradient_source.clear_gradients()
         else:
             self._torch_step(divisor)
         return None
@@ -220,21 +280,21 @@ class ClippedAdamW(torch.optim.AdamW):
                 self._host_steps[p] = (self.state[p]["step"], int(value))
         return [self._host_steps[p][1] for p in params]
 
-    def _alignflow_step(self, divisor: torch.Tensor | None) -> None:
+    def _alignflow_step(self, divisor: torch.Tensor | None, grads_of: dict[torch.Tensor, torch.Tensor]) -> None:
         import kernels
 
         self._check_alignflow_groups()  # ZeRO 3 puts its flat partitions into the groups at each step
         calls: dict[tuple, list[torch.Tensor]] = {}  # (group, grad dtype, steps taken, has a copy): params
         for i, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p in grads_of]
             for p in params:
                 self._state_of(p)
             for p, taken in zip(params, self._steps_taken(params)):
-                calls.setdefault((i, p.grad.dtype, taken, p in self._bf16_copies), []).append(p)
+                calls.setdefault((i, grads_of[p].dtype, taken, p in self._bf16_copies), []).append(p)
         with kernels.use_backend("cuda"):
             for (i, _, taken, has_copy), params in calls.items():
                 group, states = self.param_groups[i], [self.state[p] for p in params]
-                kernels.adamw_step(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                kernels.adamw_step(params, [grads_of[p] for p in params], [s["exp_avg"] for s in states],
                                    [s["exp_avg_sq"] for s in states], taken + 1, lr=float(group["lr"]),
                                    betas=tuple(float(b) for b in group["betas"]), eps=group["eps"],
                                    weight_decay=group["weight_decay"], grad_scale=divisor,

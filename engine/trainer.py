@@ -170,11 +170,11 @@ class Trainer:
             how = hand_clipping_to(self.engine.optimizer, optimizer)
             self.monitor.info(f"gradient clipping inside the fused AdamW step (optim.fused_clip): {how}; "
                               f"step kernel (optim.step_kernel): {describe_step_kernel(cfg.optim.step_kernel)}")
+        self.accum = self.engine.gradient_accumulation_steps()
         self.copies_written_by_optimizer = False
         self.weight_copies = self._weight_copies(optimizer)
         set_collective_timeout(cfg.train.collective_timeout_s)  # DeepSpeed's own groups too
         self.model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        self.accum = self.engine.gradient_accumulation_steps()
         if cfg.train.compile:
             # DeepSpeed compiles the module it wraps: the state_dict keys, checkpoints, the EMA and the
             # samplers (which use self.engine.module) are unchanged.
@@ -240,21 +240,28 @@ class Trainer:
         own fp32 parameters and, where it can (`set_bf16_copies`), writes the copies in the same pass; under
         ZeRO-1/2 it updates a flat fp32 partition that DeepSpeed copies back into the parameters and
         all-gathers inside engine.step(), so train_step refreshes the copies after that."""
-        from engine.config import resolve_bf16_weight_copies
+        from engine.config import resolve_bf16_weight_copies, resolve_bf16_weight_grads
 
         stage = self.engine.zero_optimization_stage()
         if not resolve_bf16_weight_copies(self.cfg, self.device.type, self.precision, stage):
             return None
         from engine.bf16_copies import WeightCopies
 
-        copies = WeightCopies(self.engine.module)
+        # train.bf16_weight_grads: ZeRO-0 on one rank with optim.step_kernel alignflow, so the engine steps
+        # this very optimizer (ClippedAdamW)
+        grads = resolve_bf16_weight_grads(self.cfg, self.device.type, self.precision, stage, self.world_size,
+                                          self.accum)
+        copies = WeightCopies(self.engine.module, grads=grads)
         writer = "train_step after each optimizer step"
         if self.engine.optimizer is optimizer and hasattr(optimizer, "set_bf16_copies"):
             optimizer.set_bf16_copies(copies.mapping())
             self.copies_written_by_optimizer = True
             writer = "the optimizer's step"
+        if grads:
+            optimizer.set_gradient_source(copies)
         self.monitor.info(f"bf16 weight copies (train.bf16_weight_copies): {copies.numel() / 1e6:.1f}M weights, "
-                          f"written by {writer}")
+                          f"written by {writer}; their matmuls' gradients (train.bf16_weight_grads) "
+                          + ("stay bf16 on the copies, read by the optimizer" if grads else "cast to fp32 into .grad"))
         return copies
 
     def _fused_clip(self) -> bool:

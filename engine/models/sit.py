@@ -568,8 +568,11 @@ class SiT(nn.Module):
         if dtype is None:
             return [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
         weight_copy, bias_copy = concatenated_copies(self, layers[0].weight) or (None, None)
-        weight = _CastConcat.apply(dtype, weight_copy, *(layer.weight for layer in layers))  # (sum 6D [+ 2D], D)
-        bias = _CastConcat.apply(dtype, bias_copy, *(layer.bias for layer in layers))
+        if weight_copy is not None and weight_copy.requires_grad:  # the copies are the gradients' leaves
+            weight, bias = weight_copy, bias_copy
+        else:
+            weight = _CastConcat.apply(dtype, weight_copy, *(layer.weight for layer in layers))  # (sum 6D [+ 2D], D)
+            bias = _CastConcat.apply(dtype, bias_copy, *(layer.bias for layer in layers))
         chunks = F.linear(F.silu(c), weight, bias).split(c.shape[-1], dim=-1)        # each (B, D)
         depth = len(self.blocks)
         return [chunks[6 * i:6 * i + 6] for i in range(depth)] + [chunks[6 * depth:]]

@@ -126,3 +126,68 @@ def test_true_is_refused_where_it_cannot_work(tmp_path, data_root, train, messag
     with pytest.raises(ConfigError, match=message) as error:
         validate(cfg, world_size=1, cuda_available=False, disk=False)
     assert "\n" not in str(error.value)
+
+
+GRADS_RUN = dict(zero_stage=0, global_batch_size=4)  # one micro-batch a step, one rank, ZeRO-0
+GRADS_OPTIM = {"fused_clip": "true", "step_kernel": "alignflow", "grad_clip": 0.05}  # clipped steps
+
+
+def test_bf16_weight_grads_take_the_cast_paths_steps(tmp_path, data_root):
+    # train.bf16_weight_grads: the copies take the matmuls' gradients in bf16 (no fp32 .grad for the weights
+    # they stand for) and the AlignFlow AdamW step reads them (here kernels.reference_adamw_step, the
+    # kernel's specification): the same losses, norms and weights as casting them to fp32, bit for bit
+    runs = {}
+    for grads in ("false", "true"):
+        trainer = make_trainer(tmp_path / grads, data_root, "true", optim=GRADS_OPTIM, bf16_weight_grads=grads,
+                               **GRADS_RUN)
+        copies = trainer.weight_copies
+        assert trainer.accum == 1 and copies.grads == (grads == "true")
+        seen = []
+
+        def after_backward(phase):
+            if phase == "backward":
+                supplied = copies.gradients()
+                seen.append((len(supplied), sum(p.grad is not None for p in supplied)))
+
+        metrics = [trainer.train_step(mark=after_backward) for _ in range(3)]
+        assert copies.gradients() == {}
+        if grads == "true":  # every Linear/Conv weight's gradient came from its copy, none into .grad
+            linears = [m for m in trainer.engine.module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+            assert all(n >= len(linears) and both == 0 for n, both in seen), seen
+        else:
+            assert seen == [(0, 0)] * 3
+        assert_copies_fresh(trainer)
+        runs[grads] = metrics, weights(trainer)
+    for a, b in zip(*(runs[g][0] for g in ("true", "false"))):
+        assert_same_metrics(a, b)
+    assert runs["true"][0][0]["grad_norm"] > 0.05  # the steps were clipped
+    for name, value in runs["false"][1].items():
+        assert torch.equal(runs["true"][1][name], value), name
+
+
+def test_bf16_weight_grads_auto_rule():
+    from engine.config import resolve_bf16_weight_grads
+
+    cfg = from_dict(tiny_config("/tmp/unused", "/tmp/unused"))
+    cfg.optim.step_kernel = "alignflow"
+    assert resolve_bf16_weight_grads(cfg, "cuda", "bf16-mixed", 0, 1, 1)
+    assert not resolve_bf16_weight_grads(cfg, "cuda", "bf16-mixed", 2, 1, 1)  # ZeRO's hooks read .grad
+    assert not resolve_bf16_weight_grads(cfg, "cuda", "bf16-mixed", 0, 2, 1)  # the all-reduce reads .grad
+    assert not resolve_bf16_weight_grads(cfg, "cuda", "bf16-mixed", 0, 1, 2)  # accumulation would round
+    assert not resolve_bf16_weight_grads(cfg, "cpu", "bf16-mixed", 0, 1, 1)   # no copies on the CPU by auto
+    cfg.optim.step_kernel = "torch"
+    assert not resolve_bf16_weight_grads(cfg, "cuda", "bf16-mixed", 0, 1, 1)
+
+
+@pytest.mark.parametrize("train, optim, message", [
+    (dict(zero_stage=2), GRADS_OPTIM, r"with ZeRO stage 2 \(its gradient hooks"),
+    (dict(zero_stage=0), GRADS_OPTIM, r"with 2 micro-batches a step"),
+    (GRADS_RUN, {"fused_clip": "true"}, r"with optim\.step_kernel 'torch'"),
+    (dict(GRADS_RUN, bf16_weight_copies="false"), GRADS_OPTIM, r"with train\.bf16_weight_copies off"),
+])
+def test_bf16_weight_grads_true_is_refused_where_it_cannot_work(tmp_path, data_root, train, optim, message):
+    raw = config(tmp_path / "run", data_root, "true", bf16_weight_grads="true", **train)
+    raw["optim"].update(optim)
+    with pytest.raises(ConfigError, match=r"train\.bf16_weight_grads: 'true': 'auto' or 'false' " + message) as error:
+        validate(from_dict(raw), world_size=1, cuda_available=False, disk=False)
+    assert "\n" not in str(error.value)

@@ -53,14 +53,15 @@ import torch
 
 from bench.common import model_payloads, newest
 # TRAINER_VARIANTS: name -> (precision, compile); TRAINER_ZERO_STAGES: those at another stage than 2
-from bench.train_step import (ADAMW_KERNEL_VARIANTS, BF16_COPIES_VARIANTS, FUSED_CLIP_VARIANTS, SWITCH_OFF_VARIANTS,
-                              TRAINER_VARIANTS, TRAINER_ZERO_STAGES, VARIANTS as BENCH_VARIANTS, add_step_arguments)
+from bench.train_step import (ADAMW_KERNEL_VARIANTS, BF16_COPIES_VARIANTS, BF16_GRADS_VARIANTS, FUSED_CLIP_VARIANTS,
+                              SWITCH_OFF_VARIANTS, TRAINER_VARIANTS, TRAINER_ZERO_STAGES, VARIANTS as BENCH_VARIANTS,
+                              add_step_arguments)
 
 CATEGORIES = ("matmul", "attention", "norm/modulate", "pointwise", "casts/copies", "reductions", "optimizer",
               "encoder", "losses")
 STEP_VARIANTS = ("reference-eager", "reference-compiled", "alignflow", "alignflow-separate-clip",
                  "alignflow-bf16-copies", "alignflow-adamw-kernel", "alignflow-compiled", "alignflow-graphs",
-                 "alignflow-graphs-all")
+                 "alignflow-graphs-all", "alignflow-graphs-all-fp32-grads")
 # bench.train_step's variants that time engine.trainer.Trainer's own step (DeepSpeed ZeRO-2, one GPU), as
 # modelled here: bench.train_step's step with the fused kernels (the trainer's "auto" backend on a GPU),
 # the given train.precision, DeepSpeed ZeRO-2's gradient reduction and step as DeepSpeed runs them
@@ -1034,7 +1035,7 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
                car_flow="none", precision="bf16-mixed", backend="triton", model_overrides=None,
                trainer: bool = False, fused_clip: bool = False, bf16_copies: bool | None = None,
                model_config: dict | None = None, zero_stage: int = 2, allreduce: bool = False,
-               step_kernel: str = "torch") -> dict:
+               step_kernel: str = "torch", bf16_grads: bool | None = None) -> dict:
     """Trace one training step of bench.train_step (build + one_step) on fake tensors; `trainer`: with
     DeepSpeed ZeRO-2's flat-buffer optimizer and the trainer's EMA update (see TRAINER_VARIANTS), or at
     `zero_stage` 0 (bf16-mixed, `fused_clip`) DeepSpeed's engine without ZeRO (_StageZeroEngine: the
@@ -1045,7 +1046,10 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
     ClippedAdamW itself, or under `trainer` after DeepSpeed's step) instead of autocast's casts (None: as
     the trainer's train.bf16_weight_copies 'auto' on a GPU for `trainer`, else off); `step_kernel`:
     ClippedAdamW's (with `fused_clip`, outside `trainer` or at its stage 0): torch's fused AdamW or "alignflow", the CUDA
-    C++ kernel of csrc/adamw.cu (Tracer.intercept_cuda_adamw); `model_config`: SiT
+    C++ kernel of csrc/adamw.cu (Tracer.intercept_cuda_adamw); `bf16_grads`: the copies take the matmuls'
+    weight gradients in bf16 and that kernel reads them (engine/bf16_copies.py grads; None: as the trainer's
+    train.bf16_weight_grads 'auto' on one GPU: on for `trainer` at stage 0 with the kernel and the copies,
+    else off); `model_config`: SiT
     config keys set over the built config (OPT_IN_VARIANTS); returns
     {"ops": [Op], "model_flops": analytic step FLOPs, "params": count, "linear_params": count,
     "bf16_copied_params": count}."""
@@ -1066,6 +1070,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
     if step_kernel != "torch" and not (fused_clip and (stage_zero or not trainer)):
         raise ValueError(f"step_kernel {step_kernel!r}: modelled in ClippedAdamW (fused_clip), outside the trainer "
                          "or in it at ZeRO stage 0")
+    if bf16_grads and not (step_kernel == "alignflow" and bf16_copies is not False and not allreduce):
+        raise ValueError("bf16_grads: modelled with bf16 copies, step_kernel 'alignflow' and no gradient all-reduce")
     if allreduce and not stage_zero:
         raise ValueError("allreduce: DeepSpeed's stage-0 gradient all-reduce, modelled with trainer=True, zero_stage=0")
     os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels pick their Triton path for CPU (fake) tensors
@@ -1102,11 +1108,13 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
             bf16_copies = trainer and precision == "bf16-mixed"  # the trainer's auto on a GPU (ZeRO 0-2)
         if bf16_copies and precision != "bf16-mixed":
             raise ValueError(f"bf16 weight copies under --precision {precision!r}: allowed under bf16-mixed only")
+        if bf16_grads is None:
+            bf16_grads = stage_zero and step_kernel == "alignflow" and bf16_copies and not allreduce
         copies = None
         if bf16_copies:
             from engine.bf16_copies import WeightCopies
 
-            copies = WeightCopies(sit)
+            copies = WeightCopies(sit, grads=bool(bf16_grads))
         if fused_clip:
             from engine.optim import ClippedAdamW
 
@@ -1124,6 +1132,8 @@ def trace_step(model="SiT-XL/2", batch=32, resolution=256, encoder="dinov2-vit-b
             if not fused_clip:
                 raise ValueError("bf16 weight copies without ZeRO are written by ClippedAdamW: pass fused_clip=True")
             optimizer.set_bf16_copies(copies.mapping())
+            if copies.grads:
+                optimizer.set_gradient_source(copies)
         if stage_zero:
             optimizer = _StageZeroEngine(sit.parameters(), optimizer, ema=True, allreduce=allreduce, tracer=tracer)
         latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8)
@@ -1720,16 +1730,20 @@ def assumptions(ceilings: dict, precision: str, launch_s: float) -> list[str]:
         "all-reduce (the trainer skips DeepSpeed's, the identity on one rank, which would flatten every gradient "
         "into buckets and copy it back: 16 bytes a parameter more in the backward); "
         "trainer-bf16-mixed-zero0-graphs-all: the same with train.compile, train.cuda_graphs and "
-        "optim.step_kernel alignflow (alignflow-graphs-all's step and the EMA lerp)",
+        "optim.step_kernel alignflow, so train.bf16_weight_grads 'auto' on (alignflow-graphs-all's step and the "
+        "EMA lerp)",
         "clip_grad_norm_ and AdamW run their multi-tensor (foreach / fused) CUDA paths; launches as CUDA's "
         "multi_tensor_apply chunks them",
         "optimizer clipping: reference-* and alignflow-separate-clip run clip_grad_norm_ (a norm pass, then an "
         "in-place scaling pass) before fused AdamW; alignflow, alignflow-compiled and the trainer-* rows "
         "(optim.fused_clip, on on a GPU) take the norm in one pass and fused AdamW divides by the clip factor "
         "as it reads each gradient (torch's grad_scale, which writes the divided gradient back: 4 bytes a "
-        "parameter); alignflow-adamw-kernel and alignflow-graphs-all (optim.step_kernel alignflow) step with "
-        "csrc/adamw.cu instead: it divides as it reads and writes no gradient back, and writes the bf16 weight "
-        "copies in the same pass (one launch per call, its chunk tables cached on the device: no copy); the "
+        "parameter); alignflow-adamw-kernel and alignflow-graphs-all(-fp32-grads) (optim.step_kernel alignflow) "
+        "step with csrc/adamw.cu instead: it divides as it reads and writes no gradient back, and writes the bf16 "
+        "weight copies in the same pass (one launch per call, its chunk tables cached on the device: no copy); "
+        "alignflow-graphs-all (train.bf16_weight_grads) keeps the Linear/Conv weight and bias gradients in bf16 on "
+        "the copies: no cast of them to fp32 in the backward, the norm (fp32 sums) and the kernel read 2 bytes a "
+        "parameter instead of 4; the "
         "trainer-* rows at ZeRO-2 (and --precision bf16) model DeepSpeed's clipping: its norm of the "
         "gradients and, without fused_clip, its in-place scaling of the flat fp32 gradient",
         "MFU: the analytic model FLOPs (SiT.flops_per_sample x 3 + the encoder's forward, bench/flops.py) over "
@@ -1842,11 +1856,14 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
         else:
             backend, compiled = BENCH_VARIANTS[base]  # (kernels backend, torch.compile), as bench.train_step runs it
             fused_clip, bf16_copies = base in FUSED_CLIP_VARIANTS, base in BF16_COPIES_VARIANTS
+            bf16_grads = base in BF16_GRADS_VARIANTS
             key = (backend + ("+fused-clip" if fused_clip else "") + ("+bf16-copies" if bf16_copies else "")
-                   + kernel_key + "".join(f"+{k}={v}" for k, v in overrides.items()))
+                   + kernel_key + ("+bf16-grads" if bf16_grads else "")
+                   + "".join(f"+{k}={v}" for k, v in overrides.items()))
             if key not in traces:
                 traces[key] = trace_step(backend=backend, fused_clip=fused_clip, bf16_copies=bf16_copies,
-                                         model_config=overrides, step_kernel=step_kernel, **args_dict)
+                                         model_config=overrides, step_kernel=step_kernel, bf16_grads=bf16_grads,
+                                         **args_dict)
         trace = traces[key]
         ops = fuse_compiled(trace["ops"]) if compiled else trace["ops"]
         if compiled == "reduce-overhead":

@@ -16,7 +16,10 @@ weights, fused AdamW: REPA's, and the trainer's `train.precision: bf16-mixed`) f
   optim.fused_clip, engine/optim.py); alignflow-separate-clip is alignflow with the reference's
   clip_grad_norm_ then AdamW, so the pair measures that switch alone; alignflow-bf16-copies is
   alignflow whose matmuls read bf16 copies of the weights that the optimizer writes after its step
-  (the trainer's train.bf16_weight_copies) instead of autocast's casts at every forward
+  (the trainer's train.bf16_weight_copies) instead of autocast's casts at every forward;
+  alignflow-graphs-all is alignflow-graphs with every switch on (the bf16 copies, which also take the
+  matmuls' weight gradients in bf16, train.bf16_weight_grads, and the CUDA C++ AdamW kernel,
+  optim.step_kernel alignflow), alignflow-graphs-all-fp32-grads the same with fp32 weight gradients
 and the trainer's own step, `engine.trainer.Trainer.train_step` as `deepspeed --num_gpus 1 --module
 engine.train` runs it: the DeepSpeed engine with configs/deepspeed/zero2.json (ZeRO-2), its AdamW,
 gradient clipping and EMA update, the finite-loss all-reduce and host sync, its loader over the same
@@ -78,7 +81,8 @@ VARIANTS = {"reference-eager": ("torch", False), "alignflow": ("triton", False),
             "alignflow-separate-clip": ("triton", False), "alignflow-bf16-copies": ("triton", False),
             "alignflow-adamw-kernel": ("triton", False),
             "reference-compiled": ("torch", True), "alignflow-compiled": ("triton", True),
-            "alignflow-graphs": ("triton", GRAPHS), "alignflow-graphs-all": ("triton", GRAPHS)}
+            "alignflow-graphs": ("triton", GRAPHS), "alignflow-graphs-all": ("triton", GRAPHS),
+            "alignflow-graphs-all-fp32-grads": ("triton", GRAPHS)}
 # the benchmark's variants that turn one of alignflow's SiT switches off (config key: value), so that each
 # switch is measured against alignflow in the same run
 SWITCH_OFF_VARIANTS = {"alignflow-no-batched-modulation": {"batched_modulation": False},
@@ -89,18 +93,25 @@ VARIANTS.update(dict.fromkeys(SWITCH_OFF_VARIANTS, ("triton", False)))
 # the trainer's optim.fused_clip); the others run REPA's clip_grad_norm_ then fused AdamW.
 # alignflow-separate-clip is alignflow with the reference optimizer: the pair measures the switch
 FUSED_CLIP_VARIANTS = ("alignflow", "alignflow-compiled", "alignflow-graphs", "alignflow-bf16-copies",
-                       "alignflow-adamw-kernel", "alignflow-graphs-all", *SWITCH_OFF_VARIANTS)
+                       "alignflow-adamw-kernel", "alignflow-graphs-all", "alignflow-graphs-all-fp32-grads",
+                       *SWITCH_OFF_VARIANTS)
 # the benchmark's variants whose matmuls read persistent bf16 copies of the weights, written by ClippedAdamW in
 # its step, instead of autocast's casts (engine/bf16_copies.py, the trainer's train.bf16_weight_copies): with
 # alignflow the pair measures that switch alone
-BF16_COPIES_VARIANTS = ("alignflow-bf16-copies", "alignflow-graphs-all")
+BF16_COPIES_VARIANTS = ("alignflow-bf16-copies", "alignflow-graphs-all", "alignflow-graphs-all-fp32-grads")
 # the benchmark's variants whose ClippedAdamW steps with AlignFlow's CUDA C++ AdamW kernel (csrc/adamw.cu, the
 # trainer's optim.step_kernel alignflow: no gradient written back, the bf16 copies written in its own pass)
 # instead of torch's fused one; a variant whose kernel is not built is skipped, saying so. alignflow-graphs-all
 # is alignflow-graphs with every switch on (bf16 copies, this kernel): the step bench.model ranks fastest;
 # trainer-bf16-mixed-zero0-graphs-all the trainer's one-GPU run with every switch on (ZeRO-0, train.cuda_graphs,
 # its 'auto' bf16 copies, optim.step_kernel alignflow)
-ADAMW_KERNEL_VARIANTS = ("alignflow-adamw-kernel", "alignflow-graphs-all", "trainer-bf16-mixed-zero0-graphs-all")
+ADAMW_KERNEL_VARIANTS = ("alignflow-adamw-kernel", "alignflow-graphs-all", "alignflow-graphs-all-fp32-grads",
+                         "trainer-bf16-mixed-zero0-graphs-all")
+# the benchmark's variants whose bf16 copies take the matmuls' weight gradients in bf16, read by the AdamW kernel
+# (engine/bf16_copies.py grads, the trainer's train.bf16_weight_grads, which is 'auto' in
+# trainer-bf16-mixed-zero0-graphs-all): alignflow-graphs-all-fp32-grads is alignflow-graphs-all without it, the pair
+# measures that switch alone
+BF16_GRADS_VARIANTS = ("alignflow-graphs-all",)
 # the trainer's step: name -> (train.precision, train.compile, or GRAPHS for train.cuda_graphs too); its kernels
 # backend is the trainer's "auto"
 TRAINER_VARIANTS = {"trainer-bf16": ("bf16", False), "trainer-bf16-mixed": ("bf16-mixed", False),
@@ -123,7 +134,8 @@ ORDER = ["reference-eager", "alignflow", "reference-compiled", "alignflow-compil
          "trainer-bf16", "trainer-bf16-mixed", "trainer-bf16-mixed-zero0", "trainer-bf16-mixed-zero0-graphs-all",
          "trainer-bf16-zero1",
          "trainer-bf16-compiled", "trainer-bf16-graphs",
-         "alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel", *SWITCH_OFF_VARIANTS]
+         "alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel", *SWITCH_OFF_VARIANTS,
+         "alignflow-graphs-all-fp32-grads"]
 
 
 def _compile_mode(use_compile) -> dict:
@@ -331,7 +343,10 @@ def _run_variant(name, backend, use_compile, args, device, parts, loader, epoch)
     if name in BF16_COPIES_VARIANTS:
         from engine.bf16_copies import WeightCopies
 
-        optimizer.set_bf16_copies(WeightCopies(model).mapping())
+        copies = WeightCopies(model, grads=name in BF16_GRADS_VARIANTS)
+        optimizer.set_bf16_copies(copies.mapping())
+        if copies.grads:
+            optimizer.set_gradient_source(copies)
     forward = torch.compile(model, **_compile_mode(use_compile)) if use_compile else model
     latents = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device)
     batches = _batches(loader, epoch, args, device)

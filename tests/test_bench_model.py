@@ -695,7 +695,7 @@ def test_adamw_kernel_reads_each_gradient_once_and_writes_the_copies_in_its_pass
     def trace(step_kernel):
         stage = dict(trainer=True, zero_stage=0) if trainer else {}
         return model.trace_step(backend="triton", fused_clip=True, bf16_copies=bf16_copies, step_kernel=step_kernel,
-                                **stage, **SMALL)
+                                bf16_grads=False, **stage, **SMALL)
 
     torch_step, ours = trace("torch"), trace("alignflow")
     P, N = ours["params"], ours["bf16_copied_params"]
@@ -720,6 +720,39 @@ def test_adamw_kernel_reads_each_gradient_once_and_writes_the_copies_in_its_pass
     assert abs(saved - (4 * P + 4 * N)) <= 1024  # the write-back and the copies' fp32 read, up to scalar ops
     # no more launches (at SiT-XL/2 the optimizer's 86 -> 50: torch's kernel takes one per chunk of tensors)
     assert sum(c["launches"] for c in after.values()) <= sum(c["launches"] for c in before.values())
+
+
+@pytest.mark.parametrize("trainer", [False, True])
+def test_bf16_grads_drop_the_gradient_casts_and_halve_the_gradient_reads(trainer):
+    """train.bf16_weight_grads (alignflow-graphs-all; 'auto' in trainer-bf16-mixed-zero0-graphs-all): the
+    weight and bias gradients the copies take stay bf16. For those G elements the backward's casts to fp32
+    (read 2, write 4) are gone, and the norm and the AdamW kernel read 2 bytes an element instead of 4:
+    10 G bytes in all, with G nearly every copied element (the biases the fused kernels sum in fp32 aside);
+    the forward does not move."""
+    stage = dict(trainer=True, zero_stage=0) if trainer else {}
+
+    def trace(bf16_grads):
+        return model.trace_step(backend="triton", fused_clip=True, bf16_copies=True, step_kernel="alignflow",
+                                bf16_grads=bf16_grads, **stage, **SMALL)
+
+    fp32, bf16 = trace(False), trace(True)
+    if trainer:  # the trainer's 'auto' is on at ZeRO-0 with the kernel and the copies
+        auto = model.trace_step(backend="triton", fused_clip=True, step_kernel="alignflow", **stage, **SMALL)
+        assert model.baseline_counts(auto["ops"]) == model.baseline_counts(bf16["ops"])
+
+    def phase_bytes(trace, phase, name=None):
+        return sum(op.bytes for op in trace["ops"] if op.step_phase == phase and name in (None, op.name))
+
+    G = (phase_bytes(fp32, "optimizer", "cuda:adamw_step") - phase_bytes(bf16, "optimizer", "cuda:adamw_step")) / 2
+    N = bf16["bf16_copied_params"]
+    assert 0.95 * N < G <= N
+    assert phase_bytes(fp32, "backward") - phase_bytes(bf16, "backward") == pytest.approx(6 * G, abs=64)
+    assert phase_bytes(fp32, "optimizer") - phase_bytes(bf16, "optimizer") == pytest.approx(4 * G, abs=64)  # + the norm
+    assert phase_bytes(fp32, "forward") == phase_bytes(bf16, "forward")
+    casts = {"fp32": fp32, "bf16": bf16}
+    counts = {k: sum(op.launches for op in t["ops"] if op.step_phase == "backward" and op.category == "casts/copies")
+              for k, t in casts.items()}
+    assert counts["bf16"] < counts["fp32"]
 
 
 def test_switch_off_variants_undo_their_switch_alone():

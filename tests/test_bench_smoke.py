@@ -89,15 +89,16 @@ def test_timed_steps_splits_each_step_into_its_phases():
 
 def test_train_step_runs_the_most_informative_variants_first():
     """A time budget skips the tail of ORDER: the compiled pair and CUDA graphs come right after the eager
-    pair, the trainer's rows after them, the variants one switch away from alignflow last; each once."""
+    pair, the trainer's rows after them, the variants one switch away from alignflow (or, last, from
+    alignflow-graphs-all: another compile) after those; each once."""
     order = bench_train_step.ORDER
     assert sorted(order) == sorted([*bench_train_step.VARIANTS, *bench_train_step.TRAINER_VARIANTS])
     assert order[:6] == ["reference-eager", "alignflow", "reference-compiled", "alignflow-compiled", "alignflow-graphs",
                          "alignflow-graphs-all"]
-    switches = list(bench_train_step.SWITCH_OFF_VARIANTS)
-    assert all(name.startswith("trainer-") for name in order[6:-3 - len(switches)])
-    assert order[-3 - len(switches):] == ["alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel",
-                                          *switches]
+    tail = ["alignflow-separate-clip", "alignflow-bf16-copies", "alignflow-adamw-kernel",
+            *bench_train_step.SWITCH_OFF_VARIANTS, "alignflow-graphs-all-fp32-grads"]
+    assert all(name.startswith("trainer-") for name in order[6:-len(tail)])
+    assert order[-len(tail):] == tail
 
 
 def test_every_trainer_variant_is_a_valid_config_on_a_gpu(tmp_path):

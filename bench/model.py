@@ -1415,15 +1415,23 @@ def fit_host_costs(rows: list[dict], margin: float = HOST_FIT_MARGIN, priors: di
 # Time
 # ----------------------------------------------------------------------------------------------
 
+def is_attention(op: Op) -> bool:
+    """An attention kernel (ours or SDPA's), in SiT or the encoder: its FLOPs run at the attention efficiency."""
+    return op.category == "attention" or op.name.startswith("triton:_attn") or op.name in _SDPA | _SDPA_BACKWARD
+
+
+def launch_seconds(op: Op, launch_s: float = LAUNCH_S) -> float:
+    return op.launches * (GRAPH_NODE_S if op.graph else launch_s) + (launch_s if op.graph_start else 0.0)
+
+
 def op_seconds(op: Op, ceilings: dict, launch_s: float = LAUNCH_S, matmul_scale: float = 1.0) -> float:
     compute = 0.0
     if op.flops:
         rate = ceilings["bf16" if op.matmul_dtype != "fp32" else "tf32"] * matmul_scale
-        if op.category == "attention" or op.name.startswith("triton:_attn") or op.name in _SDPA | _SDPA_BACKWARD:
+        if is_attention(op):
             rate *= ceilings["attention_efficiency"]
         compute = op.flops / rate
-    launches = op.launches * (GRAPH_NODE_S if op.graph else launch_s) + (launch_s if op.graph_start else 0.0)
-    return max(compute, op.bytes / ceilings["bandwidth"]) + launches
+    return max(compute, op.bytes / ceilings["bandwidth"]) + launch_seconds(op, launch_s)
 
 
 def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, launch_s: float = LAUNCH_S,
@@ -1431,7 +1439,7 @@ def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, lau
     """The modelled step: the device lane (every op's time, summed: categories, phases, breakdown_seconds,
     device_step_s) and, with `host_counts` (count_host), the host lane per step phase (host_seconds) and
     each phase as the longer of the two (phase_seconds, bound_by: compose_phases); step_s is their sum
-    (without host counts: the device lane's)."""
+    (without host counts: the device lane's); and the counts that goal_budget takes (budget_counts)."""
     times = [op_seconds(op, ceilings, launch_s) for op in ops]
     device_step = sum(times)
     categories = {c: 0.0 for c in CATEGORIES}
@@ -1481,7 +1489,7 @@ def summarize(ops: list[Op], ceilings: dict, batch: int, model_flops: float, lau
             "flops_executed": sum(op.flops for op in ops), "flops_model_counted": sum(op.model_flops for op in ops),
             "amdahl_step_s": amdahl, "amdahl_img_per_s": batch / amdahl if amdahl else None,
             "ideal_step_s": ideal, "ideal_img_per_s": batch / ideal if ideal else None,
-            "top_ops": top_ops, "sensitivity_step_s": sensitivity}
+            "top_ops": top_ops, "sensitivity_step_s": sensitivity, **budget_counts(ops, times, ceilings, launch_s)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1546,6 +1554,120 @@ def category_floor(category: str, v: dict, peak_bf16: float, bandwidth: float | 
     return floor, f"{counts.get('bytes', 0.0) / 1e9:.1f} GB, {launches} launches"
 
 
+def _memory_bound(op: Op) -> bool:
+    """An op the budget's GEMM-boundary floor covers: no FLOPs, not the optimizer's, not attention's."""
+    return not op.flops and op.category != "optimizer" and not is_attention(op)
+
+
+def gemm_boundary_bytes(ops: list[Op]) -> dict:
+    """{category: bytes} that its memory-bound ops must move beside the cuBLAS GEMMs (aten matmuls): cuBLAS
+    writes each output to memory and reads each input from it, so in each step phase a memory-bound op
+    reads each GEMM output it uses once (the first such read counts), and each GEMM input that one writes
+    is written once. Left out, as other kernels could take them: tensors that an attention kernel also
+    reads or writes, and the reads of ops whose outputs only the optimizer reads (the weight gradients'
+    fp32 casts: its pass reads the gradients anyway). Storage keys are never reused (Tracer._keep)."""
+    attention = {key for op in ops if is_attention(op) for key, _ in op.reads + op.writes}
+    writer, consumed = {}, set()  # storage -> its last writer; writers that a non-optimizer op reads
+    for i, op in enumerate(ops):
+        consumed.update(writer[key] for key, _ in op.reads if key in writer and op.category != "optimizer")
+        writer.update((key, i) for key, _ in op.writes)
+    out, writer, seen = defaultdict(float), {}, set()
+    for i, op in enumerate(ops):
+        for key, size in op.reads:
+            if key not in writer or key in attention:
+                continue
+            j, written = writer[key]
+            source = ops[j]
+            if _memory_bound(op) and source.name in _MATMULS and i in consumed and (key, j, op.step_phase) not in seen:
+                seen.add((key, j, op.step_phase))
+                out[op.category] += min(size, written)
+            elif op.name in _MATMULS and _memory_bound(source) and (key, j) not in seen:
+                seen.add((key, j))
+                out[source.category] += min(size, written)
+        writer.update((key, (i, size)) for key, size in op.writes)
+    return dict(out)
+
+
+def budget_counts(ops: list[Op], times: list[float], ceilings: dict, launch_s: float) -> dict:
+    """What goal_budget needs of a modelled step: held_seconds, the modelled time of what the budget holds
+    (the matmul and attention categories, the encoder's ops with FLOPs); boundary_bytes
+    (gemm_boundary_bytes); the GEMMs (ops with FLOPs other than attention), grouped by step phase and
+    figures, each with its seconds at the dense peak (at_peak_s), its bytes' seconds and its launches';
+    and gemm_efficiency, the modelled GEMM rate over the dense peak."""
+    held = {"matmul": 0.0, "attention": 0.0, "encoder": 0.0}
+    for op, s in zip(ops, times):
+        if op.category in ("matmul", "attention") or (op.category == "encoder" and op.flops):
+            held[op.category] += s
+    scale = ceilings["peak_bf16"] / ceilings["bf16"]
+    groups = defaultdict(int)
+    for op in ops:
+        if op.flops and not is_attention(op):
+            rate = ceilings["bf16" if op.matmul_dtype != "fp32" else "tf32"] * scale
+            groups[(op.step_phase, op.flops / rate, op.bytes / ceilings["bandwidth"], launch_seconds(op, launch_s))] += 1
+    gemms = [{"step_phase": k[0], "at_peak_s": k[1], "memory_s": k[2], "launch_s": k[3], "count": n}
+             for k, n in groups.items()]
+    return {"held_seconds": held, "boundary_bytes": gemm_boundary_bytes(ops), "gemms": gemms,
+            "gemm_efficiency": ceilings["bf16"] / ceilings["peak_bf16"]}
+
+
+def step_at_gemm_efficiency(v: dict, efficiency: float) -> float:
+    """The modelled step `v` with its GEMMs at `efficiency` of the dense peak (or memory-bound, as
+    modelled), everything else as modelled: each step phase's device lane with its GEMMs' time replaced,
+    against its host lane (compose_phases)."""
+    device = dict(v["breakdown_seconds"])
+    for g in v["gemms"]:
+        now = max(g["at_peak_s"] / v["gemm_efficiency"], g["memory_s"])
+        device[g["step_phase"]] += g["count"] * (max(g["at_peak_s"] / efficiency, g["memory_s"]) - now)
+    host = v.get("host_seconds", {})
+    return sum(max(s, host.get(sp, 0.0)) for sp, s in device.items())
+
+
+def gemm_efficiency_needed(v: dict, goal_s: float) -> float | None:
+    """The GEMM efficiency (fraction of the dense peak, above 1 where beyond it) at which the step meets
+    `goal_s` with everything else as modelled (bisection: the step only falls as GEMMs speed up); None
+    where even GEMMs at no compute time miss it."""
+    if step_at_gemm_efficiency(v, math.inf) > goal_s:
+        return None
+    low = high = v["gemm_efficiency"]
+    while step_at_gemm_efficiency(v, high) > goal_s and high < 1e6:
+        low, high = high, 2 * high
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (low, middle) if step_at_gemm_efficiency(v, middle) <= goal_s else (middle, high)
+    return high
+
+
+def budget_floor(category: str, v: dict, peak_bf16: float, bandwidth: float | None) -> tuple[float, str]:
+    """(floor seconds, note) of one category outside what the budget holds: the optimizer's and the host's
+    as category_floor; the others (the encoder's memory-bound ops included) their GEMM-boundary bytes
+    (gemm_boundary_bytes) at `bandwidth`, 0 where there are none."""
+    if category in ("optimizer", "host"):
+        return category_floor(category, v, peak_bf16, bandwidth)
+    boundary = v["boundary_bytes"].get(category, 0.0)
+    if not boundary or not bandwidth:
+        return 0.0, "none derived: fusion moves all of it"
+    return boundary / bandwidth, f"{boundary / 1e9:.2f} GB at GEMM boundaries"
+
+
+def goal_budget(v: dict, goal_s: float, peak_bf16: float, bandwidth: float | None) -> dict:
+    """The goal at the modelled rates: what budget_counts holds kept at its modelled time (only a faster
+    GEMM or attention kernel moves it), the time left for the rest to meet `goal_s` (budget_s) against
+    what the rest takes now (rest_s), each category of the rest with its floor (budget_floor) and the
+    sum of the floors; and the GEMM efficiency that meets the goal with the rest as modelled."""
+    held = sum(v["held_seconds"].values())
+    rest = {c: v["categories"][c] - v["held_seconds"].get(c, 0.0) for c in CATEGORIES
+            if c not in ("matmul", "attention")}
+    rest["host"] = max(0.0, v["step_s"] - v.get("device_step_s", v["step_s"]))  # (float rounding below 0)
+    categories = []
+    for category, seconds in rest.items():
+        floor, note = budget_floor(category, v, peak_bf16, bandwidth)
+        categories.append({"category": category, "modelled_s": seconds, "floor_s": floor, "note": note})
+    return {"held_s": held, "held_seconds": v["held_seconds"], "budget_s": goal_s - held,
+            "rest_s": v["step_s"] - held, "categories": categories,
+            "floor_s": sum(c["floor_s"] for c in categories), "gemm_efficiency": v["gemm_efficiency"],
+            "gemm_efficiency_needed": gemm_efficiency_needed(v, goal_s)}
+
+
 def goal_check(variants: dict, peak_bf16: float, bandwidth: float | None = None) -> list[dict]:
     """For every non-reference variant: its speed-up over each reference variant modelled beside it and
     its MFU, against GOAL_SPEEDUPS and GOAL_MFU; the step time that meets all of them (the strictest
@@ -1578,7 +1700,8 @@ def goal_check(variants: dict, peak_bf16: float, bandwidth: float | None = None)
                      "speedups": {ref: variants[ref]["step_s"] / step for ref in GOAL_SPEEDUPS if ref in variants},
                      "mfu": v["mfu"], "targets_s": targets, "binding": binding, "goal_step_s": goal_s,
                      "met": cut <= 0, "to_cut_s": max(0.0, cut), "ideal_step_s": v["ideal_step_s"],
-                     "above_ideal_s": above_ideal, "in_the_way": in_the_way if cut > 0 else []})
+                     "above_ideal_s": above_ideal, "in_the_way": in_the_way if cut > 0 else [],
+                     "budget": goal_budget(v, goal_s, peak_bf16, bandwidth) if cut > 0 else None})
     return rows
 
 
@@ -1612,7 +1735,49 @@ def goal_table(rows: list[dict]) -> list[str]:
     legend = floor_legend()
     if named:
         lines += ["", "Floors:", ""] + [f"- {c}: {legend[c]}" for c in (*CATEGORIES, "host") if c in named]
-    return lines
+    budgets = [row for row in rows if row.get("budget")]
+    return lines + (["", *budget_table(budgets, named)] if budgets else [])
+
+
+_BOUNDARY_FLOOR = (
+    "the bytes that cuBLAS forces on the memory-bound ops beside it (gemm_boundary_bytes): in each step phase each "
+    "GEMM output they use read once, each GEMM input they produce written once (tensors an attention kernel touches, "
+    "and the reads of ops whose outputs only the optimizer reads, left out: those kernels could take the work). Not "
+    "derived: the rest of their bytes (the fp32 residual stream, tensors saved for the backward, partial sums), which "
+    "fusing neighbouring memory-bound kernels, recomputing, or moving work into the optimizer's or an attention "
+    "kernel could remove; a cuBLASLt epilogue (bias, GELU) or a GEMM kernel of ours moves the floor itself. "
+    "Launches are in no floor.")
+
+
+def _budget_row(row: dict) -> str:
+    b = row["budget"]
+    rest = f"{_ms(b['budget_s'])} / {_ms(b['rest_s'])} / {_ms(b['floor_s'])}"
+    if b["floor_s"] > b["budget_s"]:
+        rest += " (floors above the budget: out of reach at the modelled GEMM rate)"
+    cells = "; ".join(f"{c['category']} {_ms(c['modelled_s'])} / {_ms(c['floor_s'])} ({c['note']})"
+                      for c in b["categories"])
+    needed = b["gemm_efficiency_needed"]
+    needed = "none: missed with GEMMs at no time" if needed is None else f"{needed:.0%}"
+    return (f"| {row['variant']} | {_ms(row['goal_step_s'])} | {_ms(b['held_s'])} | {rest} | {cells} | "
+            f"{needed} ({b['gemm_efficiency']:.0%}) |")
+
+
+def budget_table(rows: list[dict], named: list[str] = ()) -> list[str]:
+    """goal_table's second part: each goal_budget, for the variants that miss a goal; below it the floors'
+    legend (the optimizer's and the host's unless goal_table's legend, `named`, has them)."""
+    legend = floor_legend()
+    return (["Budget at the modelled rates, for each variant that misses a goal: its GEMMs (SiT's and the encoder's) "
+             "and attention held at their modelled time, as only a faster GEMM or attention kernel moves them (under "
+             "issue 14's rules a GEMM kernel of ours is opt-in until a GPU shows it at least as fast as cuBLAS); the "
+             "time left for everything else to meet the goal step, against what everything else takes now and the "
+             "sum of its floors; then each category of it as modelled ms / floor ms; last, the GEMM efficiency (of "
+             "the dense bf16 peak) at which the step meets the goal with everything else as modelled.", "",
+             "| variant | goal step ms | held ms (GEMMs + attention) | rest: budget ms / now ms / floors ms | "
+             "rest by category: modelled ms / floor ms | GEMM efficiency needed (modelled) |",
+             "|---|---|---|---|---|---|"]
+            + [_budget_row(row) for row in rows] + ["", "Floors of the rest:", ""]
+            + [f"- {c}: {legend[c]}" for c in ("optimizer", "host") if c not in named]
+            + [f"- the other categories (the encoder's memory-bound ops included): {_BOUNDARY_FLOOR}"])
 
 
 # ----------------------------------------------------------------------------------------------

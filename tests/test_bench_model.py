@@ -394,9 +394,13 @@ def test_smoke_run_writes_the_result_and_bench_report_renders_it(tmp_path, capsy
 
 
 def _summary(step, categories, flops, mfu):
+    """A modelled step with what goal_check reads: one forward phase, its matmuls and attention held whole, no
+    GEMM-boundary bytes and no GEMM groups unless a test sets them."""
     return {"step_s": step, "mfu": mfu, "ideal_step_s": sum(flops.values()) / 1e15,
             "categories": {c: categories.get(c, 0.0) for c in model.CATEGORIES},
-            "counts": {c: {"flops": flops.get(c, 0.0)} for c in model.CATEGORIES}}
+            "counts": {c: {"flops": flops.get(c, 0.0)} for c in model.CATEGORIES},
+            "held_seconds": {c: categories.get(c, 0.0) for c in ("matmul", "attention", "encoder")},
+            "boundary_bytes": {}, "gemms": [], "gemm_efficiency": 0.75, "breakdown_seconds": {"forward": step}}
 
 
 def test_goal_check_names_the_binding_goal_and_the_categories_in_the_way():
@@ -438,6 +442,74 @@ def test_goal_check_names_the_binding_goal_and_the_categories_in_the_way():
     assert "- matmul: floor = its executed FLOPs at the dense bf16 peak" in table
     assert "- optimizer: floor = the bytes its step must move" in table and "- pointwise" not in table
     assert "| fast | 3.33x | 2.33x | 60.0% | yes |" in table
+
+
+def test_goal_budget_holds_the_gemms_and_sets_the_rest_against_its_floors():
+    """Hand-made step (peak 1 PFLOP/s, 1 TB/s) at 60 ms, MFU 40%: the goal is 0.4 x 60 / 0.5 = 48 ms (the
+    references allow 55.6 and 53.8). Held: matmul 30 + attention 10 + the encoder's GEMMs 2 = 42 ms, so the
+    rest may take 6 ms; it takes 18 (optimizer 10, pointwise 5, the encoder's other ops 1, the host's 2 in
+    its host-bound forward). Floors: optimizer 28 B x 200M = 5.6 ms, pointwise 1 GB = 1 ms, encoder 0.5 GB
+    = 0.5 ms: 7.1 ms, above the 6. GEMMs at 75%: forward 3 x 4 ms (3 ms at the peak, 0.1 ms of bytes),
+    backward 18 ms (13.5 at the peak). The forward stays host-bound at 19 ms however fast its GEMMs, so
+    only the backward's count: 3 + 19 + (10 + 13.5 / f) + 10 = 48 needs f = 2.25."""
+    variants = {"reference-eager": _summary(0.100, {"matmul": 0.100}, {"matmul": 20e12}, 0.18),
+                "reference-compiled": _summary(0.070, {"matmul": 0.070}, {"matmul": 20e12}, 0.257)}
+    ms = 1e-3
+    v = _summary(60 * ms, {"matmul": 30 * ms, "attention": 10 * ms, "optimizer": 10 * ms, "pointwise": 5 * ms,
+                           "encoder": 3 * ms}, {"matmul": 22.5e12, "attention": 5e12, "encoder": 1e12}, 0.40)
+    v["counts"]["optimizer"].update(bytes=8e9, launches=70)
+    v.update(params=200e6, optimizer_floor_bytes_per_param=model.optimizer_floor_bytes("bf16-mixed", False),
+             device_step_s=58 * ms, held_seconds={"matmul": 30 * ms, "attention": 10 * ms, "encoder": 2 * ms},
+             boundary_bytes={"pointwise": 1e9, "encoder": 0.5e9},
+             breakdown_seconds={"encoder": 3 * ms, "forward": 17 * ms, "backward": 28 * ms, "optimizer": 10 * ms},
+             host_seconds={"encoder": 0.0, "forward": 19 * ms, "backward": 1 * ms, "optimizer": 1 * ms},
+             bound_by={"encoder": "device", "forward": "host", "backward": "device", "optimizer": "device"},
+             gemms=[{"step_phase": "forward", "at_peak_s": 3 * ms, "memory_s": 0.1 * ms, "launch_s": 0.0, "count": 3},
+                    {"step_phase": "backward", "at_peak_s": 13.5 * ms, "memory_s": 0.0, "launch_s": 0.0, "count": 1}])
+    variants["alignflow"] = v
+    row = model.goal_check(variants, 1e15, bandwidth=1e12)[0]
+    assert row["goal_step_s"] == pytest.approx(48 * ms) and row["binding"] == "MFU 50%"
+    budget = row["budget"]
+    assert budget["held_s"] == pytest.approx(42 * ms) and budget["budget_s"] == pytest.approx(6 * ms)
+    assert budget["rest_s"] == pytest.approx(18 * ms) and budget["floor_s"] == pytest.approx(7.1 * ms)
+    rest = {c["category"]: (c["modelled_s"], c["floor_s"]) for c in budget["categories"]}
+    assert list(rest) == [c for c in model.CATEGORIES if c not in ("matmul", "attention")] + ["host"]
+    assert rest["optimizer"] == pytest.approx((10 * ms, 5.6 * ms)) and rest["pointwise"] == pytest.approx((5 * ms, ms))
+    assert rest["encoder"] == pytest.approx((ms, 0.5 * ms)) and rest["host"] == pytest.approx((2 * ms, 0.0))
+    assert rest["norm/modulate"] == (0.0, 0.0)
+    assert model.step_at_gemm_efficiency(v, 0.75) == pytest.approx(60 * ms)
+    assert budget["gemm_efficiency_needed"] == pytest.approx(2.25)
+    assert model.gemm_efficiency_needed(v, 60 * ms) == pytest.approx(0.75)  # met as modelled
+    assert model.gemm_efficiency_needed(v, 40 * ms) is None  # GEMMs at no time: 3 + 19 + 10 + 10 = 42 ms
+    table = "\n".join(model.goal_table([row]))
+    assert ("| alignflow | 48.0 | 42.0 | 6.0 / 18.0 / 7.1 (floors above the budget: out of reach at the modelled "
+            "GEMM rate) | norm/modulate 0.0 / 0.0 (none derived: fusion moves all of it); pointwise 5.0 / 1.0 "
+            "(1.00 GB at GEMM boundaries); ") in table
+    assert ("optimizer 10.0 / 5.6 (40 B a parameter vs 28, 70 launches); encoder 1.0 / 0.5 (0.50 GB at GEMM "
+            "boundaries); losses 0.0 / 0.0 (none derived: fusion moves all of it); host 2.0 / 0.0 (host-bound: "
+            "forward) | 225% (75%) |") in table
+    assert table.count("- optimizer: floor =") == 1 and "- host: the host lane's time" in table
+
+
+def test_gemm_boundary_bytes_count_what_cublas_forces():
+    """A cuBLAS GEMM's output is read once per step phase by the memory-bound ops that use it, a GEMM input
+    they produce is written once; nothing is counted for tensors that attention touches, nor for the reads
+    of an op whose outputs only the optimizer reads (a weight gradient's cast)."""
+    def op(name, category, reads, writes, step_phase="forward", flops=0.0):
+        return model.Op(name, step_phase, category, flops=flops, reads=reads, writes=writes, step_phase=step_phase)
+
+    ops = [op("mm", "matmul", [("w", 8)], [("a", 100)], flops=1.0),
+           op("add", "pointwise", [("a", 100), ("x", 50)], [("b", 80)]),            # reads a: 100
+           op("mul", "pointwise", [("a", 100)], [("c", 30)]),                       # a again: not counted
+           op("mm", "matmul", [("b", 80), ("c", 30)], [("d", 60)], flops=1.0),      # b, c written for it: 80 + 30
+           op("native_layer_norm", "norm/modulate", [("d", 60)], [("e", 40)]),      # e: only the optimizer's
+           op("_fused_adamw_", "optimizer", [("e", 40)], [("w", 8)], "optimizer"),
+           op("mm", "matmul", [("b", 80)], [("q", 90)], flops=1.0),
+           op("triton:_attn_fwd_kernel", "attention", [("q", 90)], [("o", 90)], flops=1.0),
+           op("clone", "casts/copies", [("q", 90)], [("f", 90)]),                   # q: attention's too
+           op("gelu_backward", "pointwise", [("a", 100), ("f", 90)], [("g", 64)], "backward"),  # a in the backward
+           op("mm", "matmul", [("g", 64)], [("h", 20)], "backward", flops=1.0)]     # g written for it: 64
+    assert model.gemm_boundary_bytes(ops) == {"pointwise": 100 + 80 + 30 + 100 + 64}
 
 
 @pytest.fixture(scope="module")

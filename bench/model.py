@@ -1500,13 +1500,14 @@ GOAL_SPEEDUPS = {"reference-eager": 1.8, "reference-compiled": 1.3}  # the fused
 GOAL_MFU = 0.5  # model FLOPs per second over the dense bf16 peak
 
 
-def optimizer_floor_bytes(precision: str, trainer: bool) -> int:
-    """Bytes a parameter that one optimizer step must move at the least: the fp32 master and both AdamW
-    moments read and written (24), the gradient read once (bf16 under bf16 weights, else fp32), the bf16
-    weights written (bf16 weights), and the trainer's fp32 EMA read and written (8; it shares the
-    master's read when fused into the same kernel)."""
-    bf16 = precision == "bf16"
-    return 24 + (2 if bf16 else 4) + (2 if bf16 else 0) + (8 if trainer else 0)
+def optimizer_floor_bytes(trainer: bool) -> int:
+    """Bytes a parameter that one optimizer step must move at the least, under either precision: the fp32
+    master and both AdamW moments read and written (24), the gradient read once in bf16 as the matmuls make
+    it (2; under bf16-mixed kept so by train.bf16_weight_grads), the bf16 weights the next forward reads
+    written (2: the bf16 weights, or under bf16-mixed their copies, else autocast casts them at every
+    forward), and the trainer's fp32 EMA read and written (8; it shares the master's read when fused into
+    the same kernel)."""
+    return 24 + 2 + 2 + (8 if trainer else 0)
 
 
 _MEMORY_BOUND = ("norm/modulate", "pointwise", "casts/copies", "reductions", "losses")
@@ -1522,8 +1523,9 @@ def floor_legend() -> dict:
         "attention": (f"floor = its executed FLOPs (head-dim padding, backward recompute) at the dense peak; "
                       f"modelled at {ATTENTION_EFFICIENCY:.0%} of it: a faster kernel, less padding or recompute"),
         "optimizer": ("floor = the bytes its step must move at the modelled bandwidth: the fp32 master and both "
-                      "moments read and written (24 B a parameter), the gradient read (2 or 4), the bf16 weights "
-                      "written (bf16 weights: 2), the EMA read and written (trainer-* rows: 8); above it are "
+                      "moments read and written (24 B a parameter), the gradient read in bf16 as the matmuls make "
+                      "it (2), the bf16 weights the next forward reads written (2), the EMA read and written "
+                      "(trainer-* rows: 8); above it are fp32 gradients, "
                       "extra passes over the state (DeepSpeed's bucket copies, division, overflow check, fp64 norm "
                       "casts, concatenation and cast) and per-gradient launches: one fused pass moves it"),
         "encoder": ("floor = its matmul/attention FLOPs at the dense peak, its memory-bound ops free: fusing them, "
@@ -2037,10 +2039,8 @@ def model_step(args_dict: dict, variants=VARIANTS, ceilings=None, launch_s=LAUNC
         out[name] = summarize(ops, ceilings, args_dict["batch"], trace["model_flops"], launch_s, host_counts=counts,
                               host_costs=host_costs)
         trainer = name in TRAINER_VARIANTS
-        precision = TRAINER_VARIANTS[name][0] if trainer else args_dict.get("precision", "bf16-mixed")
         out[name].update(params=trace["params"], optimizer_floor_ema=trainer,
-                         optimizer_floor_bf16_copy=precision == "bf16",
-                         optimizer_floor_bytes_per_param=optimizer_floor_bytes(precision, trainer))
+                         optimizer_floor_bytes_per_param=optimizer_floor_bytes(trainer))
     return out, traces
 
 

@@ -418,7 +418,7 @@ def test_goal_check_names_the_binding_goal_and_the_categories_in_the_way():
         "fast": _summary(0.030, {"matmul": 0.030}, {"matmul": 20e12}, 0.6),
     }
     # 200M parameters, 28 bytes a parameter at the least (fp32 weights: 24 + a 4-byte gradient read), 40 modelled
-    floor_bytes = model.optimizer_floor_bytes("bf16-mixed", False)
+    floor_bytes = model.optimizer_floor_bytes(False)
     variants["alignflow"].update(params=200e6, optimizer_floor_bytes_per_param=floor_bytes)
     variants["alignflow"]["counts"]["optimizer"].update(bytes=8e9, launches=70)
     rows = {r["variant"]: r for r in model.goal_check(variants, peak, bandwidth=1e12)}
@@ -458,7 +458,7 @@ def test_goal_budget_holds_the_gemms_and_sets_the_rest_against_its_floors():
     v = _summary(60 * ms, {"matmul": 30 * ms, "attention": 10 * ms, "optimizer": 10 * ms, "pointwise": 5 * ms,
                            "encoder": 3 * ms}, {"matmul": 22.5e12, "attention": 5e12, "encoder": 1e12}, 0.40)
     v["counts"]["optimizer"].update(bytes=8e9, launches=70)
-    v.update(params=200e6, optimizer_floor_bytes_per_param=model.optimizer_floor_bytes("bf16-mixed", False),
+    v.update(params=200e6, optimizer_floor_bytes_per_param=model.optimizer_floor_bytes(False),
              device_step_s=58 * ms, held_seconds={"matmul": 30 * ms, "attention": 10 * ms, "encoder": 2 * ms},
              boundary_bytes={"pointwise": 1e9, "encoder": 0.5e9},
              breakdown_seconds={"encoder": 3 * ms, "forward": 17 * ms, "backward": 28 * ms, "optimizer": 10 * ms},
